@@ -1,0 +1,195 @@
+//! The text form: the contract and the snapshot format. Deterministic: nodes print in
+//! arena order with their index as the name (`%12`), floats in shortest round-trip form.
+
+use std::fmt::{self, Display, Formatter};
+
+use super::{BinaryOp, DType, Graph, Op, Program, Scalar, Type, ValueId};
+
+impl Display for DType {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DType::F32 => "f32",
+            DType::I32 => "i32",
+            DType::Bool => "bool",
+        })
+    }
+}
+
+impl Display for Type {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        write!(f, "{}[", self.dtype)?;
+        for (i, d) in self.shape.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{d}")?;
+        }
+        f.write_str("]")
+    }
+}
+
+impl Display for ValueId {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        write!(f, "%{}", self.0)
+    }
+}
+
+impl Display for Scalar {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        match self {
+            Scalar::F32(v) => write!(f, "{v:?}"),
+            Scalar::I32(v) => write!(f, "{v}"),
+            Scalar::Bool(v) => write!(f, "{v}"),
+        }
+    }
+}
+
+impl BinaryOp {
+    /// Name in the text form.
+    pub fn name(self) -> &'static str {
+        match self {
+            BinaryOp::Add => "add",
+            BinaryOp::Sub => "sub",
+            BinaryOp::Mul => "mul",
+            BinaryOp::Min => "min",
+            BinaryOp::Max => "max",
+            BinaryOp::Eq => "eq",
+            BinaryOp::Lt => "lt",
+            BinaryOp::Le => "le",
+            BinaryOp::And => "and",
+            BinaryOp::Or => "or",
+        }
+    }
+}
+
+impl Op {
+    /// Name of the op in the text form and in error messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Input(_) => "input",
+            Op::Param(_) => "param",
+            Op::State(_) => "state",
+            Op::Const { .. } => "const",
+            Op::Iota { .. } => "iota",
+            Op::Embed { .. } => "embed",
+            Op::Linear { .. } => "linear",
+            Op::RmsNorm { .. } => "rms_norm",
+            Op::Rope { .. } => "rope",
+            Op::Attention { .. } => "attention",
+            Op::KvWrite { .. } => "kv_write",
+            Op::Silu { .. } => "silu",
+            Op::Binary { op, .. } => op.name(),
+            Op::Not { .. } => "not",
+            Op::Select { .. } => "select",
+            Op::Cast { .. } => "cast",
+            Op::Reshape { .. } => "reshape",
+            Op::Permute { .. } => "permute",
+            Op::TakeRow { .. } => "take_row",
+            Op::Argmax { .. } => "argmax",
+        }
+    }
+}
+
+fn dims(d: &[u32]) -> String {
+    let parts: Vec<String> = d.iter().map(u32::to_string).collect();
+    format!("[{}]", parts.join(","))
+}
+
+/// Displays one graph of a program (names of inputs, params and state come from it).
+pub struct GraphDisplay<'a> {
+    program: &'a Program,
+    graph: &'a Graph,
+}
+
+impl Program {
+    /// The text form of one of this program's graphs.
+    pub fn display_graph<'a>(&'a self, graph: &'a Graph) -> GraphDisplay<'a> {
+        GraphDisplay { program: self, graph }
+    }
+
+    /// One-line signature of a graph: inputs, outputs and the state it updates.
+    pub fn signature(&self, g: &Graph) -> String {
+        let ins: Vec<String> = g.inputs.iter().map(|i| format!("{}: {}", i.name, i.ty)).collect();
+        let outs: Vec<String> =
+            g.outputs.iter().map(|o| format!("{}: {}", o.name, g.ty(o.value))).collect();
+        let mut s = format!("{}({}) -> ({})", g.name, ins.join(", "), outs.join(", "));
+        if !g.updates.is_empty() {
+            let names: Vec<&str> =
+                g.updates.iter().map(|u| self.state[u.state.0 as usize].name.as_str()).collect();
+            s.push_str(&format!(" updates {{{}}}", names.join(", ")));
+        }
+        s
+    }
+
+    fn fmt_op(&self, g: &Graph, op: &Op, f: &mut Formatter<'_>) -> fmt::Result {
+        let name = op.name();
+        match op {
+            Op::Input(i) => write!(f, "{name} {}", g.inputs[i.0 as usize].name),
+            Op::Param(p) => write!(f, "{name} {}", self.params[p.0 as usize].name),
+            Op::State(s) => write!(f, "{name} {}", self.state[s.0 as usize].name),
+            Op::Const { value, shape: _ } => write!(f, "{name} {value}"),
+            Op::Iota { shape: _, dim } => write!(f, "{name} dim={dim}"),
+            Op::Embed { table, ids } => write!(f, "{name} {table}, {ids}"),
+            Op::Linear { x, w } => write!(f, "{name} {x}, {w}"),
+            Op::RmsNorm { x, w, eps } => write!(f, "{name} {x}, {w}, eps={eps:?}"),
+            Op::Rope { x, pos, theta } => write!(f, "{name} {x}, pos={pos}, theta={theta:?}"),
+            Op::Attention { q, k, v, mask, scale } => {
+                write!(f, "{name} {q}, {k}, {v}, mask={mask}, scale={scale:?}")
+            }
+            Op::KvWrite { cache, new, start, len } => {
+                write!(f, "{name} {cache}, {new}, start={start}, len={len}")
+            }
+            Op::Silu { x } | Op::Not { x } | Op::Argmax { x } => write!(f, "{name} {x}"),
+            Op::Binary { op: _, a, b } => write!(f, "{name} {a}, {b}"),
+            Op::Select { cond, a, b } => write!(f, "{name} {cond}, {a}, {b}"),
+            Op::Cast { x, dtype: _ } => write!(f, "{name} {x}"),
+            Op::Reshape { x, shape: _ } => write!(f, "{name} {x}"),
+            Op::Permute { x, perm } => write!(f, "{name} {x}, perm={}", dims(perm)),
+            Op::TakeRow { x, index } => write!(f, "{name} {x}, {index}"),
+        }
+    }
+}
+
+impl Display for GraphDisplay<'_> {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        let (p, g) = (self.program, self.graph);
+        writeln!(f, "graph {} {{", p.signature(g))?;
+        for (i, n) in g.nodes.iter().enumerate() {
+            write!(f, "  %{i}: {} = ", n.ty)?;
+            p.fmt_op(g, &n.op, f)?;
+            writeln!(f)?;
+        }
+        for o in &g.outputs {
+            writeln!(f, "  out {} = {}", o.name, o.value)?;
+        }
+        for u in &g.updates {
+            writeln!(f, "  state {} <- {}", p.state[u.state.0 as usize].name, u.value)?;
+        }
+        writeln!(f, "}}")
+    }
+}
+
+impl Display for Program {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        let c = &self.config;
+        writeln!(f, "program {} ({} v{})", self.spec.name, self.format, self.version)?;
+        writeln!(
+            f,
+            "config batch={} prefill_len={} cache_len={} vocab={} kv={:?} stop_tokens={:?}",
+            c.batch, c.prefill_len, c.cache_len, c.vocab_size, c.kv, c.stop_tokens
+        )?;
+        writeln!(f, "params {}:", self.params.len())?;
+        for prm in &self.params {
+            writeln!(f, "  {}: {}", prm.name, prm.ty)?;
+        }
+        writeln!(f, "state {}:", self.state.len())?;
+        for s in &self.state {
+            writeln!(f, "  {}: {} = {}  # {}", s.name, s.ty, s.init, s.doc)?;
+        }
+        for g in self.graphs() {
+            writeln!(f)?;
+            write!(f, "{}", self.display_graph(g))?;
+        }
+        Ok(())
+    }
+}

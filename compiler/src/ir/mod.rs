@@ -1,0 +1,503 @@
+//! kvc's intermediate representation: plain data, serde on all of it.
+//!
+//! A [`Program`] holds a parameter table, a state table and exactly two [`Graph`]s
+//! (prefill and decode). A graph is an arena of [`Node`]s; a node's index is its
+//! [`ValueId`], and every node produces exactly one value of a static [`Type`].
+//!
+//! Invariants of a verified program (checked by [`crate::verify`]):
+//! - nodes appear after their arguments (the node list is a valid schedule);
+//! - every node's recorded type equals the type its op's typing rule gives;
+//! - every dimension is a compile-time constant greater than zero;
+//! - a state variable is updated at most once per graph, with a value of its declared type;
+//! - parameter, state, input and output names are unique.
+
+mod builder;
+mod display;
+mod typing;
+
+pub use builder::{BuildError, GraphBuilder};
+pub use typing::{Decls, infer_type};
+
+use serde::{Deserialize, Serialize};
+
+/// Element type of a tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum DType {
+    /// 32-bit float.
+    F32,
+    /// 32-bit signed integer (token ids, positions, lengths).
+    I32,
+    /// Boolean (masks, done flags).
+    Bool,
+}
+
+impl DType {
+    /// Bytes per element as the runtime stores it.
+    pub fn size_bytes(self) -> u64 {
+        match self {
+            DType::F32 | DType::I32 => 4,
+            DType::Bool => 1,
+        }
+    }
+}
+
+/// A static tensor type: dtype and concrete shape (slowest dimension first).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Type {
+    /// Element type.
+    pub dtype: DType,
+    /// Dimensions, slowest first. Every dimension is a constant > 0.
+    pub shape: Vec<u32>,
+}
+
+impl Type {
+    /// Builds a type.
+    pub fn new(dtype: DType, shape: impl Into<Vec<u32>>) -> Type {
+        Type { dtype, shape: shape.into() }
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().map(|&d| d as u64).product()
+    }
+
+    /// Bytes the tensor occupies.
+    pub fn size_bytes(&self) -> u64 {
+        self.numel() * self.dtype.size_bytes()
+    }
+}
+
+/// Handle of a node (and of the value it produces) inside one graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ValueId(pub u32);
+
+/// Handle of an entry of [`Program::params`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ParamId(pub u32);
+
+/// Handle of an entry of [`Program::state`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct StateId(pub u32);
+
+/// Handle of an entry of [`Graph::inputs`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct InputId(pub u32);
+
+/// A constant scalar.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Scalar {
+    /// A float constant.
+    F32(f32),
+    /// An integer constant.
+    I32(i32),
+    /// A boolean constant.
+    Bool(bool),
+}
+
+impl Scalar {
+    /// The dtype of the constant.
+    pub fn dtype(self) -> DType {
+        match self {
+            Scalar::F32(_) => DType::F32,
+            Scalar::I32(_) => DType::I32,
+            Scalar::Bool(_) => DType::Bool,
+        }
+    }
+}
+
+/// Element-wise binary operators. Operands have equal rank; a dimension of 1 broadcasts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum BinaryOp {
+    /// `a + b` (F32 or I32).
+    Add,
+    /// `a - b` (F32 or I32).
+    Sub,
+    /// `a * b` (F32 or I32).
+    Mul,
+    /// `min(a, b)` (F32 or I32).
+    Min,
+    /// `max(a, b)` (F32 or I32).
+    Max,
+    /// `a == b` → Bool (operands of one dtype).
+    Eq,
+    /// `a < b` → Bool (F32 or I32).
+    Lt,
+    /// `a <= b` → Bool (F32 or I32).
+    Le,
+    /// `a && b` (Bool).
+    And,
+    /// `a || b` (Bool).
+    Or,
+}
+
+/// The closed set of operations. Every consumer (typing, printer, verifier, executor)
+/// matches exhaustively, so a new op fails to compile until all of them handle it.
+/// Semantics and typing rules are documented per variant and in `docs/ir.md`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Op {
+    /// A graph input supplied by the host.
+    Input(InputId),
+    /// A model parameter (weights), bound by name at load time.
+    Param(ParamId),
+    /// The current value of a state variable (KV cache, positions, flags).
+    State(StateId),
+    /// A tensor filled with one constant.
+    Const {
+        /// The fill value; gives the dtype.
+        value: Scalar,
+        /// Output shape.
+        shape: Vec<u32>,
+    },
+    /// I32 tensor whose element is its index along `dim`.
+    Iota {
+        /// Output shape.
+        shape: Vec<u32>,
+        /// The dimension whose index is stored.
+        dim: u32,
+    },
+    /// `table[ids]`: table `[V, H]` F32, ids `[..]` I32 → `[.., H]`.
+    Embed {
+        /// Embedding table.
+        table: ValueId,
+        /// Token ids, each in `0..V`.
+        ids: ValueId,
+    },
+    /// `x · wᵀ`: x `[.., K]`, w `[N, K]` (checkpoint layout `[out, in]`) → `[.., N]`.
+    Linear {
+        /// Input activations.
+        x: ValueId,
+        /// Weight matrix `[out, in]`.
+        w: ValueId,
+    },
+    /// RMSNorm over the last dim: `x / sqrt(mean(x²) + eps) * w`; w `[H]`.
+    RmsNorm {
+        /// Input `[.., H]`.
+        x: ValueId,
+        /// Gain `[H]`.
+        w: ValueId,
+        /// Added to the mean square.
+        eps: f32,
+    },
+    /// Rotary position embedding, half-split layout (`rotate_half`): for head dim `D`,
+    /// pair `(i, i + D/2)` rotates by `pos · theta^(-2i/D)`. x `[B, T, N, D]`,
+    /// pos `[B, T]` I32 → `[B, T, N, D]`.
+    Rope {
+        /// Queries or keys, `[B, T, heads, D]`.
+        x: ValueId,
+        /// Position of each token.
+        pos: ValueId,
+        /// Base frequency.
+        theta: f32,
+    },
+    /// Masked scaled-dot-product attention with grouped KV heads.
+    /// q `[B, Hq, T, D]`, k/v `[B, Hkv, S, D]`, mask `[B, T, S]` Bool (true = may attend)
+    /// → `[B, Hq, T, D]`. Query head `h` reads KV head `h / (Hq / Hkv)`. A query with no
+    /// visible slot yields the mean of `v` (finite, and never used by a valid graph).
+    Attention {
+        /// Queries.
+        q: ValueId,
+        /// Keys (the cache).
+        k: ValueId,
+        /// Values (the cache).
+        v: ValueId,
+        /// Which slots each query may see.
+        mask: ValueId,
+        /// Multiplies the dot products (usually `1/sqrt(D)`).
+        scale: f32,
+    },
+    /// Writes new entries into a cache: for each row `b` and `t < len[b]`,
+    /// `cache[b, :, start[b] + t, :] = new[b, :, t, :]`; all other slots keep their value.
+    /// cache `[B, H, S, D]`, new `[B, H, T, D]`, start/len `[B]` I32 → `[B, H, S, D]`.
+    /// A valid graph guarantees `start[b] + len[b] <= S`.
+    KvWrite {
+        /// The cache being updated (consumed: the result replaces it).
+        cache: ValueId,
+        /// Entries to write.
+        new: ValueId,
+        /// First slot written per row.
+        start: ValueId,
+        /// Entries written per row (`0..=T`).
+        len: ValueId,
+    },
+    /// `x · sigmoid(x)`.
+    Silu {
+        /// Input.
+        x: ValueId,
+    },
+    /// Element-wise binary op with broadcasting.
+    Binary {
+        /// Which operator.
+        op: BinaryOp,
+        /// Left operand.
+        a: ValueId,
+        /// Right operand.
+        b: ValueId,
+    },
+    /// Logical not of a Bool tensor.
+    Not {
+        /// Input.
+        x: ValueId,
+    },
+    /// `cond ? a : b` element-wise with broadcasting.
+    Select {
+        /// Bool condition.
+        cond: ValueId,
+        /// Taken where `cond` is true.
+        a: ValueId,
+        /// Taken where `cond` is false.
+        b: ValueId,
+    },
+    /// Element-wise conversion (Bool → I32 gives 0/1).
+    Cast {
+        /// Input.
+        x: ValueId,
+        /// Target dtype.
+        dtype: DType,
+    },
+    /// Same elements, new shape (row-major order); element counts must match.
+    Reshape {
+        /// Input.
+        x: ValueId,
+        /// New shape.
+        shape: Vec<u32>,
+    },
+    /// Reorders dimensions: output dim `i` is input dim `perm[i]`.
+    Permute {
+        /// Input.
+        x: ValueId,
+        /// A permutation of `0..rank`.
+        perm: Vec<u32>,
+    },
+    /// One row per batch entry: x `[B, T, H]`, index `[B]` I32 → `[B, H]`,
+    /// `out[b] = x[b, index[b]]`. Indices are clamped into `0..T`.
+    TakeRow {
+        /// Input.
+        x: ValueId,
+        /// Row to take per batch entry.
+        index: ValueId,
+    },
+    /// Index of the largest element over the last dim (first one on ties):
+    /// x `[.., N]` F32 → `[..]` I32. Rank ≥ 2.
+    Argmax {
+        /// Input.
+        x: ValueId,
+    },
+}
+
+impl Op {
+    /// The values this op reads, in order.
+    pub fn args(&self) -> Vec<ValueId> {
+        match *self {
+            Op::Input(_) | Op::Param(_) | Op::State(_) | Op::Const { .. } | Op::Iota { .. } => {
+                vec![]
+            }
+            Op::Embed { table, ids } => vec![table, ids],
+            Op::Linear { x, w } => vec![x, w],
+            Op::RmsNorm { x, w, .. } => vec![x, w],
+            Op::Rope { x, pos, .. } => vec![x, pos],
+            Op::Attention { q, k, v, mask, .. } => vec![q, k, v, mask],
+            Op::KvWrite { cache, new, start, len } => vec![cache, new, start, len],
+            Op::Silu { x } | Op::Not { x } | Op::Cast { x, .. } | Op::Argmax { x } => vec![x],
+            Op::Reshape { x, .. } | Op::Permute { x, .. } => vec![x],
+            Op::Binary { a, b, .. } => vec![a, b],
+            Op::Select { cond, a, b } => vec![cond, a, b],
+            Op::TakeRow { x, index } => vec![x, index],
+        }
+    }
+
+    /// Rewrites every argument through `f` (used by passes that renumber nodes).
+    pub fn map_args(&mut self, mut f: impl FnMut(ValueId) -> ValueId) {
+        match self {
+            Op::Input(_) | Op::Param(_) | Op::State(_) | Op::Const { .. } | Op::Iota { .. } => {}
+            Op::Embed { table, ids } => {
+                *table = f(*table);
+                *ids = f(*ids);
+            }
+            Op::Linear { x, w } | Op::RmsNorm { x, w, .. } => {
+                *x = f(*x);
+                *w = f(*w);
+            }
+            Op::Rope { x, pos, .. } => {
+                *x = f(*x);
+                *pos = f(*pos);
+            }
+            Op::Attention { q, k, v, mask, .. } => {
+                *q = f(*q);
+                *k = f(*k);
+                *v = f(*v);
+                *mask = f(*mask);
+            }
+            Op::KvWrite { cache, new, start, len } => {
+                *cache = f(*cache);
+                *new = f(*new);
+                *start = f(*start);
+                *len = f(*len);
+            }
+            Op::Silu { x }
+            | Op::Not { x }
+            | Op::Cast { x, .. }
+            | Op::Argmax { x }
+            | Op::Reshape { x, .. }
+            | Op::Permute { x, .. } => *x = f(*x),
+            Op::Binary { a, b, .. } => {
+                *a = f(*a);
+                *b = f(*b);
+            }
+            Op::Select { cond, a, b } => {
+                *cond = f(*cond);
+                *a = f(*a);
+                *b = f(*b);
+            }
+            Op::TakeRow { x, index } => {
+                *x = f(*x);
+                *index = f(*index);
+            }
+        }
+    }
+}
+
+/// One node: an op and the type of the value it produces.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    /// The operation.
+    pub op: Op,
+    /// Type of the produced value.
+    pub ty: Type,
+}
+
+/// A host-supplied graph input.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InputDecl {
+    /// Input name (unique within the graph).
+    pub name: String,
+    /// Its type.
+    pub ty: Type,
+}
+
+/// A named graph result returned to the host.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Output {
+    /// Output name (unique within the graph).
+    pub name: String,
+    /// The value returned.
+    pub value: ValueId,
+}
+
+/// The new value of a state variable after the graph runs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StateUpdate {
+    /// Which variable.
+    pub state: StateId,
+    /// Its new value (same type as the declaration).
+    pub value: ValueId,
+}
+
+/// A fixed-shape dataflow graph. `nodes[i]` defines `ValueId(i)`; nodes appear after
+/// their arguments. State variables not listed in `updates` keep their value.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Graph {
+    /// `prefill` or `decode`.
+    pub name: String,
+    /// Host inputs, referenced by [`Op::Input`].
+    pub inputs: Vec<InputDecl>,
+    /// The node arena, in schedule order.
+    pub nodes: Vec<Node>,
+    /// Values returned to the host.
+    pub outputs: Vec<Output>,
+    /// State written back.
+    pub updates: Vec<StateUpdate>,
+}
+
+impl Graph {
+    /// An empty graph with the given name and inputs.
+    pub fn new(name: &str, inputs: Vec<InputDecl>) -> Graph {
+        Graph { name: name.to_string(), inputs, nodes: vec![], outputs: vec![], updates: vec![] }
+    }
+
+    /// The type of a value.
+    pub fn ty(&self, v: ValueId) -> &Type {
+        &self.nodes[v.0 as usize].ty
+    }
+}
+
+/// A named model parameter.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ParamDecl {
+    /// Checkpoint tensor name (Hugging Face Llama naming).
+    pub name: String,
+    /// Shape and dtype the runtime must bind.
+    pub ty: Type,
+}
+
+/// A state variable: lives on the device across graph runs, owned by the runtime.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StateDecl {
+    /// Name (unique).
+    pub name: String,
+    /// Shape and dtype.
+    pub ty: Type,
+    /// Initial value when a batch starts (all elements).
+    pub init: Scalar,
+    /// One-line meaning, shown in the text form.
+    pub doc: String,
+}
+
+/// Shapes and policy a program was compiled for.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CompiledConfig {
+    /// Rows per batch (`B`).
+    pub batch: u32,
+    /// Prefill width (`T`).
+    pub prefill_len: u32,
+    /// Cache slots per row (`S`).
+    pub cache_len: u32,
+    /// Vocabulary size (`V`).
+    pub vocab_size: u32,
+    /// KV policy.
+    pub kv: crate::spec::KvPolicy,
+    /// Token ids that stop a row.
+    pub stop_tokens: Vec<u32>,
+}
+
+/// Artifact format tag written into every serialized program.
+pub const FORMAT: &str = "kvc-program";
+/// Version of the serialized program format; bumped on any incompatible IR change.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// A compiled model: parameters, state and the two graphs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Program {
+    /// Always [`FORMAT`].
+    pub format: String,
+    /// Always [`FORMAT_VERSION`] for programs this build writes.
+    pub version: u32,
+    /// The spec the program was compiled from (with overrides applied).
+    pub spec: crate::spec::ModelSpec,
+    /// Shapes the graphs were compiled for.
+    pub config: CompiledConfig,
+    /// Parameter table.
+    pub params: Vec<ParamDecl>,
+    /// State table.
+    pub state: Vec<StateDecl>,
+    /// The padded prefill graph `[B, T]`.
+    pub prefill: Graph,
+    /// The one-token decode graph `[B, 1]`.
+    pub decode: Graph,
+}
+
+impl Program {
+    /// Both graphs, prefill first.
+    pub fn graphs(&self) -> [&Graph; 2] {
+        [&self.prefill, &self.decode]
+    }
+
+    /// Looks up a state variable by name.
+    pub fn state_id(&self, name: &str) -> Option<StateId> {
+        self.state.iter().position(|s| s.name == name).map(|i| StateId(i as u32))
+    }
+}
+
+/// The declarations a node of `g` may refer to, for [`infer_type`].
+pub fn typing_decls<'a>(p: &'a Program, g: &'a Graph) -> typing::Decls<'a> {
+    typing::Decls { inputs: &g.inputs, params: &p.params, state: &p.state }
+}

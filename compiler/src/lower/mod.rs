@@ -1,0 +1,165 @@
+//! Lowering: a model spec becomes a [`Program`] with exactly two graphs.
+//!
+//! The family file (one per architecture) builds the transformer; this file owns what
+//! every family shares: the control state that lives on the device and the per-row rules
+//! for positions, stop limits and done flags.
+//!
+//! Control state, all `[B]`:
+//! - `pos` I32: tokens of the row in the cache = position of the next token to write;
+//! - `limit` I32: the row is done once `pos >= limit` (host sets prompt + max_new - 1);
+//! - `done` Bool: the row emits no more tokens (initially true: an idle row);
+//! - `token` I32: the row's last emitted token, the input of the next decode step.
+//!
+//! Prefill (inputs `tokens [B,T]`, `len [B]`, `limit [B]`) appends `len[b]` tokens at
+//! `pos[b]`, so running it again continues a prompt (chunked prefill). Decode (no inputs)
+//! feeds `token` at `pos` for every row that is not done. Neither graph reads a host
+//! scalar, and no shape depends on data.
+
+mod llama;
+
+use crate::ir::{
+    BinaryOp, BuildError, DType, GraphBuilder, InputDecl, Op, Program, Scalar, StateDecl, Type,
+    ValueId,
+};
+use crate::spec::{Arch, ModelSpec};
+
+/// Lowers a validated spec into an (unverified) program.
+pub fn lower(spec: &ModelSpec) -> Result<Program, BuildError> {
+    match &spec.arch {
+        Arch::Llama(c) => llama::lower(spec, c),
+    }
+}
+
+/// Names of the control state variables.
+pub mod names {
+    /// Position of the next token per row.
+    pub const POS: &str = "pos";
+    /// Stop position per row.
+    pub const LIMIT: &str = "limit";
+    /// Done flag per row.
+    pub const DONE: &str = "done";
+    /// Last emitted token per row.
+    pub const TOKEN: &str = "token";
+}
+
+/// The control state every program carries.
+pub(crate) fn control_state(batch: u32) -> Vec<StateDecl> {
+    let i32b = Type::new(DType::I32, [batch]);
+    vec![
+        StateDecl {
+            name: names::POS.into(),
+            ty: i32b.clone(),
+            init: Scalar::I32(0),
+            doc: "tokens in the cache per row = position of the next token".into(),
+        },
+        StateDecl {
+            name: names::LIMIT.into(),
+            ty: i32b.clone(),
+            init: Scalar::I32(0),
+            doc: "a row is done once pos >= limit".into(),
+        },
+        StateDecl {
+            name: names::DONE.into(),
+            ty: Type::new(DType::Bool, [batch]),
+            init: Scalar::Bool(true),
+            doc: "row emits no more tokens".into(),
+        },
+        StateDecl {
+            name: names::TOKEN.into(),
+            ty: i32b,
+            init: Scalar::I32(0),
+            doc: "last emitted token per row; the next decode input".into(),
+        },
+    ]
+}
+
+/// Inputs of the prefill graph.
+pub(crate) fn prefill_inputs(batch: u32, width: u32) -> Vec<InputDecl> {
+    vec![
+        InputDecl { name: "tokens".into(), ty: Type::new(DType::I32, [batch, width]) },
+        InputDecl { name: "len".into(), ty: Type::new(DType::I32, [batch]) },
+        InputDecl { name: "limit".into(), ty: Type::new(DType::I32, [batch]) },
+    ]
+}
+
+/// `true` where `token` is one of the stop tokens.
+fn is_stop(g: &mut GraphBuilder<'_>, token: ValueId, stops: &[u32]) -> Result<ValueId, BuildError> {
+    let shape = g.ty(token).shape.clone();
+    let mut acc = g.constant(Scalar::Bool(false), &shape)?;
+    for &s in stops {
+        let id = g.constant(Scalar::I32(s as i32), &shape)?;
+        let hit = g.binary(BinaryOp::Eq, token, id)?;
+        acc = g.binary(BinaryOp::Or, acc, hit)?;
+    }
+    Ok(acc)
+}
+
+/// `pos >= limit || pos >= slots || token is a stop token`.
+fn reached_end(
+    g: &mut GraphBuilder<'_>,
+    pos: ValueId,
+    limit: ValueId,
+    token: ValueId,
+    slots: u32,
+    stops: &[u32],
+) -> Result<ValueId, BuildError> {
+    let shape = g.ty(pos).shape.clone();
+    let at_limit = g.binary(BinaryOp::Le, limit, pos)?;
+    let cap = g.constant(Scalar::I32(slots as i32), &shape)?;
+    let full = g.binary(BinaryOp::Le, cap, pos)?;
+    let stop = is_stop(g, token, stops)?;
+    let end = g.binary(BinaryOp::Or, at_limit, full)?;
+    g.binary(BinaryOp::Or, end, stop)
+}
+
+/// Prefill's control epilogue: given the chunk's `start`, `len`, `limit` and the greedy
+/// token of each row's last real position, updates `pos`, `limit`, `token` and `done`.
+/// Rows with `len = 0` keep their token (their logits are not meaningful).
+pub(crate) fn prefill_control(
+    g: &mut GraphBuilder<'_>,
+    start: ValueId,
+    len: ValueId,
+    limit: ValueId,
+    next: ValueId,
+    slots: u32,
+    stops: &[u32],
+) -> Result<ValueId, BuildError> {
+    let shape = g.ty(len).shape.clone();
+    let zero = g.constant(Scalar::I32(0), &shape)?;
+    let has_tokens = g.binary(BinaryOp::Lt, zero, len)?;
+    let old = g.state(names::TOKEN)?;
+    let token = g.push(Op::Select { cond: has_tokens, a: next, b: old })?;
+    let pos = g.binary(BinaryOp::Add, start, len)?;
+    let done = reached_end(g, pos, limit, token, slots, stops)?;
+    g.update(names::POS, pos)?;
+    g.update(names::LIMIT, limit)?;
+    g.update(names::TOKEN, token)?;
+    g.update(names::DONE, done)?;
+    Ok(token)
+}
+
+/// Decode's control epilogue: active rows take the new token and advance; a row becomes
+/// done when it emits a stop token or reaches its limit or the cache end.
+/// Returns `(token, done)` after the step.
+pub(crate) fn decode_control(
+    g: &mut GraphBuilder<'_>,
+    active: ValueId,
+    step: ValueId,
+    next: ValueId,
+    slots: u32,
+    stops: &[u32],
+) -> Result<(ValueId, ValueId), BuildError> {
+    let pos = g.state(names::POS)?;
+    let old = g.state(names::TOKEN)?;
+    let done = g.state(names::DONE)?;
+    let limit = g.state(names::LIMIT)?;
+    let token = g.push(Op::Select { cond: active, a: next, b: old })?;
+    let pos = g.binary(BinaryOp::Add, pos, step)?;
+    let end = reached_end(g, pos, limit, token, slots, stops)?;
+    let finished = g.binary(BinaryOp::And, active, end)?;
+    let done = g.binary(BinaryOp::Or, done, finished)?;
+    g.update(names::POS, pos)?;
+    g.update(names::TOKEN, token)?;
+    g.update(names::DONE, done)?;
+    Ok((token, done))
+}

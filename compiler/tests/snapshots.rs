@@ -1,0 +1,111 @@
+//! Snapshot tests of the text form: both graphs of every model in `models/`, the memory
+//! plan, and the one-line error of every invalid spec in `fixtures/invalid/`.
+
+use std::path::{Path, PathBuf};
+
+use kvc_compiler::{MemoryPlan, ModelSpec, Overrides, compile, compile_file};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+fn ron_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("fixture directory")
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "ron"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn every_model_compiles_to_snapshotted_graphs() {
+    let models = ron_files(&repo().join("models"));
+    assert!(models.len() >= 2, "expected at least two models, found {models:?}");
+    for path in models {
+        let name = path.file_stem().unwrap().to_string_lossy().to_string();
+        let p = compile_file(&path, &Overrides::default()).unwrap_or_else(|e| panic!("{e}"));
+        insta::assert_snapshot!(format!("{name}.prefill"), p.display_graph(&p.prefill).to_string());
+        insta::assert_snapshot!(format!("{name}.decode"), p.display_graph(&p.decode).to_string());
+        let header = format!(
+            "{}\n{}\n{}",
+            p.signature(&p.prefill),
+            p.signature(&p.decode),
+            MemoryPlan::of(&p)
+        );
+        insta::assert_snapshot!(format!("{name}.plan"), header);
+    }
+}
+
+#[test]
+fn invalid_specs_give_one_line_errors() {
+    let dir = repo().join("compiler/tests/fixtures/invalid");
+    let files = ron_files(&dir);
+    assert!(files.len() >= 10, "expected the invalid-spec fixtures, found {}", files.len());
+    for path in files {
+        let name = path.file_stem().unwrap().to_string_lossy().to_string();
+        let shown = format!("invalid/{name}.ron");
+        let src = std::fs::read_to_string(&path).unwrap();
+        let err = ModelSpec::parse(&src, &shown).expect_err(&name);
+        let text = err.to_string();
+        assert!(!text.contains('\n'), "{name}: error is not one line: {text}");
+        assert!(text.starts_with(&format!("{shown}:")), "{name}: error does not name the file: {text}");
+        insta::assert_snapshot!(format!("invalid.{name}"), text);
+    }
+}
+
+#[test]
+fn overrides_change_only_shapes() {
+    let path = repo().join("models/smollm2-135m.ron");
+    let base = compile_file(&path, &Overrides::default()).unwrap();
+    let o = Overrides { batch: Some(8), prefill_len: Some(128), cache_len: Some(1024) };
+    let big = compile_file(&path, &o).unwrap();
+    assert_eq!(big.config.batch, 8);
+    assert_eq!(big.prefill.nodes.len(), base.prefill.nodes.len());
+    assert_eq!(big.decode.nodes.len(), base.decode.nodes.len());
+    for (a, b) in base.graphs().into_iter().zip(big.graphs()) {
+        for (x, y) in a.nodes.iter().zip(&b.nodes) {
+            assert_eq!(x.op.name(), y.op.name());
+            assert_eq!(x.op.args(), y.op.args());
+            assert_eq!(x.ty.dtype, y.ty.dtype);
+        }
+    }
+    let k0 = &big.state[big.state_id("k.0").unwrap().0 as usize];
+    assert_eq!(k0.ty.shape, vec![8, 3, 1024, 64]);
+    let bad = Overrides { prefill_len: Some(2048), ..Overrides::default() };
+    let err = compile_file(&path, &bad).unwrap_err().to_string();
+    assert!(err.contains("compile.prefill_len") && err.contains("2048"), "{err}");
+}
+
+#[test]
+fn compilation_is_deterministic_and_round_trips() {
+    let path = repo().join("models/tiny-llama.ron");
+    let a = compile_file(&path, &Overrides::default()).unwrap();
+    let b = compile_file(&path, &Overrides::default()).unwrap();
+    assert_eq!(a.to_string(), b.to_string());
+    let json = serde_json::to_string(&a).unwrap();
+    let back: kvc_compiler::ir::Program = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, a);
+    kvc_compiler::verify::verify(&back, "after round trip").unwrap();
+}
+
+#[test]
+fn decode_graph_has_no_host_inputs_and_fixed_shapes() {
+    let spec = ModelSpec::load(&repo().join("models/tiny-llama.ron")).unwrap();
+    let p = compile(&spec).unwrap();
+    assert!(p.decode.inputs.is_empty());
+    let names: Vec<&str> = p.prefill.inputs.iter().map(|i| i.name.as_str()).collect();
+    assert_eq!(names, ["tokens", "len", "limit"]);
+    assert_eq!(p.prefill.inputs[0].ty.shape, vec![3, 8]);
+    let out = |g: &kvc_compiler::ir::Graph, n: &str| {
+        let o = g.outputs.iter().find(|o| o.name == n).unwrap();
+        g.ty(o.value).to_string()
+    };
+    assert_eq!(out(&p.prefill, "logits"), "f32[3,256]");
+    assert_eq!(out(&p.decode, "logits"), "f32[3,256]");
+    assert_eq!(out(&p.decode, "token"), "i32[3]");
+    // Every state variable is written back by prefill; decode writes all but `limit`.
+    assert_eq!(p.prefill.updates.len(), p.state.len());
+    assert_eq!(p.decode.updates.len(), p.state.len() - 1);
+}
