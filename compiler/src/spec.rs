@@ -105,6 +105,20 @@ pub struct CompileConfig {
     /// Compute dtype of activations and dequantized weights.
     #[serde(default)]
     pub dtype: DTypeSpec,
+    /// How each row's next token is chosen.
+    #[serde(default)]
+    pub sampler: Sampler,
+}
+
+/// Token choice compiled into both graphs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Sampler {
+    /// Argmax of the logits (no sampling state, no sort).
+    #[default]
+    Greedy,
+    /// Temperature, top-k and top-p sampling on the device, with per-row settings and a
+    /// per-position uniform stream in state (set by the host per batch from a seed).
+    Sample,
 }
 
 /// KV cache policy. Only `Dense` exists so far; policies with parameters
@@ -133,6 +147,8 @@ pub struct Overrides {
     pub prefill_len: Option<u32>,
     /// Replaces `compile.cache_len`.
     pub cache_len: Option<u32>,
+    /// Replaces `compile.sampler`.
+    pub sampler: Option<Sampler>,
 }
 
 /// A spec that failed to parse or validate.
@@ -225,6 +241,9 @@ impl ModelSpec {
         }
         if let Some(s) = o.cache_len {
             self.compile.cache_len = s;
+        }
+        if let Some(s) = o.sampler {
+            self.compile.sampler = s;
         }
         self.validate().map_err(|(path, message)| SpecError {
             file: format!("{file} (with command-line overrides)"),

@@ -59,7 +59,7 @@ fn invalid_specs_give_one_line_errors() {
 fn overrides_change_only_shapes() {
     let path = repo().join("models/smollm2-135m.ron");
     let base = compile_file(&path, &Overrides::default()).unwrap();
-    let o = Overrides { batch: Some(8), prefill_len: Some(128), cache_len: Some(1024) };
+    let o = Overrides { batch: Some(8), prefill_len: Some(128), cache_len: Some(1024), ..Overrides::default() };
     let big = compile_file(&path, &o).unwrap();
     assert_eq!(big.config.batch, 8);
     assert_eq!(big.prefill.nodes.len(), base.prefill.nodes.len());
@@ -108,4 +108,16 @@ fn decode_graph_has_no_host_inputs_and_fixed_shapes() {
     // Every state variable is written back by prefill; decode writes all but `limit`.
     assert_eq!(p.prefill.updates.len(), p.state.len());
     assert_eq!(p.decode.updates.len(), p.state.len() - 1);
+}
+
+#[test]
+fn sampling_sampler_reads_per_row_settings_from_state() {
+    let path = repo().join("models/tiny-llama.ron");
+    let o = Overrides { sampler: Some(kvc_compiler::spec::Sampler::Sample), ..Overrides::default() };
+    let p = compile_file(&path, &o).unwrap();
+    for name in ["temperature", "top_k", "top_p", "uniform"] {
+        assert!(p.state_id(name).is_some(), "missing state {name}");
+    }
+    assert!(p.decode.inputs.is_empty());
+    insta::assert_snapshot!("tiny-llama.sample.decode", p.display_graph(&p.decode).to_string());
 }

@@ -47,7 +47,9 @@ pub enum GgufError {
     #[error("unsupported GGUF version {0} (supported: 2, 3)")]
     UnsupportedVersion(u32),
     /// A fixed-size field runs past the end of the file.
-    #[error("file truncated while reading {what} at byte {offset}: need {needed} bytes, {available} left")]
+    #[error(
+        "file truncated while reading {what} at byte {offset}: need {needed} bytes, {available} left"
+    )]
     Truncated {
         /// The field being read.
         what: &'static str,
@@ -134,7 +136,9 @@ pub enum GgufError {
         dims: Vec<u64>,
     },
     /// A quantized tensor's element count is not a whole number of blocks.
-    #[error("tensor {name:?} has {elements} elements, not a multiple of the {ty} block size {block}")]
+    #[error(
+        "tensor {name:?} has {elements} elements, not a multiple of the {ty} block size {block}"
+    )]
     NotBlockAligned {
         /// Tensor name.
         name: String,
@@ -156,7 +160,9 @@ pub enum GgufError {
         alignment: u64,
     },
     /// A tensor's bytes extend past the end of the file.
-    #[error("tensor {name:?} data [{offset}, {offset}+{size}) lies outside the {data_len}-byte data section")]
+    #[error(
+        "tensor {name:?} data [{offset}, {offset}+{size}) lies outside the {data_len}-byte data section"
+    )]
     TensorDataOutOfBounds {
         /// Tensor name.
         name: String,
@@ -888,10 +894,11 @@ impl GgufFile {
             .tensor_info(name)
             .ok_or_else(|| GgufError::MissingTensor(name.to_string()))?;
         let bytes = self.tensor_bytes(name)?;
-        let values = dequantize(info.ty, bytes).ok_or_else(|| GgufError::UnsupportedTensorType {
-            name: name.to_string(),
-            ty: info.ty,
-        })?;
+        let values =
+            dequantize(info.ty, bytes).ok_or_else(|| GgufError::UnsupportedTensorType {
+                name: name.to_string(),
+                ty: info.ty,
+            })?;
         Ok((info.shape(), values))
     }
 }
@@ -1050,12 +1057,11 @@ impl<'a> Reader<'a> {
                     return Err(GgufError::NestingTooDeep { offset: type_off });
                 }
                 let type_id = self.u32("array element type")?;
-                let elem_type = GgufValueType::from_id(type_id).ok_or(
-                    GgufError::UnknownValueType {
+                let elem_type =
+                    GgufValueType::from_id(type_id).ok_or(GgufError::UnknownValueType {
                         type_id,
                         offset: type_off,
-                    },
-                )?;
+                    })?;
                 let len = self.u64("array length")?;
                 self.check_count(len, elem_type.min_encoded_size(), "array length")?;
                 let mut items = Vec::with_capacity(len as usize);
@@ -1101,8 +1107,15 @@ pub(crate) mod test_writer {
             self
         }
 
-        pub fn tensor(&mut self, name: &str, dims: &[u64], ty: GgmlType, data: Vec<u8>) -> &mut Self {
-            self.tensors.push((name.to_string(), dims.to_vec(), ty, data));
+        pub fn tensor(
+            &mut self,
+            name: &str,
+            dims: &[u64],
+            ty: GgmlType,
+            data: Vec<u8>,
+        ) -> &mut Self {
+            self.tensors
+                .push((name.to_string(), dims.to_vec(), ty, data));
             self
         }
 
@@ -1180,7 +1193,10 @@ pub(crate) mod test_writer {
     pub fn str_array(items: &[&str]) -> GgufValue {
         GgufValue::Array {
             elem_type: super::GgufValueType::String,
-            items: items.iter().map(|s| GgufValue::String(s.to_string())).collect(),
+            items: items
+                .iter()
+                .map(|s| GgufValue::String(s.to_string()))
+                .collect(),
         }
     }
 }
@@ -1231,7 +1247,11 @@ mod tests {
         }
         let f = GgufFile::from_bytes(w.build()).unwrap();
         assert_eq!(f.version(), 3);
-        let got: Vec<_> = f.metadata().iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        let got: Vec<_> = f
+            .metadata()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
         let want: Vec<_> = kv.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
         assert_eq!(got, want);
         assert_eq!(f.get_u32("a.u16").unwrap(), 65000);
@@ -1241,8 +1261,14 @@ mod tests {
         assert_eq!(f.get_str("a.str").unwrap(), "héllo ✓");
         assert!(f.get_bool("a.bool").unwrap());
         assert_eq!(f.get_str_array("a.strs").unwrap(), vec!["x", "", "yz"]);
-        assert!(matches!(f.get_u32("a.i32"), Err(GgufError::WrongType { .. })));
-        assert!(matches!(f.get_str("a.u8"), Err(GgufError::WrongType { .. })));
+        assert!(matches!(
+            f.get_u32("a.i32"),
+            Err(GgufError::WrongType { .. })
+        ));
+        assert!(matches!(
+            f.get_str("a.u8"),
+            Err(GgufError::WrongType { .. })
+        ));
         assert!(matches!(f.get_u32("nope"), Err(GgufError::MissingKey(k)) if k == "nope"));
     }
 
@@ -1277,7 +1303,10 @@ mod tests {
         assert_eq!(shape, vec![3, 4]);
         assert_eq!(data, values);
         assert_eq!(f.tensor_f32("first").unwrap().1, vec![1.0, 2.0, 3.0]);
-        assert!(matches!(f.tensor_f32("x"), Err(GgufError::MissingTensor(_))));
+        assert!(matches!(
+            f.tensor_f32("x"),
+            Err(GgufError::MissingTensor(_))
+        ));
     }
 
     #[test]
@@ -1351,7 +1380,12 @@ mod tests {
         let v = f.tensor_f32("q").unwrap().1;
         for j in 0..16 {
             assert_eq!(v[j], (j as f32 - 8.0) * 0.25, "element {j}");
-            assert_eq!(v[j + 16], ((15 - j) as f32 - 8.0) * 0.25, "element {}", j + 16);
+            assert_eq!(
+                v[j + 16],
+                ((15 - j) as f32 - 8.0) * 0.25,
+                "element {}",
+                j + 16
+            );
         }
     }
 
@@ -1379,7 +1413,10 @@ mod tests {
         assert_eq!(f.tensor_bytes("k").unwrap().len(), 144);
         assert!(matches!(
             f.tensor_f32("k"),
-            Err(GgufError::UnsupportedTensorType { ty: GgmlType::Q4_K, .. })
+            Err(GgufError::UnsupportedTensorType {
+                ty: GgmlType::Q4_K,
+                ..
+            })
         ));
     }
 
@@ -1394,9 +1431,13 @@ mod tests {
                 Err(GgufError::BadMagic { .. })
             ));
         }
-        for cut in [4usize, 7, 8, 15, 23, full.len() - 1] {
+        // 24-byte header, then key (8 + 1), type (4), value (4) end at byte 41.
+        for cut in [4usize, 7, 8, 15, 23, 40] {
             let err = GgufFile::from_bytes(full[..cut].to_vec()).unwrap_err();
-            assert!(matches!(err, GgufError::Truncated { .. }), "cut {cut}: {err}");
+            assert!(
+                matches!(err, GgufError::Truncated { .. }),
+                "cut {cut}: {err}"
+            );
         }
         assert!(matches!(
             GgufFile::from_bytes(b"GGUS\x03\0\0\0".to_vec()),
@@ -1416,10 +1457,10 @@ mod tests {
     fn string_length_beyond_file_is_rejected() {
         let mut bytes = header(0, 1);
         bytes.extend_from_slice(&(1u64 << 62).to_le_bytes());
-        bytes.extend_from_slice(b"abc");
+        bytes.extend_from_slice(b"abcdefgh");
         assert!(matches!(
             GgufFile::from_bytes(bytes),
-            Err(GgufError::StringTooLong { len, available: 3, .. }) if len == 1 << 62
+            Err(GgufError::StringTooLong { len, available: 8, .. }) if len == 1 << 62
         ));
     }
 
@@ -1433,7 +1474,10 @@ mod tests {
         let bytes = header(0, u64::MAX);
         assert!(matches!(
             GgufFile::from_bytes(bytes),
-            Err(GgufError::CountTooLarge { what: "metadata count", .. })
+            Err(GgufError::CountTooLarge {
+                what: "metadata count",
+                ..
+            })
         ));
         let mut bytes = header(0, 1);
         put_str(&mut bytes, "arr");
@@ -1443,7 +1487,10 @@ mod tests {
         bytes.extend_from_slice(&[0; 64]);
         assert!(matches!(
             GgufFile::from_bytes(bytes),
-            Err(GgufError::CountTooLarge { what: "array length", .. })
+            Err(GgufError::CountTooLarge {
+                what: "array length",
+                ..
+            })
         ));
     }
 
@@ -1471,7 +1518,11 @@ mod tests {
         bytes.truncate(bytes.len() - 1);
         assert!(matches!(
             GgufFile::from_bytes(bytes),
-            Err(GgufError::TensorDataOutOfBounds { size: 16, data_len: 15, .. })
+            Err(GgufError::TensorDataOutOfBounds {
+                size: 16,
+                data_len: 15,
+                ..
+            })
         ));
 
         // A declared shape far larger than the file.
@@ -1512,7 +1563,11 @@ mod tests {
         w.tensor("q", &[33], GgmlType::Q8_0, vec![0; 68]);
         assert!(matches!(
             GgufFile::from_bytes(w.build()),
-            Err(GgufError::NotBlockAligned { elements: 33, block: 32, .. })
+            Err(GgufError::NotBlockAligned {
+                elements: 33,
+                block: 32,
+                ..
+            })
         ));
 
         let mut w = GgufWriter::new();
@@ -1523,7 +1578,8 @@ mod tests {
         ));
 
         let mut w = GgufWriter::new();
-        w.f32_tensor("t", &[1], &[1.0]).f32_tensor("t", &[1], &[2.0]);
+        w.f32_tensor("t", &[1], &[1.0])
+            .f32_tensor("t", &[1], &[2.0]);
         assert!(matches!(
             GgufFile::from_bytes(w.build()),
             Err(GgufError::DuplicateTensor(_))
@@ -1564,7 +1620,11 @@ mod tests {
         bytes[off_pos..off_pos + 8].copy_from_slice(&4u64.to_le_bytes());
         assert!(matches!(
             GgufFile::from_bytes(bytes),
-            Err(GgufError::MisalignedTensor { offset: 4, alignment: 32, .. })
+            Err(GgufError::MisalignedTensor {
+                offset: 4,
+                alignment: 32,
+                ..
+            })
         ));
     }
 

@@ -1,2 +1,91 @@
+//! kvc's runtime: loads a compiled program's weights and replays its two fixed-shape
+//! graphs on Burn — prefill once, then one-token decode steps whose shapes never change.
+//!
+//! This crate (with the end-to-end tests) is the only place that depends on Burn.
 
+pub mod executor;
+pub mod fetch;
 pub mod gguf;
+pub mod model;
+pub mod random;
+pub mod session;
+pub mod tokenizer;
+pub mod weights;
+
+use burn::tensor::{Device, FloatDType, IntDType};
+
+/// Errors of the runtime.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// A parameter the program needs is not in the weights.
+    #[error("weights have no tensor {name} (expected {expected})")]
+    MissingParam {
+        /// Parameter name.
+        name: String,
+        /// Expected type, e.g. `f32[576,576]`.
+        expected: String,
+    },
+    /// A parameter has the wrong shape.
+    #[error("tensor {name}: expected shape {expected:?}, found {found:?}")]
+    ParamShape {
+        /// Parameter name.
+        name: String,
+        /// Shape the program declares.
+        expected: Vec<usize>,
+        /// Shape in the weights file.
+        found: Vec<usize>,
+    },
+    /// A request cannot be served by the compiled shapes.
+    #[error("{0}")]
+    Request(String),
+    /// The device could not be set up.
+    #[error("device setup failed: {0}")]
+    Device(String),
+    /// An invariant of the runtime broke (a bug).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Which Burn backend runs the graphs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// Flex, the CPU backend (default).
+    Flex,
+    /// wgpu (Vulkan/Metal/DX12 or a software renderer), with the `wgpu` feature.
+    #[cfg(feature = "wgpu")]
+    Wgpu,
+    /// CUDA device 0, with the `cuda` feature.
+    #[cfg(feature = "cuda")]
+    Cuda,
+}
+
+/// Creates the device and configures it for F32 floats and I32 ints (the IR's dtypes).
+/// Burn locks a device's dtypes at its first tensor, so this runs once per backend and
+/// process; later calls return the same device.
+pub fn device(backend: Backend) -> Result<Device, RuntimeError> {
+    use std::sync::OnceLock;
+    fn once(cell: &OnceLock<Result<Device, String>>, make: fn() -> Device) -> Result<Device, RuntimeError> {
+        let made = cell.get_or_init(|| {
+            let mut device = make();
+            device.configure((FloatDType::F32, IntDType::I32)).map_err(|e| e.to_string())?;
+            Ok(device)
+        });
+        made.clone().map_err(RuntimeError::Device)
+    }
+    match backend {
+        Backend::Flex => {
+            static FLEX: OnceLock<Result<Device, String>> = OnceLock::new();
+            once(&FLEX, Device::flex)
+        }
+        #[cfg(feature = "wgpu")]
+        Backend::Wgpu => {
+            static WGPU: OnceLock<Result<Device, String>> = OnceLock::new();
+            once(&WGPU, || Device::wgpu(burn::tensor::DeviceKind::DefaultDevice))
+        }
+        #[cfg(feature = "cuda")]
+        Backend::Cuda => {
+            static CUDA: OnceLock<Result<Device, String>> = OnceLock::new();
+            once(&CUDA, || Device::cuda(0))
+        }
+    }
+}

@@ -85,6 +85,7 @@ impl Op {
             Op::Reshape { .. } => "reshape",
             Op::Permute { .. } => "permute",
             Op::TakeRow { .. } => "take_row",
+            Op::Sample { .. } => "sample",
             Op::Argmax { .. } => "argmax",
         }
     }
@@ -146,6 +147,10 @@ impl Program {
             Op::Reshape { x, shape: _ } => write!(f, "{name} {x}"),
             Op::Permute { x, perm } => write!(f, "{name} {x}, perm={}", dims(perm)),
             Op::TakeRow { x, index } => write!(f, "{name} {x}, {index}"),
+            Op::Sample { logits, temperature, top_k, top_p, uniform } => write!(
+                f,
+                "{name} {logits}, temperature={temperature}, top_k={top_k}, top_p={top_p}, uniform={uniform}"
+            ),
         }
     }
 }
@@ -175,8 +180,8 @@ impl Display for Program {
         writeln!(f, "program {} ({} v{})", self.spec.name, self.format, self.version)?;
         writeln!(
             f,
-            "config batch={} prefill_len={} cache_len={} vocab={} kv={:?} stop_tokens={:?}",
-            c.batch, c.prefill_len, c.cache_len, c.vocab_size, c.kv, c.stop_tokens
+            "config batch={} prefill_len={} cache_len={} vocab={} kv={:?} sampler={:?} stop_tokens={:?}",
+            c.batch, c.prefill_len, c.cache_len, c.vocab_size, c.kv, c.sampler, c.stop_tokens
         )?;
         writeln!(f, "params {}:", self.params.len())?;
         for prm in &self.params {

@@ -276,6 +276,25 @@ pub enum Op {
         /// Row to take per batch entry.
         index: ValueId,
     },
+    /// Draws one token per row: logits `[B, V]`, temperature `[B]` F32, top_k `[B]` I32,
+    /// top_p `[B]` F32, uniform `[B]` F32 in `[0, 1)` → `[B]` I32. A row with
+    /// temperature <= 0 takes the argmax. Otherwise tokens are ranked by logit (ties in any
+    /// order); rank `r` is kept iff `top_k <= 0 || r < top_k` and the probability mass
+    /// of the ranks before it is below `top_p` (rank 0 is always kept); the kept
+    /// probabilities of `softmax(logits / temperature)` are renormalised and the token is
+    /// the first whose cumulative probability exceeds `uniform`.
+    Sample {
+        /// Logits per row.
+        logits: ValueId,
+        /// Softmax temperature per row.
+        temperature: ValueId,
+        /// Top-k cut per row (0 = off).
+        top_k: ValueId,
+        /// Top-p (nucleus) cut per row (1 = off).
+        top_p: ValueId,
+        /// The row's uniform draw for this position.
+        uniform: ValueId,
+    },
     /// Index of the largest element over the last dim (first one on ties):
     /// x `[.., N]` F32 → `[..]` I32. Rank ≥ 2.
     Argmax {
@@ -302,6 +321,9 @@ impl Op {
             Op::Binary { a, b, .. } => vec![a, b],
             Op::Select { cond, a, b } => vec![cond, a, b],
             Op::TakeRow { x, index } => vec![x, index],
+            Op::Sample { logits, temperature, top_k, top_p, uniform } => {
+                vec![logits, temperature, top_k, top_p, uniform]
+            }
         }
     }
 
@@ -351,6 +373,13 @@ impl Op {
             Op::TakeRow { x, index } => {
                 *x = f(*x);
                 *index = f(*index);
+            }
+            Op::Sample { logits, temperature, top_k, top_p, uniform } => {
+                *logits = f(*logits);
+                *temperature = f(*temperature);
+                *top_k = f(*top_k);
+                *top_p = f(*top_p);
+                *uniform = f(*uniform);
             }
         }
     }
@@ -455,6 +484,8 @@ pub struct CompiledConfig {
     pub vocab_size: u32,
     /// KV policy.
     pub kv: crate::spec::KvPolicy,
+    /// Token choice.
+    pub sampler: crate::spec::Sampler,
     /// Token ids that stop a row.
     pub stop_tokens: Vec<u32>,
 }

@@ -215,6 +215,17 @@ pub fn infer_type(op: &Op, before: &[Node], decls: &Decls<'_>) -> Result<Type, S
             expect_shape("index", arg(*index, "index")?, DType::I32, &x.shape[..1])?;
             Type::new(x.dtype, [x.shape[0], x.shape[2]])
         }
+        Op::Sample { logits, temperature, top_k, top_p, uniform } => {
+            let l = arg(*logits, "logits")?;
+            expect_dtype("logits", l, DType::F32)?;
+            expect_rank("logits", l, 2)?;
+            let b = &l.shape[..1];
+            expect_shape("temperature", arg(*temperature, "temperature")?, DType::F32, b)?;
+            expect_shape("top_k", arg(*top_k, "top_k")?, DType::I32, b)?;
+            expect_shape("top_p", arg(*top_p, "top_p")?, DType::F32, b)?;
+            expect_shape("uniform", arg(*uniform, "uniform")?, DType::F32, b)?;
+            Type::new(DType::I32, b)
+        }
         Op::Argmax { x } => {
             let x = arg(*x, "x")?;
             expect_dtype("x", x, DType::F32)?;

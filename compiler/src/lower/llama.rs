@@ -2,7 +2,7 @@
 //! position embeddings, grouped-query attention and a SwiGLU MLP. Parameter names follow
 //! Hugging Face checkpoints (`model.layers.{i}.self_attn.q_proj.weight`, ...).
 
-use super::{decode_control, names, prefill_control, prefill_inputs};
+use super::{decode_control, names, pick_token, prefill_control, prefill_inputs};
 use crate::ir::{
     BinaryOp, BuildError, CompiledConfig, DType, FORMAT, FORMAT_VERSION, GraphBuilder, Op,
     ParamDecl, Program, Scalar, Type, ValueId,
@@ -118,7 +118,7 @@ pub(super) fn lower(spec: &ModelSpec, c: &LlamaConfig) -> Result<Program, BuildE
     let cache = CacheShape { batch: bsz, kv_heads: c.num_kv_heads, slots, head_dim: c.head_dim };
     let params = params(c);
     let mut state = dense::declare(c.num_layers, cache);
-    state.extend(super::control_state(bsz));
+    state.extend(super::control_state(bsz, slots, cc.sampler));
     let stops = &spec.stop_tokens;
 
     // Prefill: append `len[b]` prompt tokens at `pos[b]`; logits of the last real token.
@@ -141,7 +141,8 @@ pub(super) fn lower(spec: &ModelSpec, c: &LlamaConfig) -> Result<Program, BuildE
     let last = g.binary(BinaryOp::Sub, len, one)?;
     let h = g.push(Op::TakeRow { x, index: last })?;
     let logits = head(&mut g, c, h)?;
-    let next = g.push(Op::Argmax { x: logits })?;
+    let pos_after = g.binary(BinaryOp::Add, start, len)?;
+    let next = pick_token(&mut g, cc.sampler, logits, pos_after)?;
     let token = prefill_control(&mut g, start, len, limit, next, slots, stops)?;
     g.output("logits", logits);
     g.output("token", token);
@@ -165,7 +166,8 @@ pub(super) fn lower(spec: &ModelSpec, c: &LlamaConfig) -> Result<Program, BuildE
     }
     let h = g.reshape(x, &[bsz, c.hidden_size])?;
     let logits = head(&mut g, c, h)?;
-    let next = g.push(Op::Argmax { x: logits })?;
+    let pos_after = g.binary(BinaryOp::Add, pos, step)?;
+    let next = pick_token(&mut g, cc.sampler, logits, pos_after)?;
     let (token, done) = decode_control(&mut g, active, step, next, slots, stops)?;
     g.output("logits", logits);
     g.output("token", token);
@@ -182,6 +184,7 @@ pub(super) fn lower(spec: &ModelSpec, c: &LlamaConfig) -> Result<Program, BuildE
             cache_len: slots,
             vocab_size: c.vocab_size,
             kv: cc.kv,
+            sampler: cc.sampler,
             stop_tokens: stops.clone(),
         },
         params,

@@ -21,7 +21,7 @@ use crate::ir::{
     BinaryOp, BuildError, DType, GraphBuilder, InputDecl, Op, Program, Scalar, StateDecl, Type,
     ValueId,
 };
-use crate::spec::{Arch, ModelSpec};
+use crate::spec::{Arch, ModelSpec, Sampler};
 
 /// Lowers a validated spec into an (unverified) program.
 pub fn lower(spec: &ModelSpec) -> Result<Program, BuildError> {
@@ -40,12 +40,50 @@ pub mod names {
     pub const DONE: &str = "done";
     /// Last emitted token per row.
     pub const TOKEN: &str = "token";
+    /// Sampling temperature per row (sampler `Sample` only).
+    pub const TEMPERATURE: &str = "temperature";
+    /// Top-k cut per row (sampler `Sample` only).
+    pub const TOP_K: &str = "top_k";
+    /// Top-p cut per row (sampler `Sample` only).
+    pub const TOP_P: &str = "top_p";
+    /// Uniform draw per row and position (sampler `Sample` only).
+    pub const UNIFORM: &str = "uniform";
 }
 
-/// The control state every program carries.
-pub(crate) fn control_state(batch: u32) -> Vec<StateDecl> {
+/// The control state every program carries (plus the sampler's settings).
+pub(crate) fn control_state(batch: u32, slots: u32, sampler: Sampler) -> Vec<StateDecl> {
     let i32b = Type::new(DType::I32, [batch]);
-    vec![
+    let f32b = Type::new(DType::F32, [batch]);
+    let sampling = match sampler {
+        Sampler::Greedy => vec![],
+        Sampler::Sample => vec![
+            StateDecl {
+                name: names::TEMPERATURE.into(),
+                ty: f32b.clone(),
+                init: Scalar::F32(0.0),
+                doc: "softmax temperature per row; <= 0 is greedy".into(),
+            },
+            StateDecl {
+                name: names::TOP_K.into(),
+                ty: i32b.clone(),
+                init: Scalar::I32(0),
+                doc: "keep the k most likely tokens; 0 keeps all".into(),
+            },
+            StateDecl {
+                name: names::TOP_P.into(),
+                ty: f32b,
+                init: Scalar::F32(1.0),
+                doc: "keep the most likely tokens up to this mass".into(),
+            },
+            StateDecl {
+                name: names::UNIFORM.into(),
+                ty: Type::new(DType::F32, [batch, slots]),
+                init: Scalar::F32(0.0),
+                doc: "uniform draw for the token at each position, from the seed".into(),
+            },
+        ],
+    };
+    let mut state = vec![
         StateDecl {
             name: names::POS.into(),
             ty: i32b.clone(),
@@ -70,7 +108,33 @@ pub(crate) fn control_state(batch: u32) -> Vec<StateDecl> {
             init: Scalar::I32(0),
             doc: "last emitted token per row; the next decode input".into(),
         },
-    ]
+    ];
+    state.extend(sampling);
+    state
+}
+
+/// Chooses each row's next token from `logits [B, V]`; `pos_after [B]` is the position
+/// the new token will occupy (it selects the row's uniform draw).
+pub(crate) fn pick_token(
+    g: &mut GraphBuilder<'_>,
+    sampler: Sampler,
+    logits: ValueId,
+    pos_after: ValueId,
+) -> Result<ValueId, BuildError> {
+    match sampler {
+        Sampler::Greedy => g.push(Op::Argmax { x: logits }),
+        Sampler::Sample => {
+            let temperature = g.state(names::TEMPERATURE)?;
+            let top_k = g.state(names::TOP_K)?;
+            let top_p = g.state(names::TOP_P)?;
+            let stream = g.state(names::UNIFORM)?;
+            let shape = g.ty(stream).shape.clone();
+            let stream = g.reshape(stream, &[shape[0], shape[1], 1])?;
+            let u = g.push(Op::TakeRow { x: stream, index: pos_after })?;
+            let uniform = g.reshape(u, &[shape[0]])?;
+            g.push(Op::Sample { logits, temperature, top_k, top_p, uniform })
+        }
+    }
 }
 
 /// Inputs of the prefill graph.

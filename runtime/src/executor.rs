@@ -1,0 +1,534 @@
+//! Replays a verified graph over Burn tensors.
+//!
+//! Every value is held as a rank-4 tensor: an IR shape of rank `r < 4` is padded with
+//! leading 1s, so one code path serves every rank (broadcasting, matmul batching and
+//! permutations all act on the trailing dims).
+//!
+//! Ownership: a value is moved into its last consumer and cloned for earlier ones, and a
+//! state variable the graph updates is moved out of the store when read. The KV caches
+//! therefore have exactly one owner when `kv_write` runs, so the backend updates them in
+//! place instead of copying (a live clone would force a full copy every step).
+//! Constants and iotas are built once at load, not per step.
+
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::{Bool, Device, IndexingUpdateOp, Int, Tensor, TensorData};
+use kvc_compiler::ir::{BinaryOp, DType, Graph, Op, Program, Scalar, StateId, Type};
+
+use crate::RuntimeError;
+
+/// A tensor of any dtype, rank 4 (IR shape padded with leading 1s).
+#[derive(Clone, Debug)]
+pub enum Value {
+    /// F32 tensor.
+    F(Tensor<4>),
+    /// I32 tensor.
+    I(Tensor<4, Int>),
+    /// Bool tensor.
+    B(Tensor<4, Bool>),
+}
+
+/// An IR shape padded to rank 4 with leading 1s.
+pub fn pad4(shape: &[u32]) -> [usize; 4] {
+    let mut out = [1usize; 4];
+    let off = 4 - shape.len();
+    for (i, &d) in shape.iter().enumerate() {
+        out[off + i] = d as usize;
+    }
+    out
+}
+
+impl Value {
+    fn f(self) -> Tensor<4> {
+        match self {
+            Value::F(t) => t,
+            other => unreachable!("verified graph: expected f32, found {other:?}"),
+        }
+    }
+    fn i(self) -> Tensor<4, Int> {
+        match self {
+            Value::I(t) => t,
+            other => unreachable!("verified graph: expected i32, found {other:?}"),
+        }
+    }
+    fn b(self) -> Tensor<4, Bool> {
+        match self {
+            Value::B(t) => t,
+            other => unreachable!("verified graph: expected bool, found {other:?}"),
+        }
+    }
+
+    /// A tensor filled with `s`.
+    pub fn full(s: Scalar, shape: &[u32], device: &Device) -> Value {
+        let dims = pad4(shape);
+        match s {
+            Scalar::F32(v) => Value::F(Tensor::full(dims, v, device)),
+            Scalar::I32(v) => Value::I(Tensor::full(dims, v, device)),
+            Scalar::Bool(v) => Value::B(Tensor::<4, Int>::full(dims, v as i32, device).bool()),
+        }
+    }
+
+    /// Uploads host data of the given IR type.
+    pub fn from_i32(data: Vec<i32>, shape: &[u32], device: &Device) -> Value {
+        Value::I(Tensor::from_data(TensorData::new(data, pad4(shape)), device))
+    }
+
+    /// Uploads host f32 data of the given IR shape.
+    pub fn from_f32(data: Vec<f32>, shape: &[u32], device: &Device) -> Value {
+        Value::F(Tensor::from_data(TensorData::new(data, pad4(shape)), device))
+    }
+
+    /// Reads an F32 value back to the host (row-major).
+    pub fn to_f32(&self) -> Result<Vec<f32>, RuntimeError> {
+        let t = match self {
+            Value::F(t) => t.clone(),
+            other => return Err(RuntimeError::Internal(format!("expected f32, found {other:?}"))),
+        };
+        t.into_data().convert::<f32>().try_into_vec::<f32>().map_err(|e| RuntimeError::Internal(format!("{e:?}")))
+    }
+
+    /// Reads an I32 value back to the host.
+    pub fn to_i32(&self) -> Result<Vec<i32>, RuntimeError> {
+        let t = match self {
+            Value::I(t) => t.clone(),
+            other => return Err(RuntimeError::Internal(format!("expected i32, found {other:?}"))),
+        };
+        t.into_data().convert::<i32>().try_into_vec::<i32>().map_err(|e| RuntimeError::Internal(format!("{e:?}")))
+    }
+
+    /// Reads a Bool value back to the host.
+    pub fn to_bool(&self) -> Result<Vec<bool>, RuntimeError> {
+        let t = match self {
+            Value::B(t) => t.clone().int(),
+            other => return Err(RuntimeError::Internal(format!("expected bool, found {other:?}"))),
+        };
+        let v = t.into_data().convert::<i32>().try_into_vec::<i32>();
+        Ok(v.map_err(|e| RuntimeError::Internal(format!("{e:?}")))?.into_iter().map(|x| x != 0).collect())
+    }
+}
+
+/// The device-resident state of a program: one value per state variable.
+pub struct State {
+    values: Vec<Option<Value>>,
+}
+
+impl State {
+    /// Fresh state with every variable at its declared initial value.
+    pub fn new(p: &Program, device: &Device) -> State {
+        State { values: p.state.iter().map(|s| Some(Value::full(s.init, &s.ty.shape, device))).collect() }
+    }
+
+    /// The current value of a state variable.
+    pub fn get(&self, id: StateId) -> &Value {
+        self.values[id.0 as usize].as_ref().expect("state is restored after every run")
+    }
+
+    /// Replaces a state variable (host write, outside the replayed step).
+    pub fn set(&mut self, id: StateId, v: Value) {
+        self.values[id.0 as usize] = Some(v);
+    }
+}
+
+/// Per-graph data computed once at load.
+struct Plan {
+    /// Index of the last node reading each value (`nodes.len()` for outputs/updates).
+    last_use: Vec<usize>,
+    /// Whether the graph writes each state variable (then reading it moves it).
+    updates_state: Vec<bool>,
+    /// Constants and iotas, built at load.
+    consts: Vec<Option<Value>>,
+    /// For each `rope`: cos and sin tables `[P, D/2]`.
+    rope: Vec<Option<(Tensor<2>, Tensor<2>)>>,
+}
+
+/// Executes the graphs of one program on one device.
+pub struct Executor {
+    program: Program,
+    device: Device,
+    params: Vec<Value>,
+    prefill: Plan,
+    decode: Plan,
+}
+
+/// Which graph to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Which {
+    /// The padded prefill graph.
+    Prefill,
+    /// The one-token decode graph.
+    Decode,
+}
+
+/// Largest position a rope table covers: every position a graph can form
+/// (cache slots plus one prefill chunk of padding beyond them).
+fn rope_positions(p: &Program) -> usize {
+    (p.config.cache_len + p.config.prefill_len + 1) as usize
+}
+
+fn plan(p: &Program, g: &Graph, device: &Device) -> Plan {
+    let n = g.nodes.len();
+    let mut last_use: Vec<usize> = (0..n).collect();
+    for (i, node) in g.nodes.iter().enumerate() {
+        for a in node.op.args() {
+            last_use[a.0 as usize] = i;
+        }
+    }
+    for v in g.outputs.iter().map(|o| o.value).chain(g.updates.iter().map(|u| u.value)) {
+        last_use[v.0 as usize] = n;
+    }
+    let mut updates_state = vec![false; p.state.len()];
+    for u in &g.updates {
+        updates_state[u.state.0 as usize] = true;
+    }
+    let mut consts = vec![None; n];
+    let mut rope = vec![None; n];
+    for (i, node) in g.nodes.iter().enumerate() {
+        match &node.op {
+            Op::Const { value, shape } => consts[i] = Some(Value::full(*value, shape, device)),
+            Op::Iota { shape, dim } => consts[i] = Some(iota(shape, *dim as usize, device)),
+            Op::Rope { x, theta, .. } => {
+                let d = g.ty(*x).shape[3] as usize;
+                rope[i] = Some(rope_tables(rope_positions(p), d, *theta, device));
+            }
+            _ => {}
+        }
+    }
+    Plan { last_use, updates_state, consts, rope }
+}
+
+fn iota(shape: &[u32], dim: usize, device: &Device) -> Value {
+    let dims = pad4(shape);
+    let axis = 4 - shape.len() + dim;
+    let n = dims[axis];
+    let mut line = [1usize; 4];
+    line[axis] = n;
+    let t = Tensor::<1, Int>::arange(0..n as i64, device).reshape(line);
+    Value::I(t.expand(dims))
+}
+
+/// cos/sin of `pos · theta^(-2i/D)` for every position, computed in f64.
+fn rope_tables(positions: usize, d: usize, theta: f32, device: &Device) -> (Tensor<2>, Tensor<2>) {
+    let half = d / 2;
+    let mut cos = Vec::with_capacity(positions * half);
+    let mut sin = Vec::with_capacity(positions * half);
+    for p in 0..positions {
+        for i in 0..half {
+            let freq = (theta as f64).powf(-2.0 * i as f64 / d as f64);
+            let a = p as f64 * freq;
+            cos.push(a.cos() as f32);
+            sin.push(a.sin() as f32);
+        }
+    }
+    (
+        Tensor::from_data(TensorData::new(cos, [positions, half]), device),
+        Tensor::from_data(TensorData::new(sin, [positions, half]), device),
+    )
+}
+
+impl Executor {
+    /// Prepares a verified program with its parameters (in parameter-table order).
+    pub fn new(program: Program, params: Vec<Value>, device: Device) -> Executor {
+        let prefill = plan(&program, &program.prefill, &device);
+        let decode = plan(&program, &program.decode, &device);
+        Executor { program, device, params, prefill, decode }
+    }
+
+    /// The program being executed.
+    pub fn program(&self) -> &Program {
+        &self.program
+    }
+
+    /// The device tensors live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Runs one graph: reads `inputs` (in declaration order) and the state, writes the
+    /// state back, and returns the outputs in declaration order.
+    pub fn run(&self, which: Which, inputs: Vec<Value>, state: &mut State) -> Vec<Value> {
+        let (g, plan) = match which {
+            Which::Prefill => (&self.program.prefill, &self.prefill),
+            Which::Decode => (&self.program.decode, &self.decode),
+        };
+        let mut inputs: Vec<Option<Value>> = inputs.into_iter().map(Some).collect();
+        let mut env: Vec<Option<Value>> = vec![None; g.nodes.len()];
+        for (i, node) in g.nodes.iter().enumerate() {
+            let mut take = |v: kvc_compiler::ir::ValueId| -> Value {
+                let slot = &mut env[v.0 as usize];
+                if plan.last_use[v.0 as usize] == i {
+                    slot.take().expect("value consumed once")
+                } else {
+                    slot.clone().expect("value defined before use")
+                }
+            };
+            let out = match &node.op {
+                Op::Input(k) => inputs[k.0 as usize].take().expect("each input read once after CSE"),
+                Op::Param(p) => self.params[p.0 as usize].clone(),
+                Op::State(s) => {
+                    let slot = &mut state.values[s.0 as usize];
+                    if plan.updates_state[s.0 as usize] {
+                        slot.take().expect("state read once per graph")
+                    } else {
+                        slot.clone().expect("state present")
+                    }
+                }
+                Op::Const { .. } | Op::Iota { .. } => plan.consts[i].clone().expect("built at load"),
+                Op::Embed { table, ids } => {
+                    let t = take(*table).f();
+                    let ids = take(*ids).i();
+                    let [_, _, v, h] = t.dims();
+                    let n = ids.shape().num_elements();
+                    let rows = t.reshape([v, h]).select(0, ids.reshape([n]));
+                    Value::F(rows.reshape(pad4(&node.ty.shape)))
+                }
+                Op::Linear { x, w } => {
+                    let x = take(*x).f();
+                    let w = take(*w).f();
+                    let [_, _, n, k] = w.dims();
+                    let m = x.shape().num_elements() / k;
+                    let y = x.reshape([m, k]).matmul(w.reshape([n, k]).transpose());
+                    Value::F(y.reshape(pad4(&node.ty.shape)))
+                }
+                Op::RmsNorm { x, w, eps } => {
+                    let x = take(*x).f();
+                    let w = take(*w).f();
+                    let ms = x.clone().powi_scalar(2).mean_dim(3);
+                    let inv = ms.add_scalar(*eps).sqrt().recip();
+                    Value::F(x.mul(inv).mul(w))
+                }
+                Op::Rope { x, pos, .. } => {
+                    let x = take(*x).f();
+                    let pos = take(*pos).i();
+                    let (cos, sin) = plan.rope[i].clone().expect("built at load");
+                    Value::F(rope(x, pos, cos, sin))
+                }
+                Op::Attention { q, k, v, mask, scale } => {
+                    let (q, k, v) = (take(*q).f(), take(*k).f(), take(*v).f());
+                    Value::F(attention(q, k, v, take(*mask).b(), *scale))
+                }
+                Op::KvWrite { cache, new, start, len } => {
+                    let cache = take(*cache).f();
+                    let new = take(*new).f();
+                    Value::F(kv_write(cache, new, take(*start).i(), take(*len).i()))
+                }
+                Op::Silu { x } => Value::F(silu(take(*x).f())),
+                Op::Binary { op, a, b } => {
+                    let (a, b) = (take(*a), take(*b));
+                    binary(*op, a, b, pad4(&node.ty.shape))
+                }
+                Op::Not { x } => Value::B(take(*x).b().bool_not()),
+                Op::Select { cond, a, b } => {
+                    let dims = pad4(&node.ty.shape);
+                    let c = take(*cond).b().expand(dims);
+                    match (take(*a), take(*b)) {
+                        (Value::F(a), Value::F(b)) => Value::F(b.expand(dims).mask_where(c, a.expand(dims))),
+                        (Value::I(a), Value::I(b)) => Value::I(b.expand(dims).mask_where(c, a.expand(dims))),
+                        (Value::B(a), Value::B(b)) => Value::B(b.expand(dims).mask_where(c, a.expand(dims))),
+                        (a, b) => unreachable!("verified select: {a:?} vs {b:?}"),
+                    }
+                }
+                Op::Cast { x, dtype } => cast(take(*x), *dtype),
+                Op::Reshape { x, .. } => reshape(take(*x), pad4(&node.ty.shape)),
+                Op::Permute { x, perm } => {
+                    let off = 4 - perm.len();
+                    let mut axes = [0usize, 1, 2, 3];
+                    for (j, &p) in perm.iter().enumerate() {
+                        axes[off + j] = off + p as usize;
+                    }
+                    match take(*x) {
+                        Value::F(t) => Value::F(t.permute(axes)),
+                        Value::I(t) => Value::I(t.permute(axes)),
+                        Value::B(t) => Value::B(t.permute(axes)),
+                    }
+                }
+                Op::TakeRow { x, index } => {
+                    let x = take(*x).f();
+                    let [_, b, t, h] = x.dims();
+                    let idx = take(*index).i().reshape([1, b, 1, 1]).clamp(0, t as i32 - 1);
+                    let rows = x.gather(2, idx.expand([1, b, 1, h]));
+                    Value::F(rows.reshape(pad4(&node.ty.shape)))
+                }
+                Op::Sample { logits, temperature, top_k, top_p, uniform } => {
+                    let (l, t) = (take(*logits).f(), take(*temperature).f());
+                    let (k, p, u) = (take(*top_k).i(), take(*top_p).f(), take(*uniform).f());
+                    Value::I(sample(l, t, k, p, u).reshape(pad4(&node.ty.shape)))
+                }
+                Op::Argmax { x } => {
+                    let idx = take(*x).f().argmax(3);
+                    Value::I(idx.reshape(pad4(&node.ty.shape)))
+                }
+            };
+            env[i] = Some(out);
+        }
+        for u in &g.updates {
+            state.values[u.state.0 as usize] = env[u.value.0 as usize].clone();
+        }
+        for (k, slot) in state.values.iter().enumerate() {
+            debug_assert!(slot.is_some(), "state {} lost", self.program.state[k].name);
+        }
+        g.outputs.iter().map(|o| env[o.value.0 as usize].clone().expect("output defined")).collect()
+    }
+
+    /// The IR type of a graph output, by name.
+    pub fn output_type(&self, which: Which, name: &str) -> Option<&Type> {
+        let g = match which {
+            Which::Prefill => &self.program.prefill,
+            Which::Decode => &self.program.decode,
+        };
+        g.outputs.iter().find(|o| o.name == name).map(|o| g.ty(o.value))
+    }
+}
+
+fn reshape(v: Value, dims: [usize; 4]) -> Value {
+    match v {
+        Value::F(t) => Value::F(t.reshape(dims)),
+        Value::I(t) => Value::I(t.reshape(dims)),
+        Value::B(t) => Value::B(t.reshape(dims)),
+    }
+}
+
+fn cast(v: Value, to: DType) -> Value {
+    match (v, to) {
+        (Value::F(t), DType::F32) => Value::F(t),
+        (Value::F(t), DType::I32) => Value::I(t.int()),
+        (Value::F(t), DType::Bool) => Value::B(t.bool()),
+        (Value::I(t), DType::F32) => Value::F(t.float()),
+        (Value::I(t), DType::I32) => Value::I(t),
+        (Value::I(t), DType::Bool) => Value::B(t.bool()),
+        (Value::B(t), DType::F32) => Value::F(t.float()),
+        (Value::B(t), DType::I32) => Value::I(t.int()),
+        (Value::B(t), DType::Bool) => Value::B(t),
+    }
+}
+
+fn binary(op: BinaryOp, a: Value, b: Value, dims: [usize; 4]) -> Value {
+    match (a, b) {
+        (Value::F(a), Value::F(b)) => {
+            let (a, b) = (a.expand(dims), b.expand(dims));
+            match op {
+                BinaryOp::Add => Value::F(a.add(b)),
+                BinaryOp::Sub => Value::F(a.sub(b)),
+                BinaryOp::Mul => Value::F(a.mul(b)),
+                BinaryOp::Min => Value::F(a.min_pair(b)),
+                BinaryOp::Max => Value::F(a.max_pair(b)),
+                BinaryOp::Eq => Value::B(a.equal(b)),
+                BinaryOp::Lt => Value::B(a.lower(b)),
+                BinaryOp::Le => Value::B(a.lower_equal(b)),
+                BinaryOp::And | BinaryOp::Or => unreachable!("verified: logic on f32"),
+            }
+        }
+        (Value::I(a), Value::I(b)) => {
+            let (a, b) = (a.expand(dims), b.expand(dims));
+            match op {
+                BinaryOp::Add => Value::I(a.add(b)),
+                BinaryOp::Sub => Value::I(a.sub(b)),
+                BinaryOp::Mul => Value::I(a.mul(b)),
+                BinaryOp::Min => Value::I(a.min_pair(b)),
+                BinaryOp::Max => Value::I(a.max_pair(b)),
+                BinaryOp::Eq => Value::B(a.equal(b)),
+                BinaryOp::Lt => Value::B(a.lower(b)),
+                BinaryOp::Le => Value::B(a.lower_equal(b)),
+                BinaryOp::And | BinaryOp::Or => unreachable!("verified: logic on i32"),
+            }
+        }
+        (Value::B(a), Value::B(b)) => {
+            let (a, b) = (a.expand(dims), b.expand(dims));
+            match op {
+                BinaryOp::And => Value::B(a.bool_and(b)),
+                BinaryOp::Or => Value::B(a.bool_or(b)),
+                BinaryOp::Eq => Value::B(a.equal(b)),
+                BinaryOp::Add
+                | BinaryOp::Sub
+                | BinaryOp::Mul
+                | BinaryOp::Min
+                | BinaryOp::Max
+                | BinaryOp::Lt
+                | BinaryOp::Le => unreachable!("verified: arithmetic on bool"),
+            }
+        }
+        (a, b) => unreachable!("verified binary: {a:?} vs {b:?}"),
+    }
+}
+
+/// Half-split rotary embedding: x `[B, T, N, D]`, pos `[1, 1, B, T]`.
+fn rope(x: Tensor<4>, pos: Tensor<4, Int>, cos: Tensor<2>, sin: Tensor<2>) -> Tensor<4> {
+    let [b, t, _, d] = x.dims();
+    let half = d / 2;
+    let max = cos.dims()[0] as i32 - 1;
+    let idx = pos.reshape([b * t]).clamp(0, max);
+    let cos = cos.select(0, idx.clone()).reshape([b, t, 1, half]);
+    let sin = sin.select(0, idx).reshape([b, t, 1, half]);
+    let x1 = x.clone().narrow(3, 0, half);
+    let x2 = x.narrow(3, half, half);
+    let r1 = x1.clone().mul(cos.clone()).sub(x2.clone().mul(sin.clone()));
+    let r2 = x2.mul(cos).add(x1.mul(sin));
+    Tensor::cat(vec![r1, r2], 3)
+}
+
+/// Grouped-query attention without materialising repeated KV heads: the `g` query heads
+/// that share a KV head are stacked along the query axis.
+fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: Tensor<4, Bool>, scale: f32) -> Tensor<4> {
+    let [b, hq, t, d] = q.dims();
+    let [_, hkv, s, _] = k.dims();
+    let g = hq / hkv;
+    let q = q.reshape([b, hkv, g * t, d]);
+    let scores = q.matmul(k.transpose()).mul_scalar(scale);
+    // mask: [1, B, T, S] → [B, 1, 1, T, S] over (kv head, group, query).
+    let visible = mask.reshape([b, 1, t, s]).expand([b, g, t, s]).reshape([b, 1, g * t, s]);
+    let hidden = visible.bool_not().expand([b, hkv, g * t, s]);
+    let p = softmax(scores.mask_fill(hidden, -1.0e30f32), 3);
+    p.matmul(v).reshape([b, hq, t, d])
+}
+
+/// `cache[b, :, start[b] + t, :] = new[b, :, t, :]` for `t < len[b]`. Entries past a row's
+/// length rewrite the row's last entry (or, for an empty row, a slot's own old value), so
+/// every scatter target receives one well-defined value and the op stays fixed-shape.
+fn kv_write(cache: Tensor<4>, new: Tensor<4>, start: Tensor<4, Int>, len: Tensor<4, Int>) -> Tensor<4> {
+    let [b, h, s, d] = cache.dims();
+    let t = new.dims()[2];
+    let device = new.device();
+    let len = len.reshape([b, 1]);
+    let start = start.reshape([b, 1]);
+    let steps = Tensor::<1, Int>::arange(0..t as i64, &device).reshape([1, t]);
+    let last = len.clone().sub_scalar(1).clamp_min(0);
+    let src = steps.expand([b, t]).min_pair(last.expand([b, t]));
+    let slot = start.expand([b, t]).add(src.clone()).clamp(0, s as i32 - 1);
+    let spread = |i: Tensor<2, Int>| i.reshape([b, 1, t, 1]).expand([b, h, t, d]);
+    let (src, slot) = (spread(src), spread(slot));
+    let fresh = new.gather(2, src);
+    let old = cache.clone().gather(2, slot.clone());
+    let empty = len.lower_equal_elem(0).reshape([b, 1, 1, 1]).expand([b, h, t, d]);
+    let values = fresh.mask_where(empty, old);
+    cache.scatter(2, slot, values, IndexingUpdateOp::Assign)
+}
+
+/// Temperature / top-k / top-p sampling with fixed shapes: one descending sort per row,
+/// masks for the cuts, and an inverse-CDF lookup of the row's uniform draw.
+fn sample(
+    logits: Tensor<4>,
+    temperature: Tensor<4>,
+    top_k: Tensor<4, Int>,
+    top_p: Tensor<4>,
+    uniform: Tensor<4>,
+) -> Tensor<2, Int> {
+    let [_, _, b, v] = logits.dims();
+    let logits = logits.reshape([b, v]);
+    let temperature = temperature.reshape([b, 1]);
+    let greedy = logits.clone().argmax(1);
+    let z = logits.div(temperature.clone().clamp_min(1e-6).expand([b, v]));
+    let (sorted, order) = z.sort_descending_with_indices(1);
+    let probs = softmax(sorted, 1);
+    let device = probs.device();
+    let rank = Tensor::<1, Int>::arange(0..v as i64, &device).reshape([1, v]).expand([b, v]);
+    let k = top_k.reshape([b, 1]);
+    let k = k.clone().mask_fill(k.lower_equal_elem(0), v as i32);
+    let keep_k = rank.lower(k.expand([b, v]));
+    let before = probs.clone().cumsum(1).sub(probs.clone());
+    let keep_p = before.lower(top_p.reshape([b, 1]).expand([b, v]));
+    let kept = probs.mask_fill(keep_k.bool_and(keep_p).bool_not(), 0.0f32);
+    let cdf = kept.cumsum(1);
+    let total = cdf.clone().narrow(1, v - 1, 1);
+    let target = uniform.reshape([b, 1]).mul(total).expand([b, v]);
+    let idx = cdf.lower_equal(target).int().sum_dim(1).clamp(0, v as i32 - 1);
+    let drawn = order.gather(1, idx);
+    drawn.mask_where(temperature.lower_equal_elem(0.0f32), greedy)
+}

