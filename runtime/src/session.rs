@@ -293,16 +293,19 @@ impl Session {
         Ok((self.read_control()?, all.chunks(v).map(<[f32]>::to_vec).collect()))
     }
 
-    /// Overwrites the token each row feeds to the next decode step (teacher forcing).
-    /// A host write outside the replayed step; generation never needs it.
+    /// Teacher forcing: overwrites the token each row feeds to the next decode step and
+    /// marks every row active again (a stop token the model predicted does not end a
+    /// forced row). A host write outside the replayed step; generation never needs it.
     pub fn force_tokens(&mut self, tokens: &[u32]) -> Result<(), RuntimeError> {
         let b = self.program().config.batch;
         if tokens.len() != b as usize {
             return Err(RuntimeError::Request(format!("expected {b} tokens, found {}", tokens.len())));
         }
+        let device = self.exec.device().clone();
         let data = tokens.iter().map(|&t| t as i32).collect();
-        let v = Value::from_i32(data, &[b], self.exec.device());
-        self.state.set(self.control.token, v);
+        self.state.set(self.control.token, Value::from_i32(data, &[b], &device));
+        let active = Value::full(kvc_compiler::ir::Scalar::Bool(false), &[b], &device);
+        self.state.set(self.control.done, active);
         Ok(())
     }
 
