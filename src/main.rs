@@ -1,6 +1,8 @@
 //! `kvc`: compile a model spec into fixed-shape prefill/decode graphs, inspect them, and
 //! run or score prompts with the runtime.
 
+mod bench;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -58,6 +60,26 @@ enum Command {
         json: bool,
         #[command(flatten)]
         shapes: ShapeArgs,
+    },
+    /// Measure prefill and decode speed, step-time distribution and memory.
+    Bench {
+        /// Model spec (`models/*.ron`).
+        model: PathBuf,
+        /// Batch sizes to measure (comma-separated).
+        #[arg(long, value_delimiter = ',', default_values_t = [1u32, 4, 16])]
+        batch: Vec<u32>,
+        /// Prompt lengths to measure (comma-separated).
+        #[arg(long, value_delimiter = ',', default_values_t = [128u32, 1024, 4096])]
+        context: Vec<u32>,
+        /// Decode steps timed per configuration.
+        #[arg(long, default_value_t = 1000)]
+        steps: usize,
+        /// Also write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Measure only the first batch and context in this process and print JSON.
+        #[arg(long, hide = true)]
+        one: bool,
     },
     /// Teacher-force a text and print each position's top-K logits and log-sum-exp.
     Score {
@@ -134,6 +156,19 @@ fn real_main() -> Result<()> {
             run(&model, &prompts, chat, max_new_tokens, sampling, json, shapes)
         }
         Command::Score { model, text, special, top_k, json: _, shapes } => score(&model, &text, special, top_k, shapes),
+        Command::Bench { model, batch, context, steps, json, one } => {
+            if steps == 0 {
+                bail!("--steps must be at least 1");
+            }
+            if one {
+                let (b, c) = (*batch.first().context("--batch")?, *context.first().context("--context")?);
+                let r = bench::bench_one(&model, b, c, steps, None)?;
+                println!("{}", serde_json::to_string(&r)?);
+                Ok(())
+            } else {
+                bench::bench_all(&model, &batch, &context, steps, json.as_deref())
+            }
+        }
     }
 }
 

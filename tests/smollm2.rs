@@ -131,7 +131,7 @@ fn prefill_logits_match_the_float64_reference_at_every_position() {
         let mut s = session(shapes(n, 16, 32));
         let reqs: Vec<Request> = (1..=r.ids.len()).map(|k| greedy(&r.ids[..k], 1)).collect();
         let (_, logits) = s.prefill(&reqs, true).unwrap();
-        let worst = (0..r.ids.len()).map(|pos| check_position(&logits[pos], r, pos, 1e-2)).fold(0.0, f64::max);
+        let worst = (0..r.ids.len()).map(|pos| check_position(&logits[pos], r, pos, 1e-3)).fold(0.0, f64::max);
         eprintln!("{:?}: max |diff| over top-10 and logsumexp {worst:.5}", r.text);
     }
 }
@@ -146,7 +146,7 @@ fn full_last_position_logits_match_the_reference() {
         assert_eq!(logits[0].len(), want.len());
         let worst = logits[0].iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
         eprintln!("{:?}: max |diff| over all {} logits {worst:.5}", r.text, want.len());
-        assert!(worst < 2e-2, "max |diff| {worst}");
+        assert!(worst < 1e-3, "max |diff| {worst}");
     }
 }
 
@@ -157,7 +157,7 @@ fn decode_is_consistent_with_prefill() {
     let (_, prefill) = s.prefill(&[greedy(&r.ids, 1)], true).unwrap();
     let scored = s.score(&r.ids).unwrap();
     for (pos, got) in scored.iter().enumerate() {
-        check_position(got, r, pos, 1e-2);
+        check_position(got, r, pos, 1e-3);
     }
     let last = scored.last().unwrap();
     let diff = last.iter().zip(&prefill[0]).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);

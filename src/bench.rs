@@ -1,0 +1,226 @@
+//! `kvc bench`: prefill and decode throughput, decode step-time distribution, peak RSS and
+//! warm-up cost, one configuration per child process so each peak RSS is its own.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use kvc_compiler::{MemoryPlan, ModelSpec, Overrides};
+use kvc_runtime::model::LoadedModel;
+use kvc_runtime::session::{Request, Sampling};
+use serde::{Deserialize, Serialize};
+
+/// One measured configuration.
+#[derive(Serialize, Deserialize)]
+pub struct BenchResult {
+    /// Rows per batch.
+    pub batch: u32,
+    /// Prompt tokens per row.
+    pub context: u32,
+    /// KV policy.
+    pub kv: String,
+    /// Decode steps timed.
+    pub steps: usize,
+    /// Prompt tokens per second over the whole batch (all chunks).
+    pub prefill_tok_s: f64,
+    /// Decode tokens per second of one row.
+    pub decode_tok_s_row: f64,
+    /// Decode tokens per second over all rows.
+    pub decode_tok_s_aggregate: f64,
+    /// Decode step times in milliseconds.
+    pub step_ms: Percentiles,
+    /// p99 / p50 of the step time.
+    pub p99_over_p50: f64,
+    /// Resident set size after the first 10% and after all decode steps (bytes).
+    pub rss_early: u64,
+    /// Resident set size at the end.
+    pub rss_end: u64,
+    /// Peak resident set size of the process (bytes).
+    pub peak_rss: u64,
+    /// The compiler's memory plan for this configuration.
+    pub plan: MemoryPlan,
+    /// Seconds to compile the program.
+    pub compile_s: f64,
+    /// Seconds to load and bind the weights.
+    pub load_s: f64,
+}
+
+/// Step-time percentiles.
+#[derive(Serialize, Deserialize)]
+pub struct Percentiles {
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Slowest step.
+    pub max: f64,
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted[i]
+}
+
+/// `VmRSS` and `VmHWM` of this process in bytes (Linux); zeros elsewhere.
+fn rss() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Measures one configuration in this process.
+pub fn bench_one(model: &Path, batch: u32, context: u32, steps: usize, prefill_len: Option<u32>) -> Result<BenchResult> {
+    let t0 = Instant::now();
+    let mut spec = ModelSpec::load(model)?;
+    // Rows must not stop early: a benchmark decodes exactly `steps` tokens per row.
+    spec.stop_tokens.clear();
+    let width = prefill_len.unwrap_or(context.min(spec.compile.prefill_len.max(64)));
+    let o = Overrides {
+        batch: Some(batch),
+        prefill_len: Some(width.min(context)),
+        cache_len: Some(context + steps as u32 + 1),
+        ..Overrides::default()
+    };
+    let spec = spec.with_overrides(&o, &model.display().to_string())?;
+    let program = kvc_compiler::compile(&spec)?;
+    let plan = MemoryPlan::of(&program);
+    let compile_s = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let base = model.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut m = LoadedModel::load(program, &base, &mut |_| {})?;
+    let load_s = t1.elapsed().as_secs_f64();
+    let vocab = m.session.program().config.vocab_size;
+    // A deterministic prompt per row (token ids spread over the vocabulary).
+    let reqs: Vec<Request> = (0..batch)
+        .map(|r| Request {
+            prompt: (0..context).map(|i| (i * 7919 + r * 104_729 + 13) % vocab).collect(),
+            max_new_tokens: steps + 1,
+            sampling: Sampling::default(),
+        })
+        .collect();
+    let t2 = Instant::now();
+    m.session.prefill(&reqs, false)?;
+    let prefill_s = t2.elapsed().as_secs_f64();
+    let mut times = Vec::with_capacity(steps);
+    let mut rss_early = 0;
+    for i in 0..steps {
+        let t = Instant::now();
+        let out = m.session.step()?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        if out.done.iter().any(|&d| d) && i + 1 < steps {
+            bail!("a row finished after {} of {steps} steps", i + 1);
+        }
+        if i == steps / 10 {
+            rss_early = rss().0;
+        }
+    }
+    let total_s: f64 = times.iter().sum::<f64>() / 1e3;
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let step_ms = Percentiles {
+        p50: percentile(&sorted, 0.5),
+        p90: percentile(&sorted, 0.9),
+        p99: percentile(&sorted, 0.99),
+        max: *sorted.last().context("no steps")?,
+    };
+    let (rss_end, peak_rss) = rss();
+    Ok(BenchResult {
+        batch,
+        context,
+        kv: format!("{:?}", m.session.program().config.kv),
+        steps,
+        prefill_tok_s: (batch * context) as f64 / prefill_s,
+        decode_tok_s_row: steps as f64 / total_s,
+        decode_tok_s_aggregate: (steps * batch as usize) as f64 / total_s,
+        p99_over_p50: step_ms.p99 / step_ms.p50,
+        step_ms,
+        rss_early,
+        rss_end,
+        peak_rss,
+        plan,
+        compile_s,
+        load_s,
+    })
+}
+
+/// Runs every (batch, context) pair in its own child process and prints a table.
+pub fn bench_all(model: &Path, batches: &[u32], contexts: &[u32], steps: usize, json: Option<&Path>) -> Result<()> {
+    let exe = std::env::current_exe()?;
+    let mut results = Vec::new();
+    println!(
+        "{:>5} {:>7} {:>6} {:>11} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7} {:>9} {:>9}",
+        "batch", "context", "kv", "prefill/s", "dec/s row", "dec/s all", "p50 ms", "p90 ms", "p99 ms", "max ms", "p99/50", "peak MiB", "plan MiB"
+    );
+    for &b in batches {
+        for &c in contexts {
+            let out = Command::new(&exe)
+                .args(["bench", "--one"])
+                .arg(model)
+                .args(["--batch", &b.to_string(), "--context", &c.to_string(), "--steps", &steps.to_string()])
+                .output()
+                .context("starting a benchmark child process")?;
+            if !out.status.success() {
+                bail!("batch {b} context {c}: {}", String::from_utf8_lossy(&out.stderr).trim());
+            }
+            let r: BenchResult = serde_json::from_slice(&out.stdout).context("reading a child's result")?;
+            println!(
+                "{:>5} {:>7} {:>6} {:>11.1} {:>10.1} {:>10.1} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7.3} {:>9.0} {:>9.0}",
+                r.batch,
+                r.context,
+                r.kv,
+                r.prefill_tok_s,
+                r.decode_tok_s_row,
+                r.decode_tok_s_aggregate,
+                r.step_ms.p50,
+                r.step_ms.p90,
+                r.step_ms.p99,
+                r.step_ms.max,
+                r.p99_over_p50,
+                r.peak_rss as f64 / 1048576.0,
+                r.plan.total() as f64 / 1048576.0
+            );
+            results.push(r);
+        }
+    }
+    if let Some(path) = json {
+        let doc = serde_json::json!({
+            "model": model.display().to_string(),
+            "machine": machine(),
+            "commit": commit(),
+            "steps": steps,
+            "results": results,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// CPU model and core count, for the record.
+fn machine() -> serde_json::Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(str::trim);
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    serde_json::json!({ "cpu": model.unwrap_or("unknown"), "threads": cores })
+}
+
+/// The checked-out commit, when run inside a git work tree.
+fn commit() -> String {
+    Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
