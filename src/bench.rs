@@ -18,6 +18,8 @@ pub struct BenchResult {
     pub batch: u32,
     /// Prompt tokens per row.
     pub context: u32,
+    /// Prefill width the graphs were compiled for.
+    pub prefill_len: u32,
     /// KV policy.
     pub kv: String,
     /// Decode steps timed.
@@ -84,7 +86,7 @@ pub fn bench_one(model: &Path, batch: u32, context: u32, steps: usize, prefill_l
     let mut spec = ModelSpec::load(model)?;
     // Rows must not stop early: a benchmark decodes exactly `steps` tokens per row.
     spec.stop_tokens.clear();
-    let width = prefill_len.unwrap_or(context.min(spec.compile.prefill_len.max(64)));
+    let width = prefill_len.unwrap_or(512);
     let o = Overrides {
         batch: Some(batch),
         prefill_len: Some(width.min(context)),
@@ -137,6 +139,7 @@ pub fn bench_one(model: &Path, batch: u32, context: u32, steps: usize, prefill_l
     Ok(BenchResult {
         batch,
         context,
+        prefill_len: width.min(context),
         kv: format!("{:?}", m.session.program().config.kv),
         steps,
         prefill_tok_s: (batch * context) as f64 / prefill_s,
@@ -154,7 +157,14 @@ pub fn bench_one(model: &Path, batch: u32, context: u32, steps: usize, prefill_l
 }
 
 /// Runs every (batch, context) pair in its own child process and prints a table.
-pub fn bench_all(model: &Path, batches: &[u32], contexts: &[u32], steps: usize, json: Option<&Path>) -> Result<()> {
+pub fn bench_all(
+    model: &Path,
+    batches: &[u32],
+    contexts: &[u32],
+    steps: usize,
+    prefill_len: Option<u32>,
+    json: Option<&Path>,
+) -> Result<()> {
     let exe = std::env::current_exe()?;
     let mut results = Vec::new();
     println!(
@@ -163,11 +173,13 @@ pub fn bench_all(model: &Path, batches: &[u32], contexts: &[u32], steps: usize, 
     );
     for &b in batches {
         for &c in contexts {
-            let out = Command::new(&exe)
-                .args(["bench", "--one"])
-                .arg(model)
-                .args(["--batch", &b.to_string(), "--context", &c.to_string(), "--steps", &steps.to_string()])
-                .output()
+            let mut cmd = Command::new(&exe);
+            cmd.args(["bench", "--one"]).arg(model);
+            cmd.args(["--batch", &b.to_string(), "--context", &c.to_string(), "--steps", &steps.to_string()]);
+            if let Some(t) = prefill_len {
+                cmd.args(["--prefill-len", &t.to_string()]);
+            }
+            let out = cmd.output()
                 .context("starting a benchmark child process")?;
             if !out.status.success() {
                 bail!("batch {b} context {c}: {}", String::from_utf8_lossy(&out.stderr).trim());

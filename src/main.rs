@@ -74,6 +74,9 @@ enum Command {
         /// Decode steps timed per configuration.
         #[arg(long, default_value_t = 1000)]
         steps: usize,
+        /// Prefill width (`T`); default min(context, 512).
+        #[arg(long)]
+        prefill_len: Option<u32>,
         /// Also write the results as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -143,9 +146,24 @@ struct SamplingArgs {
 
 fn main() {
     if let Err(e) = real_main() {
+        // A closed pipe (`kvc inspect DIR | head`) is not a failure.
+        let broken_pipe = e
+            .chain()
+            .any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe));
+        if broken_pipe {
+            return;
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// Writes to stdout, returning (instead of panicking on) a closed pipe.
+fn emit(text: std::fmt::Arguments<'_>) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_fmt(text)?;
+    out.flush()?;
+    Ok(())
 }
 
 fn real_main() -> Result<()> {
@@ -156,17 +174,17 @@ fn real_main() -> Result<()> {
             run(&model, &prompts, chat, max_new_tokens, sampling, json, shapes)
         }
         Command::Score { model, text, special, top_k, json: _, shapes } => score(&model, &text, special, top_k, shapes),
-        Command::Bench { model, batch, context, steps, json, one } => {
+        Command::Bench { model, batch, context, steps, prefill_len, json, one } => {
             if steps == 0 {
                 bail!("--steps must be at least 1");
             }
             if one {
                 let (b, c) = (*batch.first().context("--batch")?, *context.first().context("--context")?);
-                let r = bench::bench_one(&model, b, c, steps, None)?;
+                let r = bench::bench_one(&model, b, c, steps, prefill_len)?;
                 println!("{}", serde_json::to_string(&r)?);
                 Ok(())
             } else {
-                bench::bench_all(&model, &batch, &context, steps, json.as_deref())
+                bench::bench_all(&model, &batch, &context, steps, prefill_len, json.as_deref())
             }
         }
     }
@@ -176,10 +194,10 @@ fn compile(model: &Path, output: Option<PathBuf>, shapes: ShapeArgs) -> Result<(
     let program = kvc_compiler::compile_file(model, &shapes.overrides())?;
     let dir = output.unwrap_or_else(|| PathBuf::from("out").join(&program.spec.name));
     write_artifact(&program, &dir)?;
-    println!("{}", program.signature(&program.prefill));
-    println!("{}", program.signature(&program.decode));
-    println!("{}", MemoryPlan::of(&program));
-    println!("wrote {}", dir.display());
+    emit(format_args!("{}\n", program.signature(&program.prefill)))?;
+    emit(format_args!("{}\n", program.signature(&program.decode)))?;
+    emit(format_args!("{}\n", MemoryPlan::of(&program)))?;
+    emit(format_args!("wrote {}\n", dir.display()))?;
     Ok(())
 }
 
@@ -219,9 +237,7 @@ fn read_artifact(dir: &Path) -> Result<Program> {
 
 fn inspect(dir: &Path) -> Result<()> {
     let p = read_artifact(dir)?;
-    print!("{p}");
-    println!("\n{}", MemoryPlan::of(&p));
-    Ok(())
+    emit(format_args!("{p}\n{}\n", MemoryPlan::of(&p)))
 }
 
 /// Compiles a spec (or loads an artifact directory), growing the batch to `min_batch`
@@ -311,29 +327,32 @@ fn run(
         if stream {
             match text_stream.push(id) {
                 Ok(piece) => {
-                    print!("{piece}");
-                    let _ = std::io::stdout().flush();
+                    if let Err(e) = emit(format_args!("{piece}")) {
+                        stream_err.get_or_insert(e);
+                    }
                 }
-                Err(e) => stream_err = Some(e),
+                Err(e) => {
+                    stream_err.get_or_insert(e.into());
+                }
             }
         }
     })?;
     if let Some(e) = stream_err {
-        return Err(e.into());
+        return Err(e);
     }
     let secs = t0.elapsed().as_secs_f64();
     for (i, c) in completions.iter().enumerate() {
         let text = tok.decode(&c.ids)?;
         if json {
             let obj = serde_json::json!({ "prompt": prompts[i], "ids": c.ids, "text": text });
-            println!("{obj}");
+            emit(format_args!("{obj}\n"))?;
         } else if stream {
-            println!("{}", text_stream.finish()?);
+            emit(format_args!("{}\n", text_stream.finish()?))?;
         } else {
-            println!("[{i}] {}{}", prompts[i], text);
+            emit(format_args!("[{i}] {}{}\n", prompts[i], text))?;
         }
     }
-    eprintln!("{count} tokens in {secs:.2} s ({:.1} tok/s)", count as f64 / secs);
+    eprintln!("{count} tokens in {secs:.2} s, prefill included ({:.1} tok/s)", count as f64 / secs);
     Ok(())
 }
 
@@ -357,6 +376,5 @@ fn score(model: &Path, text: &str, special: bool, top_k: usize, shapes: ShapeArg
             })
         })
         .collect();
-    println!("{}", serde_json::json!({ "text": text, "ids": ids, "positions": positions }));
-    Ok(())
+    emit(format_args!("{}\n", serde_json::json!({ "text": text, "ids": ids, "positions": positions })))
 }
