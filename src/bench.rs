@@ -81,7 +81,13 @@ fn rss() -> (u64, u64) {
 }
 
 /// Measures one configuration in this process.
-pub fn bench_one(model: &Path, batch: u32, context: u32, steps: usize, prefill_len: Option<u32>) -> Result<BenchResult> {
+pub fn bench_one(
+    model: &Path,
+    batch: u32,
+    context: u32,
+    steps: usize,
+    prefill_len: Option<u32>,
+) -> Result<BenchResult> {
     let t0 = Instant::now();
     let mut spec = ModelSpec::load(model)?;
     // Rows must not stop early: a benchmark decodes exactly `steps` tokens per row.
@@ -105,7 +111,9 @@ pub fn bench_one(model: &Path, batch: u32, context: u32, steps: usize, prefill_l
     // A deterministic prompt per row (token ids spread over the vocabulary).
     let reqs: Vec<Request> = (0..batch)
         .map(|r| Request {
-            prompt: (0..context).map(|i| (i * 7919 + r * 104_729 + 13) % vocab).collect(),
+            prompt: (0..context)
+                .map(|i| (i * 7919 + r * 104_729 + 13) % vocab)
+                .collect(),
             max_new_tokens: steps + 1,
             sampling: Sampling::default(),
         })
@@ -169,22 +177,44 @@ pub fn bench_all(
     let mut results = Vec::new();
     println!(
         "{:>5} {:>7} {:>6} {:>11} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7} {:>9} {:>9}",
-        "batch", "context", "kv", "prefill/s", "dec/s row", "dec/s all", "p50 ms", "p90 ms", "p99 ms", "max ms", "p99/50", "peak MiB", "plan MiB"
+        "batch",
+        "context",
+        "kv",
+        "prefill/s",
+        "dec/s row",
+        "dec/s all",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "max ms",
+        "p99/50",
+        "peak MiB",
+        "plan MiB"
     );
     for &b in batches {
         for &c in contexts {
             let mut cmd = Command::new(&exe);
             cmd.args(["bench", "--one"]).arg(model);
-            cmd.args(["--batch", &b.to_string(), "--context", &c.to_string(), "--steps", &steps.to_string()]);
+            cmd.args([
+                "--batch",
+                &b.to_string(),
+                "--context",
+                &c.to_string(),
+                "--steps",
+                &steps.to_string(),
+            ]);
             if let Some(t) = prefill_len {
                 cmd.args(["--prefill-len", &t.to_string()]);
             }
-            let out = cmd.output()
-                .context("starting a benchmark child process")?;
+            let out = cmd.output().context("starting a benchmark child process")?;
             if !out.status.success() {
-                bail!("batch {b} context {c}: {}", String::from_utf8_lossy(&out.stderr).trim());
+                bail!(
+                    "batch {b} context {c}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
             }
-            let r: BenchResult = serde_json::from_slice(&out.stdout).context("reading a child's result")?;
+            let r: BenchResult =
+                serde_json::from_slice(&out.stdout).context("reading a child's result")?;
             println!(
                 "{:>5} {:>7} {:>6} {:>11.1} {:>10.1} {:>10.1} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7.3} {:>9.0} {:>9.0}",
                 r.batch,
@@ -221,8 +251,14 @@ pub fn bench_all(
 /// CPU model and core count, for the record.
 fn machine() -> serde_json::Value {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(str::trim);
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(str::trim);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     serde_json::json!({ "cpu": model.unwrap_or("unknown"), "threads": cores })
 }
 

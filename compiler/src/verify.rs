@@ -38,7 +38,12 @@ pub struct VerifyError {
 
 impl fmt::Display for VerifyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid program {} ({} problems)", self.stage, self.problems.len())?;
+        write!(
+            f,
+            "invalid program {} ({} problems)",
+            self.stage,
+            self.problems.len()
+        )?;
         for p in &self.problems {
             write!(f, "\n  {p}")?;
         }
@@ -50,22 +55,49 @@ impl fmt::Display for VerifyError {
 pub fn verify(p: &Program, stage: &str) -> Result<(), VerifyError> {
     let mut problems = Vec::new();
     let mut tables = |graph: &str, message: String| {
-        problems.push(Problem { graph: graph.into(), node: None, message })
+        problems.push(Problem {
+            graph: graph.into(),
+            node: None,
+            message,
+        })
     };
-    unique("parameter", p.params.iter().map(|x| &x.name), &mut |m| tables("program", m));
-    unique("state variable", p.state.iter().map(|x| &x.name), &mut |m| tables("program", m));
+    unique("parameter", p.params.iter().map(|x| &x.name), &mut |m| {
+        tables("program", m)
+    });
+    unique(
+        "state variable",
+        p.state.iter().map(|x| &x.name),
+        &mut |m| tables("program", m),
+    );
     for s in &p.state {
         if s.init.dtype() != s.ty.dtype {
-            tables("program", format!("state {} is {} but starts as {}", s.name, s.ty, s.init));
+            tables(
+                "program",
+                format!("state {} is {} but starts as {}", s.name, s.ty, s.init),
+            );
         }
     }
-    for decl in p.params.iter().map(|x| (&x.name, &x.ty)).chain(p.state.iter().map(|x| (&x.name, &x.ty))) {
+    for decl in p
+        .params
+        .iter()
+        .map(|x| (&x.name, &x.ty))
+        .chain(p.state.iter().map(|x| (&x.name, &x.ty)))
+    {
         if decl.1.shape.contains(&0) {
-            tables("program", format!("{} has a zero-sized dim: {}", decl.0, decl.1));
+            tables(
+                "program",
+                format!("{} has a zero-sized dim: {}", decl.0, decl.1),
+            );
         }
     }
     if p.prefill.name != "prefill" || p.decode.name != "decode" {
-        tables("program", format!("expected graphs prefill and decode, found {} and {}", p.prefill.name, p.decode.name));
+        tables(
+            "program",
+            format!(
+                "expected graphs prefill and decode, found {} and {}",
+                p.prefill.name, p.decode.name
+            ),
+        );
     }
     for g in p.graphs() {
         verify_graph(p, g, &mut problems);
@@ -73,7 +105,10 @@ pub fn verify(p: &Program, stage: &str) -> Result<(), VerifyError> {
     if problems.is_empty() {
         Ok(())
     } else {
-        Err(VerifyError { stage: stage.to_string(), problems })
+        Err(VerifyError {
+            stage: stage.to_string(),
+            problems,
+        })
     }
 }
 
@@ -88,13 +123,24 @@ fn unique<'a>(what: &str, names: impl Iterator<Item = &'a String>, report: &mut 
 
 fn verify_graph(p: &Program, g: &Graph, problems: &mut Vec<Problem>) {
     let mut report = |node: Option<u32>, message: String| {
-        problems.push(Problem { graph: g.name.clone(), node, message })
+        problems.push(Problem {
+            graph: g.name.clone(),
+            node,
+            message,
+        })
     };
-    unique("input", g.inputs.iter().map(|x| &x.name), &mut |m| report(None, m));
-    unique("output", g.outputs.iter().map(|x| &x.name), &mut |m| report(None, m));
+    unique("input", g.inputs.iter().map(|x| &x.name), &mut |m| {
+        report(None, m)
+    });
+    unique("output", g.outputs.iter().map(|x| &x.name), &mut |m| {
+        report(None, m)
+    });
     for i in &g.inputs {
         if i.ty.shape.contains(&0) {
-            report(None, format!("input {} has a zero-sized dim: {}", i.name, i.ty));
+            report(
+                None,
+                format!("input {} has a zero-sized dim: {}", i.name, i.ty),
+            );
         }
     }
     let decls = typing_decls(p, g);
@@ -103,7 +149,11 @@ fn verify_graph(p: &Program, g: &Graph, problems: &mut Vec<Problem>) {
             Ok(ty) if ty == n.ty => {}
             Ok(ty) => report(
                 Some(i as u32),
-                format!("{} is recorded as {} but its typing rule gives {ty}", n.op.name(), n.ty),
+                format!(
+                    "{} is recorded as {} but its typing rule gives {ty}",
+                    n.op.name(),
+                    n.ty
+                ),
             ),
             Err(m) => report(Some(i as u32), format!("{}: {m}", n.op.name())),
         }
@@ -111,7 +161,10 @@ fn verify_graph(p: &Program, g: &Graph, problems: &mut Vec<Problem>) {
     let defined = |v: crate::ir::ValueId| (v.0 as usize) < g.nodes.len();
     for o in &g.outputs {
         if !defined(o.value) {
-            report(None, format!("output {} refers to undefined %{}", o.name, o.value.0));
+            report(
+                None,
+                format!("output {} refers to undefined %{}", o.name, o.value.0),
+            );
         }
     }
     let mut updated = BTreeSet::new();
@@ -124,11 +177,19 @@ fn verify_graph(p: &Program, g: &Graph, problems: &mut Vec<Problem>) {
             report(None, format!("state {} is updated twice", decl.name));
         }
         if !defined(u.value) {
-            report(None, format!("state {} <- undefined %{}", decl.name, u.value.0));
+            report(
+                None,
+                format!("state {} <- undefined %{}", decl.name, u.value.0),
+            );
         } else if g.ty(u.value) != &decl.ty {
             report(
                 Some(u.value.0),
-                format!("state {} is {} but is updated with {}", decl.name, decl.ty, g.ty(u.value)),
+                format!(
+                    "state {} is {} but is updated with {}",
+                    decl.name,
+                    decl.ty,
+                    g.ty(u.value)
+                ),
             );
         }
     }

@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use kvc_compiler::{MemoryPlan, ModelSpec, Overrides, compile, compile_file};
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 fn ron_files(dir: &Path) -> Vec<PathBuf> {
@@ -22,12 +25,21 @@ fn ron_files(dir: &Path) -> Vec<PathBuf> {
 #[test]
 fn every_model_compiles_to_snapshotted_graphs() {
     let models = ron_files(&repo().join("models"));
-    assert!(models.len() >= 2, "expected at least two models, found {models:?}");
+    assert!(
+        models.len() >= 2,
+        "expected at least two models, found {models:?}"
+    );
     for path in models {
         let name = path.file_stem().unwrap().to_string_lossy().to_string();
         let p = compile_file(&path, &Overrides::default()).unwrap_or_else(|e| panic!("{e}"));
-        insta::assert_snapshot!(format!("{name}.prefill"), p.display_graph(&p.prefill).to_string());
-        insta::assert_snapshot!(format!("{name}.decode"), p.display_graph(&p.decode).to_string());
+        insta::assert_snapshot!(
+            format!("{name}.prefill"),
+            p.display_graph(&p.prefill).to_string()
+        );
+        insta::assert_snapshot!(
+            format!("{name}.decode"),
+            p.display_graph(&p.decode).to_string()
+        );
         let header = format!(
             "{}\n{}\n{}",
             p.signature(&p.prefill),
@@ -42,15 +54,25 @@ fn every_model_compiles_to_snapshotted_graphs() {
 fn invalid_specs_give_one_line_errors() {
     let dir = repo().join("compiler/tests/fixtures/invalid");
     let files = ron_files(&dir);
-    assert!(files.len() >= 10, "expected the invalid-spec fixtures, found {}", files.len());
+    assert!(
+        files.len() >= 10,
+        "expected the invalid-spec fixtures, found {}",
+        files.len()
+    );
     for path in files {
         let name = path.file_stem().unwrap().to_string_lossy().to_string();
         let shown = format!("invalid/{name}.ron");
         let src = std::fs::read_to_string(&path).unwrap();
         let err = ModelSpec::parse(&src, &shown).expect_err(&name);
         let text = err.to_string();
-        assert!(!text.contains('\n'), "{name}: error is not one line: {text}");
-        assert!(text.starts_with(&format!("{shown}:")), "{name}: error does not name the file: {text}");
+        assert!(
+            !text.contains('\n'),
+            "{name}: error is not one line: {text}"
+        );
+        assert!(
+            text.starts_with(&format!("{shown}:")),
+            "{name}: error does not name the file: {text}"
+        );
         insta::assert_snapshot!(format!("invalid.{name}"), text);
     }
 }
@@ -59,7 +81,12 @@ fn invalid_specs_give_one_line_errors() {
 fn overrides_change_only_shapes() {
     let path = repo().join("models/smollm2-135m.ron");
     let base = compile_file(&path, &Overrides::default()).unwrap();
-    let o = Overrides { batch: Some(8), prefill_len: Some(128), cache_len: Some(1024), ..Overrides::default() };
+    let o = Overrides {
+        batch: Some(8),
+        prefill_len: Some(128),
+        cache_len: Some(1024),
+        ..Overrides::default()
+    };
     let big = compile_file(&path, &o).unwrap();
     assert_eq!(big.config.batch, 8);
     assert_eq!(big.prefill.nodes.len(), base.prefill.nodes.len());
@@ -73,9 +100,15 @@ fn overrides_change_only_shapes() {
     }
     let k0 = &big.state[big.state_id("k.0").unwrap().0 as usize];
     assert_eq!(k0.ty.shape, vec![8, 3, 1024, 64]);
-    let bad = Overrides { prefill_len: Some(2048), ..Overrides::default() };
+    let bad = Overrides {
+        prefill_len: Some(2048),
+        ..Overrides::default()
+    };
     let err = compile_file(&path, &bad).unwrap_err().to_string();
-    assert!(err.contains("compile.prefill_len") && err.contains("2048"), "{err}");
+    assert!(
+        err.contains("compile.prefill_len") && err.contains("2048"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -113,11 +146,17 @@ fn decode_graph_has_no_host_inputs_and_fixed_shapes() {
 #[test]
 fn sampling_sampler_reads_per_row_settings_from_state() {
     let path = repo().join("models/tiny-llama.ron");
-    let o = Overrides { sampler: Some(kvc_compiler::spec::Sampler::Sample), ..Overrides::default() };
+    let o = Overrides {
+        sampler: Some(kvc_compiler::spec::Sampler::Sample),
+        ..Overrides::default()
+    };
     let p = compile_file(&path, &o).unwrap();
     for name in ["temperature", "top_k", "top_p", "uniform"] {
         assert!(p.state_id(name).is_some(), "missing state {name}");
     }
     assert!(p.decode.inputs.is_empty());
-    insta::assert_snapshot!("tiny-llama.sample.decode", p.display_graph(&p.decode).to_string());
+    insta::assert_snapshot!(
+        "tiny-llama.sample.decode",
+        p.display_graph(&p.decode).to_string()
+    );
 }

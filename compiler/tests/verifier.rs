@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use kvc_compiler::ir::{BinaryOp, Op, Program, Type, DType, ValueId};
+use kvc_compiler::ir::{BinaryOp, DType, Op, Program, Type, ValueId};
 use kvc_compiler::verify::verify;
 use kvc_compiler::{ModelSpec, compile};
 
@@ -12,7 +12,11 @@ fn tiny() -> Program {
 }
 
 fn first(p: &Program, name: &str) -> usize {
-    p.decode.nodes.iter().position(|n| n.op.name() == name).unwrap()
+    p.decode
+        .nodes
+        .iter()
+        .position(|n| n.op.name() == name)
+        .unwrap()
 }
 
 #[test]
@@ -27,7 +31,10 @@ fn wrong_recorded_shape_is_reported_at_its_node() {
     p.decode.nodes[i].ty = Type::new(DType::F32, [3, 1, 63]);
     let err = verify(&p, "test").unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains(&format!("decode %{i}: linear is recorded as f32[3,1,63]")), "{msg}");
+    assert!(
+        msg.contains(&format!("decode %{i}: linear is recorded as f32[3,1,63]")),
+        "{msg}"
+    );
     // The bad type also breaks the consumers of that node: every problem is collected.
     assert!(err.problems.len() >= 2, "{msg}");
     assert!(err.problems.iter().all(|p| p.graph == "decode"));
@@ -38,13 +45,34 @@ fn mismatched_operand_shapes_are_reported() {
     let mut p = tiny();
     // The MLP's down projection [64, 128] reads 128 features; hand it to a linear whose x
     // has 64 (the next layer's query projection).
-    let w = p.decode.nodes.iter().position(|n| matches!(n.op, Op::Param(_)) && n.ty.shape == vec![64, 128]).unwrap();
-    let i = w + p.decode.nodes[w..].iter().skip(3).position(|n| n.op.name() == "linear").unwrap() + 3;
-    let Op::Linear { x, .. } = p.decode.nodes[i].op else { unreachable!() };
-    p.decode.nodes[i].op = Op::Linear { x, w: ValueId(w as u32) };
+    let w = p
+        .decode
+        .nodes
+        .iter()
+        .position(|n| matches!(n.op, Op::Param(_)) && n.ty.shape == vec![64, 128])
+        .unwrap();
+    let i = w
+        + p.decode.nodes[w..]
+            .iter()
+            .skip(3)
+            .position(|n| n.op.name() == "linear")
+            .unwrap()
+        + 3;
+    let Op::Linear { x, .. } = p.decode.nodes[i].op else {
+        unreachable!()
+    };
+    p.decode.nodes[i].op = Op::Linear {
+        x,
+        w: ValueId(w as u32),
+    };
     let msg = verify(&p, "after pass test").unwrap_err().to_string();
     assert!(msg.starts_with("invalid program after pass test"), "{msg}");
-    assert!(msg.contains(&format!("decode %{i}: linear: expected w [_, 64] to match x f32[3,1,64], found w f32[64,128]")), "{msg}");
+    assert!(
+        msg.contains(&format!(
+            "decode %{i}: linear: expected w [_, 64] to match x f32[3,1,64], found w f32[64,128]"
+        )),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -52,18 +80,35 @@ fn use_before_definition_is_reported() {
     let mut p = tiny();
     let last = p.decode.nodes.len() as u32 - 1;
     let i = first(&p, "not");
-    p.decode.nodes[i].op = Op::Binary { op: BinaryOp::And, a: ValueId(last), b: ValueId(last) };
+    p.decode.nodes[i].op = Op::Binary {
+        op: BinaryOp::And,
+        a: ValueId(last),
+        b: ValueId(last),
+    };
     let msg = verify(&p, "test").unwrap_err().to_string();
-    assert!(msg.contains(&format!("decode %{i}: and: a %{last} is used before it is defined")), "{msg}");
+    assert!(
+        msg.contains(&format!(
+            "decode %{i}: and: a %{last} is used before it is defined"
+        )),
+        "{msg}"
+    );
 }
 
 #[test]
 fn bad_state_update_is_reported() {
     let mut p = tiny();
     let pos = p.state_id("pos").unwrap();
-    let u = p.decode.updates.iter_mut().find(|u| u.state == pos).unwrap();
+    let u = p
+        .decode
+        .updates
+        .iter_mut()
+        .find(|u| u.state == pos)
+        .unwrap();
     let logits = p.decode.outputs[0].value;
     u.value = logits;
     let msg = verify(&p, "test").unwrap_err().to_string();
-    assert!(msg.contains("state pos is i32[3] but is updated with f32[3,256]"), "{msg}");
+    assert!(
+        msg.contains("state pos is i32[3] but is updated with f32[3,256]"),
+        "{msg}"
+    );
 }

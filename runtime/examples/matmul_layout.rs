@@ -8,7 +8,9 @@ fn main() {
     let dev = kvc_runtime::device(kvc_runtime::Backend::Flex).unwrap();
     let (m, k, n, layers) = (1, 576, 1536, 60);
     let x = Tensor::<2>::random([m, k], Distribution::Default, &dev);
-    let ws: Vec<Tensor<2>> = (0..layers).map(|_| Tensor::<2>::random([n, k], Distribution::Default, &dev)).collect();
+    let ws: Vec<Tensor<2>> = (0..layers)
+        .map(|_| Tensor::<2>::random([n, k], Distribution::Default, &dev))
+        .collect();
     let run = |split: bool| {
         let t = Instant::now();
         for _ in 0..5 {
@@ -28,7 +30,12 @@ fn main() {
         }
         let secs = t.elapsed().as_secs_f64() / 5.0;
         let bytes = (layers * n * k * 4) as f64;
-        println!("split={split}: {:.2} ms per pass over {:.0} MB = {:.1} GB/s", secs * 1e3, bytes / 1e6, bytes / secs / 1e9);
+        println!(
+            "split={split}: {:.2} ms per pass over {:.0} MB = {:.1} GB/s",
+            secs * 1e3,
+            bytes / 1e6,
+            bytes / secs / 1e9
+        );
     };
     for _ in 0..2 {
         run(false);

@@ -69,40 +69,67 @@ impl Value {
 
     /// Uploads host data of the given IR type.
     pub fn from_i32(data: Vec<i32>, shape: &[u32], device: &Device) -> Value {
-        Value::I(Tensor::from_data(TensorData::new(data, pad4(shape)), device))
+        Value::I(Tensor::from_data(
+            TensorData::new(data, pad4(shape)),
+            device,
+        ))
     }
 
     /// Uploads host f32 data of the given IR shape.
     pub fn from_f32(data: Vec<f32>, shape: &[u32], device: &Device) -> Value {
-        Value::F(Tensor::from_data(TensorData::new(data, pad4(shape)), device))
+        Value::F(Tensor::from_data(
+            TensorData::new(data, pad4(shape)),
+            device,
+        ))
     }
 
     /// Reads an F32 value back to the host (row-major).
     pub fn to_f32(&self) -> Result<Vec<f32>, RuntimeError> {
         let t = match self {
             Value::F(t) => t.clone(),
-            other => return Err(RuntimeError::Internal(format!("expected f32, found {other:?}"))),
+            other => {
+                return Err(RuntimeError::Internal(format!(
+                    "expected f32, found {other:?}"
+                )));
+            }
         };
-        t.into_data().convert::<f32>().try_into_vec::<f32>().map_err(|e| RuntimeError::Internal(format!("{e:?}")))
+        t.into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .map_err(|e| RuntimeError::Internal(format!("{e:?}")))
     }
 
     /// Reads an I32 value back to the host.
     pub fn to_i32(&self) -> Result<Vec<i32>, RuntimeError> {
         let t = match self {
             Value::I(t) => t.clone(),
-            other => return Err(RuntimeError::Internal(format!("expected i32, found {other:?}"))),
+            other => {
+                return Err(RuntimeError::Internal(format!(
+                    "expected i32, found {other:?}"
+                )));
+            }
         };
-        t.into_data().convert::<i32>().try_into_vec::<i32>().map_err(|e| RuntimeError::Internal(format!("{e:?}")))
+        t.into_data()
+            .convert::<i32>()
+            .try_into_vec::<i32>()
+            .map_err(|e| RuntimeError::Internal(format!("{e:?}")))
     }
 
     /// Reads a Bool value back to the host.
     pub fn to_bool(&self) -> Result<Vec<bool>, RuntimeError> {
         let t = match self {
             Value::B(t) => t.clone().int(),
-            other => return Err(RuntimeError::Internal(format!("expected bool, found {other:?}"))),
+            other => {
+                return Err(RuntimeError::Internal(format!(
+                    "expected bool, found {other:?}"
+                )));
+            }
         };
         let v = t.into_data().convert::<i32>().try_into_vec::<i32>();
-        Ok(v.map_err(|e| RuntimeError::Internal(format!("{e:?}")))?.into_iter().map(|x| x != 0).collect())
+        Ok(v.map_err(|e| RuntimeError::Internal(format!("{e:?}")))?
+            .into_iter()
+            .map(|x| x != 0)
+            .collect())
     }
 }
 
@@ -114,12 +141,20 @@ pub struct State {
 impl State {
     /// Fresh state with every variable at its declared initial value.
     pub fn new(p: &Program, device: &Device) -> State {
-        State { values: p.state.iter().map(|s| Some(Value::full(s.init, &s.ty.shape, device))).collect() }
+        State {
+            values: p
+                .state
+                .iter()
+                .map(|s| Some(Value::full(s.init, &s.ty.shape, device)))
+                .collect(),
+        }
     }
 
     /// The current value of a state variable.
     pub fn get(&self, id: StateId) -> &Value {
-        self.values[id.0 as usize].as_ref().expect("state is restored after every run")
+        self.values[id.0 as usize]
+            .as_ref()
+            .expect("state is restored after every run")
     }
 
     /// Replaces a state variable (host write, outside the replayed step).
@@ -175,7 +210,12 @@ fn plan(p: &Program, g: &Graph, device: &Device) -> Plan {
             last_use[a.0 as usize] = i;
         }
     }
-    for v in g.outputs.iter().map(|o| o.value).chain(g.updates.iter().map(|u| u.value)) {
+    for v in g
+        .outputs
+        .iter()
+        .map(|o| o.value)
+        .chain(g.updates.iter().map(|u| u.value))
+    {
         last_use[v.0 as usize] = n;
     }
     let mut updates_state = vec![false; p.state.len()];
@@ -195,7 +235,12 @@ fn plan(p: &Program, g: &Graph, device: &Device) -> Plan {
             _ => {}
         }
     }
-    Plan { last_use, updates_state, consts, rope }
+    Plan {
+        last_use,
+        updates_state,
+        consts,
+        rope,
+    }
 }
 
 fn iota(shape: &[u32], dim: usize, device: &Device) -> Value {
@@ -233,7 +278,14 @@ impl Executor {
         let prefill = plan(&program, &program.prefill, &device);
         let decode = plan(&program, &program.decode, &device);
         let profile = std::env::var_os("KVC_PROFILE").map(|_| Default::default());
-        Executor { program, device, params, prefill, decode, profile }
+        Executor {
+            program,
+            device,
+            params,
+            prefill,
+            decode,
+            profile,
+        }
     }
 
     /// The program being executed.
@@ -266,7 +318,9 @@ impl Executor {
                 }
             };
             let out = match &node.op {
-                Op::Input(k) => inputs[k.0 as usize].take().expect("each input read once after CSE"),
+                Op::Input(k) => inputs[k.0 as usize]
+                    .take()
+                    .expect("each input read once after CSE"),
                 Op::Param(p) => self.params[p.0 as usize].clone(),
                 Op::State(s) => {
                     let slot = &mut state.values[s.0 as usize];
@@ -276,7 +330,9 @@ impl Executor {
                         slot.clone().expect("state present")
                     }
                 }
-                Op::Const { .. } | Op::Iota { .. } => plan.consts[i].clone().expect("built at load"),
+                Op::Const { .. } | Op::Iota { .. } => {
+                    plan.consts[i].clone().expect("built at load")
+                }
                 Op::Embed { table, ids } => {
                     let t = take(*table).f();
                     let ids = take(*ids).i();
@@ -306,11 +362,22 @@ impl Executor {
                     let (cos, sin) = plan.rope[i].clone().expect("built at load");
                     Value::F(rope(x, pos, cos, sin))
                 }
-                Op::Attention { q, k, v, mask, scale } => {
+                Op::Attention {
+                    q,
+                    k,
+                    v,
+                    mask,
+                    scale,
+                } => {
                     let (q, k, v) = (take(*q).f(), take(*k).f(), take(*v).f());
                     Value::F(attention(q, k, v, take(*mask).b(), *scale))
                 }
-                Op::KvWrite { cache, new, start, len } => {
+                Op::KvWrite {
+                    cache,
+                    new,
+                    start,
+                    len,
+                } => {
                     let cache = take(*cache).f();
                     let new = take(*new).f();
                     Value::F(kv_write(cache, new, take(*start).i(), take(*len).i()))
@@ -325,9 +392,15 @@ impl Executor {
                     let dims = pad4(&node.ty.shape);
                     let c = take(*cond).b().expand(dims);
                     match (take(*a), take(*b)) {
-                        (Value::F(a), Value::F(b)) => Value::F(b.expand(dims).mask_where(c, a.expand(dims))),
-                        (Value::I(a), Value::I(b)) => Value::I(b.expand(dims).mask_where(c, a.expand(dims))),
-                        (Value::B(a), Value::B(b)) => Value::B(b.expand(dims).mask_where(c, a.expand(dims))),
+                        (Value::F(a), Value::F(b)) => {
+                            Value::F(b.expand(dims).mask_where(c, a.expand(dims)))
+                        }
+                        (Value::I(a), Value::I(b)) => {
+                            Value::I(b.expand(dims).mask_where(c, a.expand(dims)))
+                        }
+                        (Value::B(a), Value::B(b)) => {
+                            Value::B(b.expand(dims).mask_where(c, a.expand(dims)))
+                        }
                         (a, b) => unreachable!("verified select: {a:?} vs {b:?}"),
                     }
                 }
@@ -348,11 +421,20 @@ impl Executor {
                 Op::TakeRow { x, index } => {
                     let x = take(*x).f();
                     let [_, b, t, h] = x.dims();
-                    let idx = take(*index).i().reshape([1, b, 1, 1]).clamp(0, t as i32 - 1);
+                    let idx = take(*index)
+                        .i()
+                        .reshape([1, b, 1, 1])
+                        .clamp(0, t as i32 - 1);
                     let rows = x.gather(2, idx.expand([1, b, 1, h]));
                     Value::F(rows.reshape(pad4(&node.ty.shape)))
                 }
-                Op::Sample { logits, temperature, top_k, top_p, uniform } => {
+                Op::Sample {
+                    logits,
+                    temperature,
+                    top_k,
+                    top_p,
+                    uniform,
+                } => {
                     let (l, t) = (take(*logits).f(), take(*temperature).f());
                     let (k, p, u) = (take(*top_k).i(), take(*top_p).f(), take(*uniform).f());
                     Value::I(sample(l, t, k, p, u).reshape(pad4(&node.ty.shape)))
@@ -380,7 +462,10 @@ impl Executor {
         for (k, slot) in state.values.iter().enumerate() {
             debug_assert!(slot.is_some(), "state {} lost", self.program.state[k].name);
         }
-        g.outputs.iter().map(|o| env[o.value.0 as usize].clone().expect("output defined")).collect()
+        g.outputs
+            .iter()
+            .map(|o| env[o.value.0 as usize].clone().expect("output defined"))
+            .collect()
     }
 
     /// The IR type of a graph output, by name.
@@ -389,7 +474,10 @@ impl Executor {
             Which::Prefill => &self.program.prefill,
             Which::Decode => &self.program.decode,
         };
-        g.outputs.iter().find(|o| o.name == name).map(|o| g.ty(o.value))
+        g.outputs
+            .iter()
+            .find(|o| o.name == name)
+            .map(|o| g.ty(o.value))
     }
 }
 
@@ -402,7 +490,11 @@ impl Drop for Executor {
             let mut rows: Vec<_> = p.iter().collect();
             rows.sort_by(|a, b| b.1.1.total_cmp(&a.1.1));
             for (name, (calls, secs)) in rows {
-                eprintln!("  {name:<24} {calls:>8} calls {:>9.3} s {:>5.1}%", secs, 100.0 * secs / total.max(1e-12));
+                eprintln!(
+                    "  {name:<24} {calls:>8} calls {:>9.3} s {:>5.1}%",
+                    secs,
+                    100.0 * secs / total.max(1e-12)
+                );
             }
         }
     }
@@ -516,14 +608,23 @@ fn rope(x: Tensor<4>, pos: Tensor<4, Int>, cos: Tensor<2>, sin: Tensor<2>) -> Te
 
 /// Grouped-query attention without materialising repeated KV heads: the `g` query heads
 /// that share a KV head are stacked along the query axis.
-fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: Tensor<4, Bool>, scale: f32) -> Tensor<4> {
+fn attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    mask: Tensor<4, Bool>,
+    scale: f32,
+) -> Tensor<4> {
     let [b, hq, t, d] = q.dims();
     let [_, hkv, s, _] = k.dims();
     let g = hq / hkv;
     let q = q.reshape([b, hkv, g * t, d]);
     let scores = q.matmul(k.transpose()).mul_scalar(scale);
     // mask: [1, B, T, S] → [B, 1, 1, T, S] over (kv head, group, query).
-    let visible = mask.reshape([b, 1, t, s]).expand([b, g, t, s]).reshape([b, 1, g * t, s]);
+    let visible = mask
+        .reshape([b, 1, t, s])
+        .expand([b, g, t, s])
+        .reshape([b, 1, g * t, s]);
     let hidden = visible.bool_not().expand([b, hkv, g * t, s]);
     let p = softmax(scores.mask_fill(hidden, -1.0e30f32), 3);
     p.matmul(v).reshape([b, hq, t, d])
@@ -532,7 +633,12 @@ fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: Tensor<4, Bool>, sc
 /// `cache[b, :, start[b] + t, :] = new[b, :, t, :]` for `t < len[b]`. Entries past a row's
 /// length rewrite the row's last entry (or, for an empty row, a slot's own old value), so
 /// every scatter target receives one well-defined value and the op stays fixed-shape.
-fn kv_write(cache: Tensor<4>, new: Tensor<4>, start: Tensor<4, Int>, len: Tensor<4, Int>) -> Tensor<4> {
+fn kv_write(
+    cache: Tensor<4>,
+    new: Tensor<4>,
+    start: Tensor<4, Int>,
+    len: Tensor<4, Int>,
+) -> Tensor<4> {
     let [b, h, s, d] = cache.dims();
     let t = new.dims()[2];
     let device = new.device();
@@ -546,7 +652,10 @@ fn kv_write(cache: Tensor<4>, new: Tensor<4>, start: Tensor<4, Int>, len: Tensor
     let (src, slot) = (spread(src), spread(slot));
     let fresh = new.gather(2, src);
     let old = cache.clone().gather(2, slot.clone());
-    let empty = len.lower_equal_elem(0).reshape([b, 1, 1, 1]).expand([b, h, t, d]);
+    let empty = len
+        .lower_equal_elem(0)
+        .reshape([b, 1, 1, 1])
+        .expand([b, h, t, d]);
     let values = fresh.mask_where(empty, old);
     cache.scatter(2, slot, values, IndexingUpdateOp::Assign)
 }
@@ -568,7 +677,9 @@ fn sample(
     let (sorted, order) = z.sort_descending_with_indices(1);
     let probs = softmax(sorted, 1);
     let device = probs.device();
-    let rank = Tensor::<1, Int>::arange(0..v as i64, &device).reshape([1, v]).expand([b, v]);
+    let rank = Tensor::<1, Int>::arange(0..v as i64, &device)
+        .reshape([1, v])
+        .expand([b, v]);
     let k = top_k.reshape([b, 1]);
     let k = k.clone().mask_fill(k.lower_equal_elem(0), v as i32);
     let keep_k = rank.lower(k.expand([b, v]));
@@ -578,7 +689,11 @@ fn sample(
     let cdf = kept.cumsum(1);
     let total = cdf.clone().narrow(1, v - 1, 1);
     let target = uniform.reshape([b, 1]).mul(total).expand([b, v]);
-    let idx = cdf.lower_equal(target).int().sum_dim(1).clamp(0, v as i32 - 1);
+    let idx = cdf
+        .lower_equal(target)
+        .int()
+        .sum_dim(1)
+        .clamp(0, v as i32 - 1);
     let drawn = order.gather(1, idx);
     drawn.mask_where(temperature.lower_equal_elem(0.0f32), greedy)
 }

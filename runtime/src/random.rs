@@ -25,7 +25,9 @@ impl SplitMix {
 }
 
 fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// Random values for one parameter: norm gains near 1, matrices uniform with a scale of
@@ -38,7 +40,11 @@ pub fn random_param(decl: &ParamDecl, seed: u64) -> HostTensor {
         (0..n).map(|_| 1.0 + 0.1 * rng.unit()).collect()
     } else {
         let fan_in = *shape.last().unwrap_or(&1) as f32;
-        let scale = if decl.name.contains("embed_tokens") { 1.0 } else { 1.0 / fan_in.sqrt() };
+        let scale = if decl.name.contains("embed_tokens") {
+            1.0
+        } else {
+            1.0 / fan_in.sqrt()
+        };
         (0..n).map(|_| scale * rng.unit()).collect()
     };
     HostTensor { shape, data }

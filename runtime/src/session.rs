@@ -40,7 +40,11 @@ pub struct Sampling {
 
 impl Default for Sampling {
     fn default() -> Self {
-        Sampling { temperature: 0.0, top_k: 0, top_p: 1.0 }
+        Sampling {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+        }
     }
 }
 
@@ -90,10 +94,12 @@ pub fn bind_params(
         .iter()
         .map(|decl| {
             let expected: Vec<usize> = decl.ty.shape.iter().map(|&d| d as usize).collect();
-            let t = weights.get_mut(&decl.name).ok_or_else(|| RuntimeError::MissingParam {
-                name: decl.name.clone(),
-                expected: decl.ty.to_string(),
-            })?;
+            let t = weights
+                .get_mut(&decl.name)
+                .ok_or_else(|| RuntimeError::MissingParam {
+                    name: decl.name.clone(),
+                    expected: decl.ty.to_string(),
+                })?;
             if t.shape != expected {
                 return Err(RuntimeError::ParamShape {
                     name: decl.name.clone(),
@@ -101,7 +107,11 @@ pub fn bind_params(
                     found: t.shape.clone(),
                 });
             }
-            Ok(Value::from_f32(std::mem::take(&mut t.data), &decl.ty.shape, device))
+            Ok(Value::from_f32(
+                std::mem::take(&mut t.data),
+                &decl.ty.shape,
+                device,
+            ))
         })
         .collect()
 }
@@ -132,13 +142,29 @@ pub struct StepOutput {
 
 impl Session {
     /// A session over a verified program and its bound parameters.
-    pub fn new(program: Program, params: Vec<Value>, device: Device) -> Result<Session, RuntimeError> {
+    pub fn new(
+        program: Program,
+        params: Vec<Value>,
+        device: Device,
+    ) -> Result<Session, RuntimeError> {
         let id = |n: &str| {
-            program.state_id(n).ok_or_else(|| RuntimeError::Internal(format!("program has no state {n}")))
+            program
+                .state_id(n)
+                .ok_or_else(|| RuntimeError::Internal(format!("program has no state {n}")))
         };
-        let control = Control { pos: id(names::POS)?, limit: id(names::LIMIT)?, done: id(names::DONE)?, token: id(names::TOKEN)? };
+        let control = Control {
+            pos: id(names::POS)?,
+            limit: id(names::LIMIT)?,
+            done: id(names::DONE)?,
+            token: id(names::TOKEN)?,
+        };
         let state = State::new(&program, &device);
-        Ok(Session { exec: Executor::new(program, params, device), state, control, seed: 0 })
+        Ok(Session {
+            exec: Executor::new(program, params, device),
+            state,
+            control,
+            seed: 0,
+        })
     }
 
     /// The compiled program.
@@ -173,18 +199,41 @@ impl Session {
         let row = |i: usize| reqs.get(i).map(|r| r.sampling).unwrap_or_default();
         let device = self.exec.device().clone();
         let temperature = (0..b).map(|i| row(i).temperature).collect();
-        let top_k = (0..b).map(|i| row(i).top_k.min(i32::MAX as u32) as i32).collect();
+        let top_k = (0..b)
+            .map(|i| row(i).top_k.min(i32::MAX as u32) as i32)
+            .collect();
         let top_p = (0..b).map(|i| row(i).top_p).collect();
-        let uniform = (0..b).flat_map(|_| (0..s).map(|p| uniform_draw(self.seed, p as u64))).collect();
+        let uniform = (0..b)
+            .flat_map(|_| (0..s).map(|p| uniform_draw(self.seed, p as u64)))
+            .collect();
         let set = |session: &mut Session, name: &str, v: Value| -> Result<(), RuntimeError> {
-            let id = session.program().state_id(name).ok_or_else(|| RuntimeError::Internal(format!("no state {name}")))?;
+            let id = session
+                .program()
+                .state_id(name)
+                .ok_or_else(|| RuntimeError::Internal(format!("no state {name}")))?;
             session.state.set(id, v);
             Ok(())
         };
-        set(self, names::TEMPERATURE, Value::from_f32(temperature, &[c.batch], &device))?;
-        set(self, names::TOP_K, Value::from_i32(top_k, &[c.batch], &device))?;
-        set(self, names::TOP_P, Value::from_f32(top_p, &[c.batch], &device))?;
-        set(self, names::UNIFORM, Value::from_f32(uniform, &[c.batch, c.cache_len], &device))
+        set(
+            self,
+            names::TEMPERATURE,
+            Value::from_f32(temperature, &[c.batch], &device),
+        )?;
+        set(
+            self,
+            names::TOP_K,
+            Value::from_i32(top_k, &[c.batch], &device),
+        )?;
+        set(
+            self,
+            names::TOP_P,
+            Value::from_f32(top_p, &[c.batch], &device),
+        )?;
+        set(
+            self,
+            names::UNIFORM,
+            Value::from_f32(uniform, &[c.batch, c.cache_len], &device),
+        )
     }
 
     /// Returns every state variable to its initial value (a new batch).
@@ -207,7 +256,9 @@ impl Session {
                 return Err(RuntimeError::Request(format!("prompt {i} is empty")));
             }
             if r.max_new_tokens == 0 {
-                return Err(RuntimeError::Request(format!("prompt {i}: max_new_tokens must be at least 1")));
+                return Err(RuntimeError::Request(format!(
+                    "prompt {i}: max_new_tokens must be at least 1"
+                )));
             }
             if let Some(&t) = r.prompt.iter().find(|&&t| t >= c.vocab_size) {
                 return Err(RuntimeError::Request(format!(
@@ -233,7 +284,11 @@ impl Session {
     /// Prefills up to `B` prompts as one padded batch (in chunks of `T` tokens), starting
     /// from a fresh state. Rows beyond `reqs.len()` stay idle. Returns, per request, the
     /// logits at its last prompt position when `want_logits` is set.
-    pub fn prefill(&mut self, reqs: &[Request], want_logits: bool) -> Result<(StepOutput, Vec<Vec<f32>>), RuntimeError> {
+    pub fn prefill(
+        &mut self,
+        reqs: &[Request],
+        want_logits: bool,
+    ) -> Result<(StepOutput, Vec<Vec<f32>>), RuntimeError> {
         self.check(reqs)?;
         self.reset();
         self.upload_sampling(reqs)?;
@@ -242,7 +297,10 @@ impl Session {
         let longest = reqs.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
         let chunks = longest.div_ceil(t).max(1);
         let limit: Vec<i32> = (0..b)
-            .map(|i| reqs.get(i).map_or(0, |r| (r.prompt.len() + r.max_new_tokens - 1) as i32))
+            .map(|i| {
+                reqs.get(i)
+                    .map_or(0, |r| (r.prompt.len() + r.max_new_tokens - 1) as i32)
+            })
             .collect();
         let mut last_logits = vec![Vec::new(); reqs.len()];
         let device = self.exec.device().clone();
@@ -290,7 +348,10 @@ impl Session {
         let out = self.exec.run(Which::Decode, vec![], &mut self.state);
         let v = self.program().config.vocab_size as usize;
         let all = out[0].to_f32()?;
-        Ok((self.read_control()?, all.chunks(v).map(<[f32]>::to_vec).collect()))
+        Ok((
+            self.read_control()?,
+            all.chunks(v).map(<[f32]>::to_vec).collect(),
+        ))
     }
 
     /// Teacher forcing: overwrites the token each row feeds to the next decode step and
@@ -299,18 +360,28 @@ impl Session {
     pub fn force_tokens(&mut self, tokens: &[u32]) -> Result<(), RuntimeError> {
         let b = self.program().config.batch;
         if tokens.len() != b as usize {
-            return Err(RuntimeError::Request(format!("expected {b} tokens, found {}", tokens.len())));
+            return Err(RuntimeError::Request(format!(
+                "expected {b} tokens, found {}",
+                tokens.len()
+            )));
         }
         let device = self.exec.device().clone();
         let data = tokens.iter().map(|&t| t as i32).collect();
-        self.state.set(self.control.token, Value::from_i32(data, &[b], &device));
+        self.state
+            .set(self.control.token, Value::from_i32(data, &[b], &device));
         let active = Value::full(kvc_compiler::ir::Scalar::Bool(false), &[b], &device);
         self.state.set(self.control.done, active);
         Ok(())
     }
 
     fn read_control(&self) -> Result<StepOutput, RuntimeError> {
-        let tokens = self.state.get(self.control.token).to_i32()?.into_iter().map(|t| t as u32).collect();
+        let tokens = self
+            .state
+            .get(self.control.token)
+            .to_i32()?
+            .into_iter()
+            .map(|t| t as u32)
+            .collect();
         let done = self.state.get(self.control.done).to_bool()?;
         Ok(StepOutput { tokens, done })
     }
@@ -329,9 +400,15 @@ impl Session {
     /// step per further token. Returns the logits after every position (`[L][V]`).
     pub fn score(&mut self, ids: &[u32]) -> Result<Vec<Vec<f32>>, RuntimeError> {
         let Some(&first) = ids.first() else {
-            return Err(RuntimeError::Request("nothing to score: the text has no tokens".into()));
+            return Err(RuntimeError::Request(
+                "nothing to score: the text has no tokens".into(),
+            ));
         };
-        let req = Request { prompt: vec![first], max_new_tokens: ids.len(), sampling: Sampling::default() };
+        let req = Request {
+            prompt: vec![first],
+            max_new_tokens: ids.len(),
+            sampling: Sampling::default(),
+        };
         let (_, mut logits) = self.prefill(std::slice::from_ref(&req), true)?;
         let mut forced = vec![0u32; self.batch()];
         for &id in &ids[1..] {
@@ -378,7 +455,10 @@ impl Session {
         Ok(ids
             .into_iter()
             .zip(done_rows)
-            .map(|(ids, f)| Completion { ids, finish: f.unwrap_or(Finish::Length) })
+            .map(|(ids, f)| Completion {
+                ids,
+                finish: f.unwrap_or(Finish::Length),
+            })
             .collect())
     }
 }

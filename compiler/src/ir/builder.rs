@@ -35,7 +35,11 @@ impl<'a> GraphBuilder<'a> {
         params: &'a [ParamDecl],
         state: &'a [StateDecl],
     ) -> Self {
-        GraphBuilder { graph: Graph::new(name, inputs), params, state }
+        GraphBuilder {
+            graph: Graph::new(name, inputs),
+            params,
+            state,
+        }
     }
 
     fn err(&self, op: &str, message: String) -> BuildError {
@@ -49,7 +53,11 @@ impl<'a> GraphBuilder<'a> {
 
     /// Adds a node, typing it against the nodes already present.
     pub fn push(&mut self, op: Op) -> Result<ValueId, BuildError> {
-        let decls = Decls { inputs: &self.graph.inputs, params: self.params, state: self.state };
+        let decls = Decls {
+            inputs: &self.graph.inputs,
+            params: self.params,
+            state: self.state,
+        };
         let ty = infer_type(&op, &self.graph.nodes, &decls).map_err(|m| self.err(op.name(), m))?;
         let id = ValueId(self.graph.nodes.len() as u32);
         self.graph.nodes.push(Node { op, ty });
@@ -95,18 +103,27 @@ impl<'a> GraphBuilder<'a> {
             let msg = format!("state {name} expects {want}, found {}", self.graph.ty(v));
             return Err(self.err("update", msg));
         }
-        self.graph.updates.push(StateUpdate { state: id, value: v });
+        self.graph.updates.push(StateUpdate {
+            state: id,
+            value: v,
+        });
         Ok(())
     }
 
     /// Returns `v` to the host as output `name`.
     pub fn output(&mut self, name: &str, v: ValueId) {
-        self.graph.outputs.push(Output { name: name.to_string(), value: v });
+        self.graph.outputs.push(Output {
+            name: name.to_string(),
+            value: v,
+        });
     }
 
     /// A constant tensor.
     pub fn constant(&mut self, value: Scalar, shape: &[u32]) -> Result<ValueId, BuildError> {
-        self.push(Op::Const { value, shape: shape.to_vec() })
+        self.push(Op::Const {
+            value,
+            shape: shape.to_vec(),
+        })
     }
 
     /// A binary element-wise op.
@@ -116,12 +133,18 @@ impl<'a> GraphBuilder<'a> {
 
     /// `x` with a new shape.
     pub fn reshape(&mut self, x: ValueId, shape: &[u32]) -> Result<ValueId, BuildError> {
-        self.push(Op::Reshape { x, shape: shape.to_vec() })
+        self.push(Op::Reshape {
+            x,
+            shape: shape.to_vec(),
+        })
     }
 
     /// `x` with its dims reordered.
     pub fn permute(&mut self, x: ValueId, perm: &[u32]) -> Result<ValueId, BuildError> {
-        self.push(Op::Permute { x, perm: perm.to_vec() })
+        self.push(Op::Permute {
+            x,
+            perm: perm.to_vec(),
+        })
     }
 
     /// `x` converted to `dtype`.

@@ -105,18 +105,31 @@ pub struct GraphDisplay<'a> {
 impl Program {
     /// The text form of one of this program's graphs.
     pub fn display_graph<'a>(&'a self, graph: &'a Graph) -> GraphDisplay<'a> {
-        GraphDisplay { program: self, graph }
+        GraphDisplay {
+            program: self,
+            graph,
+        }
     }
 
     /// One-line signature of a graph: inputs, outputs and the state it updates.
     pub fn signature(&self, g: &Graph) -> String {
-        let ins: Vec<String> = g.inputs.iter().map(|i| format!("{}: {}", i.name, i.ty)).collect();
-        let outs: Vec<String> =
-            g.outputs.iter().map(|o| format!("{}: {}", o.name, g.ty(o.value))).collect();
+        let ins: Vec<String> = g
+            .inputs
+            .iter()
+            .map(|i| format!("{}: {}", i.name, i.ty))
+            .collect();
+        let outs: Vec<String> = g
+            .outputs
+            .iter()
+            .map(|o| format!("{}: {}", o.name, g.ty(o.value)))
+            .collect();
         let mut s = format!("{}({}) -> ({})", g.name, ins.join(", "), outs.join(", "));
         if !g.updates.is_empty() {
-            let names: Vec<&str> =
-                g.updates.iter().map(|u| self.state[u.state.0 as usize].name.as_str()).collect();
+            let names: Vec<&str> = g
+                .updates
+                .iter()
+                .map(|u| self.state[u.state.0 as usize].name.as_str())
+                .collect();
             s.push_str(&format!(" updates {{{}}}", names.join(", ")));
         }
         s
@@ -134,10 +147,21 @@ impl Program {
             Op::Linear { x, w } => write!(f, "{name} {x}, {w}"),
             Op::RmsNorm { x, w, eps } => write!(f, "{name} {x}, {w}, eps={eps:?}"),
             Op::Rope { x, pos, theta } => write!(f, "{name} {x}, pos={pos}, theta={theta:?}"),
-            Op::Attention { q, k, v, mask, scale } => {
+            Op::Attention {
+                q,
+                k,
+                v,
+                mask,
+                scale,
+            } => {
                 write!(f, "{name} {q}, {k}, {v}, mask={mask}, scale={scale:?}")
             }
-            Op::KvWrite { cache, new, start, len } => {
+            Op::KvWrite {
+                cache,
+                new,
+                start,
+                len,
+            } => {
                 write!(f, "{name} {cache}, {new}, start={start}, len={len}")
             }
             Op::Silu { x } | Op::Not { x } | Op::Argmax { x } => write!(f, "{name} {x}"),
@@ -147,7 +171,13 @@ impl Program {
             Op::Reshape { x, shape: _ } => write!(f, "{name} {x}"),
             Op::Permute { x, perm } => write!(f, "{name} {x}, perm={}", dims(perm)),
             Op::TakeRow { x, index } => write!(f, "{name} {x}, {index}"),
-            Op::Sample { logits, temperature, top_k, top_p, uniform } => write!(
+            Op::Sample {
+                logits,
+                temperature,
+                top_k,
+                top_p,
+                uniform,
+            } => write!(
                 f,
                 "{name} {logits}, temperature={temperature}, top_k={top_k}, top_p={top_p}, uniform={uniform}"
             ),
@@ -168,7 +198,11 @@ impl Display for GraphDisplay<'_> {
             writeln!(f, "  out {} = {}", o.name, o.value)?;
         }
         for u in &g.updates {
-            writeln!(f, "  state {} <- {}", p.state[u.state.0 as usize].name, u.value)?;
+            writeln!(
+                f,
+                "  state {} <- {}",
+                p.state[u.state.0 as usize].name, u.value
+            )?;
         }
         writeln!(f, "}}")
     }
@@ -177,7 +211,11 @@ impl Display for GraphDisplay<'_> {
 impl Display for Program {
     fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
         let c = &self.config;
-        writeln!(f, "program {} ({} v{})", self.spec.name, self.format, self.version)?;
+        writeln!(
+            f,
+            "program {} ({} v{})",
+            self.spec.name, self.format, self.version
+        )?;
         writeln!(
             f,
             "config batch={} prefill_len={} cache_len={} vocab={} kv={:?} sampler={:?} stop_tokens={:?}",

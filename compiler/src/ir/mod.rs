@@ -53,7 +53,10 @@ pub struct Type {
 impl Type {
     /// Builds a type.
     pub fn new(dtype: DType, shape: impl Into<Vec<u32>>) -> Type {
-        Type { dtype, shape: shape.into() }
+        Type {
+            dtype,
+            shape: shape.into(),
+        }
     }
 
     /// Number of elements.
@@ -315,13 +318,24 @@ impl Op {
             Op::RmsNorm { x, w, .. } => vec![x, w],
             Op::Rope { x, pos, .. } => vec![x, pos],
             Op::Attention { q, k, v, mask, .. } => vec![q, k, v, mask],
-            Op::KvWrite { cache, new, start, len } => vec![cache, new, start, len],
+            Op::KvWrite {
+                cache,
+                new,
+                start,
+                len,
+            } => vec![cache, new, start, len],
             Op::Silu { x } | Op::Not { x } | Op::Cast { x, .. } | Op::Argmax { x } => vec![x],
             Op::Reshape { x, .. } | Op::Permute { x, .. } => vec![x],
             Op::Binary { a, b, .. } => vec![a, b],
             Op::Select { cond, a, b } => vec![cond, a, b],
             Op::TakeRow { x, index } => vec![x, index],
-            Op::Sample { logits, temperature, top_k, top_p, uniform } => {
+            Op::Sample {
+                logits,
+                temperature,
+                top_k,
+                top_p,
+                uniform,
+            } => {
                 vec![logits, temperature, top_k, top_p, uniform]
             }
         }
@@ -349,7 +363,12 @@ impl Op {
                 *v = f(*v);
                 *mask = f(*mask);
             }
-            Op::KvWrite { cache, new, start, len } => {
+            Op::KvWrite {
+                cache,
+                new,
+                start,
+                len,
+            } => {
                 *cache = f(*cache);
                 *new = f(*new);
                 *start = f(*start);
@@ -374,7 +393,13 @@ impl Op {
                 *x = f(*x);
                 *index = f(*index);
             }
-            Op::Sample { logits, temperature, top_k, top_p, uniform } => {
+            Op::Sample {
+                logits,
+                temperature,
+                top_k,
+                top_p,
+                uniform,
+            } => {
                 *logits = f(*logits);
                 *temperature = f(*temperature);
                 *top_k = f(*top_k);
@@ -440,7 +465,13 @@ pub struct Graph {
 impl Graph {
     /// An empty graph with the given name and inputs.
     pub fn new(name: &str, inputs: Vec<InputDecl>) -> Graph {
-        Graph { name: name.to_string(), inputs, nodes: vec![], outputs: vec![], updates: vec![] }
+        Graph {
+            name: name.to_string(),
+            inputs,
+            nodes: vec![],
+            outputs: vec![],
+            updates: vec![],
+        }
     }
 
     /// The type of a value.
@@ -524,11 +555,18 @@ impl Program {
 
     /// Looks up a state variable by name.
     pub fn state_id(&self, name: &str) -> Option<StateId> {
-        self.state.iter().position(|s| s.name == name).map(|i| StateId(i as u32))
+        self.state
+            .iter()
+            .position(|s| s.name == name)
+            .map(|i| StateId(i as u32))
     }
 }
 
 /// The declarations a node of `g` may refer to, for [`infer_type`].
 pub fn typing_decls<'a>(p: &'a Program, g: &'a Graph) -> typing::Decls<'a> {
-    typing::Decls { inputs: &g.inputs, params: &p.params, state: &p.state }
+    typing::Decls {
+        inputs: &g.inputs,
+        params: &p.params,
+        state: &p.state,
+    }
 }

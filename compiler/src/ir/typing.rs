@@ -63,7 +63,11 @@ pub fn infer_type(op: &Op, before: &[Node], decls: &Decls<'_>) -> Result<Type, S
             expect_rank("w", w, 2)?;
             let k = last(x, "x")?;
             if w.shape[1] != k {
-                return Err(format!("expected w [_, {k}] to match x {}, found w {}", fmt_ty(x), fmt_ty(w)));
+                return Err(format!(
+                    "expected w [_, {k}] to match x {}, found w {}",
+                    fmt_ty(x),
+                    fmt_ty(w)
+                ));
             }
             let mut shape = x.shape.clone();
             *shape.last_mut().expect("rank checked") = w.shape[0];
@@ -94,7 +98,13 @@ pub fn infer_type(op: &Op, before: &[Node], decls: &Decls<'_>) -> Result<Type, S
             }
             x.clone()
         }
-        Op::Attention { q, k, v, mask, scale } => {
+        Op::Attention {
+            q,
+            k,
+            v,
+            mask,
+            scale,
+        } => {
             let q = arg(*q, "q")?;
             let k = arg(*k, "k")?;
             let v = arg(*v, "v")?;
@@ -108,7 +118,9 @@ pub fn infer_type(op: &Op, before: &[Node], decls: &Decls<'_>) -> Result<Type, S
             expect_shape("k", k, DType::F32, &[b, hkv, s, d])?;
             expect_shape("v", v, DType::F32, &[b, hkv, s, d])?;
             if hq % hkv != 0 {
-                return Err(format!("query heads {hq} are not a multiple of kv heads {hkv}"));
+                return Err(format!(
+                    "query heads {hq} are not a multiple of kv heads {hkv}"
+                ));
             }
             expect_shape("mask", m, DType::Bool, &[b, t, s])?;
             if !scale.is_finite() {
@@ -116,7 +128,12 @@ pub fn infer_type(op: &Op, before: &[Node], decls: &Decls<'_>) -> Result<Type, S
             }
             q.clone()
         }
-        Op::KvWrite { cache, new, start, len } => {
+        Op::KvWrite {
+            cache,
+            new,
+            start,
+            len,
+        } => {
             let c = arg(*cache, "cache")?;
             let n = arg(*new, "new")?;
             expect_dtype("cache", c, DType::F32)?;
@@ -141,10 +158,15 @@ pub fn infer_type(op: &Op, before: &[Node], decls: &Decls<'_>) -> Result<Type, S
             let a = arg(*a, "a")?;
             let b = arg(*b, "b")?;
             if a.dtype != b.dtype {
-                return Err(format!("operand dtypes differ: a {}, b {}", fmt_ty(a), fmt_ty(b)));
+                return Err(format!(
+                    "operand dtypes differ: a {}, b {}",
+                    fmt_ty(a),
+                    fmt_ty(b)
+                ));
             }
-            let shape = broadcast(&a.shape, &b.shape)
-                .ok_or_else(|| format!("shapes do not broadcast: a {}, b {}", fmt_ty(a), fmt_ty(b)))?;
+            let shape = broadcast(&a.shape, &b.shape).ok_or_else(|| {
+                format!("shapes do not broadcast: a {}, b {}", fmt_ty(a), fmt_ty(b))
+            })?;
             let dtype = match op {
                 BinaryOp::Add | BinaryOp::Sub | BinaryOp::Mul | BinaryOp::Min | BinaryOp::Max => {
                     if a.dtype == DType::Bool {
@@ -177,12 +199,22 @@ pub fn infer_type(op: &Op, before: &[Node], decls: &Decls<'_>) -> Result<Type, S
             let b = arg(*b, "b")?;
             expect_dtype("cond", c, DType::Bool)?;
             if a.dtype != b.dtype {
-                return Err(format!("branch dtypes differ: a {}, b {}", fmt_ty(a), fmt_ty(b)));
+                return Err(format!(
+                    "branch dtypes differ: a {}, b {}",
+                    fmt_ty(a),
+                    fmt_ty(b)
+                ));
             }
-            let ab = broadcast(&a.shape, &b.shape)
-                .ok_or_else(|| format!("shapes do not broadcast: a {}, b {}", fmt_ty(a), fmt_ty(b)))?;
+            let ab = broadcast(&a.shape, &b.shape).ok_or_else(|| {
+                format!("shapes do not broadcast: a {}, b {}", fmt_ty(a), fmt_ty(b))
+            })?;
             let shape = broadcast(&c.shape, &ab).ok_or_else(|| {
-                format!("shapes do not broadcast: cond {}, a {}, b {}", fmt_ty(c), fmt_ty(a), fmt_ty(b))
+                format!(
+                    "shapes do not broadcast: cond {}, a {}, b {}",
+                    fmt_ty(c),
+                    fmt_ty(a),
+                    fmt_ty(b)
+                )
             })?;
             Type::new(a.dtype, shape)
         }
@@ -201,13 +233,26 @@ pub fn infer_type(op: &Op, before: &[Node], decls: &Decls<'_>) -> Result<Type, S
             for &p in perm {
                 match seen.get_mut(p as usize) {
                     Some(s) if !*s => *s = true,
-                    _ => return Err(format!("{perm:?} is not a permutation of the dims of {}", fmt_ty(x))),
+                    _ => {
+                        return Err(format!(
+                            "{perm:?} is not a permutation of the dims of {}",
+                            fmt_ty(x)
+                        ));
+                    }
                 }
             }
             if perm.len() != x.shape.len() {
-                return Err(format!("{perm:?} is not a permutation of the dims of {}", fmt_ty(x)));
+                return Err(format!(
+                    "{perm:?} is not a permutation of the dims of {}",
+                    fmt_ty(x)
+                ));
             }
-            Type::new(x.dtype, perm.iter().map(|&p| x.shape[p as usize]).collect::<Vec<_>>())
+            Type::new(
+                x.dtype,
+                perm.iter()
+                    .map(|&p| x.shape[p as usize])
+                    .collect::<Vec<_>>(),
+            )
         }
         Op::TakeRow { x, index } => {
             let x = arg(*x, "x")?;
@@ -215,12 +260,23 @@ pub fn infer_type(op: &Op, before: &[Node], decls: &Decls<'_>) -> Result<Type, S
             expect_shape("index", arg(*index, "index")?, DType::I32, &x.shape[..1])?;
             Type::new(x.dtype, [x.shape[0], x.shape[2]])
         }
-        Op::Sample { logits, temperature, top_k, top_p, uniform } => {
+        Op::Sample {
+            logits,
+            temperature,
+            top_k,
+            top_p,
+            uniform,
+        } => {
             let l = arg(*logits, "logits")?;
             expect_dtype("logits", l, DType::F32)?;
             expect_rank("logits", l, 2)?;
             let b = &l.shape[..1];
-            expect_shape("temperature", arg(*temperature, "temperature")?, DType::F32, b)?;
+            expect_shape(
+                "temperature",
+                arg(*temperature, "temperature")?,
+                DType::F32,
+                b,
+            )?;
             expect_shape("top_k", arg(*top_k, "top_k")?, DType::I32, b)?;
             expect_shape("top_p", arg(*top_p, "top_p")?, DType::F32, b)?;
             expect_shape("uniform", arg(*uniform, "uniform")?, DType::F32, b)?;
@@ -248,14 +304,20 @@ pub fn fmt_ty(t: &Type) -> String {
 
 fn expect_dtype(role: &str, t: &Type, want: DType) -> Result<(), String> {
     if t.dtype != want {
-        return Err(format!("expected {role} of dtype {want}, found {}", fmt_ty(t)));
+        return Err(format!(
+            "expected {role} of dtype {want}, found {}",
+            fmt_ty(t)
+        ));
     }
     Ok(())
 }
 
 fn expect_rank(role: &str, t: &Type, rank: usize) -> Result<(), String> {
     if t.shape.len() != rank {
-        return Err(format!("expected {role} of rank {rank}, found {}", fmt_ty(t)));
+        return Err(format!(
+            "expected {role} of rank {rank}, found {}",
+            fmt_ty(t)
+        ));
     }
     Ok(())
 }
@@ -263,13 +325,20 @@ fn expect_rank(role: &str, t: &Type, rank: usize) -> Result<(), String> {
 fn expect_shape(role: &str, t: &Type, dtype: DType, shape: &[u32]) -> Result<(), String> {
     if t.dtype != dtype || t.shape != shape {
         let want = Type::new(dtype, shape);
-        return Err(format!("expected {role} {}, found {}", fmt_ty(&want), fmt_ty(t)));
+        return Err(format!(
+            "expected {role} {}, found {}",
+            fmt_ty(&want),
+            fmt_ty(t)
+        ));
     }
     Ok(())
 }
 
 fn last(t: &Type, role: &str) -> Result<u32, String> {
-    t.shape.last().copied().ok_or_else(|| format!("expected {role} of rank >= 1, found a scalar"))
+    t.shape
+        .last()
+        .copied()
+        .ok_or_else(|| format!("expected {role} of rank >= 1, found a scalar"))
 }
 
 /// Equal-rank broadcasting: each pair of dims is equal or one of them is 1.

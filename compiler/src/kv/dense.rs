@@ -7,8 +7,8 @@
 //! after RoPE. Slots at or beyond a row's position hold stale or padding data and are
 //! never visible to a query.
 
-use crate::ir::{BinaryOp, DType, GraphBuilder, Op, Scalar, StateDecl, Type, ValueId};
 use crate::ir::BuildError;
+use crate::ir::{BinaryOp, DType, GraphBuilder, Op, Scalar, StateDecl, Type, ValueId};
 
 /// Cache geometry shared by both graphs.
 #[derive(Clone, Copy, Debug)]
@@ -67,7 +67,10 @@ pub fn mask(
     len: ValueId,
 ) -> Result<ValueId, BuildError> {
     let t = g.ty(qpos).shape[1];
-    let slot = g.push(Op::Iota { shape: vec![1, 1, c.slots], dim: 2 })?;
+    let slot = g.push(Op::Iota {
+        shape: vec![1, 1, c.slots],
+        dim: 2,
+    })?;
     let q = g.reshape(qpos, &[c.batch, t, 1])?;
     let causal = g.binary(BinaryOp::Le, slot, q)?;
     let end = g.binary(BinaryOp::Add, start, len)?;
@@ -87,10 +90,20 @@ pub fn write(
     len: ValueId,
 ) -> Result<(ValueId, ValueId), BuildError> {
     let kc = g.state(&k_name(l))?;
-    let kc = g.push(Op::KvWrite { cache: kc, new: k, start, len })?;
+    let kc = g.push(Op::KvWrite {
+        cache: kc,
+        new: k,
+        start,
+        len,
+    })?;
     g.update(&k_name(l), kc)?;
     let vc = g.state(&v_name(l))?;
-    let vc = g.push(Op::KvWrite { cache: vc, new: v, start, len })?;
+    let vc = g.push(Op::KvWrite {
+        cache: vc,
+        new: v,
+        start,
+        len,
+    })?;
     g.update(&v_name(l), vc)?;
     Ok((kc, vc))
 }

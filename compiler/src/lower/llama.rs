@@ -20,9 +20,16 @@ const LM_HEAD: &str = "lm_head.weight";
 
 /// The parameter table in checkpoint order.
 fn params(c: &LlamaConfig) -> Vec<ParamDecl> {
-    let (h, q, kv) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+    let (h, q, kv) = (
+        c.hidden_size,
+        c.num_heads * c.head_dim,
+        c.num_kv_heads * c.head_dim,
+    );
     let f = c.intermediate_size;
-    let p = |name: String, shape: &[u32]| ParamDecl { name, ty: Type::new(DType::F32, shape) };
+    let p = |name: String, shape: &[u32]| ParamDecl {
+        name,
+        ty: Type::new(DType::F32, shape),
+    };
     let mut out = vec![p(EMBED.into(), &[c.vocab_size, h])];
     for i in 0..c.num_layers {
         out.push(p(layer(i, "input_layernorm"), &[h]));
@@ -67,13 +74,21 @@ fn block(
 
     // Self-attention.
     let w = g.param(&layer(i, "input_layernorm"))?;
-    let h = g.push(Op::RmsNorm { x, w, eps: c.rms_norm_eps })?;
+    let h = g.push(Op::RmsNorm {
+        x,
+        w,
+        eps: c.rms_norm_eps,
+    })?;
     let heads = |g: &mut GraphBuilder<'_>, proj: &str, n: u32, rope: bool| {
         let w = g.param(&layer(i, proj))?;
         let y = g.push(Op::Linear { x: h, w })?;
         let mut y = g.reshape(y, &[b, t, n, d])?;
         if rope {
-            y = g.push(Op::Rope { x: y, pos: ctx.qpos, theta: c.rope_theta })?;
+            y = g.push(Op::Rope {
+                x: y,
+                pos: ctx.qpos,
+                theta: c.rope_theta,
+            })?;
         }
         g.permute(y, &[0, 2, 1, 3])
     };
@@ -82,7 +97,13 @@ fn block(
     let v = heads(g, "self_attn.v_proj", hkv, false)?;
     let (kc, vc) = dense::write(g, i, k, v, ctx.start, ctx.len)?;
     let scale = 1.0 / (d as f32).sqrt();
-    let a = g.push(Op::Attention { q, k: kc, v: vc, mask: ctx.mask, scale })?;
+    let a = g.push(Op::Attention {
+        q,
+        k: kc,
+        v: vc,
+        mask: ctx.mask,
+        scale,
+    })?;
     let a = g.permute(a, &[0, 2, 1, 3])?;
     let a = g.reshape(a, &[b, t, hq * d])?;
     let w = g.param(&layer(i, "self_attn.o_proj"))?;
@@ -91,7 +112,11 @@ fn block(
 
     // SwiGLU MLP.
     let w = g.param(&layer(i, "post_attention_layernorm"))?;
-    let h = g.push(Op::RmsNorm { x, w, eps: c.rms_norm_eps })?;
+    let h = g.push(Op::RmsNorm {
+        x,
+        w,
+        eps: c.rms_norm_eps,
+    })?;
     let w = g.param(&layer(i, "mlp.gate_proj"))?;
     let gate = g.push(Op::Linear { x: h, w })?;
     let gate = g.push(Op::Silu { x: gate })?;
@@ -106,8 +131,16 @@ fn block(
 /// Final norm and LM head over one hidden state per row: `[B, H]` → logits `[B, V]`.
 fn head(g: &mut GraphBuilder<'_>, c: &LlamaConfig, h: ValueId) -> Result<ValueId, BuildError> {
     let w = g.param(FINAL_NORM)?;
-    let h = g.push(Op::RmsNorm { x: h, w, eps: c.rms_norm_eps })?;
-    let w = g.param(if c.tie_word_embeddings { EMBED } else { LM_HEAD })?;
+    let h = g.push(Op::RmsNorm {
+        x: h,
+        w,
+        eps: c.rms_norm_eps,
+    })?;
+    let w = g.param(if c.tie_word_embeddings {
+        EMBED
+    } else {
+        LM_HEAD
+    })?;
     g.push(Op::Linear { x: h, w })
 }
 
@@ -115,7 +148,12 @@ fn head(g: &mut GraphBuilder<'_>, c: &LlamaConfig, h: ValueId) -> Result<ValueId
 pub(super) fn lower(spec: &ModelSpec, c: &LlamaConfig) -> Result<Program, BuildError> {
     let cc = &spec.compile;
     let (bsz, width, slots) = (cc.batch, cc.prefill_len, cc.cache_len);
-    let cache = CacheShape { batch: bsz, kv_heads: c.num_kv_heads, slots, head_dim: c.head_dim };
+    let cache = CacheShape {
+        batch: bsz,
+        kv_heads: c.num_kv_heads,
+        slots,
+        head_dim: c.head_dim,
+    };
     let params = params(c);
     let mut state = dense::declare(c.num_layers, cache);
     state.extend(super::control_state(bsz, slots, cc.sampler));
@@ -127,11 +165,19 @@ pub(super) fn lower(spec: &ModelSpec, c: &LlamaConfig) -> Result<Program, BuildE
     let len = g.input("len")?;
     let limit = g.input("limit")?;
     let start = g.state(names::POS)?;
-    let offs = g.push(Op::Iota { shape: vec![1, width], dim: 1 })?;
+    let offs = g.push(Op::Iota {
+        shape: vec![1, width],
+        dim: 1,
+    })?;
     let start2 = g.reshape(start, &[bsz, 1])?;
     let qpos = g.binary(BinaryOp::Add, start2, offs)?;
     let mask = dense::mask(&mut g, cache, qpos, start, len)?;
-    let ctx = Ctx { qpos, mask, start, len };
+    let ctx = Ctx {
+        qpos,
+        mask,
+        start,
+        len,
+    };
     let table = g.param(EMBED)?;
     let mut x = g.push(Op::Embed { table, ids: tokens })?;
     for i in 0..c.num_layers {
@@ -156,7 +202,12 @@ pub(super) fn lower(spec: &ModelSpec, c: &LlamaConfig) -> Result<Program, BuildE
     let pos = g.state(names::POS)?;
     let qpos = g.reshape(pos, &[bsz, 1])?;
     let mask = dense::mask(&mut g, cache, qpos, pos, step)?;
-    let ctx = Ctx { qpos, mask, start: pos, len: step };
+    let ctx = Ctx {
+        qpos,
+        mask,
+        start: pos,
+        len: step,
+    };
     let token = g.state(names::TOKEN)?;
     let ids = g.reshape(token, &[bsz, 1])?;
     let table = g.param(EMBED)?;

@@ -130,9 +130,18 @@ pub(crate) fn pick_token(
             let stream = g.state(names::UNIFORM)?;
             let shape = g.ty(stream).shape.clone();
             let stream = g.reshape(stream, &[shape[0], shape[1], 1])?;
-            let u = g.push(Op::TakeRow { x: stream, index: pos_after })?;
+            let u = g.push(Op::TakeRow {
+                x: stream,
+                index: pos_after,
+            })?;
             let uniform = g.reshape(u, &[shape[0]])?;
-            g.push(Op::Sample { logits, temperature, top_k, top_p, uniform })
+            g.push(Op::Sample {
+                logits,
+                temperature,
+                top_k,
+                top_p,
+                uniform,
+            })
         }
     }
 }
@@ -140,9 +149,18 @@ pub(crate) fn pick_token(
 /// Inputs of the prefill graph.
 pub(crate) fn prefill_inputs(batch: u32, width: u32) -> Vec<InputDecl> {
     vec![
-        InputDecl { name: "tokens".into(), ty: Type::new(DType::I32, [batch, width]) },
-        InputDecl { name: "len".into(), ty: Type::new(DType::I32, [batch]) },
-        InputDecl { name: "limit".into(), ty: Type::new(DType::I32, [batch]) },
+        InputDecl {
+            name: "tokens".into(),
+            ty: Type::new(DType::I32, [batch, width]),
+        },
+        InputDecl {
+            name: "len".into(),
+            ty: Type::new(DType::I32, [batch]),
+        },
+        InputDecl {
+            name: "limit".into(),
+            ty: Type::new(DType::I32, [batch]),
+        },
     ]
 }
 
@@ -192,7 +210,11 @@ pub(crate) fn prefill_control(
     let zero = g.constant(Scalar::I32(0), &shape)?;
     let has_tokens = g.binary(BinaryOp::Lt, zero, len)?;
     let old = g.state(names::TOKEN)?;
-    let token = g.push(Op::Select { cond: has_tokens, a: next, b: old })?;
+    let token = g.push(Op::Select {
+        cond: has_tokens,
+        a: next,
+        b: old,
+    })?;
     let pos = g.binary(BinaryOp::Add, start, len)?;
     let done = reached_end(g, pos, limit, token, slots, stops)?;
     g.update(names::POS, pos)?;
@@ -217,7 +239,11 @@ pub(crate) fn decode_control(
     let old = g.state(names::TOKEN)?;
     let done = g.state(names::DONE)?;
     let limit = g.state(names::LIMIT)?;
-    let token = g.push(Op::Select { cond: active, a: next, b: old })?;
+    let token = g.push(Op::Select {
+        cond: active,
+        a: next,
+        b: old,
+    })?;
     let pos = g.binary(BinaryOp::Add, pos, step)?;
     let end = reached_end(g, pos, limit, token, slots, stops)?;
     let finished = g.binary(BinaryOp::And, active, end)?;

@@ -5,7 +5,12 @@ use crate::ir::{Graph, ValueId};
 
 pub(super) fn run(g: &mut Graph) {
     let mut live = vec![false; g.nodes.len()];
-    for v in g.outputs.iter().map(|o| o.value).chain(g.updates.iter().map(|u| u.value)) {
+    for v in g
+        .outputs
+        .iter()
+        .map(|o| o.value)
+        .chain(g.updates.iter().map(|u| u.value))
+    {
         live[v.0 as usize] = true;
     }
     for i in (0..g.nodes.len()).rev() {

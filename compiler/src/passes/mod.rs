@@ -17,8 +17,14 @@ pub struct Pass {
 
 /// The ordered pass pipeline.
 pub const PIPELINE: &[Pass] = &[
-    Pass { name: "cse", run: cse::run },
-    Pass { name: "dce", run: dce::run },
+    Pass {
+        name: "cse",
+        run: cse::run,
+    },
+    Pass {
+        name: "dce",
+        run: dce::run,
+    },
 ];
 
 /// Runs every pass on both graphs, verifying the program after each.
