@@ -6,6 +6,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use kvc_compiler::spec::DTypeSpec;
 use kvc_compiler::{MemoryPlan, ModelSpec, Overrides};
 use kvc_runtime::model::LoadedModel;
 use kvc_runtime::session::{Request, Sampling};
@@ -22,6 +23,8 @@ pub struct BenchResult {
     pub prefill_len: u32,
     /// KV policy.
     pub kv: String,
+    /// Storage dtype of the weight matrices.
+    pub weights: String,
     /// Decode steps timed.
     pub steps: usize,
     /// Prompt tokens per second over the whole batch (all chunks).
@@ -87,6 +90,7 @@ pub fn bench_one(
     context: u32,
     steps: usize,
     prefill_len: Option<u32>,
+    weight_dtype: Option<DTypeSpec>,
 ) -> Result<BenchResult> {
     let t0 = Instant::now();
     let mut spec = ModelSpec::load(model)?;
@@ -97,6 +101,7 @@ pub fn bench_one(
         batch: Some(batch),
         prefill_len: Some(width.min(context)),
         cache_len: Some(context + steps as u32 + 1),
+        weight_dtype,
         ..Overrides::default()
     };
     let spec = spec.with_overrides(&o, &model.display().to_string())?;
@@ -149,6 +154,7 @@ pub fn bench_one(
         context,
         prefill_len: width.min(context),
         kv: format!("{:?}", m.session.program().config.kv),
+        weights: m.session.program().config.weight_dtype.to_string(),
         steps,
         prefill_tok_s: (batch * context) as f64 / prefill_s,
         decode_tok_s_row: steps as f64 / total_s,
@@ -171,6 +177,7 @@ pub fn bench_all(
     contexts: &[u32],
     steps: usize,
     prefill_len: Option<u32>,
+    weight_dtype: Option<DTypeSpec>,
     json: Option<&Path>,
 ) -> Result<()> {
     let exe = std::env::current_exe()?;
@@ -205,6 +212,9 @@ pub fn bench_all(
             ]);
             if let Some(t) = prefill_len {
                 cmd.args(["--prefill-len", &t.to_string()]);
+            }
+            if let Some(d) = weight_dtype {
+                cmd.args(["--weight-dtype", if d == DTypeSpec::F16 { "f16" } else { "f32" }]);
             }
             let out = cmd.output().context("starting a benchmark child process")?;
             if !out.status.success() {

@@ -10,6 +10,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use kvc_compiler::ir::{FORMAT, FORMAT_VERSION, Program};
+use kvc_compiler::spec::DTypeSpec;
 use kvc_compiler::{MemoryPlan, ModelSpec, Overrides};
 use kvc_runtime::fetch::Progress;
 use kvc_runtime::model::LoadedModel;
@@ -81,6 +82,9 @@ enum Command {
         /// Prefill width (`T`); default min(context, 512).
         #[arg(long)]
         prefill_len: Option<u32>,
+        /// Storage of the weight matrices: `f32` or `f16`.
+        #[arg(long, value_parser = parse_weight_dtype)]
+        weight_dtype: Option<DTypeSpec>,
         /// Also write the results as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -121,8 +125,19 @@ struct ShapeArgs {
     /// KV cache slots per row (`S`).
     #[arg(long)]
     cache_len: Option<u32>,
+    /// Storage of the weight matrices: `f32` (exact) or `f16` (half the bytes per step).
+    #[arg(long, value_parser = parse_weight_dtype)]
+    weight_dtype: Option<DTypeSpec>,
     #[arg(skip)]
     sampler: Option<kvc_compiler::spec::Sampler>,
+}
+
+fn parse_weight_dtype(s: &str) -> Result<DTypeSpec, String> {
+    match s {
+        "f32" => Ok(DTypeSpec::F32),
+        "f16" => Ok(DTypeSpec::F16),
+        other => Err(format!("expected f32 or f16, found {other:?}")),
+    }
 }
 
 impl ShapeArgs {
@@ -132,6 +147,7 @@ impl ShapeArgs {
             prefill_len: self.prefill_len,
             cache_len: self.cache_len,
             sampler: self.sampler,
+            weight_dtype: self.weight_dtype,
         }
     }
 }
@@ -215,6 +231,7 @@ fn real_main() -> Result<()> {
             context,
             steps,
             prefill_len,
+            weight_dtype,
             json,
             one,
         } => {
@@ -226,7 +243,7 @@ fn real_main() -> Result<()> {
                     *batch.first().context("--batch")?,
                     *context.first().context("--context")?,
                 );
-                let r = bench::bench_one(&model, b, c, steps, prefill_len)?;
+                let r = bench::bench_one(&model, b, c, steps, prefill_len, weight_dtype)?;
                 println!("{}", serde_json::to_string(&r)?);
                 Ok(())
             } else {
@@ -236,6 +253,7 @@ fn real_main() -> Result<()> {
                     &context,
                     steps,
                     prefill_len,
+                    weight_dtype,
                     json.as_deref(),
                 )
             }

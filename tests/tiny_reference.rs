@@ -400,3 +400,33 @@ fn sampling_is_seeded_and_respects_top_k() {
         g.generate(&greedy, &mut |_, _| {}).unwrap()
     );
 }
+
+#[test]
+fn f16_weights_stay_close_to_the_reference() {
+    use kvc_compiler::spec::DTypeSpec;
+    let o = Overrides { weight_dtype: Some(DTypeSpec::F16), ..Overrides::default() };
+    let (program, w) = tiny(o);
+    // The reference sees the same f16-rounded weights (matrices only; norms stay f32).
+    let rounded: BTreeMap<String, HostTensor> = w
+        .iter()
+        .map(|(k, t)| {
+            let mut t = t.clone();
+            if t.shape.len() == 2 {
+                t.data.iter_mut().for_each(|v| *v = half::f16::from_f32(*v).to_f32());
+            }
+            (k.clone(), t)
+        })
+        .collect();
+    let r = Reference::new(&program, &rounded);
+    let mut s = session(&program, &w);
+    let reqs: Vec<Request> = prompts()
+        .into_iter()
+        .map(|p| Request { prompt: p, max_new_tokens: 1, sampling: Sampling::default() })
+        .collect();
+    let (_, logits) = s.prefill(&reqs, true).unwrap();
+    for (i, req) in reqs.iter().enumerate() {
+        let diff = max_diff(&logits[i], r.forward(&req.prompt).last().unwrap());
+        // Activations are rounded to f16 (11-bit mantissa) before every product.
+        assert!(diff < 2e-2, "row {i}: max |logit diff| {diff}");
+    }
+}

@@ -102,9 +102,13 @@ pub struct CompileConfig {
     /// KV cache policy.
     #[serde(default)]
     pub kv: KvPolicy,
-    /// Compute dtype of activations and dequantized weights.
+    /// Compute dtype of activations (only `F32`).
     #[serde(default)]
     pub dtype: DTypeSpec,
+    /// Storage dtype of the weight matrices (embedding, projections, LM head) after
+    /// dequantization; norms stay `F32`. `F16` halves the bytes a decode step streams.
+    #[serde(default)]
+    pub weight_dtype: DTypeSpec,
     /// How each row's next token is chosen.
     #[serde(default)]
     pub sampler: Sampler,
@@ -136,6 +140,8 @@ pub enum DTypeSpec {
     /// 32-bit float.
     #[default]
     F32,
+    /// 16-bit IEEE float (weights only; matrix products round activations to f16).
+    F16,
 }
 
 /// Command-line overrides of the compile section.
@@ -149,6 +155,8 @@ pub struct Overrides {
     pub cache_len: Option<u32>,
     /// Replaces `compile.sampler`.
     pub sampler: Option<Sampler>,
+    /// Replaces `compile.weight_dtype`.
+    pub weight_dtype: Option<DTypeSpec>,
 }
 
 /// A spec that failed to parse or validate.
@@ -245,6 +253,9 @@ impl ModelSpec {
         if let Some(s) = o.sampler {
             self.compile.sampler = s;
         }
+        if let Some(d) = o.weight_dtype {
+            self.compile.weight_dtype = d;
+        }
         self.validate().map_err(|(path, message)| SpecError {
             file: format!("{file} (with command-line overrides)"),
             position: None,
@@ -313,6 +324,12 @@ impl ModelSpec {
             ));
         }
         let cc = &self.compile;
+        if cc.dtype != DTypeSpec::F32 {
+            return Err((
+                "compile.dtype".into(),
+                format!("only F32 activations are supported, found {:?}", cc.dtype),
+            ));
+        }
         if cc.prefill_len > cc.cache_len {
             return Err((
                 "compile.prefill_len".into(),

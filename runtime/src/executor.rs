@@ -11,7 +11,9 @@
 //! Constants and iotas are built once at load, not per step.
 
 use burn::tensor::activation::{silu, softmax};
-use burn::tensor::{Bool, Device, IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{
+    Bool, DType as BurnDType, Device, FloatDType, IndexingUpdateOp, Int, Tensor, TensorData,
+};
 use kvc_compiler::ir::{BinaryOp, DType, Graph, Op, Program, Scalar, StateId, Type};
 
 use crate::RuntimeError;
@@ -339,7 +341,7 @@ impl Executor {
                     let [_, _, v, h] = t.dims();
                     let n = ids.shape().num_elements();
                     let rows = t.reshape([v, h]).select(0, ids.reshape([n]));
-                    Value::F(rows.reshape(pad4(&node.ty.shape)))
+                    Value::F(to_f32(rows).reshape(pad4(&node.ty.shape)))
                 }
                 Op::Linear { x, w } => {
                     let x = take(*x).f();
@@ -506,18 +508,25 @@ impl Drop for Executor {
 const SPLIT_BELOW_ROWS: usize = 16;
 
 /// `x · wᵀ` for x `[m, k]`, w `[n, k]`.
+/// With F16 weights, x is rounded to f16 and the product computed in f16.
 fn linear(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
     let [m, _] = x.dims();
     let [n, _] = w.dims();
+    let x = if w.dtype() == BurnDType::F16 { x.cast(FloatDType::F16) } else { x };
     if m >= SPLIT_BELOW_ROWS || n < 256 || rayon::current_num_threads() < 2 {
-        return x.matmul(w.transpose());
+        return to_f32(x.matmul(w.transpose()));
     }
     let h = n / 2;
     let (a, b) = rayon::join(
         || x.clone().matmul(w.clone().narrow(0, 0, h).transpose()),
         || x.clone().matmul(w.clone().narrow(0, h, n - h).transpose()),
     );
-    Tensor::cat(vec![a, b], 1)
+    to_f32(Tensor::cat(vec![a, b], 1))
+}
+
+/// Activations are F32; weights may be stored in F16.
+fn to_f32<const D: usize>(t: Tensor<D>) -> Tensor<D> {
+    if t.dtype() == BurnDType::F32 { t } else { t.cast(FloatDType::F32) }
 }
 
 fn reshape(v: Value, dims: [usize; 4]) -> Value {
@@ -530,7 +539,10 @@ fn reshape(v: Value, dims: [usize; 4]) -> Value {
 
 fn cast(v: Value, to: DType) -> Value {
     match (v, to) {
-        (Value::F(t), DType::F32) => Value::F(t),
+        (Value::F(t), DType::F32) => Value::F(to_f32(t)),
+        (Value::F(t), DType::F16) => Value::F(t.cast(FloatDType::F16)),
+        (Value::I(t), DType::F16) => Value::F(t.float().cast(FloatDType::F16)),
+        (Value::B(t), DType::F16) => Value::F(t.float().cast(FloatDType::F16)),
         (Value::F(t), DType::I32) => Value::I(t.int()),
         (Value::F(t), DType::Bool) => Value::B(t.bool()),
         (Value::I(t), DType::F32) => Value::F(t.float()),

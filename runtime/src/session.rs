@@ -107,11 +107,13 @@ pub fn bind_params(
                     found: t.shape.clone(),
                 });
             }
-            Ok(Value::from_f32(
-                std::mem::take(&mut t.data),
-                &decl.ty.shape,
-                device,
-            ))
+            let v = Value::from_f32(std::mem::take(&mut t.data), &decl.ty.shape, device);
+            Ok(match (v, decl.ty.dtype) {
+                (Value::F(f), kvc_compiler::ir::DType::F16) => {
+                    Value::F(f.cast(burn::tensor::FloatDType::F16))
+                }
+                (v, _) => v,
+            })
         })
         .collect()
 }

@@ -9,6 +9,7 @@ impl Display for DType {
     fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             DType::F32 => "f32",
+            DType::F16 => "f16",
             DType::I32 => "i32",
             DType::Bool => "bool",
         })
@@ -218,8 +219,8 @@ impl Display for Program {
         )?;
         writeln!(
             f,
-            "config batch={} prefill_len={} cache_len={} vocab={} kv={:?} sampler={:?} stop_tokens={:?}",
-            c.batch, c.prefill_len, c.cache_len, c.vocab_size, c.kv, c.sampler, c.stop_tokens
+            "config batch={} prefill_len={} cache_len={} vocab={} kv={:?} sampler={:?} weights={} stop_tokens={:?}",
+            c.batch, c.prefill_len, c.cache_len, c.vocab_size, c.kv, c.sampler, c.weight_dtype, c.stop_tokens
         )?;
         writeln!(f, "params {}:", self.params.len())?;
         for prm in &self.params {

@@ -25,6 +25,8 @@ use serde::{Deserialize, Serialize};
 pub enum DType {
     /// 32-bit float.
     F32,
+    /// 16-bit IEEE float (weight storage).
+    F16,
     /// 32-bit signed integer (token ids, positions, lengths).
     I32,
     /// Boolean (masks, done flags).
@@ -36,6 +38,7 @@ impl DType {
     pub fn size_bytes(self) -> u64 {
         match self {
             DType::F32 | DType::I32 => 4,
+            DType::F16 => 2,
             DType::Bool => 1,
         }
     }
@@ -158,14 +161,15 @@ pub enum Op {
         /// The dimension whose index is stored.
         dim: u32,
     },
-    /// `table[ids]`: table `[V, H]` F32, ids `[..]` I32 → `[.., H]`.
+    /// `table[ids]`: table `[V, H]` F32 or F16, ids `[..]` I32 → `[.., H]` F32.
     Embed {
         /// Embedding table.
         table: ValueId,
         /// Token ids, each in `0..V`.
         ids: ValueId,
     },
-    /// `x · wᵀ`: x `[.., K]`, w `[N, K]` (checkpoint layout `[out, in]`) → `[.., N]`.
+    /// `x · wᵀ`: x `[.., K]` F32, w `[N, K]` F32 or F16 (checkpoint layout `[out, in]`)
+    /// → `[.., N]` F32. With F16 weights the product is computed in f16.
     Linear {
         /// Input activations.
         x: ValueId,
@@ -517,6 +521,8 @@ pub struct CompiledConfig {
     pub kv: crate::spec::KvPolicy,
     /// Token choice.
     pub sampler: crate::spec::Sampler,
+    /// Storage dtype of the weight matrices.
+    pub weight_dtype: DType,
     /// Token ids that stop a row.
     pub stop_tokens: Vec<u32>,
 }

@@ -48,7 +48,7 @@ pub fn infer_type(op: &Op, before: &[Node], decls: &Decls<'_>) -> Result<Type, S
         Op::Embed { table, ids } => {
             let t = arg(*table, "table")?;
             let i = arg(*ids, "ids")?;
-            expect_dtype("table", t, DType::F32)?;
+            expect_weight("table", t)?;
             expect_rank("table", t, 2)?;
             expect_dtype("ids", i, DType::I32)?;
             let mut shape = i.shape.clone();
@@ -59,7 +59,7 @@ pub fn infer_type(op: &Op, before: &[Node], decls: &Decls<'_>) -> Result<Type, S
             let x = arg(*x, "x")?;
             let w = arg(*w, "w")?;
             expect_dtype("x", x, DType::F32)?;
-            expect_dtype("w", w, DType::F32)?;
+            expect_weight("w", w)?;
             expect_rank("w", w, 2)?;
             let k = last(x, "x")?;
             if w.shape[1] != k {
@@ -308,6 +308,14 @@ fn expect_dtype(role: &str, t: &Type, want: DType) -> Result<(), String> {
             "expected {role} of dtype {want}, found {}",
             fmt_ty(t)
         ));
+    }
+    Ok(())
+}
+
+/// Weight matrices may be stored in F32 or F16.
+fn expect_weight(role: &str, t: &Type) -> Result<(), String> {
+    if !matches!(t.dtype, DType::F32 | DType::F16) {
+        return Err(format!("expected {role} of dtype f32 or f16, found {}", fmt_ty(t)));
     }
     Ok(())
 }

@@ -8,7 +8,7 @@ use crate::ir::{
     ParamDecl, Program, Scalar, Type, ValueId,
 };
 use crate::kv::dense::{self, CacheShape};
-use crate::spec::{LlamaConfig, ModelSpec};
+use crate::spec::{DTypeSpec, LlamaConfig, ModelSpec};
 
 fn layer(i: u32, name: &str) -> String {
     format!("model.layers.{i}.{name}.weight")
@@ -18,17 +18,17 @@ const EMBED: &str = "model.embed_tokens.weight";
 const FINAL_NORM: &str = "model.norm.weight";
 const LM_HEAD: &str = "lm_head.weight";
 
-/// The parameter table in checkpoint order.
-fn params(c: &LlamaConfig) -> Vec<ParamDecl> {
+/// The parameter table in checkpoint order; matrices in `wdt`, norm gains in F32.
+fn params(c: &LlamaConfig, wdt: DType) -> Vec<ParamDecl> {
     let (h, q, kv) = (
         c.hidden_size,
         c.num_heads * c.head_dim,
         c.num_kv_heads * c.head_dim,
     );
     let f = c.intermediate_size;
-    let p = |name: String, shape: &[u32]| ParamDecl {
-        name,
-        ty: Type::new(DType::F32, shape),
+    let p = |name: String, shape: &[u32]| {
+        let dtype = if shape.len() == 1 { DType::F32 } else { wdt };
+        ParamDecl { name, ty: Type::new(dtype, shape) }
     };
     let mut out = vec![p(EMBED.into(), &[c.vocab_size, h])];
     for i in 0..c.num_layers {
@@ -154,7 +154,11 @@ pub(super) fn lower(spec: &ModelSpec, c: &LlamaConfig) -> Result<Program, BuildE
         slots,
         head_dim: c.head_dim,
     };
-    let params = params(c);
+    let wdt = match cc.weight_dtype {
+        DTypeSpec::F32 => DType::F32,
+        DTypeSpec::F16 => DType::F16,
+    };
+    let params = params(c, wdt);
     let mut state = dense::declare(c.num_layers, cache);
     state.extend(super::control_state(bsz, slots, cc.sampler));
     let stops = &spec.stop_tokens;
@@ -236,6 +240,7 @@ pub(super) fn lower(spec: &ModelSpec, c: &LlamaConfig) -> Result<Program, BuildE
             vocab_size: c.vocab_size,
             kv: cc.kv,
             sampler: cc.sampler,
+            weight_dtype: wdt,
             stop_tokens: stops.clone(),
         },
         params,
