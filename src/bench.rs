@@ -214,7 +214,10 @@ pub fn bench_all(
                 cmd.args(["--prefill-len", &t.to_string()]);
             }
             if let Some(d) = weight_dtype {
-                cmd.args(["--weight-dtype", if d == DTypeSpec::F16 { "f16" } else { "f32" }]);
+                cmd.args([
+                    "--weight-dtype",
+                    if d == DTypeSpec::F16 { "f16" } else { "f32" },
+                ]);
             }
             let out = cmd.output().context("starting a benchmark child process")?;
             if !out.status.success() {

@@ -324,6 +324,17 @@ fn inspect(dir: &Path) -> Result<()> {
 /// when the user did not choose one.
 fn program_for(model: &Path, shapes: ShapeArgs, min_batch: usize) -> Result<(Program, PathBuf)> {
     if model.is_dir() {
+        let o = shapes.overrides();
+        if o.batch.is_some()
+            || o.prefill_len.is_some()
+            || o.cache_len.is_some()
+            || o.weight_dtype.is_some()
+        {
+            bail!(
+                "{} is a compiled artifact: its shapes are fixed; recompile the spec to change them",
+                model.display()
+            );
+        }
         let p = read_artifact(model)?;
         if (p.config.batch as usize) < min_batch {
             bail!(

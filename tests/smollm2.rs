@@ -281,7 +281,10 @@ fn f16_weights_keep_the_top_token_at_every_position() {
     use kvc_compiler::spec::DTypeSpec;
     for r in &reference().prompts {
         let n = r.ids.len() as u32;
-        let o = Overrides { weight_dtype: Some(DTypeSpec::F16), ..shapes(n, 16, 32) };
+        let o = Overrides {
+            weight_dtype: Some(DTypeSpec::F16),
+            ..shapes(n, 16, 32)
+        };
         let mut s = session(o);
         let reqs: Vec<Request> = (1..=r.ids.len()).map(|k| greedy(&r.ids[..k], 1)).collect();
         let (_, logits) = s.prefill(&reqs, true).unwrap();

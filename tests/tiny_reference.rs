@@ -10,15 +10,20 @@ use kvc_compiler::ir::Program;
 use kvc_compiler::spec::{Arch, LlamaConfig, Sampler};
 use kvc_compiler::{ModelSpec, Overrides, compile};
 use kvc_runtime::random::{HostTensor, random_param};
-use kvc_runtime::session::{Request, Sampling, Session, bind_params};
+use kvc_runtime::session::{Finish, Request, Sampling, Session, bind_params};
 use kvc_runtime::{Backend, device};
 
 fn tiny(o: Overrides) -> (Program, BTreeMap<String, HostTensor>) {
+    tiny_stopping_at(o, &[])
+}
+
+fn tiny_stopping_at(o: Overrides, stops: &[u32]) -> (Program, BTreeMap<String, HostTensor>) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-llama.ron");
-    let spec = ModelSpec::load(&path)
+    let mut spec = ModelSpec::load(&path)
         .unwrap()
         .with_overrides(&o, "tiny")
         .unwrap();
+    spec.stop_tokens = stops.to_vec();
     let program = compile(&spec).unwrap();
     let weights = program
         .params
@@ -336,7 +341,8 @@ fn requests_that_do_not_fit_are_refused_with_the_fix() {
             ..Sampling::default()
         },
     };
-    assert!(s.prefill(&[greedy_only], false).is_err());
+    let err = s.prefill(&[greedy_only], false).unwrap_err().to_string();
+    assert!(err.contains("compiled with the greedy sampler"), "{err}");
 }
 
 #[test]
@@ -404,7 +410,10 @@ fn sampling_is_seeded_and_respects_top_k() {
 #[test]
 fn f16_weights_stay_close_to_the_reference() {
     use kvc_compiler::spec::DTypeSpec;
-    let o = Overrides { weight_dtype: Some(DTypeSpec::F16), ..Overrides::default() };
+    let o = Overrides {
+        weight_dtype: Some(DTypeSpec::F16),
+        ..Overrides::default()
+    };
     let (program, w) = tiny(o);
     // The reference sees the same f16-rounded weights (matrices only; norms stay f32).
     let rounded: BTreeMap<String, HostTensor> = w
@@ -412,7 +421,9 @@ fn f16_weights_stay_close_to_the_reference() {
         .map(|(k, t)| {
             let mut t = t.clone();
             if t.shape.len() == 2 {
-                t.data.iter_mut().for_each(|v| *v = half::f16::from_f32(*v).to_f32());
+                t.data
+                    .iter_mut()
+                    .for_each(|v| *v = half::f16::from_f32(*v).to_f32());
             }
             (k.clone(), t)
         })
@@ -421,7 +432,11 @@ fn f16_weights_stay_close_to_the_reference() {
     let mut s = session(&program, &w);
     let reqs: Vec<Request> = prompts()
         .into_iter()
-        .map(|p| Request { prompt: p, max_new_tokens: 1, sampling: Sampling::default() })
+        .map(|p| Request {
+            prompt: p,
+            max_new_tokens: 1,
+            sampling: Sampling::default(),
+        })
         .collect();
     let (_, logits) = s.prefill(&reqs, true).unwrap();
     for (i, req) in reqs.iter().enumerate() {
@@ -429,4 +444,71 @@ fn f16_weights_stay_close_to_the_reference() {
         // Activations are rounded to f16 (11-bit mantissa) before every product.
         assert!(diff < 2e-2, "row {i}: max |logit diff| {diff}");
     }
+}
+
+#[test]
+fn stop_tokens_end_a_row_without_being_emitted() {
+    let (program, w) = tiny(Overrides::default());
+    let r = Reference::new(&program, &w);
+    let prompt = prompts()[0].clone();
+    let mut seq = prompt.clone();
+    for _ in 0..4 {
+        let next = argmax(r.forward(&seq).last().unwrap());
+        seq.push(next);
+    }
+    let want = &seq[prompt.len()..];
+    // Stop at the third generated token: the first two are emitted, then the row ends
+    // while the other row (no stop in sight) runs to its limit.
+    let stop = want[2];
+    assert!(!want[..2].contains(&stop), "pick another prompt: {want:?}");
+    let (program, _) = tiny_stopping_at(Overrides::default(), &[stop]);
+    let mut s = session(&program, &w);
+    let reqs = vec![
+        Request {
+            prompt: prompt.clone(),
+            max_new_tokens: 10,
+            sampling: Sampling::default(),
+        },
+        Request {
+            prompt: vec![9, 9, 9],
+            max_new_tokens: 1,
+            sampling: Sampling::default(),
+        },
+    ];
+    let got = s.generate(&reqs, &mut |_, _| {}).unwrap();
+    assert_eq!(got[0].ids, want[..2]);
+    assert_eq!(got[0].finish, Finish::Stop);
+    assert_eq!(got[1].ids.len(), 1);
+    assert_eq!(got[1].finish, Finish::Length);
+    // max_new_tokens = 1: done right after prefill, nothing written beyond the prompt.
+    assert_eq!(s.positions().unwrap()[1], 3);
+}
+
+#[test]
+fn a_request_may_fill_the_cache_exactly() {
+    let (program, w) = tiny(Overrides::default());
+    let r = Reference::new(&program, &w);
+    let mut s = session(&program, &w);
+    // 13 prompt tokens + 20 new tokens = 32 slots = S (the last token is never written).
+    let prompt = prompts()[2].clone();
+    let req = Request {
+        prompt: prompt.clone(),
+        max_new_tokens: 20,
+        sampling: Sampling::default(),
+    };
+    let got = s
+        .generate(std::slice::from_ref(&req), &mut |_, _| {})
+        .unwrap();
+    let mut seq = prompt.clone();
+    for _ in 0..20 {
+        let next = argmax(r.forward(&seq).last().unwrap());
+        seq.push(next);
+    }
+    assert_eq!(got[0].ids, seq[prompt.len()..]);
+    assert_eq!(s.positions().unwrap()[0], 32);
+    let too_long = Request {
+        max_new_tokens: 21,
+        ..req
+    };
+    assert!(s.prefill(&[too_long], false).is_err());
 }

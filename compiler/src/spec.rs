@@ -14,6 +14,10 @@ use serde::{Deserialize, Serialize};
 /// asking the runtime for an absurd allocation; real configurations are far below it.
 pub const MAX_DIM: u32 = 1 << 20;
 
+/// Largest weights + KV cache a spec may describe (1 TiB), so products of valid-looking
+/// dimensions cannot overflow or request an absurd allocation.
+pub const MAX_BYTES: u64 = 1 << 40;
+
 /// A whole model spec file. In RON the struct is written `Model( ... )`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename = "Model", deny_unknown_fields)]
@@ -296,6 +300,36 @@ impl ModelSpec {
                 ));
             }
         }
+        let wide = [
+            (
+                "arch.Llama.head_dim",
+                "num_heads × head_dim",
+                c.num_heads as u64 * c.head_dim as u64,
+            ),
+            (
+                "arch.Llama.head_dim",
+                "num_kv_heads × head_dim",
+                c.num_kv_heads as u64 * c.head_dim as u64,
+            ),
+        ];
+        for (path, what, v) in wide {
+            if v > MAX_DIM as u64 {
+                return Err((path.into(), format!("{what} = {v} exceeds {MAX_DIM}")));
+            }
+        }
+        let cc = &self.compile;
+        // Every factor is at most 2^20, so these products fit in u128.
+        let n = |x: u32| x as u128;
+        let (h, f, v) = (n(c.hidden_size), n(c.intermediate_size), n(c.vocab_size));
+        let weights = 4 * (n(c.num_layers) * (4 * h * h + 3 * h * f) + 2 * v * h);
+        let kv =
+            8 * n(c.num_layers) * n(cc.batch) * n(c.num_kv_heads) * n(c.head_dim) * n(cc.cache_len);
+        if weights + kv > MAX_BYTES as u128 {
+            return Err((
+                "compile.cache_len".into(),
+                format!("weights ({weights} B) + KV cache ({kv} B) exceed the {MAX_BYTES} B limit"),
+            ));
+        }
         if c.num_heads % c.num_kv_heads != 0 {
             return Err((
                 "arch.Llama.num_kv_heads".into(),
@@ -323,7 +357,6 @@ impl ModelSpec {
                 format!("expected a finite epsilon > 0, found {}", c.rms_norm_eps),
             ));
         }
-        let cc = &self.compile;
         if cc.dtype != DTypeSpec::F32 {
             return Err((
                 "compile.dtype".into(),

@@ -5,7 +5,11 @@ use std::collections::BTreeSet;
 use std::fmt;
 
 use crate::ir::typing_decls;
-use crate::ir::{Graph, Program, infer_type};
+use crate::ir::{DType, Graph, Op, Program, Type, infer_type};
+use crate::lower::names;
+
+/// Highest tensor rank a program may use (the runtime pads every value to rank 4).
+pub const MAX_RANK: usize = 4;
 
 /// One problem found in a program.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -102,6 +106,7 @@ pub fn verify(p: &Program, stage: &str) -> Result<(), VerifyError> {
     for g in p.graphs() {
         verify_graph(p, g, &mut problems);
     }
+    verify_interface(p, &mut problems);
     if problems.is_empty() {
         Ok(())
     } else {
@@ -144,7 +149,45 @@ fn verify_graph(p: &Program, g: &Graph, problems: &mut Vec<Problem>) {
         }
     }
     let decls = typing_decls(p, g);
+    let mut reads = BTreeSet::new();
     for (i, n) in g.nodes.iter().enumerate() {
+        if n.ty.shape.len() > MAX_RANK {
+            report(
+                Some(i as u32),
+                format!("{} has rank {} > {MAX_RANK}", n.ty, n.ty.shape.len()),
+            );
+        }
+        let source = match &n.op {
+            Op::Input(k) => Some(format!("input #{}", k.0)),
+            Op::State(k) => Some(format!("state #{}", k.0)),
+            Op::Param(_)
+            | Op::Const { .. }
+            | Op::Iota { .. }
+            | Op::Embed { .. }
+            | Op::Linear { .. }
+            | Op::RmsNorm { .. }
+            | Op::Rope { .. }
+            | Op::Attention { .. }
+            | Op::KvWrite { .. }
+            | Op::Silu { .. }
+            | Op::Binary { .. }
+            | Op::Not { .. }
+            | Op::Select { .. }
+            | Op::Cast { .. }
+            | Op::Reshape { .. }
+            | Op::Permute { .. }
+            | Op::TakeRow { .. }
+            | Op::Sample { .. }
+            | Op::Argmax { .. } => None,
+        };
+        if let Some(source) = source
+            && !reads.insert(source.clone())
+        {
+            report(
+                Some(i as u32),
+                format!("{source} is read by more than one node"),
+            );
+        }
         match infer_type(&n.op, &g.nodes[..i], &decls) {
             Ok(ty) if ty == n.ty => {}
             Ok(ty) => report(
@@ -191,6 +234,80 @@ fn verify_graph(p: &Program, g: &Graph, problems: &mut Vec<Problem>) {
                     g.ty(u.value)
                 ),
             );
+        }
+    }
+}
+
+/// The contract between a program and the runtime: graph inputs, outputs (in order) and
+/// control state, with the types the compiled configuration implies.
+fn verify_interface(p: &Program, problems: &mut Vec<Problem>) {
+    let c = &p.config;
+    let (b, t, v) = (c.batch, c.prefill_len, c.vocab_size);
+    let i32b = Type::new(DType::I32, [b]);
+    let mut report = |graph: &str, message: String| {
+        problems.push(Problem {
+            graph: graph.into(),
+            node: None,
+            message,
+        })
+    };
+    let want_inputs = [
+        ("tokens", Type::new(DType::I32, [b, t])),
+        ("len", i32b.clone()),
+        ("limit", i32b.clone()),
+    ];
+    let got: Vec<(&str, &Type)> = p
+        .prefill
+        .inputs
+        .iter()
+        .map(|i| (i.name.as_str(), &i.ty))
+        .collect();
+    let want: Vec<(&str, &Type)> = want_inputs.iter().map(|(n, ty)| (*n, ty)).collect();
+    if got != want {
+        report(
+            "prefill",
+            format!("expected inputs {want:?}, found {got:?}"),
+        );
+    }
+    if !p.decode.inputs.is_empty() {
+        report(
+            "decode",
+            format!("expected no inputs, found {}", p.decode.inputs.len()),
+        );
+    }
+    let logits = Type::new(DType::F32, [b, v]);
+    let done = Type::new(DType::Bool, [b]);
+    let outputs: [(&Graph, Vec<(&str, &Type)>); 2] = [
+        (&p.prefill, vec![("logits", &logits), ("token", &i32b)]),
+        (
+            &p.decode,
+            vec![("logits", &logits), ("token", &i32b), ("done", &done)],
+        ),
+    ];
+    for (g, want) in outputs {
+        let got: Vec<(&str, &Type)> = g
+            .outputs
+            .iter()
+            .filter(|o| (o.value.0 as usize) < g.nodes.len())
+            .map(|o| (o.name.as_str(), g.ty(o.value)))
+            .collect();
+        if got != want {
+            report(&g.name, format!("expected outputs {want:?}, found {got:?}"));
+        }
+    }
+    for (name, ty) in [
+        (names::POS, &i32b),
+        (names::LIMIT, &i32b),
+        (names::TOKEN, &i32b),
+        (names::DONE, &done),
+    ] {
+        match p.state.iter().find(|s| s.name == name) {
+            Some(s) if &s.ty == ty => {}
+            Some(s) => report(
+                "program",
+                format!("state {name} must be {ty}, found {}", s.ty),
+            ),
+            None => report("program", format!("missing control state {name}: {ty}")),
         }
     }
 }

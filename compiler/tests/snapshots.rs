@@ -165,13 +165,25 @@ fn sampling_sampler_reads_per_row_settings_from_state() {
 fn f16_weights_halve_the_matrices_only() {
     let path = repo().join("models/smollm2-135m.ron");
     let f32 = compile_file(&path, &Overrides::default()).unwrap();
-    let o = Overrides { weight_dtype: Some(kvc_compiler::spec::DTypeSpec::F16), ..Overrides::default() };
+    let o = Overrides {
+        weight_dtype: Some(kvc_compiler::spec::DTypeSpec::F16),
+        ..Overrides::default()
+    };
     let f16 = compile_file(&path, &o).unwrap();
-    let norms: u64 = f32.params.iter().filter(|p| p.ty.shape.len() == 1).map(|p| p.ty.size_bytes()).sum();
+    let norms: u64 = f32
+        .params
+        .iter()
+        .filter(|p| p.ty.shape.len() == 1)
+        .map(|p| p.ty.size_bytes())
+        .sum();
     assert_eq!(norms, 61 * 576 * 4);
     let (a, b) = (MemoryPlan::of(&f32).weights, MemoryPlan::of(&f16).weights);
     assert_eq!(b, (a - norms) / 2 + norms);
-    let q = f16.params.iter().find(|p| p.name == "model.layers.0.self_attn.q_proj.weight").unwrap();
+    let q = f16
+        .params
+        .iter()
+        .find(|p| p.name == "model.layers.0.self_attn.q_proj.weight")
+        .unwrap();
     assert_eq!(q.ty.to_string(), "f16[576,576]");
     assert_eq!(f16.prefill.nodes.len(), f32.prefill.nodes.len());
 }

@@ -112,3 +112,41 @@ fn bad_state_update_is_reported() {
         "{msg}"
     );
 }
+
+#[test]
+fn a_second_read_of_a_state_variable_is_reported() {
+    let mut p = tiny();
+    let i = first(&p, "state");
+    let dup = p.decode.nodes[i].clone();
+    // Insert an identical read right after the first one; shift later references.
+    p.decode.nodes.insert(i + 1, dup);
+    for n in p.decode.nodes.iter_mut().skip(i + 2) {
+        n.op.map_args(|a| {
+            if a.0 as usize > i {
+                ValueId(a.0 + 1)
+            } else {
+                a
+            }
+        });
+    }
+    for o in &mut p.decode.outputs {
+        o.value.0 += 1;
+    }
+    for u in &mut p.decode.updates {
+        u.value.0 += 1;
+    }
+    let msg = verify(&p, "test").unwrap_err().to_string();
+    assert!(
+        msg.contains(&format!("decode %{}: state #", i + 1))
+            && msg.contains("read by more than one node"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn the_runtime_interface_is_checked() {
+    let mut p = tiny();
+    p.decode.outputs.retain(|o| o.name != "done");
+    let msg = verify(&p, "test").unwrap_err().to_string();
+    assert!(msg.contains("decode: expected outputs"), "{msg}");
+}

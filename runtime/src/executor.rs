@@ -77,6 +77,12 @@ impl Value {
         ))
     }
 
+    /// Uploads host booleans (as 0/1) of the given IR shape.
+    pub fn from_bool(data: Vec<i32>, shape: &[u32], device: &Device) -> Value {
+        let ints: Tensor<4, Int> = Tensor::from_data(TensorData::new(data, pad4(shape)), device);
+        Value::B(ints.bool())
+    }
+
     /// Uploads host f32 data of the given IR shape.
     pub fn from_f32(data: Vec<f32>, shape: &[u32], device: &Device) -> Value {
         Value::F(Tensor::from_data(
@@ -226,15 +232,38 @@ fn plan(p: &Program, g: &Graph, device: &Device) -> Plan {
     }
     let mut consts = vec![None; n];
     let mut rope = vec![None; n];
+    // One table per (head dim, theta), shared by every layer.
+    let mut tables: std::collections::BTreeMap<(usize, u32), (Tensor<2>, Tensor<2>)> =
+        Default::default();
     for (i, node) in g.nodes.iter().enumerate() {
         match &node.op {
             Op::Const { value, shape } => consts[i] = Some(Value::full(*value, shape, device)),
             Op::Iota { shape, dim } => consts[i] = Some(iota(shape, *dim as usize, device)),
             Op::Rope { x, theta, .. } => {
                 let d = g.ty(*x).shape[3] as usize;
-                rope[i] = Some(rope_tables(rope_positions(p), d, *theta, device));
+                let t = tables
+                    .entry((d, theta.to_bits()))
+                    .or_insert_with(|| rope_tables(rope_positions(p), d, *theta, device));
+                rope[i] = Some(t.clone());
             }
-            _ => {}
+            Op::Input(_)
+            | Op::Param(_)
+            | Op::State(_)
+            | Op::Embed { .. }
+            | Op::Linear { .. }
+            | Op::RmsNorm { .. }
+            | Op::Attention { .. }
+            | Op::KvWrite { .. }
+            | Op::Silu { .. }
+            | Op::Binary { .. }
+            | Op::Not { .. }
+            | Op::Select { .. }
+            | Op::Cast { .. }
+            | Op::Reshape { .. }
+            | Op::Permute { .. }
+            | Op::TakeRow { .. }
+            | Op::Sample { .. }
+            | Op::Argmax { .. } => {}
         }
     }
     Plan {
@@ -512,7 +541,11 @@ const SPLIT_BELOW_ROWS: usize = 16;
 fn linear(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
     let [m, _] = x.dims();
     let [n, _] = w.dims();
-    let x = if w.dtype() == BurnDType::F16 { x.cast(FloatDType::F16) } else { x };
+    let x = if w.dtype() == BurnDType::F16 {
+        x.cast(FloatDType::F16)
+    } else {
+        x
+    };
     if m >= SPLIT_BELOW_ROWS || n < 256 || rayon::current_num_threads() < 2 {
         return to_f32(x.matmul(w.transpose()));
     }
@@ -526,7 +559,11 @@ fn linear(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
 
 /// Activations are F32; weights may be stored in F16.
 fn to_f32<const D: usize>(t: Tensor<D>) -> Tensor<D> {
-    if t.dtype() == BurnDType::F32 { t } else { t.cast(FloatDType::F32) }
+    if t.dtype() == BurnDType::F32 {
+        t
+    } else {
+        t.cast(FloatDType::F32)
+    }
 }
 
 fn reshape(v: Value, dims: [usize; 4]) -> Value {
@@ -674,7 +711,7 @@ fn kv_write(
 
 /// Temperature / top-k / top-p sampling with fixed shapes: one descending sort per row,
 /// masks for the cuts, and an inverse-CDF lookup of the row's uniform draw.
-fn sample(
+pub(crate) fn sample(
     logits: Tensor<4>,
     temperature: Tensor<4>,
     top_k: Tensor<4, Int>,
@@ -694,18 +731,75 @@ fn sample(
         .expand([b, v]);
     let k = top_k.reshape([b, 1]);
     let k = k.clone().mask_fill(k.lower_equal_elem(0), v as i32);
-    let keep_k = rank.lower(k.expand([b, v]));
+    let keep_k = rank.clone().lower(k.expand([b, v]));
     let before = probs.clone().cumsum(1).sub(probs.clone());
-    let keep_p = before.lower(top_p.reshape([b, 1]).expand([b, v]));
-    let kept = probs.mask_fill(keep_k.bool_and(keep_p).bool_not(), 0.0f32);
+    let first = rank.clone().equal_elem(0);
+    let keep_p = before
+        .lower(top_p.reshape([b, 1]).expand([b, v]))
+        .bool_or(first);
+    let keep = keep_k.bool_and(keep_p);
+    // Kept ranks form a prefix; the draw never lands past its last element, even when
+    // rounding puts `uniform · total` at the total.
+    let last_kept = keep.clone().int().sum_dim(1).sub_scalar(1);
+    let kept = probs.mask_fill(keep.bool_not(), 0.0f32);
     let cdf = kept.cumsum(1);
     let total = cdf.clone().narrow(1, v - 1, 1);
     let target = uniform.reshape([b, 1]).mul(total).expand([b, v]);
-    let idx = cdf
-        .lower_equal(target)
-        .int()
-        .sum_dim(1)
-        .clamp(0, v as i32 - 1);
+    let idx = cdf.lower_equal(target).int().sum_dim(1).min_pair(last_kept);
     let drawn = order.gather(1, idx);
     drawn.mask_where(temperature.lower_equal_elem(0.0f32), greedy)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Hand-computed draws: probabilities 0.1, 0.2, 0.3, 0.4 for ids 0..4, so the ranked
+    /// order is ids 3, 2, 1, 0 with cumulative mass 0.4, 0.7, 0.9, 1.0.
+    #[test]
+    fn sample_follows_the_documented_rule() {
+        let dev = crate::device(crate::Backend::Flex).unwrap();
+        let logits: Vec<f32> = [0.1f32, 0.2, 0.3, 0.4].iter().map(|p| p.ln()).collect();
+        // (temperature, top_k, top_p, uniform, expected id)
+        let cases: [(f32, i32, f32, f32, i32); 10] = [
+            (1.0, 0, 1.0, 0.0, 3),
+            (1.0, 0, 1.0, 0.45, 2),
+            (1.0, 0, 1.0, 0.95, 0),
+            (1.0, 0, 1.0, 0.999_999, 0),
+            (1.0, 2, 1.0, 0.95, 2),  // kept 0.4, 0.3: target 0.665
+            (1.0, 0, 0.5, 0.95, 2),  // mass before rank 2 is 0.7 >= 0.5
+            (1.0, 0, 0.01, 0.99, 3), // rank 0 is always kept
+            (0.0, 0, 1.0, 0.95, 3),  // greedy
+            (1.0e6, 0, 1.0, 0.3, 2), // flat: 0.25 each
+            (1.0, 0, 1.0, 0.3, 3),
+        ];
+        let b = cases.len();
+        let rows: Vec<f32> = (0..b).flat_map(|_| logits.clone()).collect();
+        let col = |f: fn(&(f32, i32, f32, f32, i32)) -> f32| -> Vec<f32> {
+            cases.iter().map(f).collect()
+        };
+        let tensor = |v: Vec<f32>, shape: [usize; 4]| {
+            Tensor::<4>::from_data(TensorData::new(v, shape), &dev)
+        };
+        let got = sample(
+            tensor(rows, [1, 1, b, 4]),
+            tensor(col(|c| c.0), [1, 1, 1, b]),
+            Tensor::<4, Int>::from_data(
+                TensorData::new(
+                    cases.iter().map(|c| c.1).collect::<Vec<i32>>(),
+                    [1, 1, 1, b],
+                ),
+                &dev,
+            ),
+            tensor(col(|c| c.2), [1, 1, 1, b]),
+            tensor(col(|c| c.3), [1, 1, 1, b]),
+        );
+        let got = got
+            .into_data()
+            .convert::<i32>()
+            .try_to_vec::<i32>()
+            .unwrap();
+        let want: Vec<i32> = cases.iter().map(|c| c.4).collect();
+        assert_eq!(got, want);
+    }
 }

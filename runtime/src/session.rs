@@ -55,7 +55,7 @@ impl Sampling {
     }
 }
 
-/// The uniform draw in `[0, 1)` for the token at `position` under `seed`. It depends on
+/// The uniform draw in `[0, 1)` for the token at `position + 1` under `seed`. It depends on
 /// neither the row nor the batch, so a prompt samples the same text alone or batched.
 pub fn uniform_draw(seed: u64, position: u64) -> f32 {
     let mut z = seed ^ position.wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -268,8 +268,21 @@ impl Session {
                     c.vocab_size
                 )));
             }
+            let sp = r.sampling;
+            if !(sp.temperature.is_finite() && sp.temperature >= 0.0) {
+                return Err(RuntimeError::Request(format!(
+                    "prompt {i}: temperature must be a finite number >= 0, found {}",
+                    sp.temperature
+                )));
+            }
+            if !(sp.top_p > 0.0 && sp.top_p <= 1.0) {
+                return Err(RuntimeError::Request(format!(
+                    "prompt {i}: top_p must be in (0, 1], found {}",
+                    sp.top_p
+                )));
+            }
             // The last generated token is never written to the cache.
-            let need = r.prompt.len() + r.max_new_tokens - 1;
+            let need = r.prompt.len().saturating_add(r.max_new_tokens - 1);
             if need > c.cache_len as usize {
                 return Err(RuntimeError::Request(format!(
                     "prompt {i}: {} prompt tokens + {} new tokens need {need} cache slots, \
@@ -298,6 +311,7 @@ impl Session {
         let (b, t) = (c.batch as usize, c.prefill_len as usize);
         let longest = reqs.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
         let chunks = longest.div_ceil(t).max(1);
+        // `check` bounded prompt + max_new - 1 by the cache length, an i32.
         let limit: Vec<i32> = (0..b)
             .map(|i| {
                 reqs.get(i)
@@ -360,19 +374,37 @@ impl Session {
     /// marks every row active again (a stop token the model predicted does not end a
     /// forced row). A host write outside the replayed step; generation never needs it.
     pub fn force_tokens(&mut self, tokens: &[u32]) -> Result<(), RuntimeError> {
-        let b = self.program().config.batch;
-        if tokens.len() != b as usize {
+        let c = self.program().config.clone();
+        if tokens.len() != c.batch as usize {
             return Err(RuntimeError::Request(format!(
-                "expected {b} tokens, found {}",
+                "expected {} tokens, found {}",
+                c.batch,
                 tokens.len()
             )));
         }
+        if let Some(&t) = tokens.iter().find(|&&t| t >= c.vocab_size) {
+            return Err(RuntimeError::Request(format!(
+                "token id {t} is outside the vocabulary (size {})",
+                c.vocab_size
+            )));
+        }
+        // A row may continue only while it has room: below its limit and the cache end.
+        let (pos, limit) = (self.positions()?, self.limits()?);
+        let done: Vec<i32> = pos
+            .iter()
+            .zip(&limit)
+            .map(|(&p, &l)| i32::from(p >= l || p >= c.cache_len as i32))
+            .collect();
         let device = self.exec.device().clone();
         let data = tokens.iter().map(|&t| t as i32).collect();
-        self.state
-            .set(self.control.token, Value::from_i32(data, &[b], &device));
-        let active = Value::full(kvc_compiler::ir::Scalar::Bool(false), &[b], &device);
-        self.state.set(self.control.done, active);
+        self.state.set(
+            self.control.token,
+            Value::from_i32(data, &[c.batch], &device),
+        );
+        self.state.set(
+            self.control.done,
+            Value::from_bool(done, &[c.batch], &device),
+        );
         Ok(())
     }
 

@@ -21,10 +21,13 @@ pub struct BuildError {
 }
 
 /// Appends typed nodes to a graph; every node's shape is checked on insertion.
+/// Each input and state variable is read by at most one node (the verifier checks it):
+/// repeated reads return the first one.
 pub struct GraphBuilder<'a> {
     graph: Graph,
     params: &'a [ParamDecl],
     state: &'a [StateDecl],
+    reads: std::collections::BTreeMap<String, ValueId>,
 }
 
 impl<'a> GraphBuilder<'a> {
@@ -39,6 +42,7 @@ impl<'a> GraphBuilder<'a> {
             graph: Graph::new(name, inputs),
             params,
             state,
+            reads: Default::default(),
         }
     }
 
@@ -73,7 +77,16 @@ impl<'a> GraphBuilder<'a> {
     pub fn input(&mut self, name: &str) -> Result<ValueId, BuildError> {
         let i = self.graph.inputs.iter().position(|d| d.name == name);
         let i = i.ok_or_else(|| self.err("input", format!("no input named {name}")))?;
-        self.push(Op::Input(InputId(i as u32)))
+        self.read(format!("input {name}"), Op::Input(InputId(i as u32)))
+    }
+
+    fn read(&mut self, key: String, op: Op) -> Result<ValueId, BuildError> {
+        if let Some(&v) = self.reads.get(&key) {
+            return Ok(v);
+        }
+        let v = self.push(op)?;
+        self.reads.insert(key, v);
+        Ok(v)
     }
 
     /// Reads the parameter called `name`.
@@ -92,7 +105,7 @@ impl<'a> GraphBuilder<'a> {
     /// Reads the state variable called `name`.
     pub fn state(&mut self, name: &str) -> Result<ValueId, BuildError> {
         let id = self.state_id(name)?;
-        self.push(Op::State(id))
+        self.read(format!("state {name}"), Op::State(id))
     }
 
     /// Writes `v` back to the state variable `name` when the graph finishes.

@@ -220,7 +220,14 @@ impl Display for Program {
         writeln!(
             f,
             "config batch={} prefill_len={} cache_len={} vocab={} kv={:?} sampler={:?} weights={} stop_tokens={:?}",
-            c.batch, c.prefill_len, c.cache_len, c.vocab_size, c.kv, c.sampler, c.weight_dtype, c.stop_tokens
+            c.batch,
+            c.prefill_len,
+            c.cache_len,
+            c.vocab_size,
+            c.kv,
+            c.sampler,
+            c.weight_dtype,
+            c.stop_tokens
         )?;
         writeln!(f, "params {}:", self.params.len())?;
         for prm in &self.params {

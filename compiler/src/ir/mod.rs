@@ -215,7 +215,7 @@ pub enum Op {
     /// Writes new entries into a cache: for each row `b` and `t < len[b]`,
     /// `cache[b, :, start[b] + t, :] = new[b, :, t, :]`; all other slots keep their value.
     /// cache `[B, H, S, D]`, new `[B, H, T, D]`, start/len `[B]` I32 → `[B, H, S, D]`.
-    /// A valid graph guarantees `start[b] + len[b] <= S`.
+    /// Requires `start[b] + len[b] <= S` (the runtime's request check guarantees it).
     KvWrite {
         /// The cache being updated (consumed: the result replaces it).
         cache: ValueId,

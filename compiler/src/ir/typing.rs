@@ -315,7 +315,10 @@ fn expect_dtype(role: &str, t: &Type, want: DType) -> Result<(), String> {
 /// Weight matrices may be stored in F32 or F16.
 fn expect_weight(role: &str, t: &Type) -> Result<(), String> {
     if !matches!(t.dtype, DType::F32 | DType::F16) {
-        return Err(format!("expected {role} of dtype f32 or f16, found {}", fmt_ty(t)));
+        return Err(format!(
+            "expected {role} of dtype f32 or f16, found {}",
+            fmt_ty(t)
+        ));
     }
     Ok(())
 }

@@ -28,7 +28,10 @@ fn params(c: &LlamaConfig, wdt: DType) -> Vec<ParamDecl> {
     let f = c.intermediate_size;
     let p = |name: String, shape: &[u32]| {
         let dtype = if shape.len() == 1 { DType::F32 } else { wdt };
-        ParamDecl { name, ty: Type::new(dtype, shape) }
+        ParamDecl {
+            name,
+            ty: Type::new(dtype, shape),
+        }
     };
     let mut out = vec![p(EMBED.into(), &[c.vocab_size, h])];
     for i in 0..c.num_layers {

@@ -79,7 +79,7 @@ pub(crate) fn control_state(batch: u32, slots: u32, sampler: Sampler) -> Vec<Sta
                 name: names::UNIFORM.into(),
                 ty: Type::new(DType::F32, [batch, slots]),
                 init: Scalar::F32(0.0),
-                doc: "uniform draw for the token at each position, from the seed".into(),
+                doc: "uniform draw for the token at position p + 1, from the seed".into(),
             },
         ],
     };
@@ -130,10 +130,10 @@ pub(crate) fn pick_token(
             let stream = g.state(names::UNIFORM)?;
             let shape = g.ty(stream).shape.clone();
             let stream = g.reshape(stream, &[shape[0], shape[1], 1])?;
-            let u = g.push(Op::TakeRow {
-                x: stream,
-                index: pos_after,
-            })?;
+            // The new token's position is 1..=S; its draw is `uniform[b, position - 1]`.
+            let one = g.constant(Scalar::I32(1), &[shape[0]])?;
+            let index = g.binary(BinaryOp::Sub, pos_after, one)?;
+            let u = g.push(Op::TakeRow { x: stream, index })?;
             let uniform = g.reshape(u, &[shape[0]])?;
             g.push(Op::Sample {
                 logits,
