@@ -8,7 +8,8 @@
 # and gguf + numpy, and converts the SmolLM2 Q4_1 weights that kvc caches into an F32 GGUF
 # (the same dequantized values kvc computes with). llama.cpp's native CPU build on some
 # Xeons emits AMX instructions and dies with SIGILL on quantized types, so it is built
-# with explicit AVX2/AVX-512 flags instead of -march=native.
+# with explicit flags instead of -march=native: AVX2/FMA/F16C, plus AVX-512 only where
+# /proc/cpuinfo lists avx512f (the AMD EPYC machines here have none).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROMPT=${1:-512}
@@ -21,9 +22,11 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
   "$VENV/bin/pip" install --quiet --upgrade pip
   "$VENV/bin/pip" install --quiet "gguf" "numpy"
-  echo "building llama-cpp-python from source (takes a few minutes on 2 cores)..." >&2
-  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
-    "$VENV/bin/pip" install --quiet --no-binary llama-cpp-python llama-cpp-python
+  AVX512=OFF
+  grep -qw avx512f /proc/cpuinfo 2>/dev/null && AVX512=ON
+  echo "building llama-cpp-python from source, AVX-512 $AVX512 (takes several minutes on 2 cores)..." >&2
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=$AVX512 -DGGML_FMA=ON -DGGML_F16C=ON" \
+    "$VENV/bin/pip" install --quiet --no-cache-dir --no-binary llama-cpp-python llama-cpp-python
 fi
 
 cargo build --release --quiet

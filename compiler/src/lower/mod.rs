@@ -194,7 +194,7 @@ fn reached_end(
     g.binary(BinaryOp::Or, end, stop)
 }
 
-/// Prefill's control epilogue: given the chunk's `start`, `len`, `limit` and the greedy
+/// Prefill's control epilogue: given the chunk's `start`, `len`, `limit` and the chosen
 /// token of each row's last real position, updates `pos`, `limit`, `token` and `done`.
 /// Rows with `len = 0` keep their token (their logits are not meaningful).
 pub(crate) fn prefill_control(
