@@ -11,6 +11,8 @@
 //! Constants and iotas are built once at load, not per step.
 
 use burn::tensor::activation::{silu, softmax};
+use burn::tensor::module;
+use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{
     Bool, DType as BurnDType, Device, FloatDType, IndexingUpdateOp, Int, Tensor, TensorData,
 };
@@ -668,15 +670,19 @@ fn attention(
     let [_, hkv, s, _] = k.dims();
     let g = hq / hkv;
     let q = q.reshape([b, hkv, g * t, d]);
-    let scores = q.matmul(k.transpose()).mul_scalar(scale);
-    // mask: [1, B, T, S] → [B, 1, 1, T, S] over (kv head, group, query).
-    let visible = mask
+    // mask [1, B, T, S] → [B, 1, g·T, S] (query axis is group-major), broadcast over KV
+    // heads by the backend; Burn's mask marks the hidden slots.
+    let hidden = mask
+        .bool_not()
         .reshape([b, 1, t, s])
         .expand([b, g, t, s])
         .reshape([b, 1, g * t, s]);
-    let hidden = visible.bool_not().expand([b, hkv, g * t, s]);
-    let p = softmax(scores.mask_fill(hidden, -1.0e30f32), 3);
-    p.matmul(v).reshape([b, hq, t, d])
+    let options = AttentionModuleOptions {
+        scale: Some(scale as f64),
+        softcap: None,
+        is_causal: false,
+    };
+    module::attention(q, k, v, Some(hidden), None, options).reshape([b, hq, t, d])
 }
 
 /// `cache[b, :, start[b] + t, :] = new[b, :, t, :]` for `t < len[b]`. Entries past a row's

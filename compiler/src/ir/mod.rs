@@ -199,7 +199,7 @@ pub enum Op {
     /// Masked scaled-dot-product attention with grouped KV heads.
     /// q `[B, Hq, T, D]`, k/v `[B, Hkv, S, D]`, mask `[B, T, S]` Bool (true = may attend)
     /// → `[B, Hq, T, D]`. Query head `h` reads KV head `h / (Hq / Hkv)`. A query with no
-    /// visible slot yields the mean of `v` (finite, and never used by a valid graph).
+    /// visible slot yields zeros (and is never used by a valid graph).
     Attention {
         /// Queries.
         q: ValueId,
