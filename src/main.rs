@@ -449,8 +449,10 @@ fn run(
     let mut count = 0usize;
     let mut text_stream = tok.stream(true);
     let mut stream_err = None;
+    let mut first_token: Option<f64> = None;
     let completions = m.session.generate(&reqs, &mut |_, id| {
         count += 1;
+        first_token.get_or_insert_with(|| t0.elapsed().as_secs_f64());
         if stream {
             match text_stream.push(id) {
                 Ok(piece) => {
@@ -479,9 +481,16 @@ fn run(
             emit(format_args!("[{i}] {}{}\n", prompts[i], text))?;
         }
     }
+    let prompt_tokens: usize = reqs.iter().map(|r| r.prompt.len()).sum();
+    let prefill = first_token.unwrap_or(secs);
+    // The first token of every row comes out of prefill; the rest from decode steps.
+    let decoded = count.saturating_sub(completions.len());
     eprintln!(
-        "{count} tokens in {secs:.2} s, prefill included ({:.1} tok/s)",
-        count as f64 / secs
+        "prefill: {prompt_tokens} prompt tokens in {prefill:.2} s ({:.1} tok/s); \
+         decode: {decoded} tokens in {:.2} s ({:.1} tok/s)",
+        prompt_tokens as f64 / prefill.max(1e-9),
+        secs - prefill,
+        decoded as f64 / (secs - prefill).max(1e-9)
     );
     Ok(())
 }
