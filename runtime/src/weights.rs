@@ -561,6 +561,7 @@ mod tests {
     /// `gguf.quants.dequantize` on the same file, with numpy's
     /// `reshape(n_head, rows/n_head/2, 2, in).swapaxes(1, 2)` for Q and K.
     #[test]
+    #[allow(clippy::excessive_precision)] // values as the Python gguf package prints them
     fn smollm2_matches_python_gguf_reference() {
         let path = crate::fetch::default_smollm2_path().unwrap();
         let file = GgufFile::open(path).unwrap();
@@ -582,7 +583,9 @@ mod tests {
             }
         );
 
+        // Values printed by the Python gguf package, kept digit for digit.
         #[rustfmt::skip]
+        #[allow(clippy::type_complexity)]
         let raw: [(&str, GgmlType, [usize; 2], [f32; 8], [f32; 8], f64, f64); 4] = [
             ("blk.0.attn_q.weight", GgmlType::Q4_1, [576, 576],
              [-0.0963134765625, 0.1573486328125, -0.0963134765625, -0.73046875, 1.1719970703125, -0.0963134765625, 0.030517578125, 0.6646728515625],
