@@ -83,6 +83,16 @@ impl Reference<'_> {
         }
     }
 
+    /// Greedy continuation of `prompt` by `n` tokens, recomputing every position.
+    fn greedy(&self, prompt: &[u32], n: usize) -> Vec<u32> {
+        let mut seq = prompt.to_vec();
+        for _ in 0..n {
+            let next = argmax(self.forward(&seq).last().unwrap());
+            seq.push(next);
+        }
+        seq.split_off(prompt.len())
+    }
+
     fn forward(&self, ids: &[u32]) -> Vec<Vec<f64>> {
         let c = &self.c;
         let (h, d) = (c.hidden_size as usize, c.head_dim as usize);
@@ -226,12 +236,11 @@ fn greedy_decode_matches_reference_and_stops_at_the_limit() {
         .collect();
     let got = s.generate(&reqs, &mut |_, _| {}).unwrap();
     for (i, req) in reqs.iter().enumerate() {
-        let mut seq = req.prompt.clone();
-        for _ in 0..req.max_new_tokens {
-            let next = argmax(r.forward(&seq).last().unwrap());
-            seq.push(next);
-        }
-        assert_eq!(got[i].ids, seq[req.prompt.len()..], "row {i}");
+        assert_eq!(
+            got[i].ids,
+            r.greedy(&req.prompt, req.max_new_tokens),
+            "row {i}"
+        );
     }
     // Each row stops at its own position: prompt + max_new - 1 tokens in the cache.
     assert_eq!(s.positions().unwrap(), vec![3 + 5, 8 + 1, 13 + 8]);
@@ -451,12 +460,7 @@ fn stop_tokens_end_a_row_without_being_emitted() {
     let (program, w) = tiny(Overrides::default());
     let r = Reference::new(&program, &w);
     let prompt = prompts()[0].clone();
-    let mut seq = prompt.clone();
-    for _ in 0..4 {
-        let next = argmax(r.forward(&seq).last().unwrap());
-        seq.push(next);
-    }
-    let want = &seq[prompt.len()..];
+    let want = r.greedy(&prompt, 4);
     // Stop at the third generated token: the first two are emitted, then the row ends
     // while the other row (no stop in sight) runs to its limit.
     let stop = want[2];
@@ -499,12 +503,7 @@ fn a_request_may_fill_the_cache_exactly() {
     let got = s
         .generate(std::slice::from_ref(&req), &mut |_, _| {})
         .unwrap();
-    let mut seq = prompt.clone();
-    for _ in 0..20 {
-        let next = argmax(r.forward(&seq).last().unwrap());
-        seq.push(next);
-    }
-    assert_eq!(got[0].ids, seq[prompt.len()..]);
+    assert_eq!(got[0].ids, r.greedy(&prompt, 20));
     assert_eq!(s.positions().unwrap()[0], 32);
     let too_long = Request {
         max_new_tokens: 21,

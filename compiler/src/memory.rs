@@ -59,20 +59,7 @@ impl MemoryPlan {
 /// Peak bytes of simultaneously live activations over the graph's schedule.
 pub fn peak_activations(g: &Graph) -> u64 {
     let n = g.nodes.len();
-    let mut last_use: Vec<usize> = (0..n).collect();
-    for (i, node) in g.nodes.iter().enumerate() {
-        for a in node.op.args() {
-            last_use[a.0 as usize] = i;
-        }
-    }
-    for v in g
-        .outputs
-        .iter()
-        .map(|o| o.value)
-        .chain(g.updates.iter().map(|u| u.value))
-    {
-        last_use[v.0 as usize] = n;
-    }
+    let last_use = g.last_uses();
     // delta[i]: bytes that become live (+) at node i and dead (-) after node i.
     let mut born = vec![0u64; n + 1];
     let mut dies = vec![0u64; n + 1];

@@ -214,20 +214,7 @@ fn rope_positions(p: &Program) -> usize {
 
 fn plan(p: &Program, g: &Graph, device: &Device) -> Plan {
     let n = g.nodes.len();
-    let mut last_use: Vec<usize> = (0..n).collect();
-    for (i, node) in g.nodes.iter().enumerate() {
-        for a in node.op.args() {
-            last_use[a.0 as usize] = i;
-        }
-    }
-    for v in g
-        .outputs
-        .iter()
-        .map(|o| o.value)
-        .chain(g.updates.iter().map(|u| u.value))
-    {
-        last_use[v.0 as usize] = n;
-    }
+    let last_use = g.last_uses();
     let mut updates_state = vec![false; p.state.len()];
     for u in &g.updates {
         updates_state[u.state.0 as usize] = true;

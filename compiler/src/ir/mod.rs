@@ -482,6 +482,28 @@ impl Graph {
     pub fn ty(&self, v: ValueId) -> &Type {
         &self.nodes[v.0 as usize].ty
     }
+
+    /// For each value, the index of the last node that reads it; `nodes.len()` for values
+    /// returned as outputs or state updates (they live to the end), and the defining
+    /// node itself for values nothing reads.
+    pub fn last_uses(&self) -> Vec<usize> {
+        let n = self.nodes.len();
+        let mut last: Vec<usize> = (0..n).collect();
+        for (i, node) in self.nodes.iter().enumerate() {
+            for a in node.op.args() {
+                last[a.0 as usize] = i;
+            }
+        }
+        for v in self
+            .outputs
+            .iter()
+            .map(|o| o.value)
+            .chain(self.updates.iter().map(|u| u.value))
+        {
+            last[v.0 as usize] = n;
+        }
+        last
+    }
 }
 
 /// A named model parameter.
