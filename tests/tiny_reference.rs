@@ -183,6 +183,18 @@ fn argmax(v: &[f64]) -> u32 {
     best as u32
 }
 
+/// One request per test prompt.
+fn requests(max_new_tokens: usize, sampling: Sampling) -> Vec<Request> {
+    prompts()
+        .into_iter()
+        .map(|prompt| Request {
+            prompt,
+            max_new_tokens,
+            sampling,
+        })
+        .collect()
+}
+
 fn prompts() -> Vec<Vec<u32>> {
     // Lengths 3, 8 (= T) and 13 (two chunks of T = 8).
     vec![
@@ -199,14 +211,7 @@ fn padded_chunked_prefill_matches_reference_per_row() {
     let (program, w) = tiny(Overrides::default());
     let r = Reference::new(&program, &w);
     let mut s = session(&program, &w);
-    let reqs: Vec<Request> = prompts()
-        .into_iter()
-        .map(|p| Request {
-            prompt: p,
-            max_new_tokens: 4,
-            sampling: Sampling::default(),
-        })
-        .collect();
+    let reqs: Vec<Request> = requests(4, Sampling::default());
     let (out, logits) = s.prefill(&reqs, true).unwrap();
     for (i, req) in reqs.iter().enumerate() {
         let want = r.forward(&req.prompt);
@@ -265,14 +270,7 @@ fn teacher_forced_decode_matches_reference_at_every_position() {
 fn a_row_gives_the_same_logits_alone_and_padded_in_a_batch() {
     let (program, w) = tiny(Overrides::default());
     let mut s = session(&program, &w);
-    let reqs: Vec<Request> = prompts()
-        .into_iter()
-        .map(|p| Request {
-            prompt: p,
-            max_new_tokens: 5,
-            sampling: Sampling::default(),
-        })
-        .collect();
+    let reqs: Vec<Request> = requests(5, Sampling::default());
     let (_, batched) = s.prefill(&reqs, true).unwrap();
     let batched_ids = s.generate(&reqs, &mut |_, _| {}).unwrap();
     for (i, req) in reqs.iter().enumerate() {
@@ -367,14 +365,7 @@ fn sampling_is_seeded_and_respects_top_k() {
         top_k: 3,
         top_p: 1.0,
     };
-    let reqs: Vec<Request> = prompts()
-        .into_iter()
-        .map(|p| Request {
-            prompt: p,
-            max_new_tokens: 10,
-            sampling,
-        })
-        .collect();
+    let reqs: Vec<Request> = requests(10, sampling);
     s.set_seed(42);
     let a = s.generate(&reqs, &mut |_, _| {}).unwrap();
     let b = s.generate(&reqs, &mut |_, _| {}).unwrap();
@@ -400,14 +391,7 @@ fn sampling_is_seeded_and_respects_top_k() {
         }
     }
     // Rows with temperature 0 in a sampling program are greedy.
-    let greedy: Vec<Request> = prompts()
-        .into_iter()
-        .map(|p| Request {
-            prompt: p,
-            max_new_tokens: 5,
-            sampling: Sampling::default(),
-        })
-        .collect();
+    let greedy: Vec<Request> = requests(5, Sampling::default());
     let (gp, _) = tiny(Overrides::default());
     let mut g = session(&gp, &w);
     assert_eq!(
@@ -439,14 +423,7 @@ fn f16_weights_stay_close_to_the_reference() {
         .collect();
     let r = Reference::new(&program, &rounded);
     let mut s = session(&program, &w);
-    let reqs: Vec<Request> = prompts()
-        .into_iter()
-        .map(|p| Request {
-            prompt: p,
-            max_new_tokens: 1,
-            sampling: Sampling::default(),
-        })
-        .collect();
+    let reqs: Vec<Request> = requests(1, Sampling::default());
     let (_, logits) = s.prefill(&reqs, true).unwrap();
     for (i, req) in reqs.iter().enumerate() {
         let diff = max_diff(&logits[i], r.forward(&req.prompt).last().unwrap());
