@@ -16,7 +16,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{
     Bool, DType as BurnDType, Device, FloatDType, IndexingUpdateOp, Int, Tensor, TensorData,
 };
-use kvc_compiler::ir::{BinaryOp, DType, Graph, Op, Program, Scalar, StateId, Type};
+use kvc_compiler::ir::{BinaryOp, DType, Graph, Op, Program, Scalar, StateId};
 
 use crate::RuntimeError;
 
@@ -486,18 +486,6 @@ impl Executor {
             .iter()
             .map(|o| env[o.value.0 as usize].clone().expect("output defined"))
             .collect()
-    }
-
-    /// The IR type of a graph output, by name.
-    pub fn output_type(&self, which: Which, name: &str) -> Option<&Type> {
-        let g = match which {
-            Which::Prefill => &self.program.prefill,
-            Which::Decode => &self.program.decode,
-        };
-        g.outputs
-            .iter()
-            .find(|o| o.name == name)
-            .map(|o| g.ty(o.value))
     }
 }
 

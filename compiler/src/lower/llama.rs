@@ -196,7 +196,7 @@ pub(super) fn lower(spec: &ModelSpec, c: &LlamaConfig) -> Result<Program, BuildE
     let logits = head(&mut g, c, h)?;
     let pos_after = g.binary(BinaryOp::Add, start, len)?;
     let next = pick_token(&mut g, cc.sampler, logits, pos_after)?;
-    let token = prefill_control(&mut g, start, len, limit, next, slots, stops)?;
+    let token = prefill_control(&mut g, pos_after, len, limit, next, slots, stops)?;
     g.output("logits", logits);
     g.output("token", token);
     let prefill = g.finish();
@@ -226,7 +226,7 @@ pub(super) fn lower(spec: &ModelSpec, c: &LlamaConfig) -> Result<Program, BuildE
     let logits = head(&mut g, c, h)?;
     let pos_after = g.binary(BinaryOp::Add, pos, step)?;
     let next = pick_token(&mut g, cc.sampler, logits, pos_after)?;
-    let (token, done) = decode_control(&mut g, active, step, next, slots, stops)?;
+    let (token, done) = decode_control(&mut g, active, pos_after, next, slots, stops)?;
     g.output("logits", logits);
     g.output("token", token);
     g.output("done", done);

@@ -194,12 +194,13 @@ fn reached_end(
     g.binary(BinaryOp::Or, end, stop)
 }
 
-/// Prefill's control epilogue: given the chunk's `start`, `len`, `limit` and the chosen
-/// token of each row's last real position, updates `pos`, `limit`, `token` and `done`.
+/// Prefill's control epilogue: given the chunk's `len`, `limit`, the position after the
+/// chunk (`pos_after = start + len`) and the chosen token of each row's last real
+/// position, updates `pos`, `limit`, `token` and `done`.
 /// Rows with `len = 0` keep their token (their logits are not meaningful).
 pub(crate) fn prefill_control(
     g: &mut GraphBuilder<'_>,
-    start: ValueId,
+    pos_after: ValueId,
     len: ValueId,
     limit: ValueId,
     next: ValueId,
@@ -215,9 +216,8 @@ pub(crate) fn prefill_control(
         a: next,
         b: old,
     })?;
-    let pos = g.binary(BinaryOp::Add, start, len)?;
-    let done = reached_end(g, pos, limit, token, slots, stops)?;
-    g.update(names::POS, pos)?;
+    let done = reached_end(g, pos_after, limit, token, slots, stops)?;
+    g.update(names::POS, pos_after)?;
     g.update(names::LIMIT, limit)?;
     g.update(names::TOKEN, token)?;
     g.update(names::DONE, done)?;
@@ -225,17 +225,17 @@ pub(crate) fn prefill_control(
 }
 
 /// Decode's control epilogue: active rows take the new token and advance; a row becomes
-/// done when it emits a stop token or reaches its limit or the cache end.
+/// done when it emits a stop token or reaches its limit or the cache end. `pos_after` is
+/// `pos + 1` for active rows and `pos` for the others.
 /// Returns `(token, done)` after the step.
 pub(crate) fn decode_control(
     g: &mut GraphBuilder<'_>,
     active: ValueId,
-    step: ValueId,
+    pos_after: ValueId,
     next: ValueId,
     slots: u32,
     stops: &[u32],
 ) -> Result<(ValueId, ValueId), BuildError> {
-    let pos = g.state(names::POS)?;
     let old = g.state(names::TOKEN)?;
     let done = g.state(names::DONE)?;
     let limit = g.state(names::LIMIT)?;
@@ -244,11 +244,10 @@ pub(crate) fn decode_control(
         a: next,
         b: old,
     })?;
-    let pos = g.binary(BinaryOp::Add, pos, step)?;
-    let end = reached_end(g, pos, limit, token, slots, stops)?;
+    let end = reached_end(g, pos_after, limit, token, slots, stops)?;
     let finished = g.binary(BinaryOp::And, active, end)?;
     let done = g.binary(BinaryOp::Or, done, finished)?;
-    g.update(names::POS, pos)?;
+    g.update(names::POS, pos_after)?;
     g.update(names::TOKEN, token)?;
     g.update(names::DONE, done)?;
     Ok((token, done))
