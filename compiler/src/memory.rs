@@ -83,7 +83,12 @@ pub fn peak_activations(g: &Graph) -> u64 {
             | Op::Permute { .. }
             | Op::TakeRow { .. }
             | Op::Sample { .. }
-            | Op::Argmax { .. } => true,
+            | Op::Argmax { .. }
+            | Op::AttentionMass { .. }
+            | Op::Gather { .. }
+            | Op::TopK { .. }
+            | Op::Sum { .. }
+            | Op::Hash { .. } => true,
         };
         if counted {
             born[i] += node.ty.size_bytes();

@@ -101,7 +101,9 @@ pub struct CompileConfig {
     pub batch: u32,
     /// Width of the padded prefill graph (`T`); longer prompts are prefilled in chunks.
     pub prefill_len: u32,
-    /// Slots of the KV cache per row (`S`).
+    /// With `Dense`: slots of the KV cache per row (`S`), which is also the longest row.
+    /// With a budgeted policy: the longest row (prompt + generated tokens, i.e. the
+    /// largest position plus one); the slots come from the policy's budget.
     pub cache_len: u32,
     /// KV cache policy.
     #[serde(default)]
@@ -129,13 +131,232 @@ pub enum Sampler {
     Sample,
 }
 
-/// KV cache policy. Only `Dense` exists so far; policies with parameters
-/// (windows, heavy hitters, ...) become further variants.
+/// KV cache policy: which tokens keep their keys and values. Every budgeted policy keeps
+/// at most `budget` tokens per row and KV head and decides per row and KV head with
+/// fixed-shape ops; `docs/kv-policies.md` gives each rule, its paper and its cost.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum KvPolicy {
     /// Every token keeps its slot; slot index = position. Exact.
     #[default]
     Dense,
+    /// The `size` most recent tokens (the negative control).
+    Window {
+        /// Tokens kept.
+        size: u32,
+    },
+    /// StreamingLLM (Xiao et al. 2023): the first `sinks` tokens of each row forever,
+    /// plus the `window` most recent.
+    SinkWindow {
+        /// Attention sinks kept from the start of the row.
+        sinks: u32,
+        /// Recent tokens kept.
+        window: u32,
+    },
+    /// H2O (Zhang et al. 2023): the `recent` newest tokens plus the heavy hitters, the
+    /// tokens with the largest attention received so far.
+    H2o {
+        /// Tokens kept.
+        budget: u32,
+        /// Newest tokens never evicted.
+        recent: u32,
+    },
+    /// TOVA (Oren et al. 2024): drop the token the current query attends to least.
+    Tova {
+        /// Tokens kept.
+        budget: u32,
+    },
+    /// SnapKV (Li et al. 2024): keep the prompt tokens the last `window` queries of each
+    /// prefill chunk attend to most (scores average-pooled over `pool` neighbouring
+    /// positions), then continue as H2O with `recent = window` in decode.
+    SnapKv {
+        /// Tokens kept.
+        budget: u32,
+        /// Observation window (queries) and protected recent tokens.
+        window: u32,
+        /// Width of the average pooling over positions (odd).
+        pool: u32,
+    },
+    /// Seeded random eviction: the lower bound of the quality harness.
+    Random {
+        /// Tokens kept.
+        budget: u32,
+        /// Seed of the eviction stream.
+        #[serde(default)]
+        seed: u32,
+    },
+}
+
+impl KvPolicy {
+    /// Tokens kept per row and KV head, or `None` for `Dense` (keeps everything).
+    pub fn budget(self) -> Option<u32> {
+        match self {
+            KvPolicy::Dense => None,
+            KvPolicy::Window { size } => Some(size),
+            KvPolicy::SinkWindow { sinks, window } => Some(sinks.saturating_add(window)),
+            KvPolicy::H2o { budget, .. }
+            | KvPolicy::Tova { budget }
+            | KvPolicy::SnapKv { budget, .. }
+            | KvPolicy::Random { budget, .. } => Some(budget),
+        }
+    }
+
+    /// Parses the command-line form: `dense`, `window:SIZE`, `sink-window:SINKS:WINDOW`,
+    /// `h2o:BUDGET:RECENT`, `tova:BUDGET`, `snapkv:BUDGET:WINDOW:POOL`,
+    /// `random:BUDGET[:SEED]`.
+    pub fn parse(s: &str) -> Result<KvPolicy, String> {
+        let mut it = s.split(':');
+        let name = it.next().unwrap_or_default().to_ascii_lowercase();
+        let nums: Vec<&str> = it.collect();
+        let want = |names: &[&str], optional: usize| -> Result<Vec<u32>, String> {
+            let usage = format!("{name}:{}", names.join(":").to_uppercase());
+            if nums.len() > names.len() || nums.len() + optional < names.len() {
+                return Err(format!(
+                    "`{s}`: expected {usage} ({} numbers), found {} numbers",
+                    names.len(),
+                    nums.len()
+                ));
+            }
+            nums.iter()
+                .zip(names)
+                .map(|(n, field)| {
+                    n.parse::<u32>().map_err(|_| {
+                        format!("`{s}`: {field} must be a non-negative integer, found `{n}`")
+                    })
+                })
+                .collect()
+        };
+        Ok(match name.as_str() {
+            "dense" => {
+                want(&[], 0)?;
+                KvPolicy::Dense
+            }
+            "window" => {
+                let v = want(&["size"], 0)?;
+                KvPolicy::Window { size: v[0] }
+            }
+            "sink-window" | "sinkwindow" | "streaming" => {
+                let v = want(&["sinks", "window"], 0)?;
+                KvPolicy::SinkWindow {
+                    sinks: v[0],
+                    window: v[1],
+                }
+            }
+            "h2o" => {
+                let v = want(&["budget", "recent"], 0)?;
+                KvPolicy::H2o {
+                    budget: v[0],
+                    recent: v[1],
+                }
+            }
+            "tova" => {
+                let v = want(&["budget"], 0)?;
+                KvPolicy::Tova { budget: v[0] }
+            }
+            "snapkv" => {
+                let v = want(&["budget", "window", "pool"], 0)?;
+                KvPolicy::SnapKv {
+                    budget: v[0],
+                    window: v[1],
+                    pool: v[2],
+                }
+            }
+            "random" => {
+                let v = want(&["budget", "seed"], 1)?;
+                KvPolicy::Random {
+                    budget: v[0],
+                    seed: v.get(1).copied().unwrap_or(0),
+                }
+            }
+            _ => {
+                return Err(format!(
+                    "`{s}`: unknown KV policy; expected one of dense, window:SIZE, \
+                     sink-window:SINKS:WINDOW, h2o:BUDGET:RECENT, tova:BUDGET, \
+                     snapkv:BUDGET:WINDOW:POOL, random:BUDGET[:SEED]"
+                ));
+            }
+        })
+    }
+
+    /// Physical slots per row and KV head when the graphs are `prefill_len` wide: `S`
+    /// for `Dense`; `budget + prefill_len` for a budgeted policy (the kept tokens plus
+    /// room for one chunk before the policy evicts).
+    pub fn slots(self, cache_len: u32, prefill_len: u32) -> u32 {
+        match self.budget() {
+            None => cache_len,
+            Some(b) => b.saturating_add(prefill_len),
+        }
+    }
+
+    /// Checks the policy's parameters against the compile section.
+    fn validate(self, cc: &CompileConfig) -> Result<(), (String, String)> {
+        let err = |field: &str, msg: String| Err((format!("compile.kv.{field}"), msg));
+        let Some(budget) = self.budget() else {
+            return Ok(());
+        };
+        if budget == 0 {
+            return err(
+                "budget",
+                "a budgeted policy must keep at least 1 token".into(),
+            );
+        }
+        if budget > MAX_DIM {
+            return err(
+                "budget",
+                format!("expected a budget of at most {MAX_DIM}, found {budget}"),
+            );
+        }
+        match self {
+            KvPolicy::Dense | KvPolicy::Tova { .. } | KvPolicy::Random { .. } => Ok(()),
+            KvPolicy::Window { .. } => Ok(()),
+            KvPolicy::SinkWindow { window, .. } if window == 0 => err(
+                "window",
+                "the window must hold at least the newest token, found 0".into(),
+            ),
+            KvPolicy::SinkWindow { .. } => Ok(()),
+            KvPolicy::H2o { recent, .. } if recent > budget => err(
+                "recent",
+                format!("recent ({recent}) must not exceed the budget ({budget})"),
+            ),
+            KvPolicy::H2o { .. } => Ok(()),
+            KvPolicy::SnapKv { window, pool, .. } => {
+                if window == 0 || window > budget || window > cc.prefill_len {
+                    return err(
+                        "window",
+                        format!(
+                            "expected 1 <= window <= min(budget {budget}, prefill_len {}), found {window}",
+                            cc.prefill_len
+                        ),
+                    );
+                }
+                if pool % 2 == 0 || pool > MAX_DIM {
+                    return err(
+                        "pool",
+                        format!("expected an odd pooling width, found {pool}"),
+                    );
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for KvPolicy {
+    /// The command-line form accepted by [`KvPolicy::parse`].
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            KvPolicy::Dense => write!(f, "dense"),
+            KvPolicy::Window { size } => write!(f, "window:{size}"),
+            KvPolicy::SinkWindow { sinks, window } => write!(f, "sink-window:{sinks}:{window}"),
+            KvPolicy::H2o { budget, recent } => write!(f, "h2o:{budget}:{recent}"),
+            KvPolicy::Tova { budget } => write!(f, "tova:{budget}"),
+            KvPolicy::SnapKv {
+                budget,
+                window,
+                pool,
+            } => write!(f, "snapkv:{budget}:{window}:{pool}"),
+            KvPolicy::Random { budget, seed } => write!(f, "random:{budget}:{seed}"),
+        }
+    }
 }
 
 /// Compute dtype a spec may ask for.
@@ -161,6 +382,9 @@ pub struct Overrides {
     pub sampler: Option<Sampler>,
     /// Replaces `compile.weight_dtype`.
     pub weight_dtype: Option<DTypeSpec>,
+    /// Replaces `compile.kv`. A budgeted policy given without `cache_len` lets rows grow
+    /// to the model's `max_position_embeddings`.
+    pub kv: Option<KvPolicy>,
 }
 
 /// A spec that failed to parse or validate.
@@ -260,6 +484,13 @@ impl ModelSpec {
         if let Some(d) = o.weight_dtype {
             self.compile.weight_dtype = d;
         }
+        if let Some(kv) = o.kv {
+            self.compile.kv = kv;
+            if kv.budget().is_some() && o.cache_len.is_none() {
+                let Arch::Llama(c) = &self.arch;
+                self.compile.cache_len = c.max_position_embeddings;
+            }
+        }
         self.validate().map_err(|(path, message)| SpecError {
             file: format!("{file} (with command-line overrides)"),
             position: None,
@@ -322,8 +553,9 @@ impl ModelSpec {
         let n = |x: u32| x as u128;
         let (h, f, v) = (n(c.hidden_size), n(c.intermediate_size), n(c.vocab_size));
         let weights = 4 * (n(c.num_layers) * (4 * h * h + 3 * h * f) + 2 * v * h);
-        let kv =
-            8 * n(c.num_layers) * n(cc.batch) * n(c.num_kv_heads) * n(c.head_dim) * n(cc.cache_len);
+        cc.kv.validate(cc)?;
+        let slots = cc.kv.slots(cc.cache_len, cc.prefill_len);
+        let kv = 8 * n(c.num_layers) * n(cc.batch) * n(c.num_kv_heads) * n(c.head_dim) * n(slots);
         if weights + kv > MAX_BYTES as u128 {
             return Err((
                 "compile.cache_len".into(),

@@ -178,7 +178,12 @@ fn verify_graph(p: &Program, g: &Graph, problems: &mut Vec<Problem>) {
             | Op::Permute { .. }
             | Op::TakeRow { .. }
             | Op::Sample { .. }
-            | Op::Argmax { .. } => None,
+            | Op::Argmax { .. }
+            | Op::AttentionMass { .. }
+            | Op::Gather { .. }
+            | Op::TopK { .. }
+            | Op::Sum { .. }
+            | Op::Hash { .. } => None,
         };
         if let Some(source) = source
             && !reads.insert(source.clone())

@@ -160,6 +160,11 @@ impl<'a> GraphBuilder<'a> {
         })
     }
 
+    /// `cond ? a : b` element-wise.
+    pub fn select(&mut self, cond: ValueId, a: ValueId, b: ValueId) -> Result<ValueId, BuildError> {
+        self.push(Op::Select { cond, a, b })
+    }
+
     /// `x` converted to `dtype`.
     pub fn cast(&mut self, x: ValueId, dtype: DType) -> Result<ValueId, BuildError> {
         self.push(Op::Cast { x, dtype })

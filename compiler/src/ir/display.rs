@@ -88,6 +88,11 @@ impl Op {
             Op::TakeRow { .. } => "take_row",
             Op::Sample { .. } => "sample",
             Op::Argmax { .. } => "argmax",
+            Op::AttentionMass { .. } => "attention_mass",
+            Op::Gather { .. } => "gather",
+            Op::TopK { .. } => "top_k",
+            Op::Sum { .. } => "sum",
+            Op::Hash { .. } => "hash",
         }
     }
 }
@@ -165,7 +170,22 @@ impl Program {
             } => {
                 write!(f, "{name} {cache}, {new}, start={start}, len={len}")
             }
-            Op::Silu { x } | Op::Not { x } | Op::Argmax { x } => write!(f, "{name} {x}"),
+            Op::Silu { x } | Op::Not { x } | Op::Argmax { x } | Op::Sum { x } => {
+                write!(f, "{name} {x}")
+            }
+            Op::AttentionMass {
+                q,
+                k,
+                mask,
+                weight,
+                scale,
+            } => write!(
+                f,
+                "{name} {q}, {k}, mask={mask}, weight={weight}, scale={scale:?}"
+            ),
+            Op::Gather { x, index } => write!(f, "{name} {x}, {index}"),
+            Op::TopK { x, tiebreak, k } => write!(f, "{name} {x}, tiebreak={tiebreak}, k={k}"),
+            Op::Hash { a, b, seed } => write!(f, "{name} {a}, {b}, seed={seed}"),
             Op::Binary { op: _, a, b } => write!(f, "{name} {a}, {b}"),
             Op::Select { cond, a, b } => write!(f, "{name} {cond}, {a}, {b}"),
             Op::Cast { x, dtype: _ } => write!(f, "{name} {x}"),

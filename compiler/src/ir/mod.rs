@@ -197,7 +197,8 @@ pub enum Op {
         theta: f32,
     },
     /// Masked scaled-dot-product attention with grouped KV heads.
-    /// q `[B, Hq, T, D]`, k/v `[B, Hkv, S, D]`, mask `[B, T, S]` Bool (true = may attend)
+    /// q `[B, Hq, T, D]`, k/v `[B, Hkv, S, D]`, mask `[B, M, T, S]` Bool with `M` = 1 (one
+    /// mask for every head) or `Hkv` (one per KV head); true = may attend
     /// → `[B, Hq, T, D]`. Query head `h` reads KV head `h / (Hq / Hkv)`. A query with no
     /// visible slot yields zeros (and is never used by a valid graph).
     Attention {
@@ -212,10 +213,12 @@ pub enum Op {
         /// Multiplies the dot products (usually `1/sqrt(D)`).
         scale: f32,
     },
-    /// Writes new entries into a cache: for each row `b` and `t < len[b]`,
-    /// `cache[b, :, start[b] + t, :] = new[b, :, t, :]`; all other slots keep their value.
-    /// cache `[B, H, S, D]`, new `[B, H, T, D]`, start/len `[B]` I32 → `[B, H, S, D]`.
-    /// Requires `start[b] + len[b] <= S` (the runtime's request check guarantees it).
+    /// Writes new entries into a cache: for each row `b`, head `h` and `t < len[b]`,
+    /// `cache[b, h, start[b, h] + t, :] = new[b, h, t, :]`; all other slots keep their
+    /// value. cache `[B, H, S, D]`, new `[B, H, T, D]`, start `[B]` (the same slot for
+    /// every head) or `[B, H]`, len `[B]`, both I32 → `[B, H, S, D]`.
+    /// Requires `start + len[b] <= S` (the runtime's request check and the policies'
+    /// slot arithmetic guarantee it).
     KvWrite {
         /// The cache being updated (consumed: the result replaces it).
         cache: ValueId,
@@ -302,6 +305,61 @@ pub enum Op {
         /// The row's uniform draw for this position.
         uniform: ValueId,
     },
+    /// Attention probability mass each key receives, averaged over the query heads of
+    /// its KV group and summed over weighted queries:
+    /// `out[b, h, s] = Σ_t weight[b, t] · (1/g) Σ_{j<g} softmax_s(scale · q[b, h·g+j, t] ·
+    /// k[b, h, s])`, with hidden slots excluded from the softmax (a query with no visible
+    /// slot contributes nothing). q `[B, Hq, T, D]`, k `[B, Hkv, S, D]`, mask as in
+    /// [`Op::Attention`], weight `[B, T]` F32 → `[B, Hkv, S]` F32.
+    AttentionMass {
+        /// Queries.
+        q: ValueId,
+        /// Keys.
+        k: ValueId,
+        /// Which slots each query may see.
+        mask: ValueId,
+        /// Weight of each query (0 drops it).
+        weight: ValueId,
+        /// Multiplies the dot products.
+        scale: f32,
+    },
+    /// Gathers slots: `out[b, h, m, ..] = x[b, h, index[b, h, m], ..]`.
+    /// x `[B, H, N]` or `[B, H, N, D]` (any dtype), index `[B, H, M]` I32 with values in
+    /// `0..N` → `[B, H, M]` or `[B, H, M, D]`.
+    Gather {
+        /// Source.
+        x: ValueId,
+        /// Slot to read per output slot.
+        index: ValueId,
+    },
+    /// Indices of the `k` largest elements over the last dim, largest first, ordered by
+    /// `(x, tiebreak)` descending and then by lower index. x `[.., N]` F32, tiebreak
+    /// `[.., N]` I32 (same shape) → `[.., k]` I32, `k <= N`. Decisions of the KV policies
+    /// never depend on an unspecified order.
+    TopK {
+        /// Primary key.
+        x: ValueId,
+        /// Secondary key for equal `x`.
+        tiebreak: ValueId,
+        /// How many indices.
+        k: u32,
+    },
+    /// Sum over the last dim: x `[.., N]` F32 → `[..]`. Rank ≥ 2.
+    Sum {
+        /// Input.
+        x: ValueId,
+    },
+    /// A counter-based random number per element: `hash(seed, a, b)` mapped to `[0, 1)`
+    /// F32 (murmur3's 32-bit finalizer applied to `seed ^ a`, then to that `^ b`; the top
+    /// 24 bits over 2²⁴). a, b I32 with broadcasting. Identical on every backend.
+    Hash {
+        /// First counter.
+        a: ValueId,
+        /// Second counter.
+        b: ValueId,
+        /// Stream seed.
+        seed: u32,
+    },
     /// Index of the largest element over the last dim (first one on ties):
     /// x `[.., N]` F32 → `[..]` I32. Rank ≥ 2.
     Argmax {
@@ -328,7 +386,17 @@ impl Op {
                 start,
                 len,
             } => vec![cache, new, start, len],
-            Op::Silu { x } | Op::Not { x } | Op::Cast { x, .. } | Op::Argmax { x } => vec![x],
+            Op::Silu { x }
+            | Op::Not { x }
+            | Op::Cast { x, .. }
+            | Op::Argmax { x }
+            | Op::Sum { x } => vec![x],
+            Op::AttentionMass {
+                q, k, mask, weight, ..
+            } => vec![q, k, mask, weight],
+            Op::Gather { x, index } => vec![x, index],
+            Op::TopK { x, tiebreak, .. } => vec![x, tiebreak],
+            Op::Hash { a, b, .. } => vec![a, b],
             Op::Reshape { x, .. } | Op::Permute { x, .. } => vec![x],
             Op::Binary { a, b, .. } => vec![a, b],
             Op::Select { cond, a, b } => vec![cond, a, b],
@@ -382,8 +450,29 @@ impl Op {
             | Op::Not { x }
             | Op::Cast { x, .. }
             | Op::Argmax { x }
+            | Op::Sum { x }
             | Op::Reshape { x, .. }
             | Op::Permute { x, .. } => *x = f(*x),
+            Op::AttentionMass {
+                q, k, mask, weight, ..
+            } => {
+                *q = f(*q);
+                *k = f(*k);
+                *mask = f(*mask);
+                *weight = f(*weight);
+            }
+            Op::Gather { x, index } => {
+                *x = f(*x);
+                *index = f(*index);
+            }
+            Op::TopK { x, tiebreak, .. } => {
+                *x = f(*x);
+                *tiebreak = f(*tiebreak);
+            }
+            Op::Hash { a, b, .. } => {
+                *a = f(*a);
+                *b = f(*b);
+            }
             Op::Binary { a, b, .. } => {
                 *a = f(*a);
                 *b = f(*b);

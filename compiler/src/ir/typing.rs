@@ -122,11 +122,94 @@ pub fn infer_type(op: &Op, before: &[Node], decls: &Decls<'_>) -> Result<Type, S
                     "query heads {hq} are not a multiple of kv heads {hkv}"
                 ));
             }
-            expect_shape("mask", m, DType::Bool, &[b, t, s])?;
+            expect_mask(m, b, hkv, t, s)?;
             if !scale.is_finite() {
                 return Err(format!("expected a finite scale, found {scale}"));
             }
             q.clone()
+        }
+        Op::AttentionMass {
+            q,
+            k,
+            mask,
+            weight,
+            scale,
+        } => {
+            let q = arg(*q, "q")?;
+            let k = arg(*k, "k")?;
+            expect_dtype("q", q, DType::F32)?;
+            expect_rank("q", q, 4)?;
+            expect_dtype("k", k, DType::F32)?;
+            expect_rank("k", k, 4)?;
+            let (b, hq, t, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
+            let (hkv, s) = (k.shape[1], k.shape[2]);
+            expect_shape("k", k, DType::F32, &[b, hkv, s, d])?;
+            if hq % hkv != 0 {
+                return Err(format!(
+                    "query heads {hq} are not a multiple of kv heads {hkv}"
+                ));
+            }
+            expect_mask(arg(*mask, "mask")?, b, hkv, t, s)?;
+            expect_shape("weight", arg(*weight, "weight")?, DType::F32, &[b, t])?;
+            if !scale.is_finite() {
+                return Err(format!("expected a finite scale, found {scale}"));
+            }
+            Type::new(DType::F32, [b, hkv, s])
+        }
+        Op::Gather { x, index } => {
+            let x = arg(*x, "x")?;
+            let i = arg(*index, "index")?;
+            if !(3..=4).contains(&x.shape.len()) {
+                return Err(format!("expected x of rank 3 or 4, found {}", fmt_ty(x)));
+            }
+            expect_dtype("index", i, DType::I32)?;
+            expect_rank("index", i, 3)?;
+            if i.shape[..2] != x.shape[..2] {
+                return Err(format!(
+                    "expected index [{}, {}, _], found {}",
+                    x.shape[0],
+                    x.shape[1],
+                    fmt_ty(i)
+                ));
+            }
+            let mut shape = x.shape.clone();
+            shape[2] = i.shape[2];
+            Type::new(x.dtype, shape)
+        }
+        Op::TopK { x, tiebreak, k } => {
+            let x = arg(*x, "x")?;
+            expect_dtype("x", x, DType::F32)?;
+            let n = last(x, "x")?;
+            expect_shape(
+                "tiebreak",
+                arg(*tiebreak, "tiebreak")?,
+                DType::I32,
+                &x.shape,
+            )?;
+            if *k == 0 || *k > n {
+                return Err(format!("expected 1 <= k <= {n}, found k = {k}"));
+            }
+            let mut shape = x.shape.clone();
+            *shape.last_mut().expect("rank checked") = *k;
+            Type::new(DType::I32, shape)
+        }
+        Op::Sum { x } => {
+            let x = arg(*x, "x")?;
+            expect_dtype("x", x, DType::F32)?;
+            if x.shape.len() < 2 {
+                return Err(format!("expected rank >= 2, found {}", fmt_ty(x)));
+            }
+            Type::new(DType::F32, &x.shape[..x.shape.len() - 1])
+        }
+        Op::Hash { a, b, .. } => {
+            let a = arg(*a, "a")?;
+            let b = arg(*b, "b")?;
+            expect_dtype("a", a, DType::I32)?;
+            expect_dtype("b", b, DType::I32)?;
+            let shape = broadcast(&a.shape, &b.shape).ok_or_else(|| {
+                format!("shapes do not broadcast: a {}, b {}", fmt_ty(a), fmt_ty(b))
+            })?;
+            Type::new(DType::F32, shape)
         }
         Op::KvWrite {
             cache,
@@ -145,7 +228,11 @@ pub fn infer_type(op: &Op, before: &[Node], decls: &Decls<'_>) -> Result<Type, S
             if t > s {
                 return Err(format!("writes {t} entries into a cache of {s} slots"));
             }
-            expect_shape("start", arg(*start, "start")?, DType::I32, &[b])?;
+            let st = arg(*start, "start")?;
+            if st.shape != [b] {
+                expect_shape("start", st, DType::I32, &[b, h])?;
+            }
+            expect_dtype("start", st, DType::I32)?;
             expect_shape("len", arg(*len, "len")?, DType::I32, &[b])?;
             c.clone()
         }
@@ -321,6 +408,13 @@ fn expect_weight(role: &str, t: &Type) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// An attention mask `[B, 1 | Hkv, T, S]` Bool.
+fn expect_mask(m: &Type, b: u32, hkv: u32, t: u32, s: u32) -> Result<(), String> {
+    let heads = m.shape.get(1).copied().unwrap_or(1);
+    let heads = if heads == hkv { hkv } else { 1 };
+    expect_shape("mask", m, DType::Bool, &[b, heads, t, s])
 }
 
 fn expect_rank(role: &str, t: &Type, rank: usize) -> Result<(), String> {

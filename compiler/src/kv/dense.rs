@@ -7,31 +7,9 @@
 //! after RoPE. Slots at or beyond a row's position hold stale or padding data and are
 //! never visible to a query.
 
+use super::{CacheShape, Chunk, k_name, v_name};
 use crate::ir::BuildError;
 use crate::ir::{BinaryOp, DType, GraphBuilder, Op, Scalar, StateDecl, Type, ValueId};
-
-/// Cache geometry shared by both graphs.
-#[derive(Clone, Copy, Debug)]
-pub struct CacheShape {
-    /// Rows (`B`).
-    pub batch: u32,
-    /// KV heads per layer.
-    pub kv_heads: u32,
-    /// Slots per row (`S`).
-    pub slots: u32,
-    /// Head width.
-    pub head_dim: u32,
-}
-
-/// Name of layer `l`'s key cache.
-pub fn k_name(l: u32) -> String {
-    format!("k.{l}")
-}
-
-/// Name of layer `l`'s value cache.
-pub fn v_name(l: u32) -> String {
-    format!("v.{l}")
-}
 
 /// State variables of the dense cache for `layers` layers.
 pub fn declare(layers: u32, c: CacheShape) -> Vec<StateDecl> {
@@ -56,54 +34,52 @@ pub fn declare(layers: u32, c: CacheShape) -> Vec<StateDecl> {
         .collect()
 }
 
-/// Visibility mask `[B, T, S]`: query `t` of row `b` (at position `qpos[b, t]`) sees slot
-/// `s` iff `s <= qpos[b, t]` (causal) and `s < start[b] + len[b]` (slot holds a real
-/// token of this row: padding written by this chunk is excluded).
-pub fn mask(
-    g: &mut GraphBuilder<'_>,
-    c: CacheShape,
-    qpos: ValueId,
-    start: ValueId,
-    len: ValueId,
-) -> Result<ValueId, BuildError> {
-    let t = g.ty(qpos).shape[1];
+/// Visibility mask `[B, 1, T, S]`: query `t` of row `b` sees slot `s` iff
+/// `s <= qpos[b, t]` (causal) and `s < pos_after[b]` (slot holds a real token of this
+/// row: padding written by this chunk is excluded). The same for every layer.
+fn mask(g: &mut GraphBuilder<'_>, c: CacheShape, ch: &Chunk) -> Result<ValueId, BuildError> {
+    let t = g.ty(ch.qpos).shape[1];
     let slot = g.push(Op::Iota {
-        shape: vec![1, 1, c.slots],
-        dim: 2,
+        shape: vec![1, 1, 1, c.slots],
+        dim: 3,
     })?;
-    let q = g.reshape(qpos, &[c.batch, t, 1])?;
+    let q = g.reshape(ch.qpos, &[c.batch, 1, t, 1])?;
     let causal = g.binary(BinaryOp::Le, slot, q)?;
-    let end = g.binary(BinaryOp::Add, start, len)?;
-    let end = g.reshape(end, &[c.batch, 1, 1])?;
+    let end = g.reshape(ch.pos_after, &[c.batch, 1, 1, 1])?;
     let filled = g.binary(BinaryOp::Lt, slot, end)?;
     g.binary(BinaryOp::And, causal, filled)
 }
 
-/// Writes this chunk's keys and values (`[B, kv_heads, T, D]`, token `t` at slot
-/// `start + t` for `t < len`) into layer `l`'s caches; returns the updated caches.
-pub fn write(
+/// Writes the chunk's keys and values (`[B, kv_heads, T, D]`, token `t` at slot
+/// `start + t` for `t < len`) into layer `l`'s caches, then attends over them.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attend(
     g: &mut GraphBuilder<'_>,
+    c: CacheShape,
     l: u32,
+    q: ValueId,
     k: ValueId,
     v: ValueId,
-    start: ValueId,
-    len: ValueId,
-) -> Result<(ValueId, ValueId), BuildError> {
-    let kc = g.state(&k_name(l))?;
-    let kc = g.push(Op::KvWrite {
-        cache: kc,
-        new: k,
-        start,
-        len,
-    })?;
-    g.update(&k_name(l), kc)?;
-    let vc = g.state(&v_name(l))?;
-    let vc = g.push(Op::KvWrite {
-        cache: vc,
-        new: v,
-        start,
-        len,
-    })?;
-    g.update(&v_name(l), vc)?;
-    Ok((kc, vc))
+    ch: &Chunk,
+    scale: f32,
+) -> Result<ValueId, BuildError> {
+    let mut caches = [k, v];
+    for (new, name) in caches.iter_mut().zip([k_name(l), v_name(l)]) {
+        let cache = g.state(&name)?;
+        *new = g.push(Op::KvWrite {
+            cache,
+            new: *new,
+            start: ch.start,
+            len: ch.len,
+        })?;
+        g.update(&name, *new)?;
+    }
+    let mask = mask(g, c, ch)?;
+    g.push(Op::Attention {
+        q,
+        k: caches[0],
+        v: caches[1],
+        mask,
+        scale,
+    })
 }

@@ -1,4 +1,130 @@
 //! KV cache policies: how each one declares its state, which slots a query may see, and
 //! how new keys and values enter the cache. One file per policy.
+//!
+//! `Dense` (in `dense.rs`) keeps every token at slot = position. The budgeted policies
+//! share the slot-table machinery of `slots.rs` and differ only in how they score and
+//! rank slots (`window.rs`, `sink_window.rs`, `h2o.rs`, `tova.rs`, `snapkv.rs`,
+//! `random.rs`).
 
 pub mod dense;
+mod h2o;
+mod random;
+mod sink_window;
+pub mod slots;
+mod snapkv;
+mod tova;
+mod window;
+
+use crate::ir::{BuildError, GraphBuilder, StateDecl, ValueId};
+use crate::spec::KvPolicy;
+
+/// Cache geometry shared by both graphs.
+#[derive(Clone, Copy, Debug)]
+pub struct CacheShape {
+    /// Rows (`B`).
+    pub batch: u32,
+    /// KV heads per layer.
+    pub kv_heads: u32,
+    /// Physical slots per row and KV head (`N`): `S` for `Dense`, budget + prefill width
+    /// for a budgeted policy.
+    pub slots: u32,
+    /// Head width.
+    pub head_dim: u32,
+}
+
+/// Which graph is being built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// A chunk of up to `T` prompt tokens per row.
+    Prefill,
+    /// One token per active row.
+    Decode,
+}
+
+/// What a graph appends to every row: the same description serves both graphs.
+#[derive(Clone, Copy, Debug)]
+pub struct Chunk {
+    /// Prefill or decode.
+    pub phase: Phase,
+    /// Position of each query, `[B, T]` I32 (padding continues past the row's end).
+    pub qpos: ValueId,
+    /// Position of the row's first new token, `[B]` I32.
+    pub start: ValueId,
+    /// New tokens per row, `[B]` I32 (0 for an idle row).
+    pub len: ValueId,
+    /// Tokens of the row after this chunk (`start + len`), `[B]` I32.
+    pub pos_after: ValueId,
+}
+
+/// Name of layer `l`'s key cache.
+pub fn k_name(l: u32) -> String {
+    format!("k.{l}")
+}
+
+/// Name of layer `l`'s value cache.
+pub fn v_name(l: u32) -> String {
+    format!("v.{l}")
+}
+
+/// Name of layer `l`'s slot table (budgeted policies).
+pub fn pos_name(l: u32) -> String {
+    format!("slot_pos.{l}")
+}
+
+/// Name of layer `l`'s per-slot score (H2O, TOVA, SnapKV).
+pub fn score_name(l: u32) -> String {
+    format!("score.{l}")
+}
+
+/// The state variables of `policy` for `layers` layers.
+pub fn declare(policy: KvPolicy, layers: u32, c: CacheShape) -> Vec<StateDecl> {
+    match policy {
+        KvPolicy::Dense => dense::declare(layers, c),
+        KvPolicy::Window { .. } | KvPolicy::SinkWindow { .. } | KvPolicy::Random { .. } => {
+            slots::declare(layers, c, false)
+        }
+        KvPolicy::H2o { .. } | KvPolicy::Tova { .. } | KvPolicy::SnapKv { .. } => {
+            slots::declare(layers, c, true)
+        }
+    }
+}
+
+/// Attention of layer `l` through the cache: appends this chunk's keys `k` and values
+/// `v` (`[B, kv_heads, T, D]`, after RoPE), attends with queries `q` (`[B, heads, T,
+/// D]`) and applies the policy's eviction. Returns the attention output `[B, heads, T,
+/// D]` and updates the layer's state.
+#[allow(clippy::too_many_arguments)]
+pub fn attend(
+    g: &mut GraphBuilder<'_>,
+    policy: KvPolicy,
+    c: CacheShape,
+    l: u32,
+    q: ValueId,
+    k: ValueId,
+    v: ValueId,
+    chunk: &Chunk,
+    scale: f32,
+) -> Result<ValueId, BuildError> {
+    let Some(budget) = policy.budget() else {
+        return dense::attend(g, c, l, q, k, v, chunk, scale);
+    };
+    let rule: Box<dyn slots::Rule> = match policy {
+        KvPolicy::Dense => unreachable!("Dense has no budget"),
+        KvPolicy::Window { .. } => Box::new(window::Window),
+        KvPolicy::SinkWindow { sinks, .. } => Box::new(sink_window::SinkWindow { sinks }),
+        KvPolicy::H2o { recent, .. } => Box::new(h2o::H2o { recent }),
+        KvPolicy::Tova { .. } => Box::new(tova::Tova),
+        KvPolicy::SnapKv { window, pool, .. } => Box::new(snapkv::SnapKv { window, pool }),
+        KvPolicy::Random { seed, .. } => Box::new(random::Random { seed }),
+    };
+    let layer = slots::Layer {
+        c,
+        budget,
+        l,
+        q,
+        k,
+        v,
+        scale,
+    };
+    slots::attend(g, rule.as_ref(), &layer, chunk)
+}

@@ -7,8 +7,8 @@ use crate::ir::{
     BinaryOp, BuildError, CompiledConfig, DType, FORMAT, FORMAT_VERSION, GraphBuilder, Op,
     ParamDecl, Program, Scalar, Type, ValueId,
 };
-use crate::kv::dense::{self, CacheShape};
-use crate::spec::{DTypeSpec, LlamaConfig, ModelSpec};
+use crate::kv::{self, CacheShape, Chunk, Phase};
+use crate::spec::{DTypeSpec, KvPolicy, LlamaConfig, ModelSpec};
 
 fn layer(i: u32, name: &str) -> String {
     format!("model.layers.{i}.{name}.weight")
@@ -52,16 +52,14 @@ fn params(c: &LlamaConfig, wdt: DType) -> Vec<ParamDecl> {
     out
 }
 
-/// Per-chunk values every block reads.
+/// Per-graph values every block reads.
 struct Ctx {
-    /// Position of each token, `[B, T]`.
-    qpos: ValueId,
-    /// Visibility mask, `[B, T, S]`.
-    mask: ValueId,
-    /// First cache slot written per row, `[B]`.
-    start: ValueId,
-    /// Tokens written per row, `[B]`.
-    len: ValueId,
+    /// What this graph appends to each row.
+    chunk: Chunk,
+    /// The KV policy.
+    policy: KvPolicy,
+    /// Its cache geometry.
+    cache: CacheShape,
 }
 
 /// One decoder block: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
@@ -89,7 +87,7 @@ fn block(
         if rope {
             y = g.push(Op::Rope {
                 x: y,
-                pos: ctx.qpos,
+                pos: ctx.chunk.qpos,
                 theta: c.rope_theta,
             })?;
         }
@@ -98,15 +96,8 @@ fn block(
     let q = heads(g, "self_attn.q_proj", hq, true)?;
     let k = heads(g, "self_attn.k_proj", hkv, true)?;
     let v = heads(g, "self_attn.v_proj", hkv, false)?;
-    let (kc, vc) = dense::write(g, i, k, v, ctx.start, ctx.len)?;
     let scale = 1.0 / (d as f32).sqrt();
-    let a = g.push(Op::Attention {
-        q,
-        k: kc,
-        v: vc,
-        mask: ctx.mask,
-        scale,
-    })?;
+    let a = kv::attend(g, ctx.policy, ctx.cache, i, q, k, v, &ctx.chunk, scale)?;
     let a = g.permute(a, &[0, 2, 1, 3])?;
     let a = g.reshape(a, &[b, t, hq * d])?;
     let w = g.param(&layer(i, "self_attn.o_proj"))?;
@@ -150,11 +141,12 @@ fn head(g: &mut GraphBuilder<'_>, c: &LlamaConfig, h: ValueId) -> Result<ValueId
 /// Lowers a Llama spec into the prefill and decode graphs.
 pub(super) fn lower(spec: &ModelSpec, c: &LlamaConfig) -> Result<Program, BuildError> {
     let cc = &spec.compile;
-    let (bsz, width, slots) = (cc.batch, cc.prefill_len, cc.cache_len);
+    // `context`: the longest row; `slots`: physical cache slots per row and KV head.
+    let (bsz, width, context) = (cc.batch, cc.prefill_len, cc.cache_len);
     let cache = CacheShape {
         batch: bsz,
         kv_heads: c.num_kv_heads,
-        slots,
+        slots: cc.kv.slots(context, width),
         head_dim: c.head_dim,
     };
     let wdt = match cc.weight_dtype {
@@ -162,8 +154,8 @@ pub(super) fn lower(spec: &ModelSpec, c: &LlamaConfig) -> Result<Program, BuildE
         DTypeSpec::F16 => DType::F16,
     };
     let params = params(c, wdt);
-    let mut state = dense::declare(c.num_layers, cache);
-    state.extend(super::control_state(bsz, slots, cc.sampler));
+    let mut state = kv::declare(cc.kv, c.num_layers, cache);
+    state.extend(super::control_state(bsz, context, cc.sampler));
     let stops = &spec.stop_tokens;
 
     // Prefill: append `len[b]` prompt tokens at `pos[b]`; logits of the last real token.
@@ -178,12 +170,17 @@ pub(super) fn lower(spec: &ModelSpec, c: &LlamaConfig) -> Result<Program, BuildE
     })?;
     let start2 = g.reshape(start, &[bsz, 1])?;
     let qpos = g.binary(BinaryOp::Add, start2, offs)?;
-    let mask = dense::mask(&mut g, cache, qpos, start, len)?;
+    let pos_after = g.binary(BinaryOp::Add, start, len)?;
     let ctx = Ctx {
-        qpos,
-        mask,
-        start,
-        len,
+        chunk: Chunk {
+            phase: Phase::Prefill,
+            qpos,
+            start,
+            len,
+            pos_after,
+        },
+        policy: cc.kv,
+        cache,
     };
     let table = g.param(EMBED)?;
     let mut x = g.push(Op::Embed { table, ids: tokens })?;
@@ -194,9 +191,8 @@ pub(super) fn lower(spec: &ModelSpec, c: &LlamaConfig) -> Result<Program, BuildE
     let last = g.binary(BinaryOp::Sub, len, one)?;
     let h = g.push(Op::TakeRow { x, index: last })?;
     let logits = head(&mut g, c, h)?;
-    let pos_after = g.binary(BinaryOp::Add, start, len)?;
     let next = pick_token(&mut g, cc.sampler, logits, pos_after)?;
-    let token = prefill_control(&mut g, pos_after, len, limit, next, slots, stops)?;
+    let token = prefill_control(&mut g, pos_after, len, limit, next, context, stops)?;
     g.output("logits", logits);
     g.output("token", token);
     let prefill = g.finish();
@@ -208,12 +204,17 @@ pub(super) fn lower(spec: &ModelSpec, c: &LlamaConfig) -> Result<Program, BuildE
     let step = g.cast(active, DType::I32)?;
     let pos = g.state(names::POS)?;
     let qpos = g.reshape(pos, &[bsz, 1])?;
-    let mask = dense::mask(&mut g, cache, qpos, pos, step)?;
+    let pos_after = g.binary(BinaryOp::Add, pos, step)?;
     let ctx = Ctx {
-        qpos,
-        mask,
-        start: pos,
-        len: step,
+        chunk: Chunk {
+            phase: Phase::Decode,
+            qpos,
+            start: pos,
+            len: step,
+            pos_after,
+        },
+        policy: cc.kv,
+        cache,
     };
     let token = g.state(names::TOKEN)?;
     let ids = g.reshape(token, &[bsz, 1])?;
@@ -224,9 +225,8 @@ pub(super) fn lower(spec: &ModelSpec, c: &LlamaConfig) -> Result<Program, BuildE
     }
     let h = g.reshape(x, &[bsz, c.hidden_size])?;
     let logits = head(&mut g, c, h)?;
-    let pos_after = g.binary(BinaryOp::Add, pos, step)?;
     let next = pick_token(&mut g, cc.sampler, logits, pos_after)?;
-    let (token, done) = decode_control(&mut g, active, pos_after, next, slots, stops)?;
+    let (token, done) = decode_control(&mut g, active, pos_after, next, context, stops)?;
     g.output("logits", logits);
     g.output("token", token);
     g.output("done", done);
@@ -239,7 +239,7 @@ pub(super) fn lower(spec: &ModelSpec, c: &LlamaConfig) -> Result<Program, BuildE
         config: CompiledConfig {
             batch: bsz,
             prefill_len: width,
-            cache_len: slots,
+            cache_len: context,
             vocab_size: c.vocab_size,
             kv: cc.kv,
             sampler: cc.sampler,

@@ -51,7 +51,8 @@ pub mod names {
 }
 
 /// The control state every program carries (plus the sampler's settings).
-pub(crate) fn control_state(batch: u32, slots: u32, sampler: Sampler) -> Vec<StateDecl> {
+/// `context` is the longest row (positions `0..context`).
+pub(crate) fn control_state(batch: u32, context: u32, sampler: Sampler) -> Vec<StateDecl> {
     let i32b = Type::new(DType::I32, [batch]);
     let f32b = Type::new(DType::F32, [batch]);
     let sampling = match sampler {
@@ -77,7 +78,7 @@ pub(crate) fn control_state(batch: u32, slots: u32, sampler: Sampler) -> Vec<Sta
             },
             StateDecl {
                 name: names::UNIFORM.into(),
-                ty: Type::new(DType::F32, [batch, slots]),
+                ty: Type::new(DType::F32, [batch, context]),
                 init: Scalar::F32(0.0),
                 doc: "uniform draw for the token at position p + 1, from the seed".into(),
             },
@@ -176,18 +177,18 @@ fn is_stop(g: &mut GraphBuilder<'_>, token: ValueId, stops: &[u32]) -> Result<Va
     Ok(acc)
 }
 
-/// `pos >= limit || pos >= slots || token is a stop token`.
+/// `pos >= limit || pos >= context || token is a stop token`.
 fn reached_end(
     g: &mut GraphBuilder<'_>,
     pos: ValueId,
     limit: ValueId,
     token: ValueId,
-    slots: u32,
+    context: u32,
     stops: &[u32],
 ) -> Result<ValueId, BuildError> {
     let shape = g.ty(pos).shape.clone();
     let at_limit = g.binary(BinaryOp::Le, limit, pos)?;
-    let cap = g.constant(Scalar::I32(slots as i32), &shape)?;
+    let cap = g.constant(Scalar::I32(context as i32), &shape)?;
     let full = g.binary(BinaryOp::Le, cap, pos)?;
     let stop = is_stop(g, token, stops)?;
     let end = g.binary(BinaryOp::Or, at_limit, full)?;
@@ -204,7 +205,7 @@ pub(crate) fn prefill_control(
     len: ValueId,
     limit: ValueId,
     next: ValueId,
-    slots: u32,
+    context: u32,
     stops: &[u32],
 ) -> Result<ValueId, BuildError> {
     let shape = g.ty(len).shape.clone();
@@ -216,7 +217,7 @@ pub(crate) fn prefill_control(
         a: next,
         b: old,
     })?;
-    let done = reached_end(g, pos_after, limit, token, slots, stops)?;
+    let done = reached_end(g, pos_after, limit, token, context, stops)?;
     g.update(names::POS, pos_after)?;
     g.update(names::LIMIT, limit)?;
     g.update(names::TOKEN, token)?;
@@ -225,7 +226,7 @@ pub(crate) fn prefill_control(
 }
 
 /// Decode's control epilogue: active rows take the new token and advance; a row becomes
-/// done when it emits a stop token or reaches its limit or the cache end. `pos_after` is
+/// done when it emits a stop token or reaches its limit or the context end. `pos_after` is
 /// `pos + 1` for active rows and `pos` for the others.
 /// Returns `(token, done)` after the step.
 pub(crate) fn decode_control(
@@ -233,7 +234,7 @@ pub(crate) fn decode_control(
     active: ValueId,
     pos_after: ValueId,
     next: ValueId,
-    slots: u32,
+    context: u32,
     stops: &[u32],
 ) -> Result<(ValueId, ValueId), BuildError> {
     let old = g.state(names::TOKEN)?;
@@ -244,7 +245,7 @@ pub(crate) fn decode_control(
         a: next,
         b: old,
     })?;
-    let end = reached_end(g, pos_after, limit, token, slots, stops)?;
+    let end = reached_end(g, pos_after, limit, token, context, stops)?;
     let finished = g.binary(BinaryOp::And, active, end)?;
     let done = g.binary(BinaryOp::Or, done, finished)?;
     g.update(names::POS, pos_after)?;
