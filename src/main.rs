@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use kvc_compiler::ir::{FORMAT, FORMAT_VERSION, Program};
-use kvc_compiler::spec::DTypeSpec;
+use kvc_compiler::spec::{DTypeSpec, KvPolicy};
 use kvc_compiler::{MemoryPlan, ModelSpec, Overrides};
 use kvc_runtime::fetch::Progress;
 use kvc_runtime::model::LoadedModel;
@@ -122,9 +122,14 @@ struct ShapeArgs {
     /// Prefill width (`T`).
     #[arg(long)]
     prefill_len: Option<u32>,
-    /// KV cache slots per row (`S`).
+    /// Longest row (prompt + new tokens); with the dense cache also its slots per row.
+    /// Budgeted `--kv` policies default it to the model's max_position_embeddings.
     #[arg(long)]
     cache_len: Option<u32>,
+    /// KV cache policy: dense, window:SIZE, sink-window:SINKS:WINDOW, h2o:BUDGET:RECENT,
+    /// tova:BUDGET, snapkv:BUDGET:WINDOW:POOL, random:BUDGET[:SEED].
+    #[arg(long, value_parser = KvPolicy::parse)]
+    kv: Option<KvPolicy>,
     /// Storage of the weight matrices: `f32` (exact) or `f16` (half the bytes per step).
     #[arg(long, value_parser = parse_weight_dtype)]
     weight_dtype: Option<DTypeSpec>,
@@ -148,6 +153,7 @@ impl ShapeArgs {
             cache_len: self.cache_len,
             sampler: self.sampler,
             weight_dtype: self.weight_dtype,
+            kv: self.kv,
         }
     }
 }

@@ -252,7 +252,12 @@ fn plan(p: &Program, g: &Graph, device: &Device) -> Plan {
             | Op::Permute { .. }
             | Op::TakeRow { .. }
             | Op::Sample { .. }
-            | Op::Argmax { .. } => {}
+            | Op::Argmax { .. }
+            | Op::AttentionMass { .. }
+            | Op::Gather { .. }
+            | Op::TopK { .. }
+            | Op::Sum { .. }
+            | Op::Hash { .. } => {}
         }
     }
     Plan {
@@ -463,6 +468,56 @@ impl Executor {
                     let idx = take(*x).f().argmax(3);
                     Value::I(idx.reshape(pad4(&node.ty.shape)))
                 }
+                Op::AttentionMass {
+                    q,
+                    k,
+                    mask,
+                    weight,
+                    scale,
+                } => {
+                    let (q, k) = (take(*q).f(), take(*k).f());
+                    let (mask, w) = (take(*mask).b(), take(*weight).f());
+                    Value::F(attention_mass(q, k, mask, w, *scale))
+                }
+                Op::Gather { x, index } => {
+                    let dims = pad4(&node.ty.shape);
+                    let index = take(*index).i();
+                    let index = if node.ty.shape.len() == 4 {
+                        let [b, h, m, d] = dims;
+                        index.reshape([b, h, m, 1]).expand([b, h, m, d])
+                    } else {
+                        index
+                    };
+                    match take(*x) {
+                        Value::F(t) => Value::F(t.gather(2 + 4 - node.ty.shape.len(), index)),
+                        Value::I(t) => Value::I(t.gather(2 + 4 - node.ty.shape.len(), index)),
+                        Value::B(t) => {
+                            let t = t.int().gather(2 + 4 - node.ty.shape.len(), index);
+                            Value::B(t.bool())
+                        }
+                    }
+                }
+                Op::TopK { x, tiebreak, k } => {
+                    let (x, tb) = (take(*x), take(*tiebreak));
+                    let x = x.to_f32().expect("verified f32");
+                    let tb = tb.to_i32().expect("verified i32");
+                    let n = *g.ty(node.op.args()[0]).shape.last().expect("rank >= 1") as usize;
+                    let idx = top_k(&x, &tb, n, *k as usize);
+                    Value::from_i32(idx, &node.ty.shape, &self.device)
+                }
+                Op::Sum { x } => {
+                    let s = take(*x).f().sum_dim(3);
+                    Value::F(s.reshape(pad4(&node.ty.shape)))
+                }
+                Op::Hash { a, b, seed } => {
+                    let dims = pad4(&node.ty.shape);
+                    let a = take(*a).i().expand(dims);
+                    let b = take(*b).i().expand(dims);
+                    let a = Value::I(a).to_i32().expect("verified i32");
+                    let b = Value::I(b).to_i32().expect("verified i32");
+                    let u = a.iter().zip(&b).map(|(&a, &b)| hash_uniform(*seed, a, b));
+                    Value::from_f32(u.collect(), &node.ty.shape, &self.device)
+                }
             };
             if let (Some(p), Some(t)) = (&self.profile, started) {
                 let mut p = p.borrow_mut();
@@ -642,16 +697,10 @@ fn attention(
     scale: f32,
 ) -> Tensor<4> {
     let [b, hq, t, d] = q.dims();
-    let [_, hkv, s, _] = k.dims();
+    let hkv = k.dims()[1];
     let g = hq / hkv;
     let q = q.reshape([b, hkv, g * t, d]);
-    // mask [1, B, T, S] → [B, 1, g·T, S] (query axis is group-major), broadcast over KV
-    // heads by the backend; Burn's mask marks the hidden slots.
-    let hidden = mask
-        .bool_not()
-        .reshape([b, 1, t, s])
-        .expand([b, g, t, s])
-        .reshape([b, 1, g * t, s]);
+    let hidden = hidden_slots(mask, g);
     let options = AttentionModuleOptions {
         scale: Some(scale as f64),
         softcap: None,
@@ -660,7 +709,98 @@ fn attention(
     module::attention(q, k, v, Some(hidden), None, options).reshape([b, hq, t, d])
 }
 
-/// `cache[b, :, start[b] + t, :] = new[b, :, t, :]` for `t < len[b]`. Entries past a row's
+/// The mask `[B, M, T, S]` (M = 1 or Hkv, true = visible) as Burn's attention wants it
+/// for `g` query heads per KV head stacked on the query axis (group-major): `[B, M, g·T,
+/// S]`, true = hidden. An M of 1 broadcasts over the KV heads.
+fn hidden_slots(mask: Tensor<4, Bool>, g: usize) -> Tensor<4, Bool> {
+    let [b, m, t, s] = mask.dims();
+    mask.bool_not()
+        .reshape([b, m, 1, t, s])
+        .expand([b, m, g, t, s])
+        .reshape([b, m, g * t, s])
+}
+
+/// Attention probability each key receives: softmax over the visible slots per query
+/// head, weighted per query, summed over queries and averaged over the query heads of a
+/// KV group. q `[B, Hq, T, D]`, k `[B, Hkv, S, D]`, mask `[B, M, T, S]`, weight
+/// `[1, 1, B, T]` → `[1, B, Hkv, S]`. A query with no visible slot contributes zeros.
+fn attention_mass(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    mask: Tensor<4, Bool>,
+    weight: Tensor<4>,
+    scale: f32,
+) -> Tensor<4> {
+    let [b, hq, t, d] = q.dims();
+    let [_, hkv, s, _] = k.dims();
+    let g = hq / hkv;
+    let q = q.reshape([b, hkv, g * t, d]);
+    let hidden = hidden_slots(mask, g).expand([b, hkv, g * t, s]);
+    let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
+    let probs = softmax(scores.mask_fill(hidden.clone(), -1.0e30f32), 3).mask_fill(hidden, 0.0f32);
+    let w = weight.reshape([b, 1, 1, t, 1]);
+    let mass = probs.reshape([b, hkv, g, t, s]).mul(w);
+    mass.sum_dim(3)
+        .sum_dim(2)
+        .mul_scalar(1.0 / g as f32)
+        .reshape([1, b, hkv, s])
+}
+
+/// Indices of the `k` largest `(x, tiebreak)` pairs of each row of `n`, largest first,
+/// equal pairs by lower index (the order [`Op::TopK`] specifies).
+fn top_k(x: &[f32], tiebreak: &[i32], n: usize, k: usize) -> Vec<i32> {
+    let mut out = Vec::with_capacity(x.len() / n * k);
+    let better = |i: usize, j: usize| -> bool {
+        match x[i].total_cmp(&x[j]) {
+            std::cmp::Ordering::Equal => tiebreak[i] > tiebreak[j],
+            o => o == std::cmp::Ordering::Greater,
+        }
+    };
+    let mut order: Vec<usize> = Vec::with_capacity(n);
+    for row in 0..x.len() / n {
+        let base = row * n;
+        if k == 1 {
+            let mut best = base;
+            for i in base + 1..base + n {
+                if better(i, best) {
+                    best = i;
+                }
+            }
+            out.push((best - base) as i32);
+            continue;
+        }
+        order.clear();
+        order.extend(base..base + n);
+        order.sort_by(|&i, &j| {
+            if better(i, j) {
+                std::cmp::Ordering::Less
+            } else if better(j, i) {
+                std::cmp::Ordering::Greater
+            } else {
+                i.cmp(&j)
+            }
+        });
+        out.extend(order[..k].iter().map(|&i| (i - base) as i32));
+    }
+    out
+}
+
+/// murmur3's 32-bit finalizer.
+fn fmix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// The uniform draw of [`Op::Hash`]: `fmix32(fmix32(seed ^ a) ^ b)`, top 24 bits / 2²⁴.
+pub fn hash_uniform(seed: u32, a: i32, b: i32) -> f32 {
+    let h = fmix32(fmix32(seed ^ a as u32) ^ b as u32);
+    (h >> 8) as f32 / 16_777_216.0
+}
+
+/// `cache[b, h, start + t, :] = new[b, h, t, :]` for `t < len[b]`. Entries past a row's
 /// length rewrite the row's last entry (or, for an empty row, a slot's own old value), so
 /// every scatter target receives one well-defined value and the op stays fixed-shape.
 fn kv_write(
@@ -673,12 +813,15 @@ fn kv_write(
     let t = new.dims()[2];
     let device = new.device();
     let len = len.reshape([b, 1]);
-    let start = start.reshape([b, 1]);
+    // start is per row ([B]) or per row and head ([B, H]).
+    let hs = start.shape().num_elements() / b;
+    let start = start.reshape([b, hs, 1]).expand([b, h, t]);
     let steps = Tensor::<1, Int>::arange(0..t as i64, &device).reshape([1, t]);
     let last = len.clone().sub_scalar(1).clamp_min(0);
     let src = steps.expand([b, t]).min_pair(last.expand([b, t]));
-    let slot = start.expand([b, t]).add(src.clone()).clamp(0, s as i32 - 1);
-    let spread = |i: Tensor<2, Int>| i.reshape([b, 1, t, 1]).expand([b, h, t, d]);
+    let src = src.reshape([b, 1, t]).expand([b, h, t]);
+    let slot = start.add(src.clone()).clamp(0, s as i32 - 1);
+    let spread = |i: Tensor<3, Int>| i.reshape([b, h, t, 1]).expand([b, h, t, d]);
     let (src, slot) = (spread(src), spread(slot));
     let fresh = new.gather(2, src);
     let old = cache.clone().gather(2, slot.clone());

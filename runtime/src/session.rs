@@ -238,6 +238,17 @@ impl Session {
         )
     }
 
+    /// The positions held by layer `layer`'s cache slots, `[B, kv_heads, N]` row-major
+    /// (−1 = free), for a budgeted KV policy; `None` for the dense cache (slot =
+    /// position).
+    pub fn slot_positions(&self, layer: u32) -> Result<Option<Vec<i32>>, RuntimeError> {
+        let name = kvc_compiler::kv::pos_name(layer);
+        match self.program().state_id(&name) {
+            None => Ok(None),
+            Some(id) => Ok(Some(self.state.get(id).to_i32()?)),
+        }
+    }
+
     /// Returns every state variable to its initial value (a new batch).
     pub fn reset(&mut self) {
         self.state = State::new(self.exec.program(), self.exec.device());
@@ -284,9 +295,13 @@ impl Session {
             // The last generated token is never written to the cache.
             let need = r.prompt.len().saturating_add(r.max_new_tokens - 1);
             if need > c.cache_len as usize {
+                let what = match c.kv.budget() {
+                    None => format!("{need} cache slots, but the dense cache has"),
+                    Some(_) => format!("{need} positions, but rows were compiled to end at"),
+                };
                 return Err(RuntimeError::Request(format!(
-                    "prompt {i}: {} prompt tokens + {} new tokens need {need} cache slots, \
-                     but the dense cache has {} (compile with --cache-len {need} or more)",
+                    "prompt {i}: {} prompt tokens + {} new tokens need {what} {} \
+                     (compile with --cache-len {need} or more)",
                     r.prompt.len(),
                     r.max_new_tokens,
                     c.cache_len
