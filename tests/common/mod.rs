@@ -1,0 +1,215 @@
+//! Shared by the tiny-model test crates: the tiny random-weight model, a session over it,
+//! and a plain float64 Llama forward pass (no cache, no padding, one sequence at a time).
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use kvc_compiler::ir::Program;
+use kvc_compiler::spec::{Arch, LlamaConfig};
+use kvc_compiler::{ModelSpec, Overrides, compile};
+use kvc_runtime::random::{HostTensor, random_param};
+use kvc_runtime::session::{Session, bind_params};
+use kvc_runtime::{Backend, device};
+
+pub fn tiny(o: Overrides) -> (Program, BTreeMap<String, HostTensor>) {
+    tiny_stopping_at(o, &[])
+}
+
+pub fn tiny_stopping_at(o: Overrides, stops: &[u32]) -> (Program, BTreeMap<String, HostTensor>) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-llama.ron");
+    let mut spec = ModelSpec::load(&path)
+        .unwrap()
+        .with_overrides(&o, "tiny")
+        .unwrap();
+    spec.stop_tokens = stops.to_vec();
+    let program = compile(&spec).unwrap();
+    let weights = program
+        .params
+        .iter()
+        .map(|d| (d.name.clone(), random_param(d, 7)))
+        .collect();
+    (program, weights)
+}
+
+pub fn session(program: &Program, weights: &BTreeMap<String, HostTensor>) -> Session {
+    let dev = device(Backend::Flex).unwrap();
+    let mut w = weights.clone();
+    let params = bind_params(program, &mut w, &dev).unwrap();
+    Session::new(program.clone(), params, dev).unwrap()
+}
+
+/// Float64 reference forward pass: logits after every position of `ids`.
+pub struct Reference<'a> {
+    /// The model configuration.
+    pub c: LlamaConfig,
+    /// The weights by checkpoint name.
+    pub w: &'a BTreeMap<String, HostTensor>,
+}
+
+impl Reference<'_> {
+    pub fn new<'a>(p: &Program, w: &'a BTreeMap<String, HostTensor>) -> Reference<'a> {
+        let Arch::Llama(c) = &p.spec.arch;
+        Reference { c: c.clone(), w }
+    }
+
+    pub fn t(&self, name: &str) -> &HostTensor {
+        &self.w[name]
+    }
+
+    pub fn linear(&self, x: &[f64], name: &str) -> Vec<f64> {
+        let t = self.t(name);
+        let (n, k) = (t.shape[0], t.shape[1]);
+        (0..n)
+            .map(|o| (0..k).map(|i| x[i] * t.data[o * k + i] as f64).sum())
+            .collect()
+    }
+
+    pub fn rms(&self, x: &[f64], name: &str) -> Vec<f64> {
+        let w = &self.t(name).data;
+        let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
+        let inv = 1.0 / (ms + self.c.rms_norm_eps as f64).sqrt();
+        x.iter().zip(w).map(|(v, g)| v * inv * *g as f64).collect()
+    }
+
+    pub fn rope(&self, x: &mut [f64], pos: usize) {
+        let d = self.c.head_dim as usize;
+        for head in x.chunks_mut(d) {
+            for i in 0..d / 2 {
+                let a = pos as f64 * (self.c.rope_theta as f64).powf(-2.0 * i as f64 / d as f64);
+                let (x1, x2) = (head[i], head[i + d / 2]);
+                head[i] = x1 * a.cos() - x2 * a.sin();
+                head[i + d / 2] = x2 * a.cos() + x1 * a.sin();
+            }
+        }
+    }
+
+    /// Greedy continuation of `prompt` by `n` tokens, recomputing every position.
+    pub fn greedy(&self, prompt: &[u32], n: usize) -> Vec<u32> {
+        let mut seq = prompt.to_vec();
+        for _ in 0..n {
+            let next = argmax(self.forward(&seq).last().unwrap());
+            seq.push(next);
+        }
+        seq.split_off(prompt.len())
+    }
+
+    /// Embedding of one token.
+    pub fn embed(&self, id: u32) -> Vec<f64> {
+        let h = self.c.hidden_size as usize;
+        let emb = self.t("model.embed_tokens.weight");
+        emb.data[id as usize * h..(id as usize + 1) * h]
+            .iter()
+            .map(|&v| v as f64)
+            .collect()
+    }
+
+    /// Layer `l`'s query, key and value of hidden state `x` at position `pos` (after RoPE).
+    pub fn qkv(&self, l: u32, x: &[f64], pos: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let p = |n: &str| format!("model.layers.{l}.{n}.weight");
+        let hn = self.rms(x, &p("input_layernorm"));
+        let mut q = self.linear(&hn, &p("self_attn.q_proj"));
+        let mut k = self.linear(&hn, &p("self_attn.k_proj"));
+        self.rope(&mut q, pos);
+        self.rope(&mut k, pos);
+        (q, k, self.linear(&hn, &p("self_attn.v_proj")))
+    }
+
+    /// Softmax attention of one query head over `keys`/`values` (one KV head each):
+    /// returns the probabilities and the output.
+    pub fn attend(&self, q: &[f64], keys: &[&[f64]], values: &[&[f64]]) -> (Vec<f64>, Vec<f64>) {
+        let d = self.c.head_dim as usize;
+        let scores: Vec<f64> = keys
+            .iter()
+            .map(|k| q.iter().zip(*k).map(|(a, b)| a * b).sum::<f64>() / (d as f64).sqrt())
+            .collect();
+        let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+        let z: f64 = e.iter().sum();
+        let probs: Vec<f64> = e.iter().map(|w| w / z).collect();
+        let mut out = vec![0.0; d];
+        for (p, v) in probs.iter().zip(values) {
+            for j in 0..d {
+                out[j] += p * v[j];
+            }
+        }
+        (probs, out)
+    }
+
+    /// The rest of layer `l` after attention: output projection, residual, SwiGLU MLP.
+    pub fn finish_layer(&self, l: u32, x: &mut [f64], att: &[f64]) {
+        let p = |n: &str| format!("model.layers.{l}.{n}.weight");
+        let o = self.linear(att, &p("self_attn.o_proj"));
+        x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+        let hn = self.rms(x, &p("post_attention_layernorm"));
+        let g = self.linear(&hn, &p("mlp.gate_proj"));
+        let u = self.linear(&hn, &p("mlp.up_proj"));
+        let m: Vec<f64> = g
+            .iter()
+            .zip(&u)
+            .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+            .collect();
+        let dn = self.linear(&m, &p("mlp.down_proj"));
+        x.iter_mut().zip(&dn).for_each(|(a, b)| *a += b);
+    }
+
+    /// Final norm and LM head.
+    pub fn logits(&self, x: &[f64]) -> Vec<f64> {
+        let head = if self.c.tie_word_embeddings {
+            "model.embed_tokens.weight"
+        } else {
+            "lm_head.weight"
+        };
+        self.linear(&self.rms(x, "model.norm.weight"), head)
+    }
+
+    /// Logits after every position of `ids` (full causal attention, recomputed).
+    pub fn forward(&self, ids: &[u32]) -> Vec<Vec<f64>> {
+        let c = &self.c;
+        let d = c.head_dim as usize;
+        let (hq, hkv) = (c.num_heads as usize, c.num_kv_heads as usize);
+        let mut xs: Vec<Vec<f64>> = ids.iter().map(|&t| self.embed(t)).collect();
+        for l in 0..c.num_layers {
+            let qkv: Vec<_> = xs
+                .iter()
+                .enumerate()
+                .map(|(pos, x)| self.qkv(l, x, pos))
+                .collect();
+            for (pos, x) in xs.iter_mut().enumerate() {
+                let mut att = vec![0.0; hq * d];
+                for head in 0..hq {
+                    let kvh = head / (hq / hkv);
+                    let slice = |v: &[f64]| v[kvh * d..(kvh + 1) * d].to_vec();
+                    let keys: Vec<Vec<f64>> = qkv[..=pos].iter().map(|e| slice(&e.1)).collect();
+                    let values: Vec<Vec<f64>> = qkv[..=pos].iter().map(|e| slice(&e.2)).collect();
+                    let keys: Vec<&[f64]> = keys.iter().map(|k| k.as_slice()).collect();
+                    let values: Vec<&[f64]> = values.iter().map(|v| v.as_slice()).collect();
+                    let q = &qkv[pos].0[head * d..(head + 1) * d];
+                    let (_, out) = self.attend(q, &keys, &values);
+                    att[head * d..(head + 1) * d].copy_from_slice(&out);
+                }
+                self.finish_layer(l, x, &att);
+            }
+        }
+        xs.iter().map(|x| self.logits(x)).collect()
+    }
+}
+
+pub fn max_diff(a: &[f32], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - y).abs())
+        .fold(0.0, f64::max)
+}
+
+pub fn argmax(v: &[f64]) -> u32 {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
