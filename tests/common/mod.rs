@@ -212,4 +212,3 @@ pub fn argmax(v: &[f64]) -> u32 {
     }
     best as u32
 }
-
