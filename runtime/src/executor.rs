@@ -480,20 +480,15 @@ impl Executor {
                     Value::F(attention_mass(q, k, mask, w, *scale))
                 }
                 Op::Gather { x, index } => {
-                    let dims = pad4(&node.ty.shape);
                     let index = take(*index).i();
-                    let index = if node.ty.shape.len() == 4 {
-                        let [b, h, m, d] = dims;
-                        index.reshape([b, h, m, 1]).expand([b, h, m, d])
+                    let x = take(*x);
+                    if node.ty.shape.len() == 4 {
+                        Value::F(gather_rows(x.f(), index))
                     } else {
-                        index
-                    };
-                    match take(*x) {
-                        Value::F(t) => Value::F(t.gather(2 + 4 - node.ty.shape.len(), index)),
-                        Value::I(t) => Value::I(t.gather(2 + 4 - node.ty.shape.len(), index)),
-                        Value::B(t) => {
-                            let t = t.int().gather(2 + 4 - node.ty.shape.len(), index);
-                            Value::B(t.bool())
+                        match x {
+                            Value::F(t) => Value::F(t.gather(3, index)),
+                            Value::I(t) => Value::I(t.gather(3, index)),
+                            Value::B(t) => Value::B(t.int().gather(3, index).bool()),
                         }
                     }
                 }
@@ -746,6 +741,21 @@ fn attention_mass(
         .reshape([1, b, hkv, s])
 }
 
+/// `out[b, h, m, :] = x[b, h, index[b, h, m], :]` as one row selection over the
+/// flattened `[B·H·N, D]` view (x `[B, H, N, D]`, index `[1, B, H, M]`).
+fn gather_rows(x: Tensor<4>, index: Tensor<4, Int>) -> Tensor<4> {
+    let [b, h, n, d] = x.dims();
+    let m = index.dims()[3];
+    let device = x.device();
+    let base = Tensor::<1, Int>::arange(0..(b * h) as i64, &device)
+        .mul_scalar(n as i32)
+        .reshape([1, b, h, 1]);
+    let rows = index.add(base).reshape([b * h * m]);
+    x.reshape([b * h * n, d])
+        .select(0, rows)
+        .reshape([b, h, m, d])
+}
+
 /// Indices of the `k` largest `(x, tiebreak)` pairs of each row of `n`, largest first,
 /// equal pairs by lower index (the order [`Op::TopK`] specifies).
 fn top_k(x: &[f32], tiebreak: &[i32], n: usize, k: usize) -> Vec<i32> {
@@ -812,25 +822,36 @@ fn kv_write(
     let [b, h, s, d] = cache.dims();
     let t = new.dims()[2];
     let device = new.device();
-    let len = len.reshape([b, 1]);
+    let len = len.reshape([b, 1, 1]);
     // start is per row ([B]) or per row and head ([B, H]).
     let hs = start.shape().num_elements() / b;
     let start = start.reshape([b, hs, 1]).expand([b, h, t]);
-    let steps = Tensor::<1, Int>::arange(0..t as i64, &device).reshape([1, t]);
+    let steps = Tensor::<1, Int>::arange(0..t as i64, &device).reshape([1, 1, t]);
     let last = len.clone().sub_scalar(1).clamp_min(0);
-    let src = steps.expand([b, t]).min_pair(last.expand([b, t]));
-    let src = src.reshape([b, 1, t]).expand([b, h, t]);
+    let src = steps.expand([b, h, t]).min_pair(last.expand([b, h, t]));
     let slot = start.add(src.clone()).clamp(0, s as i32 - 1);
-    let spread = |i: Tensor<3, Int>| i.reshape([b, h, t, 1]).expand([b, h, t, d]);
-    let (src, slot) = (spread(src), spread(slot));
-    let fresh = new.gather(2, src);
-    let old = cache.clone().gather(2, slot.clone());
+    // Whole rows of D values move: index the flattened [B·H·rows, D] views.
+    let base = |rows: usize| {
+        Tensor::<1, Int>::arange(0..(b * h) as i64, &device)
+            .mul_scalar(rows as i32)
+            .reshape([b, h, 1])
+            .expand([b, h, t])
+    };
+    let src = src.add(base(t)).reshape([b * h * t]);
+    let dst = slot.add(base(s)).reshape([b * h * t]);
+    let cache = cache.reshape([b * h * s, d]);
+    let fresh = new.reshape([b * h * t, d]).select(0, src);
+    let old = cache.clone().select(0, dst.clone());
     let empty = len
         .lower_equal_elem(0)
-        .reshape([b, 1, 1, 1])
-        .expand([b, h, t, d]);
+        .reshape([b, 1, 1])
+        .expand([b, h, t])
+        .reshape([b * h * t, 1])
+        .expand([b * h * t, d]);
     let values = fresh.mask_where(empty, old);
-    cache.scatter(2, slot, values, IndexingUpdateOp::Assign)
+    cache
+        .select_assign(0, dst, values, IndexingUpdateOp::Assign)
+        .reshape([b, h, s, d])
 }
 
 /// Temperature / top-k / top-p sampling with fixed shapes: one descending sort per row,
