@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use kvc_compiler::spec::DTypeSpec;
+use kvc_compiler::spec::{DTypeSpec, KvPolicy};
 use kvc_compiler::{MemoryPlan, ModelSpec, Overrides};
 use kvc_runtime::model::LoadedModel;
 use kvc_runtime::session::{Request, Sampling};
@@ -83,15 +83,33 @@ fn rss() -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
+/// One configuration to measure.
+#[derive(Clone, Copy, Debug)]
+pub struct Config {
+    /// Rows.
+    pub batch: u32,
+    /// Prompt tokens per row.
+    pub context: u32,
+    /// KV policy.
+    pub kv: KvPolicy,
+    /// Decode steps timed.
+    pub steps: usize,
+    /// Prefill width; default min(context, 512).
+    pub prefill_len: Option<u32>,
+    /// Weight storage override.
+    pub weight_dtype: Option<DTypeSpec>,
+}
+
 /// Measures one configuration in this process.
-pub fn bench_one(
-    model: &Path,
-    batch: u32,
-    context: u32,
-    steps: usize,
-    prefill_len: Option<u32>,
-    weight_dtype: Option<DTypeSpec>,
-) -> Result<BenchResult> {
+pub fn bench_one(model: &Path, cfg: &Config) -> Result<BenchResult> {
+    let Config {
+        batch,
+        context,
+        kv,
+        steps,
+        prefill_len,
+        weight_dtype,
+    } = *cfg;
     let t0 = Instant::now();
     let mut spec = ModelSpec::load(model)?;
     // Rows must not stop early: a benchmark decodes exactly `steps` tokens per row.
@@ -102,6 +120,7 @@ pub fn bench_one(
         prefill_len: Some(width.min(context)),
         cache_len: Some(context + steps as u32 + 1),
         weight_dtype,
+        kv: Some(kv),
         ..Overrides::default()
     };
     let spec = spec.with_overrides(&o, &model.display().to_string())?;
@@ -153,7 +172,7 @@ pub fn bench_one(
         batch,
         context,
         prefill_len: width.min(context),
-        kv: format!("{:?}", m.session.program().config.kv),
+        kv: m.session.program().config.kv.to_string(),
         weights: m.session.program().config.weight_dtype.to_string(),
         steps,
         prefill_tok_s: (batch * context) as f64 / prefill_s,
@@ -170,20 +189,12 @@ pub fn bench_one(
     })
 }
 
-/// Runs every (batch, context) pair in its own child process and prints a table.
-pub fn bench_all(
-    model: &Path,
-    batches: &[u32],
-    contexts: &[u32],
-    steps: usize,
-    prefill_len: Option<u32>,
-    weight_dtype: Option<DTypeSpec>,
-    json: Option<&Path>,
-) -> Result<()> {
+/// Runs every configuration in its own child process and prints a table.
+pub fn bench_all(model: &Path, configs: &[Config], json: Option<&Path>) -> Result<()> {
     let exe = std::env::current_exe()?;
     let mut results = Vec::new();
     println!(
-        "{:>5} {:>7} {:>6} {:>11} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7} {:>9} {:>9}",
+        "{:>5} {:>7} {:>16} {:>11} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7} {:>9} {:>9}",
         "batch",
         "context",
         "kv",
@@ -198,8 +209,10 @@ pub fn bench_all(
         "peak MiB",
         "plan MiB"
     );
-    for &b in batches {
-        for &c in contexts {
+    let steps = configs.first().map_or(0, |c| c.steps);
+    for cfg in configs {
+        {
+            let (b, c) = (cfg.batch, cfg.context);
             let mut cmd = Command::new(&exe);
             cmd.args(["bench", "--one"]).arg(model);
             cmd.args([
@@ -207,13 +220,15 @@ pub fn bench_all(
                 &b.to_string(),
                 "--context",
                 &c.to_string(),
+                "--kv",
+                &cfg.kv.to_string(),
                 "--steps",
-                &steps.to_string(),
+                &cfg.steps.to_string(),
             ]);
-            if let Some(t) = prefill_len {
+            if let Some(t) = cfg.prefill_len {
                 cmd.args(["--prefill-len", &t.to_string()]);
             }
-            if let Some(d) = weight_dtype {
+            if let Some(d) = cfg.weight_dtype {
                 cmd.args([
                     "--weight-dtype",
                     if d == DTypeSpec::F16 { "f16" } else { "f32" },
@@ -222,14 +237,15 @@ pub fn bench_all(
             let out = cmd.output().context("starting a benchmark child process")?;
             if !out.status.success() {
                 bail!(
-                    "batch {b} context {c}: {}",
+                    "batch {b} context {c} kv {}: {}",
+                    cfg.kv,
                     String::from_utf8_lossy(&out.stderr).trim()
                 );
             }
             let r: BenchResult =
                 serde_json::from_slice(&out.stdout).context("reading a child's result")?;
             println!(
-                "{:>5} {:>7} {:>6} {:>11.1} {:>10.1} {:>10.1} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7.3} {:>9.0} {:>9.0}",
+                "{:>5} {:>7} {:>16} {:>11.1} {:>10.1} {:>10.1} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7.3} {:>9.0} {:>9.0}",
                 r.batch,
                 r.context,
                 r.kv,

@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use kvc_compiler::ir::{FORMAT, FORMAT_VERSION, Program};
-use kvc_compiler::spec::{DTypeSpec, KvPolicy};
+use kvc_compiler::spec::{DTypeSpec, KvPolicy, KvStorage};
 use kvc_compiler::{MemoryPlan, ModelSpec, Overrides};
 use kvc_runtime::fetch::Progress;
 use kvc_runtime::model::LoadedModel;
@@ -76,6 +76,9 @@ enum Command {
         /// Prompt lengths to measure (comma-separated).
         #[arg(long, value_delimiter = ',', default_values_t = [128u32, 1024, 4096])]
         context: Vec<u32>,
+        /// KV policies to measure (comma-separated `--kv` forms, e.g. dense,h2o:512:64).
+        #[arg(long, value_delimiter = ',', value_parser = KvPolicy::parse, default_values_t = [KvPolicy::Dense])]
+        kv: Vec<KvPolicy>,
         /// Decode steps timed per configuration.
         #[arg(long, default_value_t = 1000)]
         steps: usize,
@@ -130,6 +133,10 @@ struct ShapeArgs {
     /// tova:BUDGET, snapkv:BUDGET:WINDOW:POOL, random:BUDGET[:SEED].
     #[arg(long, value_parser = KvPolicy::parse)]
     kv: Option<KvPolicy>,
+    /// Storage of cached keys and values: `f32` (exact) or `i8` (per-token scales,
+    /// about 4× smaller).
+    #[arg(long, value_parser = KvStorage::parse)]
+    kv_storage: Option<KvStorage>,
     /// Storage of the weight matrices: `f32` (exact) or `f16` (half the bytes per step).
     #[arg(long, value_parser = parse_weight_dtype)]
     weight_dtype: Option<DTypeSpec>,
@@ -154,6 +161,7 @@ impl ShapeArgs {
             sampler: self.sampler,
             weight_dtype: self.weight_dtype,
             kv: self.kv,
+            kv_storage: self.kv_storage,
         }
     }
 }
@@ -235,6 +243,7 @@ fn real_main() -> Result<()> {
             model,
             batch,
             context,
+            kv,
             steps,
             prefill_len,
             weight_dtype,
@@ -245,23 +254,34 @@ fn real_main() -> Result<()> {
                 bail!("--steps must be at least 1");
             }
             if one {
-                let (b, c) = (
-                    *batch.first().context("--batch")?,
-                    *context.first().context("--context")?,
-                );
-                let r = bench::bench_one(&model, b, c, steps, prefill_len, weight_dtype)?;
-                println!("{}", serde_json::to_string(&r)?);
-                Ok(())
-            } else {
-                bench::bench_all(
-                    &model,
-                    &batch,
-                    &context,
+                let config = bench::Config {
+                    batch: *batch.first().context("--batch")?,
+                    context: *context.first().context("--context")?,
+                    kv: *kv.first().context("--kv")?,
                     steps,
                     prefill_len,
                     weight_dtype,
-                    json.as_deref(),
-                )
+                };
+                let r = bench::bench_one(&model, &config)?;
+                println!("{}", serde_json::to_string(&r)?);
+                Ok(())
+            } else {
+                let mut configs = vec![];
+                for &b in &batch {
+                    for &c in &context {
+                        for &k in &kv {
+                            configs.push(bench::Config {
+                                batch: b,
+                                context: c,
+                                kv: k,
+                                steps,
+                                prefill_len,
+                                weight_dtype,
+                            });
+                        }
+                    }
+                }
+                bench::bench_all(&model, &configs, json.as_deref())
             }
         }
     }

@@ -9,7 +9,7 @@ mod common;
 use common::{Reference, argmax, max_diff, session, tiny};
 use kvc_compiler::Overrides;
 use kvc_compiler::ir::Program;
-use kvc_compiler::spec::KvPolicy;
+use kvc_compiler::spec::{KvPolicy, KvStorage};
 use kvc_runtime::session::{Request, Sampling, Session};
 
 /// Priority of protected tokens (as the compiled graphs use it).
@@ -33,6 +33,18 @@ struct Eager<'a> {
     /// `cache[layer][kv_head]`.
     cache: Vec<Vec<Vec<Entry>>>,
     pos: usize,
+    /// Keys and values go through int8 storage (`KvStorage::I8`).
+    int8: bool,
+}
+
+/// Symmetric int8 round trip of one token's head vector, in f32 as the graphs do it:
+/// scale = max(max |x|, 1e-30) / 127, x ≈ clamp(round(x / scale), ±127) · scale.
+fn int8_round_trip(x: &[f64]) -> Vec<f64> {
+    let m = x.iter().fold(0.0f32, |m, v| m.max((*v as f32).abs()));
+    let scale = m.max(1e-30) * (1.0 / 127.0);
+    x.iter()
+        .map(|v| (((*v as f32) / scale).round().clamp(-127.0, 127.0) * scale) as f64)
+        .collect()
 }
 
 /// murmur3's 32-bit finalizer (the hash `docs/kv-policies.md` specifies for `Random`).
@@ -54,6 +66,7 @@ impl<'a> Eager<'a> {
             width: p.config.prefill_len as usize,
             cache: vec![vec![vec![]; heads]; layers],
             pos: 0,
+            int8: p.config.kv_storage == KvStorage::I8,
             r,
         }
     }
@@ -87,10 +100,17 @@ impl<'a> Eager<'a> {
             // Candidates per KV head: the kept tokens plus this chunk's.
             for (h, cands) in self.cache[li].iter_mut().enumerate() {
                 for (t, (_, k, v)) in qkv.iter().enumerate() {
+                    let (mut k, mut v) = (
+                        k[h * d..(h + 1) * d].to_vec(),
+                        v[h * d..(h + 1) * d].to_vec(),
+                    );
+                    if self.int8 {
+                        (k, v) = (int8_round_trip(&k), int8_round_trip(&v));
+                    }
                     cands.push(Entry {
                         pos: start + t,
-                        k: k[h * d..(h + 1) * d].to_vec(),
-                        v: v[h * d..(h + 1) * d].to_vec(),
+                        k,
+                        v,
                         score: 0.0,
                     });
                 }
@@ -207,14 +227,16 @@ fn layers(p: &Program) -> u32 {
     c.num_layers
 }
 
-fn program(
-    kv: KvPolicy,
-) -> (
-    Program,
-    std::collections::BTreeMap<String, kvc_runtime::random::HostTensor>,
-) {
+type Weights = std::collections::BTreeMap<String, kvc_runtime::random::HostTensor>;
+
+fn program(kv: KvPolicy) -> (Program, Weights) {
+    program_stored(kv, KvStorage::F32)
+}
+
+fn program_stored(kv: KvPolicy, storage: KvStorage) -> (Program, Weights) {
     tiny(Overrides {
         kv: Some(kv),
+        kv_storage: Some(storage),
         cache_len: Some(64),
         ..Overrides::default()
     })
@@ -268,7 +290,20 @@ fn requests() -> Vec<Request> {
 #[test]
 fn kept_sets_and_logits_match_the_eager_reference() {
     for kv in small() {
-        let (p, w) = program(kv);
+        check_against_reference(kv, KvStorage::F32);
+    }
+}
+
+#[test]
+fn int8_storage_matches_the_reference_with_int8_round_trips() {
+    for kv in [small()[2], small()[4]] {
+        check_against_reference(kv, KvStorage::I8);
+    }
+}
+
+fn check_against_reference(kv: KvPolicy, storage: KvStorage) {
+    {
+        let (p, w) = program_stored(kv, storage);
         let mut s = session(&p, &w);
         let reqs = requests();
         let (out, logits) = s.prefill(&reqs, true).unwrap();

@@ -88,7 +88,9 @@ pub fn peak_activations(g: &Graph) -> u64 {
             | Op::Gather { .. }
             | Op::TopK { .. }
             | Op::Sum { .. }
-            | Op::Hash { .. } => true,
+            | Op::Hash { .. }
+            | Op::AbsMax { .. }
+            | Op::Quantize { .. } => true,
         };
         if counted {
             born[i] += node.ty.size_bytes();

@@ -108,6 +108,9 @@ pub struct CompileConfig {
     /// KV cache policy.
     #[serde(default)]
     pub kv: KvPolicy,
+    /// How cached keys and values are stored.
+    #[serde(default)]
+    pub kv_storage: KvStorage,
     /// Compute dtype of activations (only `F32`).
     #[serde(default)]
     pub dtype: DTypeSpec,
@@ -359,6 +362,28 @@ impl std::fmt::Display for KvPolicy {
     }
 }
 
+/// Storage of cached keys and values.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KvStorage {
+    /// 32-bit floats (exact).
+    #[default]
+    F32,
+    /// 8-bit integers with one f32 scale per token and KV head (`max |x| / 127`),
+    /// dequantized when read: about 4× smaller than `F32` for head_dim 64.
+    I8,
+}
+
+impl KvStorage {
+    /// Parses the command-line form, `f32` or `i8`.
+    pub fn parse(s: &str) -> Result<KvStorage, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" => Ok(KvStorage::F32),
+            "i8" => Ok(KvStorage::I8),
+            _ => Err(format!("expected f32 or i8, found {s:?}")),
+        }
+    }
+}
+
 /// Compute dtype a spec may ask for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DTypeSpec {
@@ -385,6 +410,8 @@ pub struct Overrides {
     /// Replaces `compile.kv`. A budgeted policy given without `cache_len` lets rows grow
     /// to the model's `max_position_embeddings`.
     pub kv: Option<KvPolicy>,
+    /// Replaces `compile.kv_storage`.
+    pub kv_storage: Option<KvStorage>,
 }
 
 /// A spec that failed to parse or validate.
@@ -483,6 +510,9 @@ impl ModelSpec {
         }
         if let Some(d) = o.weight_dtype {
             self.compile.weight_dtype = d;
+        }
+        if let Some(st) = o.kv_storage {
+            self.compile.kv_storage = st;
         }
         if let Some(kv) = o.kv {
             self.compile.kv = kv;

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use kvc_compiler::ir::Program;
-use kvc_compiler::spec::KvPolicy;
+use kvc_compiler::spec::{KvPolicy, KvStorage};
 use kvc_compiler::{MemoryPlan, Overrides, compile_file};
 
 fn tiny() -> PathBuf {
@@ -160,4 +160,55 @@ fn command_line_form_parses_and_prints_back() {
         let err = KvPolicy::parse(text).unwrap_err();
         assert!(err.contains(want), "{text}: {err}");
     }
+}
+
+#[test]
+fn int8_storage_quantizes_on_write_and_shrinks_the_cache() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .join("models/smollm2-135m.ron");
+    let plan = |storage| {
+        let o = Overrides {
+            kv: Some(KvPolicy::H2o {
+                budget: 256,
+                recent: 32,
+            }),
+            kv_storage: Some(storage),
+            ..Overrides::default()
+        };
+        let p = compile_file(&path, &o).unwrap();
+        let kv_bytes: u64 = p
+            .state
+            .iter()
+            .filter(|s| {
+                s.name.starts_with("k.") || s.name.starts_with("v.") || s.name.contains("_scale.")
+            })
+            .map(|s| s.ty.size_bytes())
+            .sum();
+        (p, kv_bytes)
+    };
+    let (_, f32_bytes) = plan(KvStorage::F32);
+    let (p, i8_bytes) = plan(KvStorage::I8);
+    // head_dim 64: 64 B + two 4 B scales (k and v) per token and head vs 256 B.
+    assert_eq!(f32_bytes, 30 * 2 * 3 * 320 * 64 * 4);
+    assert_eq!(i8_bytes, 30 * 2 * 3 * 320 * (64 + 4));
+    let k0 = &p.state[p.state_id("k.0").unwrap().0 as usize];
+    assert_eq!(k0.ty.to_string(), "i8[1,3,320,64]");
+    let tiny_i8 = {
+        let o = Overrides {
+            kv: Some(KvPolicy::H2o {
+                budget: 16,
+                recent: 4,
+            }),
+            kv_storage: Some(KvStorage::I8),
+            cache_len: Some(64),
+            ..Overrides::default()
+        };
+        compile_file(&tiny(), &o).unwrap()
+    };
+    insta::assert_snapshot!(
+        "h2o_16_4.i8.decode",
+        tiny_i8.display_graph(&tiny_i8.decode).to_string()
+    );
 }

@@ -14,7 +14,8 @@ use burn::tensor::activation::{silu, softmax};
 use burn::tensor::module;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{
-    Bool, DType as BurnDType, Device, FloatDType, IndexingUpdateOp, Int, Tensor, TensorData,
+    Bool, DType as BurnDType, Device, FloatDType, IndexingUpdateOp, Int, IntDType, Tensor,
+    TensorData, kind::Basic,
 };
 use kvc_compiler::ir::{BinaryOp, DType, Graph, Op, Program, Scalar, StateId};
 
@@ -155,7 +156,7 @@ impl State {
             values: p
                 .state
                 .iter()
-                .map(|s| Some(Value::full(s.init, &s.ty.shape, device)))
+                .map(|s| Some(cast(Value::full(s.init, &s.ty.shape, device), s.ty.dtype)))
                 .collect(),
         }
     }
@@ -257,7 +258,9 @@ fn plan(p: &Program, g: &Graph, device: &Device) -> Plan {
             | Op::Gather { .. }
             | Op::TopK { .. }
             | Op::Sum { .. }
-            | Op::Hash { .. } => {}
+            | Op::Hash { .. }
+            | Op::AbsMax { .. }
+            | Op::Quantize { .. } => {}
         }
     }
     Plan {
@@ -403,9 +406,12 @@ impl Executor {
                     start,
                     len,
                 } => {
-                    let cache = take(*cache).f();
-                    let new = take(*new).f();
-                    Value::F(kv_write(cache, new, take(*start).i(), take(*len).i()))
+                    let (start, len) = (take(*start).i(), take(*len).i());
+                    match (take(*cache), take(*new)) {
+                        (Value::F(c), Value::F(n)) => Value::F(kv_write(c, n, start, len)),
+                        (Value::I(c), Value::I(n)) => Value::I(kv_write(c, n, start, len)),
+                        (c, n) => unreachable!("verified kv_write: {c:?} and {n:?}"),
+                    }
                 }
                 Op::Silu { x } => Value::F(silu(take(*x).f())),
                 Op::Binary { op, a, b } => {
@@ -483,7 +489,11 @@ impl Executor {
                     let index = take(*index).i();
                     let x = take(*x);
                     if node.ty.shape.len() == 4 {
-                        Value::F(gather_rows(x.f(), index))
+                        match x {
+                            Value::F(t) => Value::F(gather_rows(t, index)),
+                            Value::I(t) => Value::I(gather_rows(t, index)),
+                            Value::B(t) => Value::B(gather_rows(t, index)),
+                        }
                     } else {
                         match x {
                             Value::F(t) => Value::F(t.gather(3, index)),
@@ -499,6 +509,14 @@ impl Executor {
                     let n = *g.ty(node.op.args()[0]).shape.last().expect("rank >= 1") as usize;
                     let idx = top_k(&x, &tb, n, *k as usize);
                     Value::from_i32(idx, &node.ty.shape, &self.device)
+                }
+                Op::AbsMax { x } => Value::F(take(*x).f().abs().max_dim(3)),
+                Op::Quantize { x, scale } => {
+                    let dims = pad4(&node.ty.shape);
+                    let x = take(*x).f();
+                    let scale = take(*scale).f().expand(dims);
+                    let q = x.div(scale).round().clamp(-127.0, 127.0);
+                    Value::I(q.int().cast(IntDType::I8))
                 }
                 Op::Sum { x } => {
                     let s = take(*x).f().sum_dim(3);
@@ -610,7 +628,10 @@ fn cast(v: Value, to: DType) -> Value {
         (Value::F(t), DType::I32) => Value::I(t.int()),
         (Value::F(t), DType::Bool) => Value::B(t.bool()),
         (Value::I(t), DType::F32) => Value::F(t.float()),
-        (Value::I(t), DType::I32) => Value::I(t),
+        (Value::I(t), DType::I32) => Value::I(t.cast(IntDType::I32)),
+        (Value::F(t), DType::I8) => Value::I(t.int().cast(IntDType::I8)),
+        (Value::I(t), DType::I8) => Value::I(t.cast(IntDType::I8)),
+        (Value::B(t), DType::I8) => Value::I(t.int().cast(IntDType::I8)),
         (Value::I(t), DType::Bool) => Value::B(t.bool()),
         (Value::B(t), DType::F32) => Value::F(t.float()),
         (Value::B(t), DType::I32) => Value::I(t.int()),
@@ -743,7 +764,7 @@ fn attention_mass(
 
 /// `out[b, h, m, :] = x[b, h, index[b, h, m], :]` as one row selection over the
 /// flattened `[B·H·N, D]` view (x `[B, H, N, D]`, index `[1, B, H, M]`).
-fn gather_rows(x: Tensor<4>, index: Tensor<4, Int>) -> Tensor<4> {
+fn gather_rows<K: Basic>(x: Tensor<4, K>, index: Tensor<4, Int>) -> Tensor<4, K> {
     let [b, h, n, d] = x.dims();
     let m = index.dims()[3];
     let device = x.device();
@@ -813,12 +834,12 @@ pub fn hash_uniform(seed: u32, a: i32, b: i32) -> f32 {
 /// `cache[b, h, start + t, :] = new[b, h, t, :]` for `t < len[b]`. Entries past a row's
 /// length rewrite the row's last entry (or, for an empty row, a slot's own old value), so
 /// every scatter target receives one well-defined value and the op stays fixed-shape.
-fn kv_write(
-    cache: Tensor<4>,
-    new: Tensor<4>,
+fn kv_write<K: Basic>(
+    cache: Tensor<4, K>,
+    new: Tensor<4, K>,
     start: Tensor<4, Int>,
     len: Tensor<4, Int>,
-) -> Tensor<4> {
+) -> Tensor<4, K> {
     let [b, h, s, d] = cache.dims();
     let t = new.dims()[2];
     let device = new.device();

@@ -11,6 +11,7 @@ impl Display for DType {
             DType::F32 => "f32",
             DType::F16 => "f16",
             DType::I32 => "i32",
+            DType::I8 => "i8",
             DType::Bool => "bool",
         })
     }
@@ -93,6 +94,8 @@ impl Op {
             Op::TopK { .. } => "top_k",
             Op::Sum { .. } => "sum",
             Op::Hash { .. } => "hash",
+            Op::AbsMax { .. } => "abs_max",
+            Op::Quantize { .. } => "quantize",
         }
     }
 }
@@ -170,7 +173,11 @@ impl Program {
             } => {
                 write!(f, "{name} {cache}, {new}, start={start}, len={len}")
             }
-            Op::Silu { x } | Op::Not { x } | Op::Argmax { x } | Op::Sum { x } => {
+            Op::Silu { x }
+            | Op::Not { x }
+            | Op::Argmax { x }
+            | Op::Sum { x }
+            | Op::AbsMax { x } => {
                 write!(f, "{name} {x}")
             }
             Op::AttentionMass {
@@ -184,6 +191,7 @@ impl Program {
                 "{name} {q}, {k}, mask={mask}, weight={weight}, scale={scale:?}"
             ),
             Op::Gather { x, index } => write!(f, "{name} {x}, {index}"),
+            Op::Quantize { x, scale } => write!(f, "{name} {x}, scale={scale}"),
             Op::TopK { x, tiebreak, k } => write!(f, "{name} {x}, tiebreak={tiebreak}, k={k}"),
             Op::Hash { a, b, seed } => write!(f, "{name} {a}, {b}, seed={seed}"),
             Op::Binary { op: _, a, b } => write!(f, "{name} {a}, {b}"),

@@ -29,6 +29,8 @@ pub enum DType {
     F16,
     /// 32-bit signed integer (token ids, positions, lengths).
     I32,
+    /// 8-bit signed integer (quantized KV cache storage).
+    I8,
     /// Boolean (masks, done flags).
     Bool,
 }
@@ -39,7 +41,7 @@ impl DType {
         match self {
             DType::F32 | DType::I32 => 4,
             DType::F16 => 2,
-            DType::Bool => 1,
+            DType::Bool | DType::I8 => 1,
         }
     }
 }
@@ -360,6 +362,21 @@ pub enum Op {
         /// Stream seed.
         seed: u32,
     },
+    /// Largest magnitude over the last dim, kept as a dim of 1: x `[.., N]` F32 →
+    /// `[.., 1]` F32.
+    AbsMax {
+        /// Input.
+        x: ValueId,
+    },
+    /// Symmetric int8 quantization: `clamp(round(x / scale), -127, 127)`. x `[.., N]` F32,
+    /// scale F32 broadcastable to x (e.g. `[.., 1]`, all > 0) → `[.., N]` I8.
+    /// `cast(q, f32) * scale` dequantizes.
+    Quantize {
+        /// Input.
+        x: ValueId,
+        /// Step size.
+        scale: ValueId,
+    },
     /// Index of the largest element over the last dim (first one on ties):
     /// x `[.., N]` F32 → `[..]` I32. Rank ≥ 2.
     Argmax {
@@ -390,7 +407,9 @@ impl Op {
             | Op::Not { x }
             | Op::Cast { x, .. }
             | Op::Argmax { x }
-            | Op::Sum { x } => vec![x],
+            | Op::Sum { x }
+            | Op::AbsMax { x } => vec![x],
+            Op::Quantize { x, scale } => vec![x, scale],
             Op::AttentionMass {
                 q, k, mask, weight, ..
             } => vec![q, k, mask, weight],
@@ -451,6 +470,7 @@ impl Op {
             | Op::Cast { x, .. }
             | Op::Argmax { x }
             | Op::Sum { x }
+            | Op::AbsMax { x }
             | Op::Reshape { x, .. }
             | Op::Permute { x, .. } => *x = f(*x),
             Op::AttentionMass {
@@ -464,6 +484,10 @@ impl Op {
             Op::Gather { x, index } => {
                 *x = f(*x);
                 *index = f(*index);
+            }
+            Op::Quantize { x, scale } => {
+                *x = f(*x);
+                *scale = f(*scale);
             }
             Op::TopK { x, tiebreak, .. } => {
                 *x = f(*x);
@@ -634,6 +658,9 @@ pub struct CompiledConfig {
     pub sampler: crate::spec::Sampler,
     /// Storage dtype of the weight matrices.
     pub weight_dtype: DType,
+    /// Storage of cached keys and values.
+    #[serde(default)]
+    pub kv_storage: crate::spec::KvStorage,
     /// Token ids that stop a row.
     pub stop_tokens: Vec<u32>,
 }

@@ -162,6 +162,12 @@ pub fn infer_type(op: &Op, before: &[Node], decls: &Decls<'_>) -> Result<Type, S
             if !(3..=4).contains(&x.shape.len()) {
                 return Err(format!("expected x of rank 3 or 4, found {}", fmt_ty(x)));
             }
+            if x.shape.len() == 4 && !matches!(x.dtype, DType::F32 | DType::I8) {
+                return Err(format!(
+                    "expected rank-4 x of dtype f32 or i8, found {}",
+                    fmt_ty(x)
+                ));
+            }
             expect_dtype("index", i, DType::I32)?;
             expect_rank("index", i, 3)?;
             if i.shape[..2] != x.shape[..2] {
@@ -193,6 +199,28 @@ pub fn infer_type(op: &Op, before: &[Node], decls: &Decls<'_>) -> Result<Type, S
             *shape.last_mut().expect("rank checked") = *k;
             Type::new(DType::I32, shape)
         }
+        Op::AbsMax { x } => {
+            let x = arg(*x, "x")?;
+            expect_dtype("x", x, DType::F32)?;
+            last(x, "x")?;
+            let mut shape = x.shape.clone();
+            *shape.last_mut().expect("rank checked") = 1;
+            Type::new(DType::F32, shape)
+        }
+        Op::Quantize { x, scale } => {
+            let x = arg(*x, "x")?;
+            let s = arg(*scale, "scale")?;
+            expect_dtype("x", x, DType::F32)?;
+            expect_dtype("scale", s, DType::F32)?;
+            if broadcast(&x.shape, &s.shape).as_deref() != Some(&x.shape[..]) {
+                return Err(format!(
+                    "scale {} does not broadcast to x {}",
+                    fmt_ty(s),
+                    fmt_ty(x)
+                ));
+            }
+            Type::new(DType::I8, x.shape.clone())
+        }
         Op::Sum { x } => {
             let x = arg(*x, "x")?;
             expect_dtype("x", x, DType::F32)?;
@@ -219,12 +247,17 @@ pub fn infer_type(op: &Op, before: &[Node], decls: &Decls<'_>) -> Result<Type, S
         } => {
             let c = arg(*cache, "cache")?;
             let n = arg(*new, "new")?;
-            expect_dtype("cache", c, DType::F32)?;
+            if !matches!(c.dtype, DType::F32 | DType::I8) {
+                return Err(format!(
+                    "expected cache of dtype f32 or i8, found {}",
+                    fmt_ty(c)
+                ));
+            }
             expect_rank("cache", c, 4)?;
             let (b, h, s, d) = (c.shape[0], c.shape[1], c.shape[2], c.shape[3]);
             expect_rank("new", n, 4)?;
             let t = n.shape[2];
-            expect_shape("new", n, DType::F32, &[b, h, t, d])?;
+            expect_shape("new", n, c.dtype, &[b, h, t, d])?;
             if t > s {
                 return Err(format!("writes {t} entries into a cache of {s} slots"));
             }

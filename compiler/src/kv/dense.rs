@@ -3,34 +3,19 @@
 //! whose prompt plus new tokens would not fit in `S` slots; the decode graph also marks
 //! a row done when its position reaches `S`.
 //!
-//! State per layer `l`: `k.l` and `v.l`, `[B, kv_heads, S, head_dim]` F32, keys stored
-//! after RoPE. Slots at or beyond a row's position hold stale or padding data and are
+//! State per layer `l`: `k.l` and `v.l`, `[B, kv_heads, S, head_dim]` (F32, or I8 with
+//! scales: see `storage.rs`), keys stored after RoPE. Slots at or beyond a row's position hold stale or padding data and are
 //! never visible to a query.
 
-use super::{CacheShape, Chunk, k_name, v_name};
+use super::{CacheShape, Chunk, storage};
 use crate::ir::BuildError;
-use crate::ir::{BinaryOp, DType, GraphBuilder, Op, Scalar, StateDecl, Type, ValueId};
+use crate::ir::{BinaryOp, GraphBuilder, Op, StateDecl, ValueId};
+use crate::spec::KvStorage;
 
 /// State variables of the dense cache for `layers` layers.
-pub fn declare(layers: u32, c: CacheShape) -> Vec<StateDecl> {
-    let ty = Type::new(DType::F32, [c.batch, c.kv_heads, c.slots, c.head_dim]);
+pub fn declare(layers: u32, c: CacheShape, storage: KvStorage) -> Vec<StateDecl> {
     (0..layers)
-        .flat_map(|l| {
-            [
-                StateDecl {
-                    name: k_name(l),
-                    ty: ty.clone(),
-                    init: Scalar::F32(0.0),
-                    doc: format!("layer {l} keys after RoPE; slot = position"),
-                },
-                StateDecl {
-                    name: v_name(l),
-                    ty: ty.clone(),
-                    init: Scalar::F32(0.0),
-                    doc: format!("layer {l} values; slot = position"),
-                },
-            ]
-        })
+        .flat_map(|l| storage::declare(storage, l, c, "slot = position"))
         .collect()
 }
 
@@ -62,23 +47,18 @@ pub(super) fn attend(
     v: ValueId,
     ch: &Chunk,
     scale: f32,
+    st: KvStorage,
 ) -> Result<ValueId, BuildError> {
-    let mut caches = [k, v];
-    for (new, name) in caches.iter_mut().zip([k_name(l), v_name(l)]) {
-        let cache = g.state(&name)?;
-        *new = g.push(Op::KvWrite {
-            cache,
-            new: *new,
-            start: ch.start,
-            len: ch.len,
-        })?;
-        g.update(&name, *new)?;
-    }
+    let cache = storage::load(g, st, l)?;
+    let new = storage::encode(g, st, k, v)?;
+    let cache = storage::write(g, cache, new, ch.start, ch.len)?;
+    storage::store(g, l, cache)?;
+    let (k, v) = storage::read(g, cache)?;
     let mask = mask(g, c, ch)?;
     g.push(Op::Attention {
         q,
-        k: caches[0],
-        v: caches[1],
+        k,
+        v,
         mask,
         scale,
     })

@@ -12,11 +12,12 @@ mod random;
 mod sink_window;
 pub mod slots;
 mod snapkv;
+pub mod storage;
 mod tova;
 mod window;
 
 use crate::ir::{BuildError, GraphBuilder, StateDecl, ValueId};
-use crate::spec::KvPolicy;
+use crate::spec::{KvPolicy, KvStorage};
 
 /// Cache geometry shared by both graphs.
 #[derive(Clone, Copy, Debug)]
@@ -77,14 +78,14 @@ pub fn score_name(l: u32) -> String {
 }
 
 /// The state variables of `policy` for `layers` layers.
-pub fn declare(policy: KvPolicy, layers: u32, c: CacheShape) -> Vec<StateDecl> {
+pub fn declare(policy: KvPolicy, storage: KvStorage, layers: u32, c: CacheShape) -> Vec<StateDecl> {
     match policy {
-        KvPolicy::Dense => dense::declare(layers, c),
+        KvPolicy::Dense => dense::declare(layers, c, storage),
         KvPolicy::Window { .. } | KvPolicy::SinkWindow { .. } | KvPolicy::Random { .. } => {
-            slots::declare(layers, c, false)
+            slots::declare(layers, c, storage, false)
         }
         KvPolicy::H2o { .. } | KvPolicy::Tova { .. } | KvPolicy::SnapKv { .. } => {
-            slots::declare(layers, c, true)
+            slots::declare(layers, c, storage, true)
         }
     }
 }
@@ -97,6 +98,7 @@ pub fn declare(policy: KvPolicy, layers: u32, c: CacheShape) -> Vec<StateDecl> {
 pub fn attend(
     g: &mut GraphBuilder<'_>,
     policy: KvPolicy,
+    storage: KvStorage,
     c: CacheShape,
     l: u32,
     q: ValueId,
@@ -106,7 +108,7 @@ pub fn attend(
     scale: f32,
 ) -> Result<ValueId, BuildError> {
     let Some(budget) = policy.budget() else {
-        return dense::attend(g, c, l, q, k, v, chunk, scale);
+        return dense::attend(g, c, l, q, k, v, chunk, scale, storage);
     };
     let rule: Box<dyn slots::Rule> = match policy {
         KvPolicy::Dense => unreachable!("Dense has no budget"),
@@ -125,6 +127,7 @@ pub fn attend(
         k,
         v,
         scale,
+        storage,
     };
     slots::attend(g, rule.as_ref(), &layer, chunk)
 }

@@ -2,8 +2,8 @@
 //!
 //! A budgeted cache keeps at most `S` (the budget) tokens per row and KV head in `N = S +
 //! T` physical slots (`T` = prefill width). Layer `l` holds:
-//! - `k.l`, `v.l` `[B, Hkv, N, D]` F32: keys (after RoPE, at their original position)
-//!   and values;
+//! - `k.l`, `v.l` `[B, Hkv, N, D]`: keys (after RoPE, at their original position) and
+//!   values, stored as `storage.rs` says (F32, or I8 with per-slot scales);
 //! - `slot_pos.l` `[B, Hkv, N]` I32: the position of the token in each slot, −1 = free;
 //! - `score.l` `[B, Hkv, N]` F32 (H2O, TOVA, SnapKV): the policy's score per slot.
 //!
@@ -26,8 +26,9 @@
 //! Decisions are per row and per KV head; the scores of a KV head are the attention of
 //! its query heads averaged (`attention_mass`). Every shape is fixed by `B, T, N`.
 
-use super::{CacheShape, Chunk, Phase, k_name, pos_name, score_name, v_name};
+use super::{CacheShape, Chunk, Phase, pos_name, score_name, storage};
 use crate::ir::{BinaryOp, BuildError, DType, GraphBuilder, Op, Scalar, StateDecl, Type, ValueId};
+use crate::spec::KvStorage;
 
 /// Priority of a slot a policy must keep (the newest tokens, sinks).
 pub(super) const PROTECT: f32 = 1.0e9;
@@ -37,23 +38,16 @@ const EMPTY: f32 = -1.0e9;
 const NOT_A_CANDIDATE: f32 = 2.0e9;
 
 /// State of a budgeted cache for `layers` layers; `scored` adds `score.l`.
-pub fn declare(layers: u32, c: CacheShape, scored: bool) -> Vec<StateDecl> {
-    let kv = Type::new(DType::F32, [c.batch, c.kv_heads, c.slots, c.head_dim]);
+pub fn declare(layers: u32, c: CacheShape, storage: KvStorage, scored: bool) -> Vec<StateDecl> {
     let table = [c.batch, c.kv_heads, c.slots];
     let mut out = vec![];
     for l in 0..layers {
-        out.push(StateDecl {
-            name: k_name(l),
-            ty: kv.clone(),
-            init: Scalar::F32(0.0),
-            doc: format!("layer {l} keys after RoPE, one token per slot_pos.{l} entry"),
-        });
-        out.push(StateDecl {
-            name: v_name(l),
-            ty: kv.clone(),
-            init: Scalar::F32(0.0),
-            doc: format!("layer {l} values"),
-        });
+        out.extend(storage::declare(
+            storage,
+            l,
+            c,
+            &format!("one token per slot_pos.{l} entry"),
+        ));
         out.push(StateDecl {
             name: pos_name(l),
             ty: Type::new(DType::I32, table),
@@ -88,6 +82,8 @@ pub(super) struct Layer {
     pub v: ValueId,
     /// Attention scale.
     pub scale: f32,
+    /// How keys and values are stored.
+    pub storage: KvStorage,
 }
 
 /// What a policy sees after the new tokens entered the table.
@@ -209,20 +205,10 @@ pub(super) fn attend(
 
     // 1. New tokens enter slots S..S+len.
     let first = g.constant(Scalar::I32(budget as i32), &[b])?;
-    let mut kc = g.state(&k_name(l))?;
-    let mut vc = g.state(&v_name(l))?;
-    kc = g.push(Op::KvWrite {
-        cache: kc,
-        new: layer.k,
-        start: first,
-        len: ch.len,
-    })?;
-    vc = g.push(Op::KvWrite {
-        cache: vc,
-        new: layer.v,
-        start: first,
-        len: ch.len,
-    })?;
+    let cache = storage::load(g, layer.storage, l)?;
+    let encoded = storage::encode(g, layer.storage, layer.k, layer.v)?;
+    let cache = storage::write(g, cache, encoded, first, ch.len)?;
+    let (kc, vc) = storage::read(g, cache)?;
     let slot = g.push(Op::Iota {
         shape: vec![1, 1, n],
         dim: 2,
@@ -271,7 +257,7 @@ pub(super) fn attend(
     // 4. Eviction.
     let minus_one = i32c(g, -1)?;
     let zero_f = f32c(g, 0.0)?;
-    let (kc, vc, pos, score) = match ch.phase {
+    let (cache, pos, score) = match ch.phase {
         Phase::Prefill => {
             let order = g.push(Op::TopK {
                 x: prio,
@@ -279,14 +265,7 @@ pub(super) fn attend(
                 k: n,
             })?;
             let kept = g.binary(BinaryOp::Lt, slot, s)?;
-            let kc = g.push(Op::Gather {
-                x: kc,
-                index: order,
-            })?;
-            let vc = g.push(Op::Gather {
-                x: vc,
-                index: order,
-            })?;
+            let cache = storage::gather(g, cache, order)?;
             let pos = g.push(Op::Gather {
                 x: pos,
                 index: order,
@@ -302,7 +281,7 @@ pub(super) fn attend(
                 }
                 None => None,
             };
-            (kc, vc, pos, score)
+            (cache, pos, score)
         }
         Phase::Decode => {
             let beyond = g.binary(BinaryOp::Lt, s, slot)?;
@@ -316,18 +295,7 @@ pub(super) fn attend(
                 k: 1,
             })?;
             let target = g.reshape(victim, &[b, h])?;
-            let kc = g.push(Op::KvWrite {
-                cache: kc,
-                new: layer.k,
-                start: target,
-                len: ch.len,
-            })?;
-            let vc = g.push(Op::KvWrite {
-                cache: vc,
-                new: layer.v,
-                start: target,
-                len: ch.len,
-            })?;
+            let cache = storage::write(g, cache, encoded, target, ch.len)?;
             let active = g.binary(BinaryOp::Lt, zero, len3)?;
             let hit = g.binary(BinaryOp::Eq, slot, victim)?;
             let moved = g.binary(BinaryOp::And, hit, active)?;
@@ -343,11 +311,10 @@ pub(super) fn attend(
                 }
                 None => None,
             };
-            (kc, vc, pos, score)
+            (cache, pos, score)
         }
     };
-    g.update(&k_name(l), kc)?;
-    g.update(&v_name(l), vc)?;
+    storage::store(g, l, cache)?;
     g.update(&pos_name(l), pos)?;
     if let Some(sc) = score {
         g.update(&score_name(l), sc)?;

@@ -8,7 +8,7 @@ use crate::ir::{
     ParamDecl, Program, Scalar, Type, ValueId,
 };
 use crate::kv::{self, CacheShape, Chunk, Phase};
-use crate::spec::{DTypeSpec, KvPolicy, LlamaConfig, ModelSpec};
+use crate::spec::{DTypeSpec, KvPolicy, KvStorage, LlamaConfig, ModelSpec};
 
 fn layer(i: u32, name: &str) -> String {
     format!("model.layers.{i}.{name}.weight")
@@ -58,6 +58,8 @@ struct Ctx {
     chunk: Chunk,
     /// The KV policy.
     policy: KvPolicy,
+    /// How keys and values are stored.
+    storage: KvStorage,
     /// Its cache geometry.
     cache: CacheShape,
 }
@@ -97,7 +99,18 @@ fn block(
     let k = heads(g, "self_attn.k_proj", hkv, true)?;
     let v = heads(g, "self_attn.v_proj", hkv, false)?;
     let scale = 1.0 / (d as f32).sqrt();
-    let a = kv::attend(g, ctx.policy, ctx.cache, i, q, k, v, &ctx.chunk, scale)?;
+    let a = kv::attend(
+        g,
+        ctx.policy,
+        ctx.storage,
+        ctx.cache,
+        i,
+        q,
+        k,
+        v,
+        &ctx.chunk,
+        scale,
+    )?;
     let a = g.permute(a, &[0, 2, 1, 3])?;
     let a = g.reshape(a, &[b, t, hq * d])?;
     let w = g.param(&layer(i, "self_attn.o_proj"))?;
@@ -154,7 +167,7 @@ pub(super) fn lower(spec: &ModelSpec, c: &LlamaConfig) -> Result<Program, BuildE
         DTypeSpec::F16 => DType::F16,
     };
     let params = params(c, wdt);
-    let mut state = kv::declare(cc.kv, c.num_layers, cache);
+    let mut state = kv::declare(cc.kv, cc.kv_storage, c.num_layers, cache);
     state.extend(super::control_state(bsz, context, cc.sampler));
     let stops = &spec.stop_tokens;
 
@@ -180,6 +193,7 @@ pub(super) fn lower(spec: &ModelSpec, c: &LlamaConfig) -> Result<Program, BuildE
             pos_after,
         },
         policy: cc.kv,
+        storage: cc.kv_storage,
         cache,
     };
     let table = g.param(EMBED)?;
@@ -214,6 +228,7 @@ pub(super) fn lower(spec: &ModelSpec, c: &LlamaConfig) -> Result<Program, BuildE
             pos_after,
         },
         policy: cc.kv,
+        storage: cc.kv_storage,
         cache,
     };
     let token = g.state(names::TOKEN)?;
@@ -244,6 +259,7 @@ pub(super) fn lower(spec: &ModelSpec, c: &LlamaConfig) -> Result<Program, BuildE
             kv: cc.kv,
             sampler: cc.sampler,
             weight_dtype: wdt,
+            kv_storage: cc.kv_storage,
             stop_tokens: stops.clone(),
         },
         params,
