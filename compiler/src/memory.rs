@@ -15,7 +15,8 @@ use crate::ir::{Graph, Op, Program};
 pub struct MemoryPlan {
     /// Parameters in the compute dtype.
     pub weights: u64,
-    /// KV cache state (keys and values of every layer).
+    /// KV cache state of every layer: keys, values, their int8 scales, and a budgeted
+    /// policy's slot table and scores.
     pub kv_cache: u64,
     /// Other state (positions, limits, flags, tokens).
     pub control: u64,
@@ -29,10 +30,9 @@ impl MemoryPlan {
     /// Computes the plan of a verified program.
     pub fn of(p: &Program) -> MemoryPlan {
         let weights = p.params.iter().map(|x| x.ty.size_bytes()).sum();
-        let is_cache = |name: &str| name.starts_with("k.") || name.starts_with("v.");
         let (mut kv_cache, mut control) = (0, 0);
         for s in &p.state {
-            if is_cache(&s.name) {
+            if crate::kv::is_cache_state(&s.name) {
                 kv_cache += s.ty.size_bytes();
             } else {
                 control += s.ty.size_bytes();

@@ -77,6 +77,14 @@ pub fn score_name(l: u32) -> String {
     format!("score.{l}")
 }
 
+/// Whether a state variable belongs to the KV cache (keys, values, scales, slot table,
+/// scores) rather than to the control state.
+pub fn is_cache_state(name: &str) -> bool {
+    let prefix = name.split('.').next().unwrap_or_default();
+    matches!(prefix, "k" | "v" | "k_scale" | "v_scale" | "slot_pos" | "score")
+        && name.contains('.')
+}
+
 /// The state variables of `policy` for `layers` layers.
 pub fn declare(policy: KvPolicy, storage: KvStorage, layers: u32, c: CacheShape) -> Vec<StateDecl> {
     match policy {
