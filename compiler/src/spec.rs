@@ -280,6 +280,19 @@ impl KvPolicy {
         })
     }
 
+    /// The spec field that sets the budget (for error paths).
+    fn budget_field(self) -> &'static str {
+        match self {
+            KvPolicy::Window { .. } => "size",
+            KvPolicy::SinkWindow { .. } => "window",
+            KvPolicy::Dense
+            | KvPolicy::H2o { .. }
+            | KvPolicy::Tova { .. }
+            | KvPolicy::SnapKv { .. }
+            | KvPolicy::Random { .. } => "budget",
+        }
+    }
+
     /// Physical slots per row and KV head when the graphs are `prefill_len` wide: `S`
     /// for `Dense`; `budget + prefill_len` for a budgeted policy (the kept tokens plus
     /// room for one chunk before the policy evicts).
@@ -298,13 +311,13 @@ impl KvPolicy {
         };
         if budget == 0 {
             return err(
-                "budget",
+                self.budget_field(),
                 "a budgeted policy must keep at least 1 token".into(),
             );
         }
         if budget > MAX_DIM {
             return err(
-                "budget",
+                self.budget_field(),
                 format!("expected a budget of at most {MAX_DIM}, found {budget}"),
             );
         }
@@ -591,6 +604,47 @@ impl ModelSpec {
                 "compile.cache_len".into(),
                 format!("weights ({weights} B) + KV cache ({kv} B) exceed the {MAX_BYTES} B limit"),
             ));
+        }
+        // Tables that grow with the longest row: RoPE cos/sin [cache_len + T + 1, D/2] and
+        // the sampler's uniform stream [B, cache_len].
+        let rows = n(cc.cache_len) + n(cc.prefill_len) + 1;
+        let by_position = 4 * rows * n(c.head_dim) + 4 * n(cc.batch) * n(cc.cache_len);
+        if by_position > MAX_BYTES as u128 {
+            return Err((
+                "compile.cache_len".into(),
+                format!("position tables ({by_position} B) exceed the {MAX_BYTES} B limit"),
+            ));
+        }
+        // Slot indices are i32: every row of every cache must be addressable.
+        let rows_of_cache = n(cc.batch) * n(c.num_kv_heads) * n(slots);
+        if rows_of_cache >= 1 << 31 {
+            return Err((
+                "compile.batch".into(),
+                format!(
+                    "batch × num_kv_heads × slots = {rows_of_cache} exceeds the i32 index range"
+                ),
+            ));
+        }
+        if let KvPolicy::Random { .. } = cc.kv
+            && n(cc.cache_len) * n(c.num_kv_heads) >= 1 << 31
+        {
+            return Err((
+                "compile.cache_len".into(),
+                "Random's counter (position × num_kv_heads) exceeds the i32 range".into(),
+            ));
+        }
+        // SnapKV's pooling compares every pair of slots: [B, Hkv, N, N] per chunk, in
+        // about 12 bytes per pair (i32 distance, three masks, f32 mass).
+        if let KvPolicy::SnapKv { .. } = cc.kv {
+            let pairs = 12 * n(cc.batch) * n(c.num_kv_heads) * n(slots) * n(slots);
+            if pairs > MAX_BYTES as u128 {
+                return Err((
+                    "compile.kv.budget".into(),
+                    format!(
+                        "SnapKV's pairwise pooling over {slots} slots needs {pairs} B, over the {MAX_BYTES} B limit"
+                    ),
+                ));
+            }
         }
         if c.num_heads % c.num_kv_heads != 0 {
             return Err((

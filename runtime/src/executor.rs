@@ -184,6 +184,11 @@ struct Plan {
     consts: Vec<Option<Value>>,
     /// For each `rope`: cos and sin tables `[P, D/2]`.
     rope: Vec<Option<(Tensor<2>, Tensor<2>)>>,
+    /// For each `attention_mass`: the earlier `attention` over the same queries, keys,
+    /// mask and scale, whose probabilities it reuses.
+    mass_source: Vec<Option<usize>>,
+    /// Attentions whose probabilities an `attention_mass` reuses.
+    keep_probs: Vec<bool>,
 }
 
 /// Executes the graphs of one program on one device.
@@ -263,11 +268,30 @@ fn plan(p: &Program, g: &Graph, device: &Device) -> Plan {
             | Op::Quantize { .. } => {}
         }
     }
+    let mut mass_source = vec![None; n];
+    let mut keep_probs = vec![false; n];
+    for (i, node) in g.nodes.iter().enumerate() {
+        if let Op::AttentionMass {
+            q, k, mask, scale, ..
+        } = node.op
+        {
+            let same = |op: &Op| {
+                matches!(*op, Op::Attention { q: q2, k: k2, mask: m2, scale: s2, .. }
+                    if (q2, k2, m2) == (q, k, mask) && s2.to_bits() == scale.to_bits())
+            };
+            if let Some(j) = g.nodes[..i].iter().rposition(|x| same(&x.op)) {
+                mass_source[i] = Some(j);
+                keep_probs[j] = true;
+            }
+        }
+    }
     Plan {
         last_use,
         updates_state,
         consts,
         rope,
+        mass_source,
+        keep_probs,
     }
 }
 
@@ -335,11 +359,20 @@ impl Executor {
         };
         let mut inputs: Vec<Option<Value>> = inputs.into_iter().map(Some).collect();
         let mut env: Vec<Option<Value>> = vec![None; g.nodes.len()];
+        // Probabilities of explicit-path attentions that an attention_mass reuses.
+        let mut probs: Vec<Option<Tensor<4>>> = vec![None; g.nodes.len()];
         for (i, node) in g.nodes.iter().enumerate() {
             let started = self.profile.as_ref().map(|_| std::time::Instant::now());
+            // An op may read one value twice (`or x, x`): only its last read moves it.
+            let mut reads = node.op.args();
             let mut take = |v: kvc_compiler::ir::ValueId| -> Value {
+                let at = reads
+                    .iter()
+                    .position(|&a| a == v)
+                    .expect("reads an argument");
+                reads.swap_remove(at);
                 let slot = &mut env[v.0 as usize];
-                if plan.last_use[v.0 as usize] == i {
+                if plan.last_use[v.0 as usize] == i && !reads.contains(&v) {
                     slot.take().expect("value consumed once")
                 } else {
                     slot.clone().expect("value defined before use")
@@ -398,7 +431,10 @@ impl Executor {
                     scale,
                 } => {
                     let (q, k, v) = (take(*q).f(), take(*k).f(), take(*v).f());
-                    Value::F(attention(q, k, v, take(*mask).b(), *scale))
+                    let mask = take(*mask).b();
+                    let (out, p) = attention(q, k, v, mask, *scale, plan.keep_probs[i]);
+                    probs[i] = p;
+                    Value::F(out)
                 }
                 Op::KvWrite {
                     cache,
@@ -483,7 +519,13 @@ impl Executor {
                 } => {
                     let (q, k) = (take(*q).f(), take(*k).f());
                     let (mask, w) = (take(*mask).b(), take(*weight).f());
-                    Value::F(attention_mass(q, k, mask, w, *scale))
+                    let g = q.dims()[1] / k.dims()[1];
+                    let p = match plan.mass_source[i] {
+                        Some(j) => probs[j].take(),
+                        None => None,
+                    };
+                    let p = p.unwrap_or_else(|| attention_probs(q, k, mask, *scale));
+                    Value::F(attention_mass(p, w, g))
                 }
                 Op::Gather { x, index } => {
                     let index = take(*index).i();
@@ -703,18 +745,33 @@ fn rope(x: Tensor<4>, pos: Tensor<4, Int>, cos: Tensor<2>, sin: Tensor<2>) -> Te
     Tensor::cat(vec![r1, r2], 3)
 }
 
+/// Query rows per KV head (`g·T`) up to which an attention whose probabilities an
+/// `attention_mass` reuses is computed as explicit `q·kᵀ`, softmax and `p·v` instead of
+/// Burn's fused kernel (decode has `g` rows). Measured at batch 1, 576 slots: H2O decode
+/// step 64–68 ms with the fused kernel plus a separate mass, 60 ms with the reuse; plain
+/// attention stays on the fused kernel, which was not slower there.
+const EXPLICIT_ATTENTION_ROWS: usize = 16;
+
 /// Grouped-query attention without materialising repeated KV heads: the `g` query heads
-/// that share a KV head are stacked along the query axis.
+/// that share a KV head are stacked along the query axis. Returns the output and, on the
+/// explicit path (taken when `want_probs` and the query is small), the probabilities
+/// `[B, Hkv, g·T, S]`.
 fn attention(
     q: Tensor<4>,
     k: Tensor<4>,
     v: Tensor<4>,
     mask: Tensor<4, Bool>,
     scale: f32,
-) -> Tensor<4> {
+    want_probs: bool,
+) -> (Tensor<4>, Option<Tensor<4>>) {
     let [b, hq, t, d] = q.dims();
     let hkv = k.dims()[1];
     let g = hq / hkv;
+    if want_probs && g * t <= EXPLICIT_ATTENTION_ROWS {
+        let probs = attention_probs(q, k, mask, scale);
+        let out = probs.clone().matmul(v).reshape([b, hq, t, d]);
+        return (out, Some(probs));
+    }
     let q = q.reshape([b, hkv, g * t, d]);
     let hidden = hidden_slots(mask, g);
     let options = AttentionModuleOptions {
@@ -722,7 +779,20 @@ fn attention(
         softcap: None,
         is_causal: false,
     };
-    module::attention(q, k, v, Some(hidden), None, options).reshape([b, hq, t, d])
+    let out = module::attention(q, k, v, Some(hidden), None, options).reshape([b, hq, t, d]);
+    (out, None)
+}
+
+/// Softmax of `scale · q·kᵀ` over the visible slots, `[B, Hkv, g·T, S]` (group-major query
+/// axis); hidden slots get 0, and a query with no visible slot gets all zeros.
+fn attention_probs(q: Tensor<4>, k: Tensor<4>, mask: Tensor<4, Bool>, scale: f32) -> Tensor<4> {
+    let [b, hq, t, d] = q.dims();
+    let [_, hkv, s, _] = k.dims();
+    let g = hq / hkv;
+    let q = q.reshape([b, hkv, g * t, d]);
+    let hidden = hidden_slots(mask, g).expand([b, hkv, g * t, s]);
+    let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
+    softmax(scores.mask_fill(hidden.clone(), -1.0e30f32), 3).mask_fill(hidden, 0.0f32)
 }
 
 /// The mask `[B, M, T, S]` (M = 1 or Hkv, true = visible) as Burn's attention wants it
@@ -736,24 +806,12 @@ fn hidden_slots(mask: Tensor<4, Bool>, g: usize) -> Tensor<4, Bool> {
         .reshape([b, m, g * t, s])
 }
 
-/// Attention probability each key receives: softmax over the visible slots per query
-/// head, weighted per query, summed over queries and averaged over the query heads of a
-/// KV group. q `[B, Hq, T, D]`, k `[B, Hkv, S, D]`, mask `[B, M, T, S]`, weight
-/// `[1, 1, B, T]` → `[1, B, Hkv, S]`. A query with no visible slot contributes zeros.
-fn attention_mass(
-    q: Tensor<4>,
-    k: Tensor<4>,
-    mask: Tensor<4, Bool>,
-    weight: Tensor<4>,
-    scale: f32,
-) -> Tensor<4> {
-    let [b, hq, t, d] = q.dims();
-    let [_, hkv, s, _] = k.dims();
-    let g = hq / hkv;
-    let q = q.reshape([b, hkv, g * t, d]);
-    let hidden = hidden_slots(mask, g).expand([b, hkv, g * t, s]);
-    let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
-    let probs = softmax(scores.mask_fill(hidden.clone(), -1.0e30f32), 3).mask_fill(hidden, 0.0f32);
+/// Attention probability each key receives, from the probabilities `[B, Hkv, g·T, S]`
+/// of [`attention_probs`]: weighted per query (weight `[1, 1, B, T]`), summed over
+/// queries and averaged over the `g` query heads of a KV group → `[1, B, Hkv, S]`.
+fn attention_mass(probs: Tensor<4>, weight: Tensor<4>, g: usize) -> Tensor<4> {
+    let [b, hkv, gt, s] = probs.dims();
+    let t = gt / g;
     let w = weight.reshape([b, 1, 1, t, 1]);
     let mass = probs.reshape([b, hkv, g, t, s]).mul(w);
     mass.sum_dim(3)

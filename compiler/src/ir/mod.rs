@@ -326,7 +326,7 @@ pub enum Op {
         scale: f32,
     },
     /// Gathers slots: `out[b, h, m, ..] = x[b, h, index[b, h, m], ..]`.
-    /// x `[B, H, N]` or `[B, H, N, D]` (any dtype), index `[B, H, M]` I32 with values in
+    /// x `[B, H, N]` (any dtype) or `[B, H, N, D]` (F32 or I8), index `[B, H, M]` I32 with values in
     /// `0..N` → `[B, H, M]` or `[B, H, M, D]`.
     Gather {
         /// Source.
@@ -368,7 +368,8 @@ pub enum Op {
         /// Input.
         x: ValueId,
     },
-    /// Symmetric int8 quantization: `clamp(round(x / scale), -127, 127)`. x `[.., N]` F32,
+    /// Symmetric int8 quantization: `clamp(round(x / scale), -127, 127)`, halves rounded
+    /// to even. x `[.., N]` F32,
     /// scale F32 broadcastable to x (e.g. `[.., 1]`, all > 0) → `[.., N]` I8.
     /// `cast(q, f32) * scale` dequantizes.
     Quantize {
@@ -668,7 +669,7 @@ pub struct CompiledConfig {
 /// Artifact format tag written into every serialized program.
 pub const FORMAT: &str = "kvc-program";
 /// Version of the serialized program format; bumped on any incompatible IR change.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// A compiled model: parameters, state and the two graphs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

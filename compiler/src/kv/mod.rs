@@ -81,8 +81,10 @@ pub fn score_name(l: u32) -> String {
 /// scores) rather than to the control state.
 pub fn is_cache_state(name: &str) -> bool {
     let prefix = name.split('.').next().unwrap_or_default();
-    matches!(prefix, "k" | "v" | "k_scale" | "v_scale" | "slot_pos" | "score")
-        && name.contains('.')
+    matches!(
+        prefix,
+        "k" | "v" | "k_scale" | "v_scale" | "slot_pos" | "score"
+    ) && name.contains('.')
 }
 
 /// The state variables of `policy` for `layers` layers.
