@@ -166,22 +166,29 @@ fn tokenizer_reproduces_llama_cpp_ids() {
     }
 }
 
-#[test]
-fn prefill_logits_match_the_float64_reference_at_every_position() {
+/// Prefills every prefix of both reference prompts as one padded batch (row `i` holds the
+/// first `i + 1` tokens, so one prefill gives every position), with `adjust` applied to the
+/// shapes; checks each position against the float64 reference within `tol` and prints the
+/// worst difference per prompt.
+fn check_every_position(adjust: impl Fn(Overrides) -> Overrides, tol: f64, what: &str) {
     for r in &reference().prompts {
-        // Row i holds the first i + 1 tokens: one padded prefill gives every position.
         let n = r.ids.len() as u32;
-        let mut s = session(shapes(n, 16, 32));
+        let mut s = session(adjust(shapes(n, 16, 32)));
         let reqs: Vec<Request> = (1..=r.ids.len()).map(|k| greedy(&r.ids[..k], 1)).collect();
         let (_, logits) = s.prefill(&reqs, true).unwrap();
         let worst = (0..r.ids.len())
-            .map(|pos| check_position(&logits[pos], r, pos, 1e-3))
+            .map(|pos| check_position(&logits[pos], r, pos, tol))
             .fold(0.0, f64::max);
         eprintln!(
-            "{:?}: max |diff| over top-10 and logsumexp {worst:.5}",
+            "{what}, {:?}: max |diff| over top-10 and logsumexp {worst:.5}",
             r.text
         );
     }
+}
+
+#[test]
+fn prefill_logits_match_the_float64_reference_at_every_position() {
+    check_every_position(|o| o, 1e-3, "f32");
 }
 
 #[test]
@@ -282,38 +289,20 @@ fn greedy_continuations_match_llama_cpp() {
 #[test]
 fn f16_weights_keep_the_top_token_at_every_position() {
     use kvc_compiler::spec::DTypeSpec;
-    for r in &reference().prompts {
-        let n = r.ids.len() as u32;
-        let o = Overrides {
-            weight_dtype: Some(DTypeSpec::F16),
-            ..shapes(n, 16, 32)
-        };
-        let mut s = session(o);
-        let reqs: Vec<Request> = (1..=r.ids.len()).map(|k| greedy(&r.ids[..k], 1)).collect();
-        let (_, logits) = s.prefill(&reqs, true).unwrap();
-        // Measured 2026-11-26: max |diff| over top-10 logits and log-sum-exp 0.033 and 0.061.
-        let worst = (0..r.ids.len())
-            .map(|pos| check_position(&logits[pos], r, pos, F16_TOLERANCE))
-            .fold(0.0, f64::max);
-        eprintln!("f16 weights, {:?}: max |diff| {worst:.5}", r.text);
-    }
+    // Measured 2026-11-26: max |diff| over top-10 logits and log-sum-exp 0.033 and 0.061.
+    let f16 = |o| Overrides {
+        weight_dtype: Some(DTypeSpec::F16),
+        ..o
+    };
+    check_every_position(f16, F16_TOLERANCE, "f16 weights");
 }
 
 #[test]
 fn int8_kv_storage_keeps_the_top_token_at_every_position() {
     use kvc_compiler::spec::KvStorage;
-    for r in &reference().prompts {
-        let n = r.ids.len() as u32;
-        let o = Overrides {
-            kv_storage: Some(KvStorage::I8),
-            ..shapes(n, 16, 32)
-        };
-        let mut s = session(o);
-        let reqs: Vec<Request> = (1..=r.ids.len()).map(|k| greedy(&r.ids[..k], 1)).collect();
-        let (_, logits) = s.prefill(&reqs, true).unwrap();
-        let worst = (0..r.ids.len())
-            .map(|pos| check_position(&logits[pos], r, pos, I8_KV_TOLERANCE))
-            .fold(0.0, f64::max);
-        eprintln!("int8 KV storage, {:?}: max |diff| {worst:.5}", r.text);
-    }
+    let int8 = |o| Overrides {
+        kv_storage: Some(KvStorage::I8),
+        ..o
+    };
+    check_every_position(int8, I8_KV_TOLERANCE, "int8 KV storage");
 }

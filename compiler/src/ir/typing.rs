@@ -106,26 +106,8 @@ pub fn infer_type(op: &Op, before: &[Node], decls: &Decls<'_>) -> Result<Type, S
             scale,
         } => {
             let q = arg(*q, "q")?;
-            let k = arg(*k, "k")?;
-            let v = arg(*v, "v")?;
-            let m = arg(*mask, "mask")?;
-            expect_dtype("q", q, DType::F32)?;
-            expect_rank("q", q, 4)?;
-            expect_dtype("k", k, DType::F32)?;
-            expect_rank("k", k, 4)?;
-            let (b, hq, t, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
-            let (hkv, s) = (k.shape[1], k.shape[2]);
-            expect_shape("k", k, DType::F32, &[b, hkv, s, d])?;
-            expect_shape("v", v, DType::F32, &[b, hkv, s, d])?;
-            if hq % hkv != 0 {
-                return Err(format!(
-                    "query heads {hq} are not a multiple of kv heads {hkv}"
-                ));
-            }
-            expect_mask(m, b, hkv, t, s)?;
-            if !scale.is_finite() {
-                return Err(format!("expected a finite scale, found {scale}"));
-            }
+            let [b, hkv, _, s, d] = grouped_qk(q, arg(*k, "k")?, arg(*mask, "mask")?, *scale)?;
+            expect_shape("v", arg(*v, "v")?, DType::F32, &[b, hkv, s, d])?;
             q.clone()
         }
         Op::AttentionMass {
@@ -136,24 +118,8 @@ pub fn infer_type(op: &Op, before: &[Node], decls: &Decls<'_>) -> Result<Type, S
             scale,
         } => {
             let q = arg(*q, "q")?;
-            let k = arg(*k, "k")?;
-            expect_dtype("q", q, DType::F32)?;
-            expect_rank("q", q, 4)?;
-            expect_dtype("k", k, DType::F32)?;
-            expect_rank("k", k, 4)?;
-            let (b, hq, t, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
-            let (hkv, s) = (k.shape[1], k.shape[2]);
-            expect_shape("k", k, DType::F32, &[b, hkv, s, d])?;
-            if hq % hkv != 0 {
-                return Err(format!(
-                    "query heads {hq} are not a multiple of kv heads {hkv}"
-                ));
-            }
-            expect_mask(arg(*mask, "mask")?, b, hkv, t, s)?;
+            let [b, hkv, t, s, _] = grouped_qk(q, arg(*k, "k")?, arg(*mask, "mask")?, *scale)?;
             expect_shape("weight", arg(*weight, "weight")?, DType::F32, &[b, t])?;
-            if !scale.is_finite() {
-                return Err(format!("expected a finite scale, found {scale}"));
-            }
             Type::new(DType::F32, [b, hkv, s])
         }
         Op::Gather { x, index } => {
@@ -441,6 +407,29 @@ fn expect_weight(role: &str, t: &Type) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Checks grouped-query attention operands: q `[B, Hq, T, D]`, k `[B, Hkv, S, D]` F32 with
+/// `Hq % Hkv = 0`, a mask `[B, 1 | Hkv, T, S]` and a finite scale. Returns `[B, Hkv, T, S,
+/// D]`.
+fn grouped_qk(q: &Type, k: &Type, mask: &Type, scale: f32) -> Result<[u32; 5], String> {
+    expect_dtype("q", q, DType::F32)?;
+    expect_rank("q", q, 4)?;
+    expect_dtype("k", k, DType::F32)?;
+    expect_rank("k", k, 4)?;
+    let (b, hq, t, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
+    let (hkv, s) = (k.shape[1], k.shape[2]);
+    expect_shape("k", k, DType::F32, &[b, hkv, s, d])?;
+    if hq % hkv != 0 {
+        return Err(format!(
+            "query heads {hq} are not a multiple of kv heads {hkv}"
+        ));
+    }
+    expect_mask(mask, b, hkv, t, s)?;
+    if !scale.is_finite() {
+        return Err(format!("expected a finite scale, found {scale}"));
+    }
+    Ok([b, hkv, t, s, d])
 }
 
 /// An attention mask `[B, 1 | Hkv, T, S]` Bool.

@@ -17,10 +17,6 @@ pub(super) struct Random {
 }
 
 impl Rule for Random {
-    fn score(&self, _: &mut GraphBuilder<'_>, _: &View<'_>) -> Result<Option<ValueId>, BuildError> {
-        Ok(None)
-    }
-
     fn priority(
         &self,
         g: &mut GraphBuilder<'_>,

@@ -18,10 +18,6 @@ pub(super) struct SinkWindow {
 }
 
 impl Rule for SinkWindow {
-    fn score(&self, _: &mut GraphBuilder<'_>, _: &View<'_>) -> Result<Option<ValueId>, BuildError> {
-        Ok(None)
-    }
-
     fn priority(
         &self,
         g: &mut GraphBuilder<'_>,

@@ -173,12 +173,14 @@ impl View<'_> {
 
 /// How a budgeted policy ranks slots.
 pub(super) trait Rule {
-    /// The new `score.l` (`[B, Hkv, N]`), for policies that keep one.
+    /// The new `score.l` (`[B, Hkv, N]`), for policies that keep one (none by default).
     fn score(
         &self,
-        g: &mut GraphBuilder<'_>,
-        view: &View<'_>,
-    ) -> Result<Option<ValueId>, BuildError>;
+        _g: &mut GraphBuilder<'_>,
+        _view: &View<'_>,
+    ) -> Result<Option<ValueId>, BuildError> {
+        Ok(None)
+    }
 
     /// Priority of each slot (`[B, Hkv, N]` or broadcastable to it); higher is kept,
     /// equal priorities keep the newer token. Only live slots' values matter.

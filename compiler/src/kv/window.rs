@@ -14,10 +14,6 @@ use crate::ir::{BuildError, GraphBuilder, Scalar, ValueId};
 pub(super) struct Window;
 
 impl Rule for Window {
-    fn score(&self, _: &mut GraphBuilder<'_>, _: &View<'_>) -> Result<Option<ValueId>, BuildError> {
-        Ok(None)
-    }
-
     fn priority(
         &self,
         g: &mut GraphBuilder<'_>,
