@@ -324,7 +324,7 @@ impl KvPolicy {
         match self {
             KvPolicy::Dense | KvPolicy::Tova { .. } | KvPolicy::Random { .. } => Ok(()),
             KvPolicy::Window { .. } => Ok(()),
-            KvPolicy::SinkWindow { window, .. } if window == 0 => err(
+            KvPolicy::SinkWindow { window: 0, .. } => err(
                 "window",
                 "the window must hold at least the newest token, found 0".into(),
             ),

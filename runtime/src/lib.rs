@@ -6,6 +6,7 @@
 pub mod executor;
 pub mod fetch;
 pub mod gguf;
+pub mod kernels;
 pub mod model;
 pub mod random;
 pub mod session;
