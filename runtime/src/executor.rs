@@ -155,7 +155,10 @@ impl State {
             values: p
                 .state
                 .iter()
-                .map(|s| Some(cast(Value::full(s.init, &s.ty.shape, device), s.ty.dtype)))
+                .map(|s| {
+                    let v = cast(Value::full(s.init, &s.ty.shape, device), s.ty.dtype);
+                    Some(touch(v))
+                })
                 .collect(),
         }
     }
@@ -188,6 +191,20 @@ struct Plan {
     mass_source: Vec<Option<usize>>,
     /// Attentions whose probabilities an `attention_mass` reuses.
     keep_probs: Vec<bool>,
+}
+
+/// Writes every element of a fresh value. A zero-filled buffer may come from the OS as
+/// untouched pages, which would then be faulted in one cache slot at a time as decode fills
+/// the cache (measured: resident memory grew ≈ 43 KB per step, exactly one slot of every
+/// layer's keys and values). Touching the state once at allocation makes the cache
+/// resident up front, as the memory plan counts it, and keeps resident memory flat while
+/// decoding.
+fn touch(v: Value) -> Value {
+    match v {
+        Value::F(t) => Value::F(t.add_scalar(0.0f32)),
+        Value::I(t) => Value::I(t.add_scalar(0)),
+        Value::B(t) => Value::B(t),
+    }
 }
 
 /// Executes the graphs of one program on one device.
