@@ -163,6 +163,11 @@ impl State {
         }
     }
 
+    /// Drops every value (the state must be rebuilt with [`State::new`] before a run).
+    pub fn clear(&mut self) {
+        self.values.clear();
+    }
+
     /// The current value of a state variable.
     pub fn get(&self, id: StateId) -> &Value {
         self.values[id.0 as usize]

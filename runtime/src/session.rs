@@ -251,6 +251,9 @@ impl Session {
 
     /// Returns every state variable to its initial value (a new batch).
     pub fn reset(&mut self) {
+        // Free the old caches first: both sets resident at once would double the KV
+        // memory at every new batch.
+        self.state.clear();
         self.state = State::new(self.exec.program(), self.exec.device());
     }
 
