@@ -13,6 +13,7 @@
 //! `[B, Hkv, N, N]` pooling per chunk and layer; decode costs as H2O.
 
 use super::Phase;
+use super::h2o::H2o;
 use super::slots::{Queries, Rule, View};
 use crate::ir::{BinaryOp, BuildError, GraphBuilder, Op, Scalar, ValueId};
 
@@ -30,29 +31,30 @@ impl Rule for SnapKv {
         g: &mut GraphBuilder<'_>,
         view: &View<'_>,
     ) -> Result<Option<ValueId>, BuildError> {
+        if view.chunk.phase == Phase::Decode {
+            return self.decode_rule().score(g, view);
+        }
         let old = view.old_score(g)?;
-        let gain = match view.chunk.phase {
-            Phase::Decode => view.mass(g, Queries::All)?,
-            Phase::Prefill => {
-                let mass = view.mass(g, Queries::LastN(self.window))?;
-                let shape = g.ty(view.pos).shape.clone();
-                let (b, h, n) = (shape[0], shape[1], shape[2]);
-                let rows = g.reshape(view.pos, &[b, h, n, 1])?;
-                let cols = g.reshape(view.pos, &[b, h, 1, n])?;
-                let delta = g.binary(BinaryOp::Sub, rows, cols)?;
-                let r = (self.pool / 2) as i32;
-                let hi = g.constant(Scalar::I32(r), &[1, 1, 1, 1])?;
-                let lo = g.constant(Scalar::I32(-r), &[1, 1, 1, 1])?;
-                let below = g.binary(BinaryOp::Le, delta, hi)?;
-                let above = g.binary(BinaryOp::Le, lo, delta)?;
-                let near = g.binary(BinaryOp::And, below, above)?;
-                let mass_cols = g.reshape(mass, &[b, h, 1, n])?;
-                let zero = g.constant(Scalar::F32(0.0), &[1, 1, 1, 1])?;
-                let near_mass = g.select(near, mass_cols, zero)?;
-                let pooled = g.push(Op::Sum { x: near_mass })?;
-                let inv = g.constant(Scalar::F32(1.0 / self.pool as f32), &[1, 1, 1])?;
-                g.binary(BinaryOp::Mul, pooled, inv)?
-            }
+        // Observation-window attention, average-pooled over neighbouring positions.
+        let gain = {
+            let mass = view.mass(g, Queries::LastN(self.window))?;
+            let shape = g.ty(view.pos).shape.clone();
+            let (b, h, n) = (shape[0], shape[1], shape[2]);
+            let rows = g.reshape(view.pos, &[b, h, n, 1])?;
+            let cols = g.reshape(view.pos, &[b, h, 1, n])?;
+            let delta = g.binary(BinaryOp::Sub, rows, cols)?;
+            let r = (self.pool / 2) as i32;
+            let hi = g.constant(Scalar::I32(r), &[1, 1, 1, 1])?;
+            let lo = g.constant(Scalar::I32(-r), &[1, 1, 1, 1])?;
+            let below = g.binary(BinaryOp::Le, delta, hi)?;
+            let above = g.binary(BinaryOp::Le, lo, delta)?;
+            let near = g.binary(BinaryOp::And, below, above)?;
+            let mass_cols = g.reshape(mass, &[b, h, 1, n])?;
+            let zero = g.constant(Scalar::F32(0.0), &[1, 1, 1, 1])?;
+            let near_mass = g.select(near, mass_cols, zero)?;
+            let pooled = g.push(Op::Sum { x: near_mass })?;
+            let inv = g.constant(Scalar::F32(1.0 / self.pool as f32), &[1, 1, 1])?;
+            g.binary(BinaryOp::Mul, pooled, inv)?
         };
         Ok(Some(g.binary(BinaryOp::Add, old, gain)?))
     }
@@ -63,7 +65,16 @@ impl Rule for SnapKv {
         view: &View<'_>,
         score: Option<ValueId>,
     ) -> Result<ValueId, BuildError> {
-        let score = score.expect("SnapKV keeps a score");
-        view.protect_newest(g, self.window, score)
+        // Prefill protects the observation window just as decode's H2O protects `recent`.
+        self.decode_rule().priority(g, view, score)
+    }
+}
+
+impl SnapKv {
+    /// Decode continues as H2O with `recent = window`.
+    fn decode_rule(&self) -> H2o {
+        H2o {
+            recent: self.window,
+        }
     }
 }
