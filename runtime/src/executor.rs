@@ -221,7 +221,7 @@ pub struct Executor {
     decode: Plan,
     /// Per-op wall time, when `KVC_PROFILE` is set (Flex runs ops eagerly, so the time
     /// of an op is the time of its call).
-    profile: Option<std::cell::RefCell<std::collections::BTreeMap<String, (u64, f64)>>>,
+    profile: Option<std::sync::Mutex<std::collections::BTreeMap<String, (u64, f64)>>>,
 }
 
 /// Which graph to run.
@@ -374,6 +374,16 @@ impl Executor {
     /// Runs one graph: reads `inputs` (in declaration order) and the state, writes the
     /// state back, and returns the outputs in declaration order.
     pub fn run(&self, which: Which, inputs: Vec<Value>, state: &mut State) -> Vec<Value> {
+        // On the CPU the graph runs on a worker of rayon's pool: a parallel kernel then
+        // starts on this thread at once and the other workers join it, instead of the
+        // caller handing every kernel to the pool and sleeping until it is done.
+        if rayon::current_thread_index().is_none() && rayon::current_num_threads() > 1 {
+            return rayon::scope(|_| self.run_here(which, inputs, state));
+        }
+        self.run_here(which, inputs, state)
+    }
+
+    fn run_here(&self, which: Which, inputs: Vec<Value>, state: &mut State) -> Vec<Value> {
         let (g, plan) = match which {
             Which::Prefill => (&self.program.prefill, &self.prefill),
             Which::Decode => (&self.program.decode, &self.decode),
@@ -596,7 +606,7 @@ impl Executor {
                 }
             };
             if let (Some(p), Some(t)) = (&self.profile, started) {
-                let mut p = p.borrow_mut();
+                let mut p = p.lock().expect("profile lock");
                 let key = match &node.op {
                     Op::Linear { w, .. } => format!("linear {}", g.ty(*w)),
                     op => op.name().to_string(),
@@ -623,7 +633,7 @@ impl Executor {
 impl Drop for Executor {
     fn drop(&mut self) {
         if let Some(p) = &self.profile {
-            let p = p.borrow();
+            let p = p.lock().expect("profile lock");
             let total: f64 = p.values().map(|v| v.1).sum();
             eprintln!("kvc profile (KVC_PROFILE): {total:.3} s in ops");
             let mut rows: Vec<_> = p.iter().collect();

@@ -6,24 +6,33 @@ use burn::tensor::activation::softmax;
 use burn::tensor::module;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{
-    Bool, DType as BurnDType, FloatDType, IndexingUpdateOp, Int, Tensor, kind::Basic,
+    Bool, DType as BurnDType, FloatDType, IndexingUpdateOp, Int, Tensor, TensorData, kind::Basic,
 };
+use burn_flex::Flex;
 
-/// Rows below which a projection is a memory-bound matrix-vector product that the
-/// backend runs on one thread; such products are split in two halves of the output
-/// features, one per thread (measured: 13 → 20 GB/s of weights on two cores).
+/// Rows below which a projection is a memory-bound matrix-vector product (decode: one
+/// row per batch row). On the CPU such products run in [`crate::cpu::gemv`], which streams
+/// each weight once for all rows on both cores; elsewhere they are split in two halves of
+/// the output features, one per thread (Flex's own matmul runs them on one thread).
 pub const SPLIT_BELOW_ROWS: usize = 16;
 
+/// Rows up to which a CPU projection runs in [`crate::cpu::gemv`] (decode at batch ≤ 16).
+pub const HOST_GEMV_ROWS: usize = 16;
+
 /// `x · wᵀ` for x `[m, k]`, w `[n, k]`.
-/// With F16 weights, x is rounded to f16 and the product computed in f16.
+/// F16 weights are widened to f32 as they are read (GEMV) or for the product (larger
+/// products); arithmetic and accumulation are f32.
 pub fn linear(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
-    let [m, _] = x.dims();
+    let [m, k] = x.dims();
     let [n, _] = w.dims();
-    let x = if w.dtype() == BurnDType::F16 {
-        x.cast(FloatDType::F16)
-    } else {
-        x
-    };
+    if m <= HOST_GEMV_ROWS
+        && let Some(y) = host_linear(&x, &w, m, k, n)
+    {
+        return y;
+    }
+    // Flex has no fast f16 GEMM on CPUs without AVX512-FP16: widen the weights for the
+    // product (a copy of one matrix, small next to an M ≥ 16 product's arithmetic).
+    let w = to_f32(w);
     if m >= SPLIT_BELOW_ROWS || n < 256 || rayon::current_num_threads() < 2 {
         return to_f32(x.matmul(w.transpose()));
     }
@@ -33,6 +42,22 @@ pub fn linear(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
         || x.clone().matmul(w.clone().narrow(0, h, n - h).transpose()),
     );
     to_f32(Tensor::cat(vec![a, b], 1))
+}
+
+/// [`crate::cpu::gemv::matmul_t`] on the tensors' own host buffers (no copy of the weights),
+/// or `None` when they are not contiguous f32/f16 Flex tensors.
+fn host_linear(x: &Tensor<2>, w: &Tensor<2>, m: usize, k: usize, n: usize) -> Option<Tensor<2>> {
+    let wt = w.clone().try_into_primitive::<Flex>().ok()?;
+    let xt = host(x)?;
+    let xs = xt.as_slice::<f32>()?;
+    let mut out = vec![0.0f32; m * n];
+    if let Some(ws) = wt.as_slice::<f32>() {
+        crate::cpu::gemv::matmul_t(xs, m, k, ws, n, &mut out);
+    } else {
+        let ws = wt.as_slice::<half::f16>()?;
+        crate::cpu::gemv::matmul_t(xs, m, k, ws, n, &mut out);
+    }
+    Some(Tensor::from_data(TensorData::new(out, [m, n]), &x.device()))
 }
 
 /// Activations are F32; weights may be stored in F16.
@@ -81,6 +106,11 @@ pub fn attention(
     let [b, hq, t, d] = q.dims();
     let hkv = k.dims()[1];
     let g = hq / hkv;
+    if g * t <= EXPLICIT_ATTENTION_ROWS
+        && let Some(r) = host_attention(&q, &k, &v, &mask, scale, want_probs)
+    {
+        return r;
+    }
     if want_probs && g * t <= EXPLICIT_ATTENTION_ROWS {
         let probs = attention_probs(q, k, mask, scale);
         let out = probs.clone().matmul(v).reshape([b, hq, t, d]);
@@ -95,6 +125,66 @@ pub fn attention(
     };
     let out = module::attention(q, k, v, Some(hidden), None, options).reshape([b, hq, t, d]);
     (out, None)
+}
+
+/// [`crate::cpu::attention`] on the tensors' host buffers, or `None` off Flex.
+fn host_attention(
+    q: &Tensor<4>,
+    k: &Tensor<4>,
+    v: &Tensor<4>,
+    mask: &Tensor<4, Bool>,
+    scale: f32,
+    want_probs: bool,
+) -> Option<(Tensor<4>, Option<Tensor<4>>)> {
+    let [b, hq, t, d] = q.dims();
+    let [_, hkv, s, _] = k.dims();
+    let m = mask.dims()[1];
+    let dims = crate::cpu::attention::Dims {
+        scale,
+        b,
+        hq,
+        hkv,
+        t,
+        s,
+        d,
+        m,
+    };
+    let (qt, kt, vt) = (host(q)?, host(k)?, host(v)?);
+    let mt = host(mask)?;
+    let mask_bytes = {
+        let (start, end) = mt.layout().contiguous_offsets()?;
+        &mt.storage::<u8>()[start..end]
+    };
+    let mut out = vec![0.0f32; b * hq * t * d];
+    let mut probs = want_probs.then(|| vec![0.0f32; b * hq * t * s]);
+    crate::cpu::attention::attention(
+        qt.as_slice::<f32>()?,
+        kt.as_slice::<f32>()?,
+        vt.as_slice::<f32>()?,
+        mask_bytes,
+        dims,
+        &mut out,
+        probs.as_deref_mut(),
+    );
+    let device = q.device();
+    let out = Tensor::from_data(TensorData::new(out, [b, hq, t, d]), &device);
+    let probs =
+        probs.map(|p| Tensor::from_data(TensorData::new(p, [b, hkv, hq / hkv * t, s]), &device));
+    Some((out, probs))
+}
+
+/// A contiguous Flex view of a tensor (copied only if it is a strided view), or `None`
+/// when it does not live on Flex.
+fn host<const D: usize, K>(x: &Tensor<D, K>) -> Option<burn_flex::FlexTensor>
+where
+    K: Basic + burn::tensor::BackendPrimitive<Flex, Primitive = burn_flex::FlexTensor>,
+{
+    let t = x.clone().try_into_primitive::<Flex>().ok()?;
+    Some(if t.is_contiguous() {
+        t
+    } else {
+        t.to_contiguous()
+    })
 }
 
 /// Softmax of `scale · q·kᵀ` over the visible slots, `[B, Hkv, g·T, S]` (group-major query
@@ -291,7 +381,6 @@ pub fn sample(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::TensorData;
 
     #[test]
     fn top_k_orders_by_value_then_tiebreak_then_index() {

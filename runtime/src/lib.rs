@@ -3,6 +3,7 @@
 //!
 //! This crate (with the end-to-end tests) is the only place that depends on Burn.
 
+pub mod cpu;
 pub mod executor;
 pub mod fetch;
 pub mod gguf;
