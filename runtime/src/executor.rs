@@ -607,9 +607,13 @@ impl Executor {
             };
             if let (Some(p), Some(t)) = (&self.profile, started) {
                 let mut p = p.lock().expect("profile lock");
+                let graph = match which {
+                    Which::Prefill => "prefill",
+                    Which::Decode => "decode",
+                };
                 let key = match &node.op {
-                    Op::Linear { w, .. } => format!("linear {}", g.ty(*w)),
-                    op => op.name().to_string(),
+                    Op::Linear { w, .. } => format!("{graph} linear {}", g.ty(*w)),
+                    op => format!("{graph} {}", op.name()),
                 };
                 let e = p.entry(key).or_default();
                 e.0 += 1;
@@ -640,7 +644,7 @@ impl Drop for Executor {
             rows.sort_by(|a, b| b.1.1.total_cmp(&a.1.1));
             for (name, (calls, secs)) in rows {
                 eprintln!(
-                    "  {name:<24} {calls:>8} calls {:>9.3} s {:>5.1}%",
+                    "  {name:<32} {calls:>8} calls {:>9.3} s {:>5.1}%",
                     secs,
                     100.0 * secs / total.max(1e-12)
                 );

@@ -8,12 +8,12 @@
 
 use std::collections::BTreeMap;
 
-use burn::tensor::Device;
+use burn::tensor::{Device, Tensor, TensorData};
 use kvc_compiler::ir::{Program, StateId};
 use kvc_compiler::lower::names;
 
 use crate::RuntimeError;
-use crate::executor::{Executor, State, Value, Which};
+use crate::executor::{Executor, State, Value, Which, pad4};
 use crate::weights::HostTensor;
 
 /// One prompt and how many tokens to generate for it.
@@ -84,38 +84,56 @@ pub struct Completion {
 }
 
 /// Binds weights to the program's parameter table by name, checking every shape.
+/// On the CPU all parameters share one huge-page-backed allocation ([`crate::cpu::arena`]).
 pub fn bind_params(
     program: &Program,
     weights: &mut BTreeMap<String, HostTensor>,
     device: &Device,
 ) -> Result<Vec<Value>, RuntimeError> {
-    program
-        .params
-        .iter()
-        .map(|decl| {
-            let expected: Vec<usize> = decl.ty.shape.iter().map(|&d| d as usize).collect();
-            let t = weights
-                .get_mut(&decl.name)
-                .ok_or_else(|| RuntimeError::MissingParam {
-                    name: decl.name.clone(),
-                    expected: decl.ty.to_string(),
-                })?;
-            if t.shape != expected {
-                return Err(RuntimeError::ParamShape {
-                    name: decl.name.clone(),
-                    expected,
-                    found: t.shape.clone(),
-                });
-            }
-            let v = Value::from_f32(std::mem::take(&mut t.data), &decl.ty.shape, device);
-            Ok(match (v, decl.ty.dtype) {
-                (Value::F(f), kvc_compiler::ir::DType::F16) => {
-                    Value::F(f.cast(burn::tensor::FloatDType::F16))
-                }
-                (v, _) => v,
+    use crate::cpu::arena::{self, Storage};
+    let mut items = Vec::with_capacity(program.params.len());
+    for decl in &program.params {
+        let expected: Vec<usize> = decl.ty.shape.iter().map(|&d| d as usize).collect();
+        let t = weights
+            .get_mut(&decl.name)
+            .ok_or_else(|| RuntimeError::MissingParam {
+                name: decl.name.clone(),
+                expected: decl.ty.to_string(),
+            })?;
+        if t.shape != expected {
+            return Err(RuntimeError::ParamShape {
+                name: decl.name.clone(),
+                expected,
+                found: t.shape.clone(),
+            });
+        }
+        let storage = match decl.ty.dtype {
+            kvc_compiler::ir::DType::F16 => Storage::F16,
+            _ => Storage::F32,
+        };
+        items.push((std::mem::take(&mut t.data), pad4(&decl.ty.shape), storage));
+    }
+    let on_cpu = Tensor::<1>::zeros([1], device)
+        .try_into_primitive::<burn_flex::Flex>()
+        .is_ok();
+    let items = if on_cpu {
+        match arena::tensors(items) {
+            Ok(tensors) => return Ok(tensors.into_iter().map(Value::F).collect()),
+            Err(items) => items,
+        }
+    } else {
+        items
+    };
+    Ok(items
+        .into_iter()
+        .map(|(data, shape, storage)| {
+            let t = Tensor::<4>::from_data(TensorData::new(data, shape), device);
+            Value::F(match storage {
+                Storage::F16 => t.cast(burn::tensor::FloatDType::F16),
+                Storage::F32 => t,
             })
         })
-        .collect()
+        .collect())
 }
 
 struct Control {

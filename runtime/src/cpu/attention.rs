@@ -51,7 +51,6 @@ pub fn attention(
     mut probs: Option<&mut [f32]>,
 ) {
     let Dims {
-        scale,
         b,
         hq,
         hkv,
@@ -59,6 +58,7 @@ pub fn attention(
         s,
         d,
         m,
+        ..
     } = dims;
     let g = hq / hkv;
     let rows = g * t;
@@ -282,7 +282,12 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         tail += a[i] * b[i];
         i += 1;
     }
-    let h = [acc[0] + acc[4], acc[1] + acc[5], acc[2] + acc[6], acc[3] + acc[7]];
+    let h = [
+        acc[0] + acc[4],
+        acc[1] + acc[5],
+        acc[2] + acc[6],
+        acc[3] + acc[7],
+    ];
     (h[0] + h[2]) + (h[1] + h[3]) + tail
 }
 

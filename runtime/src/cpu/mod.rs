@@ -3,5 +3,6 @@
 //! attention). The executor reaches them through [`crate::kernels`] when tensors live on
 //! Flex; other backends run Burn's ops.
 
+pub mod arena;
 pub mod attention;
 pub mod gemv;
