@@ -10,14 +10,13 @@
 //! place instead of copying (a live clone would force a full copy every step).
 //! Constants and iotas are built once at load, not per step.
 
-use burn::tensor::activation::silu;
 use burn::tensor::{Bool, Device, FloatDType, Int, IntDType, Tensor, TensorData};
 use kvc_compiler::ir::{BinaryOp, DType, Graph, Op, Program, Scalar, StateId};
 
 use crate::RuntimeError;
 use crate::kernels::{
     attention, attention_mass, attention_probs, gather_rows, hash_uniform, kv_write, linear, rope,
-    sample, to_f32, top_k,
+    sample, silu, to_f32, top_k,
 };
 
 /// A tensor of any dtype, rank 4 (IR shape padded with leading 1s).

@@ -69,6 +69,17 @@ pub fn to_f32<const D: usize>(t: Tensor<D>) -> Tensor<D> {
     }
 }
 
+/// `x · σ(x)`; on the CPU with a vectorised exp ([`crate::cpu::elementwise`]).
+pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    if let Some(t) = host(&x)
+        && let Some(v) = t.as_slice::<f32>()
+    {
+        let out = crate::cpu::elementwise::silu(v);
+        return Tensor::from_data(TensorData::new(out, x.dims()), &x.device());
+    }
+    burn::tensor::activation::silu(x)
+}
+
 /// Half-split rotary embedding: x `[B, T, N, D]`, pos `[1, 1, B, T]`.
 pub fn rope(x: Tensor<4>, pos: Tensor<4, Int>, cos: Tensor<2>, sin: Tensor<2>) -> Tensor<4> {
     let [b, t, _, d] = x.dims();

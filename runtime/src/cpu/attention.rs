@@ -161,35 +161,6 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-/// Defines `$name` to run `$body` compiled for AVX2 + FMA when the CPU has them (the
-/// crate is built for baseline x86-64), else as built.
-macro_rules! multiversion {
-    ($(#[$meta:meta])* unsafe fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
-        $(#[$meta])*
-        unsafe fn $name($($arg: $ty),*) {
-            #[inline(always)]
-            unsafe fn body($($arg: $ty),*) $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) {
-                    // SAFETY: the caller's contract.
-                    unsafe { body($($arg),*) }
-                }
-                static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-                if *AVX2.get_or_init(|| {
-                    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-                }) {
-                    // SAFETY: the features were detected; the caller's contract.
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            // SAFETY: the caller's contract.
-            unsafe { body($($arg),*) }
-        }
-    };
-}
-
 multiversion! {
     /// Task `i` = (head `i / blocks`, block `i % blocks`) of pass 1: scores of its slots for
     /// every row, and the block's maximum per row into `bm`.
@@ -248,7 +219,7 @@ multiversion! {
             }
             // Hidden slots hold −∞, whose exp is 0.
             for e in e.iter_mut() {
-                *e = exp_nonpositive(*e - mx);
+                *e = super::elementwise::exp(*e - mx);
             }
             let mut sum = 0.0f32;
             for (jj, &e) in e.iter().enumerate() {
@@ -289,26 +260,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         acc[3] + acc[7],
     ];
     (h[0] + h[2]) + (h[1] + h[3]) + tail
-}
-
-/// `eᶻ` for `z ≤ 0` (−∞ and NaN-free inputs; `z < −87` gives 0), within 2 ulp: `2ⁿ · p(r)`
-/// with `z = n·ln 2 + r`, `|r| ≤ ln 2 / 2` and a degree-6 polynomial. Written without
-/// calls so that loops over it vectorise (libm's `expf` does not).
-#[inline(always)]
-fn exp_nonpositive(z: f32) -> f32 {
-    // 1.5 · 2²³: adding and subtracting it rounds to the nearest integer.
-    const ROUND: f32 = 12_582_912.0;
-    let zc = z.max(-87.0);
-    let n = (zc * std::f32::consts::LOG2_E + ROUND) - ROUND;
-    // ln 2 split in two so that n·ln 2 is exact in the first part.
-    let r = (zc - n * 0.693_145_75) - n * 1.428_606_8e-6;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (0.166_666_67
-                    + r * (0.041_666_668 + r * (0.008_333_334 + r * 0.001_388_889)))));
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    if z < -87.0 { 0.0 } else { p * scale }
 }
 
 /// `y += a · x`.
@@ -378,20 +329,6 @@ mod tests {
             }
         }
         (out, probs)
-    }
-
-    #[test]
-    fn exp_nonpositive_matches_f64_exp() {
-        let mut worst = 0.0f64;
-        for i in 0..=200_000 {
-            let z = -(i as f32) * 87.0 / 200_000.0;
-            let want = (z as f64).exp();
-            let got = exp_nonpositive(z) as f64;
-            worst = worst.max((got - want).abs() / want);
-        }
-        assert!(worst < 3e-7, "relative error {worst}");
-        assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
-        assert_eq!(exp_nonpositive(0.0), 1.0);
     }
 
     /// Decode and small-chunk shapes, shared and per-head masks, hidden slots everywhere
