@@ -15,8 +15,8 @@ use kvc_compiler::ir::{BinaryOp, DType, Graph, Op, Program, Scalar, StateId};
 
 use crate::RuntimeError;
 use crate::kernels::{
-    attention, attention_mass, attention_probs, gather_rows, hash_uniform, kv_write, linear, rope,
-    sample, silu, to_f32, top_k,
+    attention, attention_mass, attention_probs, gather_rows, hash_uniform, host_kv_write, kv_write,
+    linear, rms_norm, rope, sample, silu, to_f32, top_k,
 };
 
 /// A tensor of any dtype, rank 4 (IR shape padded with leading 1s).
@@ -440,13 +440,7 @@ impl Executor {
                     let y = linear(x.reshape([m, k]), w.reshape([n, k]));
                     Value::F(y.reshape(pad4(&node.ty.shape)))
                 }
-                Op::RmsNorm { x, w, eps } => {
-                    let x = take(*x).f();
-                    let w = take(*w).f();
-                    let ms = x.clone().powi_scalar(2).mean_dim(3);
-                    let inv = ms.add_scalar(*eps).sqrt().recip();
-                    Value::F(x.mul(inv).mul(w))
-                }
+                Op::RmsNorm { x, w, eps } => Value::F(rms_norm(take(*x).f(), take(*w).f(), *eps)),
                 Op::Rope { x, pos, .. } => {
                     let x = take(*x).f();
                     let pos = take(*pos).i();
@@ -474,7 +468,10 @@ impl Executor {
                 } => {
                     let (start, len) = (take(*start).i(), take(*len).i());
                     match (take(*cache), take(*new)) {
-                        (Value::F(c), Value::F(n)) => Value::F(kv_write(c, n, start, len)),
+                        (Value::F(c), Value::F(n)) => Value::F(
+                            host_kv_write(c, &n, &start, &len)
+                                .unwrap_or_else(|c| kv_write(*c, n, start, len)),
+                        ),
                         (Value::I(c), Value::I(n)) => Value::I(kv_write(c, n, start, len)),
                         (c, n) => unreachable!("verified kv_write: {c:?} and {n:?}"),
                     }

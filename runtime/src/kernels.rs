@@ -80,8 +80,75 @@ pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     burn::tensor::activation::silu(x)
 }
 
+/// `x / √(mean(x²) + eps) · w` over the last axis (w `[1, 1, 1, H]`).
+pub fn rms_norm(x: Tensor<4>, w: Tensor<4>, eps: f32) -> Tensor<4> {
+    if let (Some(xt), Some(wt)) = (host(&x), host(&w))
+        && let (Some(xs), Some(ws)) = (xt.as_slice::<f32>(), wt.as_slice::<f32>())
+    {
+        let out = crate::cpu::elementwise::rms_norm(xs, ws, eps);
+        return Tensor::from_data(TensorData::new(out, x.dims()), &x.device());
+    }
+    let ms = x.clone().powi_scalar(2).mean_dim(3);
+    let inv = ms.add_scalar(eps).sqrt().recip();
+    x.mul(inv).mul(w)
+}
+
+/// [`kv_write`] of an F32 cache in place on its host buffer, when the cache lives on Flex
+/// with a single owner; otherwise the cache comes back untouched.
+pub fn host_kv_write(
+    cache: Tensor<4>,
+    new: &Tensor<4>,
+    start: &Tensor<4, Int>,
+    len: &Tensor<4, Int>,
+) -> Result<Tensor<4>, Box<Tensor<4>>> {
+    let dims = cache.dims();
+    let Ok(mut prim) = cache.clone().try_into_primitive::<Flex>() else {
+        return Err(Box::new(cache));
+    };
+    drop(cache);
+    let whole = prim.layout().contiguous_offsets() == Some((0, dims.iter().product()));
+    let inputs = (host(new), host(start), host(len));
+    let done = match (whole, &inputs) {
+        (true, (Some(nt), Some(st), Some(lt))) => {
+            match (
+                nt.as_slice::<f32>(),
+                st.as_slice::<i32>(),
+                lt.as_slice::<i32>(),
+            ) {
+                (Some(ns), Some(ss), Some(ls)) => match prim.try_storage_mut::<f32>() {
+                    Some(c) => {
+                        crate::cpu::cache::kv_write(c, ns, ss, ls, dims, new.dims()[2]);
+                        true
+                    }
+                    None => false,
+                },
+                _ => false,
+            }
+        }
+        _ => false,
+    };
+    let cache = Tensor::from_primitive::<Flex>(prim);
+    if done {
+        Ok(cache)
+    } else {
+        Err(Box::new(cache))
+    }
+}
+
 /// Half-split rotary embedding: x `[B, T, N, D]`, pos `[1, 1, B, T]`.
 pub fn rope(x: Tensor<4>, pos: Tensor<4, Int>, cos: Tensor<2>, sin: Tensor<2>) -> Tensor<4> {
+    if let (Some(xt), Some(pt), Some(ct), Some(st)) = (host(&x), host(&pos), host(&cos), host(&sin))
+        && let (Some(xs), Some(ps), Some(cs), Some(ss)) = (
+            xt.as_slice::<f32>(),
+            pt.as_slice::<i32>(),
+            ct.as_slice::<f32>(),
+            st.as_slice::<f32>(),
+        )
+    {
+        let [_, _, n, d] = x.dims();
+        let out = crate::cpu::elementwise::rope(xs, ps, n, d, cs, ss);
+        return Tensor::from_data(TensorData::new(out, x.dims()), &x.device());
+    }
     let [b, t, _, d] = x.dims();
     let half = d / 2;
     let max = cos.dims()[0] as i32 - 1;

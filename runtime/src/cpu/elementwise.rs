@@ -44,6 +44,45 @@ multiversion! {
     }
 }
 
+/// `x / √(mean(x²) + eps) · w` over rows of `w.len()` values.
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let h = w.len();
+    let mut out = vec![0.0f32; x.len()];
+    for (o, x) in out.chunks_exact_mut(h).zip(x.chunks_exact(h)) {
+        let ms = x.iter().map(|v| (v * v) as f64).sum::<f64>() / h as f64;
+        let inv = (1.0 / (ms + eps as f64).sqrt()) as f32;
+        for ((o, &x), &w) in o.iter_mut().zip(x).zip(w) {
+            *o = x * inv * w;
+        }
+    }
+    out
+}
+
+/// Half-split rotary embedding of x `[B·T, N, D]` at positions `pos` `[B·T]` (clamped to
+/// the tables), with `cos`, `sin` `[P, D/2]`.
+pub fn rope(x: &[f32], pos: &[i32], n: usize, d: usize, cos: &[f32], sin: &[f32]) -> Vec<f32> {
+    let half = d / 2;
+    let last = (cos.len() / half.max(1)).saturating_sub(1);
+    let mut out = vec![0.0f32; x.len()];
+    for ((o, x), &p) in out
+        .chunks_exact_mut(n * d)
+        .zip(x.chunks_exact(n * d))
+        .zip(pos)
+    {
+        let p = (p.max(0) as usize).min(last);
+        let (c, s) = (&cos[p * half..][..half], &sin[p * half..][..half]);
+        for (o, x) in o.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+            let (x1, x2) = x.split_at(half);
+            let (o1, o2) = o.split_at_mut(half);
+            for i in 0..half {
+                o1[i] = x1[i] * c[i] - x2[i] * s[i];
+                o2[i] = x2[i] * c[i] + x1[i] * s[i];
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

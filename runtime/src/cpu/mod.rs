@@ -34,5 +34,6 @@ macro_rules! multiversion {
 
 pub mod arena;
 pub mod attention;
+pub mod cache;
 pub mod elementwise;
 pub mod gemv;
