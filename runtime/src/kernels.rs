@@ -186,6 +186,9 @@ pub fn rope(x: Tensor<4>, pos: Tensor<4, Int>, cos: Tensor<2>, sin: Tensor<2>) -
 /// attention stays on the fused kernel, which was not slower there.
 pub const EXPLICIT_ATTENTION_ROWS: usize = 16;
 
+/// Query positions per block of a long chunk's attention on the CPU.
+pub const QUERY_BLOCK: usize = 128;
+
 /// Grouped-query attention without materialising repeated KV heads: the `g` query heads
 /// that share a KV head are stacked along the query axis. Returns the output and, on the
 /// explicit path (taken when `want_probs` and the query is small), the probabilities
@@ -211,15 +214,62 @@ pub fn attention(
         let out = probs.clone().matmul(v).reshape([b, hq, t, d]);
         return (out, Some(probs));
     }
-    let q = q.reshape([b, hkv, g * t, d]);
-    let hidden = hidden_slots(mask, g);
     let options = AttentionModuleOptions {
         scale: Some(scale as f64),
         softcap: None,
         is_causal: false,
     };
-    let out = module::attention(q, k, v, Some(hidden), None, options).reshape([b, hq, t, d]);
+    let fused = |q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: Tensor<4, Bool>| {
+        // Slots past the last one any of these queries sees contribute nothing: on the
+        // CPU the kernel runs over the prefix up to it.
+        let (k, v, mask) = match live_slots(&mask) {
+            Some(live) if live < k.dims()[2] => (
+                k.narrow(2, 0, live),
+                v.narrow(2, 0, live),
+                mask.narrow(3, 0, live),
+            ),
+            _ => (k, v, mask),
+        };
+        let tb = q.dims()[2];
+        let q = q.reshape([b, hkv, g * tb, d]);
+        let hidden = hidden_slots(mask, g);
+        module::attention(q, k, v, Some(hidden), None, options).reshape([b, hq, tb, d])
+    };
+    // A causal chunk's early queries see few slots: split the queries into blocks so
+    // each attends over its own live prefix (≈ 40% less work for a first 512-token chunk).
+    let on_cpu = live_slots(&mask).is_some();
+    if !on_cpu || t < 2 * QUERY_BLOCK {
+        return (fused(q, k, v, mask), None);
+    }
+    let parts: Vec<Tensor<4>> = (0..t)
+        .step_by(QUERY_BLOCK)
+        .map(|t0| {
+            let tb = QUERY_BLOCK.min(t - t0);
+            fused(
+                q.clone().narrow(2, t0, tb),
+                k.clone(),
+                v.clone(),
+                mask.clone().narrow(2, t0, tb),
+            )
+        })
+        .collect();
+    let out = Tensor::cat(parts, 2);
     (out, None)
+}
+
+/// One past the last slot that any query of `mask` `[B, M, T, S]` sees (at least 1), or
+/// `None` off Flex.
+fn live_slots(mask: &Tensor<4, Bool>) -> Option<usize> {
+    let s = mask.dims()[3];
+    let mt = host(mask)?;
+    let (start, end) = mt.layout().contiguous_offsets()?;
+    let bytes = &mt.storage::<u8>()[start..end];
+    let last = bytes
+        .chunks_exact(s)
+        .filter_map(|row| row.iter().rposition(|&v| v != 0))
+        .max()
+        .unwrap_or(0);
+    Some(last + 1)
 }
 
 /// [`crate::cpu::attention`] on the tensors' host buffers, or `None` off Flex.
@@ -476,6 +526,46 @@ pub fn sample(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A long causal chunk (blocked queries, trimmed slots) against softmax·v written out
+    /// with Burn's plain ops, over a cache prefix and unwritten tail slots.
+    #[test]
+    fn blocked_long_chunk_attention_matches_plain_softmax() {
+        let dev = crate::device(crate::Backend::Flex).unwrap();
+        let (b, hq, hkv, t, s, d, prefix) = (2, 4, 2, 300, 420, 8, 50);
+        let vals = |n: usize, seed: u32| -> Vec<f32> {
+            (0..n)
+                .map(|i| hash_uniform(seed, i as i32, 0) * 2.0 - 1.0)
+                .collect()
+        };
+        let q = Tensor::<4>::from_data(
+            TensorData::new(vals(b * hq * t * d, 1), [b, hq, t, d]),
+            &dev,
+        );
+        let k = Tensor::<4>::from_data(
+            TensorData::new(vals(b * hkv * s * d, 2), [b, hkv, s, d]),
+            &dev,
+        );
+        let v = Tensor::<4>::from_data(
+            TensorData::new(vals(b * hkv * s * d, 3), [b, hkv, s, d]),
+            &dev,
+        );
+        // Row 1 has a shorter prefix: its queries see fewer slots.
+        let seen: Vec<i32> = (0..b * t * s)
+            .map(|i| {
+                let (row, qi, j) = (i / (t * s), i / s % t, i % s);
+                (j <= prefix - 20 * row + qi) as i32
+            })
+            .collect();
+        let mask = Tensor::<4, Int>::from_data(TensorData::new(seen, [b, 1, t, s]), &dev).bool();
+        let (got, _) = attention(q.clone(), k.clone(), v.clone(), mask.clone(), 0.3, false);
+        let g = hq / hkv;
+        let want = attention_probs(q, k, mask, 0.3)
+            .matmul(v)
+            .reshape([b, hq, t, d]);
+        let diff: f32 = got.sub(want).abs().max().into_scalar();
+        assert!(diff < 1e-5, "max |blocked − plain| = {diff} (g = {g})");
+    }
 
     #[test]
     fn top_k_orders_by_value_then_tiebreak_then_index() {
