@@ -39,7 +39,7 @@ struct PromptRef {
     greedy_continuation_ids_llama_cpp: Vec<u32>,
 }
 
-/// Tolerance for f16 weight storage (activations rounded to f16 before each product).
+/// Tolerance for f16 weight storage (weights rounded to f16; activations and accumulation f32).
 const F16_TOLERANCE: f64 = 0.15;
 /// Dense cache with int8 keys and values vs the float64 reference (see docs/kv-policies.md).
 /// Measured 2026-11-26: 0.476 and 0.342 (max |diff| over top-10 logits and log-sum-exp).

@@ -40,8 +40,8 @@ fn linear(c: &mut Criterion) {
     group.finish();
 }
 
-/// One decode query over `s` slots: Burn's fused kernel vs the explicit path that also
-/// yields the probabilities (`attention_mass`'s input).
+/// One decode query over `s` slots (all visible), without and with the probabilities
+/// (`attention_mass`'s input).
 fn attention(c: &mut Criterion) {
     let d = dev();
     let mut group = c.benchmark_group("attention_decode");
@@ -51,7 +51,7 @@ fn attention(c: &mut Criterion) {
         let v = tensor([1, 3, s, 64], 5, &d);
         let mask: Tensor<4, Bool> = Tensor::<4, Int>::ones([1, 1, 1, s], &d).bool();
         for explicit in [false, true] {
-            let name = if explicit { "explicit" } else { "fused" };
+            let name = if explicit { "with_probs" } else { "output" };
             group.bench_with_input(BenchmarkId::new(name, s), &(), |b, _| {
                 b.iter(|| {
                     black_box(kernels::attention(
