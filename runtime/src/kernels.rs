@@ -179,19 +179,18 @@ pub fn rope(x: Tensor<4>, pos: Tensor<4, Int>, cos: Tensor<2>, sin: Tensor<2>) -
     Tensor::cat(vec![r1, r2], 3)
 }
 
-/// Query rows per KV head (`g·T`) up to which an attention whose probabilities an
-/// `attention_mass` reuses is computed as explicit `q·kᵀ`, softmax and `p·v` instead of
-/// Burn's fused kernel (decode has `g` rows). Measured at batch 1, 576 slots: H2O decode
-/// step 64–68 ms with the fused kernel plus a separate mass, 60 ms with the reuse; plain
-/// attention stays on the fused kernel, which was not slower there.
+/// Query rows per KV head (`g·T`) up to which attention is a few-row (decode) problem: on
+/// the CPU it runs in [`crate::cpu::attention`], which also returns the probabilities when
+/// an `attention_mass` reuses them; elsewhere, when the probabilities are wanted, as
+/// explicit `q·kᵀ`, softmax and `p·v`, else in Burn's fused kernel.
 pub const EXPLICIT_ATTENTION_ROWS: usize = 16;
 
 /// Query positions per block of a long chunk's attention on the CPU.
 pub const QUERY_BLOCK: usize = 128;
 
 /// Grouped-query attention without materialising repeated KV heads: the `g` query heads
-/// that share a KV head are stacked along the query axis. Returns the output and, on the
-/// explicit path (taken when `want_probs` and the query is small), the probabilities
+/// that share a KV head are stacked along the query axis. Returns the output and, when
+/// `want_probs` and the query is small ([`EXPLICIT_ATTENTION_ROWS`]), the probabilities
 /// `[B, Hkv, g·T, S]`.
 pub fn attention(
     q: Tensor<4>,
