@@ -4,7 +4,8 @@
 //! Burn's fused attention costs ≈ 0.1–0.3 ms per call on Flex whatever the size and
 //! computes every slot, visible or not. Here slots that no query row of a KV head sees are
 //! skipped (a dense cache's unwritten tail, a budgeted cache's free slots), and work is
-//! split over (row, KV head, block of slots) so both cores stream the cache.
+//! split over (KV head, block of slots) so both cores stream the cache; each block keeps its
+//! own maximum, sum and weighted values, rescaled when the blocks are combined.
 //!
 //! Layouts (row-major): q `[B, Hq, T, D]`; k, v `[B, Hkv, S, D]`; mask `[B, M, T, S]`
 //! (M = 1 or Hkv, nonzero = visible); out `[B, Hq, T, D]`; probs `[B, Hkv, g·T, S]`,
@@ -87,55 +88,57 @@ pub fn attention(
         blocks,
     };
 
-    // Pass 1: scores (−∞ where hidden) and each block's maximum per row.
+    // One pass per (head, block of slots): scores (−∞ where hidden), the block's maximum
+    // per row, exp(score − block max), their sum and the unnormalised Σ e·v.
     let mut scores = vec![f32::NEG_INFINITY; heads * rows * s];
     let mut block_max = vec![f32::NEG_INFINITY; heads * blocks * rows];
+    let mut block_sum = vec![0.0f32; heads * blocks * rows];
+    let mut block_out = vec![0.0f32; heads * blocks * rows * d];
     let sc = SendPtr(scores.as_mut_ptr());
     block_max
         .par_chunks_mut(rows)
-        .enumerate()
-        // SAFETY: task i writes only its own block's columns of the scores.
-        .for_each(|(i, bm)| unsafe { scores_block(&ctx, i, sc, bm) });
-
-    // Pass 2: exp(score − row max), per-block sums and unnormalised outputs.
-    let mut block_sum = vec![0.0f32; heads * blocks * rows];
-    let mut block_out = vec![0.0f32; heads * blocks * rows * d];
-    let row_max: Vec<f32> = (0..heads * rows)
-        .map(|hr| {
-            let (h, r) = (hr / rows, hr % rows);
-            (0..blocks)
-                .map(|c| block_max[(h * blocks + c) * rows + r])
-                .fold(f32::NEG_INFINITY, f32::max)
-        })
-        .collect();
-    let sc = SendPtr(scores.as_mut_ptr());
-    block_sum
-        .par_chunks_mut(rows)
+        .zip(block_sum.par_chunks_mut(rows))
         .zip(block_out.par_chunks_mut(rows * d))
         .enumerate()
         // SAFETY: task i reads and writes only its own block's columns of the scores.
-        .for_each(|(i, (bs, bo))| unsafe { values_block(&ctx, i, &row_max, sc, bs, bo) });
+        .for_each(|(i, ((bm, bs), bo))| unsafe { block_task(&ctx, i, sc, bm, bs, bo) });
 
     // Combine the blocks; normalise outputs and probabilities.
     for h in 0..heads {
         let (bi, kvh) = (h / hkv, h % hkv);
         let o = &mut out[(bi * hq + kvh * g) * t * d..][..rows * d];
         for r in 0..rows {
-            let total: f32 = (0..blocks)
-                .map(|c| block_sum[(h * blocks + c) * rows + r])
-                .sum();
+            let at = |c: usize| (h * blocks + c) * rows + r;
+            let top = (0..blocks)
+                .map(|c| block_max[at(c)])
+                .fold(f32::NEG_INFINITY, f32::max);
+            // Each block's weights were taken against its own maximum: rescale to `top`.
+            let factor: Vec<f32> = (0..blocks)
+                .map(|c| {
+                    let mc = block_max[at(c)];
+                    if mc == f32::NEG_INFINITY {
+                        0.0
+                    } else {
+                        (mc - top).exp()
+                    }
+                })
+                .collect();
+            let total: f32 = (0..blocks).map(|c| factor[c] * block_sum[at(c)]).sum();
             let inv = if total > 0.0 { 1.0 / total } else { 0.0 };
             let or = &mut o[r * d..(r + 1) * d];
             or.fill(0.0);
             for c in 0..blocks {
-                let part = &block_out[((h * blocks + c) * rows + r) * d..][..d];
-                axpy(inv, part, or);
+                let part = &block_out[at(c) * d..][..d];
+                axpy(factor[c] * inv, part, or);
             }
             if let Some(p) = probs.as_deref_mut() {
                 let src = &scores[(h * rows + r) * s..][..s];
                 let dst = &mut p[(h * rows + r) * s..][..s];
-                for (p, &e) in dst.iter_mut().zip(src) {
-                    *p = e * inv;
+                for (c, (dst, src)) in dst.chunks_mut(block).zip(src.chunks(block)).enumerate() {
+                    let f = factor[c] * inv;
+                    for (p, &e) in dst.iter_mut().zip(src) {
+                        *p = e * f;
+                    }
                 }
             }
         }
@@ -162,75 +165,105 @@ unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
 multiversion! {
-    /// Task `i` = (head `i / blocks`, block `i % blocks`) of pass 1: scores of its slots for
-    /// every row, and the block's maximum per row into `bm`.
+    /// Task `i` = (head `i / blocks`, block `i % blocks`): [`scores_block`], then
+    /// [`values_block`] against the block's own maxima.
     ///
     /// # Safety
-    /// `sc` points to the `[heads, rows, S]` scores; no other task writes this block.
-    unsafe fn scores_block(x: &Ctx, i: usize, sc: SendPtr, bm: &mut [f32]) {
-        let Dims { scale, hq, hkv, t, s, d, m, .. } = x.dims;
-        let (h, c) = (i / x.blocks, i % x.blocks);
-        let (bi, kvh) = (h / hkv, h % hkv);
-        let mh = if m == 1 { 0 } else { kvh };
-        let qh = &x.q[(bi * hq + kvh * x.g) * t * d..][..x.rows * d];
-        let kh = &x.k[h * s * d..][..s * d];
-        let mk = &x.mask[(bi * m + mh) * t * s..][..t * s];
-        let (j0, j1) = (c * x.block, ((c + 1) * x.block).min(s));
-        for r in 0..x.rows {
-            let qr = &qh[r * d..(r + 1) * d];
-            let vis = &mk[(r % t) * s..][j0..j1];
-            // SAFETY: row r's columns j0..j1 of head h belong to this task.
-            let out = unsafe { std::slice::from_raw_parts_mut(sc.0.add((h * x.rows + r) * s + j0), j1 - j0) };
-            let mut mx = f32::NEG_INFINITY;
-            for (jj, (o, &seen)) in out.iter_mut().zip(vis).enumerate() {
-                if seen != 0 {
-                    let j = j0 + jj;
-                    let v = scale * dot(qr, &kh[j * d..(j + 1) * d]);
-                    *o = v;
-                    mx = mx.max(v);
-                }
-            }
-            bm[r] = mx;
+    /// `sc` points to the `[heads, rows, S]` scores; no other task touches this block.
+    unsafe fn block_task(x: &Ctx, i: usize, sc: SendPtr, bm: &mut [f32], bs: &mut [f32], bo: &mut [f32]) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            scores_block(x, i, sc, bm);
+            values_block(x, i, bm, sc, bs, bo);
         }
     }
 }
 
-multiversion! {
-    /// Task `i` of pass 2: turns its scores into `exp(score − row max)` (0 where hidden),
-    /// their sum per row into `bs` and `Σ e·v` per row into `bo`.
-    ///
-    /// # Safety
-    /// As [`scores_block`].
-    unsafe fn values_block(x: &Ctx, i: usize, row_max: &[f32], sc: SendPtr, bs: &mut [f32], bo: &mut [f32]) {
-        let Dims { s, d, .. } = x.dims;
-        let (h, c) = (i / x.blocks, i % x.blocks);
-        let vh = &x.v[h * s * d..][..s * d];
-        let (j0, j1) = (c * x.block, ((c + 1) * x.block).min(s));
-        for r in 0..x.rows {
-            let mx = row_max[h * x.rows + r];
-            // SAFETY: row r's columns j0..j1 of head h belong to this task.
-            let e = unsafe { std::slice::from_raw_parts_mut(sc.0.add((h * x.rows + r) * s + j0), j1 - j0) };
-            let o = &mut bo[r * d..(r + 1) * d];
-            if mx == f32::NEG_INFINITY {
-                // The row sees no slot at all.
-                e.fill(0.0);
-                bs[r] = 0.0;
-                continue;
+/// Scores of task `i`'s slots for every row, and the block's maximum per row into `bm`.
+///
+/// # Safety
+/// As [`block_task`].
+#[inline(always)]
+unsafe fn scores_block(x: &Ctx, i: usize, sc: SendPtr, bm: &mut [f32]) {
+    let Dims {
+        scale,
+        hq,
+        hkv,
+        t,
+        s,
+        d,
+        m,
+        ..
+    } = x.dims;
+    let (h, c) = (i / x.blocks, i % x.blocks);
+    let (bi, kvh) = (h / hkv, h % hkv);
+    let mh = if m == 1 { 0 } else { kvh };
+    let qh = &x.q[(bi * hq + kvh * x.g) * t * d..][..x.rows * d];
+    let kh = &x.k[h * s * d..][..s * d];
+    let mk = &x.mask[(bi * m + mh) * t * s..][..t * s];
+    let (j0, j1) = (c * x.block, ((c + 1) * x.block).min(s));
+    for r in 0..x.rows {
+        let qr = &qh[r * d..(r + 1) * d];
+        let vis = &mk[(r % t) * s..][j0..j1];
+        // SAFETY: row r's columns j0..j1 of head h belong to this task.
+        let out =
+            unsafe { std::slice::from_raw_parts_mut(sc.0.add((h * x.rows + r) * s + j0), j1 - j0) };
+        let mut mx = f32::NEG_INFINITY;
+        for (jj, (o, &seen)) in out.iter_mut().zip(vis).enumerate() {
+            if seen != 0 {
+                let j = j0 + jj;
+                let v = scale * dot(qr, &kh[j * d..(j + 1) * d]);
+                *o = v;
+                mx = mx.max(v);
             }
-            // Hidden slots hold −∞, whose exp is 0.
-            for e in e.iter_mut() {
-                *e = super::elementwise::exp(*e - mx);
-            }
-            let mut sum = 0.0f32;
-            for (jj, &e) in e.iter().enumerate() {
-                if e != 0.0 {
-                    sum += e;
-                    let j = j0 + jj;
-                    axpy(e, &vh[j * d..(j + 1) * d], o);
-                }
-            }
-            bs[r] = sum;
         }
+        bm[r] = mx;
+    }
+}
+
+/// Turns task `i`'s scores into `exp(score − row_max[r])` (0 where hidden), their sum per
+/// row into `bs` and `Σ e·v` per row into `bo`.
+///
+/// # Safety
+/// As [`block_task`].
+#[inline(always)]
+unsafe fn values_block(
+    x: &Ctx,
+    i: usize,
+    row_max: &[f32],
+    sc: SendPtr,
+    bs: &mut [f32],
+    bo: &mut [f32],
+) {
+    let Dims { s, d, .. } = x.dims;
+    let (h, c) = (i / x.blocks, i % x.blocks);
+    let vh = &x.v[h * s * d..][..s * d];
+    let (j0, j1) = (c * x.block, ((c + 1) * x.block).min(s));
+    for r in 0..x.rows {
+        let mx = row_max[r];
+        // SAFETY: row r's columns j0..j1 of head h belong to this task.
+        let e =
+            unsafe { std::slice::from_raw_parts_mut(sc.0.add((h * x.rows + r) * s + j0), j1 - j0) };
+        let o = &mut bo[r * d..(r + 1) * d];
+        if mx == f32::NEG_INFINITY {
+            // The row sees no slot at all.
+            e.fill(0.0);
+            bs[r] = 0.0;
+            continue;
+        }
+        // Hidden slots hold −∞, whose exp is 0.
+        for e in e.iter_mut() {
+            *e = super::elementwise::exp(*e - mx);
+        }
+        let mut sum = 0.0f32;
+        for (jj, &e) in e.iter().enumerate() {
+            if e != 0.0 {
+                sum += e;
+                let j = j0 + jj;
+                axpy(e, &vh[j * d..(j + 1) * d], o);
+            }
+        }
+        bs[r] = sum;
     }
 }
 
