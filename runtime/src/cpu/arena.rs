@@ -21,6 +21,8 @@ use rayon::prelude::*;
 const HUGE_PAGE: usize = 2 << 20;
 /// Alignment of each parameter inside it (a cache line).
 const ITEM_ALIGN: usize = 64;
+/// Elements copied before the host vector gives their memory back (8 MiB of f32).
+const RELEASE_CHUNK: usize = 2 << 20;
 
 /// Element type a parameter is stored in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,23 +123,31 @@ pub fn tensors(items: Vec<Item>) -> Result<Vec<Tensor<4>>, Vec<Item>> {
     let views: Vec<_> = items
         .into_par_iter()
         .zip(offsets.into_par_iter())
-        .map(|((data, shape, storage), start)| {
+        .map(|((mut data, shape, storage), start)| {
             let len = data.len() * storage.bytes();
-            // SAFETY: start..start + len lies inside the arena, is aligned to 64 bytes,
-            // and no other task or view touches it.
-            unsafe {
-                let dst = base.at(start);
-                match storage {
-                    Storage::F32 => {
-                        std::ptr::copy_nonoverlapping(data.as_ptr(), dst.cast(), data.len())
-                    }
-                    Storage::F16 => {
-                        let dst = dst.cast::<f16>();
-                        for (i, &v) in data.iter().enumerate() {
-                            dst.add(i).write(f16::from_f32(v));
+            // Copied from the end in chunks, each released from the host vector once
+            // copied, so a large tensor is never resident twice in full.
+            while !data.is_empty() {
+                let from = data.len().saturating_sub(RELEASE_CHUNK);
+                let chunk = &data[from..];
+                // SAFETY: elements from.. of this item lie inside the arena at
+                // start + from · size, aligned, and no other task or view touches them.
+                unsafe {
+                    let dst = base.at(start + from * storage.bytes());
+                    match storage {
+                        Storage::F32 => {
+                            std::ptr::copy_nonoverlapping(chunk.as_ptr(), dst.cast(), chunk.len())
+                        }
+                        Storage::F16 => {
+                            let dst = dst.cast::<f16>();
+                            for (i, &v) in chunk.iter().enumerate() {
+                                dst.add(i).write(f16::from_f32(v));
+                            }
                         }
                     }
                 }
+                data.truncate(from);
+                data.shrink_to_fit();
             }
             (start, len, shape, storage)
         })
