@@ -329,6 +329,27 @@ mod tests {
         out
     }
 
+    /// `matmul_t` with weights `w` against the float64 product with `w_f32` (their values).
+    fn check<W: Weight>(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        w: &[W],
+        w_f32: &[f32],
+        n: usize,
+        what: &str,
+    ) {
+        let want = reference(x, m, k, w_f32, n);
+        let mut got = vec![f32::NAN; m * n];
+        matmul_t(x, m, k, w, n, &mut got);
+        for (i, (&g, &e)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g as f64 - e).abs() <= 1e-5 * (k as f64).sqrt() * 4.0,
+                "{what} m={m} k={k} n={n} at {i}: {g} vs {e}"
+            );
+        }
+    }
+
     /// Every tile edge: m odd and even, n not a multiple of 4 or of a task, k with a tail.
     #[test]
     fn matches_a_float64_reference_at_every_tile_edge() {
@@ -338,31 +359,16 @@ mod tests {
             (3, 67, 130),
             (5, 8, 1),
             (15, 1536, 96),
+            (16, 576, 40),
             (4, 13, 301),
         ] {
             let x = values(m * k, 1);
             let w = values(n * k, 2);
-            let want = reference(&x, m, k, &w, n);
-            let mut got = vec![f32::NAN; m * n];
-            matmul_t(&x, m, k, &w, n, &mut got);
-            for (i, (&g, &e)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (g as f64 - e).abs() <= 1e-5 * (k as f64).sqrt() * 4.0,
-                    "f32 m={m} k={k} n={n} at {i}: {g} vs {e}"
-                );
-            }
+            check(&x, m, k, &w, &w, n, "f32");
             // f16 weights: the reference uses the same rounded weights.
             let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
             let wr: Vec<f32> = wh.iter().map(|v| v.to_f32()).collect();
-            let want = reference(&x, m, k, &wr, n);
-            let mut got = vec![f32::NAN; m * n];
-            matmul_t(&x, m, k, &wh, n, &mut got);
-            for (i, (&g, &e)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (g as f64 - e).abs() <= 1e-5 * (k as f64).sqrt() * 4.0,
-                    "f16 m={m} k={k} n={n} at {i}: {g} vs {e}"
-                );
-            }
+            check(&x, m, k, &wh, &wr, n, "f16");
         }
     }
 }
