@@ -17,6 +17,8 @@ use burn_flex::{Flex, FlexTensor};
 use half::f16;
 use rayon::prelude::*;
 
+use super::SendPtr;
+
 /// Alignment of the arena: one huge page.
 const HUGE_PAGE: usize = 2 << 20;
 /// Alignment of each parameter inside it (a cache line).
@@ -39,19 +41,6 @@ impl Storage {
             Storage::F32 => 4,
             Storage::F16 => 2,
         }
-    }
-}
-
-#[derive(Clone, Copy)]
-struct SendPtr(*mut u8);
-// SAFETY: parallel fill tasks write disjoint ranges through it.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    /// The address `offset` bytes in (a method, so closures capture the `Send` wrapper).
-    fn at(self, offset: usize) -> *mut u8 {
-        self.0.wrapping_add(offset)
     }
 }
 
@@ -106,8 +95,8 @@ impl AsRef<[u8]> for View {
 pub type Item = (Vec<f32>, [usize; 4], Storage);
 
 /// Builds one Flex tensor per `(data, shape, storage)`, all in one arena, freeing each
-/// host vector as soon as it is copied. `None` if the arena cannot be allocated (the
-/// caller then falls back to one allocation per tensor).
+/// host vector as it is copied. Gives the items back if the arena cannot be allocated
+/// (the caller then falls back to one allocation per tensor).
 pub fn tensors(items: Vec<Item>) -> Result<Vec<Tensor<4>>, Vec<Item>> {
     let mut offsets = Vec::with_capacity(items.len());
     let mut total = 0usize;

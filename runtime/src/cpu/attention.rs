@@ -14,6 +14,8 @@
 
 use rayon::prelude::*;
 
+use super::SendPtr;
+
 /// Shapes and scale of one attention call.
 #[derive(Clone, Copy, Debug)]
 pub struct Dims {
@@ -158,112 +160,59 @@ struct Ctx<'a> {
     blocks: usize,
 }
 
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: parallel tasks write disjoint elements through it (see the call sites).
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
 multiversion! {
-    /// Task `i` = (head `i / blocks`, block `i % blocks`): [`scores_block`], then
-    /// [`values_block`] against the block's own maxima.
+    /// Task `i` = (head `i / blocks`, block `i % blocks`): for every row, the scores of the
+    /// block's slots (−∞ where hidden), their maximum into `bm`, then `exp(score − max)` in
+    /// place (0 where hidden), their sum into `bs` and `Σ e·v` into `bo`.
     ///
     /// # Safety
     /// `sc` points to the `[heads, rows, S]` scores; no other task touches this block.
-    unsafe fn block_task(x: &Ctx, i: usize, sc: SendPtr, bm: &mut [f32], bs: &mut [f32], bo: &mut [f32]) {
-        // SAFETY: the caller's contract.
-        unsafe {
-            scores_block(x, i, sc, bm);
-            values_block(x, i, bm, sc, bs, bo);
-        }
-    }
-}
-
-/// Scores of task `i`'s slots for every row, and the block's maximum per row into `bm`.
-///
-/// # Safety
-/// As [`block_task`].
-#[inline(always)]
-unsafe fn scores_block(x: &Ctx, i: usize, sc: SendPtr, bm: &mut [f32]) {
-    let Dims {
-        scale,
-        hq,
-        hkv,
-        t,
-        s,
-        d,
-        m,
-        ..
-    } = x.dims;
-    let (h, c) = (i / x.blocks, i % x.blocks);
-    let (bi, kvh) = (h / hkv, h % hkv);
-    let mh = if m == 1 { 0 } else { kvh };
-    let qh = &x.q[(bi * hq + kvh * x.g) * t * d..][..x.rows * d];
-    let kh = &x.k[h * s * d..][..s * d];
-    let mk = &x.mask[(bi * m + mh) * t * s..][..t * s];
-    let (j0, j1) = (c * x.block, ((c + 1) * x.block).min(s));
-    for r in 0..x.rows {
-        let qr = &qh[r * d..(r + 1) * d];
-        let vis = &mk[(r % t) * s..][j0..j1];
-        // SAFETY: row r's columns j0..j1 of head h belong to this task.
-        let out =
-            unsafe { std::slice::from_raw_parts_mut(sc.0.add((h * x.rows + r) * s + j0), j1 - j0) };
-        let mut mx = f32::NEG_INFINITY;
-        for (jj, (o, &seen)) in out.iter_mut().zip(vis).enumerate() {
-            if seen != 0 {
-                let j = j0 + jj;
-                let v = scale * dot(qr, &kh[j * d..(j + 1) * d]);
-                *o = v;
-                mx = mx.max(v);
+    unsafe fn block_task(x: &Ctx, i: usize, sc: SendPtr<f32>, bm: &mut [f32], bs: &mut [f32], bo: &mut [f32]) {
+        let Dims { scale, hq, hkv, t, s, d, m, .. } = x.dims;
+        let (h, c) = (i / x.blocks, i % x.blocks);
+        let (bi, kvh) = (h / hkv, h % hkv);
+        let mh = if m == 1 { 0 } else { kvh };
+        let qh = &x.q[(bi * hq + kvh * x.g) * t * d..][..x.rows * d];
+        let kh = &x.k[h * s * d..][..s * d];
+        let vh = &x.v[h * s * d..][..s * d];
+        let mk = &x.mask[(bi * m + mh) * t * s..][..t * s];
+        let (j0, j1) = (c * x.block, ((c + 1) * x.block).min(s));
+        for r in 0..x.rows {
+            let qr = &qh[r * d..(r + 1) * d];
+            let vis = &mk[(r % t) * s..][j0..j1];
+            // SAFETY: row r's columns j0..j1 of head h belong to this task.
+            let e = unsafe { std::slice::from_raw_parts_mut(sc.at((h * x.rows + r) * s + j0), j1 - j0) };
+            let mut mx = f32::NEG_INFINITY;
+            for (jj, (o, &seen)) in e.iter_mut().zip(vis).enumerate() {
+                if seen != 0 {
+                    let j = j0 + jj;
+                    let v = scale * dot(qr, &kh[j * d..(j + 1) * d]);
+                    *o = v;
+                    mx = mx.max(v);
+                }
             }
-        }
-        bm[r] = mx;
-    }
-}
-
-/// Turns task `i`'s scores into `exp(score − row_max[r])` (0 where hidden), their sum per
-/// row into `bs` and `Σ e·v` per row into `bo`.
-///
-/// # Safety
-/// As [`block_task`].
-#[inline(always)]
-unsafe fn values_block(
-    x: &Ctx,
-    i: usize,
-    row_max: &[f32],
-    sc: SendPtr,
-    bs: &mut [f32],
-    bo: &mut [f32],
-) {
-    let Dims { s, d, .. } = x.dims;
-    let (h, c) = (i / x.blocks, i % x.blocks);
-    let vh = &x.v[h * s * d..][..s * d];
-    let (j0, j1) = (c * x.block, ((c + 1) * x.block).min(s));
-    for r in 0..x.rows {
-        let mx = row_max[r];
-        // SAFETY: row r's columns j0..j1 of head h belong to this task.
-        let e =
-            unsafe { std::slice::from_raw_parts_mut(sc.0.add((h * x.rows + r) * s + j0), j1 - j0) };
-        let o = &mut bo[r * d..(r + 1) * d];
-        if mx == f32::NEG_INFINITY {
-            // The row sees no slot at all.
-            e.fill(0.0);
-            bs[r] = 0.0;
-            continue;
-        }
-        // Hidden slots hold −∞, whose exp is 0.
-        for e in e.iter_mut() {
-            *e = super::elementwise::exp(*e - mx);
-        }
-        let mut sum = 0.0f32;
-        for (jj, &e) in e.iter().enumerate() {
-            if e != 0.0 {
-                sum += e;
-                let j = j0 + jj;
-                axpy(e, &vh[j * d..(j + 1) * d], o);
+            bm[r] = mx;
+            if mx == f32::NEG_INFINITY {
+                // The row sees no slot of this block.
+                e.fill(0.0);
+                bs[r] = 0.0;
+                continue;
             }
+            // Hidden slots hold −∞, whose exp is 0.
+            for e in e.iter_mut() {
+                *e = super::elementwise::exp(*e - mx);
+            }
+            let o = &mut bo[r * d..(r + 1) * d];
+            let mut sum = 0.0f32;
+            for (jj, &e) in e.iter().enumerate() {
+                if e != 0.0 {
+                    sum += e;
+                    let j = j0 + jj;
+                    axpy(e, &vh[j * d..(j + 1) * d], o);
+                }
+            }
+            bs[r] = sum;
         }
-        bs[r] = sum;
     }
 }
 

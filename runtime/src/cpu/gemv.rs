@@ -1,18 +1,20 @@
 //! Products of a few activation rows with a row-major weight matrix, on host slices:
 //! `out[r, j] = Σ_k x[r, k] · w[j, k]` for `r < m`, `j < n`.
 //!
-//! At decode a projection has one row per batch row (m ≤ 15 here), so it is bound by
+//! At decode a projection has one row per batch row (m ≤ 16 here), so it is bound by
 //! streaming the weights from memory, not by arithmetic. Flex's matmul packs its operands
 //! for a GEMM and runs a `[1, K]` product on one thread; these kernels read every weight
 //! once, for all `m` rows, with both cores streaming disjoint blocks of weight rows.
 //! Weights may be f32 or f16 (converted to f32 as they are read; accumulation is f32).
 //!
 //! On x86-64 with AVX2 and FMA (and F16C for f16 weights) an explicit kernel computes a
-//! 4 weight rows × 2 activation rows tile per pass over `k`; elsewhere a portable kernel
-//! with the same blocking runs (the compiler vectorises its inner loop).
+//! 4 weight rows × 2 activation rows tile per pass over `k`; elsewhere a portable loop
+//! over one weight row and one activation row at a time runs.
 
 use half::f16;
 use rayon::prelude::*;
+
+use super::SendPtr;
 
 /// Weight element types the kernels read.
 pub trait Weight: Copy + Send + Sync + 'static {
@@ -68,12 +70,6 @@ pub fn matmul_t<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, out
     }
 }
 
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: used only to write disjoint elements from parallel tasks.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
 /// Columns `j0..j0 + w.len() / k` of `out` (row stride `n`).
 ///
 /// # Safety
@@ -85,7 +81,7 @@ unsafe fn block<W: Weight>(
     w: &[W],
     j0: usize,
     n: usize,
-    out: SendPtr,
+    out: SendPtr<f32>,
 ) {
     #[cfg(target_arch = "x86_64")]
     {
@@ -114,7 +110,7 @@ unsafe fn block<W: Weight>(
                 c += 1;
             }
             // SAFETY: r < m and j0 + j < n, so the index is inside `out`.
-            unsafe { *out.0.add(r * n + j0 + j) = s };
+            unsafe { *out.at(r * n + j0 + j) = s };
         }
     }
 }

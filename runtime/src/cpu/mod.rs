@@ -32,6 +32,22 @@ macro_rules! multiversion {
     };
 }
 
+/// A raw pointer that parallel tasks may share, each writing elements no other task
+/// touches (every use states which).
+#[derive(Clone, Copy)]
+struct SendPtr<T>(*mut T);
+
+// SAFETY: users write disjoint elements from parallel tasks (see each call site).
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    /// The address `offset` elements in (a method, so closures capture the `Send` wrapper).
+    fn at(self, offset: usize) -> *mut T {
+        self.0.wrapping_add(offset)
+    }
+}
+
 pub mod arena;
 pub mod attention;
 pub mod cache;
