@@ -1,24 +1,25 @@
-//! The memory plan: bytes of weights, state (KV cache and control) and peak activations,
-//! known before anything runs. Activation peaks come from liveness over the static
-//! schedule: a value is live from the node that defines it to its last use (outputs and
-//! state updates live to the end). Parameters and state are counted once in their own
-//! lines; `kv_write` results update the cache in place and add nothing.
+//! The memory plan: bytes of weights, state (KV cache and control, told apart by
+//! [`StateRole`]) and peak activations, known before anything runs. Activation peaks come
+//! from liveness over the static schedule: a value is live from the node that defines it
+//! to its last use (outputs and state updates live to the end). Parameters and state are
+//! counted once in their own lines; `kv_write` results update the cache in place and add
+//! nothing.
 
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ir::{Graph, Op, Program};
+use crate::ir::{Graph, Op, Program, StateRole};
 
 /// Bytes a compiled program needs at run time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryPlan {
     /// Parameters in the compute dtype.
     pub weights: u64,
-    /// KV cache state of every layer: keys, values, their int8 scales, and a budgeted
-    /// policy's slot table and scores.
+    /// KV cache state of every layer (role [`StateRole::Cache`]): keys, values, their
+    /// int8 scales, and a budgeted policy's slot table and scores.
     pub kv_cache: u64,
-    /// Other state (positions, limits, flags, tokens).
+    /// Control state: every other role (positions, limits, flags, tokens, sampling).
     pub control: u64,
     /// Peak live activations while prefill runs.
     pub prefill_activations: u64,
@@ -32,10 +33,16 @@ impl MemoryPlan {
         let weights = p.params.iter().map(|x| x.ty.size_bytes()).sum();
         let (mut kv_cache, mut control) = (0, 0);
         for s in &p.state {
-            if crate::kv::is_cache_state(&s.name) {
-                kv_cache += s.ty.size_bytes();
-            } else {
-                control += s.ty.size_bytes();
+            match s.role {
+                StateRole::Cache { .. } => kv_cache += s.ty.size_bytes(),
+                StateRole::Pos
+                | StateRole::Limit
+                | StateRole::Done
+                | StateRole::Token
+                | StateRole::Temperature
+                | StateRole::TopK
+                | StateRole::TopP
+                | StateRole::Uniform => control += s.ty.size_bytes(),
             }
         }
         MemoryPlan {
@@ -84,6 +91,8 @@ pub fn peak_activations(g: &Graph) -> u64 {
             | Op::TakeRow { .. }
             | Op::Sample { .. }
             | Op::Argmax { .. }
+            | Op::AttentionProbs { .. }
+            | Op::AttentionValues { .. }
             | Op::AttentionMass { .. }
             | Op::Gather { .. }
             | Op::TopK { .. }

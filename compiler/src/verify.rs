@@ -1,12 +1,14 @@
 //! The verifier: run after lowering and after every pass, so passes and the runtime may
 //! assume a valid program. It collects every problem instead of stopping at the first.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use crate::ir::typing_decls;
-use crate::ir::{DType, Graph, Op, Program, Scalar, Type, infer_type};
-use crate::lower::names;
+use crate::ir::{
+    CachePart, DType, Graph, Op, Program, Scalar, StateDecl, StateRole, Type, infer_type,
+};
+use crate::spec::{Arch, KvPolicy, KvStorage, Sampler};
 
 /// Highest tensor rank a program may use (the runtime pads every value to rank 4).
 pub const MAX_RANK: usize = 4;
@@ -182,6 +184,8 @@ fn verify_graph(p: &Program, g: &Graph, problems: &mut Vec<Problem>) {
             | Op::TakeRow { .. }
             | Op::Sample { .. }
             | Op::Argmax { .. }
+            | Op::AttentionProbs { .. }
+            | Op::AttentionValues { .. }
             | Op::AttentionMass { .. }
             | Op::Gather { .. }
             | Op::TopK { .. }
@@ -249,7 +253,7 @@ fn verify_graph(p: &Program, g: &Graph, problems: &mut Vec<Problem>) {
 }
 
 /// The contract between a program and the runtime: graph inputs, outputs (in order) and
-/// control state, with the types the compiled configuration implies.
+/// the state table by role, with the types the compiled configuration implies.
 fn verify_interface(p: &Program, problems: &mut Vec<Problem>) {
     let c = &p.config;
     let (b, t, v) = (c.batch, c.prefill_len, c.vocab_size);
@@ -305,19 +309,140 @@ fn verify_interface(p: &Program, problems: &mut Vec<Problem>) {
             report(&g.name, format!("expected outputs {want:?}, found {got:?}"));
         }
     }
-    for (name, ty) in [
-        (names::POS, &i32b),
-        (names::LIMIT, &i32b),
-        (names::TOKEN, &i32b),
-        (names::DONE, &done),
-    ] {
-        match p.state.iter().find(|s| s.name == name) {
-            Some(s) if &s.ty == ty => {}
-            Some(s) => report(
-                "program",
-                format!("state {name} must be {ty}, found {}", s.ty),
+    let mut role_problems = 0;
+    verify_roles(p, &mut |m| {
+        role_problems += 1;
+        report("program", m)
+    });
+    if role_problems == 0 && p.interface().is_none() {
+        report(
+            "program",
+            "the state table does not give an interface by role".to_string(),
+        );
+    }
+}
+
+/// The state table by role ([`Program::interface`] reads it): exactly one variable per
+/// control role, the sampler's four roles exactly when the sampler is `Sample`, each of
+/// its fixed type; for every layer of the model, keys and values of one rank-4 type in
+/// the storage dtype, and the scales, slot table and scores that the storage and policy
+/// imply, shaped like the keys.
+fn verify_roles(p: &Program, report: &mut dyn FnMut(String)) {
+    let c = &p.config;
+    let b = c.batch;
+    let mut by_role: BTreeMap<StateRole, Vec<&StateDecl>> = BTreeMap::new();
+    for s in &p.state {
+        by_role.entry(s.role).or_default().push(s);
+    }
+    for (role, decls) in &by_role {
+        if decls.len() > 1 {
+            let names: Vec<&str> = decls.iter().map(|s| s.name.as_str()).collect();
+            report(format!(
+                "state role {role} is held by {} variables: {}",
+                names.len(),
+                names.join(", ")
+            ));
+        }
+    }
+    let layers = match &p.spec.arch {
+        Arch::Llama(l) => l.num_layers,
+    };
+    for s in &p.state {
+        if let StateRole::Cache { layer, .. } = s.role
+            && layer >= layers
+        {
+            report(format!(
+                "state {} has role {}, but the model has {layers} layers",
+                s.name, s.role
+            ));
+        }
+    }
+    let one = |role: StateRole| by_role.get(&role).map(|d| d[0]);
+    // Reports the variable of `role` when it is missing (`wanted`), unused (not `wanted`)
+    // or fails `ok`; `shown` is the type `ok` accepts, as the message shows it.
+    let mut check = |role: StateRole, wanted: bool, shown: String, ok: &dyn Fn(&Type) -> bool| {
+        let message = match (one(role), wanted) {
+            (Some(s), true) if ok(&s.ty) => return,
+            (None, false) => return,
+            (Some(s), true) => format!(
+                "state {} (role {role}) must be {shown}, found {}",
+                s.name, s.ty
             ),
-            None => report("program", format!("missing control state {name}: {ty}")),
+            (None, true) => format!("missing state with role {role}: {shown}"),
+            (Some(s), false) => format!(
+                "state {} has role {role}, which this program does not use",
+                s.name
+            ),
+        };
+        report(message)
+    };
+    let exact = |ty: Type| move |t: &Type| *t == ty;
+    let sampling = c.sampler == Sampler::Sample;
+    for (role, dtype, wanted) in [
+        (StateRole::Pos, DType::I32, true),
+        (StateRole::Limit, DType::I32, true),
+        (StateRole::Done, DType::Bool, true),
+        (StateRole::Token, DType::I32, true),
+        (StateRole::Temperature, DType::F32, sampling),
+        (StateRole::TopK, DType::I32, sampling),
+        (StateRole::TopP, DType::F32, sampling),
+    ] {
+        let ty = Type::new(dtype, [b]);
+        check(role, wanted, ty.to_string(), &exact(ty));
+    }
+    check(
+        StateRole::Uniform,
+        sampling,
+        format!("f32[{b},_]"),
+        &|t: &Type| t.dtype == DType::F32 && t.shape.len() == 2 && t.shape[0] == b,
+    );
+
+    let storage = match c.kv_storage {
+        KvStorage::F32 => DType::F32,
+        KvStorage::I8 => DType::I8,
+    };
+    let (slots, scores) = match c.kv {
+        KvPolicy::Dense => (false, false),
+        KvPolicy::Window { .. } | KvPolicy::SinkWindow { .. } | KvPolicy::Random { .. } => {
+            (true, false)
+        }
+        KvPolicy::H2o { .. } | KvPolicy::Tova { .. } | KvPolicy::SnapKv { .. } => (true, true),
+    };
+    for layer in 0..layers {
+        let role = |part| StateRole::Cache { layer, part };
+        let keys = one(role(CachePart::Keys));
+        check(
+            role(CachePart::Keys),
+            true,
+            format!("{storage}[{b},_,_,_]"),
+            &|t: &Type| t.dtype == storage && t.shape.len() == 4 && t.shape[0] == b,
+        );
+        // The other parts are shaped like well-typed keys `[B, H, N, D]`.
+        let Some(keys) = keys.filter(|k| k.ty.dtype == storage && k.ty.shape.len() == 4) else {
+            continue;
+        };
+        let (h, n) = (keys.ty.shape[1], keys.ty.shape[2]);
+        let parts = [
+            (CachePart::Values, true, keys.ty.clone()),
+            (
+                CachePart::KeyScales,
+                storage == DType::I8,
+                Type::new(DType::F32, [b, h, n, 1]),
+            ),
+            (
+                CachePart::ValueScales,
+                storage == DType::I8,
+                Type::new(DType::F32, [b, h, n, 1]),
+            ),
+            (
+                CachePart::SlotPositions,
+                slots,
+                Type::new(DType::I32, [b, h, n]),
+            ),
+            (CachePart::Scores, scores, Type::new(DType::F32, [b, h, n])),
+        ];
+        for (part, wanted, ty) in parts {
+            check(role(part), wanted, ty.to_string(), &exact(ty));
         }
     }
 }

@@ -211,4 +211,13 @@ fn int8_storage_quantizes_on_write_and_shrinks_the_cache() {
         "h2o_16_4.i8.decode",
         tiny_i8.display_graph(&tiny_i8.decode).to_string()
     );
+    // The state table with every cache part's role (the program's text form up to its
+    // first graph).
+    let text = tiny_i8.to_string();
+    let table: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("state "))
+        .take_while(|l| !l.is_empty())
+        .collect();
+    insta::assert_snapshot!("h2o_16_4.i8.state", table.join("\n"));
 }

@@ -2,9 +2,10 @@
 
 use std::path::Path;
 
-use kvc_compiler::ir::{BinaryOp, DType, Op, Program, Type, ValueId};
+use kvc_compiler::ir::{BinaryOp, CachePart, DType, Op, Program, StateRole, Type, ValueId};
+use kvc_compiler::spec::KvPolicy;
 use kvc_compiler::verify::verify;
-use kvc_compiler::{ModelSpec, compile};
+use kvc_compiler::{ModelSpec, Overrides, compile, compile_file};
 
 fn tiny() -> Program {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-llama.ron");
@@ -149,4 +150,86 @@ fn the_runtime_interface_is_checked() {
     p.decode.outputs.retain(|o| o.name != "done");
     let msg = verify(&p, "test").unwrap_err().to_string();
     assert!(msg.contains("decode: expected outputs"), "{msg}");
+}
+
+fn role_of<'a>(p: &'a mut Program, name: &str) -> &'a mut StateRole {
+    let id = p.state_id(name).unwrap();
+    &mut p.state[id.0 as usize].role
+}
+
+#[test]
+fn a_missing_or_repeated_control_role_is_reported() {
+    let mut p = tiny();
+    *role_of(&mut p, "limit") = StateRole::Pos;
+    assert_eq!(p.interface(), None);
+    let msg = verify(&p, "test").unwrap_err().to_string();
+    assert!(
+        msg.contains("program: state role pos is held by 2 variables: pos, limit"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("program: missing state with role limit: i32[3]"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_control_role_of_the_wrong_type_is_reported() {
+    let mut p = tiny();
+    *role_of(&mut p, "token") = StateRole::Done;
+    *role_of(&mut p, "done") = StateRole::Token;
+    let msg = verify(&p, "test").unwrap_err().to_string();
+    assert!(
+        msg.contains("program: state done (role token) must be i32[3], found bool[3]"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("program: state token (role done) must be bool[3], found i32[3]"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn sampling_roles_follow_the_sampler() {
+    let mut p = tiny();
+    *role_of(&mut p, "token") = StateRole::TopK;
+    let msg = verify(&p, "test").unwrap_err().to_string();
+    assert!(
+        msg.contains("program: state token has role top_k, which this program does not use"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("missing state with role token: i32[3]"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn cache_parts_are_checked_against_the_keys() {
+    let o = Overrides {
+        kv: Some(KvPolicy::H2o {
+            budget: 16,
+            recent: 4,
+        }),
+        cache_len: Some(64),
+        ..Overrides::default()
+    };
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-llama.ron");
+    let mut p = compile_file(&path, &o).unwrap();
+    let scores = *role_of(&mut p, "score.1");
+    *role_of(&mut p, "score.1") = *role_of(&mut p, "slot_pos.1");
+    *role_of(&mut p, "slot_pos.1") = scores;
+    *role_of(&mut p, "v.0") = StateRole::Cache {
+        layer: 2,
+        part: CachePart::Values,
+    };
+    let msg = verify(&p, "test").unwrap_err().to_string();
+    for want in [
+        "state slot_pos.1 (role cache(1,scores)) must be f32[3,2,24], found i32[3,2,24]",
+        "state score.1 (role cache(1,slot_positions)) must be i32[3,2,24], found f32[3,2,24]",
+        "state v.0 has role cache(2,values), but the model has 2 layers",
+        "missing state with role cache(0,values): f32[3,2,24,16]",
+    ] {
+        assert!(msg.contains(&format!("program: {want}")), "{msg}");
+    }
 }

@@ -3,7 +3,7 @@
 
 use std::fmt::{self, Display, Formatter};
 
-use super::{BinaryOp, DType, Graph, Op, Program, Scalar, Type, ValueId};
+use super::{BinaryOp, CachePart, DType, Graph, Op, Program, Scalar, StateRole, Type, ValueId};
 
 impl Display for DType {
     fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
@@ -43,6 +43,41 @@ impl Display for Scalar {
             Scalar::I32(v) => write!(f, "{v}"),
             Scalar::Bool(v) => write!(f, "{v}"),
         }
+    }
+}
+
+impl CachePart {
+    /// Name in the text form.
+    pub fn name(self) -> &'static str {
+        match self {
+            CachePart::Keys => "keys",
+            CachePart::Values => "values",
+            CachePart::KeyScales => "key_scales",
+            CachePart::ValueScales => "value_scales",
+            CachePart::SlotPositions => "slot_positions",
+            CachePart::Scores => "scores",
+        }
+    }
+}
+
+/// `pos`, `top_k`, ... for control roles; `cache(LAYER,PART)` for cache parts, e.g.
+/// `cache(0,keys)`.
+impl Display for StateRole {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        let name = match self {
+            StateRole::Pos => "pos",
+            StateRole::Limit => "limit",
+            StateRole::Done => "done",
+            StateRole::Token => "token",
+            StateRole::Temperature => "temperature",
+            StateRole::TopK => "top_k",
+            StateRole::TopP => "top_p",
+            StateRole::Uniform => "uniform",
+            StateRole::Cache { layer, part } => {
+                return write!(f, "cache({layer},{})", part.name());
+            }
+        };
+        f.write_str(name)
     }
 }
 
@@ -89,6 +124,8 @@ impl Op {
             Op::TakeRow { .. } => "take_row",
             Op::Sample { .. } => "sample",
             Op::Argmax { .. } => "argmax",
+            Op::AttentionProbs { .. } => "attention_probs",
+            Op::AttentionValues { .. } => "attention_values",
             Op::AttentionMass { .. } => "attention_mass",
             Op::Gather { .. } => "gather",
             Op::TopK { .. } => "top_k",
@@ -180,16 +217,15 @@ impl Program {
             | Op::AbsMax { x } => {
                 write!(f, "{name} {x}")
             }
+            Op::AttentionProbs { q, k, mask, scale } => {
+                write!(f, "{name} {q}, {k}, mask={mask}, scale={scale:?}")
+            }
+            Op::AttentionValues { probs, v } => write!(f, "{name} {probs}, {v}"),
             Op::AttentionMass {
-                q,
-                k,
-                mask,
+                probs,
                 weight,
-                scale,
-            } => write!(
-                f,
-                "{name} {q}, {k}, mask={mask}, weight={weight}, scale={scale:?}"
-            ),
+                kv_heads,
+            } => write!(f, "{name} {probs}, weight={weight}, kv_heads={kv_heads}"),
             Op::Gather { x, index } => write!(f, "{name} {x}, {index}"),
             Op::Quantize { x, scale } => write!(f, "{name} {x}, scale={scale}"),
             Op::TopK { x, tiebreak, k } => write!(f, "{name} {x}, tiebreak={tiebreak}, k={k}"),
@@ -263,7 +299,11 @@ impl Display for Program {
         }
         writeln!(f, "state {}:", self.state.len())?;
         for s in &self.state {
-            writeln!(f, "  {}: {} = {}  # {}", s.name, s.ty, s.init, s.doc)?;
+            writeln!(
+                f,
+                "  {}: {} = {} role={}  # {}",
+                s.name, s.ty, s.init, s.role, s.doc
+            )?;
         }
         for g in self.graphs() {
             writeln!(f)?;

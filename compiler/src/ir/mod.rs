@@ -307,23 +307,43 @@ pub enum Op {
         /// The row's uniform draw for this position.
         uniform: ValueId,
     },
-    /// Attention probability mass each key receives, averaged over the query heads of
-    /// its KV group and summed over weighted queries:
-    /// `out[b, h, s] = Σ_t weight[b, t] · (1/g) Σ_{j<g} softmax_s(scale · q[b, h·g+j, t] ·
-    /// k[b, h, s])`, with hidden slots excluded from the softmax (a query with no visible
-    /// slot contributes nothing). q `[B, Hq, T, D]`, k `[B, Hkv, S, D]`, mask as in
-    /// [`Op::Attention`], weight `[B, T]` F32 → `[B, Hkv, S]` F32.
-    AttentionMass {
+    /// Attention probabilities: `out[b, h, t, s] = softmax_s(scale · q[b, h, t] ·
+    /// k[b, h / g, s])` over the slots the mask shows (hidden slots get 0; a query with no
+    /// visible slot gets all zeros), `g = Hq / Hkv`. q `[B, Hq, T, D]`, k `[B, Hkv, S, D]`,
+    /// mask as in [`Op::Attention`] → `[B, Hq, T, S]` F32.
+    AttentionProbs {
         /// Queries.
         q: ValueId,
         /// Keys.
         k: ValueId,
         /// Which slots each query may see.
         mask: ValueId,
-        /// Weight of each query (0 drops it).
-        weight: ValueId,
         /// Multiplies the dot products.
         scale: f32,
+    },
+    /// The attention output from its probabilities: `out[b, h, t, :] = Σ_s probs[b, h, t,
+    /// s] · v[b, h / g, s, :]`. probs `[B, Hq, T, S]` F32, v `[B, Hkv, S, D]` F32 →
+    /// `[B, Hq, T, D]`. `attention_values(attention_probs(q, k, mask), v)` equals
+    /// `attention(q, k, v, mask)`; the pass `share_attention_probs` makes that rewrite
+    /// where the probabilities are computed anyway.
+    AttentionValues {
+        /// Probabilities from [`Op::AttentionProbs`].
+        probs: ValueId,
+        /// Values (the cache).
+        v: ValueId,
+    },
+    /// Attention probability mass each key receives, averaged over the query heads of
+    /// its KV group and summed over weighted queries:
+    /// `out[b, h, s] = Σ_t weight[b, t] · (1/g) Σ_{j<g} probs[b, h·g+j, t, s]`.
+    /// probs `[B, Hq, T, S]` F32 (from [`Op::AttentionProbs`]), weight `[B, T]` F32 →
+    /// `[B, kv_heads, S]` F32; `kv_heads` divides `Hq`.
+    AttentionMass {
+        /// Probabilities from [`Op::AttentionProbs`].
+        probs: ValueId,
+        /// Weight of each query (0 drops it).
+        weight: ValueId,
+        /// KV heads (`Hkv`); `g = Hq / kv_heads` query heads share one.
+        kv_heads: u32,
     },
     /// Gathers slots: `out[b, h, m, ..] = x[b, h, index[b, h, m], ..]`.
     /// x `[B, H, N]` (any dtype) or `[B, H, N, D]` (F32 or I8), index `[B, H, M]` I32 with values in
@@ -411,9 +431,9 @@ impl Op {
             | Op::Sum { x }
             | Op::AbsMax { x } => vec![x],
             Op::Quantize { x, scale } => vec![x, scale],
-            Op::AttentionMass {
-                q, k, mask, weight, ..
-            } => vec![q, k, mask, weight],
+            Op::AttentionProbs { q, k, mask, .. } => vec![q, k, mask],
+            Op::AttentionValues { probs, v } => vec![probs, v],
+            Op::AttentionMass { probs, weight, .. } => vec![probs, weight],
             Op::Gather { x, index } => vec![x, index],
             Op::TopK { x, tiebreak, .. } => vec![x, tiebreak],
             Op::Hash { a, b, .. } => vec![a, b],
@@ -474,12 +494,17 @@ impl Op {
             | Op::AbsMax { x }
             | Op::Reshape { x, .. }
             | Op::Permute { x, .. } => *x = f(*x),
-            Op::AttentionMass {
-                q, k, mask, weight, ..
-            } => {
+            Op::AttentionProbs { q, k, mask, .. } => {
                 *q = f(*q);
                 *k = f(*k);
                 *mask = f(*mask);
+            }
+            Op::AttentionValues { probs, v } => {
+                *probs = f(*probs);
+                *v = f(*v);
+            }
+            Op::AttentionMass { probs, weight, .. } => {
+                *probs = f(*probs);
                 *weight = f(*weight);
             }
             Op::Gather { x, index } => {
@@ -640,6 +665,102 @@ pub struct StateDecl {
     pub init: Scalar,
     /// One-line meaning, shown in the text form.
     pub doc: String,
+    /// What the variable is to the runtime and the memory plan.
+    pub role: StateRole,
+}
+
+/// What a state variable is. The runtime finds its control state and caches by role
+/// (through [`Program::interface`]), never by name; the verifier checks that every
+/// program has exactly one variable of each control role with its fixed type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum StateRole {
+    /// Tokens in the cache per row = position of the next token, `[B]` I32.
+    Pos,
+    /// A row is done once `pos >= limit`, `[B]` I32.
+    Limit,
+    /// The row emits no more tokens, `[B]` Bool.
+    Done,
+    /// The row's last emitted token (the next decode input), `[B]` I32.
+    Token,
+    /// Sampling temperature per row, `[B]` F32 (sampler `Sample`).
+    Temperature,
+    /// Top-k cut per row, `[B]` I32 (sampler `Sample`).
+    TopK,
+    /// Top-p cut per row, `[B]` F32 (sampler `Sample`).
+    TopP,
+    /// Uniform draw per row and position, `[B, S]` F32 (sampler `Sample`).
+    Uniform,
+    /// Part of one layer's KV cache.
+    Cache {
+        /// Layer index.
+        layer: u32,
+        /// Which part.
+        part: CachePart,
+    },
+}
+
+/// The parts of one layer's KV cache state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum CachePart {
+    /// Keys after RoPE `[B, Hkv, N, D]` (F32 or I8).
+    Keys,
+    /// Values `[B, Hkv, N, D]` (F32 or I8).
+    Values,
+    /// Per-token key scales `[B, Hkv, N, 1]` F32 (int8 storage).
+    KeyScales,
+    /// Per-token value scales `[B, Hkv, N, 1]` F32 (int8 storage).
+    ValueScales,
+    /// Position held by each slot, `[B, Hkv, N]` I32, −1 = free (budgeted policies).
+    SlotPositions,
+    /// Eviction score of each slot, `[B, Hkv, N]` F32 (H2O, TOVA, SnapKV).
+    Scores,
+}
+
+/// One layer's KV cache state, by role.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LayerState {
+    /// Keys.
+    pub keys: Option<StateId>,
+    /// Values.
+    pub values: Option<StateId>,
+    /// Key scales (int8 storage).
+    pub key_scales: Option<StateId>,
+    /// Value scales (int8 storage).
+    pub value_scales: Option<StateId>,
+    /// Slot table (budgeted policies).
+    pub slot_positions: Option<StateId>,
+    /// Scores (H2O, TOVA, SnapKV).
+    pub scores: Option<StateId>,
+}
+
+/// The sampler's per-row settings (sampler `Sample`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SamplingState {
+    /// [`StateRole::Temperature`].
+    pub temperature: StateId,
+    /// [`StateRole::TopK`].
+    pub top_k: StateId,
+    /// [`StateRole::TopP`].
+    pub top_p: StateId,
+    /// [`StateRole::Uniform`].
+    pub uniform: StateId,
+}
+
+/// A program's state table read by role: what the session and the memory plan use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Interface {
+    /// [`StateRole::Pos`].
+    pub pos: StateId,
+    /// [`StateRole::Limit`].
+    pub limit: StateId,
+    /// [`StateRole::Done`].
+    pub done: StateId,
+    /// [`StateRole::Token`].
+    pub token: StateId,
+    /// The sampler's settings, when the program samples.
+    pub sampling: Option<SamplingState>,
+    /// Per layer, its cache state (index = layer).
+    pub layers: Vec<LayerState>,
 }
 
 /// Shapes and policy a program was compiled for.
@@ -669,7 +790,7 @@ pub struct CompiledConfig {
 /// Artifact format tag written into every serialized program.
 pub const FORMAT: &str = "kvc-program";
 /// Version of the serialized program format; bumped on any incompatible IR change.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 /// A compiled model: parameters, state and the two graphs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -698,7 +819,70 @@ impl Program {
         [&self.prefill, &self.decode]
     }
 
-    /// Looks up a state variable by name.
+    /// The state table by role. `None` when a control role is missing or repeated, a
+    /// sampling role is missing while another is present, or a cache part repeats
+    /// (a verified program has none of these).
+    pub fn interface(&self) -> Option<Interface> {
+        let mut one: [Option<StateId>; 8] = [None; 8];
+        let mut layers: Vec<LayerState> = vec![];
+        for (i, s) in self.state.iter().enumerate() {
+            let id = StateId(i as u32);
+            let slot = match s.role {
+                StateRole::Pos => &mut one[0],
+                StateRole::Limit => &mut one[1],
+                StateRole::Done => &mut one[2],
+                StateRole::Token => &mut one[3],
+                StateRole::Temperature => &mut one[4],
+                StateRole::TopK => &mut one[5],
+                StateRole::TopP => &mut one[6],
+                StateRole::Uniform => &mut one[7],
+                StateRole::Cache { layer, part } => {
+                    let l = layer as usize;
+                    if l >= layers.len() {
+                        // Layers are bounded by the state table's length.
+                        if l >= self.state.len() {
+                            return None;
+                        }
+                        layers.resize(l + 1, LayerState::default());
+                    }
+                    let ls = &mut layers[l];
+                    match part {
+                        CachePart::Keys => &mut ls.keys,
+                        CachePart::Values => &mut ls.values,
+                        CachePart::KeyScales => &mut ls.key_scales,
+                        CachePart::ValueScales => &mut ls.value_scales,
+                        CachePart::SlotPositions => &mut ls.slot_positions,
+                        CachePart::Scores => &mut ls.scores,
+                    }
+                }
+            };
+            if slot.replace(id).is_some() {
+                return None;
+            }
+        }
+        let [pos, limit, done, token, t, k, p, u] = one;
+        let sampling = match (t, k, p, u) {
+            (Some(temperature), Some(top_k), Some(top_p), Some(uniform)) => Some(SamplingState {
+                temperature,
+                top_k,
+                top_p,
+                uniform,
+            }),
+            (None, None, None, None) => None,
+            _ => return None,
+        };
+        Some(Interface {
+            pos: pos?,
+            limit: limit?,
+            done: done?,
+            token: token?,
+            sampling,
+            layers,
+        })
+    }
+
+    /// Looks up a state variable by name (tools and tests; the runtime uses
+    /// [`Program::interface`]).
     pub fn state_id(&self, name: &str) -> Option<StateId> {
         self.state
             .iter()

@@ -110,17 +110,39 @@ pub fn infer_type(op: &Op, before: &[Node], decls: &Decls<'_>) -> Result<Type, S
             expect_shape("v", arg(*v, "v")?, DType::F32, &[b, hkv, s, d])?;
             q.clone()
         }
-        Op::AttentionMass {
-            q,
-            k,
-            mask,
-            weight,
-            scale,
-        } => {
+        Op::AttentionProbs { q, k, mask, scale } => {
             let q = arg(*q, "q")?;
-            let [b, hkv, t, s, _] = grouped_qk(q, arg(*k, "k")?, arg(*mask, "mask")?, *scale)?;
+            let [b, _, t, s, _] = grouped_qk(q, arg(*k, "k")?, arg(*mask, "mask")?, *scale)?;
+            Type::new(DType::F32, [b, q.shape[1], t, s])
+        }
+        Op::AttentionValues { probs, v } => {
+            let p = arg(*probs, "probs")?;
+            let v = arg(*v, "v")?;
+            expect_dtype("probs", p, DType::F32)?;
+            expect_rank("probs", p, 4)?;
+            expect_dtype("v", v, DType::F32)?;
+            expect_rank("v", v, 4)?;
+            let (b, hq, t, s) = (p.shape[0], p.shape[1], p.shape[2], p.shape[3]);
+            let (hkv, d) = (v.shape[1], v.shape[3]);
+            expect_shape("v", v, DType::F32, &[b, hkv, s, d])?;
+            grouped(hq, hkv)?;
+            Type::new(DType::F32, [b, hq, t, d])
+        }
+        Op::AttentionMass {
+            probs,
+            weight,
+            kv_heads,
+        } => {
+            let p = arg(*probs, "probs")?;
+            expect_dtype("probs", p, DType::F32)?;
+            expect_rank("probs", p, 4)?;
+            let (b, hq, t, s) = (p.shape[0], p.shape[1], p.shape[2], p.shape[3]);
+            if *kv_heads == 0 {
+                return Err("expected kv_heads > 0, found 0".to_string());
+            }
+            grouped(hq, *kv_heads)?;
             expect_shape("weight", arg(*weight, "weight")?, DType::F32, &[b, t])?;
-            Type::new(DType::F32, [b, hkv, s])
+            Type::new(DType::F32, [b, *kv_heads, s])
         }
         Op::Gather { x, index } => {
             let x = arg(*x, "x")?;
@@ -420,16 +442,22 @@ fn grouped_qk(q: &Type, k: &Type, mask: &Type, scale: f32) -> Result<[u32; 5], S
     let (b, hq, t, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
     let (hkv, s) = (k.shape[1], k.shape[2]);
     expect_shape("k", k, DType::F32, &[b, hkv, s, d])?;
-    if hq % hkv != 0 {
-        return Err(format!(
-            "query heads {hq} are not a multiple of kv heads {hkv}"
-        ));
-    }
+    grouped(hq, hkv)?;
     expect_mask(mask, b, hkv, t, s)?;
     if !scale.is_finite() {
         return Err(format!("expected a finite scale, found {scale}"));
     }
     Ok([b, hkv, t, s, d])
+}
+
+/// Query heads `hq` share KV heads `hkv` in equal groups.
+fn grouped(hq: u32, hkv: u32) -> Result<(), String> {
+    if hkv == 0 || !hq.is_multiple_of(hkv) {
+        return Err(format!(
+            "query heads {hq} are not a multiple of kv heads {hkv}"
+        ));
+    }
+    Ok(())
 }
 
 /// An attention mask `[B, 1 | Hkv, T, S]` Bool.

@@ -6,9 +6,10 @@
 //! each step's query), averaged over the query heads of its KV group. The `recent` newest
 //! tokens of the row are protected; among the others the lowest score is evicted.
 //! Scores start after prefill as the column sums of the prompt's attention.
-//! State: the slot table and `score.l` `[B, Hkv, N]` F32. Cost per decode step: one
-//! extra `q·kᵀ` + softmax over `N` slots per layer (`attention_mass`), plus the
-//! selection.
+//! State: the slot table and `score.l` `[B, Hkv, N]` F32. Cost per decode step: the
+//! attention's probabilities `[B, Hq, 1, N]` are kept (the pass `share_attention_probs`
+//! splits the attention into `attention_probs` + `attention_values`) and summed per KV
+//! group (`attention_mass`), plus the selection; `q·kᵀ` and the softmax run once.
 
 use super::slots::{Queries, Rule, View};
 use crate::ir::{BinaryOp, BuildError, GraphBuilder, ValueId};

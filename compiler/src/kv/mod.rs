@@ -16,7 +16,7 @@ pub mod storage;
 mod tova;
 mod window;
 
-use crate::ir::{BuildError, GraphBuilder, StateDecl, ValueId};
+use crate::ir::{BuildError, CachePart, GraphBuilder, StateDecl, StateRole, ValueId};
 use crate::spec::{KvPolicy, KvStorage};
 
 /// Cache geometry shared by both graphs.
@@ -77,14 +77,9 @@ pub fn score_name(l: u32) -> String {
     format!("score.{l}")
 }
 
-/// Whether a state variable belongs to the KV cache (keys, values, scales, slot table,
-/// scores) rather than to the control state.
-pub fn is_cache_state(name: &str) -> bool {
-    let prefix = name.split('.').next().unwrap_or_default();
-    matches!(
-        prefix,
-        "k" | "v" | "k_scale" | "v_scale" | "slot_pos" | "score"
-    ) && name.contains('.')
+/// The role of layer `l`'s cache part `part`.
+pub fn cache_role(l: u32, part: CachePart) -> StateRole {
+    StateRole::Cache { layer: l, part }
 }
 
 /// The state variables of `policy` for `layers` layers.

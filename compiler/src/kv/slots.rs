@@ -14,7 +14,7 @@
 //! 2. attends over all `N` slots: query at position `p` sees the live slots at
 //!    positions `<= p`, so every query sees the cache before eviction plus the causal
 //!    part of its own chunk;
-//! 3. asks the [`Rule`] for the new scores and a priority per slot, ranks the slots by
+//! 3. asks the `Rule` for the new scores and a priority per slot, ranks the slots by
 //!    `(priority, position)` descending (free slots last), and keeps the first `S`:
 //!    - prefill sorts the `N` slots by rank (`top_k` + `gather` of keys, values, positions
 //!      and scores; one pass over the cache per chunk) and frees everything past `S`;
@@ -24,10 +24,14 @@
 //!      ranks lowest it is the one dropped.
 //!
 //! Decisions are per row and per KV head; the scores of a KV head are the attention of
-//! its query heads averaged (`attention_mass`). Every shape is fixed by `B, T, N`.
+//! its query heads averaged (`attention_probs` with the attention's operands, then
+//! `attention_mass`; the pass `share_attention_probs` then computes the attention itself
+//! from those probabilities). Every shape is fixed by `B, T, N`.
 
-use super::{CacheShape, Chunk, Phase, pos_name, score_name, storage};
-use crate::ir::{BinaryOp, BuildError, DType, GraphBuilder, Op, Scalar, StateDecl, Type, ValueId};
+use super::{CacheShape, Chunk, Phase, cache_role, pos_name, score_name, storage};
+use crate::ir::{
+    BinaryOp, BuildError, CachePart, DType, GraphBuilder, Op, Scalar, StateDecl, Type, ValueId,
+};
 use crate::spec::KvStorage;
 
 /// Priority of a slot a policy must keep (the newest tokens, sinks).
@@ -53,6 +57,7 @@ pub fn declare(layers: u32, c: CacheShape, storage: KvStorage, scored: bool) -> 
             ty: Type::new(DType::I32, table),
             init: Scalar::I32(-1),
             doc: format!("layer {l} position of each slot's token; -1 = free"),
+            role: cache_role(l, CachePart::SlotPositions),
         });
         if scored {
             out.push(StateDecl {
@@ -60,6 +65,7 @@ pub fn declare(layers: u32, c: CacheShape, storage: KvStorage, scored: bool) -> 
                 ty: Type::new(DType::F32, table),
                 init: Scalar::F32(0.0),
                 doc: format!("layer {l} eviction score of each slot"),
+                role: cache_role(l, CachePart::Scores),
             });
         }
     }
@@ -140,12 +146,18 @@ impl View<'_> {
         let one = g.constant(Scalar::F32(1.0), &[1, 1])?;
         let zero = g.constant(Scalar::F32(0.0), &[1, 1])?;
         let weight = g.select(chosen, one, zero)?;
-        g.push(Op::AttentionMass {
+        // The same q, k, mask and scale as the layer's attention: the pass
+        // `share_attention_probs` makes that attention read these probabilities.
+        let probs = g.push(Op::AttentionProbs {
             q: self.layer.q,
             k: self.keys,
             mask: self.mask,
-            weight,
             scale: self.layer.scale,
+        })?;
+        g.push(Op::AttentionMass {
+            probs,
+            weight,
+            kv_heads: self.layer.c.kv_heads,
         })
     }
 

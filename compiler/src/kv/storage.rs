@@ -9,8 +9,10 @@
 //!   The scale tables are caches with D = 1, so `kv_write` and `gather` move them with
 //!   their tokens.
 
-use super::{CacheShape, k_name, v_name};
-use crate::ir::{BinaryOp, BuildError, DType, GraphBuilder, Op, Scalar, StateDecl, Type, ValueId};
+use super::{CacheShape, cache_role, k_name, v_name};
+use crate::ir::{
+    BinaryOp, BuildError, CachePart, DType, GraphBuilder, Op, Scalar, StateDecl, Type, ValueId,
+};
 use crate::spec::KvStorage;
 
 /// Name of layer `l`'s key scales (`I8` storage).
@@ -47,22 +49,28 @@ pub(super) fn declare(storage: KvStorage, l: u32, c: CacheShape, what: &str) -> 
             ty: kv.clone(),
             init,
             doc: format!("layer {l} keys after RoPE; {what}"),
+            role: cache_role(l, CachePart::Keys),
         },
         StateDecl {
             name: v_name(l),
             ty: kv,
             init,
             doc: format!("layer {l} values; {what}"),
+            role: cache_role(l, CachePart::Values),
         },
     ];
     if storage == KvStorage::I8 {
         let ty = Type::new(DType::F32, [c.batch, c.kv_heads, c.slots, 1]);
-        for (name, which) in [(k_scale_name(l), "key"), (v_scale_name(l), "value")] {
+        for (name, which, part) in [
+            (k_scale_name(l), "key", CachePart::KeyScales),
+            (v_scale_name(l), "value", CachePart::ValueScales),
+        ] {
             out.push(StateDecl {
                 name,
                 ty: ty.clone(),
                 init: Scalar::F32(1.0),
                 doc: format!("layer {l} int8 {which} scale per slot"),
+                role: cache_role(l, part),
             });
         }
     }

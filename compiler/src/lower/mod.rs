@@ -4,7 +4,7 @@
 //! every family shares: the control state that lives on the device and the per-row rules
 //! for positions, stop limits and done flags.
 //!
-//! Control state, all `[B]`:
+//! Control state, all `[B]` (each with its [`StateRole`]):
 //! - `pos` I32: tokens of the row in the cache = position of the next token to write;
 //! - `limit` I32: the row is done once `pos >= limit` (host sets prompt + max_new - 1);
 //! - `done` Bool: the row emits no more tokens (initially true: an idle row);
@@ -18,8 +18,8 @@
 mod llama;
 
 use crate::ir::{
-    BinaryOp, BuildError, DType, GraphBuilder, InputDecl, Op, Program, Scalar, StateDecl, Type,
-    ValueId,
+    BinaryOp, BuildError, DType, GraphBuilder, InputDecl, Op, Program, Scalar, StateDecl,
+    StateRole, Type, ValueId,
 };
 use crate::spec::{Arch, ModelSpec, Sampler};
 
@@ -30,7 +30,8 @@ pub fn lower(spec: &ModelSpec) -> Result<Program, BuildError> {
     }
 }
 
-/// Names of the control state variables.
+/// Names of the control state variables: how the lowering reads them and how the text
+/// form shows them. The runtime and the verifier find them by [`StateRole`].
 pub mod names {
     /// Position of the next token per row.
     pub const POS: &str = "pos";
@@ -63,24 +64,28 @@ pub(crate) fn control_state(batch: u32, context: u32, sampler: Sampler) -> Vec<S
                 ty: f32b.clone(),
                 init: Scalar::F32(0.0),
                 doc: "softmax temperature per row; <= 0 is greedy".into(),
+                role: StateRole::Temperature,
             },
             StateDecl {
                 name: names::TOP_K.into(),
                 ty: i32b.clone(),
                 init: Scalar::I32(0),
                 doc: "keep the k most likely tokens; 0 keeps all".into(),
+                role: StateRole::TopK,
             },
             StateDecl {
                 name: names::TOP_P.into(),
                 ty: f32b,
                 init: Scalar::F32(1.0),
                 doc: "keep the most likely tokens up to this mass".into(),
+                role: StateRole::TopP,
             },
             StateDecl {
                 name: names::UNIFORM.into(),
                 ty: Type::new(DType::F32, [batch, context]),
                 init: Scalar::F32(0.0),
                 doc: "uniform draw for the token at position p + 1, from the seed".into(),
+                role: StateRole::Uniform,
             },
         ],
     };
@@ -90,24 +95,28 @@ pub(crate) fn control_state(batch: u32, context: u32, sampler: Sampler) -> Vec<S
             ty: i32b.clone(),
             init: Scalar::I32(0),
             doc: "tokens in the cache per row = position of the next token".into(),
+            role: StateRole::Pos,
         },
         StateDecl {
             name: names::LIMIT.into(),
             ty: i32b.clone(),
             init: Scalar::I32(0),
             doc: "a row is done once pos >= limit".into(),
+            role: StateRole::Limit,
         },
         StateDecl {
             name: names::DONE.into(),
             ty: Type::new(DType::Bool, [batch]),
             init: Scalar::Bool(true),
             doc: "row emits no more tokens".into(),
+            role: StateRole::Done,
         },
         StateDecl {
             name: names::TOKEN.into(),
             ty: i32b,
             init: Scalar::I32(0),
             doc: "last emitted token per row; the next decode input".into(),
+            role: StateRole::Token,
         },
     ];
     state.extend(sampling);

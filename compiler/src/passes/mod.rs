@@ -3,6 +3,7 @@
 
 mod cse;
 mod dce;
+mod share_probs;
 
 use crate::ir::Program;
 use crate::verify::{VerifyError, verify};
@@ -20,6 +21,10 @@ pub const PIPELINE: &[Pass] = &[
     Pass {
         name: "cse",
         run: cse::run,
+    },
+    Pass {
+        name: "share_attention_probs",
+        run: share_probs::run,
     },
     Pass {
         name: "dce",
