@@ -8,8 +8,9 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use kvc_compiler::spec::{DTypeSpec, KvPolicy};
 use kvc_compiler::{MemoryPlan, ModelSpec, Overrides};
+use kvc_runtime::Backend;
+use kvc_runtime::exec::session::{Request, Sampling, SessionOptions};
 use kvc_runtime::model::LoadedModel;
-use kvc_runtime::session::{Request, Sampling};
 use serde::{Deserialize, Serialize};
 
 /// One measured configuration.
@@ -25,6 +26,9 @@ pub struct BenchResult {
     pub kv: String,
     /// Storage dtype of the weight matrices.
     pub weights: String,
+    /// Backend and kernel set (e.g. `flex/cpu`).
+    #[serde(default)]
+    pub kernels: String,
     /// Decode steps timed.
     pub steps: usize,
     /// Prompt tokens per second over the whole batch (all chunks).
@@ -98,6 +102,10 @@ pub struct Config {
     pub prefill_len: Option<u32>,
     /// Weight storage override.
     pub weight_dtype: Option<DTypeSpec>,
+    /// Backend.
+    pub backend: Backend,
+    /// Kernel set and capture.
+    pub options: SessionOptions,
 }
 
 /// Measures one configuration in this process.
@@ -109,6 +117,8 @@ pub fn bench_one(model: &Path, cfg: &Config) -> Result<BenchResult> {
         steps,
         prefill_len,
         weight_dtype,
+        backend,
+        options,
     } = *cfg;
     let t0 = Instant::now();
     let mut spec = ModelSpec::load(model)?;
@@ -129,7 +139,7 @@ pub fn bench_one(model: &Path, cfg: &Config) -> Result<BenchResult> {
     let compile_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let base = model.parent().map(Path::to_path_buf).unwrap_or_default();
-    let mut m = LoadedModel::load(program, &base, &mut |_| {})?;
+    let mut m = LoadedModel::load_with(program, &base, backend, options, &mut |_| {})?;
     let load_s = t1.elapsed().as_secs_f64();
     let vocab = m.session.program().config.vocab_size;
     // A deterministic prompt per row (token ids spread over the vocabulary).
@@ -174,6 +184,7 @@ pub fn bench_one(model: &Path, cfg: &Config) -> Result<BenchResult> {
         prefill_len: width.min(context),
         kv: m.session.program().config.kv.to_string(),
         weights: m.session.program().config.weight_dtype.to_string(),
+        kernels: format!("{backend:?}/{}", options.kernels.name()).to_lowercase(),
         steps,
         prefill_tok_s: (batch * context) as f64 / prefill_s,
         decode_tok_s_row: steps as f64 / total_s,
@@ -234,6 +245,12 @@ pub fn bench_all(model: &Path, configs: &[Config], json: Option<&Path>) -> Resul
                     if d == DTypeSpec::F16 { "f16" } else { "f32" },
                 ]);
             }
+            cmd.args([
+                "--backend",
+                &format!("{:?}", cfg.backend).to_lowercase(),
+                "--kernels",
+                cfg.options.kernels.name(),
+            ]);
             let out = cmd.output().context("starting a benchmark child process")?;
             if !out.status.success() {
                 bail!(

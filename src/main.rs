@@ -12,10 +12,12 @@ use clap::{Args, Parser, Subcommand};
 use kvc_compiler::ir::{FORMAT, FORMAT_VERSION, Program};
 use kvc_compiler::spec::{DTypeSpec, KvPolicy, KvStorage};
 use kvc_compiler::{MemoryPlan, ModelSpec, Overrides};
-use kvc_runtime::fetch::Progress;
+use kvc_runtime::Backend;
+use kvc_runtime::exec::KernelSet;
+use kvc_runtime::exec::session::{Request, Sampling, SessionOptions};
+use kvc_runtime::load::fetch::Progress;
+use kvc_runtime::load::tokenizer::ChatMessage;
 use kvc_runtime::model::LoadedModel;
-use kvc_runtime::session::{Request, Sampling};
-use kvc_runtime::tokenizer::ChatMessage;
 
 #[derive(Parser)]
 #[command(
@@ -65,6 +67,8 @@ enum Command {
         json: bool,
         #[command(flatten)]
         shapes: ShapeArgs,
+        #[command(flatten)]
+        exec: ExecArgs,
     },
     /// Measure prefill and decode speed, step-time distribution and memory.
     Bench {
@@ -94,6 +98,8 @@ enum Command {
         /// Measure only the first batch and context in this process and print JSON.
         #[arg(long, hide = true)]
         one: bool,
+        #[command(flatten)]
+        exec: ExecArgs,
     },
     /// Teacher-force a text and print each position's top-K logits and log-sum-exp.
     Score {
@@ -113,7 +119,53 @@ enum Command {
         json: bool,
         #[command(flatten)]
         shapes: ShapeArgs,
+        #[command(flatten)]
+        exec: ExecArgs,
     },
+}
+
+/// Where and how the graphs run.
+#[derive(Args, Clone, Copy, Debug)]
+struct ExecArgs {
+    /// Backend: `flex` (CPU), or `wgpu` / `cuda` in builds with those cargo features.
+    #[arg(long, value_parser = parse_backend, default_value = "flex")]
+    backend: Backend,
+    /// Kernel set: `cpu` (kvc's CPU kernels; Flex only, its default) or `portable` (Burn
+    /// ops; the default elsewhere).
+    #[arg(long, value_parser = parse_kernels)]
+    kernels: Option<KernelSet>,
+}
+
+fn parse_backend(s: &str) -> Result<Backend, String> {
+    match s {
+        "flex" => Ok(Backend::Flex),
+        #[cfg(feature = "wgpu")]
+        "wgpu" => Ok(Backend::Wgpu),
+        #[cfg(feature = "cuda")]
+        "cuda" => Ok(Backend::Cuda),
+        "wgpu" | "cuda" => Err(format!(
+            "this build has no {s} backend (build kvc with `--features {s}`)"
+        )),
+        other => Err(format!("expected flex, wgpu or cuda, found {other:?}")),
+    }
+}
+
+fn parse_kernels(s: &str) -> Result<KernelSet, String> {
+    match s {
+        "cpu" => Ok(KernelSet::Cpu),
+        "portable" => Ok(KernelSet::Portable),
+        other => Err(format!("expected cpu or portable, found {other:?}")),
+    }
+}
+
+impl ExecArgs {
+    fn options(self) -> SessionOptions {
+        let mut o = SessionOptions::for_backend(self.backend);
+        if let Some(k) = self.kernels {
+            o.kernels = k;
+        }
+        o
+    }
 }
 
 /// Overrides of the spec's compile section.
@@ -222,6 +274,7 @@ fn real_main() -> Result<()> {
             sampling,
             json,
             shapes,
+            exec,
         } => run(
             &model,
             &prompts,
@@ -230,6 +283,7 @@ fn real_main() -> Result<()> {
             sampling,
             json,
             shapes,
+            exec,
         ),
         Command::Score {
             model,
@@ -238,7 +292,8 @@ fn real_main() -> Result<()> {
             top_k,
             json: _,
             shapes,
-        } => score(&model, &text, special, top_k, shapes),
+            exec,
+        } => score(&model, &text, special, top_k, shapes, exec),
         Command::Bench {
             model,
             batch,
@@ -249,6 +304,7 @@ fn real_main() -> Result<()> {
             weight_dtype,
             json,
             one,
+            exec,
         } => {
             if steps == 0 {
                 bail!("--steps must be at least 1");
@@ -261,6 +317,8 @@ fn real_main() -> Result<()> {
                     steps,
                     prefill_len,
                     weight_dtype,
+                    backend: exec.backend,
+                    options: exec.options(),
                 };
                 let r = bench::bench_one(&model, &config)?;
                 println!("{}", serde_json::to_string(&r)?);
@@ -277,6 +335,8 @@ fn real_main() -> Result<()> {
                                 steps,
                                 prefill_len,
                                 weight_dtype,
+                                backend: exec.backend,
+                                options: exec.options(),
                             });
                         }
                     }
@@ -412,10 +472,16 @@ fn progress() -> impl FnMut(Progress) {
     }
 }
 
-fn load(model: &Path, shapes: ShapeArgs, min_batch: usize) -> Result<LoadedModel> {
+fn load(model: &Path, shapes: ShapeArgs, min_batch: usize, exec: ExecArgs) -> Result<LoadedModel> {
     let t0 = Instant::now();
     let (program, base) = program_for(model, shapes, min_batch)?;
-    let loaded = LoadedModel::load(program, &base, &mut progress())?;
+    let loaded = LoadedModel::load_with(
+        program,
+        &base,
+        exec.backend,
+        exec.options(),
+        &mut progress(),
+    )?;
     eprintln!(
         "loaded {} in {:.2} s",
         loaded.session.program().spec.name,
@@ -424,6 +490,7 @@ fn load(model: &Path, shapes: ShapeArgs, min_batch: usize) -> Result<LoadedModel
     Ok(loaded)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run(
     model: &Path,
     prompts: &[String],
@@ -432,6 +499,7 @@ fn run(
     sampling: SamplingArgs,
     json: bool,
     shapes: ShapeArgs,
+    exec: ExecArgs,
 ) -> Result<()> {
     let row = Sampling {
         temperature: sampling.temperature,
@@ -451,7 +519,7 @@ fn run(
     if row.is_random() {
         shapes.sampler = Some(kvc_compiler::spec::Sampler::Sample);
     }
-    let mut m = load(model, shapes, prompts.len())?;
+    let mut m = load(model, shapes, prompts.len(), exec)?;
     m.session.set_seed(sampling.seed);
     let tok = m
         .tokenizer
@@ -521,8 +589,15 @@ fn run(
     Ok(())
 }
 
-fn score(model: &Path, text: &str, special: bool, top_k: usize, shapes: ShapeArgs) -> Result<()> {
-    let mut m = load(model, shapes, 1)?;
+fn score(
+    model: &Path,
+    text: &str,
+    special: bool,
+    top_k: usize,
+    shapes: ShapeArgs,
+    exec: ExecArgs,
+) -> Result<()> {
+    let mut m = load(model, shapes, 1, exec)?;
     let tok = m
         .tokenizer
         .as_ref()

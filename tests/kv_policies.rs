@@ -10,7 +10,7 @@ use common::{Reference, argmax, max_diff, session, tiny};
 use kvc_compiler::Overrides;
 use kvc_compiler::ir::Program;
 use kvc_compiler::spec::{KvPolicy, KvStorage};
-use kvc_runtime::session::{Request, Sampling, Session};
+use kvc_runtime::exec::session::{Request, Sampling, Session};
 
 /// Priority of protected tokens (as the compiled graphs use it).
 const PROTECT: f64 = 1.0e9;
@@ -228,7 +228,7 @@ fn layers(p: &Program) -> u32 {
     c.num_layers
 }
 
-type Weights = std::collections::BTreeMap<String, kvc_runtime::random::HostTensor>;
+type Weights = std::collections::BTreeMap<String, kvc_runtime::load::random::HostTensor>;
 
 fn program(kv: KvPolicy) -> (Program, Weights) {
     program_stored(kv, KvStorage::F32)

@@ -8,11 +8,11 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use kvc_compiler::{ModelSpec, Overrides, compile};
-use kvc_runtime::gguf::GgufFile;
-use kvc_runtime::session::{Request, Sampling, Session, bind_params};
-use kvc_runtime::tokenizer::Tokenizer;
-use kvc_runtime::weights::{HostTensor, load_gguf_weights};
-use kvc_runtime::{Backend, device};
+use kvc_runtime::Backend;
+use kvc_runtime::exec::session::{Request, Sampling, Session, bind_params};
+use kvc_runtime::load::gguf::GgufFile;
+use kvc_runtime::load::tokenizer::Tokenizer;
+use kvc_runtime::load::weights::{HostTensor, load_gguf_weights};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -65,7 +65,7 @@ struct Model {
 fn model() -> &'static Model {
     static M: OnceLock<Model> = OnceLock::new();
     M.get_or_init(|| {
-        let path = kvc_runtime::fetch::default_smollm2_path().expect("SmolLM2 weights");
+        let path = kvc_runtime::load::fetch::default_smollm2_path().expect("SmolLM2 weights");
         let file = GgufFile::open(&path).unwrap();
         Model {
             weights: load_gguf_weights(&file).unwrap(),
@@ -81,14 +81,13 @@ fn session(o: Overrides) -> Session {
         .with_overrides(&o, "smollm2")
         .unwrap();
     let program = compile(&spec).unwrap();
-    let dev = device(Backend::Flex).unwrap();
     let mut w: BTreeMap<String, HostTensor> = program
         .params
         .iter()
         .map(|d| (d.name.clone(), model().weights[&d.name].clone()))
         .collect();
-    let params = bind_params(&program, &mut w, &dev).unwrap();
-    Session::new(program, params, dev).unwrap()
+    let params = bind_params(&program, &mut w, Backend::Flex).unwrap();
+    Session::new(program, params, Backend::Flex).unwrap()
 }
 
 fn shapes(batch: u32, prefill_len: u32, cache_len: u32) -> Overrides {

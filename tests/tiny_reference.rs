@@ -8,8 +8,8 @@ mod common;
 use common::{Reference, argmax, max_diff, session, tiny, tiny_stopping_at};
 use kvc_compiler::Overrides;
 use kvc_compiler::spec::Sampler;
-use kvc_runtime::random::HostTensor;
-use kvc_runtime::session::{Finish, Request, Sampling};
+use kvc_runtime::exec::session::{Finish, Request, Sampling};
+use kvc_runtime::load::random::HostTensor;
 use std::collections::BTreeMap;
 
 /// One request per test prompt.

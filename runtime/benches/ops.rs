@@ -1,12 +1,15 @@
 //! Criterion benchmarks of the kernels a SmolLM2-135M decode step spends its time in
-//! (shapes of batch 1, 9 query heads, 3 KV heads, head_dim 64):
-//! `cargo bench -p kvc-runtime --bench ops`. The kernels are the executor's own
-//! (`kvc_runtime::kernels`), so these numbers are what a graph runs.
+//! (shapes of batch 1, 9 query heads, 3 KV heads, head_dim 64), for both kernel sets on
+//! Flex: `cargo bench -p kvc-runtime --bench ops`. The kernels are the plans' own
+//! (`kvc_runtime::exec::kernels`), so these numbers are what a graph runs.
 
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use criterion::{BenchmarkId, Criterion, black_box, criterion_group, criterion_main};
-use kvc_runtime::kernels;
+use kvc_runtime::exec::Value;
+use kvc_runtime::exec::kernels::{self, KernelSet, portable};
 use kvc_runtime::{Backend, device};
+
+const SETS: [KernelSet; 2] = [KernelSet::Cpu, KernelSet::Portable];
 
 fn dev() -> Device {
     device(Backend::Flex).expect("the Flex device")
@@ -28,47 +31,63 @@ fn tensor<const D: usize>(shape: [usize; D], seed: u32, d: &Device) -> Tensor<D>
 fn linear(c: &mut Criterion) {
     let d = dev();
     let mut group = c.benchmark_group("linear_gemv");
-    for (n, k) in [(576, 576), (1536, 576), (576, 1536), (49152, 576)] {
-        let x = tensor([1, k], 1, &d);
-        let w = tensor([n, k], 2, &d);
-        group.bench_with_input(
-            BenchmarkId::from_parameter(format!("{n}x{k}")),
-            &(),
-            |b, _| b.iter(|| black_box(kernels::linear(x.clone(), w.clone()))),
-        );
+    for set in SETS {
+        let k = set.kernels();
+        for (n, kk) in [(576, 576), (1536, 576), (576, 1536), (49152, 576)] {
+            let x = tensor([1, kk], 1, &d);
+            let w = tensor([n, kk], 2, &d);
+            group.bench_with_input(
+                BenchmarkId::new(set.name(), format!("{n}x{kk}")),
+                &(),
+                |b, _| b.iter(|| black_box(k.linear(x.clone(), w.clone()))),
+            );
+        }
     }
     group.finish();
 }
 
-/// One decode query over `s` slots (all visible), without and with the probabilities
-/// (`attention_mass`'s input).
+/// One decode query over `s` slots (all visible): fused, and split into probabilities
+/// and `probs · v` (what a scored policy runs), plus the mass from the probabilities.
 fn attention(c: &mut Criterion) {
     let d = dev();
     let mut group = c.benchmark_group("attention_decode");
     for s in [576usize, 4096] {
         let q = tensor([1, 9, 1, 64], 3, &d);
-        let k = tensor([1, 3, s, 64], 4, &d);
+        let kc = tensor([1, 3, s, 64], 4, &d);
         let v = tensor([1, 3, s, 64], 5, &d);
         let mask: Tensor<4, Bool> = Tensor::<4, Int>::ones([1, 1, 1, s], &d).bool();
-        for explicit in [false, true] {
-            let name = if explicit { "with_probs" } else { "output" };
-            group.bench_with_input(BenchmarkId::new(name, s), &(), |b, _| {
-                b.iter(|| {
-                    black_box(kernels::attention(
-                        q.clone(),
-                        k.clone(),
-                        v.clone(),
-                        mask.clone(),
-                        0.125,
-                        explicit,
-                    ))
-                })
-            });
+        for set in SETS {
+            let k = set.kernels();
+            group.bench_with_input(
+                BenchmarkId::new(format!("{}/fused", set.name()), s),
+                &(),
+                |b, _| {
+                    b.iter(|| {
+                        black_box(k.attention(
+                            q.clone(),
+                            kc.clone(),
+                            v.clone(),
+                            mask.clone(),
+                            0.125,
+                        ))
+                    })
+                },
+            );
+            group.bench_with_input(
+                BenchmarkId::new(format!("{}/probs_values", set.name()), s),
+                &(),
+                |b, _| {
+                    b.iter(|| {
+                        let p = k.attention_probs(q.clone(), kc.clone(), mask.clone(), 0.125);
+                        black_box(k.attention_values(p, v.clone()))
+                    })
+                },
+            );
         }
-        let probs = kernels::attention_probs(q.clone(), k.clone(), mask.clone(), 0.125);
+        let probs = portable::attention_probs(q.clone(), kc.clone(), mask.clone(), 0.125);
         let weight = Tensor::<4>::ones([1, 1, 1, 1], &d);
         group.bench_with_input(BenchmarkId::new("mass_from_probs", s), &(), |b, _| {
-            b.iter(|| black_box(kernels::attention_mass(probs.clone(), weight.clone(), 3)))
+            b.iter(|| black_box(portable::attention_mass(probs.clone(), weight.clone(), 3)))
         });
     }
     group.finish();
@@ -84,33 +103,36 @@ fn cache_ops(c: &mut Criterion) {
     let start: Tensor<4, Int> =
         Tensor::from_data(TensorData::new(vec![7i32, 300, 512], [1, 1, 1, h]), &d);
     let len: Tensor<4, Int> = Tensor::from_data(TensorData::new(vec![1i32], [1, 1, 1, 1]), &d);
-    let mut cache = Some(tensor([1, h, s, 64], 7, &d));
-    group.bench_function("kv_write_one_token_576", |b| {
-        b.iter(|| {
-            // Moved through, as the executor does, so the update is in place.
-            let c = cache.take().expect("cache");
-            cache = Some(kernels::kv_write(
-                c,
-                new.clone(),
-                start.clone(),
-                len.clone(),
-            ));
-        })
-    });
-    let x = filled(h * s, 8);
-    let tiebreak: Vec<i32> = (0..(h * s) as i32).collect();
-    for k in [1usize, s] {
-        group.bench_with_input(BenchmarkId::new("top_k_576", k), &k, |b, &k| {
-            b.iter(|| black_box(kernels::top_k(&x, &tiebreak, s, k)))
-        });
+    let x = tensor([1, 1, h, s], 8, &d);
+    let tiebreak: Tensor<4, Int> =
+        Tensor::<1, Int>::arange(0..(h * s) as i64, &d).reshape([1, 1, h, s]);
+    for set in SETS {
+        let k = set.kernels();
+        let mut cache = Some(Value::F(tensor([1, h, s, 64], 7, &d)));
+        group.bench_function(
+            BenchmarkId::new(set.name(), "kv_write_one_token_576"),
+            |b| {
+                b.iter(|| {
+                    // Moved through, as the executor does, so the update is in place.
+                    let c = cache.take().expect("cache");
+                    cache = Some(k.kv_write(c, Value::F(new.clone()), start.clone(), len.clone()));
+                })
+            },
+        );
+        for kk in [1usize, s] {
+            group.bench_with_input(
+                BenchmarkId::new(format!("{}/top_k_576", set.name()), kk),
+                &kk,
+                |b, &kk| b.iter(|| black_box(k.top_k(x.clone(), tiebreak.clone(), kk))),
+            );
+        }
     }
-    let order: Tensor<4, Int> = Tensor::from_data(
-        TensorData::new(kernels::top_k(&x, &tiebreak, s, s), [1, 1, h, s]),
-        &d,
-    );
+    let order = KernelSet::Cpu
+        .kernels()
+        .top_k(x.clone(), tiebreak.clone(), s);
     let kc = tensor([1, h, s, 64], 9, &d);
     group.bench_function("gather_rows_576", |b| {
-        b.iter(|| black_box(kernels::gather_rows(kc.clone(), order.clone())))
+        b.iter(|| black_box(portable::gather_rows(kc.clone(), order.clone())))
     });
     group.finish();
 }

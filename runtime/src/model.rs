@@ -7,13 +7,13 @@ use std::path::Path;
 use kvc_compiler::ir::Program;
 use kvc_compiler::spec::WeightSource;
 
-use crate::fetch::{self, Progress};
-use crate::gguf::GgufFile;
-use crate::random::random_param;
-use crate::session::{Session, bind_params};
-use crate::tokenizer::Tokenizer;
-use crate::weights::{self, HostTensor};
-use crate::{Backend, RuntimeError, device};
+use crate::exec::session::{Session, SessionOptions, bind_params};
+use crate::load::fetch::{self, Progress};
+use crate::load::gguf::GgufFile;
+use crate::load::random::random_param;
+use crate::load::tokenizer::Tokenizer;
+use crate::load::weights::{self, HostTensor};
+use crate::{Backend, RuntimeError};
 
 /// Errors while loading a model.
 #[derive(Debug, thiserror::Error)]
@@ -23,13 +23,13 @@ pub enum LoadError {
     Fetch(#[from] fetch::FetchError),
     /// Reading the GGUF file failed.
     #[error(transparent)]
-    Gguf(#[from] crate::gguf::GgufError),
+    Gguf(#[from] crate::load::gguf::GgufError),
     /// Reading or converting the weights failed.
     #[error(transparent)]
     Weights(#[from] weights::WeightsError),
     /// Building the tokenizer failed.
     #[error(transparent)]
-    Tokenizer(#[from] crate::tokenizer::TokenizerError),
+    Tokenizer(#[from] crate::load::tokenizer::TokenizerError),
     /// Binding or running failed.
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
@@ -62,11 +62,23 @@ impl LoadedModel {
         LoadedModel::load_on(program, base_dir, Backend::Flex, progress)
     }
 
-    /// Like [`LoadedModel::load`], on a chosen backend.
+    /// Like [`LoadedModel::load`], on a chosen backend with its default options.
     pub fn load_on(
         program: Program,
         base_dir: &Path,
         backend: Backend,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<LoadedModel, LoadError> {
+        let options = SessionOptions::for_backend(backend);
+        LoadedModel::load_with(program, base_dir, backend, options, progress)
+    }
+
+    /// Like [`LoadedModel::load`], on a chosen backend with chosen session options.
+    pub fn load_with(
+        program: Program,
+        base_dir: &Path,
+        backend: Backend,
+        options: SessionOptions,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<LoadedModel, LoadError> {
         let (mut weights, tokenizer) = match &program.spec.weights {
@@ -96,10 +108,9 @@ impl LoadedModel {
                 load_file(&path)?
             }
         };
-        let dev = device(backend)?;
-        let params = bind_params(&program, &mut weights, &dev)?;
+        let params = bind_params(&program, &mut weights, backend)?;
         Ok(LoadedModel {
-            session: Session::new(program, params, dev)?,
+            session: Session::with_options(program, params, backend, options)?,
             tokenizer,
         })
     }

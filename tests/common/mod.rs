@@ -8,9 +8,9 @@ use std::path::Path;
 use kvc_compiler::ir::Program;
 use kvc_compiler::spec::{Arch, LlamaConfig};
 use kvc_compiler::{ModelSpec, Overrides, compile};
-use kvc_runtime::random::{HostTensor, random_param};
-use kvc_runtime::session::{Session, bind_params};
-use kvc_runtime::{Backend, device};
+use kvc_runtime::Backend;
+use kvc_runtime::exec::session::{Session, SessionOptions, bind_params};
+use kvc_runtime::load::random::{HostTensor, random_param};
 
 pub fn tiny(o: Overrides) -> (Program, BTreeMap<String, HostTensor>) {
     tiny_stopping_at(o, &[])
@@ -32,11 +32,20 @@ pub fn tiny_stopping_at(o: Overrides, stops: &[u32]) -> (Program, BTreeMap<Strin
     (program, weights)
 }
 
+/// A session on Flex with its default options (the CPU kernels).
 pub fn session(program: &Program, weights: &BTreeMap<String, HostTensor>) -> Session {
-    let dev = device(Backend::Flex).unwrap();
+    session_with(program, weights, SessionOptions::for_backend(Backend::Flex))
+}
+
+/// A session on Flex with chosen options (e.g. the portable kernels).
+pub fn session_with(
+    program: &Program,
+    weights: &BTreeMap<String, HostTensor>,
+    options: SessionOptions,
+) -> Session {
     let mut w = weights.clone();
-    let params = bind_params(program, &mut w, &dev).unwrap();
-    Session::new(program.clone(), params, dev).unwrap()
+    let params = bind_params(program, &mut w, Backend::Flex).unwrap();
+    Session::with_options(program.clone(), params, Backend::Flex, options).unwrap()
 }
 
 /// Float64 reference forward pass: logits after every position of `ids`.

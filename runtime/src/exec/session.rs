@@ -4,17 +4,27 @@
 //! The host decides only what it already knows before the first step (prompt lengths and
 //! token budgets, uploaded once per chunk as device tensors). A decode step reads nothing
 //! from the host; after it the host reads back the `[B]` token and done vectors to stream
-//! text and to see whether every row has finished.
+//! text and to see whether every row has finished. The session finds its control state
+//! and caches through the program's typed state table ([`Program::interface`]).
+//!
+//! With capture on (the default on CUDA), the first decode step of a batch is recorded
+//! with `burn::tensor::capture` and later steps replay it: one hardware-graph launch per
+//! token on backends that support it, a plain re-run elsewhere. The state keeps its
+//! buffers across runs (see [`super::plan`]), and the warm-up runs `capture` makes are
+//! undone by restoring the decode-updated state from a copy taken just before, so they
+//! do not advance any row.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use burn::tensor::{Device, Tensor, TensorData};
-use kvc_compiler::ir::{Program, StateId};
-use kvc_compiler::lower::names;
+use burn::tensor::{Tensor, TensorData};
+use kvc_compiler::ir::{Interface, Program, StateId};
 
-use crate::RuntimeError;
-use crate::executor::{Executor, State, Value, Which, pad4};
-use crate::weights::HostTensor;
+use super::executor::{Executor, State, Which};
+use super::kernels::KernelSet;
+use super::value::{Value, pad4};
+use crate::load::weights::HostTensor;
+use crate::{Backend, RuntimeError, device};
 
 /// One prompt and how many tokens to generate for it.
 #[derive(Clone, Debug, PartialEq)]
@@ -84,13 +94,15 @@ pub struct Completion {
 }
 
 /// Binds weights to the program's parameter table by name, checking every shape.
-/// On the CPU all parameters share one huge-page-backed allocation ([`crate::cpu::arena`]).
+/// On Flex all parameters share one huge-page-backed allocation
+/// ([`super::kernels::cpu::arena`]).
 pub fn bind_params(
     program: &Program,
     weights: &mut BTreeMap<String, HostTensor>,
-    device: &Device,
+    backend: Backend,
 ) -> Result<Vec<Value>, RuntimeError> {
-    use crate::cpu::arena::{self, Storage};
+    use super::kernels::cpu::arena::{self, Storage};
+    let device = &device(backend)?;
     let mut items = Vec::with_capacity(program.params.len());
     for decl in &program.params {
         let expected: Vec<usize> = decl.ty.shape.iter().map(|&d| d as usize).collect();
@@ -113,10 +125,7 @@ pub fn bind_params(
         };
         items.push((std::mem::take(&mut t.data), pad4(&decl.ty.shape), storage));
     }
-    let on_cpu = Tensor::<1>::zeros([1], device)
-        .try_into_primitive::<burn_flex::Flex>()
-        .is_ok();
-    let items = if on_cpu {
+    let items = if backend == Backend::Flex {
         match arena::tensors(items) {
             Ok(tensors) => return Ok(tensors.into_iter().map(Value::F).collect()),
             Err(items) => items,
@@ -136,19 +145,49 @@ pub fn bind_params(
         .collect())
 }
 
-struct Control {
-    pos: StateId,
-    limit: StateId,
-    done: StateId,
-    token: StateId,
+/// How a session runs its graphs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionOptions {
+    /// The kernel set of the plans.
+    pub kernels: KernelSet,
+    /// Record the decode step once per batch and replay it ([`burn::tensor::capture`]).
+    pub capture: bool,
 }
+
+impl SessionOptions {
+    /// What a backend runs by default: its kernel set, and capture where a hardware graph
+    /// can replay a step (CUDA).
+    pub fn for_backend(backend: Backend) -> SessionOptions {
+        SessionOptions {
+            kernels: KernelSet::for_backend(backend),
+            capture: backend_replays(backend),
+        }
+    }
+}
+
+/// Whether a backend replays captured graphs in hardware.
+fn backend_replays(backend: Backend) -> bool {
+    match backend {
+        Backend::Flex => false,
+        #[cfg(feature = "wgpu")]
+        Backend::Wgpu => false,
+        #[cfg(feature = "cuda")]
+        Backend::Cuda => true,
+    }
+}
+
+/// The recorded decode step.
+type DecodeStep = burn::tensor::Graph<Vec<Value>, Box<dyn FnMut() -> Vec<Value>>>;
 
 /// A loaded program with its device state.
 pub struct Session {
-    exec: Executor,
-    state: State,
-    control: Control,
+    exec: Arc<Executor>,
+    state: Arc<Mutex<State>>,
+    iface: Interface,
     seed: u64,
+    capture: bool,
+    /// The captured decode step of the current batch (dropped before its state is).
+    decode_step: Option<DecodeStep>,
 }
 
 /// What one graph run returned, read back to the host.
@@ -160,31 +199,73 @@ pub struct StepOutput {
     pub done: Vec<bool>,
 }
 
+/// The address of a Flex tensor's buffer.
+fn flex_address(v: &Value) -> Option<usize> {
+    use burn_flex::Flex;
+    let t = match v {
+        Value::F(t) => t.clone().try_into_primitive::<Flex>().ok()?,
+        Value::I(t) => t.clone().try_into_primitive::<Flex>().ok()?,
+        Value::B(t) => t.clone().try_into_primitive::<Flex>().ok()?,
+    };
+    Some(t.bytes().as_ptr() as usize)
+}
+
 impl Session {
-    /// A session over a verified program and its bound parameters.
+    /// A session over a verified program and its bound parameters, with the backend's
+    /// default options.
     pub fn new(
         program: Program,
         params: Vec<Value>,
-        device: Device,
+        backend: Backend,
     ) -> Result<Session, RuntimeError> {
-        let id = |n: &str| {
-            program
-                .state_id(n)
-                .ok_or_else(|| RuntimeError::Internal(format!("program has no state {n}")))
-        };
-        let control = Control {
-            pos: id(names::POS)?,
-            limit: id(names::LIMIT)?,
-            done: id(names::DONE)?,
-            token: id(names::TOKEN)?,
-        };
+        Session::with_options(
+            program,
+            params,
+            backend,
+            SessionOptions::for_backend(backend),
+        )
+    }
+
+    /// A session with chosen options (e.g. the portable kernels on Flex, to test them).
+    pub fn with_options(
+        program: Program,
+        params: Vec<Value>,
+        backend: Backend,
+        options: SessionOptions,
+    ) -> Result<Session, RuntimeError> {
+        if !options.kernels.supports(backend) {
+            return Err(RuntimeError::Unsupported(format!(
+                "the {} kernels do not run on {backend:?}",
+                options.kernels.name()
+            )));
+        }
+        let iface = program.interface().ok_or_else(|| {
+            RuntimeError::Internal("the program's state table has no valid interface".into())
+        })?;
+        let device = device(backend)?;
         let state = State::new(&program, &device);
         Ok(Session {
-            exec: Executor::new(program, params, device),
-            state,
-            control,
+            exec: Arc::new(Executor::new(program, params, device, options.kernels)?),
+            state: Arc::new(Mutex::new(state)),
+            iface,
             seed: 0,
+            capture: options.capture,
+            decode_step: None,
         })
+    }
+
+    /// The kernel set the session's plans use.
+    pub fn kernel_set(&self) -> KernelSet {
+        self.exec.kernel_set()
+    }
+
+    /// Device→host reads so far (a decode step makes two: its token and done vectors).
+    pub fn host_reads(&self) -> u64 {
+        self.exec.host_reads()
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("state lock")
     }
 
     /// The compiled program.
@@ -215,6 +296,11 @@ impl Session {
             }
             return Ok(());
         }
+        let Some(ids) = self.iface.sampling else {
+            return Err(RuntimeError::Internal(
+                "a sampling program without sampler state".into(),
+            ));
+        };
         let (b, s) = (c.batch as usize, c.cache_len as usize);
         let row = |i: usize| reqs.get(i).map(|r| r.sampling).unwrap_or_default();
         let device = self.exec.device().clone();
@@ -226,53 +312,44 @@ impl Session {
         let uniform = (0..b)
             .flat_map(|_| (0..s).map(|p| uniform_draw(self.seed, p as u64)))
             .collect();
-        let set = |session: &mut Session, name: &str, v: Value| -> Result<(), RuntimeError> {
-            let id = session
-                .program()
-                .state_id(name)
-                .ok_or_else(|| RuntimeError::Internal(format!("no state {name}")))?;
-            session.state.set(id, v);
-            Ok(())
-        };
-        set(
-            self,
-            names::TEMPERATURE,
+        let mut state = self.state();
+        state.write(
+            ids.temperature,
             Value::from_f32(temperature, &[c.batch], &device),
-        )?;
-        set(
-            self,
-            names::TOP_K,
-            Value::from_i32(top_k, &[c.batch], &device),
-        )?;
-        set(
-            self,
-            names::TOP_P,
-            Value::from_f32(top_p, &[c.batch], &device),
-        )?;
-        set(
-            self,
-            names::UNIFORM,
+        );
+        state.write(ids.top_k, Value::from_i32(top_k, &[c.batch], &device));
+        state.write(ids.top_p, Value::from_f32(top_p, &[c.batch], &device));
+        state.write(
+            ids.uniform,
             Value::from_f32(uniform, &[c.batch, c.cache_len], &device),
-        )
+        );
+        Ok(())
     }
 
     /// The positions held by layer `layer`'s cache slots, `[B, kv_heads, N]` row-major
     /// (−1 = free), for a budgeted KV policy; `None` for the dense cache (slot =
     /// position).
     pub fn slot_positions(&self, layer: u32) -> Result<Option<Vec<i32>>, RuntimeError> {
-        let name = kvc_compiler::kv::pos_name(layer);
-        match self.program().state_id(&name) {
+        let id = self
+            .iface
+            .layers
+            .get(layer as usize)
+            .and_then(|l| l.slot_positions);
+        match id {
             None => Ok(None),
-            Some(id) => Ok(Some(self.state.get(id).to_i32()?)),
+            Some(id) => Ok(Some(self.exec.read_i32(self.state().get(id))?)),
         }
     }
 
     /// Returns every state variable to its initial value (a new batch).
     pub fn reset(&mut self) {
-        // Free the old caches first: both sets resident at once would double the KV
-        // memory at every new batch.
-        self.state.clear();
-        self.state = State::new(self.exec.program(), self.exec.device());
+        // The recorded step reads the old buffers: it goes first.
+        self.decode_step = None;
+        // Free the old caches before allocating: both sets resident at once would double
+        // the KV memory at every new batch.
+        let mut state = self.state();
+        state.clear();
+        *state = State::new(self.exec.program(), self.exec.device());
     }
 
     fn check(&self, reqs: &[Request]) -> Result<(), RuntimeError> {
@@ -372,13 +449,13 @@ impl Session {
                 Value::from_i32(len.clone(), &[c.batch], &device),
                 Value::from_i32(limit.clone(), &[c.batch], &device),
             ];
-            let out = self.exec.run(Which::Prefill, inputs, &mut self.state);
+            let out = self.exec.run(Which::Prefill, inputs, &mut self.state());
             if want_logits {
                 let finishing: Vec<usize> = (0..reqs.len())
                     .filter(|&i| len[i] > 0 && (chunk + 1) * t >= reqs[i].prompt.len())
                     .collect();
                 if !finishing.is_empty() {
-                    let all = out[0].to_f32()?;
+                    let all = self.exec.read_f32(&out[0])?;
                     let v = c.vocab_size as usize;
                     for i in finishing {
                         last_logits[i] = all[i * v..(i + 1) * v].to_vec();
@@ -391,15 +468,15 @@ impl Session {
 
     /// Runs one decode step for every row that is not done.
     pub fn step(&mut self) -> Result<StepOutput, RuntimeError> {
-        self.exec.run(Which::Decode, vec![], &mut self.state);
+        self.run_decode();
         self.read_control()
     }
 
     /// Runs one decode step and returns the logits of every row (`[B][V]`).
     pub fn step_logits(&mut self) -> Result<(StepOutput, Vec<Vec<f32>>), RuntimeError> {
-        let out = self.exec.run(Which::Decode, vec![], &mut self.state);
+        let out = self.run_decode();
         let v = self.program().config.vocab_size as usize;
-        let all = out[0].to_f32()?;
+        let all = self.exec.read_f32(&out[0])?;
         Ok((
             self.read_control()?,
             all.chunks(v).map(<[f32]>::to_vec).collect(),
@@ -433,37 +510,79 @@ impl Session {
             .collect();
         let device = self.exec.device().clone();
         let data = tokens.iter().map(|&t| t as i32).collect();
-        self.state.set(
-            self.control.token,
-            Value::from_i32(data, &[c.batch], &device),
-        );
-        self.state.set(
-            self.control.done,
-            Value::from_bool(done, &[c.batch], &device),
-        );
+        let mut state = self.state();
+        state.write(self.iface.token, Value::from_i32(data, &[c.batch], &device));
+        state.write(self.iface.done, Value::from_bool(done, &[c.batch], &device));
         Ok(())
     }
 
+    /// One decode step: the recorded one when capture is on (recording it first if
+    /// this batch has none yet), else a plain run. Returns the graph's outputs.
+    fn run_decode(&mut self) -> Vec<Value> {
+        if !self.capture {
+            return self.exec.run(Which::Decode, vec![], &mut self.state());
+        }
+        if self.decode_step.is_none() {
+            let updated: Vec<StateId> = self
+                .program()
+                .decode
+                .updates
+                .iter()
+                .map(|u| u.state)
+                .collect();
+            let saved = self.state().snapshot(&updated);
+            let (exec, state) = (Arc::clone(&self.exec), Arc::clone(&self.state));
+            let step: Box<dyn FnMut() -> Vec<Value>> = Box::new(move || {
+                exec.run(
+                    Which::Decode,
+                    vec![],
+                    &mut state.lock().expect("state lock"),
+                )
+            });
+            let recorded = burn::tensor::capture(self.exec.device(), step);
+            // `capture` ran the step (warm-up and recording): undo what it did to the rows.
+            self.state().restore(saved);
+            self.decode_step = Some(recorded);
+        }
+        let step = self.decode_step.as_mut().expect("recorded above");
+        // SAFETY: the recorded step reads and writes the state's buffers, which keep their
+        // identity until `reset` (which drops the recording first), and the executor's
+        // parameters and constants, owned by the closure; the output is owned by the
+        // recording. Every run and host read is issued from this thread, after the
+        // previous one returned.
+        unsafe { step.replay() }.clone()
+    }
+
     fn read_control(&self) -> Result<StepOutput, RuntimeError> {
+        let state = self.state();
         let tokens = self
-            .state
-            .get(self.control.token)
-            .to_i32()?
+            .exec
+            .read_i32(state.get(self.iface.token))?
             .into_iter()
             .map(|t| t as u32)
             .collect();
-        let done = self.state.get(self.control.done).to_bool()?;
+        let done = self.exec.read_bool(state.get(self.iface.done))?;
         Ok(StepOutput { tokens, done })
     }
 
     /// Positions (tokens in the cache) of every row.
     pub fn positions(&self) -> Result<Vec<i32>, RuntimeError> {
-        self.state.get(self.control.pos).to_i32()
+        self.exec.read_i32(self.state().get(self.iface.pos))
     }
 
     /// Per-row stop positions.
     pub fn limits(&self) -> Result<Vec<i32>, RuntimeError> {
-        self.state.get(self.control.limit).to_i32()
+        self.exec.read_i32(self.state().get(self.iface.limit))
+    }
+
+    /// The address of every state variable's buffer on Flex, in state-table order: equal
+    /// lists before and after runs show that the state was updated in place (what a
+    /// captured step needs). `None` off Flex.
+    pub fn state_buffers(&self) -> Option<Vec<usize>> {
+        let state = self.state();
+        (0..self.program().state.len())
+            .map(|i| flex_address(state.get(StateId(i as u32))))
+            .collect()
     }
 
     /// Teacher-forces `ids` through row 0: prefill of the first token, then one decode

@@ -4,7 +4,7 @@
 
 use kvc_compiler::ir::ParamDecl;
 
-pub use crate::weights::HostTensor;
+pub use crate::load::weights::HostTensor;
 
 /// splitmix64: a small, well-mixed generator.
 struct SplitMix(u64);

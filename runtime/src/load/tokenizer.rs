@@ -15,7 +15,7 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 
-use crate::gguf::{GgufError, GgufFile};
+use crate::load::gguf::{GgufError, GgufFile};
 
 /// llama.cpp token type of control tokens such as `<|im_start|>`.
 pub const TOKEN_TYPE_CONTROL: i32 = 3;
@@ -386,13 +386,13 @@ mod tests {
     use std::sync::OnceLock;
 
     use super::*;
-    use crate::gguf::GgufValue;
-    use crate::gguf::test_writer::{GgufWriter, str_array};
+    use crate::load::gguf::GgufValue;
+    use crate::load::gguf::test_writer::{GgufWriter, str_array};
 
     fn smollm2() -> &'static Tokenizer {
         static TOK: OnceLock<Tokenizer> = OnceLock::new();
         TOK.get_or_init(|| {
-            let path = crate::fetch::default_smollm2_path().expect("SmolLM2 GGUF available");
+            let path = crate::load::fetch::default_smollm2_path().expect("SmolLM2 GGUF available");
             Tokenizer::from_gguf_path(path).expect("tokenizer builds")
         })
     }
@@ -542,7 +542,7 @@ mod tests {
             .kv(
                 "tokenizer.ggml.token_type",
                 GgufValue::Array {
-                    elem_type: crate::gguf::GgufValueType::I32,
+                    elem_type: crate::load::gguf::GgufValueType::I32,
                     items: [3, 1, 1, 1, 1, 1, 1, 1, 1].map(GgufValue::I32).to_vec(),
                 },
             )

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use half::{bf16, f16};
 use safetensors::{Dtype, SafeTensors};
 
-use crate::gguf::{GgufError, GgufFile, GgufValue};
+use crate::load::gguf::{GgufError, GgufFile, GgufValue};
 
 /// A dense `f32` tensor in host memory, row-major.
 #[derive(Debug, Clone, PartialEq)]
@@ -318,7 +318,7 @@ pub fn load_weights(path: impl AsRef<Path>) -> Result<BTreeMap<String, HostTenso
         path: path.to_path_buf(),
         source,
     })?;
-    if bytes.starts_with(&crate::gguf::GGUF_MAGIC) {
+    if bytes.starts_with(&crate::load::gguf::GGUF_MAGIC) {
         let file = GgufFile::from_bytes(bytes)?;
         return load_gguf_weights(&file);
     }
@@ -331,8 +331,8 @@ pub fn load_weights(path: impl AsRef<Path>) -> Result<BTreeMap<String, HostTenso
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gguf::GgmlType;
-    use crate::gguf::test_writer::{GgufWriter, str_array};
+    use crate::load::gguf::GgmlType;
+    use crate::load::gguf::test_writer::{GgufWriter, str_array};
 
     /// The converter's forward permutation written as the literal
     /// reshape(n_head, 2, half, in).swapaxes(1, 2) index computation.
@@ -563,7 +563,7 @@ mod tests {
     #[test]
     #[allow(clippy::excessive_precision)] // values as the Python gguf package prints them
     fn smollm2_matches_python_gguf_reference() {
-        let path = crate::fetch::default_smollm2_path().unwrap();
+        let path = crate::load::fetch::default_smollm2_path().unwrap();
         let file = GgufFile::open(path).unwrap();
         let hp = llama_hyper_params(&file).unwrap();
         assert_eq!(

@@ -216,6 +216,98 @@ multiversion! {
     }
 }
 
+/// `softmax(scale · q·kᵀ | mask)` alone into `probs` `[B, Hq, T, S]` (the same memory
+/// order as `[B, Hkv, g·T, S]`), one task per query row; hidden slots and rows that see
+/// nothing get 0.
+///
+/// # Panics
+/// If a slice length disagrees with `dims`.
+pub fn probs(q: &[f32], k: &[f32], mask: &[u8], dims: Dims, probs: &mut [f32]) {
+    let Dims {
+        b,
+        hq,
+        hkv,
+        t,
+        s,
+        d,
+        m,
+        ..
+    } = dims;
+    assert_eq!(q.len(), b * hq * t * d, "q is not [B, Hq, T, D]");
+    assert_eq!(k.len(), b * hkv * s * d, "k is not [B, Hkv, S, D]");
+    assert_eq!(mask.len(), b * m * t * s, "mask is not [B, M, T, S]");
+    assert_eq!(probs.len(), b * hq * t * s, "probs is not [B, Hq, T, S]");
+    probs
+        .par_chunks_mut(s)
+        .enumerate()
+        // SAFETY: no contract beyond the slices' own.
+        .for_each(|(i, p)| unsafe { probs_row(q, k, mask, dims, i, p) });
+}
+
+multiversion! {
+    /// Row `i` = (row, query head, position) of `probs`.
+    ///
+    /// # Safety
+    /// None beyond the slices' own (required by the macro's form).
+    unsafe fn probs_row(q: &[f32], k: &[f32], mask: &[u8], x: Dims, i: usize, p: &mut [f32]) {
+        let Dims { scale, hq, hkv, t, s, d, m, .. } = x;
+        let (ti, qh, bi) = (i % t, i / t % hq, i / (t * hq));
+        let kvh = qh / (hq / hkv);
+        let mh = if m == 1 { 0 } else { kvh };
+        let qr = &q[i * d..(i + 1) * d];
+        let kh = &k[(bi * hkv + kvh) * s * d..][..s * d];
+        let vis = &mask[((bi * m + mh) * t + ti) * s..][..s];
+        let mut mx = f32::NEG_INFINITY;
+        for (j, (o, &seen)) in p.iter_mut().zip(vis).enumerate() {
+            *o = if seen != 0 {
+                let v = scale * dot(qr, &kh[j * d..(j + 1) * d]);
+                mx = mx.max(v);
+                v
+            } else {
+                f32::NEG_INFINITY
+            };
+        }
+        if mx == f32::NEG_INFINITY {
+            p.fill(0.0);
+            return;
+        }
+        // Hidden slots hold −∞, whose exp is 0.
+        let mut sum = 0.0f32;
+        for e in p.iter_mut() {
+            *e = super::elementwise::exp(*e - mx);
+            sum += *e;
+        }
+        let inv = 1.0 / sum;
+        for e in p.iter_mut() {
+            *e *= inv;
+        }
+    }
+}
+
+/// `out[b, h, t, :] = Σ_s probs[b, h, t, s] · v[b, h / g, s, :]`, one task per query row,
+/// skipping slots of probability 0 (hidden or free ones). probs `[B, Hq, T, S]`, v
+/// `[B, Hkv, S, D]`, out `[B, Hq, T, D]`.
+///
+/// # Panics
+/// If a slice length disagrees with the others.
+pub fn values(probs: &[f32], v: &[f32], [b, hq, t, s]: [usize; 4], hkv: usize, out: &mut [f32]) {
+    let d = out.len() / (b * hq * t).max(1);
+    assert_eq!(probs.len(), b * hq * t * s, "probs is not [B, Hq, T, S]");
+    assert_eq!(v.len(), b * hkv * s * d, "v is not [B, Hkv, S, D]");
+    assert_eq!(out.len(), b * hq * t * d, "out is not [B, Hq, T, D]");
+    let g = hq / hkv;
+    out.par_chunks_mut(d).enumerate().for_each(|(i, o)| {
+        let (qh, bi) = (i / t % hq, i / (t * hq));
+        let vh = &v[(bi * hkv + qh / g) * s * d..][..s * d];
+        o.fill(0.0);
+        for (j, &pj) in probs[i * s..(i + 1) * s].iter().enumerate() {
+            if pj != 0.0 {
+                axpy(pj, &vh[j * d..(j + 1) * d], o);
+            }
+        }
+    });
+}
+
 /// Dot product with eight independent lanes (vectorised by the compiler).
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -255,7 +347,7 @@ fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::test_values as values;
+    use crate::exec::kernels::cpu::test_values as values;
 
     /// Float64 attention straight from the definition, per query head and position.
     fn reference(q: &[f32], k: &[f32], v: &[f32], mask: &[u8], x: Dims) -> (Vec<f64>, Vec<f64>) {
@@ -370,6 +462,17 @@ mod tests {
             let mut again = vec![f32::NAN; q.len()];
             attention(&q, &k, &v, &mask, x, &mut again, None);
             assert_eq!(again, out, "{x:?}: probabilities change the output");
+            // The split form: probabilities alone, then probs · v.
+            let mut alone = vec![f32::NAN; probs.len()];
+            super::probs(&q, &k, &mask, x, &mut alone);
+            for (i, (&a, &e)) in alone.iter().zip(&want_p).enumerate() {
+                assert!((a as f64 - e).abs() < 1e-6, "{x:?} alone[{i}]: {a} vs {e}");
+            }
+            let mut split = vec![f32::NAN; q.len()];
+            super::values(&alone, &v, [x.b, x.hq, x.t, x.s], x.hkv, &mut split);
+            for (i, (&a, &e)) in split.iter().zip(&want).enumerate() {
+                assert!((a as f64 - e).abs() < 1e-5, "{x:?} split[{i}]: {a} vs {e}");
+            }
         }
     }
 }

@@ -310,7 +310,7 @@ mod simd {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::test_values as values;
+    use crate::exec::kernels::cpu::test_values as values;
 
     /// Float64 reference of `x · wᵀ`.
     fn reference(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f64> {

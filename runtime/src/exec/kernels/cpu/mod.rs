@@ -1,7 +1,14 @@
-//! Kernels on host slices for the CPU backend, used where Flex's general ops pay a fixed
-//! cost per call that a decode step cannot afford (a projection of one row, one query's
-//! attention). The executor reaches them through [`crate::kernels`] when tensors live on
-//! Flex; other backends run Burn's ops.
+//! The CPU kernel set ([`Cpu`]): kernels on Flex's host buffers, used where Flex's general
+//! ops pay a fixed cost per call that a decode step cannot afford (a projection of one
+//! row, one query's attention), and the portable ops elsewhere. A plan chooses this set
+//! only for Flex devices, so every tensor these kernels see is a Flex tensor.
+
+use burn::tensor::{Bool, DType as BurnDType, Int, Tensor, TensorData, kind::Basic};
+use burn_flex::{Flex, FlexTensor};
+
+use super::portable::{self, Portable};
+use super::{Kernels, top_k_host};
+use crate::exec::value::{Value, to_f32};
 
 /// Defines `$name` to run `$body` compiled for AVX2 + FMA when the CPU has them (the
 /// crate is built for baseline x86-64), else as built.
@@ -46,6 +53,313 @@ impl<T> SendPtr<T> {
     fn at(self, offset: usize) -> *mut T {
         self.0.wrapping_add(offset)
     }
+}
+
+/// Rows up to which a projection runs in [`gemv`] (decode at batch ≤ 16): each weight is
+/// streamed once for all rows on both cores. Larger products run Flex's GEMM.
+pub const GEMV_ROWS: usize = 16;
+
+/// Query rows per KV head (`g·T`) up to which attention is a few-row (decode) problem
+/// for [`attention`]; longer chunks run Burn's fused kernel in query blocks.
+pub const FEW_ROWS: usize = 16;
+
+/// Query positions per block of a long chunk's attention.
+pub const QUERY_BLOCK: usize = 128;
+
+/// kvc's CPU kernels on Flex buffers.
+pub struct Cpu;
+
+impl Kernels for Cpu {
+    fn run_on_pool(&self) -> bool {
+        rayon::current_num_threads() > 1
+    }
+
+    fn linear(&self, x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
+        let [m, k] = x.dims();
+        let [n, _] = w.dims();
+        if m > GEMV_ROWS {
+            // Flex has no fast f16 GEMM on CPUs without AVX512-FP16: widen the weights for
+            // the product (a copy of one matrix, small next to an M > 16 product).
+            return to_f32(x.matmul(widen(w).transpose()));
+        }
+        let (xt, wt) = (host(&x), flex(&w));
+        let xs = f32s(&xt);
+        let mut out = vec![0.0f32; m * n];
+        match wt.as_slice::<f32>() {
+            Some(ws) => gemv::matmul_t(xs, m, k, ws, n, &mut out),
+            None => {
+                let ws = wt.as_slice::<half::f16>().expect("weights are f32 or f16");
+                gemv::matmul_t(xs, m, k, ws, n, &mut out)
+            }
+        }
+        Tensor::from_data(TensorData::new(out, [m, n]), &x.device())
+    }
+
+    fn rms_norm(&self, x: Tensor<4>, w: Tensor<4>, eps: f32) -> Tensor<4> {
+        let out = elementwise::rms_norm(f32s(&host(&x)), f32s(&host(&w)), eps);
+        Tensor::from_data(TensorData::new(out, x.dims()), &x.device())
+    }
+
+    fn rope(&self, x: Tensor<4>, pos: Tensor<4, Int>, cos: Tensor<2>, sin: Tensor<2>) -> Tensor<4> {
+        let [_, _, n, d] = x.dims();
+        let (xt, pt, ct, st) = (host(&x), host(&pos), host(&cos), host(&sin));
+        let out = elementwise::rope(f32s(&xt), i32s(&pt), n, d, f32s(&ct), f32s(&st));
+        Tensor::from_data(TensorData::new(out, x.dims()), &x.device())
+    }
+
+    fn silu(&self, x: Tensor<4>) -> Tensor<4> {
+        let out = elementwise::silu(f32s(&host(&x)));
+        Tensor::from_data(TensorData::new(out, x.dims()), &x.device())
+    }
+
+    fn attention(
+        &self,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        mask: Tensor<4, Bool>,
+        scale: f32,
+    ) -> Tensor<4> {
+        let [_, hq, t, _] = q.dims();
+        let g = hq / k.dims()[1];
+        if g * t <= FEW_ROWS {
+            let dims = dims(&q, &k, &mask, scale);
+            let (qt, kt, vt, mt) = (host(&q), host(&k), host(&v), host(&mask));
+            let mut out = vec![0.0f32; q.dims().iter().product()];
+            attention::attention(
+                f32s(&qt),
+                f32s(&kt),
+                f32s(&vt),
+                bool_bytes(&mt),
+                dims,
+                &mut out,
+                None,
+            );
+            return Tensor::from_data(TensorData::new(out, q.dims()), &q.device());
+        }
+        blocked_attention(q, k, v, mask, scale)
+    }
+
+    fn attention_probs(
+        &self,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        mask: Tensor<4, Bool>,
+        scale: f32,
+    ) -> Tensor<4> {
+        let [b, hq, t, _] = q.dims();
+        let s = k.dims()[2];
+        if (hq / k.dims()[1]) * t > FEW_ROWS {
+            return Portable.attention_probs(q, k, mask, scale);
+        }
+        let dims = dims(&q, &k, &mask, scale);
+        let (qt, kt, mt) = (host(&q), host(&k), host(&mask));
+        let mut p = vec![0.0f32; b * hq * t * s];
+        attention::probs(f32s(&qt), f32s(&kt), bool_bytes(&mt), dims, &mut p);
+        Tensor::from_data(TensorData::new(p, [b, hq, t, s]), &q.device())
+    }
+
+    fn attention_values(&self, probs: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+        let [b, hq, t, s] = probs.dims();
+        let [_, hkv, _, d] = v.dims();
+        if (hq / hkv) * t > FEW_ROWS {
+            return Portable.attention_values(probs, v);
+        }
+        let (pt, vt) = (host(&probs), host(&v));
+        let mut out = vec![0.0f32; b * hq * t * d];
+        attention::values(f32s(&pt), f32s(&vt), [b, hq, t, s], hkv, &mut out);
+        Tensor::from_data(TensorData::new(out, [b, hq, t, d]), &probs.device())
+    }
+
+    fn kv_write(
+        &self,
+        cache: Value,
+        new: Value,
+        start: Tensor<4, Int>,
+        len: Tensor<4, Int>,
+    ) -> Value {
+        match (cache, new) {
+            (Value::F(c), Value::F(n)) => Value::F(host_kv_write(c, &n, &start, &len)),
+            (c, n) => Portable.kv_write(c, n, start, len),
+        }
+    }
+
+    fn top_k(&self, x: Tensor<4>, tiebreak: Tensor<4, Int>, k: usize) -> Tensor<4, Int> {
+        let dims = x.dims();
+        let n = dims[3];
+        let idx = top_k_host(f32s(&host(&x)), i32s(&host(&tiebreak)), n, k);
+        let out = [dims[0], dims[1], dims[2], k];
+        Tensor::from_data(TensorData::new(idx, out), &x.device())
+    }
+
+    fn hash(&self, a: Tensor<4, Int>, b: Tensor<4, Int>, seed: u32) -> Tensor<4> {
+        let dims = a.dims();
+        let (at, bt) = (host(&a), host(&b));
+        let u: Vec<f32> = i32s(&at)
+            .iter()
+            .zip(i32s(&bt))
+            .map(|(&a, &b)| super::hash_uniform(seed, a, b))
+            .collect();
+        Tensor::from_data(TensorData::new(u, dims), &a.device())
+    }
+}
+
+/// The attention shapes of q `[B, Hq, T, D]`, k `[B, Hkv, S, D]`, mask `[B, M, T, S]`.
+fn dims(q: &Tensor<4>, k: &Tensor<4>, mask: &Tensor<4, Bool>, scale: f32) -> attention::Dims {
+    let [b, hq, t, d] = q.dims();
+    let [_, hkv, s, _] = k.dims();
+    attention::Dims {
+        scale,
+        b,
+        hq,
+        hkv,
+        t,
+        s,
+        d,
+        m: mask.dims()[1],
+    }
+}
+
+/// A long chunk's attention: Burn's fused kernel over the live slot prefix, in query
+/// blocks once the chunk is long, because a causal chunk's early queries see few slots
+/// (≈ 40% less work for a first 512-token chunk).
+fn blocked_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    mask: Tensor<4, Bool>,
+    scale: f32,
+) -> Tensor<4> {
+    let t = q.dims()[2];
+    let fused = |q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: Tensor<4, Bool>| {
+        let live = live_slots(&mask);
+        let (k, v, mask) = if live < k.dims()[2] {
+            (
+                k.narrow(2, 0, live),
+                v.narrow(2, 0, live),
+                mask.narrow(3, 0, live),
+            )
+        } else {
+            (k, v, mask)
+        };
+        portable::fused_attention(q, k, v, mask, scale)
+    };
+    if t < 2 * QUERY_BLOCK {
+        return fused(q, k, v, mask);
+    }
+    let parts: Vec<Tensor<4>> = (0..t)
+        .step_by(QUERY_BLOCK)
+        .map(|t0| {
+            let tb = QUERY_BLOCK.min(t - t0);
+            fused(
+                q.clone().narrow(2, t0, tb),
+                k.clone(),
+                v.clone(),
+                mask.clone().narrow(2, t0, tb),
+            )
+        })
+        .collect();
+    Tensor::cat(parts, 2)
+}
+
+/// One past the last slot that any query of `mask` `[B, M, T, S]` sees (at least 1).
+fn live_slots(mask: &Tensor<4, Bool>) -> usize {
+    let s = mask.dims()[3];
+    let last = bool_bytes(&host(mask))
+        .chunks_exact(s)
+        .filter_map(|row| row.iter().rposition(|&v| v != 0))
+        .max()
+        .unwrap_or(0);
+    last + 1
+}
+
+/// [`cache::kv_write`] of an F32 cache in place on its buffer when the cache has a single
+/// owner and is whole and contiguous; otherwise Burn's scatter (which copies a shared
+/// cache).
+fn host_kv_write(
+    cache: Tensor<4>,
+    new: &Tensor<4>,
+    start: &Tensor<4, Int>,
+    len: &Tensor<4, Int>,
+) -> Tensor<4> {
+    let dims = cache.dims();
+    let mut prim = flex(&cache);
+    drop(cache);
+    let whole = prim.layout().contiguous_offsets() == Some((0, dims.iter().product()));
+    let written = whole
+        && match prim.try_storage_mut::<f32>() {
+            Some(c) => {
+                let (nt, st, lt) = (host(new), host(start), host(len));
+                cache::kv_write(c, f32s(&nt), i32s(&st), i32s(&lt), dims, new.dims()[2]);
+                true
+            }
+            None => false,
+        };
+    let cache = Tensor::from_primitive::<Flex>(prim);
+    if written {
+        cache
+    } else {
+        portable::kv_write(cache, new.clone(), start.clone(), len.clone())
+    }
+}
+
+/// The Flex tensor of a tensor on the Flex device (a plan chooses this kernel set only
+/// there).
+fn flex<const D: usize, K>(x: &Tensor<D, K>) -> FlexTensor
+where
+    K: Basic + burn::tensor::BackendPrimitive<Flex, Primitive = FlexTensor>,
+{
+    x.clone()
+        .try_into_primitive::<Flex>()
+        .unwrap_or_else(|_| unreachable!("the CPU kernel set runs on Flex tensors only"))
+}
+
+/// A contiguous Flex view of a tensor (copied only if it is a strided view).
+fn host<const D: usize, K>(x: &Tensor<D, K>) -> FlexTensor
+where
+    K: Basic + burn::tensor::BackendPrimitive<Flex, Primitive = FlexTensor>,
+{
+    let t = flex(x);
+    if t.is_contiguous() {
+        t
+    } else {
+        t.to_contiguous()
+    }
+}
+
+/// The f32 elements of a contiguous Flex tensor of a verified graph's f32 value.
+fn f32s(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>()
+        .unwrap_or_else(|| unreachable!("expected contiguous f32, found {:?}", t.dtype()))
+}
+
+/// The i32 elements of a contiguous Flex tensor of a verified graph's i32 value.
+fn i32s(t: &FlexTensor) -> &[i32] {
+    t.as_slice::<i32>()
+        .unwrap_or_else(|| unreachable!("expected contiguous i32, found {:?}", t.dtype()))
+}
+
+/// The bytes (0 or 1) of a contiguous Flex bool tensor.
+fn bool_bytes(t: &FlexTensor) -> &[u8] {
+    let (start, end) = t
+        .layout()
+        .contiguous_offsets()
+        .unwrap_or_else(|| unreachable!("host() returns contiguous tensors"));
+    &t.storage::<u8>()[start..end]
+}
+
+/// An F32 copy of F16 weights with `half`'s F16C slice conversion (several times faster
+/// than an elementwise cast); F32 weights as they are.
+fn widen(w: Tensor<2>) -> Tensor<2> {
+    if w.dtype() != BurnDType::F16 {
+        return w;
+    }
+    let t = host(&w);
+    let h = t.as_slice::<half::f16>().expect("f16 weights");
+    use half::slice::HalfFloatSliceExt;
+    let mut out = vec![0.0f32; h.len()];
+    h.convert_to_f32_slice(&mut out);
+    Tensor::from_data(TensorData::new(out, w.dims()), &w.device())
 }
 
 pub mod arena;

@@ -1,0 +1,199 @@
+//! The kernels an execution plan calls, as one interface with two implementations chosen
+//! once per backend when the plan is built ([`KernelSet::for_backend`]):
+//!
+//! - [`portable::Portable`]: Burn ops only, for every backend (and the reference the CPU
+//!   set is tested against). Nothing in it reads a value back to the host, so a graph run
+//!   never synchronises a device with the host.
+//! - [`cpu::Cpu`]: kvc's own kernels on Flex's host buffers (GEMV, few-row attention,
+//!   elementwise, in-place cache writes, top-k, hash), falling back to the portable ops
+//!   where Flex's own are as fast (long prefill chunks).
+//!
+//! Tensors are rank 4 (IR shapes padded with leading 1s) unless a signature says otherwise.
+//! Ops with one obvious Burn form for every backend (`embed`, `binary`, `select`, …) are
+//! not in the interface: the executor runs them directly.
+
+pub mod cpu;
+pub mod portable;
+
+use burn::tensor::{Bool, Int, Tensor};
+
+use super::value::Value;
+use crate::Backend;
+
+/// Which kernel implementation a plan uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelSet {
+    /// kvc's CPU kernels on Flex buffers ([`cpu::Cpu`]); only for Flex devices.
+    Cpu,
+    /// Burn ops for any backend ([`portable::Portable`]).
+    Portable,
+}
+
+impl KernelSet {
+    /// The set a backend runs by default: the CPU kernels on Flex, portable elsewhere.
+    pub fn for_backend(backend: Backend) -> KernelSet {
+        match backend {
+            Backend::Flex => KernelSet::Cpu,
+            #[cfg(feature = "wgpu")]
+            Backend::Wgpu => KernelSet::Portable,
+            #[cfg(feature = "cuda")]
+            Backend::Cuda => KernelSet::Portable,
+        }
+    }
+
+    /// Whether the set can run on `backend` (the CPU kernels read Flex buffers).
+    pub fn supports(self, backend: Backend) -> bool {
+        match self {
+            KernelSet::Cpu => backend == Backend::Flex,
+            KernelSet::Portable => true,
+        }
+    }
+
+    /// The implementation.
+    pub fn kernels(self) -> &'static dyn Kernels {
+        match self {
+            KernelSet::Cpu => &cpu::Cpu,
+            KernelSet::Portable => &portable::Portable,
+        }
+    }
+
+    /// Name shown in plans and profiles.
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelSet::Cpu => "cpu",
+            KernelSet::Portable => "portable",
+        }
+    }
+}
+
+/// The kernels whose best form depends on the backend. Every method has the semantics of
+/// the IR op of the same name (`docs/ir.md`).
+pub trait Kernels: Send + Sync {
+    /// Whether a graph should run on a worker of rayon's pool, so that parallel kernels
+    /// start on the running thread at once instead of the caller handing every kernel to
+    /// the pool and sleeping until it is done.
+    fn run_on_pool(&self) -> bool;
+
+    /// `x · wᵀ` for x `[m, k]` F32, w `[n, k]` F32 or F16 → `[m, n]` F32.
+    fn linear(&self, x: Tensor<2>, w: Tensor<2>) -> Tensor<2>;
+
+    /// RMSNorm over the last axis (w `[1, 1, 1, H]`).
+    fn rms_norm(&self, x: Tensor<4>, w: Tensor<4>, eps: f32) -> Tensor<4>;
+
+    /// Half-split rotary embedding: x `[B, T, N, D]`, pos `[1, 1, B, T]`, tables `[P, D/2]`.
+    fn rope(&self, x: Tensor<4>, pos: Tensor<4, Int>, cos: Tensor<2>, sin: Tensor<2>) -> Tensor<4>;
+
+    /// `x · σ(x)`.
+    fn silu(&self, x: Tensor<4>) -> Tensor<4>;
+
+    /// Masked grouped-query attention → `[B, Hq, T, D]`.
+    fn attention(
+        &self,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        mask: Tensor<4, Bool>,
+        scale: f32,
+    ) -> Tensor<4>;
+
+    /// Attention probabilities `[B, Hq, T, S]`.
+    fn attention_probs(
+        &self,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        mask: Tensor<4, Bool>,
+        scale: f32,
+    ) -> Tensor<4>;
+
+    /// `probs · v` per KV group → `[B, Hq, T, D]`.
+    fn attention_values(&self, probs: Tensor<4>, v: Tensor<4>) -> Tensor<4>;
+
+    /// Writes `new` into `cache` (F32 or I8, as [`Value`]s of one kind) at `start` for
+    /// `len` entries per row. With a single owner of `cache` the write is in place.
+    fn kv_write(
+        &self,
+        cache: Value,
+        new: Value,
+        start: Tensor<4, Int>,
+        len: Tensor<4, Int>,
+    ) -> Value;
+
+    /// Indices of the `k` largest `(x, tiebreak)` pairs of each row of the last axis,
+    /// largest first, equal pairs by lower index → `[.., k]`.
+    fn top_k(&self, x: Tensor<4>, tiebreak: Tensor<4, Int>, k: usize) -> Tensor<4, Int>;
+
+    /// The counter-based uniform draw of `hash` for `a`, `b` already expanded to the
+    /// output dims.
+    fn hash(&self, a: Tensor<4, Int>, b: Tensor<4, Int>, seed: u32) -> Tensor<4>;
+}
+
+/// murmur3's 32-bit finalizer.
+fn fmix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// The uniform draw of `hash` for one element: `fmix32(fmix32(seed ^ a) ^ b)`, top 24 bits
+/// / 2²⁴ (the host definition both kernel sets are tested against).
+pub fn hash_uniform(seed: u32, a: i32, b: i32) -> f32 {
+    let h = fmix32(fmix32(seed ^ a as u32) ^ b as u32);
+    (h >> 8) as f32 / 16_777_216.0
+}
+
+/// `top_k` of host rows of `n`: indices of the `k` largest `(x, tiebreak)` pairs, largest
+/// first, equal pairs by lower index. Values compare as IEEE numbers (−0 equals +0), as
+/// on the device.
+pub fn top_k_host(x: &[f32], tiebreak: &[i32], n: usize, k: usize) -> Vec<i32> {
+    let mut out = Vec::with_capacity(x.len() / n * k);
+    let better = |i: usize, j: usize| -> bool {
+        if x[i] == x[j] {
+            tiebreak[i] > tiebreak[j]
+        } else {
+            x[i] > x[j]
+        }
+    };
+    let mut order: Vec<usize> = Vec::with_capacity(n);
+    for row in 0..x.len() / n {
+        let base = row * n;
+        if k == 1 {
+            let mut best = base;
+            for i in base + 1..base + n {
+                if better(i, best) {
+                    best = i;
+                }
+            }
+            out.push((best - base) as i32);
+            continue;
+        }
+        order.clear();
+        order.extend(base..base + n);
+        order.sort_by(|&i, &j| {
+            if better(i, j) {
+                std::cmp::Ordering::Less
+            } else if better(j, i) {
+                std::cmp::Ordering::Greater
+            } else {
+                i.cmp(&j)
+            }
+        });
+        out.extend(order[..k].iter().map(|&i| (i - base) as i32));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_orders_by_value_then_tiebreak_then_index() {
+        // Row 0: values tie at 3 (tiebreak 1 beats 0); row 1: full ties fall back to index.
+        let x = [1.0, 3.0, 3.0, 0.0, 2.0, 2.0, 2.0, 2.0];
+        let tb = [0, 0, 1, 5, 7, 7, 7, 7];
+        assert_eq!(top_k_host(&x, &tb, 4, 4), vec![2, 1, 0, 3, 0, 1, 2, 3]);
+        assert_eq!(top_k_host(&x, &tb, 4, 1), vec![2, 0]);
+    }
+}

@@ -1,0 +1,349 @@
+//! The execution plan of one graph, built once when the executor is made: a flat list of
+//! steps, each a kernel with its static parameters resolved (shapes, rope tables,
+//! constants), the slots it reads (moved at their last use, else shared), and how every
+//! state update returns to the state's own buffer. Running a graph is a loop over the
+//! steps; nothing is decided per step.
+//!
+//! State buffers never change across runs (what a captured hardware graph needs):
+//! - a cache written by a chain of `kv_write`s that each consume the previous value is
+//!   moved out of the state, updated in place (the backend writes a single-owner tensor in
+//!   place) and put back: [`WriteBack::InPlace`];
+//! - any other updated state is read as a shared handle and its new value is assigned
+//!   into the state's buffer after the run: [`WriteBack::Assign`].
+
+use std::collections::BTreeMap;
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use kvc_compiler::ir::{BinaryOp, DType, Graph, Op, Program, StateId, ValueId};
+
+use super::kernels::KernelSet;
+use super::value::{Value, pad4};
+use crate::RuntimeError;
+
+/// Where a step reads one argument.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arg {
+    /// The slot's value is moved out: this is its last read.
+    Move(usize),
+    /// The slot keeps its value (a handle is shared).
+    Share(usize),
+}
+
+impl Arg {
+    /// The slot read.
+    pub fn slot(self) -> usize {
+        match self {
+            Arg::Move(s) | Arg::Share(s) => s,
+        }
+    }
+}
+
+/// A kernel with its static parameters resolved.
+#[derive(Clone, Debug)]
+pub enum Kernel {
+    /// Host input `i`.
+    Input(usize),
+    /// Parameter `i`.
+    Param(usize),
+    /// State variable `id`; `take` moves it out of the state (an in-place update follows).
+    State {
+        /// Which variable.
+        id: StateId,
+        /// Move it out (the graph updates it in place) instead of sharing it.
+        take: bool,
+    },
+    /// A constant or iota, built at load.
+    Const(Value),
+    /// Row lookup; output dims.
+    Embed([usize; 4]),
+    /// Projection; output dims.
+    Linear([usize; 4]),
+    /// RMSNorm.
+    RmsNorm(f32),
+    /// Rotary embedding with its cos/sin tables.
+    Rope(Tensor<2>, Tensor<2>),
+    /// Fused attention.
+    Attention(f32),
+    /// Attention probabilities.
+    AttentionProbs(f32),
+    /// Probabilities times values.
+    AttentionValues,
+    /// Attention mass per KV head.
+    AttentionMass(usize),
+    /// Cache write; `in_place` when the cache is moved (its last read).
+    KvWrite {
+        /// Whether the cache argument is consumed (a single owner: updated in place).
+        in_place: bool,
+    },
+    /// SiLU.
+    Silu,
+    /// Elementwise binary op broadcast to the output dims.
+    Binary(BinaryOp, [usize; 4]),
+    /// Logical not.
+    Not,
+    /// Select broadcast to the output dims.
+    Select([usize; 4]),
+    /// Dtype conversion.
+    Cast(DType),
+    /// Reshape to the output dims.
+    Reshape([usize; 4]),
+    /// Axis permutation (rank-4 axes).
+    Permute([usize; 4]),
+    /// One row per batch entry; output dims.
+    TakeRow([usize; 4]),
+    /// Sampling; output dims.
+    Sample([usize; 4]),
+    /// Argmax over the last axis; output dims.
+    Argmax([usize; 4]),
+    /// Gather of whole rows (`rows`, rank-4 x) or of elements (rank-3 x).
+    Gather {
+        /// Rank-4 x: whole `D`-rows move.
+        rows: bool,
+    },
+    /// Top-k over the last axis.
+    TopK(usize),
+    /// Sum over the last axis; output dims.
+    Sum([usize; 4]),
+    /// Counter hash with its seed, over the output dims.
+    Hash(u32, [usize; 4]),
+    /// Largest magnitude over the last axis.
+    AbsMax,
+    /// Int8 quantization over the output dims.
+    Quantize([usize; 4]),
+}
+
+/// One step: a kernel, its arguments and the slot it defines (the IR node's index).
+#[derive(Clone, Debug)]
+pub struct Step {
+    /// The kernel.
+    pub kernel: Kernel,
+    /// Arguments in the op's order.
+    pub args: Vec<Arg>,
+    /// Profile key (`graph op` or `graph linear <type>`).
+    pub label: String,
+}
+
+/// How an updated state variable gets its new value after a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteBack {
+    /// The value is the state's own buffer, updated in place: it is put back.
+    InPlace {
+        /// The state.
+        state: StateId,
+        /// The slot holding it.
+        slot: usize,
+    },
+    /// The value is assigned into the state's buffer.
+    Assign {
+        /// The state.
+        state: StateId,
+        /// The slot holding the new value.
+        slot: usize,
+    },
+}
+
+/// The plan of one graph.
+pub struct Plan {
+    /// Steps in schedule order; step `i` defines slot `i`.
+    pub steps: Vec<Step>,
+    /// Slots returned as outputs, in declaration order.
+    pub outputs: Vec<usize>,
+    /// State write-backs.
+    pub writebacks: Vec<WriteBack>,
+}
+
+/// Largest position a rope table covers: every position a graph can form
+/// (cache slots plus one prefill chunk of padding beyond them).
+fn rope_positions(p: &Program) -> usize {
+    (p.config.cache_len + p.config.prefill_len + 1) as usize
+}
+
+/// Rows of `top_k` the portable set can rank exactly: its sort key is below `n²`.
+const PORTABLE_TOP_K_MAX: usize = 46_340;
+
+impl Plan {
+    /// Plans graph `g` of the verified program `p` for `set` on `device`.
+    pub fn new(
+        p: &Program,
+        g: &Graph,
+        set: KernelSet,
+        device: &Device,
+    ) -> Result<Plan, RuntimeError> {
+        let last_use = g.last_uses();
+        let n = g.nodes.len();
+        let mut writebacks = Vec::with_capacity(g.updates.len());
+        // States moved into the graph: updated in place by a chain of consuming kv_writes.
+        let mut take = vec![false; p.state.len()];
+        for u in &g.updates {
+            let slot = u.value.0 as usize;
+            match in_place_root(g, &last_use, u.value) {
+                Some(s) if s == u.state => {
+                    take[s.0 as usize] = true;
+                    writebacks.push(WriteBack::InPlace {
+                        state: u.state,
+                        slot,
+                    });
+                }
+                _ => {
+                    let unchanged = matches!(g.nodes[slot].op, Op::State(s) if s == u.state);
+                    if !unchanged {
+                        writebacks.push(WriteBack::Assign {
+                            state: u.state,
+                            slot,
+                        });
+                    }
+                }
+            }
+        }
+        let mut tables: BTreeMap<(usize, u32), (Tensor<2>, Tensor<2>)> = BTreeMap::new();
+        let mut steps = Vec::with_capacity(n);
+        for (i, node) in g.nodes.iter().enumerate() {
+            let dims = pad4(&node.ty.shape);
+            let args: Vec<Arg> = {
+                let reads = node.op.args();
+                reads
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &v)| {
+                        // An op may read one value twice (`or x, x`): only its last read
+                        // of it moves it.
+                        let later = reads[j + 1..].contains(&v);
+                        if last_use[v.0 as usize] == i && !later {
+                            Arg::Move(v.0 as usize)
+                        } else {
+                            Arg::Share(v.0 as usize)
+                        }
+                    })
+                    .collect()
+            };
+            let kernel = match &node.op {
+                Op::Input(k) => Kernel::Input(k.0 as usize),
+                Op::Param(q) => Kernel::Param(q.0 as usize),
+                Op::State(s) => Kernel::State {
+                    id: *s,
+                    take: take[s.0 as usize],
+                },
+                Op::Const { value, shape } => Kernel::Const(Value::full(*value, shape, device)),
+                Op::Iota { shape, dim } => Kernel::Const(iota(shape, *dim as usize, device)),
+                Op::Embed { .. } => Kernel::Embed(dims),
+                Op::Linear { .. } => Kernel::Linear(dims),
+                Op::RmsNorm { eps, .. } => Kernel::RmsNorm(*eps),
+                Op::Rope { x, theta, .. } => {
+                    let d = g.ty(*x).shape[3] as usize;
+                    let (cos, sin) = tables
+                        .entry((d, theta.to_bits()))
+                        .or_insert_with(|| rope_tables(rope_positions(p), d, *theta, device))
+                        .clone();
+                    Kernel::Rope(cos, sin)
+                }
+                Op::Attention { scale, .. } => Kernel::Attention(*scale),
+                Op::AttentionProbs { scale, .. } => Kernel::AttentionProbs(*scale),
+                Op::AttentionValues { .. } => Kernel::AttentionValues,
+                Op::AttentionMass { kv_heads, .. } => Kernel::AttentionMass(*kv_heads as usize),
+                Op::KvWrite { .. } => Kernel::KvWrite {
+                    in_place: matches!(args[0], Arg::Move(_)),
+                },
+                Op::Silu { .. } => Kernel::Silu,
+                Op::Binary { op, .. } => Kernel::Binary(*op, dims),
+                Op::Not { .. } => Kernel::Not,
+                Op::Select { .. } => Kernel::Select(dims),
+                Op::Cast { dtype, .. } => Kernel::Cast(*dtype),
+                Op::Reshape { .. } => Kernel::Reshape(dims),
+                Op::Permute { perm, .. } => {
+                    let off = 4 - perm.len();
+                    let mut axes = [0usize, 1, 2, 3];
+                    for (j, &q) in perm.iter().enumerate() {
+                        axes[off + j] = off + q as usize;
+                    }
+                    Kernel::Permute(axes)
+                }
+                Op::TakeRow { .. } => Kernel::TakeRow(dims),
+                Op::Sample { .. } => Kernel::Sample(dims),
+                Op::Argmax { .. } => Kernel::Argmax(dims),
+                Op::Gather { .. } => Kernel::Gather {
+                    rows: node.ty.shape.len() == 4,
+                },
+                Op::TopK { x, k, .. } => {
+                    let row = *g.ty(*x).shape.last().expect("verified: rank >= 1") as usize;
+                    if set == KernelSet::Portable && row > PORTABLE_TOP_K_MAX {
+                        return Err(RuntimeError::Unsupported(format!(
+                            "{} %{i}: top_k over rows of {row} slots; the portable kernels \
+                             rank at most {PORTABLE_TOP_K_MAX}",
+                            g.name
+                        )));
+                    }
+                    Kernel::TopK(*k as usize)
+                }
+                Op::Sum { .. } => Kernel::Sum(dims),
+                Op::Hash { seed, .. } => Kernel::Hash(*seed, dims),
+                Op::AbsMax { .. } => Kernel::AbsMax,
+                Op::Quantize { .. } => Kernel::Quantize(dims),
+            };
+            let label = match &node.op {
+                Op::Linear { w, .. } => format!("{} linear {}", g.name, g.ty(*w)),
+                op => format!("{} {}", g.name, op.name()),
+            };
+            steps.push(Step {
+                kernel,
+                args,
+                label,
+            });
+        }
+        Ok(Plan {
+            steps,
+            outputs: g.outputs.iter().map(|o| o.value.0 as usize).collect(),
+            writebacks,
+        })
+    }
+}
+
+/// The state a value is an in-place update of: the value is `State(s)` itself, or a
+/// `kv_write` whose cache argument is consumed there (its last read) and is itself such
+/// a value.
+fn in_place_root(g: &Graph, last_use: &[usize], v: ValueId) -> Option<StateId> {
+    let mut at = v.0 as usize;
+    let mut first = true;
+    loop {
+        match g.nodes[at].op {
+            Op::State(s) => return (!first).then_some(s),
+            Op::KvWrite { cache, .. } => {
+                let c = cache.0 as usize;
+                if last_use[c] != at {
+                    return None;
+                }
+                at = c;
+                first = false;
+            }
+            _ => return None,
+        }
+    }
+}
+
+fn iota(shape: &[u32], dim: usize, device: &Device) -> Value {
+    let dims = pad4(shape);
+    let axis = 4 - shape.len() + dim;
+    let n = dims[axis];
+    let mut line = [1usize; 4];
+    line[axis] = n;
+    let t = Tensor::<1, Int>::arange(0..n as i64, device).reshape(line);
+    Value::I(t.expand(dims))
+}
+
+/// cos/sin of `pos · theta^(-2i/D)` for every position, computed in f64.
+fn rope_tables(positions: usize, d: usize, theta: f32, device: &Device) -> (Tensor<2>, Tensor<2>) {
+    let half = d / 2;
+    let mut cos = Vec::with_capacity(positions * half);
+    let mut sin = Vec::with_capacity(positions * half);
+    for p in 0..positions {
+        for i in 0..half {
+            let freq = (theta as f64).powf(-2.0 * i as f64 / d as f64);
+            let a = p as f64 * freq;
+            cos.push(a.cos() as f32);
+            sin.push(a.sin() as f32);
+        }
+    }
+    (
+        Tensor::from_data(TensorData::new(cos, [positions, half]), device),
+        Tensor::from_data(TensorData::new(sin, [positions, half]), device),
+    )
+}
