@@ -8,9 +8,12 @@
 //! own maximum, sum and weighted values, rescaled when the blocks are combined.
 //!
 //! Layouts (row-major): q `[B, Hq, T, D]`; k, v `[B, Hkv, S, D]`; mask `[B, M, T, S]`
-//! (M = 1 or Hkv, nonzero = visible); out `[B, Hq, T, D]`; probs `[B, Hkv, g·T, S]`,
-//! `g = Hq / Hkv`, query rows group-major (row `gi·T + t` is query head `kvh·g + gi` at
-//! position `t`). A row that sees no slot gets zero output and zero probabilities.
+//! (M = 1 or Hkv, nonzero = visible); out `[B, Hq, T, D]`; probs `[B, Hq, T, S]`, `g =
+//! Hq / Hkv` query heads per KV head. A row that sees no slot gets zero output and zero
+//! probabilities.
+//!
+//! [`attention`] is the fused form; [`probs`] and [`values`] are the split form the
+//! compiler asks for when the probabilities also feed an `attention_mass`.
 
 use rayon::prelude::*;
 
@@ -40,19 +43,11 @@ pub struct Dims {
 /// Slots per task at least (one task reads `slots · d` keys and values).
 const MIN_BLOCK: usize = 64;
 
-/// `softmax(scale · q·kᵀ | mask) · v` into `out`; with `probs`, also the probabilities.
+/// `softmax(scale · q·kᵀ | mask) · v` into `out`.
 ///
 /// # Panics
 /// If a slice length disagrees with `dims`.
-pub fn attention(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    mask: &[u8],
-    dims: Dims,
-    out: &mut [f32],
-    mut probs: Option<&mut [f32]>,
-) {
+pub fn attention(q: &[f32], k: &[f32], v: &[f32], mask: &[u8], dims: Dims, out: &mut [f32]) {
     let Dims {
         b,
         hq,
@@ -105,7 +100,7 @@ pub fn attention(
         // SAFETY: task i reads and writes only its own block's columns of the scores.
         .for_each(|(i, ((bm, bs), bo))| unsafe { block_task(&ctx, i, sc, bm, bs, bo) });
 
-    // Combine the blocks; normalise outputs and probabilities.
+    // Combine the blocks and normalise.
     for h in 0..heads {
         let (bi, kvh) = (h / hkv, h % hkv);
         let o = &mut out[(bi * hq + kvh * g) * t * d..][..rows * d];
@@ -132,16 +127,6 @@ pub fn attention(
             for c in 0..blocks {
                 let part = &block_out[at(c) * d..][..d];
                 axpy(factor[c] * inv, part, or);
-            }
-            if let Some(p) = probs.as_deref_mut() {
-                let src = &scores[(h * rows + r) * s..][..s];
-                let dst = &mut p[(h * rows + r) * s..][..s];
-                for (c, (dst, src)) in dst.chunks_mut(block).zip(src.chunks(block)).enumerate() {
-                    let f = factor[c] * inv;
-                    for (p, &e) in dst.iter_mut().zip(src) {
-                        *p = e * f;
-                    }
-                }
             }
         }
     }
@@ -451,19 +436,12 @@ mod tests {
             mask[..x.s].fill(0);
             let (want, want_p) = reference(&q, &k, &v, &mask, x);
             let mut out = vec![f32::NAN; q.len()];
-            let mut probs = vec![f32::NAN; x.b * x.hkv * g * x.t * x.s];
-            attention(&q, &k, &v, &mask, x, &mut out, Some(&mut probs));
+            attention(&q, &k, &v, &mask, x, &mut out);
             for (i, (&a, &e)) in out.iter().zip(&want).enumerate() {
                 assert!((a as f64 - e).abs() < 1e-5, "{x:?} out[{i}]: {a} vs {e}");
             }
-            for (i, (&a, &e)) in probs.iter().zip(&want_p).enumerate() {
-                assert!((a as f64 - e).abs() < 1e-6, "{x:?} probs[{i}]: {a} vs {e}");
-            }
-            let mut again = vec![f32::NAN; q.len()];
-            attention(&q, &k, &v, &mask, x, &mut again, None);
-            assert_eq!(again, out, "{x:?}: probabilities change the output");
             // The split form: probabilities alone, then probs · v.
-            let mut alone = vec![f32::NAN; probs.len()];
+            let mut alone = vec![f32::NAN; x.b * x.hkv * g * x.t * x.s];
             super::probs(&q, &k, &mask, x, &mut alone);
             for (i, (&a, &e)) in alone.iter().zip(&want_p).enumerate() {
                 assert!((a as f64 - e).abs() < 1e-6, "{x:?} alone[{i}]: {a} vs {e}");

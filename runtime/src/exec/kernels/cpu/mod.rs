@@ -133,7 +133,6 @@ impl Kernels for Cpu {
                 bool_bytes(&mt),
                 dims,
                 &mut out,
-                None,
             );
             return Tensor::from_data(TensorData::new(out, q.dims()), &q.device());
         }
