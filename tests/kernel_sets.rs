@@ -17,6 +17,8 @@ use kvc_compiler::Overrides;
 use kvc_compiler::ir::Program;
 use kvc_compiler::spec::{KvPolicy, KvStorage, Sampler};
 use kvc_runtime::Backend;
+use kvc_runtime::exec::bind_params;
+use kvc_runtime::exec::session::has_i8;
 use kvc_runtime::exec::{KernelSet, Request, Sampling, Session, SessionOptions};
 use kvc_runtime::load::random::HostTensor;
 use std::collections::BTreeMap;
@@ -24,8 +26,17 @@ use std::collections::BTreeMap;
 type Weights = BTreeMap<String, HostTensor>;
 
 /// Dense and every budgeted policy with budgets that evict in prefill and in decode
-/// (T = 8), plus int8 storage for a dense, a scored and an unscored cache.
+/// (T = 8), plus int8 storage for a dense, a scored and an unscored cache (on backends
+/// with int8 tensors).
 fn programs() -> Vec<(KvPolicy, KvStorage)> {
+    let mut all = every_program();
+    if !has_i8(backend()) {
+        all.retain(|&(_, storage)| storage != KvStorage::I8);
+    }
+    all
+}
+
+fn every_program() -> Vec<(KvPolicy, KvStorage)> {
     let f = KvStorage::F32;
     vec![
         (KvPolicy::Dense, f),
@@ -105,8 +116,20 @@ fn cpu(p: &Program, w: &Weights) -> Session {
 
 /// A session of `set` on the test backend (the CPU set only runs on Flex).
 fn session(p: &Program, w: &Weights, set: KernelSet, capture: bool) -> Session {
-    let on = if set == KernelSet::Cpu { Backend::Flex } else { backend() };
-    session_on(p, w, on, SessionOptions { kernels: set, capture })
+    let on = if set == KernelSet::Cpu {
+        Backend::Flex
+    } else {
+        backend()
+    };
+    session_on(
+        p,
+        w,
+        on,
+        SessionOptions {
+            kernels: set,
+            capture,
+        },
+    )
 }
 
 /// Everything a run shows: per graph run, the tokens, done flags, logits of the three
@@ -194,7 +217,11 @@ fn portable_and_cpu_kernels_agree_on_every_program() {
 #[test]
 fn teacher_forcing_agrees_across_kernel_sets() {
     let ids: Vec<u32> = (0..30).map(|t| (t * 37 + 11) % 256).collect();
-    for (kv, storage) in [programs()[0], programs()[4], programs()[7]] {
+    let scored = |kv: &KvPolicy| matches!(kv, KvPolicy::H2o { .. } | KvPolicy::SnapKv { .. });
+    let chosen = programs()
+        .into_iter()
+        .filter(|(kv, s)| *s == KvStorage::F32 && (*kv == KvPolicy::Dense || scored(kv)));
+    for (kv, storage) in chosen {
         let (p, w) = compiled(kv, storage, Sampler::Greedy);
         let a = cpu(&p, &w).score(&ids).unwrap();
         let b = session(&p, &w, KernelSet::Portable, false)
@@ -313,13 +340,30 @@ fn a_captured_decode_step_replays_what_plain_steps_do() {
     assert!(!SessionOptions::for_backend(Backend::Flex).capture);
 }
 
+/// A backend without int8 tensors refuses int8 storage when the session is made, naming
+/// the state and the fix, instead of failing inside a run.
+#[test]
+fn int8_storage_is_refused_where_the_backend_has_no_int8() {
+    let (p, mut w) = compiled(KvPolicy::Dense, KvStorage::I8, Sampler::Greedy);
+    let on = backend();
+    let params = bind_params(&p, &mut w, on).unwrap();
+    let made = Session::with_options(p, params, on, SessionOptions::for_backend(on));
+    match made {
+        Ok(_) => assert!(has_i8(on), "{on:?} has no int8 tensors"),
+        Err(e) => {
+            assert!(!has_i8(on), "{on:?}: {e}");
+            assert!(e.to_string().contains("--kv-storage f32"), "{e}");
+        }
+    }
+}
+
 /// The plans update every cache of a decode step in place (a moved `kv_write` chain): a
 /// shared cache would be copied whole at every step.
 #[test]
 fn decode_plans_update_the_caches_in_place() {
     use kvc_compiler::ir::StateRole;
     use kvc_runtime::exec::plan::WriteBack;
-    use kvc_runtime::exec::{Executor, Which, bind_params};
+    use kvc_runtime::exec::{Executor, Which};
     for (kv, storage) in programs() {
         let (p, mut w) = compiled(kv, storage, Sampler::Greedy);
         let params = bind_params(&p, &mut w, Backend::Flex).unwrap();

@@ -46,7 +46,12 @@ pub fn backend() -> Backend {
 
 /// A session on the test backend with its default options.
 pub fn session(program: &Program, weights: &BTreeMap<String, HostTensor>) -> Session {
-    session_on(program, weights, backend(), SessionOptions::for_backend(backend()))
+    session_on(
+        program,
+        weights,
+        backend(),
+        SessionOptions::for_backend(backend()),
+    )
 }
 
 /// A session on a backend with chosen options (e.g. the portable kernels on Flex).

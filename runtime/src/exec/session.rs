@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use burn::tensor::{Tensor, TensorData};
-use kvc_compiler::ir::{Interface, Program, StateId};
+use kvc_compiler::ir::{DType, Interface, Program, StateId};
 
 use super::executor::{Executor, State, Which};
 use super::kernels::KernelSet;
@@ -177,6 +177,17 @@ fn backend_replays(backend: Backend) -> bool {
     }
 }
 
+/// Whether a backend has 8-bit integer tensors (int8 KV storage).
+pub fn has_i8(backend: Backend) -> bool {
+    match backend {
+        Backend::Flex => true,
+        #[cfg(feature = "wgpu")]
+        Backend::Wgpu => false,
+        #[cfg(feature = "cuda")]
+        Backend::Cuda => true,
+    }
+}
+
 /// The recorded decode step.
 type DecodeStep = burn::tensor::Graph<Vec<Value>, Box<dyn FnMut() -> Vec<Value>>>;
 
@@ -228,6 +239,15 @@ impl Session {
             return Err(RuntimeError::Unsupported(format!(
                 "the {} kernels do not run on {backend:?}",
                 options.kernels.name()
+            )));
+        }
+        if !has_i8(backend)
+            && let Some(s) = program.state.iter().find(|s| s.ty.dtype == DType::I8)
+        {
+            return Err(RuntimeError::Unsupported(format!(
+                "state {} is int8 (--kv-storage i8), and {backend:?} has no 8-bit integer \
+                 tensors (WGSL has no i8); use --kv-storage f32",
+                s.name
             )));
         }
         let iface = program.interface().ok_or_else(|| {
