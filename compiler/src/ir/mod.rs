@@ -356,8 +356,9 @@ pub enum Op {
     },
     /// Indices of the `k` largest elements over the last dim, largest first, ordered by
     /// `(x, tiebreak)` descending and then by lower index. x `[.., N]` F32, tiebreak
-    /// `[.., N]` I32 (same shape) → `[.., k]` I32, `k <= N`. Decisions of the KV policies
-    /// never depend on an unspecified order.
+    /// `[.., N]` I32 (same shape) → `[.., k]` I32, `k <= N`. `x` is finite and compares
+    /// as an IEEE number (−0 equals +0). Decisions of the KV policies never depend on an
+    /// unspecified order.
     TopK {
         /// Primary key.
         x: ValueId,
