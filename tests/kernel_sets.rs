@@ -12,7 +12,7 @@
 
 mod common;
 
-use common::{backend, max_diff, session_on, tiny};
+use common::{backend, max_diff, session_on, small, tiny};
 use kvc_compiler::Overrides;
 use kvc_compiler::ir::Program;
 use kvc_compiler::spec::{KvPolicy, KvStorage, Sampler};
@@ -37,44 +37,17 @@ fn programs() -> Vec<(KvPolicy, KvStorage)> {
 }
 
 fn every_program() -> Vec<(KvPolicy, KvStorage)> {
-    let f = KvStorage::F32;
-    vec![
-        (KvPolicy::Dense, f),
+    let mut all = vec![
+        (KvPolicy::Dense, KvStorage::F32),
         (KvPolicy::Dense, KvStorage::I8),
-        (KvPolicy::Window { size: 6 }, f),
-        (
-            KvPolicy::SinkWindow {
-                sinks: 2,
-                window: 4,
-            },
-            f,
-        ),
-        (
-            KvPolicy::H2o {
-                budget: 6,
-                recent: 2,
-            },
-            f,
-        ),
-        (
-            KvPolicy::H2o {
-                budget: 6,
-                recent: 2,
-            },
-            KvStorage::I8,
-        ),
-        (KvPolicy::Tova { budget: 6 }, f),
-        (
-            KvPolicy::SnapKv {
-                budget: 6,
-                window: 3,
-                pool: 3,
-            },
-            f,
-        ),
-        (KvPolicy::Random { budget: 6, seed: 3 }, f),
-        (KvPolicy::Random { budget: 6, seed: 3 }, KvStorage::I8),
-    ]
+    ];
+    for kv in small() {
+        all.push((kv, KvStorage::F32));
+        if matches!(kv, KvPolicy::H2o { .. } | KvPolicy::Random { .. }) {
+            all.push((kv, KvStorage::I8));
+        }
+    }
+    all
 }
 
 fn compiled(kv: KvPolicy, storage: KvStorage, sampler: Sampler) -> (Program, Weights) {

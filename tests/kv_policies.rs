@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Reference, argmax, max_diff, session, tiny};
+use common::{Reference, argmax, max_diff, session, small, tiny};
 use kvc_compiler::Overrides;
 use kvc_compiler::ir::Program;
 use kvc_compiler::spec::{KvPolicy, KvStorage};
@@ -241,28 +241,6 @@ fn program_stored(kv: KvPolicy, storage: KvStorage) -> (Program, Weights) {
         cache_len: Some(64),
         ..Overrides::default()
     })
-}
-
-/// Small budgets, so every policy evicts in prefill and in decode (T = 8).
-fn small() -> Vec<KvPolicy> {
-    vec![
-        KvPolicy::Window { size: 6 },
-        KvPolicy::SinkWindow {
-            sinks: 2,
-            window: 4,
-        },
-        KvPolicy::H2o {
-            budget: 6,
-            recent: 2,
-        },
-        KvPolicy::Tova { budget: 6 },
-        KvPolicy::SnapKv {
-            budget: 6,
-            window: 3,
-            pool: 3,
-        },
-        KvPolicy::Random { budget: 6, seed: 3 },
-    ]
 }
 
 /// Lengths 3 (< budget), 8 (= T) and 21 (three chunks, far past the budget).

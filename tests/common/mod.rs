@@ -6,11 +6,33 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use kvc_compiler::ir::Program;
-use kvc_compiler::spec::{Arch, LlamaConfig};
+use kvc_compiler::spec::{Arch, KvPolicy, LlamaConfig};
 use kvc_compiler::{ModelSpec, Overrides, compile};
 use kvc_runtime::Backend;
 use kvc_runtime::exec::session::{Session, SessionOptions, bind_params};
 use kvc_runtime::load::random::{HostTensor, random_param};
+
+/// Small budgets, so every policy evicts in prefill and in decode (T = 8).
+pub fn small() -> Vec<KvPolicy> {
+    vec![
+        KvPolicy::Window { size: 6 },
+        KvPolicy::SinkWindow {
+            sinks: 2,
+            window: 4,
+        },
+        KvPolicy::H2o {
+            budget: 6,
+            recent: 2,
+        },
+        KvPolicy::Tova { budget: 6 },
+        KvPolicy::SnapKv {
+            budget: 6,
+            window: 3,
+            pool: 3,
+        },
+        KvPolicy::Random { budget: 6, seed: 3 },
+    ]
+}
 
 pub fn tiny(o: Overrides) -> (Program, BTreeMap<String, HostTensor>) {
     tiny_stopping_at(o, &[])
