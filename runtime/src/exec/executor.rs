@@ -286,7 +286,7 @@ impl Executor {
             Kernel::AttentionMass(kv_heads) => {
                 Value::F(attention_mass(next().f(), next().f(), *kv_heads))
             }
-            Kernel::KvWrite { .. } => {
+            Kernel::KvWrite => {
                 let (cache, new) = (next(), next());
                 k.kv_write(cache, new, next().i(), next().i())
             }

@@ -70,11 +70,8 @@ pub enum Kernel {
     AttentionValues,
     /// Attention mass per KV head.
     AttentionMass(usize),
-    /// Cache write; `in_place` when the cache is moved (its last read).
-    KvWrite {
-        /// Whether the cache argument is consumed (a single owner: updated in place).
-        in_place: bool,
-    },
+    /// Cache write: in place when its cache argument is [`Arg::Move`] (a single owner).
+    KvWrite,
     /// SiLU.
     Silu,
     /// Elementwise binary op broadcast to the output dims.
@@ -240,9 +237,7 @@ impl Plan {
                 Op::AttentionProbs { scale, .. } => Kernel::AttentionProbs(*scale),
                 Op::AttentionValues { .. } => Kernel::AttentionValues,
                 Op::AttentionMass { kv_heads, .. } => Kernel::AttentionMass(*kv_heads as usize),
-                Op::KvWrite { .. } => Kernel::KvWrite {
-                    in_place: matches!(args[0], Arg::Move(_)),
-                },
+                Op::KvWrite { .. } => Kernel::KvWrite,
                 Op::Silu { .. } => Kernel::Silu,
                 Op::Binary { op, .. } => Kernel::Binary(*op, dims),
                 Op::Not { .. } => Kernel::Not,
