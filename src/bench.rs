@@ -184,7 +184,7 @@ pub fn bench_one(model: &Path, cfg: &Config) -> Result<BenchResult> {
         prefill_len: width.min(context),
         kv: m.session.program().config.kv.to_string(),
         weights: m.session.program().config.weight_dtype.to_string(),
-        kernels: format!("{backend:?}/{}", options.kernels.name()).to_lowercase(),
+        kernels: format!("{}/{}", backend.name(), options.kernels.name()),
         steps,
         prefill_tok_s: (batch * context) as f64 / prefill_s,
         decode_tok_s_row: steps as f64 / total_s,
@@ -247,7 +247,7 @@ pub fn bench_all(model: &Path, configs: &[Config], json: Option<&Path>) -> Resul
             }
             cmd.args([
                 "--backend",
-                &format!("{:?}", cfg.backend).to_lowercase(),
+                cfg.backend.name(),
                 "--kernels",
                 cfg.options.kernels.name(),
             ]);

@@ -18,7 +18,6 @@ use kvc_compiler::ir::Program;
 use kvc_compiler::spec::{KvPolicy, KvStorage, Sampler};
 use kvc_runtime::Backend;
 use kvc_runtime::exec::bind_params;
-use kvc_runtime::exec::session::has_i8;
 use kvc_runtime::exec::{KernelSet, Request, Sampling, Session, SessionOptions};
 use kvc_runtime::load::random::HostTensor;
 use std::collections::BTreeMap;
@@ -30,7 +29,7 @@ type Weights = BTreeMap<String, HostTensor>;
 /// with int8 tensors).
 fn programs() -> Vec<(KvPolicy, KvStorage)> {
     let mut all = every_program();
-    if !has_i8(backend()) {
+    if !backend().has_i8() {
         all.retain(|&(_, storage)| storage != KvStorage::I8);
     }
     all
@@ -322,9 +321,9 @@ fn int8_storage_is_refused_where_the_backend_has_no_int8() {
     let params = bind_params(&p, &mut w, on).unwrap();
     let made = Session::with_options(p, params, on, SessionOptions::for_backend(on));
     match made {
-        Ok(_) => assert!(has_i8(on), "{on:?} has no int8 tensors"),
+        Ok(_) => assert!(on.has_i8(), "{on:?} has no int8 tensors"),
         Err(e) => {
-            assert!(!has_i8(on), "{on:?}: {e}");
+            assert!(!on.has_i8(), "{on:?}: {e}");
             assert!(e.to_string().contains("--kv-storage f32"), "{e}");
         }
     }

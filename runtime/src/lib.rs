@@ -64,6 +64,41 @@ pub enum Backend {
     Cuda,
 }
 
+impl Backend {
+    /// Name as the command line spells it (`--backend`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Flex => "flex",
+            #[cfg(feature = "wgpu")]
+            Backend::Wgpu => "wgpu",
+            #[cfg(feature = "cuda")]
+            Backend::Cuda => "cuda",
+        }
+    }
+
+    /// Whether captured graphs replay as hardware graphs (elsewhere `capture` re-runs).
+    pub fn replays_graphs(self) -> bool {
+        match self {
+            Backend::Flex => false,
+            #[cfg(feature = "wgpu")]
+            Backend::Wgpu => false,
+            #[cfg(feature = "cuda")]
+            Backend::Cuda => true,
+        }
+    }
+
+    /// Whether the backend has 8-bit integer tensors (int8 KV storage); WGSL has none.
+    pub fn has_i8(self) -> bool {
+        match self {
+            Backend::Flex => true,
+            #[cfg(feature = "wgpu")]
+            Backend::Wgpu => false,
+            #[cfg(feature = "cuda")]
+            Backend::Cuda => true,
+        }
+    }
+}
+
 /// Creates the device and configures it for F32 floats and I32 ints (the IR's dtypes).
 /// Burn locks a device's dtypes at its first tensor, so this runs once per backend and
 /// process; later calls return the same device.

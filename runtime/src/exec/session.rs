@@ -161,30 +161,8 @@ impl SessionOptions {
     pub fn for_backend(backend: Backend) -> SessionOptions {
         SessionOptions {
             kernels: KernelSet::for_backend(backend),
-            capture: backend_replays(backend),
+            capture: backend.replays_graphs(),
         }
-    }
-}
-
-/// Whether a backend replays captured graphs in hardware.
-fn backend_replays(backend: Backend) -> bool {
-    match backend {
-        Backend::Flex => false,
-        #[cfg(feature = "wgpu")]
-        Backend::Wgpu => false,
-        #[cfg(feature = "cuda")]
-        Backend::Cuda => true,
-    }
-}
-
-/// Whether a backend has 8-bit integer tensors (int8 KV storage).
-pub fn has_i8(backend: Backend) -> bool {
-    match backend {
-        Backend::Flex => true,
-        #[cfg(feature = "wgpu")]
-        Backend::Wgpu => false,
-        #[cfg(feature = "cuda")]
-        Backend::Cuda => true,
     }
 }
 
@@ -241,7 +219,7 @@ impl Session {
                 options.kernels.name()
             )));
         }
-        if !has_i8(backend)
+        if !backend.has_i8()
             && let Some(s) = program.state.iter().find(|s| s.ty.dtype == DType::I8)
         {
             return Err(RuntimeError::Unsupported(format!(
