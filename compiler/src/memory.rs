@@ -12,13 +12,16 @@ use serde::{Deserialize, Serialize};
 use crate::ir::{Graph, Op, Program, StateRole};
 
 /// Bytes a compiled program needs at run time.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryPlan {
     /// Parameters in the compute dtype.
     pub weights: u64,
     /// KV cache state of every layer (role [`StateRole::Cache`]): keys, values, their
     /// int8 scales, and a budgeted policy's slot table and scores.
     pub kv_cache: u64,
+    /// `kv_cache` by cache policy, in order of first layer: the layers compiled with
+    /// each policy (a sliding-window layer has its own) and their bytes.
+    pub kv_by_policy: Vec<KvGroup>,
     /// Control state: every other role (positions, limits, flags, tokens, sampling).
     pub control: u64,
     /// Peak live activations while prefill runs.
@@ -27,14 +30,42 @@ pub struct MemoryPlan {
     pub decode_activations: u64,
 }
 
+/// The layers that share one cache policy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvGroup {
+    /// The policy in its command-line form (`dense`, `window:512`, ...).
+    pub policy: String,
+    /// Its layers, ascending.
+    pub layers: Vec<u32>,
+    /// Bytes of their cache state.
+    pub bytes: u64,
+}
+
 impl MemoryPlan {
     /// Computes the plan of a verified program.
     pub fn of(p: &Program) -> MemoryPlan {
         let weights = p.params.iter().map(|x| x.ty.size_bytes()).sum();
         let (mut kv_cache, mut control) = (0, 0);
+        let mut kv_by_policy: Vec<KvGroup> = vec![];
+        for (l, policy) in p.config.layer_kv.iter().enumerate() {
+            let policy = policy.to_string();
+            match kv_by_policy.iter_mut().find(|g| g.policy == policy) {
+                Some(g) => g.layers.push(l as u32),
+                None => kv_by_policy.push(KvGroup {
+                    policy,
+                    layers: vec![l as u32],
+                    bytes: 0,
+                }),
+            }
+        }
         for s in &p.state {
             match s.role {
-                StateRole::Cache { .. } => kv_cache += s.ty.size_bytes(),
+                StateRole::Cache { layer, .. } => {
+                    kv_cache += s.ty.size_bytes();
+                    if let Some(g) = kv_by_policy.iter_mut().find(|g| g.layers.contains(&layer)) {
+                        g.bytes += s.ty.size_bytes();
+                    }
+                }
                 StateRole::Pos
                 | StateRole::Limit
                 | StateRole::Done
@@ -48,6 +79,7 @@ impl MemoryPlan {
         MemoryPlan {
             weights,
             kv_cache,
+            kv_by_policy,
             control,
             prefill_activations: peak_activations(&p.prefill),
             decode_activations: peak_activations(&p.decode),
@@ -82,6 +114,7 @@ pub fn peak_activations(g: &Graph) -> u64 {
             | Op::Rope { .. }
             | Op::Attention { .. }
             | Op::Silu { .. }
+            | Op::Gelu { .. }
             | Op::Binary { .. }
             | Op::Not { .. }
             | Op::Select { .. }
@@ -115,6 +148,25 @@ pub fn peak_activations(g: &Graph) -> u64 {
     peak
 }
 
+/// `0-4, 6-10, 11` style list of ascending layer indices.
+fn ranges(layers: &[u32]) -> String {
+    let mut out: Vec<String> = vec![];
+    let mut i = 0;
+    while i < layers.len() {
+        let mut j = i;
+        while j + 1 < layers.len() && layers[j + 1] == layers[j] + 1 {
+            j += 1;
+        }
+        out.push(if i == j {
+            layers[i].to_string()
+        } else {
+            format!("{}-{}", layers[i], layers[j])
+        });
+        i = j + 1;
+    }
+    out.join(", ")
+}
+
 fn human(b: u64) -> String {
     const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
     let mut v = b as f64;
@@ -135,6 +187,17 @@ impl fmt::Display for MemoryPlan {
         writeln!(f, "memory plan:")?;
         writeln!(f, "  weights              {}", human(self.weights))?;
         writeln!(f, "  kv cache             {}", human(self.kv_cache))?;
+        for g in &self.kv_by_policy {
+            let n = g.layers.len();
+            let layers = if n == 1 { "layer" } else { "layers" };
+            writeln!(
+                f,
+                "    {:<18} {}  ({n} {layers}: {})",
+                g.policy,
+                human(g.bytes),
+                ranges(&g.layers)
+            )?;
+        }
         writeln!(f, "  control state        {}", human(self.control))?;
         writeln!(
             f,

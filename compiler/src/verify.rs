@@ -8,7 +8,7 @@ use crate::ir::typing_decls;
 use crate::ir::{
     CachePart, DType, Graph, Op, Program, Scalar, StateDecl, StateRole, Type, infer_type,
 };
-use crate::spec::{Arch, KvPolicy, KvStorage, Sampler};
+use crate::spec::{KvPolicy, KvStorage, Sampler};
 
 /// Highest tensor rank a program may use (the runtime pads every value to rank 4).
 pub const MAX_RANK: usize = 4;
@@ -175,6 +175,7 @@ fn verify_graph(p: &Program, g: &Graph, problems: &mut Vec<Problem>) {
             | Op::Attention { .. }
             | Op::KvWrite { .. }
             | Op::Silu { .. }
+            | Op::Gelu { .. }
             | Op::Binary { .. }
             | Op::Not { .. }
             | Op::Select { .. }
@@ -325,8 +326,8 @@ fn verify_interface(p: &Program, problems: &mut Vec<Problem>) {
 /// The state table by role ([`Program::interface`] reads it): exactly one variable per
 /// control role, the sampler's four roles exactly when the sampler is `Sample`, each of
 /// its fixed type; for every layer of the model, keys and values of one rank-4 type in
-/// the storage dtype, and the scales, slot table and scores that the storage and policy
-/// imply, shaped like the keys.
+/// the storage dtype, and the scales, slot table and scores that the storage and the
+/// layer's policy (`config.layer_kv`) imply, shaped like the keys.
 fn verify_roles(p: &Program, report: &mut dyn FnMut(String)) {
     let c = &p.config;
     let b = c.batch;
@@ -344,9 +345,13 @@ fn verify_roles(p: &Program, report: &mut dyn FnMut(String)) {
             ));
         }
     }
-    let layers = match &p.spec.arch {
-        Arch::Llama(l) => l.num_layers,
-    };
+    let layers = p.spec.arch.dims().num_layers;
+    if p.config.layer_kv.len() != layers as usize {
+        report(format!(
+            "config.layer_kv lists {} policies for a model of {layers} layers",
+            p.config.layer_kv.len()
+        ));
+    }
     for s in &p.state {
         if let StateRole::Cache { layer, .. } = s.role
             && layer >= layers
@@ -401,14 +406,17 @@ fn verify_roles(p: &Program, report: &mut dyn FnMut(String)) {
         KvStorage::F32 => DType::F32,
         KvStorage::I8 => DType::I8,
     };
-    let (slots, scores) = match c.kv {
-        KvPolicy::Dense => (false, false),
-        KvPolicy::Window { .. } | KvPolicy::SinkWindow { .. } | KvPolicy::Random { .. } => {
-            (true, false)
-        }
-        KvPolicy::H2o { .. } | KvPolicy::Tova { .. } | KvPolicy::SnapKv { .. } => (true, true),
-    };
     for layer in 0..layers {
+        let policy = c.layer_kv.get(layer as usize).copied().unwrap_or(c.kv);
+        let (slots, scores) = match policy {
+            KvPolicy::Dense => (false, false),
+            KvPolicy::Window { .. } | KvPolicy::SinkWindow { .. } | KvPolicy::Random { .. } => {
+                (true, false)
+            }
+            KvPolicy::H2o { .. } | KvPolicy::Tova { .. } | KvPolicy::SnapKv { .. } => {
+                (true, true)
+            }
+        };
         let role = |part| StateRole::Cache { layer, part };
         let keys = one(role(CachePart::Keys));
         check(

@@ -115,6 +115,7 @@ impl Op {
             Op::Attention { .. } => "attention",
             Op::KvWrite { .. } => "kv_write",
             Op::Silu { .. } => "silu",
+            Op::Gelu { .. } => "gelu",
             Op::Binary { op, .. } => op.name(),
             Op::Not { .. } => "not",
             Op::Select { .. } => "select",
@@ -211,6 +212,7 @@ impl Program {
                 write!(f, "{name} {cache}, {new}, start={start}, len={len}")
             }
             Op::Silu { x }
+            | Op::Gelu { x }
             | Op::Not { x }
             | Op::Argmax { x }
             | Op::Sum { x }

@@ -236,6 +236,11 @@ pub enum Op {
         /// Input.
         x: ValueId,
     },
+    /// GELU, tanh approximation: `x/2 · (1 + tanh(√(2/π) · (x + 0.044715·x³)))`.
+    Gelu {
+        /// Input.
+        x: ValueId,
+    },
     /// Element-wise binary op with broadcasting.
     Binary {
         /// Which operator.
@@ -426,6 +431,7 @@ impl Op {
                 len,
             } => vec![cache, new, start, len],
             Op::Silu { x }
+            | Op::Gelu { x }
             | Op::Not { x }
             | Op::Cast { x, .. }
             | Op::Argmax { x }
@@ -488,6 +494,7 @@ impl Op {
                 *len = f(*len);
             }
             Op::Silu { x }
+            | Op::Gelu { x }
             | Op::Not { x }
             | Op::Cast { x, .. }
             | Op::Argmax { x }
@@ -775,8 +782,11 @@ pub struct CompiledConfig {
     pub cache_len: u32,
     /// Vocabulary size (`V`).
     pub vocab_size: u32,
-    /// KV policy.
+    /// KV policy (of every layer without an attention span).
     pub kv: crate::spec::KvPolicy,
+    /// The policy each layer's cache was compiled with (index = layer): `kv`, or the
+    /// window of a sliding-window layer.
+    pub layer_kv: Vec<crate::spec::KvPolicy>,
     /// Token choice.
     pub sampler: crate::spec::Sampler,
     /// Storage dtype of the weight matrices.
@@ -791,7 +801,7 @@ pub struct CompiledConfig {
 /// Artifact format tag written into every serialized program.
 pub const FORMAT: &str = "kvc-program";
 /// Version of the serialized program format; bumped on any incompatible IR change.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 
 /// A compiled model: parameters, state and the two graphs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

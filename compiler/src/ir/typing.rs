@@ -257,7 +257,7 @@ pub fn infer_type(op: &Op, before: &[Node], decls: &Decls<'_>) -> Result<Type, S
             expect_shape("len", arg(*len, "len")?, DType::I32, &[b])?;
             c.clone()
         }
-        Op::Silu { x } => {
+        Op::Silu { x } | Op::Gelu { x } => {
             let x = arg(*x, "x")?;
             expect_dtype("x", x, DType::F32)?;
             x.clone()

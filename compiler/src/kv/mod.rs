@@ -20,7 +20,7 @@ use crate::ir::{BuildError, CachePart, GraphBuilder, StateDecl, StateRole, Value
 use crate::spec::{KvPolicy, KvStorage};
 
 /// Cache geometry shared by both graphs.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CacheShape {
     /// Rows (`B`).
     pub batch: u32,
@@ -82,29 +82,41 @@ pub fn cache_role(l: u32, part: CachePart) -> StateRole {
     StateRole::Cache { layer: l, part }
 }
 
-/// The state variables of `policy` for `layers` layers.
-pub fn declare(policy: KvPolicy, storage: KvStorage, layers: u32, c: CacheShape) -> Vec<StateDecl> {
-    match policy {
-        KvPolicy::Dense => dense::declare(layers, c, storage),
+/// How one layer caches and sees keys and values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerKv {
+    /// Which tokens keep their keys and values.
+    pub policy: KvPolicy,
+    /// The model's attention span for this layer (a sliding-window layer): a query at
+    /// position `i` sees only keys at positions `j` with `i - j < span`.
+    pub span: Option<u32>,
+    /// Cache geometry (its `slots` follow from the policy).
+    pub shape: CacheShape,
+}
+
+/// The state variables of layer `l`'s cache.
+pub fn declare(layer: &LayerKv, storage: KvStorage, l: u32) -> Vec<StateDecl> {
+    let c = layer.shape;
+    match layer.policy {
+        KvPolicy::Dense => dense::declare(l, c, storage),
         KvPolicy::Window { .. } | KvPolicy::SinkWindow { .. } | KvPolicy::Random { .. } => {
-            slots::declare(layers, c, storage, false)
+            slots::declare(l, c, storage, false)
         }
         KvPolicy::H2o { .. } | KvPolicy::Tova { .. } | KvPolicy::SnapKv { .. } => {
-            slots::declare(layers, c, storage, true)
+            slots::declare(l, c, storage, true)
         }
     }
 }
 
-/// Attention of layer `l` through the cache: appends this chunk's keys `k` and values
+/// Attention of layer `l` through its cache: appends this chunk's keys `k` and values
 /// `v` (`[B, kv_heads, T, D]`, after RoPE), attends with queries `q` (`[B, heads, T,
 /// D]`) and applies the policy's eviction. Returns the attention output `[B, heads, T,
 /// D]` and updates the layer's state.
 #[allow(clippy::too_many_arguments)]
 pub fn attend(
     g: &mut GraphBuilder<'_>,
-    policy: KvPolicy,
+    layer: &LayerKv,
     storage: KvStorage,
-    c: CacheShape,
     l: u32,
     q: ValueId,
     k: ValueId,
@@ -112,8 +124,9 @@ pub fn attend(
     chunk: &Chunk,
     scale: f32,
 ) -> Result<ValueId, BuildError> {
+    let (policy, c, span) = (layer.policy, layer.shape, layer.span);
     let Some(budget) = policy.budget() else {
-        return dense::attend(g, c, l, q, k, v, chunk, scale, storage);
+        return dense::attend(g, c, l, q, k, v, chunk, scale, storage, span);
     };
     let rule: Box<dyn slots::Rule> = match policy {
         KvPolicy::Dense => unreachable!("Dense has no budget"),
@@ -133,6 +146,7 @@ pub fn attend(
         v,
         scale,
         storage,
+        span,
     };
     slots::attend(g, rule.as_ref(), &layer, chunk)
 }

@@ -12,8 +12,8 @@
 //! 1. writes the `len` new tokens of each row into slots `S..S + len` (positions
 //!    `start..start + len`; padding never enters);
 //! 2. attends over all `N` slots: query at position `p` sees the live slots at
-//!    positions `<= p`, so every query sees the cache before eviction plus the causal
-//!    part of its own chunk;
+//!    positions `<= p` (and, in a sliding-window layer of span `w`, `> p - w`), so every
+//!    query sees the cache before eviction plus the causal part of its own chunk;
 //! 3. asks the `Rule` for the new scores and a priority per slot, ranks the slots by
 //!    `(priority, position)` descending (free slots last), and keeps the first `S`:
 //!    - prefill sorts the `N` slots by rank (`top_k` + `gather` of keys, values, positions
@@ -41,33 +41,25 @@ const EMPTY: f32 = -1.0e9;
 /// In decode, slots past the scratch slot are never candidates for eviction.
 const NOT_A_CANDIDATE: f32 = 2.0e9;
 
-/// State of a budgeted cache for `layers` layers; `scored` adds `score.l`.
-pub fn declare(layers: u32, c: CacheShape, storage: KvStorage, scored: bool) -> Vec<StateDecl> {
+/// State of layer `l`'s budgeted cache; `scored` adds `score.l`.
+pub fn declare(l: u32, c: CacheShape, storage: KvStorage, scored: bool) -> Vec<StateDecl> {
     let table = [c.batch, c.kv_heads, c.slots];
-    let mut out = vec![];
-    for l in 0..layers {
-        out.extend(storage::declare(
-            storage,
-            l,
-            c,
-            &format!("one token per slot_pos.{l} entry"),
-        ));
+    let mut out = storage::declare(storage, l, c, &format!("one token per slot_pos.{l} entry"));
+    out.push(StateDecl {
+        name: pos_name(l),
+        ty: Type::new(DType::I32, table),
+        init: Scalar::I32(-1),
+        doc: format!("layer {l} position of each slot's token; -1 = free"),
+        role: cache_role(l, CachePart::SlotPositions),
+    });
+    if scored {
         out.push(StateDecl {
-            name: pos_name(l),
-            ty: Type::new(DType::I32, table),
-            init: Scalar::I32(-1),
-            doc: format!("layer {l} position of each slot's token; -1 = free"),
-            role: cache_role(l, CachePart::SlotPositions),
+            name: score_name(l),
+            ty: Type::new(DType::F32, table),
+            init: Scalar::F32(0.0),
+            doc: format!("layer {l} eviction score of each slot"),
+            role: cache_role(l, CachePart::Scores),
         });
-        if scored {
-            out.push(StateDecl {
-                name: score_name(l),
-                ty: Type::new(DType::F32, table),
-                init: Scalar::F32(0.0),
-                doc: format!("layer {l} eviction score of each slot"),
-                role: cache_role(l, CachePart::Scores),
-            });
-        }
     }
     out
 }
@@ -90,6 +82,8 @@ pub(super) struct Layer {
     pub scale: f32,
     /// How keys and values are stored.
     pub storage: KvStorage,
+    /// The model's attention span for this layer, if it has one (sliding window).
+    pub span: Option<u32>,
 }
 
 /// What a policy sees after the new tokens entered the table.
@@ -245,7 +239,13 @@ pub(super) fn attend(
     let zero4 = g.constant(Scalar::I32(0), &[1, 1, 1, 1])?;
     let live4 = g.binary(BinaryOp::Le, zero4, pos4)?;
     let causal = g.binary(BinaryOp::Le, pos4, q4)?;
-    let mask = g.binary(BinaryOp::And, live4, causal)?;
+    let mut mask = g.binary(BinaryOp::And, live4, causal)?;
+    if let Some(w) = layer.span {
+        let age = g.binary(BinaryOp::Sub, q4, pos4)?;
+        let w = g.constant(Scalar::I32(w as i32), &[1, 1, 1, 1])?;
+        let near = g.binary(BinaryOp::Lt, age, w)?;
+        mask = g.binary(BinaryOp::And, mask, near)?;
+    }
     let out = g.push(Op::Attention {
         q: layer.q,
         k: kc,

@@ -1,8 +1,9 @@
 //! Lowering: a model spec becomes a [`Program`] with exactly two graphs.
 //!
-//! The family file (one per architecture) builds the transformer; this file owns what
-//! every family shares: the control state that lives on the device and the per-row rules
-//! for positions, stop limits and done flags.
+//! The family file (one per architecture: `llama.rs`, `qwen2.rs`, `gemma3.rs`) builds the
+//! transformer's blocks; `decoder.rs` is the prefill/decode skeleton they share; this
+//! file owns the control state that lives on the device and the per-row rules for
+//! positions, stop limits and done flags.
 //!
 //! Control state, all `[B]` (each with its [`StateRole`]):
 //! - `pos` I32: tokens of the row in the cache = position of the next token to write;
@@ -15,7 +16,10 @@
 //! feeds `token` at `pos` for every row that is not done. Neither graph reads a host
 //! scalar, and no shape depends on data.
 
+mod decoder;
+mod gemma3;
 mod llama;
+mod qwen2;
 
 use crate::ir::{
     BinaryOp, BuildError, DType, GraphBuilder, InputDecl, Op, Program, Scalar, StateDecl,
@@ -26,7 +30,15 @@ use crate::spec::{Arch, ModelSpec, Sampler};
 /// Lowers a validated spec into an (unverified) program.
 pub fn lower(spec: &ModelSpec) -> Result<Program, BuildError> {
     match &spec.arch {
-        Arch::Llama(c) => llama::lower(spec, c),
+        Arch::Llama(c) => decoder::lower(
+            spec,
+            &llama::Llama {
+                c,
+                qkv_bias: false,
+            },
+        ),
+        Arch::Qwen2(c) => decoder::lower(spec, &qwen2::family(c)),
+        Arch::Gemma3(c) => decoder::lower(spec, &gemma3::Gemma3 { c }),
     }
 }
 

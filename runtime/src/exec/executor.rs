@@ -291,6 +291,7 @@ impl Executor {
                 k.kv_write(cache, new, next().i(), next().i())
             }
             Kernel::Silu => Value::F(k.silu(next().f())),
+            Kernel::Gelu => Value::F(k.gelu(next().f())),
             Kernel::Binary(op, dims) => binary(*op, next(), next(), *dims),
             Kernel::Not => Value::B(next().b().bool_not()),
             Kernel::Select(dims) => {

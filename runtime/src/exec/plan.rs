@@ -74,6 +74,8 @@ pub enum Kernel {
     KvWrite,
     /// SiLU.
     Silu,
+    /// GELU (tanh approximation).
+    Gelu,
     /// Elementwise binary op broadcast to the output dims.
     Binary(BinaryOp, [usize; 4]),
     /// Logical not.
@@ -239,6 +241,7 @@ impl Plan {
                 Op::AttentionMass { kv_heads, .. } => Kernel::AttentionMass(*kv_heads as usize),
                 Op::KvWrite { .. } => Kernel::KvWrite,
                 Op::Silu { .. } => Kernel::Silu,
+                Op::Gelu { .. } => Kernel::Gelu,
                 Op::Binary { op, .. } => Kernel::Binary(*op, dims),
                 Op::Not { .. } => Kernel::Not,
                 Op::Select { .. } => Kernel::Select(dims),

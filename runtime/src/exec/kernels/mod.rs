@@ -20,6 +20,11 @@ use burn::tensor::{Bool, Int, Tensor};
 use super::value::Value;
 use crate::Backend;
 
+/// √(2/π), the scale inside the tanh approximation of GELU.
+pub(crate) const GELU_SCALE: f32 = 0.797_884_6;
+/// The cubic coefficient of the tanh approximation of GELU.
+pub(crate) const GELU_CUBIC: f32 = 0.044_715;
+
 /// Which kernel implementation a plan uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KernelSet {
@@ -85,6 +90,8 @@ pub trait Kernels: Send + Sync {
 
     /// `x · σ(x)`.
     fn silu(&self, x: Tensor<4>) -> Tensor<4>;
+    /// GELU, tanh approximation.
+    fn gelu(&self, x: Tensor<4>) -> Tensor<4>;
 
     /// Masked grouped-query attention → `[B, Hq, T, D]`.
     fn attention(

@@ -10,7 +10,7 @@ use burn::tensor::module;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, IndexingUpdateOp, Int, IntDType, Tensor, kind::Basic};
 
-use super::Kernels;
+use super::{GELU_CUBIC, GELU_SCALE, Kernels};
 use crate::exec::value::{Value, to_f32};
 
 /// Burn ops on any backend.
@@ -47,6 +47,16 @@ impl Kernels for Portable {
 
     fn silu(&self, x: Tensor<4>) -> Tensor<4> {
         burn::tensor::activation::silu(x)
+    }
+
+    fn gelu(&self, x: Tensor<4>) -> Tensor<4> {
+        let inner = x
+            .clone()
+            .powi_scalar(3)
+            .mul_scalar(GELU_CUBIC)
+            .add(x.clone())
+            .mul_scalar(GELU_SCALE);
+        x.mul(inner.tanh().add_scalar(1.0)).mul_scalar(0.5)
     }
 
     fn attention(

@@ -1,6 +1,8 @@
 //! Elementwise activations on host slices, written so that their loops vectorise (libm's
 //! `expf`, which Flex's activations call per element, does not).
 
+use crate::exec::kernels::{GELU_CUBIC, GELU_SCALE};
+
 /// `eˣ` in f32 for any `x` (underflows to 0 below −87.3, overflows to ∞ above 88.7),
 /// within 2 ulp: `2ⁿ · p(r)` with `x = n·ln 2 + r`, `|r| ≤ ln 2 / 2`, degree-6 Taylor.
 #[inline(always)]
@@ -40,6 +42,27 @@ multiversion! {
     unsafe fn silu_into(x: &[f32], out: &mut [f32]) {
         for (o, &v) in out.iter_mut().zip(x) {
             *o = v / (1.0 + exp(-v));
+        }
+    }
+}
+
+/// GELU, tanh approximation, elementwise: `x/2 · (1 + tanh(u))` with
+/// `u = √(2/π) · (x + 0.044715·x³)` and `tanh(u) = 1 − 2 / (1 + e²ᵘ)`.
+pub fn gelu(x: &[f32]) -> Vec<f32> {
+    let mut out = vec![0.0f32; x.len()];
+    // SAFETY: no contract beyond the slices' own.
+    unsafe { gelu_into(x, &mut out) };
+    out
+}
+
+multiversion! {
+    /// # Safety
+    /// None beyond the slices' own (required by the macro's form).
+    unsafe fn gelu_into(x: &[f32], out: &mut [f32]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            let u = GELU_SCALE * (v + GELU_CUBIC * v * v * v);
+            let tanh = 1.0 - 2.0 / (1.0 + exp(2.0 * u));
+            *o = 0.5 * v * (1.0 + tanh);
         }
     }
 }
@@ -86,6 +109,23 @@ pub fn rope(x: &[f32], pos: &[i32], n: usize, d: usize, cos: &[f32], sin: &[f32]
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gelu_matches_its_definition() {
+        for i in -400..=400 {
+            let x = i as f32 * 0.05;
+            let xd = x as f64;
+            let u = (2.0 / std::f64::consts::PI).sqrt() * (xd + 0.044715 * xd.powi(3));
+            let want = 0.5 * xd * (1.0 + u.tanh());
+            let got = gelu(&[x])[0] as f64;
+            assert!(
+                (got - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                "gelu({x}) = {got}, want {want}"
+            );
+        }
+        assert_eq!(gelu(&[1.0e30])[0], 1.0e30);
+        assert_eq!(gelu(&[-1.0e30])[0], 0.0);
+    }
 
     #[test]
     fn exp_is_within_a_few_ulp_of_f64() {

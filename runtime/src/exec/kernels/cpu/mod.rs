@@ -112,6 +112,11 @@ impl Kernels for Cpu {
         Tensor::from_data(TensorData::new(out, x.dims()), &x.device())
     }
 
+    fn gelu(&self, x: Tensor<4>) -> Tensor<4> {
+        let out = elementwise::gelu(f32s(&host(&x)));
+        Tensor::from_data(TensorData::new(out, x.dims()), &x.device())
+    }
+
     fn attention(
         &self,
         q: Tensor<4>,
