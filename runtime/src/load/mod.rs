@@ -2,6 +2,7 @@
 //! and GGUF weights as host tensors, fetching registry wheels, random weights for tests,
 //! and the tokenizer with its chat template.
 
+pub mod check;
 pub mod fetch;
 pub mod gguf;
 pub mod random;

@@ -56,8 +56,8 @@ pub enum WeightsError {
         /// The dtype found.
         dtype: String,
     },
-    /// The GGUF model architecture is not `llama`.
-    #[error("unsupported GGUF architecture {0:?} (only \"llama\" is supported)")]
+    /// The GGUF model architecture is not one kvc lowers.
+    #[error("unsupported GGUF architecture {0:?} (supported: \"llama\", \"qwen2\", \"gemma3\")")]
     UnsupportedArchitecture(String),
     /// A GGUF tensor name has no Hugging Face equivalent.
     #[error("GGUF tensor {0:?} has no known Hugging Face name")]
@@ -85,31 +85,67 @@ pub enum WeightsError {
 /// Shorthand result type for this module.
 pub type Result<T, E = WeightsError> = std::result::Result<T, E>;
 
-/// Llama hyper-parameters as recorded in a GGUF file's metadata.
+/// The model families a GGUF file may hold, by its `general.architecture`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgufArch {
+    /// `llama` (Q and K rows permuted for adjacent-pair RoPE by the converter).
+    Llama,
+    /// `qwen2` (half-split RoPE, Q/K/V biases).
+    Qwen2,
+    /// `gemma3` (half-split RoPE, sandwich norms, Q/K norms).
+    Gemma3,
+}
+
+impl GgufArch {
+    /// The architecture of `file`.
+    pub fn of(file: &GgufFile) -> Result<GgufArch> {
+        match file.get_str("general.architecture")? {
+            "llama" => Ok(GgufArch::Llama),
+            "qwen2" => Ok(GgufArch::Qwen2),
+            "gemma3" => Ok(GgufArch::Gemma3),
+            other => Err(WeightsError::UnsupportedArchitecture(other.to_string())),
+        }
+    }
+
+    /// The name GGUF metadata keys start with (`llama`, `qwen2`, `gemma3`).
+    pub fn name(self) -> &'static str {
+        match self {
+            GgufArch::Llama => "llama",
+            GgufArch::Qwen2 => "qwen2",
+            GgufArch::Gemma3 => "gemma3",
+        }
+    }
+}
+
+/// Hyper-parameters as recorded in a GGUF file's metadata (`{arch}.*` keys).
 #[derive(Debug, Clone, PartialEq)]
-pub struct LlamaHyperParams {
+pub struct HyperParams {
+    /// The model family.
+    pub arch: GgufArch,
     /// Number of tokens: length of `tokenizer.ggml.tokens`.
     pub vocab_size: usize,
-    /// Model width (`llama.embedding_length`).
+    /// Model width (`{arch}.embedding_length`).
     pub hidden_size: usize,
-    /// Number of transformer blocks (`llama.block_count`).
+    /// Number of transformer blocks (`{arch}.block_count`).
     pub num_layers: usize,
-    /// MLP inner width (`llama.feed_forward_length`).
+    /// MLP inner width (`{arch}.feed_forward_length`).
     pub intermediate_size: usize,
-    /// Query heads (`llama.attention.head_count`).
+    /// Query heads (`{arch}.attention.head_count`).
     pub num_heads: usize,
-    /// Key/value heads (`llama.attention.head_count_kv`, defaulting to `num_heads`).
+    /// Key/value heads (`{arch}.attention.head_count_kv`, defaulting to `num_heads`).
     pub num_kv_heads: usize,
-    /// Per-head width: `hidden_size / num_heads`.
+    /// Per-head width: `{arch}.attention.key_length`, else `hidden_size / num_heads`.
     pub head_dim: usize,
-    /// RoPE base frequency (`llama.rope.freq_base`, default 10000).
+    /// RoPE base frequency (`{arch}.rope.freq_base`, default 10000).
     pub rope_theta: f32,
-    /// RMSNorm epsilon (`llama.attention.layer_norm_rms_epsilon`).
+    /// RMSNorm epsilon (`{arch}.attention.layer_norm_rms_epsilon`).
     pub rms_norm_eps: f32,
-    /// Training context length (`llama.context_length`).
+    /// Training context length (`{arch}.context_length`).
     pub context_length: usize,
     /// Whether the file lacks `output.weight`, so the LM head reuses the embedding.
     pub tie_word_embeddings: bool,
+    /// Span of the sliding-window layers (`{arch}.attention.sliding_window`), if any.
+    pub sliding_window: Option<usize>,
 }
 
 fn usize_key(file: &GgufFile, key: &str) -> Result<usize> {
@@ -120,17 +156,11 @@ fn usize_key(file: &GgufFile, key: &str) -> Result<usize> {
     })
 }
 
-fn check_arch(file: &GgufFile) -> Result<()> {
-    let arch = file.get_str("general.architecture")?;
-    if arch != "llama" {
-        return Err(WeightsError::UnsupportedArchitecture(arch.to_string()));
-    }
-    Ok(())
-}
-
-/// Reads the Llama hyper-parameters from GGUF metadata.
-pub fn llama_hyper_params(file: &GgufFile) -> Result<LlamaHyperParams> {
-    check_arch(file)?;
+/// Reads the hyper-parameters from GGUF metadata.
+pub fn hyper_params(file: &GgufFile) -> Result<HyperParams> {
+    let arch = GgufArch::of(file)?;
+    let key = |k: &str| format!("{}.{k}", arch.name());
+    let optional = |k: &str| file.metadata().get(&key(k)).is_some();
     let vocab_size = match file.get("tokenizer.ggml.tokens")? {
         GgufValue::Array { items, .. } => items.len(),
         other => {
@@ -142,45 +172,61 @@ pub fn llama_hyper_params(file: &GgufFile) -> Result<LlamaHyperParams> {
             .into());
         }
     };
-    let hidden_size = usize_key(file, "llama.embedding_length")?;
-    let num_heads = usize_key(file, "llama.attention.head_count")?;
-    let num_kv_heads = match file.metadata().get("llama.attention.head_count_kv") {
-        Some(_) => usize_key(file, "llama.attention.head_count_kv")?,
-        None => num_heads,
+    let hidden_size = usize_key(file, &key("embedding_length"))?;
+    let num_heads = usize_key(file, &key("attention.head_count"))?;
+    let num_kv_heads = if optional("attention.head_count_kv") {
+        usize_key(file, &key("attention.head_count_kv"))?
+    } else {
+        num_heads
     };
-    if num_heads == 0 || hidden_size % num_heads != 0 {
-        return Err(WeightsError::BadHyperParameter {
-            key: "llama.attention.head_count".into(),
-            reason: format!("{num_heads} heads do not divide width {hidden_size}"),
-        });
-    }
+    let head_dim = if optional("attention.key_length") {
+        usize_key(file, &key("attention.key_length"))?
+    } else {
+        if num_heads == 0 || hidden_size % num_heads != 0 {
+            return Err(WeightsError::BadHyperParameter {
+                key: key("attention.head_count"),
+                reason: format!("{num_heads} heads do not divide width {hidden_size}"),
+            });
+        }
+        hidden_size / num_heads
+    };
     if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
         return Err(WeightsError::BadHyperParameter {
-            key: "llama.attention.head_count_kv".into(),
+            key: key("attention.head_count_kv"),
             reason: format!("{num_kv_heads} KV heads do not divide {num_heads} heads"),
         });
     }
-    let rope_theta = match file.metadata().get("llama.rope.freq_base") {
-        Some(_) => file.get_f32("llama.rope.freq_base")?,
-        None => 10_000.0,
+    let rope_theta = if optional("rope.freq_base") {
+        file.get_f32(&key("rope.freq_base"))?
+    } else {
+        10_000.0
     };
-    Ok(LlamaHyperParams {
+    let sliding_window = if optional("attention.sliding_window") {
+        Some(usize_key(file, &key("attention.sliding_window"))?)
+    } else {
+        None
+    };
+    Ok(HyperParams {
+        arch,
         vocab_size,
         hidden_size,
-        num_layers: usize_key(file, "llama.block_count")?,
-        intermediate_size: usize_key(file, "llama.feed_forward_length")?,
+        num_layers: usize_key(file, &key("block_count"))?,
+        intermediate_size: usize_key(file, &key("feed_forward_length"))?,
         num_heads,
         num_kv_heads,
-        head_dim: hidden_size / num_heads,
+        head_dim,
         rope_theta,
-        rms_norm_eps: file.get_f32("llama.attention.layer_norm_rms_epsilon")?,
-        context_length: usize_key(file, "llama.context_length")?,
+        rms_norm_eps: file.get_f32(&key("attention.layer_norm_rms_epsilon"))?,
+        context_length: usize_key(file, &key("context_length"))?,
         tie_word_embeddings: file.tensor_info("output.weight").is_none(),
+        sliding_window,
     })
 }
 
-/// Maps a llama.cpp GGUF tensor name to the Hugging Face Llama name.
-pub fn hf_name_for_gguf(name: &str) -> Option<String> {
+/// Maps a llama.cpp GGUF tensor name to the Hugging Face name of the same parameter in
+/// the family `arch` (GGUF's `ffn_norm` is Llama's `post_attention_layernorm` but Gemma
+/// 3's `pre_feedforward_layernorm`).
+pub fn hf_name_for_gguf(arch: GgufArch, name: &str) -> Option<String> {
     match name {
         "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
         "output_norm.weight" => return Some("model.norm.weight".into()),
@@ -193,16 +239,24 @@ pub fn hf_name_for_gguf(name: &str) -> Option<String> {
         return None;
     }
     let layer: usize = layer.parse().ok()?;
-    let hf = match suffix {
-        "attn_norm.weight" => "input_layernorm.weight",
-        "attn_q.weight" => "self_attn.q_proj.weight",
-        "attn_k.weight" => "self_attn.k_proj.weight",
-        "attn_v.weight" => "self_attn.v_proj.weight",
-        "attn_output.weight" => "self_attn.o_proj.weight",
-        "ffn_norm.weight" => "post_attention_layernorm.weight",
-        "ffn_gate.weight" => "mlp.gate_proj.weight",
-        "ffn_up.weight" => "mlp.up_proj.weight",
-        "ffn_down.weight" => "mlp.down_proj.weight",
+    let hf = match (arch, suffix) {
+        (_, "attn_norm.weight") => "input_layernorm.weight",
+        (_, "attn_q.weight") => "self_attn.q_proj.weight",
+        (_, "attn_k.weight") => "self_attn.k_proj.weight",
+        (_, "attn_v.weight") => "self_attn.v_proj.weight",
+        (_, "attn_output.weight") => "self_attn.o_proj.weight",
+        (_, "ffn_gate.weight") => "mlp.gate_proj.weight",
+        (_, "ffn_up.weight") => "mlp.up_proj.weight",
+        (_, "ffn_down.weight") => "mlp.down_proj.weight",
+        (GgufArch::Llama | GgufArch::Qwen2, "ffn_norm.weight") => "post_attention_layernorm.weight",
+        (GgufArch::Qwen2, "attn_q.bias") => "self_attn.q_proj.bias",
+        (GgufArch::Qwen2, "attn_k.bias") => "self_attn.k_proj.bias",
+        (GgufArch::Qwen2, "attn_v.bias") => "self_attn.v_proj.bias",
+        (GgufArch::Gemma3, "attn_q_norm.weight") => "self_attn.q_norm.weight",
+        (GgufArch::Gemma3, "attn_k_norm.weight") => "self_attn.k_norm.weight",
+        (GgufArch::Gemma3, "post_attention_norm.weight") => "post_attention_layernorm.weight",
+        (GgufArch::Gemma3, "ffn_norm.weight") => "pre_feedforward_layernorm.weight",
+        (GgufArch::Gemma3, "post_ffw_norm.weight") => "post_feedforward_layernorm.weight",
         _ => return None,
     };
     Some(format!("model.layers.{layer}.{hf}"))
@@ -250,22 +304,24 @@ pub fn unpermute_qk(name: &str, tensor: &HostTensor, n_head: usize) -> Result<Ho
     })
 }
 
-/// Loads every tensor of a llama GGUF file under its Hugging Face name.
+/// Loads every tensor of a GGUF file under its Hugging Face name.
 ///
-/// Q and K projections are converted back to the Hugging Face row order.
-/// A file without `output.weight` (tied embeddings) yields no
-/// `lm_head.weight`; see [`LlamaHyperParams::tie_word_embeddings`].
+/// In `llama` files, Q and K projections are converted back to the Hugging Face
+/// (half-split RoPE) row order; `qwen2` and `gemma3` files already use it. A file
+/// without `output.weight` (tied embeddings) yields no `lm_head.weight`; see
+/// [`HyperParams::tie_word_embeddings`]. Gemma 3 norm gains are kept as stored (GGUF
+/// stores the `1 + weight` that multiplies the normalised value).
 pub fn load_gguf_weights(file: &GgufFile) -> Result<BTreeMap<String, HostTensor>> {
-    let hp = llama_hyper_params(file)?;
+    let hp = hyper_params(file)?;
     let mut out = BTreeMap::new();
     for info in file.tensors() {
-        let hf = hf_name_for_gguf(&info.name)
+        let hf = hf_name_for_gguf(hp.arch, &info.name)
             .ok_or_else(|| WeightsError::UnmappedTensor(info.name.clone()))?;
         let (shape, data) = file.tensor_f32(&info.name)?;
         let mut tensor = HostTensor { shape, data };
-        if info.name.ends_with(".attn_q.weight") {
+        if hp.arch == GgufArch::Llama && info.name.ends_with(".attn_q.weight") {
             tensor = unpermute_qk(&info.name, &tensor, hp.num_heads)?;
-        } else if info.name.ends_with(".attn_k.weight") {
+        } else if hp.arch == GgufArch::Llama && info.name.ends_with(".attn_k.weight") {
             tensor = unpermute_qk(&info.name, &tensor, hp.num_kv_heads)?;
         }
         out.insert(hf, tensor);
@@ -407,6 +463,53 @@ mod tests {
     }
 
     #[test]
+    fn family_specific_gguf_names_map_to_their_hf_names() {
+        use GgufArch::{Gemma3, Llama, Qwen2};
+        let cases = [
+            (
+                Qwen2,
+                "blk.2.attn_q.bias",
+                Some("model.layers.2.self_attn.q_proj.bias"),
+            ),
+            (
+                Qwen2,
+                "blk.2.attn_v.bias",
+                Some("model.layers.2.self_attn.v_proj.bias"),
+            ),
+            (Llama, "blk.2.attn_q.bias", None),
+            (
+                Qwen2,
+                "blk.0.ffn_norm.weight",
+                Some("model.layers.0.post_attention_layernorm.weight"),
+            ),
+            (
+                Gemma3,
+                "blk.0.ffn_norm.weight",
+                Some("model.layers.0.pre_feedforward_layernorm.weight"),
+            ),
+            (
+                Gemma3,
+                "blk.0.post_attention_norm.weight",
+                Some("model.layers.0.post_attention_layernorm.weight"),
+            ),
+            (
+                Gemma3,
+                "blk.0.post_ffw_norm.weight",
+                Some("model.layers.0.post_feedforward_layernorm.weight"),
+            ),
+            (
+                Gemma3,
+                "blk.7.attn_k_norm.weight",
+                Some("model.layers.7.self_attn.k_norm.weight"),
+            ),
+            (Llama, "blk.7.attn_k_norm.weight", None),
+        ];
+        for (arch, g, h) in cases {
+            assert_eq!(hf_name_for_gguf(arch, g).as_deref(), h, "{arch:?} {g}");
+        }
+    }
+
+    #[test]
     fn gguf_names_map_to_hf() {
         let cases = [
             ("token_embd.weight", "model.embed_tokens.weight"),
@@ -447,7 +550,11 @@ mod tests {
             ),
         ];
         for (g, h) in cases {
-            assert_eq!(hf_name_for_gguf(g).as_deref(), Some(h), "{g}");
+            assert_eq!(
+                hf_name_for_gguf(GgufArch::Llama, g).as_deref(),
+                Some(h),
+                "{g}"
+            );
         }
         for bad in [
             "rope_freqs.weight",
@@ -455,7 +562,7 @@ mod tests {
             "blk..attn_q.weight",
             "blk.1.attn_qkv.weight",
         ] {
-            assert_eq!(hf_name_for_gguf(bad), None, "{bad}");
+            assert_eq!(hf_name_for_gguf(GgufArch::Llama, bad), None, "{bad}");
         }
     }
 
@@ -503,10 +610,11 @@ mod tests {
     fn gguf_loader_renames_and_unpermutes() {
         let (w, q_hf, k_hf) = tiny_llama(true);
         let file = GgufFile::from_bytes(w.build()).unwrap();
-        let hp = llama_hyper_params(&file).unwrap();
+        let hp = hyper_params(&file).unwrap();
         assert_eq!(
             hp,
-            LlamaHyperParams {
+            HyperParams {
+                arch: GgufArch::Llama,
                 vocab_size: 3,
                 hidden_size: 4,
                 num_layers: 1,
@@ -518,6 +626,7 @@ mod tests {
                 rms_norm_eps: 1e-5,
                 context_length: 64,
                 tie_word_embeddings: false,
+                sliding_window: None,
             }
         );
         let m = load_gguf_weights(&file).unwrap();
@@ -543,17 +652,17 @@ mod tests {
         let (mut w, _, _) = tiny_llama(false);
         w.f32_tensor("rope_freqs.weight", &[2], &[1.0, 1.0]);
         let file = GgufFile::from_bytes(w.build()).unwrap();
-        assert!(llama_hyper_params(&file).unwrap().tie_word_embeddings);
+        assert!(hyper_params(&file).unwrap().tie_word_embeddings);
         assert!(matches!(
             load_gguf_weights(&file),
             Err(WeightsError::UnmappedTensor(n)) if n == "rope_freqs.weight"
         ));
         let mut w = GgufWriter::new();
-        w.kv("general.architecture", GgufValue::String("qwen2".into()));
+        w.kv("general.architecture", GgufValue::String("phi3".into()));
         let file = GgufFile::from_bytes(w.build()).unwrap();
         assert!(matches!(
             load_gguf_weights(&file),
-            Err(WeightsError::UnsupportedArchitecture(a)) if a == "qwen2"
+            Err(WeightsError::UnsupportedArchitecture(a)) if a == "phi3"
         ));
     }
 
@@ -565,10 +674,11 @@ mod tests {
     fn smollm2_matches_python_gguf_reference() {
         let path = crate::load::fetch::default_smollm2_path().unwrap();
         let file = GgufFile::open(path).unwrap();
-        let hp = llama_hyper_params(&file).unwrap();
+        let hp = hyper_params(&file).unwrap();
         assert_eq!(
             hp,
-            LlamaHyperParams {
+            HyperParams {
+                arch: GgufArch::Llama,
                 vocab_size: 49152,
                 hidden_size: 576,
                 num_layers: 30,
@@ -580,6 +690,7 @@ mod tests {
                 rms_norm_eps: 1e-5,
                 context_length: 8192,
                 tie_word_embeddings: true,
+                sliding_window: None,
             }
         );
 
