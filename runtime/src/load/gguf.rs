@@ -1,18 +1,24 @@
 //! A self-contained reader for GGUF (versions 2 and 3) model files.
 //!
-//! The whole file is held in memory. Parsing validates every length, count,
+//! [`GgufFile::open`] maps the file into memory; [`GgufFile::from_bytes`]
+//! parses a buffer already in memory. Parsing validates every length, count,
 //! dimension product and offset against the bytes actually present before
 //! anything is allocated, so a hostile or truncated file yields a
 //! [`GgufError`] instead of a panic or an oversized allocation.
 //!
 //! Tensor payloads can be dequantized to `f32` for the types listed in
-//! [`GgmlType::can_dequantize`].
+//! [`GgmlType::can_dequantize`], with the block layouts and the f32
+//! arithmetic of ggml's reference dequantizers.
 
 use std::collections::HashMap;
 use std::fmt;
+use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use half::f16;
+use memmap2::Mmap;
+use rayon::prelude::*;
 
 /// The four magic bytes at the start of every GGUF file.
 pub const GGUF_MAGIC: [u8; 4] = *b"GGUF";
@@ -196,6 +202,32 @@ pub enum GgufError {
         name: String,
         /// The tensor type.
         ty: GgmlType,
+    },
+    /// A tensor's payload is not a whole number of blocks of its type.
+    #[error("tensor {name:?}: {source}")]
+    PartialBlock {
+        /// Tensor name.
+        name: String,
+        /// The length mismatch.
+        source: DequantizeError,
+    },
+}
+
+/// Why [`dequantize`] could not decode a byte slice.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DequantizeError {
+    /// The type has no dequantization routine here.
+    #[error("type {0} cannot be dequantized by this reader")]
+    Unsupported(GgmlType),
+    /// The slice is not a whole number of blocks.
+    #[error("{len} bytes are not a whole number of {ty} blocks of {block_bytes} bytes")]
+    PartialBlock {
+        /// The type.
+        ty: GgmlType,
+        /// Length of the slice in bytes.
+        len: usize,
+        /// Bytes per block of that type.
+        block_bytes: u64,
     },
 }
 
@@ -435,9 +467,11 @@ pub enum GgmlType {
     Q4_0,
     /// 32-element blocks: f16 scale, f16 minimum, 16 bytes of 4-bit values.
     Q4_1,
-    /// 32-element blocks of 5-bit values with a scale.
+    /// 32-element blocks: f16 scale, 32 high bits, 16 bytes of low nibbles;
+    /// 5-bit values offset by 16.
     Q5_0,
-    /// 32-element blocks of 5-bit values with a scale and minimum.
+    /// 32-element blocks: f16 scale, f16 minimum, 32 high bits, 16 bytes of
+    /// low nibbles.
     Q5_1,
     /// 32-element blocks: f16 scale, 32 signed bytes.
     Q8_0,
@@ -447,13 +481,17 @@ pub enum GgmlType {
     Q2_K,
     /// 256-element k-quant, 3 bits.
     Q3_K,
-    /// 256-element k-quant, 4 bits.
+    /// 256-element k-quant, 4 bits: f16 scale and minimum, eight 6-bit
+    /// sub-block scales and minimums, 4-bit values.
     Q4_K,
-    /// 256-element k-quant, 5 bits.
+    /// 256-element k-quant, 5 bits: as [`GgmlType::Q4_K`] plus one high bit
+    /// per value.
     Q5_K,
-    /// 256-element k-quant, 6 bits.
+    /// 256-element k-quant, 6 bits: 4 low and 2 high bits per value, sixteen
+    /// signed 8-bit sub-block scales, f16 scale; values offset by 32.
     Q6_K,
-    /// 256-element k-quant, 8 bits.
+    /// 256-element k-quant, 8 bits: f32 scale, signed bytes, sixteen 16-bit
+    /// partial sums (unused when dequantizing).
     Q8_K,
     /// Signed 8-bit integer.
     I8,
@@ -555,11 +593,23 @@ impl GgmlType {
         }
     }
 
-    /// Whether [`GgufFile::tensor_f32`] can decode this type.
+    /// Whether [`dequantize`] (and so [`GgufFile::tensor_f32`]) can decode
+    /// this type.
     pub fn can_dequantize(self) -> bool {
         matches!(
             self,
-            Self::F32 | Self::F16 | Self::BF16 | Self::Q8_0 | Self::Q4_0 | Self::Q4_1
+            Self::F32
+                | Self::F16
+                | Self::BF16
+                | Self::Q4_0
+                | Self::Q4_1
+                | Self::Q5_0
+                | Self::Q5_1
+                | Self::Q8_0
+                | Self::Q4_K
+                | Self::Q5_K
+                | Self::Q6_K
+                | Self::Q8_K
         )
     }
 }
@@ -599,7 +649,23 @@ impl TensorInfo {
     }
 }
 
-/// A parsed GGUF file held in memory.
+/// The bytes of a GGUF file: mapped from disk, or owned.
+#[derive(Debug)]
+enum Storage {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl Storage {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Self::Mapped(map) => map,
+            Self::Owned(bytes) => bytes,
+        }
+    }
+}
+
+/// A parsed GGUF file. Clones share the underlying bytes.
 #[derive(Debug, Clone)]
 pub struct GgufFile {
     version: u32,
@@ -607,24 +673,39 @@ pub struct GgufFile {
     metadata: Metadata,
     tensors: Vec<TensorInfo>,
     tensor_index: HashMap<String, usize>,
-    bytes: Vec<u8>,
+    storage: Arc<Storage>,
     data_start: usize,
 }
 
 impl GgufFile {
-    /// Reads and parses a GGUF file from disk.
+    /// Maps a GGUF file from disk and parses it.
+    ///
+    /// The file is memory-mapped, not copied: tensor data is paged in as it
+    /// is read. The file must not be modified or truncated while this value
+    /// (or any clone of it) is alive; a change shows through in the tensor
+    /// data, and a truncation makes reading the lost pages kill the process.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|source| GgufError::Io {
+        let io_error = |source| GgufError::Io {
             path: path.to_path_buf(),
             source,
-        })?;
-        Self::from_bytes(bytes)
+        };
+        let file = File::open(path).map_err(io_error)?;
+        // SAFETY: the map is only ever read, and the contract documented
+        // above is that nothing modifies or truncates the file while it is
+        // mapped, which is what `Mmap::map` asks of its caller.
+        let map = unsafe { Mmap::map(&file) }.map_err(io_error)?;
+        Self::parse(Storage::Mapped(map))
     }
 
     /// Parses a GGUF file already in memory.
     pub fn from_bytes(bytes: Vec<u8>) -> Result<Self> {
-        let mut r = Reader::new(&bytes);
+        Self::parse(Storage::Owned(bytes))
+    }
+
+    fn parse(storage: Storage) -> Result<Self> {
+        let bytes = storage.bytes();
+        let mut r = Reader::new(bytes);
         let magic = r.take(4, "magic").map_err(|_| GgufError::BadMagic {
             found: bytes.iter().take(4).copied().collect(),
         })?;
@@ -761,7 +842,7 @@ impl GgufFile {
             metadata,
             tensors,
             tensor_index,
-            bytes,
+            storage: Arc::new(storage),
             data_start,
         })
     }
@@ -882,7 +963,7 @@ impl GgufFile {
             .ok_or_else(|| GgufError::MissingTensor(name.to_string()))?;
         // Bounds were validated in `from_bytes`.
         let start = self.data_start + info.offset as usize;
-        Ok(&self.bytes[start..start + info.n_bytes as usize])
+        Ok(&self.storage.bytes()[start..start + info.n_bytes as usize])
     }
 
     /// Dequantizes a tensor to `f32`.
@@ -894,11 +975,16 @@ impl GgufFile {
             .tensor_info(name)
             .ok_or_else(|| GgufError::MissingTensor(name.to_string()))?;
         let bytes = self.tensor_bytes(name)?;
-        let values =
-            dequantize(info.ty, bytes).ok_or_else(|| GgufError::UnsupportedTensorType {
+        let values = dequantize(info.ty, bytes).map_err(|e| match e {
+            DequantizeError::Unsupported(ty) => GgufError::UnsupportedTensorType {
                 name: name.to_string(),
-                ty: info.ty,
-            })?;
+                ty,
+            },
+            source @ DequantizeError::PartialBlock { .. } => GgufError::PartialBlock {
+                name: name.to_string(),
+                source,
+            },
+        })?;
         Ok((info.shape(), values))
     }
 }
@@ -911,53 +997,249 @@ fn wrong_type(key: &str, expected: &'static str, v: &GgufValue) -> GgufError {
     }
 }
 
-/// Decodes `bytes` of type `ty` to `f32`, or `None` if the type is not one of
-/// those [`GgmlType::can_dequantize`] accepts. Trailing bytes that do not form
-/// a whole block are ignored.
-pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Option<Vec<f32>> {
-    let half_at = |b: &[u8], i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
-    let out = match ty {
-        GgmlType::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        GgmlType::F16 => bytes.chunks_exact(2).map(|c| half_at(c, 0)).collect(),
-        GgmlType::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16))
-            .collect(),
-        GgmlType::Q8_0 => {
-            let mut out = Vec::with_capacity(bytes.len() / 34 * 32);
-            for block in bytes.chunks_exact(34) {
-                let d = half_at(block, 0);
-                out.extend(block[2..].iter().map(|&q| f32::from(q as i8) * d));
+/// Decodes `bytes` of type `ty` to `f32`, in file order.
+///
+/// Each block is decoded with the same f32 operations, in the same order, as
+/// ggml's reference dequantizers, so the results match theirs bit for bit.
+/// Fails if the type is not one [`GgmlType::can_dequantize`] accepts or if
+/// `bytes` is not a whole number of blocks.
+pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Result<Vec<f32>, DequantizeError> {
+    match ty {
+        GgmlType::F32 => decode_blocks(ty, bytes, f32_block),
+        GgmlType::F16 => decode_blocks(ty, bytes, f16_block),
+        GgmlType::BF16 => decode_blocks(ty, bytes, bf16_block),
+        GgmlType::Q4_0 => decode_blocks(ty, bytes, q4_0_block),
+        GgmlType::Q4_1 => decode_blocks(ty, bytes, q4_1_block),
+        GgmlType::Q5_0 => decode_blocks(ty, bytes, q5_0_block),
+        GgmlType::Q5_1 => decode_blocks(ty, bytes, q5_1_block),
+        GgmlType::Q8_0 => decode_blocks(ty, bytes, q8_0_block),
+        GgmlType::Q4_K => decode_blocks(ty, bytes, q4_k_block),
+        GgmlType::Q5_K => decode_blocks(ty, bytes, q5_k_block),
+        GgmlType::Q6_K => decode_blocks(ty, bytes, q6_k_block),
+        GgmlType::Q8_K => decode_blocks(ty, bytes, q8_k_block),
+        _ => Err(DequantizeError::Unsupported(ty)),
+    }
+}
+
+/// Elements each parallel task decodes (rounded to whole blocks).
+const ELEMENTS_PER_TASK: usize = 1 << 14;
+
+/// Splits `bytes` into blocks of `B` bytes and decodes each into `N` values
+/// with `decode`, in parallel over runs of blocks.
+fn decode_blocks<const B: usize, const N: usize>(
+    ty: GgmlType,
+    bytes: &[u8],
+    decode: impl Fn(&[u8; B], &mut [f32; N]) + Sync,
+) -> Result<Vec<f32>, DequantizeError> {
+    debug_assert_eq!((B as u64, N as u64), (ty.block_bytes(), ty.block_size()));
+    let (blocks, rest) = bytes.as_chunks::<B>();
+    if !rest.is_empty() {
+        return Err(DequantizeError::PartialBlock {
+            ty,
+            len: bytes.len(),
+            block_bytes: B as u64,
+        });
+    }
+    let mut out = vec![0.0f32; blocks.len() * N];
+    let per_task = (ELEMENTS_PER_TASK / N).max(1);
+    out.as_chunks_mut::<N>()
+        .0
+        .par_chunks_mut(per_task)
+        .zip(blocks.par_chunks(per_task))
+        .for_each(|(outs, blocks)| {
+            for (out, block) in outs.iter_mut().zip(blocks) {
+                decode(block, out);
             }
-            out
-        }
-        GgmlType::Q4_0 => {
-            let mut out = Vec::with_capacity(bytes.len() / 18 * 32);
-            for block in bytes.chunks_exact(18) {
-                let d = half_at(block, 0);
-                let qs = &block[2..];
-                out.extend(qs.iter().map(|&q| (f32::from(q & 0x0f) - 8.0) * d));
-                out.extend(qs.iter().map(|&q| (f32::from(q >> 4) - 8.0) * d));
+        });
+    Ok(out)
+}
+
+/// The little-endian f16 at `at`, widened to f32.
+fn f16_at(bytes: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
+}
+
+/// F32: one little-endian value.
+fn f32_block(b: &[u8; 4], out: &mut [f32; 1]) {
+    out[0] = f32::from_le_bytes(*b);
+}
+
+/// F16: one little-endian IEEE half.
+fn f16_block(b: &[u8; 2], out: &mut [f32; 1]) {
+    out[0] = f16::from_le_bytes(*b).to_f32();
+}
+
+/// BF16: the high half of an f32.
+fn bf16_block(b: &[u8; 2], out: &mut [f32; 1]) {
+    out[0] = f32::from_bits(u32::from(u16::from_le_bytes(*b)) << 16);
+}
+
+/// Q4_0: `d: f16, qs: [u8; 16]`. Value `i` is `(q - 8) * d` with `q` the low
+/// nibble of `qs[i]` for `i < 16` and the high nibble of `qs[i - 16]` after.
+fn q4_0_block(b: &[u8; 18], out: &mut [f32; 32]) {
+    let d = f16_at(b, 0);
+    let qs = &b[2..];
+    let (lo, hi) = out.split_at_mut(16);
+    for ((l, h), &q) in lo.iter_mut().zip(hi).zip(qs) {
+        *l = (f32::from(q & 0x0f) - 8.0) * d;
+        *h = (f32::from(q >> 4) - 8.0) * d;
+    }
+}
+
+/// Q4_1: `d: f16, m: f16, qs: [u8; 16]`. Value is `q * d + m`, nibbles as in
+/// Q4_0.
+fn q4_1_block(b: &[u8; 20], out: &mut [f32; 32]) {
+    let d = f16_at(b, 0);
+    let m = f16_at(b, 2);
+    let qs = &b[4..];
+    let (lo, hi) = out.split_at_mut(16);
+    for ((l, h), &q) in lo.iter_mut().zip(hi).zip(qs) {
+        *l = f32::from(q & 0x0f) * d + m;
+        *h = f32::from(q >> 4) * d + m;
+    }
+}
+
+/// The 5-bit values of a Q5_0 or Q5_1 block: bit `i` of the little-endian
+/// `qh` is bit 4 of value `i`; the low four bits are nibbles as in Q4_0.
+fn five_bit_values(qh: &[u8], qs: &[u8]) -> [u8; 32] {
+    let qh = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+    let high = |i: usize| (((qh >> i) & 1) as u8) << 4;
+    let mut q = [0u8; 32];
+    for (j, &byte) in qs.iter().enumerate() {
+        q[j] = (byte & 0x0f) | high(j);
+        q[j + 16] = (byte >> 4) | high(j + 16);
+    }
+    q
+}
+
+/// Q5_0: `d: f16, qh: [u8; 4], qs: [u8; 16]`. Value is `(q - 16) * d`.
+fn q5_0_block(b: &[u8; 22], out: &mut [f32; 32]) {
+    let d = f16_at(b, 0);
+    let q = five_bit_values(&b[2..6], &b[6..]);
+    for (o, &q) in out.iter_mut().zip(&q) {
+        *o = (f32::from(q) - 16.0) * d;
+    }
+}
+
+/// Q5_1: `d: f16, m: f16, qh: [u8; 4], qs: [u8; 16]`. Value is `q * d + m`.
+fn q5_1_block(b: &[u8; 24], out: &mut [f32; 32]) {
+    let d = f16_at(b, 0);
+    let m = f16_at(b, 2);
+    let q = five_bit_values(&b[4..8], &b[8..]);
+    for (o, &q) in out.iter_mut().zip(&q) {
+        *o = f32::from(q) * d + m;
+    }
+}
+
+/// Q8_0: `d: f16, qs: [i8; 32]`. Value is `q * d`.
+fn q8_0_block(b: &[u8; 34], out: &mut [f32; 32]) {
+    let d = f16_at(b, 0);
+    for (o, &q) in out.iter_mut().zip(&b[2..]) {
+        *o = f32::from(q as i8) * d;
+    }
+}
+
+/// Scale and minimum of sub-block `j` (0..8) of a Q4_K or Q5_K block, 6 bits
+/// each, packed in 12 bytes: bytes 0..4 hold the low 6 bits of scales 0..4
+/// and bytes 4..8 those of minimums 0..4; scales and minimums 4..8 take their
+/// low 4 bits from the nibbles of bytes 8..12 and their high 2 bits from the
+/// top bits of bytes 0..4 and 4..8 respectively.
+fn k_scale_min(scales: &[u8], j: usize) -> (u8, u8) {
+    if j < 4 {
+        (scales[j] & 0x3f, scales[j + 4] & 0x3f)
+    } else {
+        let low = scales[j + 4];
+        (
+            (low & 0x0f) | ((scales[j - 4] >> 6) << 4),
+            (low >> 4) | ((scales[j] >> 6) << 4),
+        )
+    }
+}
+
+/// Q4_K: `d: f16, dmin: f16, scales: [u8; 12], qs: [u8; 128]`: eight
+/// sub-blocks of 32 values. Each 32 bytes of `qs` hold two sub-blocks, the
+/// first in the low nibbles and the second in the high ones. Value is
+/// `(d * sc) * q - dmin * m` with `(sc, m)` the sub-block's 6-bit scale and
+/// minimum.
+fn q4_k_block(b: &[u8; 144], out: &mut [f32; 256]) {
+    let d = f16_at(b, 0);
+    let dmin = f16_at(b, 2);
+    let scales = &b[4..16];
+    for (pair, (qs, out)) in b[16..]
+        .chunks_exact(32)
+        .zip(out.chunks_exact_mut(64))
+        .enumerate()
+    {
+        let (lo, hi) = out.split_at_mut(32);
+        for (sub, out, shift) in [(2 * pair, lo, 0), (2 * pair + 1, hi, 4)] {
+            let (sc, m) = k_scale_min(scales, sub);
+            let scale = d * f32::from(sc);
+            let min = dmin * f32::from(m);
+            for (o, &q) in out.iter_mut().zip(qs) {
+                *o = scale * f32::from((q >> shift) & 0x0f) - min;
             }
-            out
         }
-        GgmlType::Q4_1 => {
-            let mut out = Vec::with_capacity(bytes.len() / 20 * 32);
-            for block in bytes.chunks_exact(20) {
-                let d = half_at(block, 0);
-                let m = half_at(block, 2);
-                let qs = &block[4..];
-                out.extend(qs.iter().map(|&q| f32::from(q & 0x0f) * d + m));
-                out.extend(qs.iter().map(|&q| f32::from(q >> 4) * d + m));
+    }
+}
+
+/// Q5_K: `d: f16, dmin: f16, scales: [u8; 12], qh: [u8; 32], qs: [u8; 128]`:
+/// as Q4_K, with bit 4 of value `l` of sub-block `s` in bit `s` of `qh[l]`.
+fn q5_k_block(b: &[u8; 176], out: &mut [f32; 256]) {
+    let d = f16_at(b, 0);
+    let dmin = f16_at(b, 2);
+    let scales = &b[4..16];
+    let qh = &b[16..48];
+    for (pair, (qs, out)) in b[48..]
+        .chunks_exact(32)
+        .zip(out.chunks_exact_mut(64))
+        .enumerate()
+    {
+        let (lo, hi) = out.split_at_mut(32);
+        for (sub, out, shift) in [(2 * pair, lo, 0), (2 * pair + 1, hi, 4)] {
+            let (sc, m) = k_scale_min(scales, sub);
+            let scale = d * f32::from(sc);
+            let min = dmin * f32::from(m);
+            for ((o, &q), &h) in out.iter_mut().zip(qs).zip(qh) {
+                let q = ((q >> shift) & 0x0f) | (((h >> sub) & 1) << 4);
+                *o = scale * f32::from(q) - min;
             }
-            out
         }
-        _ => return None,
-    };
-    Some(out)
+    }
+}
+
+/// Q6_K: `ql: [u8; 128], qh: [u8; 64], scales: [i8; 16], d: f16`: two halves
+/// of 128 values, each from 64 bytes of `ql` and 32 of `qh`. In a half,
+/// value `l + 32 * k` (`l < 32`, `k < 4`) takes its low 4 bits from byte
+/// `l + 32 * (k % 2)` of `ql` (low nibble for `k < 2`, high after) and its
+/// high 2 bits from bits `2k, 2k+1` of `qh[l]`. Value is `(d * sc) * (q - 32)`
+/// with `sc` the scale of its 16-value group.
+fn q6_k_block(b: &[u8; 210], out: &mut [f32; 256]) {
+    let d = f16_at(b, 208);
+    let halves = b[..128]
+        .chunks_exact(64)
+        .zip(b[128..192].chunks_exact(32))
+        .zip(b[192..208].chunks_exact(8))
+        .zip(out.chunks_exact_mut(128));
+    for (((ql, qh), scales), out) in halves {
+        for (k, out) in out.chunks_exact_mut(32).enumerate() {
+            let low = &ql[32 * (k % 2)..][..32];
+            let shift = if k < 2 { 0 } else { 4 };
+            for (l, o) in out.iter_mut().enumerate() {
+                let q = ((low[l] >> shift) & 0x0f) | (((qh[l] >> (2 * k)) & 3) << 4);
+                let scale = d * f32::from(scales[2 * k + l / 16] as i8);
+                *o = scale * (f32::from(q) - 32.0);
+            }
+        }
+    }
+}
+
+/// Q8_K: `d: f32, qs: [i8; 256], bsums: [i16; 16]`. Value is `d * q`; the
+/// partial sums serve dot products only.
+fn q8_k_block(b: &[u8; 292], out: &mut [f32; 256]) {
+    let d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    for (o, &q) in out.iter_mut().zip(&b[4..260]) {
+        *o = d * f32::from(q as i8);
+    }
 }
 
 /// Bounds-checked little-endian cursor over the file bytes.
@@ -1408,13 +1690,13 @@ mod tests {
     #[test]
     fn known_but_undecodable_type_is_reported() {
         let mut w = GgufWriter::new();
-        w.tensor("k", &[256], GgmlType::Q4_K, vec![0; 144]);
+        w.tensor("k", &[256], GgmlType::Q2_K, vec![0; 84]);
         let f = GgufFile::from_bytes(w.build()).unwrap();
-        assert_eq!(f.tensor_bytes("k").unwrap().len(), 144);
+        assert_eq!(f.tensor_bytes("k").unwrap().len(), 84);
         assert!(matches!(
             f.tensor_f32("k"),
             Err(GgufError::UnsupportedTensorType {
-                ty: GgmlType::Q4_K,
+                ty: GgmlType::Q2_K,
                 ..
             })
         ));
@@ -1640,5 +1922,296 @@ mod tests {
         assert_eq!(GgmlType::Q8_0.block_bytes(), 2 + 32);
         assert_eq!(GgmlType::Q4_0.block_bytes(), 2 + 16);
         assert_eq!(GgmlType::Q4_1.block_bytes(), 2 + 2 + 16);
+        assert_eq!(GgmlType::Q5_0.block_bytes(), 2 + 4 + 16);
+        assert_eq!(GgmlType::Q5_1.block_bytes(), 2 + 2 + 4 + 16);
+        assert_eq!(GgmlType::Q4_K.block_bytes(), 2 + 2 + 12 + 128);
+        assert_eq!(GgmlType::Q5_K.block_bytes(), 2 + 2 + 12 + 32 + 128);
+        assert_eq!(GgmlType::Q6_K.block_bytes(), 128 + 64 + 16 + 2);
+        assert_eq!(GgmlType::Q8_K.block_bytes(), 4 + 256 + 2 * 16);
+    }
+
+    /// Decodes `blocks` as a one-tensor file, through [`GgufFile::tensor_f32`].
+    fn decode_tensor(ty: GgmlType, blocks: Vec<u8>) -> Vec<f32> {
+        let n = blocks.len() as u64 / ty.block_bytes() * ty.block_size();
+        let mut w = GgufWriter::new();
+        w.tensor("t", &[n], ty, blocks);
+        GgufFile::from_bytes(w.build())
+            .unwrap()
+            .tensor_f32("t")
+            .unwrap()
+            .1
+    }
+
+    /// 32 5-bit values packed as in Q5_0/Q5_1: `qh` (bit `i` = bit 4 of value
+    /// `i`), then 16 bytes of nibbles (value `j` low, value `j + 16` high).
+    fn pack_5bit(q: &[u8; 32]) -> Vec<u8> {
+        let qh = (0..32).fold(0u32, |acc, i| acc | (u32::from(q[i] >> 4) << i));
+        let mut out = qh.to_le_bytes().to_vec();
+        out.extend((0..16).map(|j| (q[j] & 0x0f) | ((q[j + 16] & 0x0f) << 4)));
+        out
+    }
+
+    /// Every 5-bit value once, in a scrambled order.
+    fn five_bit_pattern() -> [u8; 32] {
+        std::array::from_fn(|i| ((i * 13 + 7) % 32) as u8)
+    }
+
+    #[test]
+    fn q5_0_is_scale_times_five_bit_value_minus_16() {
+        let q = five_bit_pattern();
+        let q2: [u8; 32] = std::array::from_fn(|i| 31 - q[i]);
+        let mut blocks = f16b(0.5).to_vec();
+        blocks.extend(pack_5bit(&q));
+        blocks.extend(f16b(-0.125));
+        blocks.extend(pack_5bit(&q2));
+        let v = decode_tensor(GgmlType::Q5_0, blocks);
+        for i in 0..32 {
+            assert_eq!(v[i], (f32::from(q[i]) - 16.0) * 0.5, "element {i}");
+            assert_eq!(v[32 + i], (f32::from(q2[i]) - 16.0) * -0.125);
+        }
+        assert!(v.contains(&-8.0) && v.contains(&7.5));
+    }
+
+    #[test]
+    fn q5_1_is_scale_times_five_bit_value_plus_min() {
+        let q = five_bit_pattern();
+        let mut blocks = f16b(0.25).to_vec();
+        blocks.extend(f16b(-3.0));
+        blocks.extend(pack_5bit(&q));
+        let v = decode_tensor(GgmlType::Q5_1, blocks);
+        for i in 0..32 {
+            assert_eq!(v[i], f32::from(q[i]) * 0.25 - 3.0, "element {i}");
+        }
+    }
+
+    /// Eight 6-bit scales and minimums packed into 12 bytes as ggml's
+    /// quantizers write them.
+    fn pack_k_scales(sc: [u8; 8], m: [u8; 8]) -> [u8; 12] {
+        let mut out = [0u8; 12];
+        for j in 0..4 {
+            out[j] = sc[j] | ((sc[j + 4] >> 4) << 6);
+            out[j + 4] = m[j] | ((m[j + 4] >> 4) << 6);
+            out[j + 8] = (sc[j + 4] & 0x0f) | ((m[j + 4] & 0x0f) << 4);
+        }
+        out
+    }
+
+    // Scales and minimums exercising every bit of the packed 6-bit fields.
+    const K_SC: [u8; 8] = [1, 17, 33, 63, 5, 21, 40, 62];
+    const K_M: [u8; 8] = [0, 2, 47, 63, 9, 16, 32, 60];
+
+    /// A value per element of a 256-element block, below `limit`.
+    fn k_values(limit: usize) -> [u8; 256] {
+        std::array::from_fn(|e| ((e * 37 + e / 7) % limit) as u8)
+    }
+
+    #[test]
+    fn q4_k_is_sub_block_scale_times_nibble_minus_sub_block_min() {
+        let q = k_values(16);
+        let (d, dmin) = (0.5f32, 0.0625f32);
+        let mut block = [f16b(d), f16b(dmin)].concat();
+        block.extend(pack_k_scales(K_SC, K_M));
+        // Each 32 bytes: sub-block 2p in the low nibbles, 2p + 1 in the high.
+        for p in 0..4 {
+            block.extend((0..32).map(|l| q[64 * p + l] | (q[64 * p + 32 + l] << 4)));
+        }
+        let v = decode_tensor(GgmlType::Q4_K, block);
+        for e in 0..256 {
+            let s = e / 32;
+            let want = d * f32::from(K_SC[s]) * f32::from(q[e]) - dmin * f32::from(K_M[s]);
+            assert_eq!(v[e], want, "element {e}");
+        }
+    }
+
+    #[test]
+    fn q5_k_adds_the_high_bit_from_qh() {
+        let q = k_values(32);
+        let (d, dmin) = (-0.25f32, 1.5f32);
+        let mut block = [f16b(d), f16b(dmin)].concat();
+        block.extend(pack_k_scales(K_SC, K_M));
+        // Bit s of qh[l]: bit 4 of element l of sub-block s.
+        block.extend((0..32).map(|l| (0..8).fold(0u8, |acc, s| acc | ((q[32 * s + l] >> 4) << s))));
+        for p in 0..4 {
+            block.extend(
+                (0..32).map(|l| (q[64 * p + l] & 0x0f) | ((q[64 * p + 32 + l] & 0x0f) << 4)),
+            );
+        }
+        let v = decode_tensor(GgmlType::Q5_K, block);
+        for e in 0..256 {
+            let s = e / 32;
+            let want = d * f32::from(K_SC[s]) * f32::from(q[e]) - dmin * f32::from(K_M[s]);
+            assert_eq!(v[e], want, "element {e}");
+        }
+    }
+
+    #[test]
+    fn q6_k_is_group_scale_times_six_bit_value_minus_32() {
+        let q = k_values(64);
+        let scales: [i8; 16] = [
+            1, -1, 127, -128, 3, 64, -7, 0, 12, -33, 100, 5, -64, 2, 90, -100,
+        ];
+        let d = 0.0078125f32;
+        // As ggml's Q6_K quantizer: per 128 values, 64 bytes of nibbles and 32 of high bits.
+        let (mut ql, mut qh) = (Vec::new(), Vec::new());
+        for h in 0..2 {
+            let q = &q[128 * h..];
+            ql.extend((0..32).map(|l| (q[l] & 0x0f) | ((q[l + 64] & 0x0f) << 4)));
+            ql.extend((0..32).map(|l| (q[l + 32] & 0x0f) | ((q[l + 96] & 0x0f) << 4)));
+            qh.extend((0..32).map(|l| {
+                (q[l] >> 4)
+                    | ((q[l + 32] >> 4) << 2)
+                    | ((q[l + 64] >> 4) << 4)
+                    | ((q[l + 96] >> 4) << 6)
+            }));
+        }
+        let mut block = [ql, qh].concat();
+        block.extend(scales.iter().map(|&s| s as u8));
+        block.extend(f16b(d));
+        let v = decode_tensor(GgmlType::Q6_K, block);
+        for e in 0..256 {
+            let want = d * f32::from(scales[e / 16]) * (f32::from(q[e]) - 32.0);
+            assert_eq!(v[e], want, "element {e}");
+        }
+    }
+
+    #[test]
+    fn q8_k_is_f32_scale_times_signed_bytes() {
+        let d = -0.375f32;
+        let mut block = d.to_le_bytes().to_vec();
+        block.extend((0..=255u8).map(|b| b.wrapping_add(128)));
+        block.extend([0u8; 32]);
+        let v = decode_tensor(GgmlType::Q8_K, block);
+        for (i, &x) in v.iter().enumerate() {
+            assert_eq!(x, d * (i as f32 - 128.0), "element {i}");
+        }
+    }
+
+    fn from_hex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// Pseudo-random blocks of every quantized type, dequantized by the `gguf`
+    /// Python package (see the fixture's generator and provenance line).
+    /// Compared bit for bit: each value is a few f32 products and at most one
+    /// sum, done in the same order as numpy does them, and every product of
+    /// an f16 scale with a 6-bit scale is exact, so there is no rounding
+    /// difference to allow for.
+    #[test]
+    fn quant_blocks_match_the_gguf_python_package() {
+        let fixture: serde_json::Value =
+            serde_json::from_str(include_str!("../../tests/fixtures/quant_blocks.json")).unwrap();
+        let types = fixture["types"].as_object().unwrap();
+        assert_eq!(types.len(), 9);
+        for (name, case) in types {
+            let ty = GgmlType::from_id(case["type_id"].as_u64().unwrap() as u32).unwrap();
+            assert_eq!(&ty.to_string(), name);
+            let blocks = from_hex(case["blocks_hex"].as_str().unwrap());
+            let want: Vec<u32> = from_hex(case["values_f32_le_hex"].as_str().unwrap())
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            let got: Vec<u32> = dequantize(ty, &blocks)
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect();
+            assert_eq!(got.len(), want.len(), "{name}");
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(
+                    g,
+                    w,
+                    "{name} element {i}: got {}, want {}",
+                    f32::from_bits(*g),
+                    f32::from_bits(*w)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn partial_blocks_are_an_error() {
+        for id in 0..40 {
+            let Some(ty) = GgmlType::from_id(id) else {
+                continue;
+            };
+            let block = ty.block_bytes() as usize;
+            let whole = vec![0u8; 3 * block];
+            if !ty.can_dequantize() {
+                assert_eq!(
+                    dequantize(ty, &whole),
+                    Err(DequantizeError::Unsupported(ty))
+                );
+                continue;
+            }
+            assert_eq!(
+                dequantize(ty, &whole).unwrap().len(),
+                3 * ty.block_size() as usize
+            );
+            assert!(dequantize(ty, &[]).unwrap().is_empty());
+            if block > 1 {
+                for len in [1, block - 1, 2 * block + 1] {
+                    assert_eq!(
+                        dequantize(ty, &whole[..len]),
+                        Err(DequantizeError::PartialBlock {
+                            ty,
+                            len,
+                            block_bytes: block as u64
+                        }),
+                        "{ty} with {len} bytes"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn many_blocks_decode_in_order() {
+        // Enough Q8_0 blocks for several parallel tasks, each with its own scale.
+        let n = 3000;
+        let blocks: Vec<u8> = (0..n)
+            .flat_map(|b| {
+                // Integers up to 2048 are exact in f16.
+                let mut block = f16b((b % 2048) as f32).to_vec();
+                block.extend((0..32).map(|i| i as u8));
+                block
+            })
+            .collect();
+        let v = dequantize(GgmlType::Q8_0, &blocks).unwrap();
+        assert_eq!(v.len(), 32 * n);
+        for (i, &x) in v.iter().enumerate() {
+            let scale = (i / 32 % 2048) as f32;
+            assert_eq!(x, scale * (i % 32) as f32, "element {i}");
+        }
+    }
+
+    #[test]
+    fn open_maps_a_file_from_disk() {
+        let dir = std::env::temp_dir().join(format!("kvc-gguf-open-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut w = GgufWriter::new();
+        w.kv("k", GgufValue::U32(7));
+        w.f32_tensor("t", &[3], &[1.0, -2.0, 0.5]);
+        let path = dir.join("tiny.gguf");
+        std::fs::write(&path, w.build()).unwrap();
+        let f = GgufFile::open(&path).unwrap();
+        assert_eq!(f.get_u32("k").unwrap(), 7);
+        let clone = f.clone();
+        drop(f);
+        assert_eq!(clone.tensor_f32("t").unwrap().1, vec![1.0, -2.0, 0.5]);
+
+        let empty = dir.join("empty.gguf");
+        std::fs::write(&empty, b"").unwrap();
+        assert!(matches!(
+            GgufFile::open(&empty),
+            Err(GgufError::BadMagic { .. })
+        ));
+        assert!(matches!(
+            GgufFile::open(dir.join("absent.gguf")),
+            Err(GgufError::Io { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -5,6 +5,8 @@
 //! `.safetensors` file (names used as they are).
 
 use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{ErrorKind, Read};
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
@@ -366,19 +368,26 @@ pub fn load_safetensors_bytes(bytes: &[u8]) -> Result<BTreeMap<String, HostTenso
     Ok(out)
 }
 
-/// Loads weights from a GGUF file (detected by its magic bytes) or a
-/// `.safetensors` file, keyed by Hugging Face parameter names.
+/// Loads weights from a GGUF file (detected by its magic bytes; mapped, not
+/// read, see [`GgufFile::open`]) or a `.safetensors` file, keyed by Hugging
+/// Face parameter names.
 pub fn load_weights(path: impl AsRef<Path>) -> Result<BTreeMap<String, HostTensor>> {
     let path = path.as_ref();
-    let bytes = std::fs::read(path).map_err(|source| WeightsError::Io {
+    let io = |source| WeightsError::Io {
         path: path.to_path_buf(),
         source,
-    })?;
-    if bytes.starts_with(&crate::load::gguf::GGUF_MAGIC) {
-        let file = GgufFile::from_bytes(bytes)?;
-        return load_gguf_weights(&file);
+    };
+    let mut magic = [0u8; 4];
+    let is_gguf = match File::open(path).and_then(|mut f| f.read_exact(&mut magic)) {
+        Ok(()) => magic == crate::load::gguf::GGUF_MAGIC,
+        Err(e) if e.kind() == ErrorKind::UnexpectedEof => false,
+        Err(e) => return Err(io(e)),
+    };
+    if is_gguf {
+        return load_gguf_weights(&GgufFile::open(path)?);
     }
     if path.extension().is_some_and(|e| e == "safetensors") {
+        let bytes = std::fs::read(path).map_err(io)?;
         return load_safetensors_bytes(&bytes);
     }
     Err(WeightsError::UnknownFormat(path.to_path_buf()))
@@ -873,12 +882,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(load_weights(&s).unwrap()["t"].data, vec![2.0]);
-        let u = dir.join("m.txt");
-        std::fs::write(&u, b"hello").unwrap();
-        assert!(matches!(
-            load_weights(&u),
-            Err(WeightsError::UnknownFormat(_))
-        ));
+        for (name, bytes) in [("m.txt", &b"hello"[..]), ("short", b"GG")] {
+            let u = dir.join(name);
+            std::fs::write(&u, bytes).unwrap();
+            assert!(matches!(
+                load_weights(&u),
+                Err(WeightsError::UnknownFormat(_))
+            ));
+        }
         assert!(matches!(
             load_weights(dir.join("missing")),
             Err(WeightsError::Io { .. })
