@@ -60,7 +60,7 @@ const GEMMA: Real = Real {
 struct Model {
     path: PathBuf,
     weights: BTreeMap<String, HostTensor>,
-    tokenizer: Tokenizer,
+    tokenizer: Result<Tokenizer, String>,
     fixture: Fixture,
 }
 
@@ -78,7 +78,7 @@ fn load(name: &str) -> Model {
     let text = std::fs::read_to_string(fixtures().join(format!("{name}-public.json"))).unwrap();
     Model {
         weights: load_gguf_weights(&file).unwrap(),
-        tokenizer: Tokenizer::from_gguf(&file).unwrap(),
+        tokenizer: Tokenizer::from_gguf(&file).map_err(|e| e.to_string()),
         fixture: serde_json::from_str(&text).unwrap(),
         path,
     }
@@ -228,7 +228,7 @@ fn greedy_batch_matches_llama_cpp_and_single_rows(m: &Real) {
         eprintln!(
             "{} row {i}: {:?}",
             m.name,
-            model(m).tokenizer.decode(&together[i].ids).unwrap()
+            model(m).tokenizer.as_ref().unwrap().decode(&together[i].ids).unwrap()
         );
     }
 }
