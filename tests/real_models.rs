@@ -21,8 +21,9 @@ use kvc_runtime::load::tokenizer::Tokenizer;
 use kvc_runtime::load::weights::{HostTensor, load_gguf_weights};
 use serde::Deserialize;
 
-/// |Δ| allowed on the top-10 logits and the log-sum-exp with f32 weights.
-const TOLERANCE: f64 = 2e-2;
+/// |Δ| allowed on the top-10 logits, the log-sum-exp and the full last-position logits
+/// with f32 weights (the issue asks for 2e-2; measured 2026-12-02: at most 3e-5).
+const TOLERANCE: f64 = 1e-3;
 
 #[derive(Deserialize)]
 struct Fixture {
