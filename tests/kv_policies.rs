@@ -83,7 +83,7 @@ impl<'a> Eager<'a> {
     /// Appends `ids` at the next positions (one chunk or one decode step), attends,
     /// scores and evicts; returns the logits of the last token.
     fn run(&mut self, ids: &[u32], decode: bool) -> Vec<f64> {
-        let c = self.r.c.clone();
+        let c = self.r.c;
         let d = c.head_dim as usize;
         let (hq, hkv) = (c.num_heads as usize, c.num_kv_heads as usize);
         let group = hq / hkv;

@@ -183,7 +183,11 @@ fn logits_match_the_reference(m: &Real) {
         );
         assert!(worst <= TOLERANCE, "{} prompt {i}: {worst}", m.name);
 
-        let suffix = if m.f64_keys { "last.f64.f32" } else { "last.f32" };
+        let suffix = if m.f64_keys {
+            "last.f64.f32"
+        } else {
+            "last.f32"
+        };
         let file = fixtures().join(format!("{}-public.p{i}.{suffix}", m.name));
         let want: Vec<f32> = std::fs::read(&file)
             .unwrap()
@@ -229,7 +233,12 @@ fn greedy_batch_matches_llama_cpp_and_single_rows(m: &Real) {
         eprintln!(
             "{} row {i}: {:?}",
             m.name,
-            model(m).tokenizer.as_ref().unwrap().decode(&together[i].ids).unwrap()
+            model(m)
+                .tokenizer
+                .as_ref()
+                .unwrap()
+                .decode(&together[i].ids)
+                .unwrap()
         );
     }
 }

@@ -210,7 +210,7 @@ pub struct Gemma3Config {
 impl Gemma3Config {
     /// Whether layer `l` attends to every earlier token (not a sliding-window layer).
     pub fn is_global(&self, l: u32) -> bool {
-        (l + 1) % self.sliding_window_pattern == 0
+        (l + 1).is_multiple_of(self.sliding_window_pattern)
     }
 }
 
@@ -819,7 +819,7 @@ impl ModelSpec {
                 ));
             }
         }
-        if c.num_heads % c.num_kv_heads != 0 {
+        if !c.num_heads.is_multiple_of(c.num_kv_heads) {
             return Err((
                 at("num_kv_heads"),
                 format!(
@@ -828,7 +828,7 @@ impl ModelSpec {
                 ),
             ));
         }
-        if c.head_dim % 2 != 0 {
+        if !c.head_dim.is_multiple_of(2) {
             return Err((
                 at("head_dim"),
                 format!("RoPE needs an even head_dim, found {}", c.head_dim),

@@ -40,7 +40,7 @@ pub enum LoadError {
         /// The weights file.
         path: String,
         /// The key and both values.
-        source: crate::load::check::CheckError,
+        source: Box<crate::load::check::CheckError>,
     },
 }
 
@@ -129,7 +129,7 @@ fn load_file(
         let file = GgufFile::open(path)?;
         spec_matches_gguf(arch, &file).map_err(|source| LoadError::Mismatch {
             path: path.display().to_string(),
-            source,
+            source: Box::new(source),
         })?;
         let tokenizer = Tokenizer::from_gguf(&file)?;
         Ok((weights::load_gguf_weights(&file)?, Some(tokenizer)))
