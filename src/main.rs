@@ -538,13 +538,13 @@ fn run(
         .context("this model has no tokenizer (random weights): kvc run needs one")?;
     let mut reqs = Vec::new();
     for p in prompts {
-        let text = if chat {
-            tok.chat_prompt(&[ChatMessage::new("user", p.as_str())], true)?
+        let prompt = if chat {
+            tok.encode_chat(&[ChatMessage::new("user", p.as_str())], true)?
         } else {
-            p.clone()
+            tok.encode_prompt(p, false)?
         };
         reqs.push(Request {
-            prompt: tok.encode(&text, chat)?,
+            prompt,
             max_new_tokens,
             sampling: row,
         });
@@ -613,7 +613,7 @@ fn score(
         .tokenizer
         .as_ref()
         .context("this model has no tokenizer (random weights): kvc score needs one")?;
-    let ids = tok.encode(text, special)?;
+    let ids = tok.encode_prompt(text, special)?;
     let logits = m.session.score(&ids)?;
     let positions: Vec<serde_json::Value> = logits
         .iter()
