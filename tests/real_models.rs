@@ -6,6 +6,8 @@
 //! joined and sha256-checked).
 
 mod common;
+#[path = "real_models/tokenizers.rs"]
+mod tokenizers;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -330,4 +332,15 @@ fn gemma_spec_mismatch_names_the_key() {
         },
         "gemma3.attention.key_length = 256",
     );
+}
+
+#[test]
+fn stop_tokens_are_the_tokenizers_end_of_generation_set() {
+    for m in [&QWEN, &GEMMA] {
+        let spec = ModelSpec::load(&spec_path(m.name)).unwrap();
+        let tok = model(m).tokenizer.as_ref().unwrap();
+        let mut stops = spec.stop_tokens.clone();
+        stops.sort();
+        assert_eq!(stops, tok.end_of_generation_ids(), "{}", m.name);
+    }
 }

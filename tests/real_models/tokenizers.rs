@@ -3,16 +3,12 @@
 //! (SentencePiece with byte fallback, BOS added). Reference data:
 //! `tests/fixtures/reference/{qwen2.5-coder-0.5b,gemma3-270m}-public.json`.
 
-use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use kvc_runtime::load::tokenizer::{ChatMessage, Tokenizer, TokenizerError};
 use serde_json::Value;
 
-// TEMP: replaced by common::model_path at merge
-fn model_path(name: &str) -> PathBuf {
-    PathBuf::from(format!("/work/dl/{name}.gguf"))
-}
+use crate::common::model_path;
 
 const QWEN: &str = "qwen2.5-coder-0.5b";
 const GEMMA: &str = "gemma3-270m";
