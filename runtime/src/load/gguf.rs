@@ -1000,7 +1000,8 @@ fn wrong_type(key: &str, expected: &'static str, v: &GgufValue) -> GgufError {
 /// Decodes `bytes` of type `ty` to `f32`, in file order.
 ///
 /// Each block is decoded with the same f32 operations, in the same order, as
-/// ggml's reference dequantizers, so the results match theirs bit for bit.
+/// ggml's reference dequantizers (without fused multiply-adds); the results
+/// match the `gguf` Python package's bit for bit.
 /// Fails if the type is not one [`GgmlType::can_dequantize`] accepts or if
 /// `bytes` is not a whole number of blocks.
 pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Result<Vec<f32>, DequantizeError> {
@@ -2097,7 +2098,7 @@ mod tests {
     /// Python package (see the fixture's generator and provenance line).
     /// Compared bit for bit: each value is a few f32 products and at most one
     /// sum, done in the same order as numpy does them, and every product of
-    /// an f16 scale with a 6-bit scale is exact, so there is no rounding
+    /// an f16 scale with an integer sub-block scale is exact, so there is no rounding
     /// difference to allow for.
     #[test]
     fn quant_blocks_match_the_gguf_python_package() {
