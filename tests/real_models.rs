@@ -6,6 +6,8 @@
 //! joined and sha256-checked).
 
 mod common;
+#[path = "real_models/gguf_files.rs"]
+mod gguf_files;
 #[path = "real_models/tokenizers.rs"]
 mod tokenizers;
 

@@ -3,15 +3,12 @@
 //! [`GgufFile::tensor_f32`], against checksums of the same tensors dequantized by the `gguf`
 //! Python package (`tests/fixtures/gguf/`, see PROVENANCE.md there).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use kvc_runtime::load::gguf::GgufFile;
 use serde_json::Value;
 
-// TEMP: replaced by common::model_path at merge
-fn model_path(name: &str) -> PathBuf {
-    PathBuf::from(format!("/work/dl/{name}.gguf"))
-}
+use crate::common::model_path;
 
 /// `sum` and `abs_sum` of the fixture are exactly rounded (math.fsum). The sums here add
 /// runs of [`RUN`] values in plain f64 (each run's rounding error is at most `RUN · u` of its
