@@ -35,12 +35,12 @@ pub enum LoadError {
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
     /// The weights file does not match the spec's hyper-parameters.
-    #[error("{path}: {source}")]
+    #[error("{path}: {mismatch}")]
     Mismatch {
         /// The weights file.
         path: String,
         /// The key and both values.
-        source: Box<crate::load::check::CheckError>,
+        mismatch: Box<crate::load::check::CheckError>,
     },
 }
 
@@ -127,9 +127,9 @@ fn load_file(
         .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
     if is_gguf {
         let file = GgufFile::open(path)?;
-        spec_matches_gguf(arch, &file).map_err(|source| LoadError::Mismatch {
+        spec_matches_gguf(arch, &file).map_err(|e| LoadError::Mismatch {
             path: path.display().to_string(),
-            source: Box::new(source),
+            mismatch: Box::new(e),
         })?;
         let tokenizer = Tokenizer::from_gguf(&file)?;
         Ok((weights::load_gguf_weights(&file)?, Some(tokenizer)))

@@ -218,7 +218,10 @@ pub enum TokenizerError {
         vocab_size: usize,
     },
     /// The file has no `tokenizer.chat_template`.
-    #[error("the model has no chat template")]
+    #[error(
+        "the model's GGUF file has no chat template (tokenizer.chat_template; base models \
+         have none): give the prompt without --chat"
+    )]
     NoChatTemplate,
     /// The chat template failed to parse or render.
     #[error("chat template error: {0}")]
