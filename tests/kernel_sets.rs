@@ -12,7 +12,7 @@
 
 mod common;
 
-use common::{backend, max_diff, session_on, small, tiny};
+use common::{FAMILIES, backend, max_diff, session_on, small, tiny, tiny_model};
 use kvc_compiler::Overrides;
 use kvc_compiler::ir::Program;
 use kvc_compiler::spec::{KvPolicy, KvStorage, Sampler};
@@ -50,14 +50,27 @@ fn every_program() -> Vec<(KvPolicy, KvStorage)> {
 }
 
 fn compiled(kv: KvPolicy, storage: KvStorage, sampler: Sampler) -> (Program, Weights) {
-    tiny(Overrides {
-        kv: Some(kv),
-        kv_storage: Some(storage),
-        cache_len: Some(64),
-        batch: Some(4),
-        sampler: Some(sampler),
-        ..Overrides::default()
-    })
+    compiled_of("tiny-llama", kv, storage, sampler)
+}
+
+fn compiled_of(
+    family: &str,
+    kv: KvPolicy,
+    storage: KvStorage,
+    sampler: Sampler,
+) -> (Program, Weights) {
+    tiny_model(
+        family,
+        Overrides {
+            kv: Some(kv),
+            kv_storage: Some(storage),
+            cache_len: Some(64),
+            batch: Some(4),
+            sampler: Some(sampler),
+            ..Overrides::default()
+        },
+        &[],
+    )
 }
 
 /// Three prompts (3 tokens, one chunk of 8, three chunks) in a batch of 4: one row idle.
@@ -178,6 +191,24 @@ fn portable_and_cpu_kernels_agree_on_every_program() {
             let reqs = requests(sampling);
             let mut portable = session(&p, &w, KernelSet::Portable, false);
             assert_eq!(portable.kernel_set(), KernelSet::Portable);
+            let a = trace(&mut cpu(&p, &w), &reqs);
+            let b = trace(&mut portable, &reqs);
+            assert!(a.tokens.len() > 4, "{what}: decode ran");
+            assert_same(&a, &b, &what);
+        }
+    }
+}
+
+/// The other families' ops (Qwen2's biases, Gemma 3's GELU, Q/K norms, scaled
+/// embeddings and sliding-window layers) under both kernel sets.
+#[test]
+fn portable_and_cpu_kernels_agree_on_every_family() {
+    for family in FAMILIES {
+        for kv in [KvPolicy::Dense, small()[2]] {
+            let what = format!("{family} {kv}");
+            let (p, w) = compiled_of(family, kv, KvStorage::F32, Sampler::Greedy);
+            let reqs = requests(Sampling::default());
+            let mut portable = session(&p, &w, KernelSet::Portable, false);
             let a = trace(&mut cpu(&p, &w), &reqs);
             let b = trace(&mut portable, &reqs);
             assert!(a.tokens.len() > 4, "{what}: decode ran");
