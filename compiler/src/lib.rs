@@ -31,9 +31,19 @@ pub enum CompileError {
     Verify(#[from] verify::VerifyError),
 }
 
-/// Lowers, verifies and optimizes a validated spec.
+/// Lowers, verifies and optimizes a validated spec. With `weight_dtype: Native` every
+/// weight matrix is f32 (no file was read); see [`compile_with`].
 pub fn compile(spec: &ModelSpec) -> Result<ir::Program, CompileError> {
-    let mut program = lower::lower(spec)?;
+    compile_with(spec, &lower::WeightTypes::new())
+}
+
+/// Like [`compile`], given the storage type the weights file has for each parameter (by
+/// checkpoint name): with `weight_dtype: Native` each weight matrix takes its file type.
+pub fn compile_with(
+    spec: &ModelSpec,
+    types: &lower::WeightTypes,
+) -> Result<ir::Program, CompileError> {
+    let mut program = lower::lower(spec, types)?;
     verify::verify(&program, "after lowering")?;
     passes::run_pipeline(&mut program)?;
     Ok(program)

@@ -273,9 +273,10 @@ pub struct CompileConfig {
     /// Compute dtype of activations (only `F32`).
     #[serde(default)]
     pub dtype: DTypeSpec,
-    /// Storage dtype of the weight matrices (embedding, projections, LM head) after
-    /// dequantization; norms stay `F32`. `F16` halves the bytes a decode step streams.
-    #[serde(default)]
+    /// Storage dtype of the weight matrices (embedding, projections, LM head): `Native`
+    /// (the default: the file's own blocks, read by the CPU kernels as they are), or
+    /// `F32`/`F16` after dequantization at load. Norms and biases stay `F32`.
+    #[serde(default = "native")]
     pub weight_dtype: DTypeSpec,
     /// How each row's next token is chosen.
     #[serde(default)]
@@ -556,7 +557,7 @@ impl KvStorage {
     }
 }
 
-/// Compute dtype a spec may ask for.
+/// Compute or storage dtype a spec may ask for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DTypeSpec {
     /// 32-bit float.
@@ -564,6 +565,37 @@ pub enum DTypeSpec {
     F32,
     /// 16-bit IEEE float (weights only; matrix products round activations to f16).
     F16,
+    /// Weights only: each weight matrix keeps the weights file's own storage (GGUF
+    /// quantized blocks, f16 or f32), as told to [`crate::compile_with`]; a matrix whose
+    /// storage is not known (random weights, safetensors) is f32.
+    Native,
+}
+
+impl DTypeSpec {
+    /// Parses the command-line form, `f32`, `f16` or `native`.
+    pub fn parse(s: &str) -> Result<DTypeSpec, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" => Ok(DTypeSpec::F32),
+            "f16" => Ok(DTypeSpec::F16),
+            "native" => Ok(DTypeSpec::Native),
+            _ => Err(format!("expected native, f32 or f16, found {s:?}")),
+        }
+    }
+}
+
+impl fmt::Display for DTypeSpec {
+    /// The command-line form.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DTypeSpec::F32 => "f32",
+            DTypeSpec::F16 => "f16",
+            DTypeSpec::Native => "native",
+        })
+    }
+}
+
+fn native() -> DTypeSpec {
+    DTypeSpec::Native
 }
 
 /// Command-line overrides of the compile section.

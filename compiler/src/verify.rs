@@ -215,6 +215,37 @@ fn verify_graph(p: &Program, g: &Graph, problems: &mut Vec<Problem>) {
             ),
             Err(m) => report(Some(i as u32), format!("{}: {m}", n.op.name())),
         }
+        // Quantized blocks are weight storage: parameters, read only as the weight of a
+        // `linear` or the table of an `embed`.
+        if n.ty.dtype.is_quantized() && !matches!(n.op, Op::Param(_)) {
+            report(
+                Some(i as u32),
+                format!("only parameters may be {}, found {}", n.ty.dtype, n.op.name()),
+            );
+        }
+        let weight = if let Op::Linear { w, .. } = n.op {
+            Some(w)
+        } else if let Op::Embed { table, .. } = n.op {
+            Some(table)
+        } else {
+            None
+        };
+        for a in n.op.args() {
+            if let Some(arg) = g.nodes[..i].get(a.0 as usize)
+                && arg.ty.dtype.is_quantized()
+                && Some(a) != weight
+            {
+                report(
+                    Some(i as u32),
+                    format!(
+                        "{} reads %{} of {}: quantized values are only linear weights and embed tables",
+                        n.op.name(),
+                        a.0,
+                        arg.ty
+                    ),
+                );
+            }
+        }
     }
     let defined = |v: crate::ir::ValueId| (v.0 as usize) < g.nodes.len();
     for o in &g.outputs {

@@ -187,3 +187,61 @@ fn f16_weights_halve_the_matrices_only() {
     assert_eq!(q.ty.to_string(), "f16[576,576]");
     assert_eq!(f16.prefill.nodes.len(), f32.prefill.nodes.len());
 }
+
+/// `weight_dtype: Native` with the storage SmolLM2's GGUF has (token embedding Q8_0, every
+/// other matrix Q4_1): the text form shows the block types and the memory plan counts
+/// their bytes, 34/32 and 20/32 bytes per value.
+#[test]
+fn native_weights_keep_the_file_blocks() {
+    use kvc_compiler::ir::DType;
+    use kvc_compiler::lower::WeightTypes;
+    let path = repo().join("models/smollm2-135m.ron");
+    let spec = ModelSpec::load(&path).unwrap();
+    let f32 = compile(&spec).unwrap();
+    let types: WeightTypes = f32
+        .params
+        .iter()
+        .map(|p| {
+            let dt = match (p.ty.shape.len(), p.name.as_str()) {
+                (1, _) => DType::F32,
+                (_, "model.embed_tokens.weight") => DType::Q8_0,
+                _ => DType::Q4_1,
+            };
+            (p.name.clone(), dt)
+        })
+        .collect();
+    let native = kvc_compiler::compile_with(&spec, &types).unwrap();
+    let header = format!(
+        "{}\n{}\n{}",
+        native.signature(&native.decode),
+        native
+            .params
+            .iter()
+            .take(12)
+            .map(|p| format!("{}: {}", p.name, p.ty))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        MemoryPlan::of(&native)
+    );
+    insta::assert_snapshot!("smollm2-135m.native.plan", header);
+    let embed = 49152u64 * 576 / 32 * 34;
+    let norms = 61 * 576 * 4;
+    let matrices = 30 * (2 * 576 * 576 + 2 * 192 * 576 + 3 * 576 * 1536) / 32 * 20;
+    assert_eq!(MemoryPlan::of(&native).weights, embed + norms + matrices);
+    // The same graph as with f32 weights, only the parameter types differ.
+    assert_eq!(native.decode.nodes.len(), f32.decode.nodes.len());
+    // A quantized norm gain is refused where it is read.
+    let mut quantized = native.clone();
+    quantized.params[1].ty.dtype = DType::Q4_1;
+    for g in [&mut quantized.prefill, &mut quantized.decode] {
+        for n in g.nodes.iter_mut() {
+            if let kvc_compiler::ir::Op::Param(id) = n.op
+                && id.0 == 1
+            {
+                n.ty.dtype = DType::Q4_1;
+            }
+        }
+    }
+    let err = kvc_compiler::verify::verify(&quantized, "test").unwrap_err();
+    assert!(err.to_string().contains("rms_norm"), "{err}");
+}

@@ -33,15 +33,68 @@ pub enum DType {
     I8,
     /// Boolean (masks, done flags).
     Bool,
+    /// GGUF `Q4_0` blocks (weight storage): 32 values in 18 bytes.
+    Q4_0,
+    /// GGUF `Q4_1` blocks: 32 values in 20 bytes.
+    Q4_1,
+    /// GGUF `Q5_0` blocks: 32 values in 22 bytes.
+    Q5_0,
+    /// GGUF `Q5_1` blocks: 32 values in 24 bytes.
+    Q5_1,
+    /// GGUF `Q8_0` blocks: 32 values in 34 bytes.
+    Q8_0,
+    /// GGUF `Q4_K` super-blocks: 256 values in 144 bytes.
+    Q4K,
+    /// GGUF `Q5_K` super-blocks: 256 values in 176 bytes.
+    Q5K,
+    /// GGUF `Q6_K` super-blocks: 256 values in 210 bytes.
+    Q6K,
 }
 
 impl DType {
-    /// Bytes per element as the runtime stores it.
+    /// Every quantized weight type, in the order the text form lists them.
+    pub const QUANTIZED: [DType; 8] = [
+        DType::Q4_0,
+        DType::Q4_1,
+        DType::Q5_0,
+        DType::Q5_1,
+        DType::Q8_0,
+        DType::Q4K,
+        DType::Q5K,
+        DType::Q6K,
+    ];
+
+    /// For a block-quantized type, `(values, bytes)` per block along the last dimension.
+    pub fn block(self) -> Option<(u32, u32)> {
+        match self {
+            DType::F32 | DType::F16 | DType::I32 | DType::I8 | DType::Bool => None,
+            DType::Q4_0 => Some((32, 18)),
+            DType::Q4_1 => Some((32, 20)),
+            DType::Q5_0 => Some((32, 22)),
+            DType::Q5_1 => Some((32, 24)),
+            DType::Q8_0 => Some((32, 34)),
+            DType::Q4K => Some((256, 144)),
+            DType::Q5K => Some((256, 176)),
+            DType::Q6K => Some((256, 210)),
+        }
+    }
+
+    /// Whether values are stored as GGUF blocks (weights only).
+    pub fn is_quantized(self) -> bool {
+        self.block().is_some()
+    }
+
+    /// Bytes per element as the runtime stores it; for a block-quantized type, the bytes
+    /// of a block divided by its values (use [`Type::size_bytes`] for exact sizes).
     pub fn size_bytes(self) -> u64 {
         match self {
             DType::F32 | DType::I32 => 4,
             DType::F16 => 2,
             DType::Bool | DType::I8 => 1,
+            quantized => {
+                let (values, bytes) = quantized.block().expect("quantized");
+                (bytes as u64).div_ceil(values as u64)
+            }
         }
     }
 }
@@ -71,7 +124,11 @@ impl Type {
 
     /// Bytes the tensor occupies.
     pub fn size_bytes(&self) -> u64 {
-        self.numel() * self.dtype.size_bytes()
+        match self.dtype.block() {
+            // A quantized type's last dimension is a whole number of blocks (typing checks).
+            Some((values, bytes)) => self.numel() / values as u64 * bytes as u64,
+            None => self.numel() * self.dtype.size_bytes(),
+        }
     }
 }
 
@@ -790,7 +847,7 @@ pub struct CompiledConfig {
     /// Token choice.
     pub sampler: crate::spec::Sampler,
     /// Storage dtype of the weight matrices.
-    pub weight_dtype: DType,
+    pub weight_dtype: crate::spec::DTypeSpec,
     /// Storage of cached keys and values.
     #[serde(default)]
     pub kv_storage: crate::spec::KvStorage,

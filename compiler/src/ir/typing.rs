@@ -422,9 +422,17 @@ fn expect_dtype(role: &str, t: &Type, want: DType) -> Result<(), String> {
 
 /// Weight matrices may be stored in F32 or F16.
 fn expect_weight(role: &str, t: &Type) -> Result<(), String> {
-    if !matches!(t.dtype, DType::F32 | DType::F16) {
+    if !(matches!(t.dtype, DType::F32 | DType::F16) || t.dtype.is_quantized()) {
         return Err(format!(
-            "expected {role} of dtype f32 or f16, found {}",
+            "expected {role} of dtype f32, f16 or a quantized block type, found {}",
+            fmt_ty(t)
+        ));
+    }
+    if let (Some((values, _)), Some(&last)) = (t.dtype.block(), t.shape.last())
+        && last % values != 0
+    {
+        return Err(format!(
+            "expected {role}'s rows to be whole blocks of {values}, found {}",
             fmt_ty(t)
         ));
     }

@@ -86,16 +86,29 @@ fn layer_caches(spec: &ModelSpec) -> Vec<LayerKv> {
 }
 
 /// Lowers `spec` with the family `f` into the prefill and decode graphs.
-pub(super) fn lower(spec: &ModelSpec, f: &dyn Family) -> Result<Program, BuildError> {
+pub(super) fn lower(
+    spec: &ModelSpec,
+    types: &super::WeightTypes,
+    f: &dyn Family,
+) -> Result<Program, BuildError> {
     let cc = &spec.compile;
     let dims = spec.arch.dims();
     // `context`: the longest row.
     let (bsz, width, context) = (cc.batch, cc.prefill_len, cc.cache_len);
     let wdt = match cc.weight_dtype {
-        DTypeSpec::F32 => DType::F32,
+        DTypeSpec::F32 | DTypeSpec::Native => DType::F32,
         DTypeSpec::F16 => DType::F16,
     };
-    let params = f.params(wdt);
+    let mut params = f.params(wdt);
+    if cc.weight_dtype == DTypeSpec::Native {
+        for p in params.iter_mut().filter(|p| p.ty.shape.len() == 2) {
+            if let Some(&dt) = types.get(&p.name)
+                && (matches!(dt, DType::F32 | DType::F16) || dt.is_quantized())
+            {
+                p.ty.dtype = dt;
+            }
+        }
+    }
     let layers = layer_caches(spec);
     let mut state: Vec<_> = layers
         .iter()
@@ -189,7 +202,7 @@ pub(super) fn lower(spec: &ModelSpec, f: &dyn Family) -> Result<Program, BuildEr
             kv: cc.kv,
             layer_kv: layers.iter().map(|l| l.policy).collect(),
             sampler: cc.sampler,
-            weight_dtype: wdt,
+            weight_dtype: cc.weight_dtype,
             kv_storage: cc.kv_storage,
             stop_tokens: stops.clone(),
         },

@@ -27,12 +27,17 @@ use crate::ir::{
 };
 use crate::spec::{Arch, ModelSpec, Sampler};
 
-/// Lowers a validated spec into an (unverified) program.
-pub fn lower(spec: &ModelSpec) -> Result<Program, BuildError> {
+/// The storage type a weights file has for each parameter, by checkpoint name (what a
+/// `Native` weight dtype compiles to: quantized blocks, f16 or f32).
+pub type WeightTypes = std::collections::BTreeMap<String, DType>;
+
+/// Lowers a validated spec into an (unverified) program; `types` gives the weight
+/// storage for `weight_dtype: Native`.
+pub fn lower(spec: &ModelSpec, types: &WeightTypes) -> Result<Program, BuildError> {
     match &spec.arch {
-        Arch::Llama(c) => decoder::lower(spec, &llama::Llama { c, qkv_bias: false }),
-        Arch::Qwen2(c) => decoder::lower(spec, &qwen2::family(c)),
-        Arch::Gemma3(c) => decoder::lower(spec, &gemma3::Gemma3 { c }),
+        Arch::Llama(c) => decoder::lower(spec, types, &llama::Llama { c, qkv_bias: false }),
+        Arch::Qwen2(c) => decoder::lower(spec, types, &qwen2::family(c)),
+        Arch::Gemma3(c) => decoder::lower(spec, types, &gemma3::Gemma3 { c }),
     }
 }
 
