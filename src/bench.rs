@@ -134,7 +134,8 @@ pub fn bench_one(model: &Path, cfg: &Config) -> Result<BenchResult> {
         ..Overrides::default()
     };
     let spec = spec.with_overrides(&o, &model.display().to_string())?;
-    let program = kvc_compiler::compile(&spec)?;
+    let base = model.parent().map(Path::to_path_buf).unwrap_or_default();
+    let program = crate::compile_spec(&spec, &base)?;
     let plan = MemoryPlan::of(&program);
     let compile_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();

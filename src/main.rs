@@ -89,8 +89,9 @@ enum Command {
         /// Prefill width (`T`); default min(context, 512).
         #[arg(long)]
         prefill_len: Option<u32>,
-        /// Storage of the weight matrices: `f32` or `f16`.
-        #[arg(long, value_parser = parse_weight_dtype)]
+        /// Storage of the weight matrices: `native` (the file's blocks; the spec's
+        /// default), `f32` or `f16`.
+        #[arg(long, value_parser = DTypeSpec::parse)]
         weight_dtype: Option<DTypeSpec>,
         /// Also write the results as JSON to this file.
         #[arg(long)]
@@ -190,19 +191,19 @@ struct ShapeArgs {
     /// about 4× smaller).
     #[arg(long, value_parser = KvStorage::parse)]
     kv_storage: Option<KvStorage>,
-    /// Storage of the weight matrices: `f32` (exact) or `f16` (half the bytes per step).
-    #[arg(long, value_parser = parse_weight_dtype)]
+    /// Storage of the weight matrices: `native` (the weights file's own blocks, read as
+    /// they are by the CPU kernels; the default), `f32` (dequantized) or `f16`.
+    #[arg(long, value_parser = DTypeSpec::parse)]
     weight_dtype: Option<DTypeSpec>,
     #[arg(skip)]
     sampler: Option<kvc_compiler::spec::Sampler>,
 }
 
-fn parse_weight_dtype(s: &str) -> Result<DTypeSpec, String> {
-    match s {
-        "f32" => Ok(DTypeSpec::F32),
-        "f16" => Ok(DTypeSpec::F16),
-        other => Err(format!("expected f32 or f16, found {other:?}")),
-    }
+/// Compiles a spec; with `weight_dtype: native` the weights file's tensor table (fetched
+/// on first use) gives each matrix its storage.
+pub(crate) fn compile_spec(spec: &ModelSpec, base: &Path) -> Result<Program> {
+    let types = kvc_runtime::model::native_weight_types(spec, base, &mut progress())?;
+    Ok(kvc_compiler::compile_with(spec, &types)?)
 }
 
 impl ShapeArgs {
@@ -349,7 +350,10 @@ fn real_main() -> Result<()> {
 }
 
 fn compile(model: &Path, output: Option<PathBuf>, shapes: ShapeArgs) -> Result<()> {
-    let program = kvc_compiler::compile_file(model, &shapes.overrides())?;
+    let file = model.display().to_string();
+    let spec = ModelSpec::load(model)?.with_overrides(&shapes.overrides(), &file)?;
+    let base = model.parent().map(Path::to_path_buf).unwrap_or_default();
+    let program = compile_spec(&spec, &base)?;
     let dir = output.unwrap_or_else(|| PathBuf::from("out").join(&program.spec.name));
     write_artifact(&program, &dir)?;
     emit(format_args!("{}\n", program.signature(&program.prefill)))?;
@@ -439,8 +443,8 @@ fn program_for(model: &Path, shapes: ShapeArgs, min_batch: usize) -> Result<(Pro
         o.batch = Some(min_batch as u32);
     }
     let spec = spec.with_overrides(&o, &model.display().to_string())?;
-    let program = kvc_compiler::compile(&spec)?;
     let base = model.parent().map(Path::to_path_buf).unwrap_or_default();
+    let program = compile_spec(&spec, &base)?;
     Ok((program, base))
 }
 

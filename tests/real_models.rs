@@ -16,13 +16,15 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use kvc_compiler::spec::Arch;
-use kvc_compiler::{ModelSpec, Overrides, compile};
+use kvc_compiler::{ModelSpec, Overrides, compile, compile_with};
 use kvc_runtime::Backend;
 use kvc_runtime::exec::session::{Request, Sampling, Session, bind_params};
 use kvc_runtime::load::check::{CheckError, spec_matches_gguf};
 use kvc_runtime::load::gguf::GgufFile;
 use kvc_runtime::load::tokenizer::Tokenizer;
-use kvc_runtime::load::weights::{HostTensor, load_gguf_weights};
+use kvc_runtime::load::weights::{
+    HostTensor, gguf_weight_types, load_gguf_params, load_gguf_weights,
+};
 use serde::Deserialize;
 
 /// |Δ| allowed on the top-10 logits, the log-sum-exp and the full last-position logits
@@ -44,6 +46,7 @@ struct PromptRef {
     f64_top10_logits: Vec<Vec<f64>>,
     f64_logsumexp: Vec<f64>,
     greedy_continuation_ids_llama_cpp: Vec<u32>,
+    greedy_continuation_ids_llama_cpp_q4km: Vec<u32>,
 }
 
 /// One real model: its spec name, and which reference keys its logits are compared with.
@@ -100,7 +103,26 @@ fn model(m: &Real) -> &'static Model {
     cell.get_or_init(|| load(m.name))
 }
 
+/// Which weight storage a session compiles for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Weights {
+    /// Dequantized to f32 at load.
+    F32,
+    /// The file's own blocks (`weight_dtype: Native`), read by the quantized kernels.
+    Native,
+}
+
 fn session(m: &Real, batch: u32, prefill_len: u32, cache_len: u32) -> Session {
+    session_with(m, Weights::F32, batch, prefill_len, cache_len)
+}
+
+fn session_with(
+    m: &Real,
+    weights: Weights,
+    batch: u32,
+    prefill_len: u32,
+    cache_len: u32,
+) -> Session {
     let o = Overrides {
         batch: Some(batch),
         prefill_len: Some(prefill_len),
@@ -111,13 +133,29 @@ fn session(m: &Real, batch: u32, prefill_len: u32, cache_len: u32) -> Session {
         .unwrap()
         .with_overrides(&o, m.name)
         .unwrap();
-    let program = compile(&spec).unwrap();
-    let weights = &model(m).weights;
-    let mut w: BTreeMap<String, HostTensor> = program
-        .params
-        .iter()
-        .map(|d| (d.name.clone(), weights[&d.name].clone()))
-        .collect();
+    let (program, mut w) = match weights {
+        Weights::F32 => {
+            let program = compile(&spec).unwrap();
+            let all = &model(m).weights;
+            let w: BTreeMap<String, HostTensor> = program
+                .params
+                .iter()
+                .map(|d| (d.name.clone(), all[&d.name].clone()))
+                .collect();
+            (program, w)
+        }
+        Weights::Native => {
+            let file = GgufFile::open(&model(m).path).unwrap();
+            let program = compile_with(&spec, &gguf_weight_types(&file).unwrap()).unwrap();
+            assert!(
+                program.params.iter().any(|p| p.ty.dtype.is_quantized()),
+                "{}: native weights keep quantized blocks",
+                m.name
+            );
+            let w = load_gguf_params(&file, &program.params).unwrap();
+            (program, w)
+        }
+    };
     let params = bind_params(&program, &mut w, Backend::Flex).unwrap();
     Session::new(program, params, Backend::Flex).unwrap()
 }
@@ -156,9 +194,9 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 /// Every position of both prompts (teacher-forced through the decode graph) against the
 /// reference: the same top-1, and the top-10 logits and log-sum-exp within
 /// [`TOLERANCE`]; then the full last-position logits.
-fn logits_match_the_reference(m: &Real) {
+fn logits_match_the_reference(m: &Real, weights: Weights) {
     let model = model(m);
-    let mut s = session(m, 1, 64, 128);
+    let mut s = session_with(m, weights, 1, 64, 128);
     for (i, r) in model.fixture.prompts.iter().enumerate() {
         let (top, lse) = if m.f64_keys {
             (&r.f64_top10_logits, &r.f64_logsumexp)
@@ -182,7 +220,7 @@ fn logits_match_the_reference(m: &Real) {
             );
         }
         eprintln!(
-            "{} prompt {i}: max |diff| over top-10 logits and log-sum-exp {worst:.5}",
+            "{} ({weights:?} weights) prompt {i}: max |diff| over top-10 logits and log-sum-exp {worst:.5}",
             m.name
         );
         assert!(worst <= TOLERANCE, "{} prompt {i}: {worst}", m.name);
@@ -201,7 +239,7 @@ fn logits_match_the_reference(m: &Real) {
         let (_, prefill) = s.prefill(&[greedy(&r.ids, 1)], true).unwrap();
         let full = max_abs_diff(&prefill[0], &want);
         eprintln!(
-            "{} prompt {i}: max |diff| over all {} last-position logits {full:.5}",
+            "{} ({weights:?} weights) prompt {i}: max |diff| over all {} last-position logits {full:.5}",
             m.name,
             want.len()
         );
@@ -211,13 +249,13 @@ fn logits_match_the_reference(m: &Real) {
 
 /// Both prompts in one padded batch, prefilled in chunks of 16, generate what each
 /// generates alone, and the first 16 tokens are llama.cpp's greedy continuation.
-fn greedy_batch_matches_llama_cpp_and_single_rows(m: &Real) {
+fn greedy_batch_matches_llama_cpp_and_single_rows(m: &Real, weights: Weights) {
     let refs = &model(m).fixture.prompts;
     let reqs: Vec<Request> = refs.iter().map(|r| greedy(&r.ids, 16)).collect();
-    let mut batch = session(m, 2, 16, 64);
+    let mut batch = session_with(m, weights, 2, 16, 64);
     let (_, batched) = batch.prefill(&reqs, true).unwrap();
     let together = batch.generate(&reqs, &mut |_, _| {}).unwrap();
-    let mut single = session(m, 1, 64, 64);
+    let mut single = session_with(m, weights, 1, 64, 64);
     for (i, (req, r)) in reqs.iter().zip(refs).enumerate() {
         let (_, alone) = single.prefill(std::slice::from_ref(req), true).unwrap();
         let diff = max_abs_diff(&alone[0], &batched[i]);
@@ -226,14 +264,12 @@ fn greedy_batch_matches_llama_cpp_and_single_rows(m: &Real) {
             .generate(std::slice::from_ref(req), &mut |_, _| {})
             .unwrap();
         assert_eq!(together[i], apart[0], "{} row {i}", m.name);
-        let n = 16.min(r.greedy_continuation_ids_llama_cpp.len());
-        assert_eq!(
-            together[i].ids[..n],
-            r.greedy_continuation_ids_llama_cpp[..n],
-            "{} {:?}",
-            m.name,
-            r.text
-        );
+        let want = match weights {
+            Weights::F32 => &r.greedy_continuation_ids_llama_cpp,
+            Weights::Native => &r.greedy_continuation_ids_llama_cpp_q4km,
+        };
+        let n = 16.min(want.len());
+        assert_eq!(together[i].ids[..n], want[..n], "{} {:?}", m.name, r.text);
         eprintln!(
             "{} row {i}: {:?}",
             m.name,
@@ -264,12 +300,22 @@ fn a_wrong_spec_is_a_typed_error(m: &Real, edit: impl Fn(&mut Arch), key: &str) 
 
 #[test]
 fn qwen_logits_match_llama_cpp_at_every_position() {
-    logits_match_the_reference(&QWEN);
+    logits_match_the_reference(&QWEN, Weights::F32);
 }
 
 #[test]
 fn qwen_greedy_batch_matches_llama_cpp_and_single_rows() {
-    greedy_batch_matches_llama_cpp_and_single_rows(&QWEN);
+    greedy_batch_matches_llama_cpp_and_single_rows(&QWEN, Weights::F32);
+}
+
+#[test]
+fn qwen_native_weights_match_llama_cpp_at_every_position() {
+    logits_match_the_reference(&QWEN, Weights::Native);
+}
+
+#[test]
+fn qwen_native_greedy_batch_matches_llama_cpp_on_the_q4_k_m_file() {
+    greedy_batch_matches_llama_cpp_and_single_rows(&QWEN, Weights::Native);
 }
 
 #[test]
@@ -306,12 +352,22 @@ fn qwen_spec_mismatch_names_the_key() {
 
 #[test]
 fn gemma_logits_match_the_float64_reference_at_every_position() {
-    logits_match_the_reference(&GEMMA);
+    logits_match_the_reference(&GEMMA, Weights::F32);
 }
 
 #[test]
 fn gemma_greedy_batch_matches_llama_cpp_and_single_rows() {
-    greedy_batch_matches_llama_cpp_and_single_rows(&GEMMA);
+    greedy_batch_matches_llama_cpp_and_single_rows(&GEMMA, Weights::F32);
+}
+
+#[test]
+fn gemma_native_weights_match_the_float64_reference_at_every_position() {
+    logits_match_the_reference(&GEMMA, Weights::Native);
+}
+
+#[test]
+fn gemma_native_greedy_batch_matches_llama_cpp_on_the_q4_k_m_file() {
+    greedy_batch_matches_llama_cpp_and_single_rows(&GEMMA, Weights::Native);
 }
 
 #[test]

@@ -220,7 +220,11 @@ fn verify_graph(p: &Program, g: &Graph, problems: &mut Vec<Problem>) {
         if n.ty.dtype.is_quantized() && !matches!(n.op, Op::Param(_)) {
             report(
                 Some(i as u32),
-                format!("only parameters may be {}, found {}", n.ty.dtype, n.op.name()),
+                format!(
+                    "only parameters may be {}, found {}",
+                    n.ty.dtype,
+                    n.op.name()
+                ),
             );
         }
         let weight = if let Op::Linear { w, .. } = n.op {

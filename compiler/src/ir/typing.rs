@@ -326,7 +326,12 @@ pub fn infer_type(op: &Op, before: &[Node], decls: &Decls<'_>) -> Result<Type, S
             })?;
             Type::new(a.dtype, shape)
         }
-        Op::Cast { x, dtype } => Type::new(*dtype, arg(*x, "x")?.shape.clone()),
+        Op::Cast { x, dtype } => {
+            if dtype.is_quantized() {
+                return Err(format!("cannot cast to the block type {dtype}"));
+            }
+            Type::new(*dtype, arg(*x, "x")?.shape.clone())
+        }
         Op::Reshape { x, shape } => {
             let x = arg(*x, "x")?;
             let to = Type::new(x.dtype, shape.clone());

@@ -84,6 +84,7 @@ fn touch(v: Value) -> Value {
         Value::F(t) => Value::F(t.add_scalar(0.0f32)),
         Value::I(t) => Value::I(t.add_scalar(0)),
         Value::B(t) => Value::B(t),
+        Value::Q(q) => Value::Q(q),
     }
 }
 
@@ -121,8 +122,22 @@ impl Executor {
         device: Device,
         set: KernelSet,
     ) -> Result<Executor, RuntimeError> {
-        let prefill = Plan::new(&program, &program.prefill, set, &device)?;
-        let decode = Plan::new(&program, &program.decode, set, &device)?;
+        // Only the CPU kernels read GGUF blocks; for any other set, quantized weights are
+        // dequantized here, once.
+        let params: Vec<Value> = match set {
+            KernelSet::Cpu => params,
+            KernelSet::Portable => params
+                .into_iter()
+                .map(|v| match v {
+                    Value::Q(q) => {
+                        Value::from_f32(q.to_f32(), &[q.rows as u32, q.cols as u32], &device)
+                    }
+                    other => other,
+                })
+                .collect(),
+        };
+        let prefill = Plan::new(&program, &program.prefill, set, &device, &params)?;
+        let decode = Plan::new(&program, &program.decode, set, &device, &params)?;
         let profile = std::env::var_os("KVC_PROFILE").map(|_| Default::default());
         Ok(Executor {
             program,
@@ -262,6 +277,16 @@ impl Executor {
                 let rows = t.reshape([v, h]).select(0, ids.reshape([n]));
                 Value::F(to_f32(rows).reshape(*dims))
             }
+            Kernel::QEmbed(dims) => {
+                let (t, ids) = (next().q(), next().i());
+                Value::F(k.qembed(&t, ids).reshape(*dims))
+            }
+            Kernel::QLinear(dims) => {
+                let (x, w) = (next().f(), next().q());
+                let m = x.shape().num_elements() / w.cols;
+                let y = k.qlinear(x.reshape([m, w.cols]), &w);
+                Value::F(y.reshape(*dims))
+            }
             Kernel::Linear(dims) => {
                 let (x, w) = (next().f(), next().f());
                 let [_, _, n, kk] = w.dims();
@@ -314,11 +339,13 @@ impl Executor {
                 Value::F(t) => Value::F(t.reshape(*dims)),
                 Value::I(t) => Value::I(t.reshape(*dims)),
                 Value::B(t) => Value::B(t.reshape(*dims)),
+                Value::Q(_) => unreachable!("verified graph: blocks are not reshaped"),
             },
             Kernel::Permute(axes) => match next() {
                 Value::F(t) => Value::F(t.permute(*axes)),
                 Value::I(t) => Value::I(t.permute(*axes)),
                 Value::B(t) => Value::B(t.permute(*axes)),
+                Value::Q(_) => unreachable!("verified graph: blocks are not permuted"),
             },
             Kernel::TakeRow(dims) => {
                 let x = next().f();
@@ -342,6 +369,7 @@ impl Executor {
                     (Value::F(t), false) => Value::F(t.gather(3, index)),
                     (Value::I(t), false) => Value::I(t.gather(3, index)),
                     (Value::B(t), false) => Value::B(t.int().gather(3, index).bool()),
+                    (Value::Q(_), _) => unreachable!("verified graph: blocks are not gathered"),
                 }
             }
             Kernel::TopK(kk) => Value::I(k.top_k(next().f(), next().i(), *kk)),

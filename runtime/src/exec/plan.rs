@@ -58,6 +58,10 @@ pub enum Kernel {
     Embed([usize; 4]),
     /// Projection; output dims.
     Linear([usize; 4]),
+    /// Row lookup in a table of GGUF blocks; output dims.
+    QEmbed([usize; 4]),
+    /// Projection by a matrix of GGUF blocks; output dims.
+    QLinear([usize; 4]),
     /// RMSNorm.
     RmsNorm(f32),
     /// Rotary embedding with its cos/sin tables.
@@ -167,7 +171,13 @@ impl Plan {
         g: &Graph,
         set: KernelSet,
         device: &Device,
+        params: &[Value],
     ) -> Result<Plan, RuntimeError> {
+        // A weight bound as GGUF blocks takes the quantized form of its op.
+        let blocks = |v: ValueId| {
+            matches!(g.nodes[v.0 as usize].op, Op::Param(q)
+                if matches!(params.get(q.0 as usize), Some(Value::Q(_))))
+        };
         let last_use = g.last_uses();
         let n = g.nodes.len();
         let mut writebacks = Vec::with_capacity(g.updates.len());
@@ -224,7 +234,9 @@ impl Plan {
                 },
                 Op::Const { value, shape } => Kernel::Const(Value::full(*value, shape, device)),
                 Op::Iota { shape, dim } => Kernel::Const(iota(shape, *dim as usize, device)),
+                Op::Embed { table, .. } if blocks(*table) => Kernel::QEmbed(dims),
                 Op::Embed { .. } => Kernel::Embed(dims),
+                Op::Linear { w, .. } if blocks(*w) => Kernel::QLinear(dims),
                 Op::Linear { .. } => Kernel::Linear(dims),
                 Op::RmsNorm { eps, .. } => Kernel::RmsNorm(*eps),
                 Op::Rope { x, theta, .. } => {

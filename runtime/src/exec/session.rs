@@ -95,8 +95,9 @@ pub struct Completion {
 }
 
 /// Binds weights to the program's parameter table by name, checking every shape.
-/// On Flex all parameters share one huge-page-backed allocation
-/// ([`super::kernels::cpu::arena`]).
+/// On Flex all dense parameters share one huge-page-backed allocation
+/// ([`super::kernels::cpu::arena`]) and quantized ones stay GGUF blocks for the CPU
+/// kernels ([`Value::Q`]); other backends get quantized matrices dequantized to f32.
 pub fn bind_params(
     program: &Program,
     weights: &mut BTreeMap<String, HostTensor>,
@@ -104,8 +105,10 @@ pub fn bind_params(
 ) -> Result<Vec<Value>, RuntimeError> {
     use super::kernels::cpu::arena::{self, Storage};
     let device = &device(backend)?;
+    // Dense parameters with their index in the table; quantized ones already bound.
     let mut items = Vec::with_capacity(program.params.len());
-    for decl in &program.params {
+    let mut bound: Vec<Option<Value>> = vec![None; program.params.len()];
+    for (i, decl) in program.params.iter().enumerate() {
         let expected: Vec<usize> = decl.ty.shape.iter().map(|&d| d as usize).collect();
         let t = weights
             .get_mut(&decl.name)
@@ -120,21 +123,44 @@ pub fn bind_params(
                 found: t.shape.clone(),
             });
         }
+        let data = match t.quant.take() {
+            Some(q) if backend == Backend::Flex => {
+                bound[i] = Some(Value::Q(q));
+                continue;
+            }
+            Some(q) => q.to_f32(),
+            None => std::mem::take(&mut t.data),
+        };
         let storage = match decl.ty.dtype {
             kvc_compiler::ir::DType::F16 => Storage::F16,
             _ => Storage::F32,
         };
-        items.push((std::mem::take(&mut t.data), pad4(&decl.ty.shape), storage));
+        items.push((i, (data, pad4(&decl.ty.shape), storage)));
     }
-    let items = if backend == Backend::Flex {
-        match arena::tensors(items) {
-            Ok(tensors) => return Ok(tensors.into_iter().map(Value::F).collect()),
-            Err(items) => items,
-        }
-    } else {
-        items
+    let (index, items): (Vec<usize>, Vec<_>) = items.into_iter().unzip();
+    let dense: Vec<Value> = match backend == Backend::Flex {
+        true => match arena::tensors(items) {
+            Ok(tensors) => tensors.into_iter().map(Value::F).collect(),
+            Err(items) => upload(items, device),
+        },
+        false => upload(items, device),
     };
-    Ok(items
+    for (i, v) in index.into_iter().zip(dense) {
+        bound[i] = Some(v);
+    }
+    Ok(bound
+        .into_iter()
+        .map(|v| v.expect("every parameter is bound"))
+        .collect())
+}
+
+/// Dense parameters as ordinary device tensors.
+fn upload(
+    items: Vec<(Vec<f32>, [usize; 4], super::kernels::cpu::arena::Storage)>,
+    device: &burn::tensor::Device,
+) -> Vec<Value> {
+    use super::kernels::cpu::arena::Storage;
+    items
         .into_iter()
         .map(|(data, shape, storage)| {
             let t = Tensor::<4>::from_data(TensorData::new(data, shape), device);
@@ -143,7 +169,7 @@ pub fn bind_params(
                 Storage::F32 => t,
             })
         })
-        .collect())
+        .collect()
 }
 
 /// How a session runs its graphs.

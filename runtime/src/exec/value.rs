@@ -10,6 +10,7 @@ use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use kvc_compiler::ir::{DType, Scalar};
 
 use crate::RuntimeError;
+use crate::load::weights::QuantTensor;
 
 /// A tensor of any dtype, rank 4 (IR shape padded with leading 1s).
 #[derive(Clone, Debug)]
@@ -20,6 +21,9 @@ pub enum Value {
     I(Tensor<4, Int>),
     /// Bool tensor.
     B(Tensor<4, Bool>),
+    /// A weight matrix kept as GGUF blocks in host memory (a parameter only, read by the
+    /// CPU kernels' quantized products and lookups).
+    Q(QuantTensor),
 }
 
 /// An IR shape padded to rank 4 with leading 1s.
@@ -46,6 +50,15 @@ impl Value {
         match self {
             Value::I(t) => t,
             other => unreachable!("verified graph: expected i32, found {other:?}"),
+        }
+    }
+
+    /// The blocks of a quantized weight (a verified plan reads them only where the
+    /// parameter is bound as blocks).
+    pub(crate) fn q(self) -> QuantTensor {
+        match self {
+            Value::Q(q) => q,
+            other => unreachable!("plan: expected quantized blocks, found {other:?}"),
         }
     }
 
@@ -95,6 +108,7 @@ impl Value {
             Value::F(t) => t.dims(),
             Value::I(t) => t.dims(),
             Value::B(t) => t.dims(),
+            Value::Q(q) => [1, 1, q.rows, q.cols],
         }
     }
 
@@ -112,6 +126,7 @@ impl Value {
                 })
             }
             Value::B(t) => Value::B(t.clone().int().bool()),
+            Value::Q(q) => Value::Q(q.clone()),
         }
     }
 
@@ -197,6 +212,7 @@ pub(crate) fn cast(v: Value, to: DType) -> Value {
         (Value::B(t), DType::F32) => Value::F(t.float()),
         (Value::B(t), DType::I32) => Value::I(t.int()),
         (Value::B(t), DType::Bool) => Value::B(t),
+        (v, to) => unreachable!("verified graph: no cast of {v:?} to {to:?}"),
     }
 }
 

@@ -665,6 +665,19 @@ impl Storage {
     }
 }
 
+/// One tensor's bytes, keeping the file's storage alive (see [`GgufFile::tensor_shared`]).
+struct TensorSlice {
+    storage: Arc<Storage>,
+    start: usize,
+    end: usize,
+}
+
+impl AsRef<[u8]> for TensorSlice {
+    fn as_ref(&self) -> &[u8] {
+        &self.storage.bytes()[self.start..self.end]
+    }
+}
+
 /// A parsed GGUF file. Clones share the underlying bytes.
 #[derive(Debug, Clone)]
 pub struct GgufFile {
@@ -964,6 +977,21 @@ impl GgufFile {
         // Bounds were validated in `from_bytes`.
         let start = self.data_start + info.offset as usize;
         Ok(&self.storage.bytes()[start..start + info.n_bytes as usize])
+    }
+
+    /// A tensor's raw bytes as a shared buffer that keeps the file (or its mapping)
+    /// alive: no copy is made.
+    pub fn tensor_shared(&self, name: &str) -> Result<bytes::Bytes> {
+        let info = self
+            .tensor_info(name)
+            .ok_or_else(|| GgufError::MissingTensor(name.to_string()))?;
+        // Bounds were validated in `from_bytes`.
+        let start = self.data_start + info.offset as usize;
+        Ok(bytes::Bytes::from_owner(TensorSlice {
+            storage: Arc::clone(&self.storage),
+            start,
+            end: start + info.n_bytes as usize,
+        }))
     }
 
     /// Dequantizes a tensor to `f32`.

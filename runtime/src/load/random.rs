@@ -47,5 +47,9 @@ pub fn random_param(decl: &ParamDecl, seed: u64) -> HostTensor {
         };
         (0..n).map(|_| scale * rng.unit()).collect()
     };
-    HostTensor { shape, data }
+    HostTensor {
+        shape,
+        data,
+        quant: None,
+    }
 }

@@ -12,15 +12,54 @@ use std::path::{Path, PathBuf};
 use half::{bf16, f16};
 use safetensors::{Dtype, SafeTensors};
 
-use crate::load::gguf::{GgufError, GgufFile, GgufValue};
+use kvc_compiler::ir::{DType, ParamDecl};
+use kvc_compiler::lower::WeightTypes;
 
-/// A dense `f32` tensor in host memory, row-major.
+use crate::load::gguf::{GgmlType, GgufError, GgufFile, GgufValue, dequantize};
+
+/// A weight tensor in host memory, row-major: dense `f32` values, or (a matrix kept in
+/// its file form) GGUF blocks.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostTensor {
     /// Dimensions, slowest-varying first.
     pub shape: Vec<usize>,
-    /// Values in row-major order; `data.len()` is the product of `shape`.
+    /// Values in row-major order; `data.len()` is the product of `shape` (empty when
+    /// `quant` holds the tensor).
     pub data: Vec<f32>,
+    /// The matrix as GGUF blocks instead of `data`.
+    pub quant: Option<QuantTensor>,
+}
+
+/// A weight matrix `[rows, cols]` stored as GGUF blocks: row `r` is
+/// `bytes[r * row_bytes .. (r + 1) * row_bytes]`, `cols / block_size` blocks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantTensor {
+    /// The block format.
+    pub ty: GgmlType,
+    /// Rows (output features).
+    pub rows: usize,
+    /// Values per row (input features); a multiple of the block size.
+    pub cols: usize,
+    /// The blocks, `rows * row_bytes` bytes (shared with the mapped file when possible).
+    pub bytes: bytes::Bytes,
+}
+
+impl QuantTensor {
+    /// Bytes of one row.
+    pub fn row_bytes(&self) -> usize {
+        self.cols / self.ty.block_size() as usize * self.ty.block_bytes() as usize
+    }
+
+    /// Row `r` dequantized to f32.
+    pub fn row_f32(&self, r: usize) -> Vec<f32> {
+        let rb = self.row_bytes();
+        dequantize(self.ty, &self.bytes[r * rb..(r + 1) * rb]).expect("validated at load")
+    }
+
+    /// Every value dequantized to f32, row-major.
+    pub fn to_f32(&self) -> Vec<f32> {
+        dequantize(self.ty, &self.bytes).expect("validated at load")
+    }
 }
 
 impl HostTensor {
@@ -303,6 +342,7 @@ pub fn unpermute_qk(name: &str, tensor: &HostTensor, n_head: usize) -> Result<Ho
     Ok(HostTensor {
         shape: tensor.shape.clone(),
         data,
+        quant: None,
     })
 }
 
@@ -320,13 +360,158 @@ pub fn load_gguf_weights(file: &GgufFile) -> Result<BTreeMap<String, HostTensor>
         let hf = hf_name_for_gguf(hp.arch, &info.name)
             .ok_or_else(|| WeightsError::UnmappedTensor(info.name.clone()))?;
         let (shape, data) = file.tensor_f32(&info.name)?;
-        let mut tensor = HostTensor { shape, data };
+        let mut tensor = HostTensor {
+            shape,
+            data,
+            quant: None,
+        };
         if hp.arch == GgufArch::Llama && info.name.ends_with(".attn_q.weight") {
             tensor = unpermute_qk(&info.name, &tensor, hp.num_heads)?;
         } else if hp.arch == GgufArch::Llama && info.name.ends_with(".attn_k.weight") {
             tensor = unpermute_qk(&info.name, &tensor, hp.num_kv_heads)?;
         }
         out.insert(hf, tensor);
+    }
+    Ok(out)
+}
+
+/// The IR storage type of a GGUF tensor type: the block types kvc's CPU kernels read as
+/// they are, F16, or F32 (every other type is dequantized at load).
+pub fn ir_dtype(ty: GgmlType) -> DType {
+    match ty {
+        GgmlType::Q4_0 => DType::Q4_0,
+        GgmlType::Q4_1 => DType::Q4_1,
+        GgmlType::Q5_0 => DType::Q5_0,
+        GgmlType::Q5_1 => DType::Q5_1,
+        GgmlType::Q8_0 => DType::Q8_0,
+        GgmlType::Q4_K => DType::Q4K,
+        GgmlType::Q5_K => DType::Q5K,
+        GgmlType::Q6_K => DType::Q6K,
+        GgmlType::F16 => DType::F16,
+        _ => DType::F32,
+    }
+}
+
+/// The storage a GGUF file offers each parameter, by Hugging Face name: what a spec with
+/// `weight_dtype: Native` compiles to ([`kvc_compiler::compile_with`]).
+pub fn gguf_weight_types(file: &GgufFile) -> Result<WeightTypes> {
+    let arch = GgufArch::of(file)?;
+    let mut out = WeightTypes::new();
+    for info in file.tensors() {
+        if let Some(hf) = hf_name_for_gguf(arch, &info.name) {
+            out.insert(hf, ir_dtype(info.ty));
+        }
+    }
+    Ok(out)
+}
+
+/// For each row of a llama Q or K projection in Hugging Face (half-split RoPE) order, the
+/// GGUF row it comes from: within each head of `head_dim` rows, row `t · head_dim/2 + i`
+/// is GGUF row `2i + t`.
+fn qk_source_rows(rows: usize, n_head: usize) -> Vec<usize> {
+    let head_dim = rows / n_head;
+    let half = head_dim / 2;
+    (0..rows)
+        .map(|dst| {
+            let (h, r) = (dst / head_dim, dst % head_dim);
+            let (t, i) = (r / half, r % half);
+            h * head_dim + 2 * i + t
+        })
+        .collect()
+}
+
+/// Loads the tensors `params` declares, each in the storage its declaration asks for:
+/// GGUF blocks for a quantized declaration (shared with the mapped file; the rows of a
+/// llama Q or K projection re-ordered into one copy), f32 values otherwise. A tensor the
+/// program does not declare is not read.
+pub fn load_gguf_params(
+    file: &GgufFile,
+    params: &[ParamDecl],
+) -> Result<BTreeMap<String, HostTensor>> {
+    let hp = hyper_params(file)?;
+    let by_hf: BTreeMap<String, &str> = file
+        .tensors()
+        .iter()
+        .filter_map(|t| hf_name_for_gguf(hp.arch, &t.name).map(|hf| (hf, t.name.as_str())))
+        .collect();
+    let mut out = BTreeMap::new();
+    for decl in params {
+        let Some(&name) = by_hf.get(&decl.name) else {
+            continue;
+        };
+        let info = file
+            .tensor_info(name)
+            .ok_or_else(|| GgufError::MissingTensor(name.to_string()))?;
+        let heads = if hp.arch != GgufArch::Llama {
+            None
+        } else if name.ends_with(".attn_q.weight") {
+            Some(hp.num_heads)
+        } else if name.ends_with(".attn_k.weight") {
+            Some(hp.num_kv_heads)
+        } else {
+            None
+        };
+        let shape = info.shape();
+        if !decl.ty.dtype.is_quantized() {
+            let (shape, data) = file.tensor_f32(name)?;
+            let mut t = HostTensor {
+                shape,
+                data,
+                quant: None,
+            };
+            if let Some(n) = heads {
+                t = unpermute_qk(name, &t, n)?;
+            }
+            out.insert(decl.name.clone(), t);
+            continue;
+        }
+        if ir_dtype(info.ty) != decl.ty.dtype {
+            return Err(WeightsError::BadShape {
+                name: name.to_string(),
+                shape,
+                reason: format!(
+                    "stored as {} in the file, but the program was compiled for {}",
+                    info.ty, decl.ty.dtype
+                ),
+            });
+        }
+        let [rows, cols] = shape[..] else {
+            return Err(WeightsError::BadShape {
+                name: name.to_string(),
+                shape,
+                reason: "expected a 2-D [out, in] matrix of blocks".into(),
+            });
+        };
+        let mut bytes = file.tensor_shared(name)?;
+        if let Some(n) = heads {
+            if n == 0 || rows % (2 * n) != 0 {
+                return Err(WeightsError::BadShape {
+                    name: name.to_string(),
+                    shape,
+                    reason: format!("{rows} rows cannot be split into {n} heads of even width"),
+                });
+            }
+            let rb = bytes.len() / rows;
+            let mut v = Vec::with_capacity(bytes.len());
+            for src in qk_source_rows(rows, n) {
+                v.extend_from_slice(&bytes[src * rb..(src + 1) * rb]);
+            }
+            bytes = bytes::Bytes::from(v);
+        }
+        let quant = QuantTensor {
+            ty: info.ty,
+            rows,
+            cols,
+            bytes,
+        };
+        out.insert(
+            decl.name.clone(),
+            HostTensor {
+                shape,
+                data: Vec::new(),
+                quant: Some(quant),
+            },
+        );
     }
     Ok(out)
 }
@@ -362,6 +547,7 @@ pub fn load_safetensors_bytes(bytes: &[u8]) -> Result<BTreeMap<String, HostTenso
             HostTensor {
                 shape: view.shape().to_vec(),
                 data,
+                quant: None,
             },
         );
     }
@@ -435,6 +621,7 @@ mod tests {
         let t = HostTensor {
             shape: vec![out, inner],
             data: gguf,
+            quant: None,
         };
         let back = unpermute_qk("q", &t, n_head).unwrap();
         assert_eq!(back.shape, vec![out, inner]);
@@ -456,6 +643,7 @@ mod tests {
         let t = HostTensor {
             shape: vec![6, 2],
             data: vec![0.0; 12],
+            quant: None,
         };
         assert!(matches!(
             unpermute_qk("k", &t, 2),
@@ -464,6 +652,7 @@ mod tests {
         let t = HostTensor {
             shape: vec![12],
             data: vec![0.0; 12],
+            quant: None,
         };
         assert!(matches!(
             unpermute_qk("k", &t, 2),
@@ -846,7 +1035,8 @@ mod tests {
             m["model.a"],
             HostTensor {
                 shape: vec![2, 3],
-                data: vec![1.5, -2.0, 3.25, 0.0, 7.0, 8.0]
+                data: vec![1.5, -2.0, 3.25, 0.0, 7.0, 8.0],
+                quant: None,
             }
         );
         assert_eq!(m["model.b"].data, vec![0.5, -1.0]);

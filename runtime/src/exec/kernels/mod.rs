@@ -19,6 +19,7 @@ use burn::tensor::{Bool, Int, Tensor};
 
 use super::value::Value;
 use crate::Backend;
+use crate::load::weights::QuantTensor;
 
 /// √(2/π), the scale inside the tanh approximation of GELU.
 pub(crate) const GELU_SCALE: f32 = 0.797_884_6;
@@ -90,6 +91,10 @@ pub trait Kernels: Send + Sync {
 
     /// `x · σ(x)`.
     fn silu(&self, x: Tensor<4>) -> Tensor<4>;
+    /// `x · wᵀ` with `w` `[n, k]` as GGUF blocks: x `[m, k]` → `[m, n]`.
+    fn qlinear(&self, x: Tensor<2>, w: &QuantTensor) -> Tensor<2>;
+    /// Rows `ids` (any shape, `n` ids) of a table of GGUF blocks, dequantized → `[n, h]`.
+    fn qembed(&self, table: &QuantTensor, ids: Tensor<4, Int>) -> Tensor<2>;
     /// GELU, tanh approximation.
     fn gelu(&self, x: Tensor<4>) -> Tensor<4>;
 

@@ -12,6 +12,7 @@ use burn::tensor::{Bool, IndexingUpdateOp, Int, IntDType, Tensor, kind::Basic};
 
 use super::{GELU_CUBIC, GELU_SCALE, Kernels};
 use crate::exec::value::{Value, to_f32};
+use crate::load::weights::QuantTensor;
 
 /// Burn ops on any backend.
 pub struct Portable;
@@ -47,6 +48,25 @@ impl Kernels for Portable {
 
     fn silu(&self, x: Tensor<4>) -> Tensor<4> {
         burn::tensor::activation::silu(x)
+    }
+
+    /// The blocks dequantized for the call (the executor dequantizes a portable set's
+    /// weights once at load, so a plan of this set never reaches here with blocks).
+    fn qlinear(&self, x: Tensor<2>, w: &QuantTensor) -> Tensor<2> {
+        let wt = Tensor::<2>::from_data(
+            burn::tensor::TensorData::new(w.to_f32(), [w.rows, w.cols]),
+            &x.device(),
+        );
+        x.matmul(wt.transpose())
+    }
+
+    fn qembed(&self, table: &QuantTensor, ids: Tensor<4, Int>) -> Tensor<2> {
+        let t = Tensor::<2>::from_data(
+            burn::tensor::TensorData::new(table.to_f32(), [table.rows, table.cols]),
+            &ids.device(),
+        );
+        let n = ids.shape().num_elements();
+        t.select(0, ids.reshape([n]))
     }
 
     fn gelu(&self, x: Tensor<4>) -> Tensor<4> {

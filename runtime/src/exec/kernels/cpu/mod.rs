@@ -9,6 +9,7 @@ use burn_flex::{Flex, FlexTensor};
 use super::portable::{self, Portable};
 use super::{Kernels, top_k_host};
 use crate::exec::value::{Value, to_f32};
+use crate::load::weights::QuantTensor;
 
 /// Defines `$name` to run `$body` compiled for AVX2 + FMA when the CPU has them (the
 /// crate is built for baseline x86-64), else as built.
@@ -110,6 +111,28 @@ impl Kernels for Cpu {
     fn silu(&self, x: Tensor<4>) -> Tensor<4> {
         let out = elementwise::silu(f32s(&host(&x)));
         Tensor::from_data(TensorData::new(out, x.dims()), &x.device())
+    }
+
+    fn qlinear(&self, x: Tensor<2>, w: &QuantTensor) -> Tensor<2> {
+        let [m, k] = x.dims();
+        let xt = host(&x);
+        let mut out = vec![0.0f32; m * w.rows];
+        quant::qmatmul_t(f32s(&xt), m, k, &w.bytes, w.ty, w.rows, &mut out);
+        Tensor::from_data(TensorData::new(out, [m, w.rows]), &x.device())
+    }
+
+    fn qembed(&self, table: &QuantTensor, ids: Tensor<4, Int>) -> Tensor<2> {
+        let device = ids.device();
+        let it = host(&ids);
+        let ids = i32s(&it);
+        let mut out = Vec::with_capacity(ids.len() * table.cols);
+        for &id in ids {
+            // Ids come from the tokenizer or the sampler; clamp like the f32 lookup's
+            // bounds so a bad id cannot read outside the table.
+            let r = (id.max(0) as usize).min(table.rows - 1);
+            out.extend(table.row_f32(r));
+        }
+        Tensor::from_data(TensorData::new(out, [ids.len(), table.cols]), &device)
     }
 
     fn gelu(&self, x: Tensor<4>) -> Tensor<4> {
@@ -338,6 +361,7 @@ pub fn buffer_address(v: &Value) -> usize {
         Value::F(t) => flex(t),
         Value::I(t) => flex(t),
         Value::B(t) => flex(t),
+        Value::Q(q) => return q.bytes.as_ptr() as usize,
     };
     t.bytes().as_ptr() as usize
 }
@@ -382,6 +406,7 @@ pub mod attention;
 pub mod cache;
 pub mod elementwise;
 pub mod gemv;
+pub mod quant;
 
 /// Deterministic test inputs in [−1, 1) (xorshift).
 #[cfg(test)]
