@@ -382,6 +382,7 @@ pub mod attention;
 pub mod cache;
 pub mod elementwise;
 pub mod gemv;
+pub mod quant;
 
 /// Deterministic test inputs in [−1, 1) (xorshift).
 #[cfg(test)]
