@@ -250,7 +250,8 @@ pub fn qmatmul_t_with(
     // Four tasks per thread balance a core slowed by other work.
     let unit = match path.method {
         Method::Panel => isa.panel_cols(),
-        _ => TILE_ROWS,
+        Method::Int8 => GROUP,
+        Method::Dequant => TILE_ROWS,
     };
     let rows = n
         .div_ceil(4 * threads)
@@ -363,9 +364,9 @@ struct Task {
 /// One weight row unpacked: `u[i]` is value `i`'s integer (0..2^bits; Q8_0's signed byte)
 /// and the row's value `i` is, with `b` its block:
 /// - 32-blocks: `d[b] · (u[i] − offset) + m[b]` (Q8_0: `d[b] · (u[i] as i8)`);
-/// - k-quants, with `g = i / 16`: `(d[b] · sc[g · 8]) · u[i] − m[b] · mn[g]`, where `sc`
-///   repeats each 16-value group's scale over its 8 value pairs and `mn` is Q4_K/Q5_K's
-///   sub-block minimum, or 32 times Q6_K's scale (then `m[b] = d[b]`).
+/// - k-quants, with `g = i / 16`: `(d[b] · sc[g]) · u[i] − m[b] · mn[g]`, where `sc` and
+///   `mn` are Q4_K/Q5_K's sub-block scale and minimum (each twice), or Q6_K's scale and
+///   32 times it (then `m[b] = d[b]`).
 struct Row {
     u: Vec<u8>,
     d: Vec<f32>,
@@ -382,8 +383,80 @@ impl Row {
             u: vec![0; k],
             d: vec![0.0; blocks],
             m: vec![0.0; blocks],
-            sc: vec![0; kq / 2],
+            sc: vec![0; kq / 16],
             mn: vec![0; kq / 16],
+        }
+    }
+}
+
+/// Weight rows per [`Group`].
+const GROUP: usize = 8;
+
+/// [`GROUP`] weight rows for the integer kernels: values interleaved four at a time
+/// (bytes `32c + 4t .. 32c + 4t + 4` are values `4c .. 4c + 4` of row `t`), so one vector
+/// of products holds one dot product per row, and per-row scales in lanes of eight: `d`
+/// per 32 values (Q4_K/Q5_K: `d · sc`; Q6_K: `d · sc` per 16 values) and `m` per 32
+/// values (Q4_1/Q5_1: the minimum; Q4_K/Q5_K: `dmin · mn`). Rows past the matrix are 0.
+struct Group {
+    u: Vec<u8>,
+    d: Vec<f32>,
+    m: Vec<f32>,
+    /// The unpacked rows before interleaving.
+    rows: Vec<Vec<u8>>,
+    row: Row,
+}
+
+impl Group {
+    fn new(q: Block, k: usize) -> Group {
+        let units = if q == Block::Q6K { k / 16 } else { k / 32 };
+        Group {
+            u: vec![0; GROUP * k],
+            d: vec![0.0; GROUP * units],
+            m: vec![0.0; GROUP * k / 32],
+            rows: vec![vec![0; k]; GROUP],
+            row: Row::new(q, k),
+        }
+    }
+
+    /// Unpacks row `t` of the group (`None`: past the matrix) into `rows[t]` and the
+    /// scale lanes `t`.
+    fn unpack_row(&mut self, isa: Isa, q: Block, t: usize, wr: Option<&[u8]>) {
+        let Some(wr) = wr else {
+            self.rows[t].fill(0);
+            self.d
+                .iter_mut()
+                .skip(t)
+                .step_by(GROUP)
+                .for_each(|v| *v = 0.0);
+            self.m
+                .iter_mut()
+                .skip(t)
+                .step_by(GROUP)
+                .for_each(|v| *v = 0.0);
+            return;
+        };
+        std::mem::swap(&mut self.row.u, &mut self.rows[t]);
+        unpack(isa, q, wr, &mut self.row);
+        std::mem::swap(&mut self.row.u, &mut self.rows[t]);
+        let (row, d, m) = (&self.row, &mut self.d, &mut self.m);
+        match q {
+            Block::Q6K => {
+                for (g, &sc) in row.sc.iter().enumerate() {
+                    d[GROUP * g + t] = row.d[g / 16] * f32::from(sc);
+                }
+            }
+            Block::Q4K | Block::Q5K => {
+                for j in 0..row.sc.len() / 2 {
+                    d[GROUP * j + t] = row.d[j / 8] * f32::from(row.sc[2 * j]);
+                    m[GROUP * j + t] = row.m[j / 8] * f32::from(row.mn[2 * j]);
+                }
+            }
+            _ => {
+                for (b, (&dv, &mv)) in row.d.iter().zip(&row.m).enumerate() {
+                    d[GROUP * b + t] = dv;
+                    m[GROUP * b + t] = mv;
+                }
+            }
         }
     }
 }
@@ -395,8 +468,8 @@ struct Xq {
     d: Vec<f32>,
     /// Per 32 values: `d · Σ q` (the block's sum, for Q4_1/Q5_1's minimum).
     s: Vec<f32>,
-    /// Per 4 values: `−Σ q` (offset corrections, lane by lane).
-    n4: Vec<i32>,
+    /// Per 32 values: `Σ q` (offset corrections).
+    s32: Vec<i32>,
     /// Per 16 values: `Σ q` (k-quant minimum and offset corrections).
     bs: Vec<i16>,
 }
@@ -408,7 +481,7 @@ fn quantize(isa: Isa, x: &[f32], m: usize, k: usize, qb: usize) -> Xq {
         q: vec![0; m * k],
         d: vec![0.0; m * k / qb],
         s: vec![0.0; m * k / 32],
-        n4: vec![0; m * k / 4],
+        s32: vec![0; m * k / 32],
         bs: vec![0; m * k / 16],
     };
     match isa {
@@ -442,15 +515,15 @@ fn quantize_body(x: &[f32], qb: usize, xq: &mut Xq) {
         }
     }
     let sum = |c: &[i8]| c.iter().map(|&v| i32::from(v)).sum::<i32>();
-    for (n4, c) in xq.n4.iter_mut().zip(xq.q.chunks_exact(4)) {
-        *n4 = -sum(c);
+    for (s, c) in xq.s32.iter_mut().zip(xq.q.chunks_exact(32)) {
+        *s = sum(c);
     }
     for (bs, c) in xq.bs.iter_mut().zip(xq.q.chunks_exact(16)) {
         *bs = sum(c) as i16;
     }
     let per = qb / 32;
-    for (i, (s, c)) in xq.s.iter_mut().zip(xq.q.chunks_exact(32)).enumerate() {
-        *s = xq.d[i / per] * sum(c) as f32;
+    for (i, (s, &c)) in xq.s.iter_mut().zip(&xq.s32).enumerate() {
+        *s = xq.d[i / per] * c as f32;
     }
 }
 
@@ -678,40 +751,39 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
-/// Scale and minimum of sub-block `j` of a Q4_K/Q5_K block (6 bits each in 12 bytes).
-fn k_scale_min(scales: &[u8], j: usize) -> (u8, u8) {
-    if j < 4 {
-        (scales[j] & 0x3f, scales[j + 4] & 0x3f)
-    } else {
-        let low = scales[j + 4];
-        (
-            (low & 0x0f) | ((scales[j - 4] >> 6) << 4),
-            (low >> 4) | ((scales[j] >> 6) << 4),
-        )
-    }
+/// The eight 6-bit sub-block scales and minimums of a Q4_K/Q5_K block's 12 scale bytes:
+/// bytes 0..4 hold the low 6 bits of scales 0..4 and bytes 4..8 those of minimums 0..4;
+/// scales and minimums 4..8 take their low 4 bits from the nibbles of bytes 8..12 and
+/// their high 2 bits from the top bits of bytes 0..4 and 4..8.
+fn k_scale_mins(s: &[u8]) -> ([u8; 8], [u8; 8]) {
+    let word = |i: usize| u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]]);
+    let (a, b, c) = (word(0), word(4), word(8));
+    let top = |v: u32| ((v >> 6) & 0x0303_0303) << 4;
+    let sc = [a & 0x3f3f_3f3f, (c & 0x0f0f_0f0f) | top(a)];
+    let mn = [b & 0x3f3f_3f3f, ((c >> 4) & 0x0f0f_0f0f) | top(b)];
+    let bytes = |v: [u32; 2]| {
+        let (lo, hi) = (v[0].to_le_bytes(), v[1].to_le_bytes());
+        [lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3]]
+    };
+    (bytes(sc), bytes(mn))
 }
 
-/// The block scales of a Q4_K/Q5_K block `blk` (block index `b`) into `row`.
-fn k_scales(blk: &[u8], b: usize, row: &mut Row) {
-    row.d[b] = f16_at(blk, 0);
-    row.m[b] = f16_at(blk, 2);
+/// The sub-block scales of Q4_K/Q5_K block `b` (scale bytes `s`) into `row`.
+fn k_scales(s: &[u8], b: usize, row: &mut Row) {
+    let (sc, mn) = k_scale_mins(s);
+    let (rs, rm) = (&mut row.sc[16 * b..][..16], &mut row.mn[16 * b..][..16]);
     for j in 0..8 {
-        let (sc, mn) = k_scale_min(&blk[4..16], j);
-        row.sc[128 * b + 16 * j..][..16].fill(i16::from(sc));
-        row.mn[16 * b + 2 * j] = i16::from(mn);
-        row.mn[16 * b + 2 * j + 1] = i16::from(mn);
+        rs[2 * j..][..2].fill(i16::from(sc[j]));
+        rm[2 * j..][..2].fill(i16::from(mn[j]));
     }
 }
 
-/// The block scales of a Q6_K block `blk` (block index `b`) into `row`.
-fn q6k_scales(blk: &[u8], b: usize, row: &mut Row) {
-    let d = f16_at(blk, 208);
-    row.d[b] = d;
-    row.m[b] = d;
-    for g in 0..16 {
-        let s = i16::from(blk[192 + g] as i8);
-        row.sc[128 * b + 8 * g..][..8].fill(s);
-        row.mn[16 * b + g] = 32 * s;
+/// The group scales of Q6_K block `b` (scale bytes `s`) into `row`.
+fn q6k_scales(s: &[u8], b: usize, row: &mut Row) {
+    let (rs, rm) = (&mut row.sc[16 * b..][..16], &mut row.mn[16 * b..][..16]);
+    for ((rs, rm), &s) in rs.iter_mut().zip(rm).zip(s) {
+        *rs = i16::from(s as i8);
+        *rm = 32 * *rs;
     }
 }
 
@@ -754,7 +826,9 @@ fn unpack_portable(q: Block, wr: &[u8], row: &mut Row) {
                 row.u[32 * b..][..32].copy_from_slice(&blk[2..]);
             }
             Block::Q4K | Block::Q5K => {
-                k_scales(blk, b, row);
+                row.d[b] = f16_at(blk, 0);
+                row.m[b] = f16_at(blk, 2);
+                k_scales(&blk[4..16], b, row);
                 let (qh, qs) = if q == Block::Q5K {
                     (Some(&blk[16..48]), &blk[48..])
                 } else {
@@ -773,7 +847,9 @@ fn unpack_portable(q: Block, wr: &[u8], row: &mut Row) {
                 }
             }
             Block::Q6K => {
-                q6k_scales(blk, b, row);
+                row.d[b] = f16_at(blk, 208);
+                row.m[b] = row.d[b];
+                q6k_scales(&blk[192..208], b, row);
                 let (ql, qh) = (&blk[..128], &blk[128..192]);
                 for h in 0..2 {
                     for kk in 0..4 {
@@ -798,7 +874,7 @@ fn expand_portable(q: Block, row: &Row, out: &mut [f32]) {
             .enumerate()
         {
             let b = g / 16;
-            let scale = row.d[b] * f32::from(row.sc[8 * g]);
+            let scale = row.d[b] * f32::from(row.sc[g]);
             let min = row.m[b] * f32::from(row.mn[g]);
             for (o, &u) in o.iter_mut().zip(u) {
                 *o = scale * f32::from(u) - min;
@@ -839,7 +915,7 @@ fn dot_portable(q: Block, row: &Row, xq: &Xq, r: usize, k: usize) -> f32 {
                     .zip(&qx[16 * g..][..16])
                     .map(|(&u, &x)| i32::from(u) * i32::from(x))
                     .sum();
-                sumi += i32::from(row.sc[8 * g]) * s;
+                sumi += i32::from(row.sc[g]) * s;
                 corr += i32::from(row.mn[g]) * i32::from(bs[g]);
             }
             let dd = row.d[b] * dx;
@@ -879,7 +955,7 @@ mod x86 {
 
     use std::arch::x86_64::*;
 
-    use super::{Block, Row, Task, Xq, quantize_body, row_bytes_q};
+    use super::{Block, GROUP, Group, Isa, Row, Task, Xq, quantize_body, row_bytes_q};
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn quantize_avx2(x: &[f32], qb: usize, xq: &mut Xq) {
@@ -976,7 +1052,9 @@ mod x86 {
                     let one = _mm256_set1_epi8(1);
                     for b in 0..nb {
                         let blk = &wr[b * bb..(b + 1) * bb];
-                        super::k_scales(blk, b, row);
+                        row.d[b] = f16_at(blk.as_ptr());
+                        row.m[b] = f16_at(blk.as_ptr().add(2));
+                        super::k_scales(&blk[4..16], b, row);
                         let qs = blk.as_ptr().add(if q == Block::Q5K { 48 } else { 16 });
                         let qh = _mm256_loadu_si256(blk.as_ptr().add(16).cast());
                         for p in 0..4 {
@@ -1002,7 +1080,9 @@ mod x86 {
                     let m30 = _mm256_set1_epi8(0x30);
                     for b in 0..nb {
                         let blk = &wr[b * bb..(b + 1) * bb];
-                        super::q6k_scales(blk, b, row);
+                        row.d[b] = f16_at(blk.as_ptr().add(208));
+                        row.m[b] = row.d[b];
+                        super::q6k_scales(&blk[192..208], b, row);
                         let blk = blk.as_ptr();
                         for h in 0..2 {
                             let ql0 = _mm256_loadu_si256(blk.add(64 * h).cast());
@@ -1057,7 +1137,7 @@ mod x86 {
             if q.is_k() {
                 for g in 0..k / 16 {
                     let b = g / 16;
-                    let scale = _mm256_set1_ps(row.d[b] * f32::from(row.sc[8 * g]));
+                    let scale = _mm256_set1_ps(row.d[b] * f32::from(row.sc[g]));
                     let min = _mm256_set1_ps(-(row.m[b] * f32::from(row.mn[g])));
                     for h in 0..2 {
                         let i = 16 * g + 8 * h;
@@ -1098,7 +1178,7 @@ mod x86 {
             if q.is_k() {
                 for g in 0..k / 16 {
                     let b = g / 16;
-                    let scale = _mm512_set1_ps(row.d[b] * f32::from(row.sc[8 * g]));
+                    let scale = _mm512_set1_ps(row.d[b] * f32::from(row.sc[g]));
                     let min = _mm512_set1_ps(-(row.m[b] * f32::from(row.mn[g])));
                     let i = 16 * g;
                     _mm512_storeu_ps(o.add(i), _mm512_fmadd_ps(scale, widen(i, false), min));
@@ -1117,181 +1197,268 @@ mod x86 {
         }
     }
 
-    /// The i32 lanes (4 values each) of one 32-value block's dot product of weight bytes
-    /// `u` with activations `x`: `OFF` (a shift) subtracts `2^OFF` from each weight
-    /// through the activations' negated 4-sums `n4`; `SIGNED` reads signed weights.
+    /// Unpacks the weight rows `w` (at most [`GROUP`]) into `g` and interleaves them;
+    /// `xor` flips the top bit of every byte (Q8_0 for VNNI: signed bytes become
+    /// `w + 128`).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn fill_group(isa: Isa, q: Block, w: &[u8], k: usize, g: &mut Group, xor: bool) {
+        let rb = row_bytes_q(q, k);
+        for t in 0..GROUP {
+            let wr = (t < w.len() / rb).then(|| &w[t * rb..(t + 1) * rb]);
+            g.unpack_row(isa, q, t, wr);
+        }
+        assert!(g.u.len() == GROUP * k && g.rows.iter().all(|r| r.len() == k));
+        let flip = _mm256_set1_epi8(if xor { -128 } else { 0 });
+        let rows: [*const u8; GROUP] = std::array::from_fn(|t| g.rows[t].as_ptr());
+        let u = g.u.as_mut_ptr();
+        for b in 0..k / 32 {
+            // SAFETY: bytes 32b..32b + 32 of each row and 256b..256b + 256 of `u` are in
+            // bounds (asserted above).
+            let r: [__m256i; GROUP] =
+                std::array::from_fn(|t| unsafe { _mm256_loadu_si256(rows[t].add(32 * b).cast()) });
+            // An 8 × 8 transpose of 4-byte words: output c holds word c of every row.
+            let t0 = _mm256_unpacklo_epi32(r[0], r[1]);
+            let t1 = _mm256_unpackhi_epi32(r[0], r[1]);
+            let t2 = _mm256_unpacklo_epi32(r[2], r[3]);
+            let t3 = _mm256_unpackhi_epi32(r[2], r[3]);
+            let t4 = _mm256_unpacklo_epi32(r[4], r[5]);
+            let t5 = _mm256_unpackhi_epi32(r[4], r[5]);
+            let t6 = _mm256_unpacklo_epi32(r[6], r[7]);
+            let t7 = _mm256_unpackhi_epi32(r[6], r[7]);
+            let s = [
+                _mm256_unpacklo_epi64(t0, t2),
+                _mm256_unpackhi_epi64(t0, t2),
+                _mm256_unpacklo_epi64(t1, t3),
+                _mm256_unpackhi_epi64(t1, t3),
+                _mm256_unpacklo_epi64(t4, t6),
+                _mm256_unpackhi_epi64(t4, t6),
+                _mm256_unpacklo_epi64(t5, t7),
+                _mm256_unpackhi_epi64(t5, t7),
+            ];
+            for c in 0..4 {
+                let lo = _mm256_permute2x128_si256::<0x20>(s[c], s[c + 4]);
+                let hi = _mm256_permute2x128_si256::<0x31>(s[c], s[c + 4]);
+                // SAFETY: as above.
+                unsafe {
+                    let o = u.add(256 * b + 32 * c);
+                    _mm256_storeu_si256(o.cast(), _mm256_xor_si256(lo, flip));
+                    _mm256_storeu_si256(o.add(128).cast(), _mm256_xor_si256(hi, flip));
+                }
+            }
+        }
+    }
+
+    /// Stores the first `lanes` floats of `v` at `o`.
+    ///
+    /// # Safety
+    /// `o` has `lanes ≤ 8` writable floats.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn block32<const OFF: i32, const SIGNED: bool>(
-        u: *const u8,
-        x: *const i8,
-        n4: *const i32,
-    ) -> __m256i {
-        let ones = _mm256_set1_epi16(1);
-        // SAFETY: the caller's pointers hold 32 bytes and 8 i32s.
+    unsafe fn store8(v: __m256, o: *mut f32, lanes: usize) {
+        // SAFETY: the caller's contract.
         unsafe {
-            let wv = _mm256_loadu_si256(u.cast());
-            let xv = _mm256_loadu_si256(x.cast());
-            if SIGNED {
-                // |w| · (x · sign w): a pair sum is at most 2 · 128 · 127 < 2^15.
-                let p = _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));
-                _mm256_madd_epi16(p, ones)
+            if lanes == GROUP {
+                _mm256_storeu_ps(o, v);
             } else {
-                // Weights below 32: a pair sum is at most 2 · 31 · 127 < 2^15.
-                let s = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones);
-                if OFF > 0 {
-                    let c = _mm256_slli_epi32::<OFF>(_mm256_loadu_si256(n4.cast()));
-                    _mm256_add_epi32(s, c)
-                } else {
-                    s
-                }
+                let mut t = [0.0f32; GROUP];
+                _mm256_storeu_ps(t.as_mut_ptr(), v);
+                std::ptr::copy_nonoverlapping(t.as_ptr(), o, lanes);
             }
         }
     }
 
-    /// As [`block32`] with VNNI.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn block32_vnni<const OFF: i32, const SIGNED: bool>(
-        u: *const u8,
-        x: *const i8,
-        n4: *const i32,
-    ) -> __m256i {
-        // SAFETY: the caller's pointers hold 32 bytes and 8 i32s.
-        unsafe {
-            let wv = _mm256_loadu_si256(u.cast());
-            let xv = _mm256_loadu_si256(x.cast());
-            if SIGNED {
-                // w + 128 as unsigned bytes, less 128 · Σ x.
-                let c = _mm256_slli_epi32::<7>(_mm256_loadu_si256(n4.cast()));
-                let wu = _mm256_xor_si256(wv, _mm256_set1_epi8(-128));
-                _mm256_dpbusd_epi32(c, wu, xv)
-            } else if OFF > 0 {
-                let c = _mm256_slli_epi32::<OFF>(_mm256_loadu_si256(n4.cast()));
-                _mm256_dpbusd_epi32(c, wv, xv)
-            } else {
-                _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv, xv)
-            }
-        }
-    }
-
-    /// Defines the 32-block dot product of one activation row with an unpacked row on
-    /// top of a block kernel.
-    macro_rules! dot32 {
-        ($name:ident, $block:ident, $features:literal) => {
+    /// Defines the integer dot products of `R` activation rows with a [`Group`] on top of
+    /// `$chunk(acc, w, |w|, x, signed)`, which adds to the i32 lanes `acc` the products of
+    /// four weight bytes per lane (signed or not) with the four activation bytes broadcast
+    /// in `x`.
+    macro_rules! group_dots {
+        ($dot32:ident, $dotk:ident, $features:literal, $vnni:literal, $chunk:expr) => {
+            /// Columns `j..j + lanes` of output rows `r0..r0 + R` for 32-value blocks:
+            /// `OFF` (a shift) subtracts `2^OFF` from every weight, `SIGNED` reads signed
+            /// weights and adds the minimum when neither is set.
+            ///
+            /// # Safety
+            /// `xq` holds rows `r0..r0 + R` of `k` values, `g` a group of `k`-value rows,
+            /// and `out` rows `r0..r0 + R` (stride `n`) `lanes` writable floats at `j`.
             #[inline]
             #[target_feature(enable = $features)]
-            unsafe fn $name<const OFF: i32, const SIGNED: bool>(
-                row: &Row,
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn $dot32<const R: usize, const OFF: i32, const SIGNED: bool>(
+                g: &Group,
                 xq: &Xq,
-                r: usize,
+                r0: usize,
                 k: usize,
-            ) -> f32 {
+                out: *mut f32,
+                n: usize,
+                j: usize,
+                lanes: usize,
+            ) {
                 let nb = k / 32;
-                // SAFETY (whole body): block b reads u[32b..], q[r·k + 32b..] (32 bytes
-                // each), n4[r·k/4 + 8b..] (8) and d/s entries b of row r, b < k / 32.
+                let chunk = $chunk;
+                // Offset corrections in i32: Q8_0's VNNI bytes carry +128.
+                let shift = if SIGNED && $vnni { 7 } else { OFF };
+                let (gu, gd, gm) = (g.u.as_ptr(), g.d.as_ptr(), g.m.as_ptr());
+                let x: [*const i8; R] = std::array::from_fn(|r| xq.q[(r0 + r) * k..].as_ptr());
+                let xrow = |v: &[f32], r: usize, b: usize| v[(r0 + r) * nb + b];
+                let mut acc = [_mm256_setzero_ps(); R];
+                // SAFETY (whole loop): block b reads g.u at 256b.. (256 bytes), g.d and
+                // g.m at 8b.. (8 floats) and activation bytes 32b.. of rows r0 + r.
                 unsafe {
-                    let u = row.u.as_ptr();
-                    let x = xq.q.as_ptr().add(r * k);
-                    let n4 = xq.n4.as_ptr().add(r * k / 4);
-                    let (dw, dx) = (row.d.as_ptr(), xq.d.as_ptr().add(r * nb));
-                    let step = |b: usize, acc: __m256| {
-                        let i = $block::<OFF, SIGNED>(u.add(32 * b), x.add(32 * b), n4.add(8 * b));
-                        let s = _mm256_set1_ps(*dw.add(b) * *dx.add(b));
-                        _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(i), acc)
-                    };
-                    let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-                    let mut b = 0;
-                    while b + 2 <= nb {
-                        a0 = step(b, a0);
-                        a1 = step(b + 1, a1);
-                        b += 2;
+                    for b in 0..nb {
+                        let ai: [__m256i; R] = std::array::from_fn(|r| {
+                            if shift > 0 {
+                                _mm256_set1_epi32(-(xq.s32[(r0 + r) * nb + b] << shift))
+                            } else {
+                                _mm256_setzero_si256()
+                            }
+                        });
+                        let mut ai = ai;
+                        for c in 0..8 {
+                            let wv = _mm256_loadu_si256(gu.add(256 * b + 32 * c).cast());
+                            let wa = if SIGNED && !$vnni {
+                                _mm256_abs_epi8(wv)
+                            } else {
+                                wv
+                            };
+                            for (r, ai) in ai.iter_mut().enumerate() {
+                                let xv = x[r].add(32 * b + 4 * c).cast::<i32>().read_unaligned();
+                                *ai = chunk(*ai, wv, wa, _mm256_set1_epi32(xv), SIGNED);
+                            }
+                        }
+                        let dw = _mm256_loadu_ps(gd.add(8 * b));
+                        for (r, (a, ai)) in acc.iter_mut().zip(ai).enumerate() {
+                            let s = _mm256_mul_ps(dw, _mm256_set1_ps(xrow(&xq.d, r, b)));
+                            *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai), s, *a);
+                        }
+                        if OFF == 0 && !SIGNED {
+                            let mw = _mm256_loadu_ps(gm.add(8 * b));
+                            for (r, a) in acc.iter_mut().enumerate() {
+                                *a = _mm256_fmadd_ps(mw, _mm256_set1_ps(xrow(&xq.s, r, b)), *a);
+                            }
+                        }
                     }
-                    if b < nb {
-                        a0 = step(b, a0);
+                    for (r, a) in acc.into_iter().enumerate() {
+                        store8(a, out.add((r0 + r) * n + j), lanes);
                     }
-                    let mut s = hsum(_mm256_add_ps(a0, a1));
-                    if OFF == 0 && !SIGNED {
-                        let sx = &xq.s[r * nb..(r + 1) * nb];
-                        s += row.m.iter().zip(sx).map(|(m, s)| m * s).sum::<f32>();
-                    }
-                    s
                 }
             }
-        };
-    }
 
-    dot32!(dot32_avx2, block32, "avx2,fma,f16c");
-    dot32!(
-        dot32_vnni,
-        block32_vnni,
-        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
-    );
-
-    /// Defines the k-quant dot product of one activation row with an unpacked row:
-    /// `$mac(acc, products, scales)` adds the scaled i16 pair products to i32 lanes.
-    macro_rules! dotk {
-        ($name:ident, $features:literal, $mac:expr) => {
+            /// As the 32-block kernel for k-quants: Q6_K (`Q6`, 16-value groups with
+            /// offset 32) or Q4_K/Q5_K (32-value sub-blocks with minimums).
+            ///
+            /// # Safety
+            /// As the 32-block kernel.
             #[inline]
             #[target_feature(enable = $features)]
-            unsafe fn $name<const INT_CORR: bool>(row: &Row, xq: &Xq, r: usize, k: usize) -> f32 {
-                let nb = k / 256;
-                // SAFETY (whole body): super-block b reads u and q at r·k + 256b.. (256
-                // bytes), sc at 128b.. (128 i16), mn at 16b.. and bs at r·k/16 + 16b..
-                // (16 i16 each), b < k / 256.
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn $dotk<const R: usize, const Q6: bool>(
+                g: &Group,
+                xq: &Xq,
+                r0: usize,
+                k: usize,
+                out: *mut f32,
+                n: usize,
+                j: usize,
+                lanes: usize,
+            ) {
+                let chunk = $chunk;
+                let (subs, chunks) = if Q6 { (16, 4) } else { (8, 8) };
+                let (gu, gd, gm) = (g.u.as_ptr(), g.d.as_ptr(), g.m.as_ptr());
+                let x: [*const i8; R] = std::array::from_fn(|r| xq.q[(r0 + r) * k..].as_ptr());
+                let mut acc = [_mm256_setzero_ps(); R];
+                // SAFETY (whole loop): unit s of super-block sb reads g.u at 32 · c for
+                // its chunks c < k / 4, g.d and g.m at 8 · unit.., and activation bytes
+                // 4c.. of rows r0 + r.
                 unsafe {
-                    let mac = $mac;
-                    let u = row.u.as_ptr();
-                    let x = xq.q.as_ptr().add(r * k);
-                    let bs = xq.bs.as_ptr().add(r * k / 16);
-                    let (sc, mn) = (row.sc.as_ptr(), row.mn.as_ptr());
-                    let dx = xq.d.as_ptr().add(r * nb);
-                    let mut acc = _mm256_setzero_ps();
-                    for b in 0..nb {
-                        let mut sumi = _mm256_setzero_si256();
-                        for c in 0..8 {
-                            let i = 256 * b + 32 * c;
-                            let wv = _mm256_loadu_si256(u.add(i).cast());
-                            let xv = _mm256_loadu_si256(x.add(i).cast());
-                            let s = _mm256_loadu_si256(sc.add(i / 2).cast());
-                            // Weights below 64: a pair sum is at most 2 · 63 · 127 < 2^15.
-                            sumi = mac(sumi, _mm256_maddubs_epi16(wv, xv), s);
+                    for sb in 0..k / 256 {
+                        let mut asb = [_mm256_setzero_ps(); R];
+                        for s in 0..subs {
+                            let unit = sb * subs + s;
+                            let mut ai: [__m256i; R] = std::array::from_fn(|r| {
+                                if Q6 {
+                                    let sum = i32::from(xq.bs[(r0 + r) * k / 16 + unit]);
+                                    _mm256_set1_epi32(-32 * sum)
+                                } else {
+                                    _mm256_setzero_si256()
+                                }
+                            });
+                            for c in unit * chunks..(unit + 1) * chunks {
+                                let wv = _mm256_loadu_si256(gu.add(32 * c).cast());
+                                for (r, ai) in ai.iter_mut().enumerate() {
+                                    let xv = x[r].add(4 * c).cast::<i32>().read_unaligned();
+                                    *ai = chunk(*ai, wv, wv, _mm256_set1_epi32(xv), false);
+                                }
+                            }
+                            let dsc = _mm256_loadu_ps(gd.add(8 * unit));
+                            for (a, ai) in asb.iter_mut().zip(ai) {
+                                *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai), dsc, *a);
+                            }
+                            if !Q6 {
+                                let dmn = _mm256_loadu_ps(gm.add(8 * unit));
+                                for (r, a) in acc.iter_mut().enumerate() {
+                                    let sx = xq.s[(r0 + r) * k / 32 + unit];
+                                    *a = _mm256_fnmadd_ps(dmn, _mm256_set1_ps(sx), *a);
+                                }
+                            }
                         }
-                        let corr = _mm256_madd_epi16(
-                            _mm256_loadu_si256(bs.add(16 * b).cast()),
-                            _mm256_loadu_si256(mn.add(16 * b).cast()),
-                        );
-                        let dx = *dx.add(b);
-                        let dd = _mm256_set1_ps(row.d[b] * dx);
-                        if INT_CORR {
-                            let s = _mm256_cvtepi32_ps(_mm256_sub_epi32(sumi, corr));
-                            acc = _mm256_fmadd_ps(dd, s, acc);
-                        } else {
-                            acc = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sumi), acc);
-                            let dm = _mm256_set1_ps(row.m[b] * dx);
-                            acc = _mm256_fnmadd_ps(dm, _mm256_cvtepi32_ps(corr), acc);
+                        for (r, (a, s)) in acc.iter_mut().zip(asb).enumerate() {
+                            let dx = xq.d[(r0 + r) * (k / 256) + sb];
+                            *a = _mm256_fmadd_ps(s, _mm256_set1_ps(dx), *a);
                         }
                     }
-                    hsum(acc)
+                    for (r, a) in acc.into_iter().enumerate() {
+                        store8(a, out.add((r0 + r) * n + j), lanes);
+                    }
                 }
             }
         };
     }
 
-    dotk!(
+    // Without VNNI, pairs of products are summed in i16 by `maddubs`: weights below 64
+    // keep a pair sum within 2 · 63 · 127 < 2^15, and signed ones (Q8_0) are multiplied
+    // as |w| · (x · sign w), at most 2 · 128 · 127 < 2^15.
+    group_dots!(
+        dot32_avx2,
         dotk_avx2,
         "avx2,fma,f16c",
-        |acc: __m256i, p: __m256i, s: __m256i| _mm256_add_epi32(acc, _mm256_madd_epi16(p, s))
+        false,
+        |acc: __m256i, w: __m256i, wa: __m256i, x: __m256i, signed: bool| {
+            let p = if signed {
+                _mm256_maddubs_epi16(wa, _mm256_sign_epi8(x, w))
+            } else {
+                _mm256_maddubs_epi16(w, x)
+            };
+            _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)))
+        }
     );
-    dotk!(
+    group_dots!(
+        dot32_vnni,
         dotk_vnni,
         "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
-        |acc: __m256i, p: __m256i, s: __m256i| _mm256_dpwssd_epi32(acc, p, s)
+        true,
+        |acc: __m256i, w: __m256i, _wa: __m256i, x: __m256i, _signed: bool| {
+            _mm256_dpbusd_epi32(acc, w, x)
+        }
     );
 
-    /// Defines a task of integer dot products over unpacked rows.
+    /// Calls `$f::<R, ...>` with `R = $rows` (1 to 4).
+    macro_rules! by_rows {
+        ($rows:expr, $f:ident, [$($c:expr),*], $args:tt) => {
+            match $rows {
+                1 => $f::<1 $(, $c)*> $args,
+                2 => $f::<2 $(, $c)*> $args,
+                3 => $f::<3 $(, $c)*> $args,
+                _ => $f::<4 $(, $c)*> $args,
+            }
+        };
+    }
+
+    /// Activation rows per pass over a group.
+    const ROWS: usize = 4;
+
+    /// Defines a task of integer dot products over groups of weight rows.
     macro_rules! int8_task {
-        ($name:ident, $features:literal, $dot32:ident, $dotk:ident) => {
+        ($name:ident, $isa:expr, $features:literal, $dot32:ident, $dotk:ident) => {
             /// `super::int8_task` on this instruction set.
             ///
             /// # Safety
@@ -1306,33 +1473,61 @@ mod x86 {
                     n,
                     out,
                 } = *task;
-                let mut row = Row::new(q, k);
-                for (j, wr) in w.chunks_exact(row_bytes_q(q, k)).enumerate() {
-                    // SAFETY: the features are enabled; `row` has the shape of `wr`.
-                    unsafe { unpack(q, wr, &mut row) };
-                    for r in 0..m {
-                        // SAFETY: xq holds m rows of k quantized values and `row` k values.
-                        let v = unsafe {
+                let rb = row_bytes_q(q, k);
+                let mut g = Group::new(q, k);
+                let xor = $isa == Isa::Avx512 && q == Block::Q8_0;
+                for (gi, rows) in w.chunks(GROUP * rb).enumerate() {
+                    // SAFETY: the features are enabled.
+                    unsafe { fill_group($isa, q, rows, k, &mut g, xor) };
+                    let (j, lanes) = (j0 + GROUP * gi, rows.len() / rb);
+                    let o = out.0;
+                    let mut r0 = 0;
+                    while r0 < m {
+                        let rr = (m - r0).min(ROWS);
+                        // SAFETY: rows r0..r0 + rr < m of xq and out; columns j..j + lanes
+                        // are this task's (the caller's contract).
+                        unsafe {
                             match q {
-                                Block::Q4_0 => $dot32::<3, false>(&row, xq, r, k),
-                                Block::Q5_0 => $dot32::<4, false>(&row, xq, r, k),
-                                Block::Q4_1 | Block::Q5_1 => $dot32::<0, false>(&row, xq, r, k),
-                                Block::Q8_0 => $dot32::<0, true>(&row, xq, r, k),
-                                Block::Q6K => $dotk::<true>(&row, xq, r, k),
-                                Block::Q4K | Block::Q5K => $dotk::<false>(&row, xq, r, k),
+                                Block::Q4_0 => by_rows!(
+                                    rr,
+                                    $dot32,
+                                    [3, false],
+                                    (&g, xq, r0, k, o, n, j, lanes)
+                                ),
+                                Block::Q5_0 => by_rows!(
+                                    rr,
+                                    $dot32,
+                                    [4, false],
+                                    (&g, xq, r0, k, o, n, j, lanes)
+                                ),
+                                Block::Q4_1 | Block::Q5_1 => by_rows!(
+                                    rr,
+                                    $dot32,
+                                    [0, false],
+                                    (&g, xq, r0, k, o, n, j, lanes)
+                                ),
+                                Block::Q8_0 => {
+                                    by_rows!(rr, $dot32, [0, true], (&g, xq, r0, k, o, n, j, lanes))
+                                }
+                                Block::Q6K => {
+                                    by_rows!(rr, $dotk, [true], (&g, xq, r0, k, o, n, j, lanes))
+                                }
+                                Block::Q4K | Block::Q5K => {
+                                    by_rows!(rr, $dotk, [false], (&g, xq, r0, k, o, n, j, lanes))
+                                }
                             }
-                        };
-                        // SAFETY: r < m and j0 + j < n; the caller's contract.
-                        unsafe { *out.at(r * n + j0 + j) = v };
+                        }
+                        r0 += rr;
                     }
                 }
             }
         };
     }
 
-    int8_task!(int8_avx2, "avx2,fma,f16c", dot32_avx2, dotk_avx2);
+    int8_task!(int8_avx2, Isa::Avx2, "avx2,fma,f16c", dot32_avx2, dotk_avx2);
     int8_task!(
         int8_avx512,
+        Isa::Avx512,
         "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
         dot32_vnni,
         dotk_vnni
