@@ -4,9 +4,13 @@
 //! (`kvc_runtime::exec::kernels`), so these numbers are what a graph runs.
 
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use criterion::Throughput;
 use criterion::{BenchmarkId, Criterion, black_box, criterion_group, criterion_main};
 use kvc_runtime::exec::Value;
+use kvc_runtime::exec::kernels::cpu::gemv;
+use kvc_runtime::exec::kernels::cpu::quant::{self, Isa, Method, Path};
 use kvc_runtime::exec::kernels::{self, KernelSet, portable};
+use kvc_runtime::load::gguf::GgmlType;
 use kvc_runtime::{Backend, device};
 
 const SETS: [KernelSet; 2] = [KernelSet::Cpu, KernelSet::Portable];
@@ -137,5 +141,104 @@ fn cache_ops(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, linear, attention, cache_ops);
+/// `n` rows of `k` values of GGUF blocks of type `ty`: hashed bytes with every f16 scale
+/// and minimum set to a small finite value.
+fn quant_matrix(ty: GgmlType, k: usize, n: usize) -> Vec<u8> {
+    let bb = ty.block_bytes() as usize;
+    let blocks = n * k / ty.block_size() as usize;
+    let mut w: Vec<u8> = (0..blocks * bb)
+        .map(|i| (kernels::hash_uniform(11, (i >> 20) as i32, (i & 0xfffff) as i32) * 256.0) as u8)
+        .collect();
+    let fields: &[usize] = match ty {
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
+        GgmlType::Q6_K => &[208],
+        _ => &[0, 2],
+    };
+    let scale = half::f16::from_f32(0.01).to_le_bytes();
+    for blk in w.chunks_exact_mut(bb) {
+        for &at in fields {
+            blk[at..at + 2].copy_from_slice(&scale);
+        }
+    }
+    w
+}
+
+/// Products with GGUF-quantized weights (`cpu/quant.rs`) at the real models' decode shapes
+/// (m = 1 and 16) on each method and instruction set, beside the f32 GEMV on the same
+/// shapes, and one prefill shape (m = 512) beside Flex's f32 GEMM. Throughput is weight
+/// bytes read per call.
+fn quant(c: &mut Criterion) {
+    let mut group = c.benchmark_group("quant");
+    let isas: Vec<Isa> = [Isa::Avx512, Isa::Avx2]
+        .into_iter()
+        .filter(|i| i.available())
+        .collect();
+    let shapes = [
+        ("smollm2-qo", GgmlType::Q4_1, 576, 576),
+        ("smollm2-up", GgmlType::Q4_1, 576, 1536),
+        ("smollm2-head", GgmlType::Q8_0, 576, 49152),
+        ("qwen-up", GgmlType::Q5_0, 896, 4864),
+        ("qwen-down-q4k", GgmlType::Q4_K, 4864, 896),
+        ("qwen-down-q6k", GgmlType::Q6_K, 4864, 896),
+        ("qwen-head", GgmlType::Q8_0, 896, 151936),
+    ];
+    for (name, ty, k, n) in shapes {
+        let w = quant_matrix(ty, k, n);
+        let wf = filled(n * k, 2);
+        for m in [1usize, 16] {
+            let x = filled(m * k, 1);
+            let mut out = vec![0.0f32; m * n];
+            let id = |path: &str| BenchmarkId::new(format!("{name}/{ty}/{k}x{n}/m{m}"), path);
+            group.throughput(Throughput::Bytes(w.len() as u64));
+            for &isa in &isas {
+                for method in [Method::Int8, Method::Dequant] {
+                    let path = Path { isa, method };
+                    let label = format!("{isa:?}-{method:?}").to_lowercase();
+                    group.bench_function(id(&label), |b| {
+                        b.iter(|| quant::qmatmul_t_with(path, &x, m, k, &w, ty, n, &mut out))
+                    });
+                }
+            }
+            if m == 1 && name == "smollm2-up" {
+                let path = Path {
+                    isa: Isa::Portable,
+                    method: Method::Int8,
+                };
+                group.bench_function(id("portable-int8"), |b| {
+                    b.iter(|| quant::qmatmul_t_with(path, &x, m, k, &w, ty, n, &mut out))
+                });
+            }
+            group.throughput(Throughput::Bytes((wf.len() * 4) as u64));
+            group.bench_function(id("f32-matmul_t"), |b| {
+                b.iter(|| gemv::matmul_t(&x, m, k, &wf, n, &mut out))
+            });
+        }
+    }
+    // Prefill: 512 rows through SmolLM2's up projection.
+    let (ty, m, k, n) = (GgmlType::Q4_1, 512, 576, 1536);
+    let w = quant_matrix(ty, k, n);
+    let x = filled(m * k, 1);
+    let mut out = vec![0.0f32; m * n];
+    let id = |path: &str| BenchmarkId::new(format!("prefill/{ty}/{k}x{n}/m{m}"), path);
+    group.throughput(Throughput::Bytes(w.len() as u64));
+    for &isa in &isas {
+        let path = Path {
+            isa,
+            method: Method::Panel,
+        };
+        group.bench_function(id(&format!("{isa:?}-panel").to_lowercase()), |b| {
+            b.iter(|| quant::qmatmul_t_with(path, &x, m, k, &w, ty, n, &mut out))
+        });
+    }
+    let d = dev();
+    let (xt, wt) = (tensor([m, k], 1, &d), tensor([n, k], 2, &d));
+    let cpu = KernelSet::Cpu.kernels();
+    group.throughput(Throughput::Bytes((n * k * 4) as u64));
+    group.bench_function(id("f32-flex-gemm"), |b| {
+        b.iter(|| black_box(cpu.linear(xt.clone(), wt.clone())))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, linear, attention, cache_ops, quant);
 criterion_main!(benches);

@@ -1,19 +1,2116 @@
-//! Products with weight matrices kept as GGUF blocks (placeholder: dequantizes one row at
-//! a time and multiplies in f32).
+//! Products of activation rows with GGUF block-quantized weights read in their file form:
+//! `out[r, j] = Σ_i x[r, i] · W[j, i]` for `r < m`, `j < n`, where row `j` of `W` is the
+//! `k / B` blocks at `w[j · row_bytes(ty, k)..]` (`B` = 32, or 256 for the k-quants).
+//!
+//! Every method first unpacks a weight row into one byte per value plus its block scales
+//! (the file's nibbles and high bits spread out), then either:
+//! - [`Method::Dequant`]: widens four unpacked rows to f32 and multiplies them against
+//!   the f32 activations (the f32 product with the dequantized weights, up to rounding
+//!   order);
+//! - [`Method::Int8`]: multiplies the bytes against the activation rows quantized once per
+//!   call to int8 (one scale per 32 values, per 256 for k-quants) with integer dot
+//!   products, applying the scales per block in f32;
+//! - [`Method::Panel`]: widens 16 or 32 rows to f32, transposes them into a panel and runs
+//!   a register-blocked f32 kernel over all activation rows (the prefill GEMM; no f32
+//!   copy of the whole matrix).
+//!
+//! Work is split over rayon tasks by blocks of weight rows; each weight byte is read once
+//! per call. Kernels for AVX-512 (F, BW, VL and VNNI), AVX2 (with FMA and F16C) or
+//! portable code are chosen once per process from the CPU's features.
 
-use crate::load::gguf::{GgmlType, dequantize};
+use std::sync::OnceLock;
 
-/// `out[r, j] = Σ_i x[r, i] · W[j, i]`, W `[n, k]` as GGUF blocks of type `ty`.
+use half::f16;
+use rayon::prelude::*;
+
+use super::SendPtr;
+use crate::load::gguf::GgmlType;
+
+/// Activation rows up to which [`qmatmul_t`] runs the decode kernels; larger products run
+/// the panel GEMM.
+pub const DECODE_ROWS: usize = 16;
+
+/// Weight rows per parallel decode task at least.
+const MIN_TASK_ROWS: usize = 32;
+
+/// Weight rows the dequantizing decode kernel widens and multiplies at a time.
+const TILE_ROWS: usize = 4;
+
+/// Whether [`qmatmul_t`] multiplies weights of type `ty`.
+pub fn supports(ty: GgmlType) -> bool {
+    Block::of(ty).is_some()
+}
+
+/// Bytes of one row of `k` values of type `ty` (`k` a multiple of the block size).
+pub fn row_bytes(ty: GgmlType, k: usize) -> usize {
+    k / ty.block_size() as usize * ty.block_bytes() as usize
+}
+
+/// Why a byte slice is not an `[n, k]` matrix that [`qmatmul_t`] can multiply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QuantMatrixError {
+    /// No kernel reads this type.
+    #[error("no quantized matrix kernel reads {0} weights")]
+    Unsupported(GgmlType),
+    /// Rows are not whole blocks.
+    #[error("rows of {k} values are not whole {ty} blocks of {block}")]
+    PartialBlock {
+        /// The type.
+        ty: GgmlType,
+        /// Values per row.
+        k: usize,
+        /// Values per block.
+        block: usize,
+    },
+    /// The slice length is not `n` rows of `k` values.
+    #[error("{n} rows of {k} {ty} values take {expected} bytes, found {found}")]
+    Length {
+        /// The type.
+        ty: GgmlType,
+        /// Values per row.
+        k: usize,
+        /// Rows.
+        n: usize,
+        /// Bytes the shape takes (`usize::MAX` if that overflows).
+        expected: usize,
+        /// Bytes present.
+        found: usize,
+    },
+}
+
+/// Checks that `bytes` bytes of type `ty` hold `n` rows of `k` values (whole blocks), as
+/// [`qmatmul_t`] requires.
+pub fn check_quant_matrix(
+    ty: GgmlType,
+    k: usize,
+    n: usize,
+    bytes: usize,
+) -> Result<(), QuantMatrixError> {
+    let Some(q) = Block::of(ty) else {
+        return Err(QuantMatrixError::Unsupported(ty));
+    };
+    if !k.is_multiple_of(q.block()) {
+        return Err(QuantMatrixError::PartialBlock {
+            ty,
+            k,
+            block: q.block(),
+        });
+    }
+    let expected = (k / q.block())
+        .checked_mul(q.bytes())
+        .and_then(|r| r.checked_mul(n))
+        .unwrap_or(usize::MAX);
+    if expected != bytes {
+        return Err(QuantMatrixError::Length {
+            ty,
+            k,
+            n,
+            expected,
+            found: bytes,
+        });
+    }
+    Ok(())
+}
+
+/// `out = x · Wᵀ` with x `[m, k]` f32, `W` `[n, k]` as `n` rows of GGUF blocks of type
+/// `ty` in `w`, and out `[m, n]`. Parallel over blocks of weight rows on rayon's pool.
+///
+/// # Panics
+/// If [`check_quant_matrix`] rejects `(ty, k, n, w.len())` or a slice length disagrees
+/// with `m`, `k` and `n`.
 pub fn qmatmul_t(x: &[f32], m: usize, k: usize, w: &[u8], ty: GgmlType, n: usize, out: &mut [f32]) {
-    let rb = w.len() / n;
-    for j in 0..n {
-        let row = dequantize(ty, &w[j * rb..(j + 1) * rb]).expect("whole blocks");
-        for r in 0..m {
-            out[r * n + j] = x[r * k..(r + 1) * k]
-                .iter()
-                .zip(&row)
-                .map(|(a, b)| a * b)
-                .sum();
+    let method = if m > DECODE_ROWS {
+        Method::Panel
+    } else {
+        decode_method(ty)
+    };
+    let path = Path {
+        isa: Isa::best(),
+        method,
+    };
+    qmatmul_t_with(path, x, m, k, w, ty, n, out);
+}
+
+/// The decode method per type, chosen by the `quant` benchmarks in `benches/ops.rs`
+/// (see docs/performance.md).
+fn decode_method(_ty: GgmlType) -> Method {
+    Method::Int8
+}
+
+/// An instruction set the kernels are compiled for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// Portable code (autovectorised for the build target).
+    Portable,
+    /// AVX2 with FMA and F16C.
+    Avx2,
+    /// AVX-512 F, BW and VL with VNNI (plus the AVX2 set).
+    Avx512,
+}
+
+impl Isa {
+    /// Whether this CPU runs the kernels of this set.
+    pub fn available(self) -> bool {
+        match self {
+            Isa::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                static OK: OnceLock<bool> = OnceLock::new();
+                *OK.get_or_init(|| {
+                    is_x86_feature_detected!("avx2")
+                        && is_x86_feature_detected!("fma")
+                        && is_x86_feature_detected!("f16c")
+                })
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                static OK: OnceLock<bool> = OnceLock::new();
+                *OK.get_or_init(|| {
+                    Isa::Avx2.available()
+                        && is_x86_feature_detected!("avx512f")
+                        && is_x86_feature_detected!("avx512bw")
+                        && is_x86_feature_detected!("avx512vl")
+                        && is_x86_feature_detected!("avx512vnni")
+                })
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
         }
+    }
+
+    /// The widest available set.
+    pub fn best() -> Isa {
+        static BEST: OnceLock<Isa> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            [Isa::Avx512, Isa::Avx2]
+                .into_iter()
+                .find(|i| i.available())
+                .unwrap_or(Isa::Portable)
+        })
+    }
+
+    /// Columns (weight rows) of a prefill panel.
+    fn panel_cols(self) -> usize {
+        match self {
+            Isa::Avx512 => 32,
+            _ => 16,
+        }
+    }
+}
+
+/// How a product is computed (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// f32 weights widened four rows at a time, f32 dot products.
+    Dequant,
+    /// int8 activations, integer dot products, f32 block scales.
+    Int8,
+    /// f32 panels of weight rows, register-blocked f32 GEMM.
+    Panel,
+}
+
+/// An instruction set and a method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Path {
+    /// The instruction set.
+    pub isa: Isa,
+    /// The method.
+    pub method: Method,
+}
+
+/// [`qmatmul_t`] on a given path (for tests and benchmarks; [`qmatmul_t`] picks the
+/// fastest measured one).
+///
+/// # Panics
+/// As [`qmatmul_t`], and if `path.isa` is not [available](Isa::available).
+#[allow(clippy::too_many_arguments)]
+pub fn qmatmul_t_with(
+    path: Path,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[u8],
+    ty: GgmlType,
+    n: usize,
+    out: &mut [f32],
+) {
+    if let Err(e) = check_quant_matrix(ty, k, n, w.len()) {
+        panic!("{e}");
+    }
+    assert_eq!(x.len(), m * k, "x is not [m, k]");
+    assert_eq!(out.len(), m * n, "out is not [m, n]");
+    assert!(path.isa.available(), "{:?} is not available", path.isa);
+    let q = Block::of(ty).expect("checked");
+    if m == 0 || n == 0 {
+        return;
+    }
+    let isa = path.isa;
+    let rb = row_bytes(ty, k);
+    let threads = rayon::current_num_threads().max(1);
+    // Four tasks per thread balance a core slowed by other work.
+    let unit = match path.method {
+        Method::Panel => isa.panel_cols(),
+        Method::Int8 => GROUP,
+        Method::Dequant => TILE_ROWS,
+    };
+    let rows = n
+        .div_ceil(4 * threads)
+        .max(MIN_TASK_ROWS)
+        .next_multiple_of(unit);
+    let tasks = n.div_ceil(rows);
+    let xq = (path.method == Method::Int8).then(|| quantize(isa, x, m, k, q.block()));
+    let out = SendPtr(out.as_mut_ptr());
+    let run = |t: usize| {
+        let j0 = t * rows;
+        let j1 = (j0 + rows).min(n);
+        let ws = &w[j0 * rb..j1 * rb];
+        let task = Task {
+            q,
+            m,
+            k,
+            j0,
+            n,
+            out,
+        };
+        // SAFETY: tasks write the disjoint columns j0..j1 of `out` (m · n floats, alive
+        // for the whole loop).
+        unsafe {
+            match (path.method, &xq) {
+                (Method::Int8, Some(xq)) => int8_task(isa, &task, xq, ws),
+                (Method::Panel, _) => panel_task(isa, &task, x, ws),
+                _ => dequant_task(isa, &task, x, ws),
+            }
+        }
+    };
+    if tasks == 1 {
+        run(0);
+    } else {
+        (0..tasks).into_par_iter().for_each(run);
+    }
+}
+
+/// The supported block types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Block {
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+impl Block {
+    fn of(ty: GgmlType) -> Option<Block> {
+        Some(match ty {
+            GgmlType::Q4_0 => Block::Q4_0,
+            GgmlType::Q4_1 => Block::Q4_1,
+            GgmlType::Q5_0 => Block::Q5_0,
+            GgmlType::Q5_1 => Block::Q5_1,
+            GgmlType::Q8_0 => Block::Q8_0,
+            GgmlType::Q4_K => Block::Q4K,
+            GgmlType::Q5_K => Block::Q5K,
+            GgmlType::Q6_K => Block::Q6K,
+            _ => return None,
+        })
+    }
+
+    /// Whether this is a 256-value k-quant.
+    fn is_k(self) -> bool {
+        matches!(self, Block::Q4K | Block::Q5K | Block::Q6K)
+    }
+
+    /// Values per block.
+    fn block(self) -> usize {
+        if self.is_k() { 256 } else { 32 }
+    }
+
+    /// Bytes per block.
+    fn bytes(self) -> usize {
+        match self {
+            Block::Q4_0 => 18,
+            Block::Q4_1 => 20,
+            Block::Q5_0 => 22,
+            Block::Q5_1 => 24,
+            Block::Q8_0 => 34,
+            Block::Q4K => 144,
+            Block::Q5K => 176,
+            Block::Q6K => 210,
+        }
+    }
+
+    /// The offset subtracted from an unpacked 32-block byte (Q8_0's bytes are signed).
+    fn offset(self) -> i32 {
+        match self {
+            Block::Q4_0 => 8,
+            Block::Q5_0 => 16,
+            _ => 0,
+        }
+    }
+}
+
+/// The shape of one task's product: columns `j0..` of `out` (`[m, n]`).
+struct Task {
+    q: Block,
+    m: usize,
+    k: usize,
+    j0: usize,
+    n: usize,
+    out: SendPtr<f32>,
+}
+
+/// One weight row unpacked: `u[i]` is value `i`'s integer (0..2^bits; Q8_0's signed byte)
+/// and the row's value `i` is, with `b` its block:
+/// - 32-blocks: `d[b] · (u[i] − offset) + m[b]` (Q8_0: `d[b] · (u[i] as i8)`);
+/// - k-quants, with `g = i / 16`: `(d[b] · sc[g]) · u[i] − m[b] · mn[g]`, where `sc` and
+///   `mn` are Q4_K/Q5_K's sub-block scale and minimum (each twice), or Q6_K's scale and
+///   32 times it (then `m[b] = d[b]`).
+struct Row {
+    u: Vec<u8>,
+    d: Vec<f32>,
+    m: Vec<f32>,
+    sc: Vec<i16>,
+    mn: Vec<i16>,
+}
+
+impl Row {
+    fn new(q: Block, k: usize) -> Row {
+        let blocks = k / q.block();
+        let kq = if q.is_k() { k } else { 0 };
+        Row {
+            u: vec![0; k],
+            d: vec![0.0; blocks],
+            m: vec![0.0; blocks],
+            sc: vec![0; kq / 16],
+            mn: vec![0; kq / 16],
+        }
+    }
+}
+
+/// Weight rows per [`Group`].
+const GROUP: usize = 8;
+
+/// [`GROUP`] weight rows for the integer kernels: values interleaved four at a time
+/// (bytes `32c + 4t .. 32c + 4t + 4` are values `4c .. 4c + 4` of row `t`), so one vector
+/// of products holds one dot product per row, and per-row scales in lanes of eight: `d`
+/// per 32 values (Q4_K/Q5_K: `d · sc`; Q6_K: `d · sc` per 16 values) and `m` per 32
+/// values (Q4_1/Q5_1: the minimum; Q4_K/Q5_K: `dmin · mn`). Rows past the matrix are 0.
+struct Group {
+    u: Vec<u8>,
+    d: Vec<f32>,
+    m: Vec<f32>,
+    /// The unpacked rows before interleaving.
+    rows: Vec<Vec<u8>>,
+    row: Row,
+}
+
+impl Group {
+    fn new(q: Block, k: usize) -> Group {
+        let units = if q == Block::Q6K { k / 16 } else { k / 32 };
+        Group {
+            u: vec![0; GROUP * k],
+            d: vec![0.0; GROUP * units],
+            m: vec![0.0; GROUP * k / 32],
+            rows: vec![vec![0; k]; GROUP],
+            row: Row::new(q, k),
+        }
+    }
+
+    /// Unpacks row `t` of the group (`None`: past the matrix) into `rows[t]` and the
+    /// scale lanes `t`.
+    fn unpack_row(&mut self, isa: Isa, q: Block, t: usize, wr: Option<&[u8]>) {
+        let Some(wr) = wr else {
+            self.rows[t].fill(0);
+            self.d
+                .iter_mut()
+                .skip(t)
+                .step_by(GROUP)
+                .for_each(|v| *v = 0.0);
+            self.m
+                .iter_mut()
+                .skip(t)
+                .step_by(GROUP)
+                .for_each(|v| *v = 0.0);
+            return;
+        };
+        std::mem::swap(&mut self.row.u, &mut self.rows[t]);
+        unpack(isa, q, wr, &mut self.row);
+        std::mem::swap(&mut self.row.u, &mut self.rows[t]);
+        let (row, d, m) = (&self.row, &mut self.d, &mut self.m);
+        match q {
+            Block::Q6K => {
+                for (g, &sc) in row.sc.iter().enumerate() {
+                    d[GROUP * g + t] = row.d[g / 16] * f32::from(sc);
+                }
+            }
+            Block::Q4K | Block::Q5K => {
+                for j in 0..row.sc.len() / 2 {
+                    d[GROUP * j + t] = row.d[j / 8] * f32::from(row.sc[2 * j]);
+                    m[GROUP * j + t] = row.m[j / 8] * f32::from(row.mn[2 * j]);
+                }
+            }
+            _ => {
+                for (b, (&dv, &mv)) in row.d.iter().zip(&row.m).enumerate() {
+                    d[GROUP * b + t] = dv;
+                    m[GROUP * b + t] = mv;
+                }
+            }
+        }
+    }
+}
+
+/// Activation rows quantized per block to int8: `x[r, i] ≈ d[r, b] · q[r, i]` with
+/// `d = max |x| / 127` over the block (32 values, 256 for k-quants).
+struct Xq {
+    q: Vec<i8>,
+    d: Vec<f32>,
+    /// Per 32 values: `d · Σ q` (the block's sum, for Q4_1/Q5_1's minimum).
+    s: Vec<f32>,
+    /// Per 32 values: `Σ q` (offset corrections).
+    s32: Vec<i32>,
+    /// Per 16 values: `Σ q` (k-quant minimum and offset corrections).
+    bs: Vec<i16>,
+}
+
+/// Quantizes `x` `[m, k]` in blocks of `qb` values. Every instruction set runs the same
+/// operations, so all produce the same `Xq`.
+fn quantize(isa: Isa, x: &[f32], m: usize, k: usize, qb: usize) -> Xq {
+    let mut xq = Xq {
+        q: vec![0; m * k],
+        d: vec![0.0; m * k / qb],
+        s: vec![0.0; m * k / 32],
+        s32: vec![0; m * k / 32],
+        bs: vec![0; m * k / 16],
+    };
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512 => {
+            // SAFETY: AVX2 and FMA are available (checked by the caller).
+            unsafe { x86::quantize_avx2(x, qb, &mut xq) }
+        }
+        _ => quantize_body(x, qb, &mut xq),
+    }
+    xq
+}
+
+#[inline(always)]
+fn quantize_body(x: &[f32], qb: usize, xq: &mut Xq) {
+    // Rounds to nearest, ties to even, for |v| < 2^22.
+    const ROUND: f32 = 12_582_912.0;
+    for ((xb, qo), d) in x
+        .chunks_exact(qb)
+        .zip(xq.q.chunks_exact_mut(qb))
+        .zip(xq.d.iter_mut())
+    {
+        let amax = xb
+            .iter()
+            .fold(0u32, |a, v| a.max(v.to_bits() & 0x7fff_ffff));
+        let amax = f32::from_bits(amax);
+        *d = amax / 127.0;
+        let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+        for (o, &v) in qo.iter_mut().zip(xb) {
+            *o = ((v * id + ROUND) - ROUND) as i8;
+        }
+    }
+    let sum = |c: &[i8]| c.iter().map(|&v| i32::from(v)).sum::<i32>();
+    for (s, c) in xq.s32.iter_mut().zip(xq.q.chunks_exact(32)) {
+        *s = sum(c);
+    }
+    for (bs, c) in xq.bs.iter_mut().zip(xq.q.chunks_exact(16)) {
+        *bs = sum(c) as i16;
+    }
+    let per = qb / 32;
+    for (i, (s, &c)) in xq.s.iter_mut().zip(&xq.s32).enumerate() {
+        *s = xq.d[i / per] * c as f32;
+    }
+}
+
+/// The integer dot products of one task.
+///
+/// # Safety
+/// `isa` is available; `task.out` points to `m · n` floats of which no other task writes
+/// columns `j0..j0 + rows`.
+unsafe fn int8_task(isa: Isa, task: &Task, xq: &Xq, w: &[u8]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the caller's contract.
+        Isa::Avx2 => unsafe { x86::int8_avx2(task, xq, w) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the caller's contract.
+        Isa::Avx512 => unsafe { x86::int8_avx512(task, xq, w) },
+        _ => {
+            let Task {
+                q,
+                m,
+                k,
+                j0,
+                n,
+                out,
+            } = *task;
+            let mut row = Row::new(q, k);
+            for (j, wr) in w.chunks_exact(row_bytes_q(q, k)).enumerate() {
+                unpack_portable(q, wr, &mut row);
+                for r in 0..m {
+                    // SAFETY: r < m and j0 + j < n; the caller's contract.
+                    unsafe { *out.at(r * n + j0 + j) = dot_portable(q, &row, xq, r, k) };
+                }
+            }
+        }
+    }
+}
+
+/// The dequantizing products of one task.
+///
+/// # Safety
+/// As [`int8_task`].
+unsafe fn dequant_task(isa: Isa, task: &Task, x: &[f32], w: &[u8]) {
+    let Task {
+        q,
+        m,
+        k,
+        j0,
+        n,
+        out,
+    } = *task;
+    let rb = row_bytes_q(q, k);
+    let mut row = Row::new(q, k);
+    let mut panel = vec![0.0f32; TILE_ROWS * k];
+    for (t, tile) in w.chunks(TILE_ROWS * rb).enumerate() {
+        let rows = tile.len() / rb;
+        for (wr, p) in tile.chunks_exact(rb).zip(panel.chunks_exact_mut(k)) {
+            unpack(isa, q, wr, &mut row);
+            expand(isa, q, &row, p);
+        }
+        let jt = j0 + t * TILE_ROWS;
+        // SAFETY: the tile's columns jt..jt + rows lie in this task's; the caller's contract.
+        unsafe { tile_product(isa, x, m, k, &panel[..rows * k], jt, n, out) };
+    }
+}
+
+/// The panel products of one task.
+///
+/// # Safety
+/// As [`int8_task`].
+unsafe fn panel_task(isa: Isa, task: &Task, x: &[f32], w: &[u8]) {
+    let Task {
+        q,
+        m,
+        k,
+        j0,
+        n,
+        out,
+    } = *task;
+    let rb = row_bytes_q(q, k);
+    let nr = isa.panel_cols();
+    let mut row = Row::new(q, k);
+    let mut wide = vec![0.0f32; k];
+    let mut panel = vec![0.0f32; nr * k];
+    for (t, rows) in w.chunks(nr * rb).enumerate() {
+        let cols = rows.len() / rb;
+        for (c, wr) in rows.chunks_exact(rb).enumerate() {
+            unpack(isa, q, wr, &mut row);
+            expand(isa, q, &row, &mut wide);
+            for (i, &v) in wide.iter().enumerate() {
+                panel[i * nr + c] = v;
+            }
+        }
+        for c in cols..nr {
+            for i in 0..k {
+                panel[i * nr + c] = 0.0;
+            }
+        }
+        let jt = j0 + t * nr;
+        // SAFETY: columns jt..jt + cols lie in this task's; the caller's contract.
+        unsafe { panel_product(isa, x, m, k, &panel, jt, cols, n, out) };
+    }
+}
+
+fn row_bytes_q(q: Block, k: usize) -> usize {
+    k / q.block() * q.bytes()
+}
+
+/// Unpacks one row's blocks `wr` into `row`.
+fn unpack(isa: Isa, q: Block, wr: &[u8], row: &mut Row) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2, FMA and F16C are available (every non-portable set has them).
+        Isa::Avx2 | Isa::Avx512 => unsafe { x86::unpack(q, wr, row) },
+        _ => unpack_portable(q, wr, row),
+    }
+}
+
+/// Writes the f32 values of an unpacked row to `out` (`k` values).
+fn expand(isa: Isa, q: Block, row: &Row, out: &mut [f32]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2, FMA and F16C are available (checked by the caller).
+        Isa::Avx2 => unsafe { x86::expand(q, row, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the AVX-512 set is available (checked by the caller).
+        Isa::Avx512 => unsafe { x86::expand_avx512(q, row, out) },
+        _ => expand_portable(q, row, out),
+    }
+}
+
+/// Columns `jt..jt + p.len() / k` of `out` from the f32 weight rows `p`.
+///
+/// # Safety
+/// `out` points to `m · n` floats of which no other task writes these columns.
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_product(
+    isa: Isa,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    p: &[f32],
+    jt: usize,
+    n: usize,
+    out: SendPtr<f32>,
+) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the caller's contract; the set is available.
+        Isa::Avx2 => unsafe { x86::tile_avx2(x, m, k, p, jt, n, out.0) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the caller's contract; the set is available.
+        Isa::Avx512 => unsafe { x86::tile_avx512(x, m, k, p, jt, n, out.0) },
+        _ => {
+            for (j, wr) in p.chunks_exact(k).enumerate() {
+                for (r, xr) in x.chunks_exact(k).enumerate() {
+                    let mut acc = [0.0f32; 8];
+                    for (xc, wc) in xr.chunks_exact(8).zip(wr.chunks_exact(8)) {
+                        for l in 0..8 {
+                            acc[l] += xc[l] * wc[l];
+                        }
+                    }
+                    // SAFETY: r < m, jt + j < n; the caller's contract.
+                    unsafe { *out.at(r * n + jt + j) = acc.iter().sum() };
+                }
+            }
+        }
+    }
+}
+
+/// Portable panel kernel block: activation rows per pass.
+const PORTABLE_MR: usize = 4;
+
+/// Columns `jt..jt + cols` of `out` from the k-major panel `p` (`k × nr`, zero past
+/// `cols`).
+///
+/// # Safety
+/// As [`tile_product`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn panel_product(
+    isa: Isa,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    p: &[f32],
+    jt: usize,
+    cols: usize,
+    n: usize,
+    out: SendPtr<f32>,
+) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the caller's contract; the set is available.
+        Isa::Avx2 => unsafe { x86::panel_avx2(x, m, k, p, jt, cols, n, out.0) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the caller's contract; the set is available.
+        Isa::Avx512 => unsafe { x86::panel_avx512(x, m, k, p, jt, cols, n, out.0) },
+        _ => {
+            const NR: usize = 16;
+            let mut r0 = 0;
+            while r0 < m {
+                let mr = PORTABLE_MR.min(m - r0);
+                let mut acc = [[0.0f32; NR]; PORTABLE_MR];
+                for (i, pc) in p.chunks_exact(NR).enumerate() {
+                    for (r, a) in acc.iter_mut().enumerate().take(mr) {
+                        let xv = x[(r0 + r) * k + i];
+                        for (a, &w) in a.iter_mut().zip(pc) {
+                            *a += xv * w;
+                        }
+                    }
+                }
+                for (r, a) in acc.iter().enumerate().take(mr) {
+                    for (c, &v) in a.iter().enumerate().take(cols) {
+                        // SAFETY: r0 + r < m, jt + c < n; the caller's contract.
+                        unsafe { *out.at((r0 + r) * n + jt + c) = v };
+                    }
+                }
+                r0 += mr;
+            }
+        }
+    }
+}
+
+/// The little-endian f16 at `at`, widened.
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// The eight 6-bit sub-block scales and minimums of a Q4_K/Q5_K block's 12 scale bytes:
+/// bytes 0..4 hold the low 6 bits of scales 0..4 and bytes 4..8 those of minimums 0..4;
+/// scales and minimums 4..8 take their low 4 bits from the nibbles of bytes 8..12 and
+/// their high 2 bits from the top bits of bytes 0..4 and 4..8.
+fn k_scale_mins(s: &[u8]) -> ([u8; 8], [u8; 8]) {
+    let word = |i: usize| u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]]);
+    let (a, b, c) = (word(0), word(4), word(8));
+    let top = |v: u32| ((v >> 6) & 0x0303_0303) << 4;
+    let sc = [a & 0x3f3f_3f3f, (c & 0x0f0f_0f0f) | top(a)];
+    let mn = [b & 0x3f3f_3f3f, ((c >> 4) & 0x0f0f_0f0f) | top(b)];
+    let bytes = |v: [u32; 2]| {
+        let (lo, hi) = (v[0].to_le_bytes(), v[1].to_le_bytes());
+        [lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3]]
+    };
+    (bytes(sc), bytes(mn))
+}
+
+/// The sub-block scales of Q4_K/Q5_K block `b` (scale bytes `s`) into `row`.
+fn k_scales(s: &[u8], b: usize, row: &mut Row) {
+    let (sc, mn) = k_scale_mins(s);
+    let (rs, rm) = (&mut row.sc[16 * b..][..16], &mut row.mn[16 * b..][..16]);
+    for j in 0..8 {
+        rs[2 * j..][..2].fill(i16::from(sc[j]));
+        rm[2 * j..][..2].fill(i16::from(mn[j]));
+    }
+}
+
+/// The group scales of Q6_K block `b` (scale bytes `s`) into `row`.
+fn q6k_scales(s: &[u8], b: usize, row: &mut Row) {
+    let (rs, rm) = (&mut row.sc[16 * b..][..16], &mut row.mn[16 * b..][..16]);
+    for ((rs, rm), &s) in rs.iter_mut().zip(rm).zip(s) {
+        *rs = i16::from(s as i8);
+        *rm = 32 * *rs;
+    }
+}
+
+fn unpack_portable(q: Block, wr: &[u8], row: &mut Row) {
+    let bb = q.bytes();
+    for (b, blk) in wr.chunks_exact(bb).enumerate() {
+        match q {
+            Block::Q4_0 | Block::Q4_1 => {
+                row.d[b] = f16_at(blk, 0);
+                row.m[b] = if q == Block::Q4_1 {
+                    f16_at(blk, 2)
+                } else {
+                    0.0
+                };
+                let (lo, hi) = row.u[32 * b..][..32].split_at_mut(16);
+                for ((l, h), &v) in lo.iter_mut().zip(hi).zip(&blk[bb - 16..]) {
+                    *l = v & 0x0f;
+                    *h = v >> 4;
+                }
+            }
+            Block::Q5_0 | Block::Q5_1 => {
+                row.d[b] = f16_at(blk, 0);
+                row.m[b] = if q == Block::Q5_1 {
+                    f16_at(blk, 2)
+                } else {
+                    0.0
+                };
+                let o = bb - 20;
+                let qh = u32::from_le_bytes([blk[o], blk[o + 1], blk[o + 2], blk[o + 3]]);
+                let high = |i: usize| (((qh >> i) & 1) as u8) << 4;
+                let u = &mut row.u[32 * b..][..32];
+                for (i, &v) in blk[o + 4..].iter().enumerate() {
+                    u[i] = (v & 0x0f) | high(i);
+                    u[i + 16] = (v >> 4) | high(i + 16);
+                }
+            }
+            Block::Q8_0 => {
+                row.d[b] = f16_at(blk, 0);
+                row.m[b] = 0.0;
+                row.u[32 * b..][..32].copy_from_slice(&blk[2..]);
+            }
+            Block::Q4K | Block::Q5K => {
+                row.d[b] = f16_at(blk, 0);
+                row.m[b] = f16_at(blk, 2);
+                k_scales(&blk[4..16], b, row);
+                let (qh, qs) = if q == Block::Q5K {
+                    (Some(&blk[16..48]), &blk[48..])
+                } else {
+                    (None, &blk[16..])
+                };
+                for j in 0..8 {
+                    let (p, shift) = (j / 2, 4 * (j % 2));
+                    let u = &mut row.u[256 * b + 32 * j..][..32];
+                    for (l, o) in u.iter_mut().enumerate() {
+                        let mut v = (qs[32 * p + l] >> shift) & 0x0f;
+                        if let Some(qh) = qh {
+                            v |= ((qh[l] >> j) & 1) << 4;
+                        }
+                        *o = v;
+                    }
+                }
+            }
+            Block::Q6K => {
+                row.d[b] = f16_at(blk, 208);
+                row.m[b] = row.d[b];
+                q6k_scales(&blk[192..208], b, row);
+                let (ql, qh) = (&blk[..128], &blk[128..192]);
+                for h in 0..2 {
+                    for kk in 0..4 {
+                        let u = &mut row.u[256 * b + 128 * h + 32 * kk..][..32];
+                        for (l, o) in u.iter_mut().enumerate() {
+                            let low = (ql[64 * h + 32 * (kk % 2) + l] >> (4 * (kk / 2))) & 0x0f;
+                            let high = (qh[32 * h + l] >> (2 * kk)) & 3;
+                            *o = low | (high << 4);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn expand_portable(q: Block, row: &Row, out: &mut [f32]) {
+    if q.is_k() {
+        for (g, (o, u)) in out
+            .chunks_exact_mut(16)
+            .zip(row.u.chunks_exact(16))
+            .enumerate()
+        {
+            let b = g / 16;
+            let scale = row.d[b] * f32::from(row.sc[g]);
+            let min = row.m[b] * f32::from(row.mn[g]);
+            for (o, &u) in o.iter_mut().zip(u) {
+                *o = scale * f32::from(u) - min;
+            }
+        }
+    } else {
+        let off = q.offset() as f32;
+        for (b, (o, u)) in out
+            .chunks_exact_mut(32)
+            .zip(row.u.chunks_exact(32))
+            .enumerate()
+        {
+            let (d, m) = (row.d[b], row.m[b]);
+            for (o, &u) in o.iter_mut().zip(u) {
+                let v = if q == Block::Q8_0 {
+                    f32::from(u as i8)
+                } else {
+                    f32::from(u) - off
+                };
+                *o = d * v + m;
+            }
+        }
+    }
+}
+
+/// Row `r` of `xq` times the unpacked weight row.
+fn dot_portable(q: Block, row: &Row, xq: &Xq, r: usize, k: usize) -> f32 {
+    let qx = &xq.q[r * k..(r + 1) * k];
+    let mut acc = 0.0f32;
+    if q.is_k() {
+        let nb = k / 256;
+        let bs = &xq.bs[r * k / 16..];
+        for (b, &dx) in xq.d[r * nb..(r + 1) * nb].iter().enumerate() {
+            let (mut sumi, mut corr) = (0i32, 0i32);
+            for g in 16 * b..16 * (b + 1) {
+                let s: i32 = row.u[16 * g..][..16]
+                    .iter()
+                    .zip(&qx[16 * g..][..16])
+                    .map(|(&u, &x)| i32::from(u) * i32::from(x))
+                    .sum();
+                sumi += i32::from(row.sc[g]) * s;
+                corr += i32::from(row.mn[g]) * i32::from(bs[g]);
+            }
+            let dd = row.d[b] * dx;
+            if q == Block::Q6K {
+                acc += dd * (sumi - corr) as f32;
+            } else {
+                acc += dd * sumi as f32 - row.m[b] * dx * corr as f32;
+            }
+        }
+    } else {
+        let nb = k / 32;
+        let (dx, sx) = (&xq.d[r * nb..], &xq.s[r * nb..]);
+        let off = q.offset();
+        for b in 0..nb {
+            let isum: i32 = row.u[32 * b..][..32]
+                .iter()
+                .zip(&qx[32 * b..][..32])
+                .map(|(&u, &x)| {
+                    let v = if q == Block::Q8_0 {
+                        i32::from(u as i8)
+                    } else {
+                        i32::from(u) - off
+                    };
+                    v * i32::from(x)
+                })
+                .sum();
+            acc += row.d[b] * dx[b] * isum as f32 + row.m[b] * sx[b];
+        }
+    }
+    acc
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! The AVX2 and AVX-512 kernels. Functions named `*_avx512` need the AVX-512 set of
+    //! [`Isa::Avx512`](super::Isa::Avx512); all others need AVX2, FMA and F16C.
+
+    use std::arch::x86_64::*;
+
+    use super::{Block, GROUP, Group, Isa, Row, Task, Xq, quantize_body, row_bytes_q};
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn quantize_avx2(x: &[f32], qb: usize, xq: &mut Xq) {
+        quantize_body(x, qb, xq)
+    }
+
+    /// The f16 at `p`, widened.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn f16_at(p: *const u8) -> f32 {
+        // SAFETY: the caller's pointer holds two bytes.
+        let bits = unsafe { p.cast::<u16>().read_unaligned() };
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+    }
+
+    /// 0x10 in byte `i` where bit `i` of `qh` is set.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn high_bits(qh: u32) -> __m256i {
+        let v = _mm256_set1_epi32(qh as i32);
+        #[rustfmt::skip]
+        let shuf = _mm256_setr_epi8(
+            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
+        );
+        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(v, shuf), bit), bit);
+        _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+    }
+
+    /// As `super::unpack_portable`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn unpack(q: Block, wr: &[u8], row: &mut Row) {
+        let bb = q.bytes();
+        let nb = wr.len() / bb;
+        assert!(row.u.len() == nb * q.block() && row.d.len() == nb && row.m.len() == nb);
+        let m4 = _mm_set1_epi8(0x0f);
+        let m4y = _mm256_set1_epi8(0x0f);
+        let (w, u) = (wr.as_ptr(), row.u.as_mut_ptr());
+        // SAFETY (whole body): block b's bytes are w[b·bb..(b + 1)·bb] and its values
+        // u[b·B..(b + 1)·B], inside the slices by the assertion above.
+        unsafe {
+            match q {
+                Block::Q4_0 | Block::Q4_1 => {
+                    for b in 0..nb {
+                        let blk = w.add(b * bb);
+                        row.d[b] = f16_at(blk);
+                        row.m[b] = if q == Block::Q4_1 {
+                            f16_at(blk.add(2))
+                        } else {
+                            0.0
+                        };
+                        let v = _mm_loadu_si128(blk.add(bb - 16).cast());
+                        let lo = _mm_and_si128(v, m4);
+                        let hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
+                        _mm256_storeu_si256(u.add(32 * b).cast(), _mm256_set_m128i(hi, lo));
+                    }
+                }
+                Block::Q5_0 | Block::Q5_1 => {
+                    for b in 0..nb {
+                        let blk = w.add(b * bb);
+                        row.d[b] = f16_at(blk);
+                        row.m[b] = if q == Block::Q5_1 {
+                            f16_at(blk.add(2))
+                        } else {
+                            0.0
+                        };
+                        let qh = blk.add(bb - 20).cast::<u32>().read_unaligned();
+                        let v = _mm_loadu_si128(blk.add(bb - 16).cast());
+                        let lo = _mm_and_si128(v, m4);
+                        let hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
+                        let vals = _mm256_or_si256(_mm256_set_m128i(hi, lo), high_bits(qh));
+                        _mm256_storeu_si256(u.add(32 * b).cast(), vals);
+                    }
+                }
+                Block::Q8_0 => {
+                    for b in 0..nb {
+                        let blk = w.add(b * bb);
+                        row.d[b] = f16_at(blk);
+                        row.m[b] = 0.0;
+                        let v = _mm256_loadu_si256(blk.add(2).cast());
+                        _mm256_storeu_si256(u.add(32 * b).cast(), v);
+                    }
+                }
+                Block::Q4K | Block::Q5K => {
+                    let one = _mm256_set1_epi8(1);
+                    for b in 0..nb {
+                        let blk = &wr[b * bb..(b + 1) * bb];
+                        row.d[b] = f16_at(blk.as_ptr());
+                        row.m[b] = f16_at(blk.as_ptr().add(2));
+                        super::k_scales(&blk[4..16], b, row);
+                        let qs = blk.as_ptr().add(if q == Block::Q5K { 48 } else { 16 });
+                        let qh = _mm256_loadu_si256(blk.as_ptr().add(16).cast());
+                        for p in 0..4 {
+                            let v = _mm256_loadu_si256(qs.add(32 * p).cast());
+                            let mut lo = _mm256_and_si256(v, m4y);
+                            let mut hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4y);
+                            if q == Block::Q5K {
+                                let bit = |s: usize| {
+                                    let c = _mm_cvtsi32_si128(s as i32);
+                                    let h = _mm256_and_si256(_mm256_srl_epi16(qh, c), one);
+                                    _mm256_slli_epi16(h, 4)
+                                };
+                                lo = _mm256_or_si256(lo, bit(2 * p));
+                                hi = _mm256_or_si256(hi, bit(2 * p + 1));
+                            }
+                            let o = u.add(256 * b + 64 * p);
+                            _mm256_storeu_si256(o.cast(), lo);
+                            _mm256_storeu_si256(o.add(32).cast(), hi);
+                        }
+                    }
+                }
+                Block::Q6K => {
+                    let m30 = _mm256_set1_epi8(0x30);
+                    for b in 0..nb {
+                        let blk = &wr[b * bb..(b + 1) * bb];
+                        row.d[b] = f16_at(blk.as_ptr().add(208));
+                        row.m[b] = row.d[b];
+                        super::q6k_scales(&blk[192..208], b, row);
+                        let blk = blk.as_ptr();
+                        for h in 0..2 {
+                            let ql0 = _mm256_loadu_si256(blk.add(64 * h).cast());
+                            let ql1 = _mm256_loadu_si256(blk.add(64 * h + 32).cast());
+                            let qh = _mm256_loadu_si256(blk.add(128 + 32 * h).cast());
+                            let vals = [
+                                _mm256_or_si256(
+                                    _mm256_and_si256(ql0, m4y),
+                                    _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30),
+                                ),
+                                _mm256_or_si256(
+                                    _mm256_and_si256(ql1, m4y),
+                                    _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30),
+                                ),
+                                _mm256_or_si256(
+                                    _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4y),
+                                    _mm256_and_si256(qh, m30),
+                                ),
+                                _mm256_or_si256(
+                                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4y),
+                                    _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30),
+                                ),
+                            ];
+                            for (kk, v) in vals.into_iter().enumerate() {
+                                let o = u.add(256 * b + 128 * h + 32 * kk);
+                                _mm256_storeu_si256(o.cast(), v);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// As `super::expand_portable` (fused multiply-adds: each value within an ulp).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn expand(q: Block, row: &Row, out: &mut [f32]) {
+        let k = row.u.len();
+        assert_eq!(out.len(), k);
+        let (u, o) = (row.u.as_ptr(), out.as_mut_ptr());
+        // SAFETY (whole body): groups cover u[..k] and out[..k] exactly (k is whole blocks).
+        unsafe {
+            let widen = |i: usize, signed: bool| {
+                let b = _mm_loadl_epi64(u.add(i).cast());
+                let v = if signed {
+                    _mm256_cvtepi8_epi32(b)
+                } else {
+                    _mm256_cvtepu8_epi32(b)
+                };
+                _mm256_cvtepi32_ps(v)
+            };
+            if q.is_k() {
+                for g in 0..k / 16 {
+                    let b = g / 16;
+                    let scale = _mm256_set1_ps(row.d[b] * f32::from(row.sc[g]));
+                    let min = _mm256_set1_ps(-(row.m[b] * f32::from(row.mn[g])));
+                    for h in 0..2 {
+                        let i = 16 * g + 8 * h;
+                        _mm256_storeu_ps(o.add(i), _mm256_fmadd_ps(scale, widen(i, false), min));
+                    }
+                }
+            } else {
+                let (off, signed) = (q.offset() as f32, q == Block::Q8_0);
+                for b in 0..k / 32 {
+                    let d = _mm256_set1_ps(row.d[b]);
+                    let c = _mm256_set1_ps(row.m[b] - off * row.d[b]);
+                    for h in 0..4 {
+                        let i = 32 * b + 8 * h;
+                        _mm256_storeu_ps(o.add(i), _mm256_fmadd_ps(d, widen(i, signed), c));
+                    }
+                }
+            }
+        }
+    }
+
+    /// As `super::expand`, 16 values at a time.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn expand_avx512(q: Block, row: &Row, out: &mut [f32]) {
+        let k = row.u.len();
+        assert_eq!(out.len(), k);
+        let (u, o) = (row.u.as_ptr(), out.as_mut_ptr());
+        // SAFETY (whole body): groups cover u[..k] and out[..k] exactly (k is whole blocks).
+        unsafe {
+            let widen = |i: usize, signed: bool| {
+                let b = _mm_loadu_si128(u.add(i).cast());
+                let v = if signed {
+                    _mm512_cvtepi8_epi32(b)
+                } else {
+                    _mm512_cvtepu8_epi32(b)
+                };
+                _mm512_cvtepi32_ps(v)
+            };
+            if q.is_k() {
+                for g in 0..k / 16 {
+                    let b = g / 16;
+                    let scale = _mm512_set1_ps(row.d[b] * f32::from(row.sc[g]));
+                    let min = _mm512_set1_ps(-(row.m[b] * f32::from(row.mn[g])));
+                    let i = 16 * g;
+                    _mm512_storeu_ps(o.add(i), _mm512_fmadd_ps(scale, widen(i, false), min));
+                }
+            } else {
+                let (off, signed) = (q.offset() as f32, q == Block::Q8_0);
+                for b in 0..k / 32 {
+                    let d = _mm512_set1_ps(row.d[b]);
+                    let c = _mm512_set1_ps(row.m[b] - off * row.d[b]);
+                    for h in 0..2 {
+                        let i = 32 * b + 16 * h;
+                        _mm512_storeu_ps(o.add(i), _mm512_fmadd_ps(d, widen(i, signed), c));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Unpacks the weight rows `w` (at most [`GROUP`]) into `g` and interleaves them;
+    /// `xor` flips the top bit of every byte (Q8_0 for VNNI: signed bytes become
+    /// `w + 128`).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn fill_group(isa: Isa, q: Block, w: &[u8], k: usize, g: &mut Group, xor: bool) {
+        let rb = row_bytes_q(q, k);
+        for t in 0..GROUP {
+            let wr = (t < w.len() / rb).then(|| &w[t * rb..(t + 1) * rb]);
+            g.unpack_row(isa, q, t, wr);
+        }
+        assert!(g.u.len() == GROUP * k && g.rows.iter().all(|r| r.len() == k));
+        let flip = _mm256_set1_epi8(if xor { -128 } else { 0 });
+        let rows: [*const u8; GROUP] = std::array::from_fn(|t| g.rows[t].as_ptr());
+        let u = g.u.as_mut_ptr();
+        for b in 0..k / 32 {
+            // SAFETY: bytes 32b..32b + 32 of each row and 256b..256b + 256 of `u` are in
+            // bounds (asserted above).
+            let r: [__m256i; GROUP] =
+                std::array::from_fn(|t| unsafe { _mm256_loadu_si256(rows[t].add(32 * b).cast()) });
+            // An 8 × 8 transpose of 4-byte words: output c holds word c of every row.
+            let t0 = _mm256_unpacklo_epi32(r[0], r[1]);
+            let t1 = _mm256_unpackhi_epi32(r[0], r[1]);
+            let t2 = _mm256_unpacklo_epi32(r[2], r[3]);
+            let t3 = _mm256_unpackhi_epi32(r[2], r[3]);
+            let t4 = _mm256_unpacklo_epi32(r[4], r[5]);
+            let t5 = _mm256_unpackhi_epi32(r[4], r[5]);
+            let t6 = _mm256_unpacklo_epi32(r[6], r[7]);
+            let t7 = _mm256_unpackhi_epi32(r[6], r[7]);
+            let s = [
+                _mm256_unpacklo_epi64(t0, t2),
+                _mm256_unpackhi_epi64(t0, t2),
+                _mm256_unpacklo_epi64(t1, t3),
+                _mm256_unpackhi_epi64(t1, t3),
+                _mm256_unpacklo_epi64(t4, t6),
+                _mm256_unpackhi_epi64(t4, t6),
+                _mm256_unpacklo_epi64(t5, t7),
+                _mm256_unpackhi_epi64(t5, t7),
+            ];
+            for c in 0..4 {
+                let lo = _mm256_permute2x128_si256::<0x20>(s[c], s[c + 4]);
+                let hi = _mm256_permute2x128_si256::<0x31>(s[c], s[c + 4]);
+                // SAFETY: as above.
+                unsafe {
+                    let o = u.add(256 * b + 32 * c);
+                    _mm256_storeu_si256(o.cast(), _mm256_xor_si256(lo, flip));
+                    _mm256_storeu_si256(o.add(128).cast(), _mm256_xor_si256(hi, flip));
+                }
+            }
+        }
+    }
+
+    /// Stores the first `lanes` floats of `v` at `o`.
+    ///
+    /// # Safety
+    /// `o` has `lanes ≤ 8` writable floats.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn store8(v: __m256, o: *mut f32, lanes: usize) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            if lanes == GROUP {
+                _mm256_storeu_ps(o, v);
+            } else {
+                let mut t = [0.0f32; GROUP];
+                _mm256_storeu_ps(t.as_mut_ptr(), v);
+                std::ptr::copy_nonoverlapping(t.as_ptr(), o, lanes);
+            }
+        }
+    }
+
+    /// Defines the integer dot products of `R` activation rows with a [`Group`] on top of
+    /// `$chunk(acc, w, |w|, x, signed)`, which adds to the i32 lanes `acc` the products of
+    /// four weight bytes per lane (signed or not) with the four activation bytes broadcast
+    /// in `x`.
+    macro_rules! group_dots {
+        ($dot32:ident, $dotk:ident, $features:literal, $vnni:literal, $chunk:expr) => {
+            /// Columns `j..j + lanes` of output rows `r0..r0 + R` for 32-value blocks:
+            /// `OFF` (a shift) subtracts `2^OFF` from every weight, `SIGNED` reads signed
+            /// weights and adds the minimum when neither is set.
+            ///
+            /// # Safety
+            /// `xq` holds rows `r0..r0 + R` of `k` values, `g` a group of `k`-value rows,
+            /// and `out` rows `r0..r0 + R` (stride `n`) `lanes` writable floats at `j`.
+            #[inline]
+            #[target_feature(enable = $features)]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn $dot32<const R: usize, const OFF: i32, const SIGNED: bool>(
+                g: &Group,
+                xq: &Xq,
+                r0: usize,
+                k: usize,
+                out: *mut f32,
+                n: usize,
+                j: usize,
+                lanes: usize,
+            ) {
+                let nb = k / 32;
+                let chunk = $chunk;
+                // Offset corrections in i32: Q8_0's VNNI bytes carry +128.
+                let shift = if SIGNED && $vnni { 7 } else { OFF };
+                let (gu, gd, gm) = (g.u.as_ptr(), g.d.as_ptr(), g.m.as_ptr());
+                let x: [*const i8; R] = std::array::from_fn(|r| xq.q[(r0 + r) * k..].as_ptr());
+                let xrow = |v: &[f32], r: usize, b: usize| v[(r0 + r) * nb + b];
+                let mut acc = [_mm256_setzero_ps(); R];
+                // SAFETY (whole loop): block b reads g.u at 256b.. (256 bytes), g.d and
+                // g.m at 8b.. (8 floats) and activation bytes 32b.. of rows r0 + r.
+                unsafe {
+                    for b in 0..nb {
+                        let ai: [__m256i; R] = std::array::from_fn(|r| {
+                            if shift > 0 {
+                                _mm256_set1_epi32(-(xq.s32[(r0 + r) * nb + b] << shift))
+                            } else {
+                                _mm256_setzero_si256()
+                            }
+                        });
+                        let mut ai = ai;
+                        for c in 0..8 {
+                            let wv = _mm256_loadu_si256(gu.add(256 * b + 32 * c).cast());
+                            let wa = if SIGNED && !$vnni {
+                                _mm256_abs_epi8(wv)
+                            } else {
+                                wv
+                            };
+                            for (r, ai) in ai.iter_mut().enumerate() {
+                                let xv = x[r].add(32 * b + 4 * c).cast::<i32>().read_unaligned();
+                                *ai = chunk(*ai, wv, wa, _mm256_set1_epi32(xv), SIGNED);
+                            }
+                        }
+                        let dw = _mm256_loadu_ps(gd.add(8 * b));
+                        for (r, (a, ai)) in acc.iter_mut().zip(ai).enumerate() {
+                            let s = _mm256_mul_ps(dw, _mm256_set1_ps(xrow(&xq.d, r, b)));
+                            *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai), s, *a);
+                        }
+                        if OFF == 0 && !SIGNED {
+                            let mw = _mm256_loadu_ps(gm.add(8 * b));
+                            for (r, a) in acc.iter_mut().enumerate() {
+                                *a = _mm256_fmadd_ps(mw, _mm256_set1_ps(xrow(&xq.s, r, b)), *a);
+                            }
+                        }
+                    }
+                    for (r, a) in acc.into_iter().enumerate() {
+                        store8(a, out.add((r0 + r) * n + j), lanes);
+                    }
+                }
+            }
+
+            /// As the 32-block kernel for k-quants: Q6_K (`Q6`, 16-value groups with
+            /// offset 32) or Q4_K/Q5_K (32-value sub-blocks with minimums).
+            ///
+            /// # Safety
+            /// As the 32-block kernel.
+            #[inline]
+            #[target_feature(enable = $features)]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn $dotk<const R: usize, const Q6: bool>(
+                g: &Group,
+                xq: &Xq,
+                r0: usize,
+                k: usize,
+                out: *mut f32,
+                n: usize,
+                j: usize,
+                lanes: usize,
+            ) {
+                let chunk = $chunk;
+                let (subs, chunks) = if Q6 { (16, 4) } else { (8, 8) };
+                let (gu, gd, gm) = (g.u.as_ptr(), g.d.as_ptr(), g.m.as_ptr());
+                let x: [*const i8; R] = std::array::from_fn(|r| xq.q[(r0 + r) * k..].as_ptr());
+                let mut acc = [_mm256_setzero_ps(); R];
+                // SAFETY (whole loop): unit s of super-block sb reads g.u at 32 · c for
+                // its chunks c < k / 4, g.d and g.m at 8 · unit.., and activation bytes
+                // 4c.. of rows r0 + r.
+                unsafe {
+                    for sb in 0..k / 256 {
+                        let mut asb = [_mm256_setzero_ps(); R];
+                        for s in 0..subs {
+                            let unit = sb * subs + s;
+                            let mut ai: [__m256i; R] = std::array::from_fn(|r| {
+                                if Q6 {
+                                    let sum = i32::from(xq.bs[(r0 + r) * k / 16 + unit]);
+                                    _mm256_set1_epi32(-32 * sum)
+                                } else {
+                                    _mm256_setzero_si256()
+                                }
+                            });
+                            for c in unit * chunks..(unit + 1) * chunks {
+                                let wv = _mm256_loadu_si256(gu.add(32 * c).cast());
+                                for (r, ai) in ai.iter_mut().enumerate() {
+                                    let xv = x[r].add(4 * c).cast::<i32>().read_unaligned();
+                                    *ai = chunk(*ai, wv, wv, _mm256_set1_epi32(xv), false);
+                                }
+                            }
+                            let dsc = _mm256_loadu_ps(gd.add(8 * unit));
+                            for (a, ai) in asb.iter_mut().zip(ai) {
+                                *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai), dsc, *a);
+                            }
+                            if !Q6 {
+                                let dmn = _mm256_loadu_ps(gm.add(8 * unit));
+                                for (r, a) in acc.iter_mut().enumerate() {
+                                    let sx = xq.s[(r0 + r) * k / 32 + unit];
+                                    *a = _mm256_fnmadd_ps(dmn, _mm256_set1_ps(sx), *a);
+                                }
+                            }
+                        }
+                        for (r, (a, s)) in acc.iter_mut().zip(asb).enumerate() {
+                            let dx = xq.d[(r0 + r) * (k / 256) + sb];
+                            *a = _mm256_fmadd_ps(s, _mm256_set1_ps(dx), *a);
+                        }
+                    }
+                    for (r, a) in acc.into_iter().enumerate() {
+                        store8(a, out.add((r0 + r) * n + j), lanes);
+                    }
+                }
+            }
+        };
+    }
+
+    // Without VNNI, pairs of products are summed in i16 by `maddubs`: weights below 64
+    // keep a pair sum within 2 · 63 · 127 < 2^15, and signed ones (Q8_0) are multiplied
+    // as |w| · (x · sign w), at most 2 · 128 · 127 < 2^15.
+    group_dots!(
+        dot32_avx2,
+        dotk_avx2,
+        "avx2,fma,f16c",
+        false,
+        |acc: __m256i, w: __m256i, wa: __m256i, x: __m256i, signed: bool| {
+            let p = if signed {
+                _mm256_maddubs_epi16(wa, _mm256_sign_epi8(x, w))
+            } else {
+                _mm256_maddubs_epi16(w, x)
+            };
+            _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)))
+        }
+    );
+    group_dots!(
+        dot32_vnni,
+        dotk_vnni,
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+        true,
+        |acc: __m256i, w: __m256i, _wa: __m256i, x: __m256i, _signed: bool| {
+            _mm256_dpbusd_epi32(acc, w, x)
+        }
+    );
+
+    /// Calls `$f::<R, ...>` with `R = $rows` (1 to 4).
+    macro_rules! by_rows {
+        ($rows:expr, $f:ident, [$($c:expr),*], $args:tt) => {
+            match $rows {
+                1 => $f::<1 $(, $c)*> $args,
+                2 => $f::<2 $(, $c)*> $args,
+                3 => $f::<3 $(, $c)*> $args,
+                _ => $f::<4 $(, $c)*> $args,
+            }
+        };
+    }
+
+    /// Activation rows per pass over a group.
+    const ROWS: usize = 4;
+
+    /// Defines a task of integer dot products over groups of weight rows.
+    macro_rules! int8_task {
+        ($name:ident, $isa:expr, $features:literal, $dot32:ident, $dotk:ident) => {
+            /// `super::int8_task` on this instruction set.
+            ///
+            /// # Safety
+            /// As `super::int8_task`.
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $name(task: &Task, xq: &Xq, w: &[u8]) {
+                let Task {
+                    q,
+                    m,
+                    k,
+                    j0,
+                    n,
+                    out,
+                } = *task;
+                let rb = row_bytes_q(q, k);
+                let mut g = Group::new(q, k);
+                let xor = $isa == Isa::Avx512 && q == Block::Q8_0;
+                for (gi, rows) in w.chunks(GROUP * rb).enumerate() {
+                    // SAFETY: the features are enabled.
+                    unsafe { fill_group($isa, q, rows, k, &mut g, xor) };
+                    let (j, lanes) = (j0 + GROUP * gi, rows.len() / rb);
+                    let o = out.0;
+                    let mut r0 = 0;
+                    while r0 < m {
+                        let rr = (m - r0).min(ROWS);
+                        // SAFETY: rows r0..r0 + rr < m of xq and out; columns j..j + lanes
+                        // are this task's (the caller's contract).
+                        unsafe {
+                            match q {
+                                Block::Q4_0 => by_rows!(
+                                    rr,
+                                    $dot32,
+                                    [3, false],
+                                    (&g, xq, r0, k, o, n, j, lanes)
+                                ),
+                                Block::Q5_0 => by_rows!(
+                                    rr,
+                                    $dot32,
+                                    [4, false],
+                                    (&g, xq, r0, k, o, n, j, lanes)
+                                ),
+                                Block::Q4_1 | Block::Q5_1 => by_rows!(
+                                    rr,
+                                    $dot32,
+                                    [0, false],
+                                    (&g, xq, r0, k, o, n, j, lanes)
+                                ),
+                                Block::Q8_0 => {
+                                    by_rows!(rr, $dot32, [0, true], (&g, xq, r0, k, o, n, j, lanes))
+                                }
+                                Block::Q6K => {
+                                    by_rows!(rr, $dotk, [true], (&g, xq, r0, k, o, n, j, lanes))
+                                }
+                                Block::Q4K | Block::Q5K => {
+                                    by_rows!(rr, $dotk, [false], (&g, xq, r0, k, o, n, j, lanes))
+                                }
+                            }
+                        }
+                        r0 += rr;
+                    }
+                }
+            }
+        };
+    }
+
+    int8_task!(int8_avx2, Isa::Avx2, "avx2,fma,f16c", dot32_avx2, dotk_avx2);
+    int8_task!(
+        int8_avx512,
+        Isa::Avx512,
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+        dot32_vnni,
+        dotk_vnni
+    );
+
+    /// `super::tile_product` with AVX2: four weight rows × two activation rows per pass.
+    ///
+    /// # Safety
+    /// As `super::tile_product`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn tile_avx2(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        p: &[f32],
+        j0: usize,
+        n: usize,
+        out: *mut f32,
+    ) {
+        let rows = p.len() / k;
+        assert!(x.len() == m * k && k.is_multiple_of(16) && rows <= 4);
+        // SAFETY (whole body): loads stay below k within rows of x (r < m) and of p
+        // (j < rows); k is a multiple of 16; outputs r·n + j0 + j are the caller's.
+        unsafe {
+            let (xp, pp) = (x.as_ptr(), p.as_ptr());
+            if rows == 4 {
+                let w = [pp, pp.add(k), pp.add(2 * k), pp.add(3 * k)];
+                let mut r = 0;
+                while r + 2 <= m {
+                    let (x0, x1) = (xp.add(r * k), xp.add((r + 1) * k));
+                    let mut a = [_mm256_setzero_ps(); 8];
+                    for c in (0..k).step_by(8) {
+                        let (v0, v1) = (_mm256_loadu_ps(x0.add(c)), _mm256_loadu_ps(x1.add(c)));
+                        for q in 0..4 {
+                            let u = _mm256_loadu_ps(w[q].add(c));
+                            a[q] = _mm256_fmadd_ps(v0, u, a[q]);
+                            a[4 + q] = _mm256_fmadd_ps(v1, u, a[4 + q]);
+                        }
+                    }
+                    for q in 0..4 {
+                        *out.add(r * n + j0 + q) = hsum(a[q]);
+                        *out.add((r + 1) * n + j0 + q) = hsum(a[4 + q]);
+                    }
+                    r += 2;
+                }
+                if r < m {
+                    let x0 = xp.add(r * k);
+                    let mut a = [_mm256_setzero_ps(); 8];
+                    for c in (0..k).step_by(16) {
+                        let (v0, v1) = (_mm256_loadu_ps(x0.add(c)), _mm256_loadu_ps(x0.add(c + 8)));
+                        for q in 0..4 {
+                            a[q] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(w[q].add(c)), a[q]);
+                            a[4 + q] =
+                                _mm256_fmadd_ps(v1, _mm256_loadu_ps(w[q].add(c + 8)), a[4 + q]);
+                        }
+                    }
+                    for q in 0..4 {
+                        *out.add(r * n + j0 + q) = hsum(_mm256_add_ps(a[q], a[4 + q]));
+                    }
+                }
+            } else {
+                for j in 0..rows {
+                    let w0 = pp.add(j * k);
+                    for r in 0..m {
+                        let x0 = xp.add(r * k);
+                        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                        for c in (0..k).step_by(16) {
+                            a0 = _mm256_fmadd_ps(
+                                _mm256_loadu_ps(x0.add(c)),
+                                _mm256_loadu_ps(w0.add(c)),
+                                a0,
+                            );
+                            a1 = _mm256_fmadd_ps(
+                                _mm256_loadu_ps(x0.add(c + 8)),
+                                _mm256_loadu_ps(w0.add(c + 8)),
+                                a1,
+                            );
+                        }
+                        *out.add(r * n + j0 + j) = hsum(_mm256_add_ps(a0, a1));
+                    }
+                }
+            }
+        }
+    }
+
+    /// `super::tile_product` with AVX-512: four weight rows × two activation rows per pass.
+    ///
+    /// # Safety
+    /// As `super::tile_product`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn tile_avx512(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        p: &[f32],
+        j0: usize,
+        n: usize,
+        out: *mut f32,
+    ) {
+        let rows = p.len() / k;
+        assert!(x.len() == m * k && k.is_multiple_of(32) && rows <= 4);
+        // SAFETY (whole body): loads stay below k within rows of x (r < m) and of p
+        // (j < rows); k is a multiple of 32; outputs r·n + j0 + j are the caller's.
+        unsafe {
+            let (xp, pp) = (x.as_ptr(), p.as_ptr());
+            if rows == 4 {
+                let w = [pp, pp.add(k), pp.add(2 * k), pp.add(3 * k)];
+                let mut r = 0;
+                while r + 2 <= m {
+                    let (x0, x1) = (xp.add(r * k), xp.add((r + 1) * k));
+                    let mut a = [_mm512_setzero_ps(); 8];
+                    for c in (0..k).step_by(16) {
+                        let (v0, v1) = (_mm512_loadu_ps(x0.add(c)), _mm512_loadu_ps(x1.add(c)));
+                        for q in 0..4 {
+                            let u = _mm512_loadu_ps(w[q].add(c));
+                            a[q] = _mm512_fmadd_ps(v0, u, a[q]);
+                            a[4 + q] = _mm512_fmadd_ps(v1, u, a[4 + q]);
+                        }
+                    }
+                    for q in 0..4 {
+                        *out.add(r * n + j0 + q) = _mm512_reduce_add_ps(a[q]);
+                        *out.add((r + 1) * n + j0 + q) = _mm512_reduce_add_ps(a[4 + q]);
+                    }
+                    r += 2;
+                }
+                if r < m {
+                    let x0 = xp.add(r * k);
+                    let mut a = [_mm512_setzero_ps(); 8];
+                    for c in (0..k).step_by(32) {
+                        let (v0, v1) =
+                            (_mm512_loadu_ps(x0.add(c)), _mm512_loadu_ps(x0.add(c + 16)));
+                        for q in 0..4 {
+                            a[q] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(w[q].add(c)), a[q]);
+                            a[4 + q] =
+                                _mm512_fmadd_ps(v1, _mm512_loadu_ps(w[q].add(c + 16)), a[4 + q]);
+                        }
+                    }
+                    for q in 0..4 {
+                        *out.add(r * n + j0 + q) =
+                            _mm512_reduce_add_ps(_mm512_add_ps(a[q], a[4 + q]));
+                    }
+                }
+            } else {
+                for j in 0..rows {
+                    let w0 = pp.add(j * k);
+                    for r in 0..m {
+                        let x0 = xp.add(r * k);
+                        let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+                        for c in (0..k).step_by(32) {
+                            a0 = _mm512_fmadd_ps(
+                                _mm512_loadu_ps(x0.add(c)),
+                                _mm512_loadu_ps(w0.add(c)),
+                                a0,
+                            );
+                            a1 = _mm512_fmadd_ps(
+                                _mm512_loadu_ps(x0.add(c + 16)),
+                                _mm512_loadu_ps(w0.add(c + 16)),
+                                a1,
+                            );
+                        }
+                        *out.add(r * n + j0 + j) = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+                    }
+                }
+            }
+        }
+    }
+
+    /// `MR` activation rows times a k-major AVX2 panel of 16 columns: `MR × 2` vector
+    /// accumulators, one broadcast per row and step.
+    ///
+    /// # Safety
+    /// `x` holds `MR` rows of `k`, `p` `16 · k` floats; `out` rows `r < MR` (stride `n`)
+    /// have `cols ≤ 16` writable floats that no other task writes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn micro_avx2<const MR: usize>(
+        x: *const f32,
+        k: usize,
+        p: *const f32,
+        out: *mut f32,
+        n: usize,
+        cols: usize,
+    ) {
+        // SAFETY (whole body): the caller's contract.
+        unsafe {
+            let mut a = [[_mm256_setzero_ps(); 2]; MR];
+            for i in 0..k {
+                let w0 = _mm256_loadu_ps(p.add(16 * i));
+                let w1 = _mm256_loadu_ps(p.add(16 * i + 8));
+                for (r, a) in a.iter_mut().enumerate() {
+                    let xv = _mm256_broadcast_ss(&*x.add(r * k + i));
+                    a[0] = _mm256_fmadd_ps(xv, w0, a[0]);
+                    a[1] = _mm256_fmadd_ps(xv, w1, a[1]);
+                }
+            }
+            for (r, a) in a.iter().enumerate() {
+                let o = out.add(r * n);
+                if cols == 16 {
+                    _mm256_storeu_ps(o, a[0]);
+                    _mm256_storeu_ps(o.add(8), a[1]);
+                } else {
+                    let mut t = [0.0f32; 16];
+                    _mm256_storeu_ps(t.as_mut_ptr(), a[0]);
+                    _mm256_storeu_ps(t.as_mut_ptr().add(8), a[1]);
+                    std::ptr::copy_nonoverlapping(t.as_ptr(), o, cols);
+                }
+            }
+        }
+    }
+
+    /// As [`micro_avx2`] with AVX-512 and a panel of 32 columns.
+    ///
+    /// # Safety
+    /// As [`micro_avx2`], with `p` holding `32 · k` floats and `cols ≤ 32`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn micro_avx512<const MR: usize>(
+        x: *const f32,
+        k: usize,
+        p: *const f32,
+        out: *mut f32,
+        n: usize,
+        cols: usize,
+    ) {
+        // SAFETY (whole body): the caller's contract.
+        unsafe {
+            let mut a = [[_mm512_setzero_ps(); 2]; MR];
+            for i in 0..k {
+                let w0 = _mm512_loadu_ps(p.add(32 * i));
+                let w1 = _mm512_loadu_ps(p.add(32 * i + 16));
+                for (r, a) in a.iter_mut().enumerate() {
+                    let xv = _mm512_set1_ps(*x.add(r * k + i));
+                    a[0] = _mm512_fmadd_ps(xv, w0, a[0]);
+                    a[1] = _mm512_fmadd_ps(xv, w1, a[1]);
+                }
+            }
+            for (r, a) in a.iter().enumerate() {
+                let o = out.add(r * n);
+                if cols == 32 {
+                    _mm512_storeu_ps(o, a[0]);
+                    _mm512_storeu_ps(o.add(16), a[1]);
+                } else {
+                    let mut t = [0.0f32; 32];
+                    _mm512_storeu_ps(t.as_mut_ptr(), a[0]);
+                    _mm512_storeu_ps(t.as_mut_ptr().add(16), a[1]);
+                    std::ptr::copy_nonoverlapping(t.as_ptr(), o, cols);
+                }
+            }
+        }
+    }
+
+    /// Defines `super::panel_product` for one instruction set: blocks of `$mr` rows, then
+    /// the remainder with a smaller block.
+    macro_rules! panel {
+        ($name:ident, $features:literal, $micro:ident, $mr:literal, $nr:literal, [$($rem:literal),*]) => {
+            /// `super::panel_product` on this instruction set.
+            ///
+            /// # Safety
+            /// As `super::panel_product`.
+            #[target_feature(enable = $features)]
+            #[allow(clippy::too_many_arguments)]
+            pub(super) unsafe fn $name(
+                x: &[f32],
+                m: usize,
+                k: usize,
+                p: &[f32],
+                jt: usize,
+                cols: usize,
+                n: usize,
+                out: *mut f32,
+            ) {
+                assert!(x.len() == m * k && p.len() == $nr * k && cols <= $nr);
+                let (xp, pp) = (x.as_ptr(), p.as_ptr());
+                let mut r0 = 0;
+                while r0 + $mr <= m {
+                    // SAFETY: rows r0..r0 + MR ≤ m of x and out; the caller's contract for
+                    // columns jt..jt + cols.
+                    unsafe { $micro::<$mr>(xp.add(r0 * k), k, pp, out.add(r0 * n + jt), n, cols) };
+                    r0 += $mr;
+                }
+                let (xr, or) = (xp.wrapping_add(r0 * k), out.wrapping_add(r0 * n + jt));
+                // SAFETY: the remaining rows r0..m, as above.
+                unsafe {
+                    match m - r0 {
+                        0 => {}
+                        $($rem => $micro::<$rem>(xr, k, pp, or, n, cols),)*
+                        _ => unreachable!(),
+                    }
+                }
+            }
+        };
+    }
+
+    panel!(
+        panel_avx2,
+        "avx2,fma,f16c",
+        micro_avx2,
+        6,
+        16,
+        [1, 2, 3, 4, 5]
+    );
+    panel!(
+        panel_avx512,
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+        micro_avx512,
+        12,
+        32,
+        [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exec::kernels::cpu::test_values as values;
+    use crate::load::gguf::dequantize;
+
+    const TYPES: [GgmlType; 8] = [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+    ];
+
+    /// `n` rows of `k` values of type `ty`: random bytes with every f16 scale and minimum
+    /// replaced by a finite value in ±0.02.
+    fn random_matrix(ty: GgmlType, k: usize, n: usize, seed: u64) -> Vec<u8> {
+        let q = Block::of(ty).unwrap();
+        let blocks = n * k / q.block();
+        let mut w: Vec<u8> = values(blocks * q.bytes(), seed)
+            .iter()
+            .map(|v| ((v + 1.0) * 128.0) as u8)
+            .collect();
+        let fields: &[usize] = match q {
+            Block::Q4_0 | Block::Q5_0 | Block::Q8_0 => &[0],
+            Block::Q6K => &[208],
+            _ => &[0, 2],
+        };
+        let scales = values(blocks * fields.len(), seed + 1);
+        for (blk, s) in w
+            .chunks_exact_mut(q.bytes())
+            .zip(scales.chunks_exact(fields.len()))
+        {
+            for (&at, &s) in fields.iter().zip(s) {
+                blk[at..at + 2].copy_from_slice(&f16::from_f32(0.02 * s).to_le_bytes());
+            }
+        }
+        w
+    }
+
+    /// Per output: the float64 product with the dequantized weights, `Σ |x · w|`, and the
+    /// int8 bound `Σ_b (max_b |x| / 254) · Σ_{i ∈ b} |w_i|` over activation blocks `b` of
+    /// `qb` values (rounding `x / d`, `d = max |x| / 127`, moves each value by ≤ d / 2).
+    fn reference(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        wf: &[f32],
+        n: usize,
+        qb: usize,
+    ) -> Vec<(f64, f64, f64)> {
+        let mut out = Vec::with_capacity(m * n);
+        for xr in x.chunks_exact(k) {
+            for wr in wf.chunks_exact(k) {
+                let (mut e, mut a, mut bound) = (0.0f64, 0.0f64, 0.0f64);
+                for (xb, wb) in xr.chunks_exact(qb).zip(wr.chunks_exact(qb)) {
+                    let amax = xb.iter().fold(0.0f64, |a, &v| a.max(f64::from(v).abs()));
+                    let mut wabs = 0.0;
+                    for (&xv, &wv) in xb.iter().zip(wb) {
+                        e += f64::from(xv) * f64::from(wv);
+                        a += (f64::from(xv) * f64::from(wv)).abs();
+                        wabs += f64::from(wv).abs();
+                    }
+                    bound += amax / 254.0 * wabs;
+                }
+                out.push((e, a, bound));
+            }
+        }
+        out
+    }
+
+    fn paths() -> Vec<Path> {
+        let mut out = Vec::new();
+        for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
+            if isa.available() {
+                for method in [Method::Dequant, Method::Int8, Method::Panel] {
+                    out.push(Path { isa, method });
+                }
+            }
+        }
+        out
+    }
+
+    fn run(
+        path: Path,
+        x: &[f32],
+        m: usize,
+        k: usize,
+        w: &[u8],
+        ty: GgmlType,
+        n: usize,
+    ) -> Vec<f32> {
+        let mut got = vec![f32::NAN; m * n];
+        qmatmul_t_with(path, x, m, k, w, ty, n, &mut got);
+        got
+    }
+
+    /// Every type, method and available instruction set against float64 products with the
+    /// dequantized weights, on shapes with partial tiles, tasks and panels; each SIMD path
+    /// also against the portable one.
+    #[test]
+    fn every_path_matches_a_float64_reference() {
+        let shapes = [
+            (1, 37),
+            (2, 5),
+            (3, 70),
+            (7, 33),
+            (16, 41),
+            (17, 35),
+            (40, 66),
+        ];
+        for ty in TYPES {
+            let q = Block::of(ty).unwrap();
+            let ks: &[usize] = if q.is_k() {
+                &[256, 512, 2304]
+            } else {
+                &[32, 64, 96, 576]
+            };
+            for &k in ks {
+                for (s, &(m, n)) in shapes.iter().enumerate() {
+                    let seed = (k * 31 + s) as u64;
+                    let x = values(m * k, seed);
+                    let w = random_matrix(ty, k, n, seed + 2);
+                    let wf = dequantize(ty, &w).unwrap();
+                    let want = reference(&x, m, k, &wf, n, q.block());
+                    let mut portable: Vec<(Method, Vec<f32>)> = Vec::new();
+                    for path in paths() {
+                        let got = run(path, &x, m, k, &w, ty, n);
+                        for (i, (&g, &(e, a, b))) in got.iter().zip(&want).enumerate() {
+                            let tol = match path.method {
+                                Method::Int8 => b * 1.001 + 1e-5 * a,
+                                _ => 1e-5 * a,
+                            } + 1e-30;
+                            assert!(
+                                (f64::from(g) - e).abs() <= tol,
+                                "{ty} {path:?} m={m} k={k} n={n} at {i}: {g} vs {e} (tol {tol})"
+                            );
+                        }
+                        if path.isa == Isa::Portable {
+                            portable.push((path.method, got));
+                        } else {
+                            let (_, p) =
+                                portable.iter().find(|(mt, _)| *mt == path.method).unwrap();
+                            for (i, ((&g, &p), &(_, a, _))) in
+                                got.iter().zip(p).zip(&want).enumerate()
+                            {
+                                assert!(
+                                    (f64::from(g) - f64::from(p)).abs() <= 1e-5 * a + 1e-30,
+                                    "{ty} {path:?} vs portable m={m} k={k} n={n} at {i}: {g} vs {p}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Unpacked rows give back `dequantize`'s values on every instruction set.
+    #[test]
+    fn unpacked_rows_expand_to_the_dequantized_values() {
+        for ty in TYPES {
+            let q = Block::of(ty).unwrap();
+            let k = 4 * q.block();
+            let w = random_matrix(ty, k, 1, 5);
+            let want = dequantize(ty, &w).unwrap();
+            for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
+                if !isa.available() {
+                    continue;
+                }
+                let mut row = Row::new(q, k);
+                unpack(isa, q, &w, &mut row);
+                let mut got = vec![0.0f32; k];
+                expand(isa, q, &row, &mut got);
+                for (i, (&g, &e)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - e).abs() <= 2.0 * f32::EPSILON * e.abs() + 1e-30,
+                        "{ty} {isa:?} value {i}: {g} vs {e}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Activation blocks of zeros, of one large value and of tiny values.
+    #[test]
+    fn int8_handles_zero_and_extreme_activation_blocks() {
+        for ty in TYPES {
+            let q = Block::of(ty).unwrap();
+            let (m, k, n) = (3, 2 * q.block(), 9);
+            let mut x = values(m * k, 9);
+            x[..q.block()].fill(0.0);
+            x[k + 3] = 1e4;
+            for v in &mut x[2 * k..] {
+                *v *= 1e-20;
+            }
+            let w = random_matrix(ty, k, n, 10);
+            let wf = dequantize(ty, &w).unwrap();
+            let want = reference(&x, m, k, &wf, n, q.block());
+            for path in paths() {
+                let got = run(path, &x, m, k, &w, ty, n);
+                for (i, (&g, &(e, a, b))) in got.iter().zip(&want).enumerate() {
+                    let tol = b * 1.001 + 1e-5 * a + 1e-30;
+                    assert!(
+                        (f64::from(g) - e).abs() <= tol,
+                        "{ty} {path:?} at {i}: {g} vs {e}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_default_path_matches_the_reference() {
+        for ty in TYPES {
+            let q = Block::of(ty).unwrap();
+            for (m, k, n) in [
+                (1, q.block() * 3, 50),
+                (16, q.block(), 7),
+                (33, q.block() * 2, 40),
+            ] {
+                let x = values(m * k, 3);
+                let w = random_matrix(ty, k, n, 4);
+                let want = reference(&x, m, k, &dequantize(ty, &w).unwrap(), n, q.block());
+                let mut got = vec![f32::NAN; m * n];
+                qmatmul_t(&x, m, k, &w, ty, n, &mut got);
+                for (&g, &(e, a, b)) in got.iter().zip(&want) {
+                    assert!((f64::from(g) - e).abs() <= b * 1.001 + 1e-5 * a + 1e-30);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn shapes_are_checked() {
+        assert!(supports(GgmlType::Q4_K) && !supports(GgmlType::F16) && !supports(GgmlType::Q2_K));
+        assert_eq!(row_bytes(GgmlType::Q4_1, 576), 18 * 20);
+        assert_eq!(check_quant_matrix(GgmlType::Q8_0, 64, 3, 3 * 68), Ok(()));
+        assert_eq!(
+            check_quant_matrix(GgmlType::F32, 64, 3, 768),
+            Err(QuantMatrixError::Unsupported(GgmlType::F32))
+        );
+        assert!(matches!(
+            check_quant_matrix(GgmlType::Q6_K, 128, 1, 105),
+            Err(QuantMatrixError::PartialBlock { block: 256, .. })
+        ));
+        assert!(matches!(
+            check_quant_matrix(GgmlType::Q4_0, 32, 2, 35),
+            Err(QuantMatrixError::Length {
+                expected: 36,
+                found: 35,
+                ..
+            })
+        ));
+        assert!(matches!(
+            check_quant_matrix(GgmlType::Q4_0, 32, usize::MAX, 35),
+            Err(QuantMatrixError::Length {
+                expected: usize::MAX,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    #[should_panic(expected = "take 36 bytes")]
+    fn a_short_matrix_panics() {
+        let mut out = [0.0f32; 2];
+        qmatmul_t(&[0.0; 32], 1, 32, &[0; 35], GgmlType::Q4_0, 2, &mut out);
     }
 }
