@@ -2,17 +2,26 @@
 //! `out[r, j] = Σ_i x[r, i] · W[j, i]` for `r < m`, `j < n`, where row `j` of `W` is the
 //! `k / B` blocks at `w[j · row_bytes(ty, k)..]` (`B` = 32, or 256 for the k-quants).
 //!
-//! Every method first unpacks a weight row into one byte per value plus its block scales
-//! (the file's nibbles and high bits spread out), then either:
+//! Every method unpacks the blocks into one byte per value plus block scales (the file's
+//! nibbles and high bits spread out), then:
 //! - [`Method::Dequant`]: widens four unpacked rows to f32 and multiplies them against
 //!   the f32 activations (the f32 product with the dequantized weights, up to rounding
 //!   order);
-//! - [`Method::Int8`]: multiplies the bytes against the activation rows quantized once per
-//!   call to int8 (one scale per 32 values, per 256 for k-quants) with integer dot
-//!   products, applying the scales per block in f32;
+//! - [`Method::Int8`]: quantizes the activation rows once per call to int8 (one scale per
+//!   32 values, per 256 for k-quants) and takes integer dot products (VNNI `vpdpbusd`, or
+//!   AVX2 `maddubs`), applying the block scales in f32. Up to four rows, each block is
+//!   unpacked in registers and multiplied at once; more rows share groups of eight weight
+//!   rows interleaved four bytes at a time, so that one vector of products holds one dot
+//!   product per weight row. The result is the f32 product of the weights with the
+//!   int8-rounded activations: each activation moves by at most `max|x_b| / 254` over its
+//!   block `b`, so the error is at most `Σ_b max|x_b| / 254 · Σ_{i ∈ b} |w_i|` (plus f32
+//!   rounding);
 //! - [`Method::Panel`]: widens 16 or 32 rows to f32, transposes them into a panel and runs
 //!   a register-blocked f32 kernel over all activation rows (the prefill GEMM; no f32
 //!   copy of the whole matrix).
+//!
+//! [`qmatmul_t`] runs `Int8` up to [`DECODE_ROWS`] rows (faster than `Dequant` for every
+//! type and shape measured, see docs/performance.md) and `Panel` above.
 //!
 //! Work is split over rayon tasks by blocks of weight rows; each weight byte is read once
 //! per call. Kernels for AVX-512 (F, BW, VL and VNNI), AVX2 (with FMA and F16C) or
@@ -119,22 +128,23 @@ pub fn check_quant_matrix(
 /// If [`check_quant_matrix`] rejects `(ty, k, n, w.len())` or a slice length disagrees
 /// with `m`, `k` and `n`.
 pub fn qmatmul_t(x: &[f32], m: usize, k: usize, w: &[u8], ty: GgmlType, n: usize, out: &mut [f32]) {
-    let method = if m > DECODE_ROWS {
-        Method::Panel
-    } else {
-        decode_method(ty)
-    };
+    let isa = Isa::best();
     let path = Path {
-        isa: Isa::best(),
-        method,
+        isa,
+        method: method(isa, m),
     };
     qmatmul_t_with(path, x, m, k, w, ty, n, out);
 }
 
-/// The decode method per type, chosen by the `quant` benchmarks in `benches/ops.rs`
-/// (see docs/performance.md).
-fn decode_method(_ty: GgmlType) -> Method {
-    Method::Int8
+/// The method for `m` rows, chosen by the `quant` benchmarks in `benches/ops.rs` (see
+/// docs/performance.md): with SIMD kernels `Int8` beats `Dequant` for every type at 1
+/// and 16 rows; the portable integer loop wins at one row only.
+fn method(isa: Isa, m: usize) -> Method {
+    match (isa, m) {
+        (_, m) if m > DECODE_ROWS => Method::Panel,
+        (Isa::Portable, m) if m > 1 => Method::Dequant,
+        _ => Method::Int8,
+    }
 }
 
 /// An instruction set the kernels are compiled for.
@@ -421,11 +431,11 @@ impl Group {
 struct Xq {
     q: Vec<i8>,
     d: Vec<f32>,
-    /// Per 32 values: `d · Σ q` (the block's sum, for Q4_1/Q5_1's minimum).
+    /// Per 32 values: `d · Σ q` (the sum of the rounded values, for minimums).
     s: Vec<f32>,
     /// Per 32 values: `Σ q` (offset corrections).
     s32: Vec<i32>,
-    /// Per 16 values: `Σ q` (k-quant minimum and offset corrections).
+    /// Per 16 values: `Σ q` (k-quant minimum and offset corrections; at most 16 · 127).
     bs: Vec<i16>,
 }
 
