@@ -2,17 +2,26 @@
 //! `out[r, j] = Σ_i x[r, i] · W[j, i]` for `r < m`, `j < n`, where row `j` of `W` is the
 //! `k / B` blocks at `w[j · row_bytes(ty, k)..]` (`B` = 32, or 256 for the k-quants).
 //!
-//! Every method first unpacks a weight row into one byte per value plus its block scales
-//! (the file's nibbles and high bits spread out), then either:
+//! Every method unpacks the blocks into one byte per value plus block scales (the file's
+//! nibbles and high bits spread out), then:
 //! - [`Method::Dequant`]: widens four unpacked rows to f32 and multiplies them against
 //!   the f32 activations (the f32 product with the dequantized weights, up to rounding
 //!   order);
-//! - [`Method::Int8`]: multiplies the bytes against the activation rows quantized once per
-//!   call to int8 (one scale per 32 values, per 256 for k-quants) with integer dot
-//!   products, applying the scales per block in f32;
+//! - [`Method::Int8`]: quantizes the activation rows once per call to int8 (one scale per
+//!   32 values, per 256 for k-quants) and takes integer dot products (VNNI `vpdpbusd`, or
+//!   AVX2 `maddubs`), applying the block scales in f32. Up to four rows, each block is
+//!   unpacked in registers and multiplied at once; more rows share groups of eight weight
+//!   rows interleaved four bytes at a time, so that one vector of products holds one dot
+//!   product per weight row. The result is the f32 product of the weights with the
+//!   int8-rounded activations: each activation moves by at most `max|x_b| / 254` over its
+//!   block `b`, so the error is at most `Σ_b max|x_b| / 254 · Σ_{i ∈ b} |w_i|` (plus f32
+//!   rounding);
 //! - [`Method::Panel`]: widens 16 or 32 rows to f32, transposes them into a panel and runs
 //!   a register-blocked f32 kernel over all activation rows (the prefill GEMM; no f32
 //!   copy of the whole matrix).
+//!
+//! [`qmatmul_t`] runs `Int8` up to [`DECODE_ROWS`] rows (faster than `Dequant` for every
+//! type and shape measured, see docs/performance.md) and `Panel` above.
 //!
 //! Work is split over rayon tasks by blocks of weight rows; each weight byte is read once
 //! per call. Kernels for AVX-512 (F, BW, VL and VNNI), AVX2 (with FMA and F16C) or
@@ -119,22 +128,23 @@ pub fn check_quant_matrix(
 /// If [`check_quant_matrix`] rejects `(ty, k, n, w.len())` or a slice length disagrees
 /// with `m`, `k` and `n`.
 pub fn qmatmul_t(x: &[f32], m: usize, k: usize, w: &[u8], ty: GgmlType, n: usize, out: &mut [f32]) {
-    let method = if m > DECODE_ROWS {
-        Method::Panel
-    } else {
-        decode_method(ty)
-    };
+    let isa = Isa::best();
     let path = Path {
-        isa: Isa::best(),
-        method,
+        isa,
+        method: method(isa, m),
     };
     qmatmul_t_with(path, x, m, k, w, ty, n, out);
 }
 
-/// The decode method per type, chosen by the `quant` benchmarks in `benches/ops.rs`
-/// (see docs/performance.md).
-fn decode_method(_ty: GgmlType) -> Method {
-    Method::Int8
+/// The method for `m` rows, chosen by the `quant` benchmarks in `benches/ops.rs` (see
+/// docs/performance.md): with SIMD kernels `Int8` beats `Dequant` for every type at 1
+/// and 16 rows; the portable integer loop wins at one row only.
+fn method(isa: Isa, m: usize) -> Method {
+    match (isa, m) {
+        (_, m) if m > DECODE_ROWS => Method::Panel,
+        (Isa::Portable, m) if m > 1 => Method::Dequant,
+        _ => Method::Int8,
+    }
 }
 
 /// An instruction set the kernels are compiled for.
@@ -341,6 +351,11 @@ impl Block {
         }
     }
 
+    /// Values per scale of a [`Row`].
+    fn unit(self) -> usize {
+        if self == Block::Q6K { 16 } else { 32 }
+    }
+
     /// The offset subtracted from an unpacked 32-block byte (Q8_0's bytes are signed).
     fn offset(self) -> i32 {
         match self {
@@ -362,29 +377,23 @@ struct Task {
 }
 
 /// One weight row unpacked: `u[i]` is value `i`'s integer (0..2^bits; Q8_0's signed byte)
-/// and the row's value `i` is, with `b` its block:
-/// - 32-blocks: `d[b] · (u[i] − offset) + m[b]` (Q8_0: `d[b] · (u[i] as i8)`);
-/// - k-quants, with `g = i / 16`: `(d[b] · sc[g]) · u[i] − m[b] · mn[g]`, where `sc` and
-///   `mn` are Q4_K/Q5_K's sub-block scale and minimum (each twice), or Q6_K's scale and
-///   32 times it (then `m[b] = d[b]`).
+/// and its value is, with `j = i / unit` (16 values for Q6_K, else 32):
+/// - 32-blocks: `ds[j] · (u[i] − offset) + dm[j]` (Q8_0: `ds[j] · (u[i] as i8)`);
+/// - Q4_K/Q5_K: `ds[j] · u[i] − dm[j]` (`ds = d · sc`, `dm = dmin · mn` per sub-block);
+/// - Q6_K: `ds[j] · (u[i] − 32)` (`ds = d · sc` per 16 values).
 struct Row {
     u: Vec<u8>,
-    d: Vec<f32>,
-    m: Vec<f32>,
-    sc: Vec<i16>,
-    mn: Vec<i16>,
+    ds: Vec<f32>,
+    dm: Vec<f32>,
 }
 
 impl Row {
+    /// A row of `k` values (scales padded to whole vectors of [`GROUP`]).
     fn new(q: Block, k: usize) -> Row {
-        let blocks = k / q.block();
-        let kq = if q.is_k() { k } else { 0 };
         Row {
             u: vec![0; k],
-            d: vec![0.0; blocks],
-            m: vec![0.0; blocks],
-            sc: vec![0; kq / 16],
-            mn: vec![0; kq / 16],
+            ds: vec![0.0; (k / q.unit()).next_multiple_of(GROUP)],
+            dm: vec![0.0; (k / 32).next_multiple_of(GROUP)],
         }
     }
 }
@@ -394,69 +403,25 @@ const GROUP: usize = 8;
 
 /// [`GROUP`] weight rows for the integer kernels: values interleaved four at a time
 /// (bytes `32c + 4t .. 32c + 4t + 4` are values `4c .. 4c + 4` of row `t`), so one vector
-/// of products holds one dot product per row, and per-row scales in lanes of eight: `d`
-/// per 32 values (Q4_K/Q5_K: `d · sc`; Q6_K: `d · sc` per 16 values) and `m` per 32
-/// values (Q4_1/Q5_1: the minimum; Q4_K/Q5_K: `dmin · mn`). Rows past the matrix are 0.
+/// of products holds one dot product per row, and [`Row`]'s scales in lanes of eight
+/// (`d[8j + t]` is `ds[j]` of row `t`, `m[8j + t]` its `dm[j]`). Rows past the matrix
+/// are 0.
 struct Group {
     u: Vec<u8>,
     d: Vec<f32>,
     m: Vec<f32>,
-    /// The unpacked rows before interleaving.
-    rows: Vec<Vec<u8>>,
-    row: Row,
+    /// The rows before interleaving.
+    rows: Vec<Row>,
 }
 
 impl Group {
     fn new(q: Block, k: usize) -> Group {
-        let units = if q == Block::Q6K { k / 16 } else { k / 32 };
+        let rows: Vec<Row> = (0..GROUP).map(|_| Row::new(q, k)).collect();
         Group {
             u: vec![0; GROUP * k],
-            d: vec![0.0; GROUP * units],
-            m: vec![0.0; GROUP * k / 32],
-            rows: vec![vec![0; k]; GROUP],
-            row: Row::new(q, k),
-        }
-    }
-
-    /// Unpacks row `t` of the group (`None`: past the matrix) into `rows[t]` and the
-    /// scale lanes `t`.
-    fn unpack_row(&mut self, isa: Isa, q: Block, t: usize, wr: Option<&[u8]>) {
-        let Some(wr) = wr else {
-            self.rows[t].fill(0);
-            self.d
-                .iter_mut()
-                .skip(t)
-                .step_by(GROUP)
-                .for_each(|v| *v = 0.0);
-            self.m
-                .iter_mut()
-                .skip(t)
-                .step_by(GROUP)
-                .for_each(|v| *v = 0.0);
-            return;
-        };
-        std::mem::swap(&mut self.row.u, &mut self.rows[t]);
-        unpack(isa, q, wr, &mut self.row);
-        std::mem::swap(&mut self.row.u, &mut self.rows[t]);
-        let (row, d, m) = (&self.row, &mut self.d, &mut self.m);
-        match q {
-            Block::Q6K => {
-                for (g, &sc) in row.sc.iter().enumerate() {
-                    d[GROUP * g + t] = row.d[g / 16] * f32::from(sc);
-                }
-            }
-            Block::Q4K | Block::Q5K => {
-                for j in 0..row.sc.len() / 2 {
-                    d[GROUP * j + t] = row.d[j / 8] * f32::from(row.sc[2 * j]);
-                    m[GROUP * j + t] = row.m[j / 8] * f32::from(row.mn[2 * j]);
-                }
-            }
-            _ => {
-                for (b, (&dv, &mv)) in row.d.iter().zip(&row.m).enumerate() {
-                    d[GROUP * b + t] = dv;
-                    m[GROUP * b + t] = mv;
-                }
-            }
+            d: vec![0.0; GROUP * rows[0].ds.len()],
+            m: vec![0.0; GROUP * rows[0].dm.len()],
+            rows,
         }
     }
 }
@@ -466,11 +431,11 @@ impl Group {
 struct Xq {
     q: Vec<i8>,
     d: Vec<f32>,
-    /// Per 32 values: `d · Σ q` (the block's sum, for Q4_1/Q5_1's minimum).
+    /// Per 32 values: `d · Σ q` (the sum of the rounded values, for minimums).
     s: Vec<f32>,
     /// Per 32 values: `Σ q` (offset corrections).
     s32: Vec<i32>,
-    /// Per 16 values: `Σ q` (k-quant minimum and offset corrections).
+    /// Per 16 values: `Σ q` (k-quant minimum and offset corrections; at most 16 · 127).
     bs: Vec<i16>,
 }
 
@@ -768,181 +733,163 @@ fn k_scale_mins(s: &[u8]) -> ([u8; 8], [u8; 8]) {
     (bytes(sc), bytes(mn))
 }
 
-/// The sub-block scales of Q4_K/Q5_K block `b` (scale bytes `s`) into `row`.
-fn k_scales(s: &[u8], b: usize, row: &mut Row) {
-    let (sc, mn) = k_scale_mins(s);
-    let (rs, rm) = (&mut row.sc[16 * b..][..16], &mut row.mn[16 * b..][..16]);
-    for j in 0..8 {
-        rs[2 * j..][..2].fill(i16::from(sc[j]));
-        rm[2 * j..][..2].fill(i16::from(mn[j]));
+/// The scales of one block into `ds` and `dm` (see [`Row`]).
+fn block_scales(q: Block, blk: &[u8], ds: &mut [f32], dm: &mut [f32]) {
+    match q {
+        Block::Q4K | Block::Q5K => {
+            let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
+            let (sc, mn) = k_scale_mins(&blk[4..16]);
+            for j in 0..8 {
+                ds[j] = d * f32::from(sc[j]);
+                dm[j] = dmin * f32::from(mn[j]);
+            }
+        }
+        Block::Q6K => {
+            let d = f16_at(blk, 208);
+            for (ds, &s) in ds[..16].iter_mut().zip(&blk[192..208]) {
+                *ds = d * f32::from(s as i8);
+            }
+        }
+        _ => {
+            ds[0] = f16_at(blk, 0);
+            dm[0] = if matches!(q, Block::Q4_1 | Block::Q5_1) {
+                f16_at(blk, 2)
+            } else {
+                0.0
+            };
+        }
     }
 }
 
-/// The group scales of Q6_K block `b` (scale bytes `s`) into `row`.
-fn q6k_scales(s: &[u8], b: usize, row: &mut Row) {
-    let (rs, rm) = (&mut row.sc[16 * b..][..16], &mut row.mn[16 * b..][..16]);
-    for ((rs, rm), &s) in rs.iter_mut().zip(rm).zip(s) {
-        *rs = i16::from(s as i8);
-        *rm = 32 * *rs;
+/// The 32 values of 32-value column `sub` of one block, one byte each (see [`Row`]).
+fn column(q: Block, blk: &[u8], sub: usize, u: &mut [u8]) {
+    let bb = q.bytes();
+    match q {
+        Block::Q4_0 | Block::Q4_1 => {
+            for (i, &v) in blk[bb - 16..].iter().enumerate() {
+                u[i] = v & 0x0f;
+                u[i + 16] = v >> 4;
+            }
+        }
+        Block::Q5_0 | Block::Q5_1 => {
+            let o = bb - 20;
+            let qh = u32::from_le_bytes([blk[o], blk[o + 1], blk[o + 2], blk[o + 3]]);
+            let high = |i: usize| (((qh >> i) & 1) as u8) << 4;
+            for (i, &v) in blk[o + 4..].iter().enumerate() {
+                u[i] = (v & 0x0f) | high(i);
+                u[i + 16] = (v >> 4) | high(i + 16);
+            }
+        }
+        Block::Q8_0 => u[..32].copy_from_slice(&blk[2..]),
+        Block::Q4K | Block::Q5K => {
+            let qs = &blk[bb - 128 + 32 * (sub / 2)..][..32];
+            let shift = 4 * (sub % 2);
+            for (l, o) in u[..32].iter_mut().enumerate() {
+                *o = (qs[l] >> shift) & 0x0f;
+                if q == Block::Q5K {
+                    *o |= ((blk[16 + l] >> sub) & 1) << 4;
+                }
+            }
+        }
+        Block::Q6K => {
+            let (h, kk) = (sub / 4, sub % 4);
+            let ql = &blk[64 * h + 32 * (kk % 2)..][..32];
+            let qh = &blk[128 + 32 * h..][..32];
+            for (l, o) in u[..32].iter_mut().enumerate() {
+                *o = ((ql[l] >> (4 * (kk / 2))) & 0x0f) | (((qh[l] >> (2 * kk)) & 3) << 4);
+            }
+        }
     }
 }
 
 fn unpack_portable(q: Block, wr: &[u8], row: &mut Row) {
-    let bb = q.bytes();
-    for (b, blk) in wr.chunks_exact(bb).enumerate() {
-        match q {
-            Block::Q4_0 | Block::Q4_1 => {
-                row.d[b] = f16_at(blk, 0);
-                row.m[b] = if q == Block::Q4_1 {
-                    f16_at(blk, 2)
-                } else {
-                    0.0
-                };
-                let (lo, hi) = row.u[32 * b..][..32].split_at_mut(16);
-                for ((l, h), &v) in lo.iter_mut().zip(hi).zip(&blk[bb - 16..]) {
-                    *l = v & 0x0f;
-                    *h = v >> 4;
-                }
-            }
-            Block::Q5_0 | Block::Q5_1 => {
-                row.d[b] = f16_at(blk, 0);
-                row.m[b] = if q == Block::Q5_1 {
-                    f16_at(blk, 2)
-                } else {
-                    0.0
-                };
-                let o = bb - 20;
-                let qh = u32::from_le_bytes([blk[o], blk[o + 1], blk[o + 2], blk[o + 3]]);
-                let high = |i: usize| (((qh >> i) & 1) as u8) << 4;
-                let u = &mut row.u[32 * b..][..32];
-                for (i, &v) in blk[o + 4..].iter().enumerate() {
-                    u[i] = (v & 0x0f) | high(i);
-                    u[i + 16] = (v >> 4) | high(i + 16);
-                }
-            }
-            Block::Q8_0 => {
-                row.d[b] = f16_at(blk, 0);
-                row.m[b] = 0.0;
-                row.u[32 * b..][..32].copy_from_slice(&blk[2..]);
-            }
-            Block::Q4K | Block::Q5K => {
-                row.d[b] = f16_at(blk, 0);
-                row.m[b] = f16_at(blk, 2);
-                k_scales(&blk[4..16], b, row);
-                let (qh, qs) = if q == Block::Q5K {
-                    (Some(&blk[16..48]), &blk[48..])
-                } else {
-                    (None, &blk[16..])
-                };
-                for j in 0..8 {
-                    let (p, shift) = (j / 2, 4 * (j % 2));
-                    let u = &mut row.u[256 * b + 32 * j..][..32];
-                    for (l, o) in u.iter_mut().enumerate() {
-                        let mut v = (qs[32 * p + l] >> shift) & 0x0f;
-                        if let Some(qh) = qh {
-                            v |= ((qh[l] >> j) & 1) << 4;
-                        }
-                        *o = v;
-                    }
-                }
-            }
-            Block::Q6K => {
-                row.d[b] = f16_at(blk, 208);
-                row.m[b] = row.d[b];
-                q6k_scales(&blk[192..208], b, row);
-                let (ql, qh) = (&blk[..128], &blk[128..192]);
-                for h in 0..2 {
-                    for kk in 0..4 {
-                        let u = &mut row.u[256 * b + 128 * h + 32 * kk..][..32];
-                        for (l, o) in u.iter_mut().enumerate() {
-                            let low = (ql[64 * h + 32 * (kk % 2) + l] >> (4 * (kk / 2))) & 0x0f;
-                            let high = (qh[32 * h + l] >> (2 * kk)) & 3;
-                            *o = low | (high << 4);
-                        }
-                    }
-                }
-            }
+    let (subs, upb) = (q.block() / 32, q.block() / q.unit());
+    for (b, blk) in wr.chunks_exact(q.bytes()).enumerate() {
+        block_scales(q, blk, &mut row.ds[b * upb..], &mut row.dm[b * subs..]);
+        for sub in 0..subs {
+            column(q, blk, sub, &mut row.u[32 * (b * subs + sub)..]);
         }
     }
 }
 
 fn expand_portable(q: Block, row: &Row, out: &mut [f32]) {
-    if q.is_k() {
-        for (g, (o, u)) in out
-            .chunks_exact_mut(16)
-            .zip(row.u.chunks_exact(16))
-            .enumerate()
-        {
-            let b = g / 16;
-            let scale = row.d[b] * f32::from(row.sc[g]);
-            let min = row.m[b] * f32::from(row.mn[g]);
-            for (o, &u) in o.iter_mut().zip(u) {
-                *o = scale * f32::from(u) - min;
+    let unit = q.unit();
+    for (j, (o, u)) in out
+        .chunks_exact_mut(unit)
+        .zip(row.u.chunks_exact(unit))
+        .enumerate()
+    {
+        let ds = row.ds[j];
+        match q {
+            Block::Q8_0 => {
+                for (o, &u) in o.iter_mut().zip(u) {
+                    *o = ds * f32::from(u as i8);
+                }
             }
-        }
-    } else {
-        let off = q.offset() as f32;
-        for (b, (o, u)) in out
-            .chunks_exact_mut(32)
-            .zip(row.u.chunks_exact(32))
-            .enumerate()
-        {
-            let (d, m) = (row.d[b], row.m[b]);
-            for (o, &u) in o.iter_mut().zip(u) {
-                let v = if q == Block::Q8_0 {
-                    f32::from(u as i8)
-                } else {
-                    f32::from(u) - off
-                };
-                *o = d * v + m;
+            Block::Q6K => {
+                for (o, &u) in o.iter_mut().zip(u) {
+                    *o = ds * (f32::from(u) - 32.0);
+                }
+            }
+            Block::Q4K | Block::Q5K => {
+                for (o, &u) in o.iter_mut().zip(u) {
+                    *o = ds * f32::from(u) - row.dm[j];
+                }
+            }
+            _ => {
+                let off = q.offset() as f32;
+                for (o, &u) in o.iter_mut().zip(u) {
+                    *o = ds * (f32::from(u) - off) + row.dm[j];
+                }
             }
         }
     }
 }
 
-/// Row `r` of `xq` times the unpacked weight row.
+/// Row `r` of `xq` times the unpacked weight row, with the block arithmetic of the
+/// SIMD kernels.
 fn dot_portable(q: Block, row: &Row, xq: &Xq, r: usize, k: usize) -> f32 {
     let qx = &xq.q[r * k..(r + 1) * k];
+    let idot = |i: usize, len: usize, signed: bool| -> i32 {
+        row.u[i..i + len]
+            .iter()
+            .zip(&qx[i..i + len])
+            .map(|(&u, &x)| {
+                let u = if signed {
+                    i32::from(u as i8)
+                } else {
+                    i32::from(u)
+                };
+                u * i32::from(x)
+            })
+            .sum()
+    };
+    let (k32, k16) = (r * k / 32, r * k / 16);
     let mut acc = 0.0f32;
     if q.is_k() {
-        let nb = k / 256;
-        let bs = &xq.bs[r * k / 16..];
-        for (b, &dx) in xq.d[r * nb..(r + 1) * nb].iter().enumerate() {
-            let (mut sumi, mut corr) = (0i32, 0i32);
-            for g in 16 * b..16 * (b + 1) {
-                let s: i32 = row.u[16 * g..][..16]
-                    .iter()
-                    .zip(&qx[16 * g..][..16])
-                    .map(|(&u, &x)| i32::from(u) * i32::from(x))
-                    .sum();
-                sumi += i32::from(row.sc[g]) * s;
-                corr += i32::from(row.mn[g]) * i32::from(bs[g]);
+        let unit = q.unit();
+        let units = 256 / unit;
+        for (sb, &dx) in xq.d[r * k / 256..(r + 1) * k / 256].iter().enumerate() {
+            let mut asb = 0.0f32;
+            for j in sb * units..(sb + 1) * units {
+                if q == Block::Q6K {
+                    let isum = idot(16 * j, 16, false) - 32 * i32::from(xq.bs[k16 + j]);
+                    asb += isum as f32 * row.ds[j];
+                } else {
+                    asb += idot(32 * j, 32, false) as f32 * row.ds[j];
+                    acc -= row.dm[j] * xq.s[k32 + j];
+                }
             }
-            let dd = row.d[b] * dx;
-            if q == Block::Q6K {
-                acc += dd * (sumi - corr) as f32;
-            } else {
-                acc += dd * sumi as f32 - row.m[b] * dx * corr as f32;
-            }
+            acc += asb * dx;
         }
     } else {
-        let nb = k / 32;
-        let (dx, sx) = (&xq.d[r * nb..], &xq.s[r * nb..]);
-        let off = q.offset();
-        for b in 0..nb {
-            let isum: i32 = row.u[32 * b..][..32]
-                .iter()
-                .zip(&qx[32 * b..][..32])
-                .map(|(&u, &x)| {
-                    let v = if q == Block::Q8_0 {
-                        i32::from(u as i8)
-                    } else {
-                        i32::from(u) - off
-                    };
-                    v * i32::from(x)
-                })
-                .sum();
-            acc += row.d[b] * dx[b] * isum as f32 + row.m[b] * sx[b];
+        for (b, &dx) in xq.d[k32..k32 + k / 32].iter().enumerate() {
+            let isum = if q == Block::Q8_0 {
+                idot(32 * b, 32, true)
+            } else {
+                idot(32 * b, 32, false) - q.offset() * xq.s32[k32 + b]
+            };
+            acc += isum as f32 * (row.ds[b] * dx) + row.dm[b] * xq.s[k32 + b];
         }
     }
     acc
@@ -994,258 +941,274 @@ mod x86 {
         _mm256_and_si256(set, _mm256_set1_epi8(0x10))
     }
 
-    /// As `super::unpack_portable`.
+    /// As `super::column`, in a register.
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn unpack(q: Block, wr: &[u8], row: &mut Row) {
+    fn column(q: Block, blk: &[u8], sub: usize) -> __m256i {
         let bb = q.bytes();
-        let nb = wr.len() / bb;
-        assert!(row.u.len() == nb * q.block() && row.d.len() == nb && row.m.len() == nb);
-        let m4 = _mm_set1_epi8(0x0f);
-        let m4y = _mm256_set1_epi8(0x0f);
-        let (w, u) = (wr.as_ptr(), row.u.as_mut_ptr());
-        // SAFETY (whole body): block b's bytes are w[b·bb..(b + 1)·bb] and its values
-        // u[b·B..(b + 1)·B], inside the slices by the assertion above.
+        assert!(blk.len() >= bb && sub < q.block() / 32);
+        let m4 = _mm256_set1_epi8(0x0f);
+        let p = blk.as_ptr();
+        let shift = |v: __m256i, s: usize| _mm256_srl_epi16(v, _mm_cvtsi32_si128(s as i32));
+        // SAFETY: every load lies in the block's `bb` bytes (asserted above).
         unsafe {
             match q {
-                Block::Q4_0 | Block::Q4_1 => {
-                    for b in 0..nb {
-                        let blk = w.add(b * bb);
-                        row.d[b] = f16_at(blk);
-                        row.m[b] = if q == Block::Q4_1 {
-                            f16_at(blk.add(2))
-                        } else {
-                            0.0
-                        };
-                        let v = _mm_loadu_si128(blk.add(bb - 16).cast());
-                        let lo = _mm_and_si128(v, m4);
-                        let hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
-                        _mm256_storeu_si256(u.add(32 * b).cast(), _mm256_set_m128i(hi, lo));
+                Block::Q4_0 | Block::Q4_1 | Block::Q5_0 | Block::Q5_1 => {
+                    let v = _mm_loadu_si128(p.add(bb - 16).cast());
+                    let vals = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), m4);
+                    if matches!(q, Block::Q5_0 | Block::Q5_1) {
+                        let qh = p.add(bb - 20).cast::<u32>().read_unaligned();
+                        _mm256_or_si256(vals, high_bits(qh))
+                    } else {
+                        vals
                     }
                 }
-                Block::Q5_0 | Block::Q5_1 => {
-                    for b in 0..nb {
-                        let blk = w.add(b * bb);
-                        row.d[b] = f16_at(blk);
-                        row.m[b] = if q == Block::Q5_1 {
-                            f16_at(blk.add(2))
-                        } else {
-                            0.0
-                        };
-                        let qh = blk.add(bb - 20).cast::<u32>().read_unaligned();
-                        let v = _mm_loadu_si128(blk.add(bb - 16).cast());
-                        let lo = _mm_and_si128(v, m4);
-                        let hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
-                        let vals = _mm256_or_si256(_mm256_set_m128i(hi, lo), high_bits(qh));
-                        _mm256_storeu_si256(u.add(32 * b).cast(), vals);
-                    }
-                }
-                Block::Q8_0 => {
-                    for b in 0..nb {
-                        let blk = w.add(b * bb);
-                        row.d[b] = f16_at(blk);
-                        row.m[b] = 0.0;
-                        let v = _mm256_loadu_si256(blk.add(2).cast());
-                        _mm256_storeu_si256(u.add(32 * b).cast(), v);
-                    }
-                }
+                Block::Q8_0 => _mm256_loadu_si256(p.add(2).cast()),
                 Block::Q4K | Block::Q5K => {
-                    let one = _mm256_set1_epi8(1);
-                    for b in 0..nb {
-                        let blk = &wr[b * bb..(b + 1) * bb];
-                        row.d[b] = f16_at(blk.as_ptr());
-                        row.m[b] = f16_at(blk.as_ptr().add(2));
-                        super::k_scales(&blk[4..16], b, row);
-                        let qs = blk.as_ptr().add(if q == Block::Q5K { 48 } else { 16 });
-                        let qh = _mm256_loadu_si256(blk.as_ptr().add(16).cast());
-                        for p in 0..4 {
-                            let v = _mm256_loadu_si256(qs.add(32 * p).cast());
-                            let mut lo = _mm256_and_si256(v, m4y);
-                            let mut hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4y);
-                            if q == Block::Q5K {
-                                let bit = |s: usize| {
-                                    let c = _mm_cvtsi32_si128(s as i32);
-                                    let h = _mm256_and_si256(_mm256_srl_epi16(qh, c), one);
-                                    _mm256_slli_epi16(h, 4)
-                                };
-                                lo = _mm256_or_si256(lo, bit(2 * p));
-                                hi = _mm256_or_si256(hi, bit(2 * p + 1));
-                            }
-                            let o = u.add(256 * b + 64 * p);
-                            _mm256_storeu_si256(o.cast(), lo);
-                            _mm256_storeu_si256(o.add(32).cast(), hi);
-                        }
+                    let v = _mm256_loadu_si256(p.add(bb - 128 + 32 * (sub / 2)).cast());
+                    let vals = _mm256_and_si256(shift(v, 4 * (sub % 2)), m4);
+                    if q == Block::Q5K {
+                        let qh = _mm256_loadu_si256(p.add(16).cast());
+                        let h = _mm256_and_si256(shift(qh, sub), _mm256_set1_epi8(1));
+                        _mm256_or_si256(vals, _mm256_slli_epi16(h, 4))
+                    } else {
+                        vals
                     }
                 }
                 Block::Q6K => {
-                    let m30 = _mm256_set1_epi8(0x30);
-                    for b in 0..nb {
-                        let blk = &wr[b * bb..(b + 1) * bb];
-                        row.d[b] = f16_at(blk.as_ptr().add(208));
-                        row.m[b] = row.d[b];
-                        super::q6k_scales(&blk[192..208], b, row);
-                        let blk = blk.as_ptr();
-                        for h in 0..2 {
-                            let ql0 = _mm256_loadu_si256(blk.add(64 * h).cast());
-                            let ql1 = _mm256_loadu_si256(blk.add(64 * h + 32).cast());
-                            let qh = _mm256_loadu_si256(blk.add(128 + 32 * h).cast());
-                            let vals = [
-                                _mm256_or_si256(
-                                    _mm256_and_si256(ql0, m4y),
-                                    _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30),
-                                ),
-                                _mm256_or_si256(
-                                    _mm256_and_si256(ql1, m4y),
-                                    _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30),
-                                ),
-                                _mm256_or_si256(
-                                    _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4y),
-                                    _mm256_and_si256(qh, m30),
-                                ),
-                                _mm256_or_si256(
-                                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4y),
-                                    _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30),
-                                ),
-                            ];
-                            for (kk, v) in vals.into_iter().enumerate() {
-                                let o = u.add(256 * b + 128 * h + 32 * kk);
-                                _mm256_storeu_si256(o.cast(), v);
-                            }
-                        }
-                    }
+                    let (h, kk) = (sub / 4, sub % 4);
+                    let ql = _mm256_loadu_si256(p.add(64 * h + 32 * (kk % 2)).cast());
+                    let qh = _mm256_loadu_si256(p.add(128 + 32 * h).cast());
+                    let low = _mm256_and_si256(shift(ql, 4 * (kk / 2)), m4);
+                    let high = _mm256_and_si256(shift(qh, 2 * kk), _mm256_set1_epi8(3));
+                    _mm256_or_si256(low, _mm256_slli_epi16(high, 4))
                 }
             }
+        }
+    }
+
+    /// As `super::block_scales`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn block_scales(q: Block, blk: &[u8], ds: &mut [f32], dm: &mut [f32]) {
+        let p = blk.as_ptr();
+        assert!(blk.len() >= q.bytes());
+        let widen = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+        // SAFETY: loads lie in the block (asserted above); stores in `ds`/`dm` (sliced).
+        unsafe {
+            match q {
+                Block::Q4K | Block::Q5K => {
+                    let (ds, dm) = (&mut ds[..8], &mut dm[..8]);
+                    let (d, dmin) = (f16_at(p), f16_at(p.add(2)));
+                    let (sc, mn) = super::k_scale_mins(&blk[4..16]);
+                    let sc = widen(_mm_loadl_epi64(sc.as_ptr().cast()));
+                    let mn = widen(_mm_loadl_epi64(mn.as_ptr().cast()));
+                    _mm256_storeu_ps(ds.as_mut_ptr(), _mm256_mul_ps(_mm256_set1_ps(d), sc));
+                    _mm256_storeu_ps(dm.as_mut_ptr(), _mm256_mul_ps(_mm256_set1_ps(dmin), mn));
+                }
+                Block::Q6K => {
+                    let ds = &mut ds[..16];
+                    let d = _mm256_set1_ps(f16_at(p.add(208)));
+                    let s = _mm_loadu_si128(p.add(192).cast());
+                    let lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s));
+                    let hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(s, 8)));
+                    _mm256_storeu_ps(ds.as_mut_ptr(), _mm256_mul_ps(d, lo));
+                    _mm256_storeu_ps(ds.as_mut_ptr().add(8), _mm256_mul_ps(d, hi));
+                }
+                _ => {
+                    ds[0] = f16_at(p);
+                    dm[0] = if matches!(q, Block::Q4_1 | Block::Q5_1) {
+                        f16_at(p.add(2))
+                    } else {
+                        0.0
+                    };
+                }
+            }
+        }
+    }
+
+    /// As `super::unpack_portable` with `column` (`column(q, ..)` for a fixed `q`).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn unpack_with<F: Fn(&[u8], usize) -> __m256i>(q: Block, wr: &[u8], row: &mut Row, column: F) {
+        let (subs, upb) = (q.block() / 32, q.block() / q.unit());
+        for (b, blk) in wr.chunks_exact(q.bytes()).enumerate() {
+            block_scales(q, blk, &mut row.ds[b * upb..], &mut row.dm[b * subs..]);
+            let o = &mut row.u[32 * b * subs..][..32 * subs];
+            for sub in 0..subs {
+                // SAFETY: `o` holds 32 bytes per column.
+                unsafe {
+                    _mm256_storeu_si256(o.as_mut_ptr().add(32 * sub).cast(), column(blk, sub))
+                };
+            }
+        }
+    }
+
+    /// As `super::unpack_portable`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn unpack(q: Block, wr: &[u8], row: &mut Row) {
+        match q {
+            Block::Q4_0 => unpack_with(q, wr, row, |b, s| column(Block::Q4_0, b, s)),
+            Block::Q4_1 => unpack_with(q, wr, row, |b, s| column(Block::Q4_1, b, s)),
+            Block::Q5_0 => unpack_with(q, wr, row, |b, s| column(Block::Q5_0, b, s)),
+            Block::Q5_1 => unpack_with(q, wr, row, |b, s| column(Block::Q5_1, b, s)),
+            Block::Q8_0 => unpack_with(q, wr, row, |b, s| column(Block::Q8_0, b, s)),
+            Block::Q4K => unpack_with(q, wr, row, |b, s| column(Block::Q4K, b, s)),
+            Block::Q5K => unpack_with(q, wr, row, |b, s| column(Block::Q5K, b, s)),
+            Block::Q6K => unpack_with(q, wr, row, |b, s| column(Block::Q6K, b, s)),
+        }
+    }
+
+    /// The value of `u` at `ds · u + c` per [`Row`]'s unit `j` (and whether `u` is
+    /// signed).
+    #[inline]
+    fn affine(q: Block, row: &Row, j: usize) -> (f32, f32, bool) {
+        let ds = row.ds[j];
+        match q {
+            Block::Q8_0 => (ds, 0.0, true),
+            Block::Q6K => (ds, -32.0 * ds, false),
+            Block::Q4K | Block::Q5K => (ds, -row.dm[j], false),
+            _ => (ds, row.dm[j] - q.offset() as f32 * ds, false),
         }
     }
 
     /// As `super::expand_portable` (fused multiply-adds: each value within an ulp).
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn expand(q: Block, row: &Row, out: &mut [f32]) {
-        let k = row.u.len();
-        assert_eq!(out.len(), k);
-        let (u, o) = (row.u.as_ptr(), out.as_mut_ptr());
-        // SAFETY (whole body): groups cover u[..k] and out[..k] exactly (k is whole blocks).
-        unsafe {
-            let widen = |i: usize, signed: bool| {
-                let b = _mm_loadl_epi64(u.add(i).cast());
-                let v = if signed {
-                    _mm256_cvtepi8_epi32(b)
-                } else {
-                    _mm256_cvtepu8_epi32(b)
-                };
-                _mm256_cvtepi32_ps(v)
-            };
-            if q.is_k() {
-                for g in 0..k / 16 {
-                    let b = g / 16;
-                    let scale = _mm256_set1_ps(row.d[b] * f32::from(row.sc[g]));
-                    let min = _mm256_set1_ps(-(row.m[b] * f32::from(row.mn[g])));
-                    for h in 0..2 {
-                        let i = 16 * g + 8 * h;
-                        _mm256_storeu_ps(o.add(i), _mm256_fmadd_ps(scale, widen(i, false), min));
-                    }
-                }
-            } else {
-                let (off, signed) = (q.offset() as f32, q == Block::Q8_0);
-                for b in 0..k / 32 {
-                    let d = _mm256_set1_ps(row.d[b]);
-                    let c = _mm256_set1_ps(row.m[b] - off * row.d[b]);
-                    for h in 0..4 {
-                        let i = 32 * b + 8 * h;
-                        _mm256_storeu_ps(o.add(i), _mm256_fmadd_ps(d, widen(i, signed), c));
-                    }
-                }
-            }
-        }
-    }
-
-    /// As `super::expand`, 16 values at a time.
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub(super) unsafe fn expand_avx512(q: Block, row: &Row, out: &mut [f32]) {
-        let k = row.u.len();
-        assert_eq!(out.len(), k);
-        let (u, o) = (row.u.as_ptr(), out.as_mut_ptr());
-        // SAFETY (whole body): groups cover u[..k] and out[..k] exactly (k is whole blocks).
-        unsafe {
-            let widen = |i: usize, signed: bool| {
-                let b = _mm_loadu_si128(u.add(i).cast());
-                let v = if signed {
-                    _mm512_cvtepi8_epi32(b)
-                } else {
-                    _mm512_cvtepu8_epi32(b)
-                };
-                _mm512_cvtepi32_ps(v)
-            };
-            if q.is_k() {
-                for g in 0..k / 16 {
-                    let b = g / 16;
-                    let scale = _mm512_set1_ps(row.d[b] * f32::from(row.sc[g]));
-                    let min = _mm512_set1_ps(-(row.m[b] * f32::from(row.mn[g])));
-                    let i = 16 * g;
-                    _mm512_storeu_ps(o.add(i), _mm512_fmadd_ps(scale, widen(i, false), min));
-                }
-            } else {
-                let (off, signed) = (q.offset() as f32, q == Block::Q8_0);
-                for b in 0..k / 32 {
-                    let d = _mm512_set1_ps(row.d[b]);
-                    let c = _mm512_set1_ps(row.m[b] - off * row.d[b]);
-                    for h in 0..2 {
-                        let i = 32 * b + 16 * h;
-                        _mm512_storeu_ps(o.add(i), _mm512_fmadd_ps(d, widen(i, signed), c));
-                    }
-                }
-            }
-        }
-    }
-
-    /// Unpacks the weight rows `w` (at most [`GROUP`]) into `g` and interleaves them;
-    /// `xor` flips the top bit of every byte (Q8_0 for VNNI: signed bytes become
-    /// `w + 128`).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn fill_group(isa: Isa, q: Block, w: &[u8], k: usize, g: &mut Group, xor: bool) {
-        let rb = row_bytes_q(q, k);
-        for t in 0..GROUP {
-            let wr = (t < w.len() / rb).then(|| &w[t * rb..(t + 1) * rb]);
-            g.unpack_row(isa, q, t, wr);
-        }
-        assert!(g.u.len() == GROUP * k && g.rows.iter().all(|r| r.len() == k));
-        let flip = _mm256_set1_epi8(if xor { -128 } else { 0 });
-        let rows: [*const u8; GROUP] = std::array::from_fn(|t| g.rows[t].as_ptr());
-        let u = g.u.as_mut_ptr();
-        for b in 0..k / 32 {
-            // SAFETY: bytes 32b..32b + 32 of each row and 256b..256b + 256 of `u` are in
-            // bounds (asserted above).
-            let r: [__m256i; GROUP] =
-                std::array::from_fn(|t| unsafe { _mm256_loadu_si256(rows[t].add(32 * b).cast()) });
-            // An 8 × 8 transpose of 4-byte words: output c holds word c of every row.
-            let t0 = _mm256_unpacklo_epi32(r[0], r[1]);
-            let t1 = _mm256_unpackhi_epi32(r[0], r[1]);
-            let t2 = _mm256_unpacklo_epi32(r[2], r[3]);
-            let t3 = _mm256_unpackhi_epi32(r[2], r[3]);
-            let t4 = _mm256_unpacklo_epi32(r[4], r[5]);
-            let t5 = _mm256_unpackhi_epi32(r[4], r[5]);
-            let t6 = _mm256_unpacklo_epi32(r[6], r[7]);
-            let t7 = _mm256_unpackhi_epi32(r[6], r[7]);
-            let s = [
-                _mm256_unpacklo_epi64(t0, t2),
-                _mm256_unpackhi_epi64(t0, t2),
-                _mm256_unpacklo_epi64(t1, t3),
-                _mm256_unpackhi_epi64(t1, t3),
-                _mm256_unpacklo_epi64(t4, t6),
-                _mm256_unpackhi_epi64(t4, t6),
-                _mm256_unpacklo_epi64(t5, t7),
-                _mm256_unpackhi_epi64(t5, t7),
-            ];
-            for c in 0..4 {
-                let lo = _mm256_permute2x128_si256::<0x20>(s[c], s[c + 4]);
-                let hi = _mm256_permute2x128_si256::<0x31>(s[c], s[c + 4]);
-                // SAFETY: as above.
+    pub(super) fn expand(q: Block, row: &Row, out: &mut [f32]) {
+        let unit = q.unit();
+        for (j, (o, u)) in out
+            .chunks_exact_mut(unit)
+            .zip(row.u.chunks_exact(unit))
+            .enumerate()
+        {
+            let (s, c, signed) = affine(q, row, j);
+            let (s, c) = (_mm256_set1_ps(s), _mm256_set1_ps(c));
+            for (o, u) in o.chunks_exact_mut(8).zip(u.chunks_exact(8)) {
+                // SAFETY: `u` holds 8 bytes and `o` 8 floats.
                 unsafe {
-                    let o = u.add(256 * b + 32 * c);
-                    _mm256_storeu_si256(o.cast(), _mm256_xor_si256(lo, flip));
-                    _mm256_storeu_si256(o.add(128).cast(), _mm256_xor_si256(hi, flip));
+                    let b = _mm_loadl_epi64(u.as_ptr().cast());
+                    let v = if signed {
+                        _mm256_cvtepi8_epi32(b)
+                    } else {
+                        _mm256_cvtepu8_epi32(b)
+                    };
+                    let w = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(v), c);
+                    _mm256_storeu_ps(o.as_mut_ptr(), w);
                 }
             }
         }
+    }
+
+    /// As [`expand`], 16 values at a time.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) fn expand_avx512(q: Block, row: &Row, out: &mut [f32]) {
+        let unit = q.unit();
+        for (j, (o, u)) in out
+            .chunks_exact_mut(unit)
+            .zip(row.u.chunks_exact(unit))
+            .enumerate()
+        {
+            let (s, c, signed) = affine(q, row, j);
+            let (s, c) = (_mm512_set1_ps(s), _mm512_set1_ps(c));
+            for (o, u) in o.chunks_exact_mut(16).zip(u.chunks_exact(16)) {
+                // SAFETY: `u` holds 16 bytes and `o` 16 floats.
+                unsafe {
+                    let b = _mm_loadu_si128(u.as_ptr().cast());
+                    let v = if signed {
+                        _mm512_cvtepi8_epi32(b)
+                    } else {
+                        _mm512_cvtepu8_epi32(b)
+                    };
+                    let w = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(v), c);
+                    _mm512_storeu_ps(o.as_mut_ptr(), w);
+                }
+            }
+        }
+    }
+
+    /// An 8 × 8 transpose of 4-byte words: output `c` holds word `c` of every input.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn transpose8(r: [__m256i; GROUP]) -> [__m256i; GROUP] {
+        let t0 = _mm256_unpacklo_epi32(r[0], r[1]);
+        let t1 = _mm256_unpackhi_epi32(r[0], r[1]);
+        let t2 = _mm256_unpacklo_epi32(r[2], r[3]);
+        let t3 = _mm256_unpackhi_epi32(r[2], r[3]);
+        let t4 = _mm256_unpacklo_epi32(r[4], r[5]);
+        let t5 = _mm256_unpackhi_epi32(r[4], r[5]);
+        let t6 = _mm256_unpacklo_epi32(r[6], r[7]);
+        let t7 = _mm256_unpackhi_epi32(r[6], r[7]);
+        let s = [
+            _mm256_unpacklo_epi64(t0, t2),
+            _mm256_unpackhi_epi64(t0, t2),
+            _mm256_unpacklo_epi64(t1, t3),
+            _mm256_unpackhi_epi64(t1, t3),
+            _mm256_unpacklo_epi64(t4, t6),
+            _mm256_unpackhi_epi64(t4, t6),
+            _mm256_unpacklo_epi64(t5, t7),
+            _mm256_unpackhi_epi64(t5, t7),
+        ];
+        std::array::from_fn(|c| {
+            if c < 4 {
+                _mm256_permute2x128_si256::<0x20>(s[c], s[c + 4])
+            } else {
+                _mm256_permute2x128_si256::<0x31>(s[c - 4], s[c])
+            }
+        })
+    }
+
+    /// Unpacks the weight rows `w` (1 to [`GROUP`] rows of `k` values) into `g`, one row
+    /// after the other (the order memory streams best in), then interleaves them; `xor`
+    /// flips the top bit of every byte (Q8_0 for VNNI: signed bytes become `w + 128`).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn fill_group(q: Block, w: &[u8], k: usize, g: &mut Group, xor: bool) {
+        let rb = row_bytes_q(q, k);
+        let lanes = w.len() / rb;
+        assert!((1..=GROUP).contains(&lanes) && g.u.len() == GROUP * k);
+        for (t, row) in g.rows.iter_mut().enumerate() {
+            if t < lanes {
+                unpack(q, &w[t * rb..(t + 1) * rb], row);
+            } else {
+                row.u.fill(0);
+                row.ds.fill(0.0);
+                row.dm.fill(0.0);
+            }
+        }
+        let flip = _mm256_set1_epi8(if xor { -128 } else { 0 });
+        let rows = &g.rows;
+        for (col, o) in g.u.chunks_exact_mut(256).enumerate() {
+            let v = std::array::from_fn(|t| {
+                let r = &rows[t].u[32 * col..][..32];
+                // SAFETY: `r` holds 32 bytes.
+                unsafe { _mm256_loadu_si256(r.as_ptr().cast()) }
+            });
+            for (c, v) in transpose8(v).into_iter().enumerate() {
+                // SAFETY: `o` holds 256 bytes.
+                unsafe {
+                    _mm256_storeu_si256(
+                        o.as_mut_ptr().add(32 * c).cast(),
+                        _mm256_xor_si256(v, flip),
+                    )
+                };
+            }
+        }
+        let scales = |dst: &mut [f32], src: [&[f32]; GROUP]| {
+            for (u0, o) in dst.chunks_exact_mut(GROUP * GROUP).enumerate() {
+                let v = std::array::from_fn(|t| {
+                    let r = &src[t][GROUP * u0..][..GROUP];
+                    // SAFETY: `r` holds 8 floats.
+                    unsafe { _mm256_castps_si256(_mm256_loadu_ps(r.as_ptr())) }
+                });
+                for (c, v) in transpose8(v).into_iter().enumerate() {
+                    // SAFETY: `o` holds 64 floats.
+                    unsafe {
+                        _mm256_storeu_ps(o.as_mut_ptr().add(GROUP * c), _mm256_castsi256_ps(v))
+                    };
+                }
+            }
+        };
+        scales(&mut g.d, std::array::from_fn(|t| &rows[t].ds[..]));
+        scales(&mut g.m, std::array::from_fn(|t| &rows[t].dm[..]));
     }
 
     /// Stores the first `lanes` floats of `v` at `o`.
@@ -1441,9 +1404,238 @@ mod x86 {
         }
     );
 
+    /// Activation rows up to which the fused kernels run: they unpack each block in
+    /// registers and multiply it at once, skipping the group interleaving, which pays off
+    /// only over more rows.
+    const FUSED_ROWS: usize = 4;
+
+    /// The shuffle that spreads Q6_K's 16-bit scales `2i` and `2i + 1` (of the eight in
+    /// each 128-bit lane) over the low and high lane.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn q6_scale_shuffle(i: usize) -> __m256i {
+        let (a, b) = (4 * i as i8, 4 * i as i8 + 2);
+        #[rustfmt::skip]
+        let v = _mm256_setr_epi8(
+            a, a + 1, a, a + 1, a, a + 1, a, a + 1, a, a + 1, a, a + 1, a, a + 1, a, a + 1,
+            b, b + 1, b, b + 1, b, b + 1, b, b + 1, b, b + 1, b, b + 1, b, b + 1, b, b + 1,
+        );
+        v
+    }
+
+    /// Defines the fused kernels of one instruction set: `$chunk` as for `group_dots`
+    /// (with activation bytes in place of a broadcast), `$scaled(acc, p, s)` adds the
+    /// i16 pair sums `p` times the i16 scales `s` to the i32 lanes `acc`.
+    macro_rules! fused_dots {
+        ($dot32:ident, $dotk:ident, $features:literal, $vnni:literal, $chunk:expr, $scaled:expr) => {
+            /// Output rows `r0..r0 + R` at columns `j0..` from the weight rows `w`
+            /// (32-value blocks), each block unpacked by `column`; `OFF` and `SIGNED` as
+            /// for the group kernels.
+            ///
+            /// # Safety
+            /// `xq` holds rows `r0..r0 + R` of `k` values; `out` rows `r0..r0 + R` (stride
+            /// `n`) have writable columns `j0..j0 + rows of w` that no other task writes.
+            #[inline]
+            #[target_feature(enable = $features)]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn $dot32<
+                const R: usize,
+                const OFF: i32,
+                const SIGNED: bool,
+                F: Fn(&[u8], usize) -> __m256i,
+            >(
+                q: Block,
+                xq: &Xq,
+                r0: usize,
+                k: usize,
+                w: &[u8],
+                j0: usize,
+                n: usize,
+                out: *mut f32,
+                column: F,
+            ) {
+                let (nb, bb) = (k / 32, q.bytes());
+                let chunk = $chunk;
+                let shift = if SIGNED && $vnni { 7 } else { OFF };
+                let min = OFF == 0 && !SIGNED;
+                let xr: [&[i8]; R] = std::array::from_fn(|r| &xq.q[(r0 + r) * k..][..k]);
+                let dx: [&[f32]; R] = std::array::from_fn(|r| &xq.d[(r0 + r) * nb..][..nb]);
+                let sx: [&[f32]; R] = std::array::from_fn(|r| &xq.s[(r0 + r) * nb..][..nb]);
+                let s32: [&[i32]; R] = std::array::from_fn(|r| &xq.s32[(r0 + r) * nb..][..nb]);
+                for (j, wr) in w.chunks_exact(nb * bb).enumerate() {
+                    let mut acc = [_mm256_setzero_ps(); R];
+                    let mut accm = [0.0f32; R];
+                    for (b, blk) in wr.chunks_exact(bb).enumerate() {
+                        let col = column(blk, 0);
+                        let wv = if SIGNED && $vnni {
+                            _mm256_xor_si256(col, _mm256_set1_epi8(-128))
+                        } else {
+                            col
+                        };
+                        let wa = if SIGNED && !$vnni {
+                            _mm256_abs_epi8(col)
+                        } else {
+                            col
+                        };
+                        // SAFETY: blocks hold at least 4 bytes.
+                        let (d, mw) = unsafe {
+                            let p = blk.as_ptr();
+                            (f16_at(p), if min { f16_at(p.add(2)) } else { 0.0 })
+                        };
+                        for r in 0..R {
+                            let xb = &xr[r][32 * b..][..32];
+                            // SAFETY: `xb` holds 32 bytes.
+                            let xv = unsafe { _mm256_loadu_si256(xb.as_ptr().cast()) };
+                            // The offset correction, exact in lane 0.
+                            let init = if shift > 0 {
+                                _mm256_zextsi128_si256(_mm_cvtsi32_si128(-(s32[r][b] << shift)))
+                            } else {
+                                _mm256_setzero_si256()
+                            };
+                            let ai = chunk(init, wv, wa, xv, SIGNED);
+                            let s = _mm256_set1_ps(d * dx[r][b]);
+                            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai), s, acc[r]);
+                            if min {
+                                accm[r] += mw * sx[r][b];
+                            }
+                        }
+                    }
+                    for r in 0..R {
+                        // SAFETY: the caller's contract.
+                        unsafe { *out.add((r0 + r) * n + j0 + j) = hsum(acc[r]) + accm[r] };
+                    }
+                }
+            }
+
+            /// As the 32-block fused kernel for k-quants: Q6_K (`Q6`) or Q4_K/Q5_K, with
+            /// integer sub-block scales.
+            ///
+            /// # Safety
+            /// As the 32-block fused kernel.
+            #[inline]
+            #[target_feature(enable = $features)]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn $dotk<const R: usize, const Q6: bool, F: Fn(&[u8], usize) -> __m256i>(
+                q: Block,
+                xq: &Xq,
+                r0: usize,
+                k: usize,
+                w: &[u8],
+                j0: usize,
+                n: usize,
+                out: *mut f32,
+                column: F,
+            ) {
+                let (nsb, bb) = (k / 256, q.bytes());
+                let scaled = $scaled;
+                let xr: [&[i8]; R] = std::array::from_fn(|r| &xq.q[(r0 + r) * k..][..k]);
+                let dx: [&[f32]; R] = std::array::from_fn(|r| &xq.d[(r0 + r) * nsb..][..nsb]);
+                let bs: [&[i16]; R] =
+                    std::array::from_fn(|r| &xq.bs[(r0 + r) * k / 16..][..k / 16]);
+                for (j, wr) in w.chunks_exact(nsb * bb).enumerate() {
+                    let mut acc = [_mm256_setzero_ps(); R];
+                    for (sb, blk) in wr.chunks_exact(bb).enumerate() {
+                        let p = blk.as_ptr();
+                        // Per 32 values the i16 scales of their pair sums; per 16 the
+                        // multipliers of the activation sums (Q6_K's scales, Q4_K's
+                        // minimums).
+                        // SAFETY: the block's scale bytes are in bounds.
+                        let (d, dmin, scv, corr16) = unsafe {
+                            if Q6 {
+                                let s = _mm_loadu_si128(p.add(192).cast());
+                                let lo = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(s));
+                                let hi = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(
+                                    _mm_srli_si128(s, 8),
+                                ));
+                                let scv: [__m256i; 8] = std::array::from_fn(|i| {
+                                    _mm256_shuffle_epi8(
+                                        if i < 4 { lo } else { hi },
+                                        q6_scale_shuffle(i % 4),
+                                    )
+                                });
+                                (f16_at(p.add(208)), 0.0, scv, _mm256_cvtepi8_epi16(s))
+                            } else {
+                                let (sc, mn) = super::k_scale_mins(&blk[4..16]);
+                                let scv =
+                                    std::array::from_fn(|i| _mm256_set1_epi16(i16::from(sc[i])));
+                                let m8 = _mm_cvtepu8_epi16(_mm_loadl_epi64(mn.as_ptr().cast()));
+                                let corr16 = _mm256_set_m128i(
+                                    _mm_unpackhi_epi16(m8, m8),
+                                    _mm_unpacklo_epi16(m8, m8),
+                                );
+                                (f16_at(p), f16_at(p.add(2)), scv, corr16)
+                            }
+                        };
+                        let mut sumi = [_mm256_setzero_si256(); R];
+                        for (sub, &sc) in scv.iter().enumerate() {
+                            let col = column(blk, sub);
+                            for r in 0..R {
+                                let xb = &xr[r][256 * sb + 32 * sub..][..32];
+                                // SAFETY: `xb` holds 32 bytes.
+                                let xv = unsafe { _mm256_loadu_si256(xb.as_ptr().cast()) };
+                                // Weights below 64: a pair sum is at most 2 · 63 · 127 < 2^15.
+                                sumi[r] = scaled(sumi[r], _mm256_maddubs_epi16(col, xv), sc);
+                            }
+                        }
+                        for r in 0..R {
+                            let b16 = &bs[r][16 * sb..][..16];
+                            // SAFETY: `b16` holds 16 i16.
+                            let bsv = unsafe { _mm256_loadu_si256(b16.as_ptr().cast()) };
+                            let corr = _mm256_madd_epi16(bsv, corr16);
+                            let dxv = dx[r][sb];
+                            if Q6 {
+                                let s = _mm256_sub_epi32(sumi[r], _mm256_slli_epi32(corr, 5));
+                                acc[r] = _mm256_fmadd_ps(
+                                    _mm256_cvtepi32_ps(s),
+                                    _mm256_set1_ps(d * dxv),
+                                    acc[r],
+                                );
+                            } else {
+                                let s = _mm256_cvtepi32_ps(sumi[r]);
+                                acc[r] = _mm256_fmadd_ps(s, _mm256_set1_ps(d * dxv), acc[r]);
+                                let c = _mm256_cvtepi32_ps(corr);
+                                acc[r] = _mm256_fnmadd_ps(c, _mm256_set1_ps(dmin * dxv), acc[r]);
+                            }
+                        }
+                    }
+                    for r in 0..R {
+                        // SAFETY: the caller's contract.
+                        unsafe { *out.add((r0 + r) * n + j0 + j) = hsum(acc[r]) };
+                    }
+                }
+            }
+        };
+    }
+
+    fused_dots!(
+        fused32_avx2,
+        fusedk_avx2,
+        "avx2,fma,f16c",
+        false,
+        |acc: __m256i, w: __m256i, wa: __m256i, x: __m256i, signed: bool| {
+            let p = if signed {
+                _mm256_maddubs_epi16(wa, _mm256_sign_epi8(x, w))
+            } else {
+                _mm256_maddubs_epi16(w, x)
+            };
+            _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)))
+        },
+        |acc: __m256i, p: __m256i, s: __m256i| _mm256_add_epi32(acc, _mm256_madd_epi16(p, s))
+    );
+    fused_dots!(
+        fused32_vnni,
+        fusedk_vnni,
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+        true,
+        |acc: __m256i, w: __m256i, _wa: __m256i, x: __m256i, _signed: bool| {
+            _mm256_dpbusd_epi32(acc, w, x)
+        },
+        |acc: __m256i, p: __m256i, s: __m256i| _mm256_dpwssd_epi32(acc, p, s)
+    );
+
     /// Calls `$f::<R, ...>` with `R = $rows` (1 to 4).
     macro_rules! by_rows {
-        ($rows:expr, $f:ident, [$($c:expr),*], $args:tt) => {
+        ($rows:expr, $f:ident, [$($c:tt),*], $args:tt) => {
             match $rows {
                 1 => $f::<1 $(, $c)*> $args,
                 2 => $f::<2 $(, $c)*> $args,
@@ -1453,12 +1645,19 @@ mod x86 {
         };
     }
 
+    /// A fused kernel for `$m` rows (1 to 4) with the column kernel of type `$ty`.
+    macro_rules! fused {
+        ($m:expr, $f:ident, $ty:expr, [$($c:tt),*], ($($a:expr),*)) => {
+            by_rows!($m, $f, [$($c,)* _], ($($a,)* |b, s| column($ty, b, s)))
+        };
+    }
+
     /// Activation rows per pass over a group.
     const ROWS: usize = 4;
 
     /// Defines a task of integer dot products over groups of weight rows.
     macro_rules! int8_task {
-        ($name:ident, $isa:expr, $features:literal, $dot32:ident, $dotk:ident) => {
+        ($name:ident, $isa:expr, $features:literal, $dot32:ident, $dotk:ident, $fused32:ident, $fusedk:ident) => {
             /// `super::int8_task` on this instruction set.
             ///
             /// # Safety
@@ -1474,11 +1673,87 @@ mod x86 {
                     out,
                 } = *task;
                 let rb = row_bytes_q(q, k);
+                if m <= FUSED_ROWS {
+                    let o = out.0;
+                    let mut r0 = 0;
+                    while r0 < m {
+                        let rr = (m - r0).min(ROWS);
+                        // SAFETY: rows r0..r0 + rr ≤ m of xq and out; columns j0.. of this task's
+                        // rows are the caller's.
+                        unsafe {
+                            match q {
+                                Block::Q4_0 => fused!(
+                                    rr,
+                                    $fused32,
+                                    Block::Q4_0,
+                                    [3, false],
+                                    (q, xq, r0, k, w, j0, n, o)
+                                ),
+                                Block::Q4_1 => fused!(
+                                    rr,
+                                    $fused32,
+                                    Block::Q4_1,
+                                    [0, false],
+                                    (q, xq, r0, k, w, j0, n, o)
+                                ),
+                                Block::Q5_0 => fused!(
+                                    rr,
+                                    $fused32,
+                                    Block::Q5_0,
+                                    [4, false],
+                                    (q, xq, r0, k, w, j0, n, o)
+                                ),
+                                Block::Q5_1 => fused!(
+                                    rr,
+                                    $fused32,
+                                    Block::Q5_1,
+                                    [0, false],
+                                    (q, xq, r0, k, w, j0, n, o)
+                                ),
+                                Block::Q8_0 => fused!(
+                                    rr,
+                                    $fused32,
+                                    Block::Q8_0,
+                                    [0, true],
+                                    (q, xq, r0, k, w, j0, n, o)
+                                ),
+                                Block::Q4K => {
+                                    fused!(
+                                        rr,
+                                        $fusedk,
+                                        Block::Q4K,
+                                        [false],
+                                        (q, xq, r0, k, w, j0, n, o)
+                                    )
+                                }
+                                Block::Q5K => {
+                                    fused!(
+                                        rr,
+                                        $fusedk,
+                                        Block::Q5K,
+                                        [false],
+                                        (q, xq, r0, k, w, j0, n, o)
+                                    )
+                                }
+                                Block::Q6K => {
+                                    fused!(
+                                        rr,
+                                        $fusedk,
+                                        Block::Q6K,
+                                        [true],
+                                        (q, xq, r0, k, w, j0, n, o)
+                                    )
+                                }
+                            }
+                        }
+                        r0 += rr;
+                    }
+                    return;
+                }
                 let mut g = Group::new(q, k);
                 let xor = $isa == Isa::Avx512 && q == Block::Q8_0;
                 for (gi, rows) in w.chunks(GROUP * rb).enumerate() {
-                    // SAFETY: the features are enabled.
-                    unsafe { fill_group($isa, q, rows, k, &mut g, xor) };
+                    fill_group(q, rows, k, &mut g, xor);
                     let (j, lanes) = (j0 + GROUP * gi, rows.len() / rb);
                     let o = out.0;
                     let mut r0 = 0;
@@ -1524,13 +1799,23 @@ mod x86 {
         };
     }
 
-    int8_task!(int8_avx2, Isa::Avx2, "avx2,fma,f16c", dot32_avx2, dotk_avx2);
+    int8_task!(
+        int8_avx2,
+        Isa::Avx2,
+        "avx2,fma,f16c",
+        dot32_avx2,
+        dotk_avx2,
+        fused32_avx2,
+        fusedk_avx2
+    );
     int8_task!(
         int8_avx512,
         Isa::Avx512,
         "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
         dot32_vnni,
-        dotk_vnni
+        dotk_vnni,
+        fused32_vnni,
+        fusedk_vnni
     );
 
     /// `super::tile_product` with AVX2: four weight rows × two activation rows per pass.
