@@ -21,6 +21,21 @@ macro_rules! multiversion {
             unsafe fn body($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+                unsafe fn avx512($($arg: $ty),*) {
+                    // SAFETY: the caller's contract.
+                    unsafe { body($($arg),*) }
+                }
+                static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+                if *AVX512.get_or_init(|| {
+                    is_x86_feature_detected!("avx512f")
+                        && is_x86_feature_detected!("avx512bw")
+                        && is_x86_feature_detected!("avx512vl")
+                        && is_x86_feature_detected!("fma")
+                }) {
+                    // SAFETY: the features were detected; the caller's contract.
+                    return unsafe { avx512($($arg),*) };
+                }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($arg: $ty),*) {
                     // SAFETY: the caller's contract.
