@@ -720,6 +720,7 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
 /// bytes 0..4 hold the low 6 bits of scales 0..4 and bytes 4..8 those of minimums 0..4;
 /// scales and minimums 4..8 take their low 4 bits from the nibbles of bytes 8..12 and
 /// their high 2 bits from the top bits of bytes 0..4 and 4..8.
+#[inline]
 fn k_scale_mins(s: &[u8]) -> ([u8; 8], [u8; 8]) {
     let word = |i: usize| u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]]);
     let (a, b, c) = (word(0), word(4), word(8));
@@ -1556,8 +1557,12 @@ mod x86 {
                                 (f16_at(p.add(208)), 0.0, scv, _mm256_cvtepi8_epi16(s))
                             } else {
                                 let (sc, mn) = super::k_scale_mins(&blk[4..16]);
-                                let scv =
-                                    std::array::from_fn(|i| _mm256_set1_epi16(i16::from(sc[i])));
+                                let s8 = _mm_cvtepu8_epi16(_mm_loadl_epi64(sc.as_ptr().cast()));
+                                let s16 = _mm256_broadcastsi128_si256(s8);
+                                let scv = std::array::from_fn(|i| {
+                                    let pick = (2 * i as i16) | ((2 * i as i16 + 1) << 8);
+                                    _mm256_shuffle_epi8(s16, _mm256_set1_epi16(pick))
+                                });
                                 let m8 = _mm_cvtepu8_epi16(_mm_loadl_epi64(mn.as_ptr().cast()));
                                 let corr16 = _mm256_set_m128i(
                                     _mm_unpackhi_epi16(m8, m8),

@@ -1,0 +1,122 @@
+//! The quantized matrix products of `kvc_runtime::exec::kernels::cpu::quant` on each
+//! method and instruction set, beside the f32 GEMV, at the real models' decode shapes.
+//! Paths run in turn call after call, so that a shared machine's load shifts all of them
+//! alike (criterion's runs of one path after another do not). The `stream` shapes cycle
+//! through 32 matrices (≈ 100 MB), too large for the caches, as a decode step does.
+//!
+//! `cargo run --release -p kvc-runtime --example quant_paths [-- M,M.. [REPS]]`
+use std::rc::Rc;
+use std::time::Instant;
+
+use kvc_runtime::exec::kernels::cpu::gemv;
+use kvc_runtime::exec::kernels::cpu::quant::{self, Isa, Method, Path};
+use kvc_runtime::exec::kernels::hash_uniform;
+use kvc_runtime::load::gguf::GgmlType;
+
+/// One way to compute a product into `out`.
+type Run = Box<dyn FnMut(&mut [f32])>;
+
+/// Hashed GGUF blocks with every f16 scale and minimum set to 0.01.
+fn matrix(ty: GgmlType, k: usize, n: usize, seed: u32) -> Vec<u8> {
+    let bb = ty.block_bytes() as usize;
+    let blocks = n * k / ty.block_size() as usize;
+    let mut w: Vec<u8> = (0..blocks * bb)
+        .map(|i| (hash_uniform(seed, (i >> 20) as i32, (i & 0xfffff) as i32) * 256.0) as u8)
+        .collect();
+    let fields: &[usize] = match ty {
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
+        GgmlType::Q6_K => &[208],
+        _ => &[0, 2],
+    };
+    let scale = half::f16::from_f32(0.01).to_le_bytes();
+    for blk in w.chunks_exact_mut(bb) {
+        for &at in fields {
+            blk[at..at + 2].copy_from_slice(&scale);
+        }
+    }
+    w
+}
+
+fn values(n: usize, seed: u32) -> Vec<f32> {
+    (0..n)
+        .map(|i| hash_uniform(seed, i as i32, 0) * 2.0 - 1.0)
+        .collect()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let ms: Vec<usize> = args.get(1).map_or(vec![1, 16], |s| {
+        s.split(',').map(|v| v.parse().expect("rows")).collect()
+    });
+    let reps: usize = args.get(2).map_or(30, |s| s.parse().expect("repetitions"));
+    let shapes = [
+        ("smollm2-qo", GgmlType::Q4_1, 576, 576, 1),
+        ("smollm2-up", GgmlType::Q4_1, 576, 1536, 1),
+        ("smollm2-head", GgmlType::Q8_0, 576, 49152, 1),
+        ("qwen-up", GgmlType::Q5_0, 896, 4864, 1),
+        ("qwen-down-q4k", GgmlType::Q4_K, 4864, 896, 1),
+        ("qwen-down-q6k", GgmlType::Q6_K, 4864, 896, 1),
+        ("qwen-head", GgmlType::Q8_0, 896, 151936, 1),
+        ("stream-qwen-up", GgmlType::Q5_0, 896, 4864, 32),
+        ("stream-qwen-down-q4k", GgmlType::Q4_K, 4864, 896, 32),
+    ];
+    let isas: Vec<Isa> = [Isa::Avx512, Isa::Avx2]
+        .into_iter()
+        .filter(|i| i.available())
+        .collect();
+    println!("shape, type, m, path: median µs (GB/s of weight bytes), min µs");
+    for (name, ty, k, n, copies) in shapes {
+        let ws: Rc<Vec<Vec<u8>>> = Rc::new(
+            (0..copies)
+                .map(|c| matrix(ty, k, n, 11 + c as u32))
+                .collect(),
+        );
+        let bytes = ws[0].len();
+        // Eight f32 copies (≥ 140 MB) defeat the caches as well.
+        let f32_copies = if copies > 1 { 8 } else { 1 };
+        let wf: Rc<Vec<Vec<f32>>> =
+            Rc::new((0..f32_copies).map(|c| values(n * k, 2 + c)).collect());
+        for &m in &ms {
+            let x = Rc::new(values(m * k, 1));
+            let mut runs: Vec<(String, usize, Run)> = Vec::new();
+            for &isa in &isas {
+                for method in [Method::Int8, Method::Dequant] {
+                    let (ws, x) = (ws.clone(), x.clone());
+                    let mut i = 0;
+                    let run: Run = Box::new(move |out: &mut [f32]| {
+                        i = (i + 1) % ws.len();
+                        let path = Path { isa, method };
+                        quant::qmatmul_t_with(path, &x, m, k, &ws[i], ty, n, out);
+                    });
+                    let label = format!("{isa:?}-{method:?}").to_lowercase();
+                    runs.push((label, bytes, run));
+                }
+            }
+            let (wf, xf) = (wf.clone(), x.clone());
+            let mut i = 0;
+            let f32_run: Run = Box::new(move |out: &mut [f32]| {
+                i = (i + 1) % wf.len();
+                gemv::matmul_t(&xf, m, k, &wf[i], n, out);
+            });
+            runs.push(("f32-matmul_t".into(), n * k * 4, f32_run));
+            let mut out = vec![0.0f32; m * n];
+            let mut times = vec![Vec::with_capacity(reps); runs.len()];
+            for _ in 0..reps {
+                for ((_, _, run), t) in runs.iter_mut().zip(&mut times) {
+                    let start = Instant::now();
+                    run(&mut out);
+                    t.push(start.elapsed().as_secs_f64() * 1e6);
+                }
+            }
+            for ((label, bytes, _), t) in runs.iter().zip(&mut times) {
+                t.sort_by(f64::total_cmp);
+                let med = t[t.len() / 2];
+                let gbs = *bytes as f64 / med / 1e3;
+                println!(
+                    "{name}, {ty}, {m}, {label}: {med:.1} ({gbs:.1}), {:.1}",
+                    t[0]
+                );
+            }
+        }
+    }
+}
