@@ -241,10 +241,7 @@ pub fn bench_all(model: &Path, configs: &[Config], json: Option<&Path>) -> Resul
                 cmd.args(["--prefill-len", &t.to_string()]);
             }
             if let Some(d) = cfg.weight_dtype {
-                cmd.args([
-                    "--weight-dtype",
-                    if d == DTypeSpec::F16 { "f16" } else { "f32" },
-                ]);
+                cmd.args(["--weight-dtype", &d.to_string()]);
             }
             cmd.args([
                 "--backend",

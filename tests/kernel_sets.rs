@@ -12,7 +12,7 @@
 
 mod common;
 
-use common::{FAMILIES, backend, max_diff, session_on, small, tiny, tiny_model};
+use common::{FAMILIES, backend, max_diff, session_on, small, tiny_model};
 use kvc_compiler::Overrides;
 use kvc_compiler::ir::Program;
 use kvc_compiler::spec::{KvPolicy, KvStorage, Sampler};

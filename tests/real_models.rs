@@ -121,10 +121,6 @@ enum Weights {
     Native,
 }
 
-fn session(m: &Real, batch: u32, prefill_len: u32, cache_len: u32) -> Session {
-    session_with(m, Weights::F32, batch, prefill_len, cache_len)
-}
-
 fn session_with(
     m: &Real,
     weights: Weights,
