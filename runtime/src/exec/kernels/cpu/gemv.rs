@@ -74,7 +74,7 @@ pub fn matmul_t<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, out
 ///
 /// # Safety
 /// `out` must point to `m · n` writable floats that no other task writes in these columns.
-unsafe fn block<W: Weight>(
+pub(super) unsafe fn block<W: Weight>(
     x: &[f32],
     m: usize,
     k: usize,

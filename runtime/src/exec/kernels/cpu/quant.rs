@@ -619,7 +619,9 @@ fn expand(isa: Isa, q: Block, row: &Row, out: &mut [f32]) {
     }
 }
 
-/// Columns `jt..jt + p.len() / k` of `out` from the f32 weight rows `p`.
+/// Columns `jt..jt + p.len() / k` of `out` from the f32 weight rows `p`: the AVX-512
+/// tile here, else the f32 GEMV's own tile ([`super::gemv`], which picks AVX2 or its
+/// portable loop by itself).
 ///
 /// # Safety
 /// `out` points to `m · n` floats of which no other task writes these columns.
@@ -637,24 +639,9 @@ unsafe fn tile_product(
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the caller's contract; the set is available.
-        Isa::Avx2 => unsafe { x86::tile_avx2(x, m, k, p, jt, n, out.0) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the caller's contract; the set is available.
         Isa::Avx512 => unsafe { x86::tile_avx512(x, m, k, p, jt, n, out.0) },
-        _ => {
-            for (j, wr) in p.chunks_exact(k).enumerate() {
-                for (r, xr) in x.chunks_exact(k).enumerate() {
-                    let mut acc = [0.0f32; 8];
-                    for (xc, wc) in xr.chunks_exact(8).zip(wr.chunks_exact(8)) {
-                        for l in 0..8 {
-                            acc[l] += xc[l] * wc[l];
-                        }
-                    }
-                    // SAFETY: r < m, jt + j < n; the caller's contract.
-                    unsafe { *out.at(r * n + jt + j) = acc.iter().sum() };
-                }
-            }
-        }
+        // SAFETY: the caller's contract.
+        _ => unsafe { super::gemv::block(x, m, k, p, jt, n, out) },
     }
 }
 
@@ -1823,87 +1810,6 @@ mod x86 {
         fusedk_vnni
     );
 
-    /// `super::tile_product` with AVX2: four weight rows × two activation rows per pass.
-    ///
-    /// # Safety
-    /// As `super::tile_product`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn tile_avx2(
-        x: &[f32],
-        m: usize,
-        k: usize,
-        p: &[f32],
-        j0: usize,
-        n: usize,
-        out: *mut f32,
-    ) {
-        let rows = p.len() / k;
-        assert!(x.len() == m * k && k.is_multiple_of(16) && rows <= 4);
-        // SAFETY (whole body): loads stay below k within rows of x (r < m) and of p
-        // (j < rows); k is a multiple of 16; outputs r·n + j0 + j are the caller's.
-        unsafe {
-            let (xp, pp) = (x.as_ptr(), p.as_ptr());
-            if rows == 4 {
-                let w = [pp, pp.add(k), pp.add(2 * k), pp.add(3 * k)];
-                let mut r = 0;
-                while r + 2 <= m {
-                    let (x0, x1) = (xp.add(r * k), xp.add((r + 1) * k));
-                    let mut a = [_mm256_setzero_ps(); 8];
-                    for c in (0..k).step_by(8) {
-                        let (v0, v1) = (_mm256_loadu_ps(x0.add(c)), _mm256_loadu_ps(x1.add(c)));
-                        for q in 0..4 {
-                            let u = _mm256_loadu_ps(w[q].add(c));
-                            a[q] = _mm256_fmadd_ps(v0, u, a[q]);
-                            a[4 + q] = _mm256_fmadd_ps(v1, u, a[4 + q]);
-                        }
-                    }
-                    for q in 0..4 {
-                        *out.add(r * n + j0 + q) = hsum(a[q]);
-                        *out.add((r + 1) * n + j0 + q) = hsum(a[4 + q]);
-                    }
-                    r += 2;
-                }
-                if r < m {
-                    let x0 = xp.add(r * k);
-                    let mut a = [_mm256_setzero_ps(); 8];
-                    for c in (0..k).step_by(16) {
-                        let (v0, v1) = (_mm256_loadu_ps(x0.add(c)), _mm256_loadu_ps(x0.add(c + 8)));
-                        for q in 0..4 {
-                            a[q] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(w[q].add(c)), a[q]);
-                            a[4 + q] =
-                                _mm256_fmadd_ps(v1, _mm256_loadu_ps(w[q].add(c + 8)), a[4 + q]);
-                        }
-                    }
-                    for q in 0..4 {
-                        *out.add(r * n + j0 + q) = hsum(_mm256_add_ps(a[q], a[4 + q]));
-                    }
-                }
-            } else {
-                for j in 0..rows {
-                    let w0 = pp.add(j * k);
-                    for r in 0..m {
-                        let x0 = xp.add(r * k);
-                        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-                        for c in (0..k).step_by(16) {
-                            a0 = _mm256_fmadd_ps(
-                                _mm256_loadu_ps(x0.add(c)),
-                                _mm256_loadu_ps(w0.add(c)),
-                                a0,
-                            );
-                            a1 = _mm256_fmadd_ps(
-                                _mm256_loadu_ps(x0.add(c + 8)),
-                                _mm256_loadu_ps(w0.add(c + 8)),
-                                a1,
-                            );
-                        }
-                        *out.add(r * n + j0 + j) = hsum(_mm256_add_ps(a0, a1));
-                    }
-                }
-            }
-        }
-    }
-
     /// `super::tile_product` with AVX-512: four weight rows × two activation rows per pass.
     ///
     /// # Safety
@@ -2398,9 +2304,17 @@ mod tests {
     }
 
     #[test]
-    #[should_panic(expected = "take 36 bytes")]
     fn a_short_matrix_panics() {
-        let mut out = [0.0f32; 2];
-        qmatmul_t(&[0.0; 32], 1, 32, &[0; 35], GgmlType::Q4_0, 2, &mut out);
+        let panic = std::panic::catch_unwind(|| {
+            let mut out = [0.0f32; 2];
+            qmatmul_t(&[0.0; 32], 1, 32, &[0; 35], GgmlType::Q4_0, 2, &mut out);
+        })
+        .expect_err("a 35-byte slice is not two Q4_0 rows of 32");
+        let message = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        assert!(message.contains("take 36 bytes"), "{message}");
     }
 }
