@@ -593,6 +593,11 @@ impl GgmlType {
         }
     }
 
+    /// Bytes of a row of `values` values (a multiple of [`Self::block_size`]).
+    pub fn row_bytes(self, values: usize) -> usize {
+        values / self.block_size() as usize * self.block_bytes() as usize
+    }
+
     /// Whether [`dequantize`] (and so [`GgufFile::tensor_f32`]) can decode
     /// this type.
     pub fn can_dequantize(self) -> bool {

@@ -47,7 +47,7 @@ pub struct QuantTensor {
 impl QuantTensor {
     /// Bytes of one row.
     pub fn row_bytes(&self) -> usize {
-        self.cols / self.ty.block_size() as usize * self.ty.block_bytes() as usize
+        self.ty.row_bytes(self.cols)
     }
 
     /// Row `r` dequantized to f32.
@@ -658,6 +658,29 @@ mod tests {
             unpermute_qk("k", &t, 2),
             Err(WeightsError::BadShape { .. })
         ));
+    }
+
+    /// The IR's block table (the compiler cannot see the reader's) agrees with GGUF's.
+    #[test]
+    fn ir_block_types_have_the_file_block_sizes() {
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q8_0,
+            GgmlType::Q4_K,
+            GgmlType::Q5_K,
+            GgmlType::Q6_K,
+        ] {
+            let (values, bytes) = ir_dtype(ty).block().expect("a block type");
+            assert_eq!(
+                (values as u64, bytes as u64),
+                (ty.block_size(), ty.block_bytes()),
+                "{ty}"
+            );
+        }
+        assert_eq!(DType::QUANTIZED.len(), 8);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Products of activation rows with GGUF block-quantized weights read in their file form:
 //! `out[r, j] = Σ_i x[r, i] · W[j, i]` for `r < m`, `j < n`, where row `j` of `W` is the
-//! `k / B` blocks at `w[j · row_bytes(ty, k)..]` (`B` = 32, or 256 for the k-quants).
+//! `k / B` blocks at `w[j · ty.row_bytes(k)..]` (`B` = 32, or 256 for the k-quants).
 //!
 //! Every method unpacks the blocks into one byte per value plus block scales (the file's
 //! nibbles and high bits spread out), then:
@@ -48,11 +48,6 @@ const TILE_ROWS: usize = 4;
 /// Whether [`qmatmul_t`] multiplies weights of type `ty`.
 pub fn supports(ty: GgmlType) -> bool {
     Block::of(ty).is_some()
-}
-
-/// Bytes of one row of `k` values of type `ty` (`k` a multiple of the block size).
-pub fn row_bytes(ty: GgmlType, k: usize) -> usize {
-    k / ty.block_size() as usize * ty.block_bytes() as usize
 }
 
 /// Why a byte slice is not an `[n, k]` matrix that [`qmatmul_t`] can multiply.
@@ -255,7 +250,7 @@ pub fn qmatmul_t_with(
         return;
     }
     let isa = path.isa;
-    let rb = row_bytes(ty, k);
+    let rb = ty.row_bytes(k);
     let threads = rayon::current_num_threads().max(1);
     // Four tasks per thread balance a core slowed by other work.
     let unit = match path.method {
@@ -2276,7 +2271,25 @@ mod tests {
     #[test]
     fn shapes_are_checked() {
         assert!(supports(GgmlType::Q4_K) && !supports(GgmlType::F16) && !supports(GgmlType::Q2_K));
-        assert_eq!(row_bytes(GgmlType::Q4_1, 576), 18 * 20);
+        assert_eq!(GgmlType::Q4_1.row_bytes(576), 18 * 20);
+        // The kernels' own block table agrees with the reader's.
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q8_0,
+            GgmlType::Q4_K,
+            GgmlType::Q5_K,
+            GgmlType::Q6_K,
+        ] {
+            let q = Block::of(ty).unwrap();
+            assert_eq!(
+                (q.block(), q.bytes()),
+                (ty.block_size() as usize, ty.block_bytes() as usize)
+            );
+            assert_eq!(row_bytes_q(q, 2304), ty.row_bytes(2304));
+        }
         assert_eq!(check_quant_matrix(GgmlType::Q8_0, 64, 3, 3 * 68), Ok(()));
         assert_eq!(
             check_quant_matrix(GgmlType::F32, 64, 3, 768),
