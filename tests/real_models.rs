@@ -6,6 +6,8 @@
 //! joined and sha256-checked).
 
 mod common;
+
+use common::{argmax, greedy, logsumexp};
 #[path = "real_models/gguf_files.rs"]
 mod gguf_files;
 #[path = "real_models/tokenizers.rs"]
@@ -18,7 +20,7 @@ use std::sync::OnceLock;
 use kvc_compiler::spec::Arch;
 use kvc_compiler::{ModelSpec, Overrides, compile, compile_with};
 use kvc_runtime::Backend;
-use kvc_runtime::exec::session::{Request, Sampling, Session, bind_params};
+use kvc_runtime::exec::session::{Request, Session, bind_params};
 use kvc_runtime::load::check::{CheckError, spec_matches_gguf};
 use kvc_runtime::load::gguf::GgufFile;
 use kvc_runtime::load::tokenizer::Tokenizer;
@@ -163,29 +165,6 @@ fn session_with(
     };
     let params = bind_params(&program, &mut w, Backend::Flex).unwrap();
     Session::new(program, params, Backend::Flex).unwrap()
-}
-
-fn greedy(prompt: &[u32], n: usize) -> Request {
-    Request {
-        prompt: prompt.to_vec(),
-        max_new_tokens: n,
-        sampling: Sampling::default(),
-    }
-}
-
-fn logsumexp(v: &[f32]) -> f64 {
-    let m = v.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    m + v.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln()
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {

