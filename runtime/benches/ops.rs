@@ -3,6 +3,9 @@
 //! Flex: `cargo bench -p kvc-runtime --bench ops`. The kernels are the plans' own
 //! (`kvc_runtime::exec::kernels`), so these numbers are what a graph runs.
 
+#[path = "support/quant_matrix.rs"]
+mod quant_matrix;
+
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use criterion::Throughput;
 use criterion::{BenchmarkId, Criterion, black_box, criterion_group, criterion_main};
@@ -12,6 +15,7 @@ use kvc_runtime::exec::kernels::cpu::quant::{self, Isa, Method, Path};
 use kvc_runtime::exec::kernels::{self, KernelSet, portable};
 use kvc_runtime::load::gguf::GgmlType;
 use kvc_runtime::{Backend, device};
+use quant_matrix::quant_matrix;
 
 const SETS: [KernelSet; 2] = [KernelSet::Cpu, KernelSet::Portable];
 
@@ -141,28 +145,6 @@ fn cache_ops(c: &mut Criterion) {
     group.finish();
 }
 
-/// `n` rows of `k` values of GGUF blocks of type `ty`: hashed bytes with every f16 scale
-/// and minimum set to a small finite value.
-fn quant_matrix(ty: GgmlType, k: usize, n: usize) -> Vec<u8> {
-    let bb = ty.block_bytes() as usize;
-    let blocks = n * k / ty.block_size() as usize;
-    let mut w: Vec<u8> = (0..blocks * bb)
-        .map(|i| (kernels::hash_uniform(11, (i >> 20) as i32, (i & 0xfffff) as i32) * 256.0) as u8)
-        .collect();
-    let fields: &[usize] = match ty {
-        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
-        GgmlType::Q6_K => &[208],
-        _ => &[0, 2],
-    };
-    let scale = half::f16::from_f32(0.01).to_le_bytes();
-    for blk in w.chunks_exact_mut(bb) {
-        for &at in fields {
-            blk[at..at + 2].copy_from_slice(&scale);
-        }
-    }
-    w
-}
-
 /// Products with GGUF-quantized weights (`cpu/quant.rs`) at the real models' decode shapes
 /// (m = 1 and 16) on each method and instruction set, beside the f32 GEMV on the same
 /// shapes, and one prefill shape (m = 512) beside Flex's f32 GEMM. Throughput is weight
@@ -183,7 +165,7 @@ fn quant(c: &mut Criterion) {
         ("qwen-head", GgmlType::Q8_0, 896, 151936),
     ];
     for (name, ty, k, n) in shapes {
-        let w = quant_matrix(ty, k, n);
+        let w = quant_matrix(ty, k, n, 11);
         let wf = filled(n * k, 2);
         for m in [1usize, 16] {
             let x = filled(m * k, 1);
@@ -216,7 +198,7 @@ fn quant(c: &mut Criterion) {
     }
     // Prefill: 512 rows through SmolLM2's up projection.
     let (ty, m, k, n) = (GgmlType::Q4_1, 512, 576, 1536);
-    let w = quant_matrix(ty, k, n);
+    let w = quant_matrix(ty, k, n, 11);
     let x = filled(m * k, 1);
     let mut out = vec![0.0f32; m * n];
     let id = |path: &str| BenchmarkId::new(format!("prefill/{ty}/{k}x{n}/m{m}"), path);

@@ -5,6 +5,9 @@
 //! through 32 matrices (≈ 100 MB), too large for the caches, as a decode step does.
 //!
 //! `cargo run --release -p kvc-runtime --example quant_paths [-- M,M.. [REPS]]`
+#[path = "../benches/support/quant_matrix.rs"]
+mod quant_matrix;
+
 use std::rc::Rc;
 use std::time::Instant;
 
@@ -12,30 +15,10 @@ use kvc_runtime::exec::kernels::cpu::gemv;
 use kvc_runtime::exec::kernels::cpu::quant::{self, Isa, Method, Path};
 use kvc_runtime::exec::kernels::hash_uniform;
 use kvc_runtime::load::gguf::GgmlType;
+use quant_matrix::quant_matrix;
 
 /// One way to compute a product into `out`.
 type Run = Box<dyn FnMut(&mut [f32])>;
-
-/// Hashed GGUF blocks with every f16 scale and minimum set to 0.01.
-fn matrix(ty: GgmlType, k: usize, n: usize, seed: u32) -> Vec<u8> {
-    let bb = ty.block_bytes() as usize;
-    let blocks = n * k / ty.block_size() as usize;
-    let mut w: Vec<u8> = (0..blocks * bb)
-        .map(|i| (hash_uniform(seed, (i >> 20) as i32, (i & 0xfffff) as i32) * 256.0) as u8)
-        .collect();
-    let fields: &[usize] = match ty {
-        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
-        GgmlType::Q6_K => &[208],
-        _ => &[0, 2],
-    };
-    let scale = half::f16::from_f32(0.01).to_le_bytes();
-    for blk in w.chunks_exact_mut(bb) {
-        for &at in fields {
-            blk[at..at + 2].copy_from_slice(&scale);
-        }
-    }
-    w
-}
 
 fn values(n: usize, seed: u32) -> Vec<f32> {
     (0..n)
@@ -68,7 +51,7 @@ fn main() {
     for (name, ty, k, n, copies) in shapes {
         let ws: Rc<Vec<Vec<u8>>> = Rc::new(
             (0..copies)
-                .map(|c| matrix(ty, k, n, 11 + c as u32))
+                .map(|c| quant_matrix(ty, k, n, 11 + c as u32))
                 .collect(),
         );
         let bytes = ws[0].len();
