@@ -326,18 +326,9 @@ pub fn unpermute_qk(name: &str, tensor: &HostTensor, n_head: usize) -> Result<Ho
     if tensor.data.len() != out * inner {
         return Err(bad(format!("data has {} values", tensor.data.len())));
     }
-    let head_dim = out / n_head;
-    let half = head_dim / 2;
-    let mut data = vec![0.0f32; tensor.data.len()];
-    for h in 0..n_head {
-        for t in 0..2 {
-            for i in 0..half {
-                let src = h * head_dim + 2 * i + t;
-                let dst = h * head_dim + t * half + i;
-                data[dst * inner..(dst + 1) * inner]
-                    .copy_from_slice(&tensor.data[src * inner..(src + 1) * inner]);
-            }
-        }
+    let mut data = Vec::with_capacity(tensor.data.len());
+    for src in qk_source_rows(out, n_head) {
+        data.extend_from_slice(&tensor.data[src * inner..(src + 1) * inner]);
     }
     Ok(HostTensor {
         shape: tensor.shape.clone(),
@@ -365,10 +356,8 @@ pub fn load_gguf_weights(file: &GgufFile) -> Result<BTreeMap<String, HostTensor>
             data,
             quant: None,
         };
-        if hp.arch == GgufArch::Llama && info.name.ends_with(".attn_q.weight") {
-            tensor = unpermute_qk(&info.name, &tensor, hp.num_heads)?;
-        } else if hp.arch == GgufArch::Llama && info.name.ends_with(".attn_k.weight") {
-            tensor = unpermute_qk(&info.name, &tensor, hp.num_kv_heads)?;
+        if let Some(n) = rope_permuted_heads(&hp, &info.name) {
+            tensor = unpermute_qk(&info.name, &tensor, n)?;
         }
         out.insert(hf, tensor);
     }
@@ -403,6 +392,20 @@ pub fn gguf_weight_types(file: &GgufFile) -> Result<WeightTypes> {
         }
     }
     Ok(out)
+}
+
+/// The heads of a tensor whose rows llama.cpp's converter permuted for adjacent-pair RoPE
+/// (a `llama` file's Q or K projection), else `None`.
+fn rope_permuted_heads(hp: &HyperParams, name: &str) -> Option<usize> {
+    if hp.arch != GgufArch::Llama {
+        None
+    } else if name.ends_with(".attn_q.weight") {
+        Some(hp.num_heads)
+    } else if name.ends_with(".attn_k.weight") {
+        Some(hp.num_kv_heads)
+    } else {
+        None
+    }
 }
 
 /// For each row of a llama Q or K projection in Hugging Face (half-split RoPE) order, the
@@ -442,15 +445,7 @@ pub fn load_gguf_params(
         let info = file
             .tensor_info(name)
             .ok_or_else(|| GgufError::MissingTensor(name.to_string()))?;
-        let heads = if hp.arch != GgufArch::Llama {
-            None
-        } else if name.ends_with(".attn_q.weight") {
-            Some(hp.num_heads)
-        } else if name.ends_with(".attn_k.weight") {
-            Some(hp.num_kv_heads)
-        } else {
-            None
-        };
+        let heads = rope_permuted_heads(&hp, name);
         let shape = info.shape();
         if !decl.ty.dtype.is_quantized() {
             let (shape, data) = file.tensor_f32(name)?;
