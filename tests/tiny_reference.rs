@@ -319,17 +319,15 @@ fn stop_tokens_end_a_row_without_being_emitted_for(family: &str) {
     let candidates = prompts()
         .into_iter()
         .chain((1..40).map(|i| vec![i * 5, i * 11 % 256]));
-    let greedy: Vec<(Vec<u32>, Vec<u32>)> = candidates
-        .map(|p| {
-            let w = r.greedy(&p, 4);
-            (p, w)
-        })
-        .collect();
-    let (prompt, want) = greedy
-        .iter()
+    let mut runs = candidates.map(|p| {
+        let w = r.greedy(&p, 4);
+        (p, w)
+    });
+    let first = runs.next().expect("a candidate prompt");
+    let (prompt, want) = std::iter::once(first.clone())
+        .chain(runs)
         .find(|(_, w)| !w[..2].contains(&w[2]))
-        .unwrap_or(&greedy[0])
-        .clone();
+        .unwrap_or(first);
     let k = if want[..2].contains(&want[2]) { 0 } else { 2 };
     let stop = want[k];
     let (program, _) = tiny_model(family, Overrides::default(), &[stop]);
