@@ -122,8 +122,8 @@ impl Executor {
         device: Device,
         set: KernelSet,
     ) -> Result<Executor, RuntimeError> {
-        // Only the CPU kernels read GGUF blocks; for any other set, quantized weights are
-        // dequantized here, once.
+        // Only the CPU kernels read GGUF blocks; for any other set (and so every backend
+        // but Flex), quantized weights become device tensors here, once.
         let params: Vec<Value> = match set {
             KernelSet::Cpu => params,
             KernelSet::Portable => params

@@ -96,8 +96,9 @@ pub struct Completion {
 
 /// Binds weights to the program's parameter table by name, checking every shape.
 /// On Flex all dense parameters share one huge-page-backed allocation
-/// ([`super::kernels::cpu::arena`]) and quantized ones stay GGUF blocks for the CPU
-/// kernels ([`Value::Q`]); other backends get quantized matrices dequantized to f32.
+/// ([`super::kernels::cpu::arena`]). Quantized matrices stay GGUF blocks in host memory
+/// ([`Value::Q`]): the CPU kernels read them as they are, and an executor of any other
+/// kernel set (every backend but Flex) dequantizes them once when it is made.
 pub fn bind_params(
     program: &Program,
     weights: &mut BTreeMap<String, HostTensor>,
@@ -123,14 +124,11 @@ pub fn bind_params(
                 found: t.shape.clone(),
             });
         }
-        let data = match t.quant.take() {
-            Some(q) if backend == Backend::Flex => {
-                bound[i] = Some(Value::Q(q));
-                continue;
-            }
-            Some(q) => q.to_f32(),
-            None => std::mem::take(&mut t.data),
-        };
+        if let Some(q) = t.quant.take() {
+            bound[i] = Some(Value::Q(q));
+            continue;
+        }
+        let data = std::mem::take(&mut t.data);
         let storage = match decl.ty.dtype {
             kvc_compiler::ir::DType::F16 => Storage::F16,
             _ => Storage::F32,
