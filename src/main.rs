@@ -93,6 +93,9 @@ enum Command {
         /// default), `f32` or `f16`.
         #[arg(long, value_parser = DTypeSpec::parse)]
         weight_dtype: Option<DTypeSpec>,
+        /// Storage of cached keys and values: `f32`, `f16` or `i8` (default: the spec's).
+        #[arg(long, value_parser = KvStorage::parse)]
+        kv_storage: Option<KvStorage>,
         /// Also write the results as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -187,8 +190,8 @@ struct ShapeArgs {
     /// tova:BUDGET, snapkv:BUDGET:WINDOW:POOL, random:BUDGET[:SEED].
     #[arg(long, value_parser = KvPolicy::parse)]
     kv: Option<KvPolicy>,
-    /// Storage of cached keys and values: `f32` (exact) or `i8` (per-token scales,
-    /// about 4× smaller).
+    /// Storage of cached keys and values: `f32` (exact), `f16` (half the bytes, llama.cpp's
+    /// default) or `i8` (per-token scales, about 4× smaller). Default: the spec's.
     #[arg(long, value_parser = KvStorage::parse)]
     kv_storage: Option<KvStorage>,
     /// Storage of the weight matrices: `native` (the weights file's own blocks, read as
@@ -304,6 +307,7 @@ fn real_main() -> Result<()> {
             steps,
             prefill_len,
             weight_dtype,
+            kv_storage,
             json,
             one,
             exec,
@@ -319,6 +323,7 @@ fn real_main() -> Result<()> {
                     steps,
                     prefill_len,
                     weight_dtype,
+                    kv_storage,
                     backend: exec.backend,
                     options: exec.options(),
                 };
@@ -337,6 +342,7 @@ fn real_main() -> Result<()> {
                                 steps,
                                 prefill_len,
                                 weight_dtype,
+                                kv_storage,
                                 backend: exec.backend,
                                 options: exec.options(),
                             });
@@ -413,7 +419,12 @@ fn inspect(dir: &Path) -> Result<()> {
 
 /// Compiles a spec (or loads an artifact directory), growing the batch to `min_batch`
 /// when the user did not choose one.
-fn program_for(model: &Path, shapes: ShapeArgs, min_batch: usize) -> Result<(Program, PathBuf)> {
+fn program_for(
+    model: &Path,
+    shapes: ShapeArgs,
+    min_batch: usize,
+    backend: Backend,
+) -> Result<(Program, PathBuf)> {
     if model.is_dir() {
         let o = shapes.overrides();
         if o.batch.is_some()
@@ -441,6 +452,12 @@ fn program_for(model: &Path, shapes: ShapeArgs, min_batch: usize) -> Result<(Pro
     let mut o = shapes.overrides();
     if o.batch.is_none() && (spec.compile.batch as usize) < min_batch {
         o.batch = Some(min_batch as u32);
+    }
+    if o.kv_storage.is_none() && spec.compile.kv_storage == KvStorage::F16 && !backend.has_f16() {
+        eprintln!(
+            "note: kvc does not run f16 tensors on {backend:?}; the KV cache is stored as f32"
+        );
+        o.kv_storage = Some(KvStorage::F32);
     }
     let spec = spec.with_overrides(&o, &model.display().to_string())?;
     let base = model.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -489,7 +506,7 @@ fn progress() -> impl FnMut(Progress) {
 
 fn load(model: &Path, shapes: ShapeArgs, min_batch: usize, exec: ExecArgs) -> Result<LoadedModel> {
     let t0 = Instant::now();
-    let (program, base) = program_for(model, shapes, min_batch)?;
+    let (program, base) = program_for(model, shapes, min_batch, exec.backend)?;
     let loaded = LoadedModel::load_with(
         program,
         &base,

@@ -25,12 +25,15 @@ use std::collections::BTreeMap;
 type Weights = BTreeMap<String, HostTensor>;
 
 /// Dense and every budgeted policy with budgets that evict in prefill and in decode
-/// (T = 8), plus int8 storage for a dense, a scored and an unscored cache (on backends
-/// with int8 tensors).
+/// (T = 8), plus int8 and f16 storage for a dense, a scored and an unscored cache (on
+/// backends with int8 and f16 tensors).
 fn programs() -> Vec<(KvPolicy, KvStorage)> {
     let mut all = every_program();
     if !backend().has_i8() {
         all.retain(|&(_, storage)| storage != KvStorage::I8);
+    }
+    if !backend().has_f16() {
+        all.retain(|&(_, storage)| storage != KvStorage::F16);
     }
     all
 }
@@ -39,11 +42,13 @@ fn every_program() -> Vec<(KvPolicy, KvStorage)> {
     let mut all = vec![
         (KvPolicy::Dense, KvStorage::F32),
         (KvPolicy::Dense, KvStorage::I8),
+        (KvPolicy::Dense, KvStorage::F16),
     ];
     for kv in small() {
         all.push((kv, KvStorage::F32));
         if matches!(kv, KvPolicy::H2o { .. } | KvPolicy::Random { .. }) {
             all.push((kv, KvStorage::I8));
+            all.push((kv, KvStorage::F16));
         }
     }
     all
@@ -355,6 +360,22 @@ fn int8_storage_is_refused_where_the_backend_has_no_int8() {
         Ok(_) => assert!(on.has_i8(), "{on:?} has no int8 tensors"),
         Err(e) => {
             assert!(!on.has_i8(), "{on:?}: {e}");
+            assert!(e.to_string().contains("--kv-storage f32"), "{e}");
+        }
+    }
+}
+
+/// Likewise f16 storage.
+#[test]
+fn f16_storage_is_refused_where_the_backend_runs_no_f16() {
+    let (p, mut w) = compiled(KvPolicy::Dense, KvStorage::F16, Sampler::Greedy);
+    let on = backend();
+    let params = bind_params(&p, &mut w, on).unwrap();
+    let made = Session::with_options(p, params, on, SessionOptions::for_backend(on));
+    match made {
+        Ok(_) => assert!(on.has_f16(), "{on:?} runs no f16"),
+        Err(e) => {
+            assert!(!on.has_f16(), "{on:?}: {e}");
             assert!(e.to_string().contains("--kv-storage f32"), "{e}");
         }
     }

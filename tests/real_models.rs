@@ -34,10 +34,11 @@ use serde::Deserialize;
 const TOLERANCE: f64 = 1e-3;
 
 /// |Δ| allowed on the log-sum-exp with native weights where llama.cpp's own Q4_K_M run
-/// stays closer to f32. Measured 2026-12-02: 0.19 (Qwen prompt 0; llama.cpp 0.087) and
-/// 0.28 (Gemma prompt 0; llama.cpp 0.24) — the int8 kernels move the tail of the
-/// distribution more than llama.cpp's do; NOTES.md tracks it.
-const NATIVE_LSE_BOUND: f64 = 0.35;
+/// stays closer to f32. Measured 2026-12-02 with the f32 cache: 0.19 (Qwen prompt 0;
+/// llama.cpp 0.087) and 0.28 (Gemma prompt 0; llama.cpp 0.24); with the specs' f16 cache
+/// 0.13 and 0.37 — the int8 kernels move the tail of the distribution more than
+/// llama.cpp's do; NOTES.md tracks it.
+const NATIVE_LSE_BOUND: f64 = 0.45;
 
 #[derive(Deserialize)]
 struct Fixture {
@@ -47,6 +48,8 @@ struct Fixture {
 #[derive(Deserialize)]
 struct PromptRef {
     text: String,
+    /// Fraction of positions where llama.cpp's Q4_K_M run has the top-1 of its f32 run.
+    q4km_top1_agreement: f64,
     ids: Vec<u32>,
     top10_ids: Vec<Vec<u32>>,
     top10_logits: Vec<Vec<f64>>,
@@ -130,10 +133,13 @@ fn session_with(
     prefill_len: u32,
     cache_len: u32,
 ) -> Session {
+    // F32 weights run with the exact f32 cache; native weights with the spec's own cache
+    // (f16, as llama.cpp runs the same file).
     let o = Overrides {
         batch: Some(batch),
         prefill_len: Some(prefill_len),
         cache_len: Some(cache_len),
+        kv_storage: (weights == Weights::F32).then_some(kvc_compiler::spec::KvStorage::F32),
         ..Overrides::default()
     };
     let spec = ModelSpec::load(&spec_path(m.name))
@@ -224,9 +230,15 @@ fn logits_match_the_reference(m: &Real, weights: Weights) {
             m.name,
             scored.len()
         );
+        // Native: top-1 equal at ≥ 99% of positions, or at least as often as llama.cpp's
+        // own run of the Q4_K_M file agrees with its f32 run (85.7% on Qwen prompt 0, whose
+        // position 3 has a reference margin of 0.007).
         let allowed_misses = match weights {
             Weights::F32 => 0,
-            Weights::Native => scored.len() / 100,
+            Weights::Native => {
+                let llama = (1.0 - r.q4km_top1_agreement) * scored.len() as f64;
+                (scored.len() / 100).max(llama.floor() as usize)
+            }
         };
         assert!(top1_misses <= allowed_misses, "{} prompt {i}", m.name);
         assert!(worst <= bound_logits, "{} prompt {i}: {worst}", m.name);

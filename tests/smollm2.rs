@@ -47,6 +47,9 @@ const F16_TOLERANCE: f64 = 0.15;
 /// Dense cache with int8 keys and values vs the float64 reference (see docs/kv-policies.md).
 /// Measured 2026-11-26: 0.476 and 0.342 (max |diff| over top-10 logits and log-sum-exp).
 const I8_KV_TOLERANCE: f64 = 0.75;
+/// Dense cache with f16 keys and values (the spec's default) vs the float64 reference.
+/// Measured 2026-12-02: 0.0094 and 0.0051.
+const F16_KV_TOLERANCE: f64 = 0.05;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/reference")
@@ -93,11 +96,13 @@ fn session(o: Overrides) -> Session {
     Session::new(program, params, Backend::Flex).unwrap()
 }
 
+/// The shapes, with the exact f32 cache (the spec's default is f16; its own test below).
 fn shapes(batch: u32, prefill_len: u32, cache_len: u32) -> Overrides {
     Overrides {
         batch: Some(batch),
         prefill_len: Some(prefill_len),
         cache_len: Some(cache_len),
+        kv_storage: Some(kvc_compiler::spec::KvStorage::F32),
         ..Overrides::default()
     }
 }
@@ -274,6 +279,16 @@ fn f16_weights_keep_the_top_token_at_every_position() {
         ..o
     };
     check_every_position(f16, F16_TOLERANCE, "f16 weights");
+}
+
+#[test]
+fn f16_kv_storage_keeps_the_top_token_at_every_position() {
+    use kvc_compiler::spec::KvStorage;
+    let f16 = |o| Overrides {
+        kv_storage: Some(KvStorage::F16),
+        ..o
+    };
+    check_every_position(f16, F16_KV_TOLERANCE, "f16 KV storage");
 }
 
 #[test]

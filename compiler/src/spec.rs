@@ -541,18 +541,32 @@ pub enum KvStorage {
     /// 32-bit floats (exact).
     #[default]
     F32,
+    /// IEEE half floats, rounded to nearest when written and widened to f32 when read
+    /// (llama.cpp's default cache type): half the bytes of `F32`, relative error ≤ 2⁻¹¹
+    /// per element for values within f16's range.
+    F16,
     /// 8-bit integers with one f32 scale per token and KV head (`max |x| / 127`),
     /// dequantized when read: about 4× smaller than `F32` for head_dim 64.
     I8,
 }
 
 impl KvStorage {
-    /// Parses the command-line form, `f32` or `i8`.
+    /// Parses the command-line form, `f32`, `f16` or `i8`.
     pub fn parse(s: &str) -> Result<KvStorage, String> {
         match s.to_ascii_lowercase().as_str() {
             "f32" => Ok(KvStorage::F32),
+            "f16" => Ok(KvStorage::F16),
             "i8" => Ok(KvStorage::I8),
-            _ => Err(format!("expected f32 or i8, found {s:?}")),
+            _ => Err(format!("expected f32, f16 or i8, found {s:?}")),
+        }
+    }
+
+    /// The command-line form.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvStorage::F32 => "f32",
+            KvStorage::F16 => "f16",
+            KvStorage::I8 => "i8",
         }
     }
 }

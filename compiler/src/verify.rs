@@ -76,10 +76,13 @@ pub fn verify(p: &Program, stage: &str) -> Result<(), VerifyError> {
         &mut |m| tables("program", m),
     );
     for s in &p.state {
-        // An I8 state starts from an I32 constant in the int8 range.
+        // An I8 state starts from an I32 constant in the int8 range, an F16 state from an
+        // F32 constant that f16 holds exactly.
         let i8_init = s.ty.dtype == DType::I8
             && matches!(s.init, Scalar::I32(v) if (-128..=127).contains(&v));
-        if s.init.dtype() != s.ty.dtype && !i8_init {
+        let f16_init = s.ty.dtype == DType::F16
+            && matches!(s.init, Scalar::F32(v) if half::f16::from_f32(v).to_f32() == v);
+        if s.init.dtype() != s.ty.dtype && !i8_init && !f16_init {
             tables(
                 "program",
                 format!("state {} is {} but starts as {}", s.name, s.ty, s.init),
@@ -439,6 +442,7 @@ fn verify_roles(p: &Program, report: &mut dyn FnMut(String)) {
 
     let storage = match c.kv_storage {
         KvStorage::F32 => DType::F32,
+        KvStorage::F16 => DType::F16,
         KvStorage::I8 => DType::I8,
     };
     for layer in 0..layers {

@@ -6,7 +6,7 @@
 #[path = "support/quant_matrix.rs"]
 mod quant_matrix;
 
-use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Device, FloatDType, Int, Tensor, TensorData};
 use criterion::Throughput;
 use criterion::{BenchmarkId, Criterion, black_box, criterion_group, criterion_main};
 use kvc_runtime::exec::Value;
@@ -75,6 +75,25 @@ fn attention(c: &mut Criterion) {
                             q.clone(),
                             kc.clone(),
                             v.clone(),
+                            mask.clone(),
+                            0.125,
+                        ))
+                    })
+                },
+            );
+            let (kh, vh) = (
+                kc.clone().cast(FloatDType::F16),
+                v.clone().cast(FloatDType::F16),
+            );
+            group.bench_with_input(
+                BenchmarkId::new(format!("{}/fused_f16", set.name()), s),
+                &(),
+                |b, _| {
+                    b.iter(|| {
+                        black_box(k.attention(
+                            q.clone(),
+                            kh.clone(),
+                            vh.clone(),
                             mask.clone(),
                             0.125,
                         ))

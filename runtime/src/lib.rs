@@ -87,6 +87,19 @@ impl Backend {
         }
     }
 
+    /// Whether kvc uses f16 tensors on the backend (f16 KV storage). Not on wgpu: f16 there
+    /// depends on the adapter's optional `shader-f16` feature, which kvc's tests have not
+    /// covered.
+    pub fn has_f16(self) -> bool {
+        match self {
+            Backend::Flex => true,
+            #[cfg(feature = "wgpu")]
+            Backend::Wgpu => false,
+            #[cfg(feature = "cuda")]
+            Backend::Cuda => true,
+        }
+    }
+
     /// Whether the backend has 8-bit integer tensors (int8 KV storage); WGSL has none.
     pub fn has_i8(self) -> bool {
         match self {

@@ -256,7 +256,8 @@ pub enum Op {
         theta: f32,
     },
     /// Masked scaled-dot-product attention with grouped KV heads.
-    /// q `[B, Hq, T, D]`, k/v `[B, Hkv, S, D]`, mask `[B, M, T, S]` Bool with `M` = 1 (one
+    /// q `[B, Hq, T, D]` F32, k/v `[B, Hkv, S, D]` both F32 or both F16 (an F16 cache is
+    /// widened as it is read), mask `[B, M, T, S]` Bool with `M` = 1 (one
     /// mask for every head) or `Hkv` (one per KV head); true = may attend
     /// → `[B, Hq, T, D]`. Query head `h` reads KV head `h / (Hq / Hkv)`. A query with no
     /// visible slot yields zeros (and is never used by a valid graph).
@@ -274,7 +275,7 @@ pub enum Op {
     },
     /// Writes new entries into a cache: for each row `b`, head `h` and `t < len[b]`,
     /// `cache[b, h, start[b, h] + t, :] = new[b, h, t, :]`; all other slots keep their
-    /// value. cache `[B, H, S, D]`, new `[B, H, T, D]`, start `[B]` (the same slot for
+    /// value. cache `[B, H, S, D]` (F32, F16 or I8), new `[B, H, T, D]` of the same dtype, start `[B]` (the same slot for
     /// every head) or `[B, H]`, len `[B]`, both I32 → `[B, H, S, D]`.
     /// Requires `start + len[b] <= S` (the runtime's request check and the policies'
     /// slot arithmetic guarantee it).
@@ -371,8 +372,8 @@ pub enum Op {
     },
     /// Attention probabilities: `out[b, h, t, s] = softmax_s(scale · q[b, h, t] ·
     /// k[b, h / g, s])` over the slots the mask shows (hidden slots get 0; a query with no
-    /// visible slot gets all zeros), `g = Hq / Hkv`. q `[B, Hq, T, D]`, k `[B, Hkv, S, D]`,
-    /// mask as in [`Op::Attention`] → `[B, Hq, T, S]` F32.
+    /// visible slot gets all zeros), `g = Hq / Hkv`. q `[B, Hq, T, D]`, k `[B, Hkv, S, D]`
+    /// (F32 or F16), mask as in [`Op::Attention`] → `[B, Hq, T, S]` F32.
     AttentionProbs {
         /// Queries.
         q: ValueId,
@@ -384,7 +385,7 @@ pub enum Op {
         scale: f32,
     },
     /// The attention output from its probabilities: `out[b, h, t, :] = Σ_s probs[b, h, t,
-    /// s] · v[b, h / g, s, :]`. probs `[B, Hq, T, S]` F32, v `[B, Hkv, S, D]` F32 →
+    /// s] · v[b, h / g, s, :]`. probs `[B, Hq, T, S]` F32, v `[B, Hkv, S, D]` F32 or F16 →
     /// `[B, Hq, T, D]`. `attention_values(attention_probs(q, k, mask), v)` equals
     /// `attention(q, k, v, mask)`; the pass `share_attention_probs` makes that rewrite
     /// where the probabilities are computed anyway.
@@ -408,7 +409,7 @@ pub enum Op {
         kv_heads: u32,
     },
     /// Gathers slots: `out[b, h, m, ..] = x[b, h, index[b, h, m], ..]`.
-    /// x `[B, H, N]` (any dtype) or `[B, H, N, D]` (F32 or I8), index `[B, H, M]` I32 with values in
+    /// x `[B, H, N]` (any dtype) or `[B, H, N, D]` (F32, F16 or I8), index `[B, H, M]` I32 with values in
     /// `0..N` → `[B, H, M]` or `[B, H, M, D]`.
     Gather {
         /// Source.

@@ -106,8 +106,9 @@ pub fn infer_type(op: &Op, before: &[Node], decls: &Decls<'_>) -> Result<Type, S
             scale,
         } => {
             let q = arg(*q, "q")?;
-            let [b, hkv, _, s, d] = grouped_qk(q, arg(*k, "k")?, arg(*mask, "mask")?, *scale)?;
-            expect_shape("v", arg(*v, "v")?, DType::F32, &[b, hkv, s, d])?;
+            let k = arg(*k, "k")?;
+            let [b, hkv, _, s, d] = grouped_qk(q, k, arg(*mask, "mask")?, *scale)?;
+            expect_shape("v", arg(*v, "v")?, k.dtype, &[b, hkv, s, d])?;
             q.clone()
         }
         Op::AttentionProbs { q, k, mask, scale } => {
@@ -120,11 +121,11 @@ pub fn infer_type(op: &Op, before: &[Node], decls: &Decls<'_>) -> Result<Type, S
             let v = arg(*v, "v")?;
             expect_dtype("probs", p, DType::F32)?;
             expect_rank("probs", p, 4)?;
-            expect_dtype("v", v, DType::F32)?;
+            expect_cache_dtype("v", v)?;
             expect_rank("v", v, 4)?;
             let (b, hq, t, s) = (p.shape[0], p.shape[1], p.shape[2], p.shape[3]);
             let (hkv, d) = (v.shape[1], v.shape[3]);
-            expect_shape("v", v, DType::F32, &[b, hkv, s, d])?;
+            expect_shape("v", v, v.dtype, &[b, hkv, s, d])?;
             grouped(hq, hkv)?;
             Type::new(DType::F32, [b, hq, t, d])
         }
@@ -150,9 +151,9 @@ pub fn infer_type(op: &Op, before: &[Node], decls: &Decls<'_>) -> Result<Type, S
             if !(3..=4).contains(&x.shape.len()) {
                 return Err(format!("expected x of rank 3 or 4, found {}", fmt_ty(x)));
             }
-            if x.shape.len() == 4 && !matches!(x.dtype, DType::F32 | DType::I8) {
+            if x.shape.len() == 4 && !matches!(x.dtype, DType::F32 | DType::F16 | DType::I8) {
                 return Err(format!(
-                    "expected rank-4 x of dtype f32 or i8, found {}",
+                    "expected rank-4 x of dtype f32, f16 or i8, found {}",
                     fmt_ty(x)
                 ));
             }
@@ -235,9 +236,9 @@ pub fn infer_type(op: &Op, before: &[Node], decls: &Decls<'_>) -> Result<Type, S
         } => {
             let c = arg(*cache, "cache")?;
             let n = arg(*new, "new")?;
-            if !matches!(c.dtype, DType::F32 | DType::I8) {
+            if !matches!(c.dtype, DType::F32 | DType::F16 | DType::I8) {
                 return Err(format!(
-                    "expected cache of dtype f32 or i8, found {}",
+                    "expected cache of dtype f32, f16 or i8, found {}",
                     fmt_ty(c)
                 ));
             }
@@ -450,17 +451,28 @@ fn expect_weight(role: &str, t: &Type) -> Result<(), String> {
 fn grouped_qk(q: &Type, k: &Type, mask: &Type, scale: f32) -> Result<[u32; 5], String> {
     expect_dtype("q", q, DType::F32)?;
     expect_rank("q", q, 4)?;
-    expect_dtype("k", k, DType::F32)?;
+    expect_cache_dtype("k", k)?;
     expect_rank("k", k, 4)?;
     let (b, hq, t, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
     let (hkv, s) = (k.shape[1], k.shape[2]);
-    expect_shape("k", k, DType::F32, &[b, hkv, s, d])?;
+    expect_shape("k", k, k.dtype, &[b, hkv, s, d])?;
     grouped(hq, hkv)?;
     expect_mask(mask, b, hkv, t, s)?;
     if !scale.is_finite() {
         return Err(format!("expected a finite scale, found {scale}"));
     }
     Ok([b, hkv, t, s, d])
+}
+
+/// Keys and values that attention reads: F32, or F16 (widened as they are read).
+fn expect_cache_dtype(what: &str, x: &Type) -> Result<(), String> {
+    if !matches!(x.dtype, DType::F32 | DType::F16) {
+        return Err(format!(
+            "expected {what} of dtype f32 or f16, found {}",
+            fmt_ty(x)
+        ));
+    }
+    Ok(())
 }
 
 /// Query heads `hq` share KV heads `hkv` in equal groups.

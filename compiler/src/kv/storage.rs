@@ -2,6 +2,9 @@
 //! policy.
 //!
 //! - `F32`: `k.l`, `v.l` `[B, Hkv, N, D]` F32, read as they are.
+//! - `F16`: `k.l`, `v.l` `[B, Hkv, N, D]` F16: new entries are cast (rounded to nearest)
+//!   when they enter the cache, and attention reads the F16 cache directly (kernels widen
+//!   each element as they load it, so no F32 copy of the cache exists).
 //! - `I8`: `k.l`, `v.l` `[B, Hkv, N, D]` I8 plus `k_scale.l`, `v_scale.l` `[B, Hkv, N, 1]`
 //!   F32: each token of each KV head is quantized symmetrically with its own scale
 //!   (`max |x| / 127`, at least 1e-30) when it enters the cache, and the layer's cache is
@@ -40,6 +43,7 @@ pub(super) struct Stored {
 pub(super) fn declare(storage: KvStorage, l: u32, c: CacheShape, what: &str) -> Vec<StateDecl> {
     let (dtype, init) = match storage {
         KvStorage::F32 => (DType::F32, Scalar::F32(0.0)),
+        KvStorage::F16 => (DType::F16, Scalar::F32(0.0)),
         KvStorage::I8 => (DType::I8, Scalar::I32(0)),
     };
     let kv = Type::new(dtype, [c.batch, c.kv_heads, c.slots, c.head_dim]);
@@ -86,7 +90,7 @@ pub(super) fn load(
     let k = g.state(&k_name(l))?;
     let v = g.state(&v_name(l))?;
     let scales = match storage {
-        KvStorage::F32 => None,
+        KvStorage::F32 | KvStorage::F16 => None,
         KvStorage::I8 => Some((g.state(&k_scale_name(l))?, g.state(&v_scale_name(l))?)),
     };
     Ok(Stored { k, v, scales })
@@ -101,6 +105,11 @@ pub(super) fn encode(
 ) -> Result<Stored, BuildError> {
     match storage {
         KvStorage::F32 => Ok(Stored { k, v, scales: None }),
+        KvStorage::F16 => Ok(Stored {
+            k: g.cast(k, DType::F16)?,
+            v: g.cast(v, DType::F16)?,
+            scales: None,
+        }),
         KvStorage::I8 => {
             let mut quantize = |x: ValueId| -> Result<(ValueId, ValueId), BuildError> {
                 let m = g.push(Op::AbsMax { x })?;
@@ -163,7 +172,7 @@ pub(super) fn gather(
     Ok(Stored { k, v, scales })
 }
 
-/// Keys and values as F32 for attention.
+/// Keys and values as attention reads them: F32, or F16 as stored.
 pub(super) fn read(g: &mut GraphBuilder<'_>, s: Stored) -> Result<(ValueId, ValueId), BuildError> {
     match s.scales {
         None => Ok((s.k, s.v)),

@@ -252,6 +252,15 @@ impl Session {
                 s.name
             )));
         }
+        if !backend.has_f16()
+            && let Some(s) = program.state.iter().find(|s| s.ty.dtype == DType::F16)
+        {
+            return Err(RuntimeError::Unsupported(format!(
+                "state {} is f16 (--kv-storage f16), which kvc does not run on {backend:?}; \
+                 use --kv-storage f32",
+                s.name
+            )));
+        }
         let iface = program.interface().ok_or_else(|| {
             RuntimeError::Internal("the program's state table has no valid interface".into())
         })?;

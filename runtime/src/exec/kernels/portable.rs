@@ -146,7 +146,16 @@ pub fn fused_attention(
     };
     let q = q.reshape([b, hkv, g * t, d]);
     let hidden = hidden_slots(mask, g);
-    module::attention(q, k, v, Some(hidden), None, options).reshape([b, hq, t, d])
+    module::attention(q, widened(k), widened(v), Some(hidden), None, options).reshape([b, hq, t, d])
+}
+
+/// An F16 cache as F32 (a copy), an F32 one as it is: Burn's attention and matmul take
+/// one float type.
+pub fn widened(x: Tensor<4>) -> Tensor<4> {
+    match x.dtype() {
+        burn::tensor::DType::F16 => x.cast(burn::tensor::FloatDType::F32),
+        _ => x,
+    }
 }
 
 /// `probs · v` with probs `[B, Hq, T, S]` and v `[B, Hkv, S, D]` → `[B, Hq, T, D]`.
@@ -156,7 +165,7 @@ pub fn attention_values(probs: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
     let g = hq / hkv;
     probs
         .reshape([b, hkv, g * t, s])
-        .matmul(v)
+        .matmul(widened(v))
         .reshape([b, hq, t, d])
 }
 
@@ -168,7 +177,7 @@ pub fn attention_probs(q: Tensor<4>, k: Tensor<4>, mask: Tensor<4, Bool>, scale:
     let g = hq / hkv;
     let q = q.reshape([b, hkv, g * t, d]);
     let hidden = hidden_slots(mask, g).expand([b, hkv, g * t, s]);
-    let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
+    let scores = q.matmul(widened(k).swap_dims(2, 3)).mul_scalar(scale);
     softmax(scores.mask_fill(hidden.clone(), -1.0e30f32), 3)
         .mask_fill(hidden, 0.0f32)
         .reshape([b, hq, t, s])

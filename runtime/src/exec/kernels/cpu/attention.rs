@@ -7,7 +7,8 @@
 //! split over (KV head, block of slots) so both cores stream the cache; each block keeps its
 //! own maximum, sum and weighted values, rescaled when the blocks are combined.
 //!
-//! Layouts (row-major): q `[B, Hq, T, D]`; k, v `[B, Hkv, S, D]`; mask `[B, M, T, S]`
+//! Layouts (row-major): q `[B, Hq, T, D]`; k, v `[B, Hkv, S, D]` of f32 or f16 ([`KvElem`],
+//! widened in registers as rows are loaded); mask `[B, M, T, S]`
 //! (M = 1 or Hkv, nonzero = visible); out `[B, Hq, T, D]`; probs `[B, Hq, T, S]`, `g =
 //! Hq / Hkv` query heads per KV head. A row that sees no slot gets zero output and zero
 //! probabilities.
@@ -47,7 +48,7 @@ const MIN_BLOCK: usize = 64;
 ///
 /// # Panics
 /// If a slice length disagrees with `dims`.
-pub fn attention(q: &[f32], k: &[f32], v: &[f32], mask: &[u8], dims: Dims, out: &mut [f32]) {
+pub fn attention<E: KvElem>(q: &[f32], k: &[E], v: &[E], mask: &[u8], dims: Dims, out: &mut [f32]) {
     let Dims {
         b,
         hq,
@@ -65,6 +66,9 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], mask: &[u8], dims: Dims, out: 
     assert_eq!(v.len(), k.len(), "v is not [B, Hkv, S, D]");
     assert_eq!(mask.len(), b * m * t * s, "mask is not [B, M, T, S]");
     assert_eq!(out.len(), q.len(), "out is not [B, Hq, T, D]");
+    if !E::supported() {
+        return attention(q, &widened(k), &widened(v), mask, dims, out);
+    }
     let heads = b * hkv;
     let threads = rayon::current_num_threads().max(1);
     let block = s
@@ -133,10 +137,10 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], mask: &[u8], dims: Dims, out: 
 }
 
 /// What every task of one call reads.
-struct Ctx<'a> {
+struct Ctx<'a, E> {
     q: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
+    k: &'a [E],
+    v: &'a [E],
     mask: &'a [u8],
     dims: Dims,
     g: usize,
@@ -152,7 +156,7 @@ multiversion! {
     ///
     /// # Safety
     /// `sc` points to the `[heads, rows, S]` scores; no other task touches this block.
-    unsafe fn block_task(x: &Ctx, i: usize, sc: SendPtr<f32>, bm: &mut [f32], bs: &mut [f32], bo: &mut [f32]) {
+    unsafe fn block_task<E: KvElem>(x: &Ctx<E>, i: usize, sc: SendPtr<f32>, bm: &mut [f32], bs: &mut [f32], bo: &mut [f32]) {
         let Dims { scale, hq, hkv, t, s, d, m, .. } = x.dims;
         let (h, c) = (i / x.blocks, i % x.blocks);
         let (bi, kvh) = (h / hkv, h % hkv);
@@ -167,15 +171,7 @@ multiversion! {
             let vis = &mk[(r % t) * s..][j0..j1];
             // SAFETY: row r's columns j0..j1 of head h belong to this task.
             let e = unsafe { std::slice::from_raw_parts_mut(sc.at((h * x.rows + r) * s + j0), j1 - j0) };
-            let mut mx = f32::NEG_INFINITY;
-            for (jj, (o, &seen)) in e.iter_mut().zip(vis).enumerate() {
-                if seen != 0 {
-                    let j = j0 + jj;
-                    let v = scale * dot(qr, &kh[j * d..(j + 1) * d]);
-                    *o = v;
-                    mx = mx.max(v);
-                }
-            }
+            let mx = scores(qr, &kh[j0 * d..j1 * d], vis, scale, e);
             bm[r] = mx;
             if mx == f32::NEG_INFINITY {
                 // The row sees no slot of this block.
@@ -183,20 +179,8 @@ multiversion! {
                 bs[r] = 0.0;
                 continue;
             }
-            // Hidden slots hold −∞, whose exp is 0.
-            for e in e.iter_mut() {
-                *e = super::elementwise::exp(*e - mx);
-            }
-            let o = &mut bo[r * d..(r + 1) * d];
-            let mut sum = 0.0f32;
-            for (jj, &e) in e.iter().enumerate() {
-                if e != 0.0 {
-                    sum += e;
-                    let j = j0 + jj;
-                    axpy(e, &vh[j * d..(j + 1) * d], o);
-                }
-            }
-            bs[r] = sum;
+            bs[r] = exp_shifted(e, mx);
+            weighted_sum(e, &vh[j0 * d..j1 * d], &mut bo[r * d..(r + 1) * d]);
         }
     }
 }
@@ -207,7 +191,7 @@ multiversion! {
 ///
 /// # Panics
 /// If a slice length disagrees with `dims`.
-pub fn probs(q: &[f32], k: &[f32], mask: &[u8], dims: Dims, probs: &mut [f32]) {
+pub fn probs<E: KvElem>(q: &[f32], k: &[E], mask: &[u8], dims: Dims, probs: &mut [f32]) {
     let Dims {
         b,
         hq,
@@ -222,6 +206,9 @@ pub fn probs(q: &[f32], k: &[f32], mask: &[u8], dims: Dims, probs: &mut [f32]) {
     assert_eq!(k.len(), b * hkv * s * d, "k is not [B, Hkv, S, D]");
     assert_eq!(mask.len(), b * m * t * s, "mask is not [B, M, T, S]");
     assert_eq!(probs.len(), b * hq * t * s, "probs is not [B, Hq, T, S]");
+    if !E::supported() {
+        return self::probs(q, &widened(k), mask, dims, probs);
+    }
     probs
         .par_chunks_mut(s)
         .enumerate()
@@ -234,7 +221,7 @@ multiversion! {
     ///
     /// # Safety
     /// None beyond the slices' own (required by the macro's form).
-    unsafe fn probs_row(q: &[f32], k: &[f32], mask: &[u8], x: Dims, i: usize, p: &mut [f32]) {
+    unsafe fn probs_row<E: KvElem>(q: &[f32], k: &[E], mask: &[u8], x: Dims, i: usize, p: &mut [f32]) {
         let Dims { scale, hq, hkv, t, s, d, m, .. } = x;
         let (ti, qh, bi) = (i % t, i / t % hq, i / (t * hq));
         let kvh = qh / (hq / hkv);
@@ -242,27 +229,12 @@ multiversion! {
         let qr = &q[i * d..(i + 1) * d];
         let kh = &k[(bi * hkv + kvh) * s * d..][..s * d];
         let vis = &mask[((bi * m + mh) * t + ti) * s..][..s];
-        let mut mx = f32::NEG_INFINITY;
-        for (j, (o, &seen)) in p.iter_mut().zip(vis).enumerate() {
-            *o = if seen != 0 {
-                let v = scale * dot(qr, &kh[j * d..(j + 1) * d]);
-                mx = mx.max(v);
-                v
-            } else {
-                f32::NEG_INFINITY
-            };
-        }
+        let mx = scores(qr, kh, vis, scale, p);
         if mx == f32::NEG_INFINITY {
             p.fill(0.0);
             return;
         }
-        // Hidden slots hold −∞, whose exp is 0.
-        let mut sum = 0.0f32;
-        for e in p.iter_mut() {
-            *e = super::elementwise::exp(*e - mx);
-            sum += *e;
-        }
-        let inv = 1.0 / sum;
+        let inv = 1.0 / exp_shifted(p, mx);
         for e in p.iter_mut() {
             *e *= inv;
         }
@@ -275,33 +247,194 @@ multiversion! {
 ///
 /// # Panics
 /// If a slice length disagrees with the others.
-pub fn values(probs: &[f32], v: &[f32], [b, hq, t, s]: [usize; 4], hkv: usize, out: &mut [f32]) {
+pub fn values<E: KvElem>(
+    probs: &[f32],
+    v: &[E],
+    [b, hq, t, s]: [usize; 4],
+    hkv: usize,
+    out: &mut [f32],
+) {
     let d = out.len() / (b * hq * t).max(1);
     assert_eq!(probs.len(), b * hq * t * s, "probs is not [B, Hq, T, S]");
     assert_eq!(v.len(), b * hkv * s * d, "v is not [B, Hkv, S, D]");
     assert_eq!(out.len(), b * hq * t * d, "out is not [B, Hq, T, D]");
+    if !E::supported() {
+        return values(probs, &widened(v), [b, hq, t, s], hkv, out);
+    }
     let g = hq / hkv;
     out.par_chunks_mut(d).enumerate().for_each(|(i, o)| {
         let (qh, bi) = (i / t % hq, i / (t * hq));
         let vh = &v[(bi * hkv + qh / g) * s * d..][..s * d];
-        o.fill(0.0);
-        for (j, &pj) in probs[i * s..(i + 1) * s].iter().enumerate() {
-            if pj != 0.0 {
-                axpy(pj, &vh[j * d..(j + 1) * d], o);
+        // SAFETY: no contract beyond the slices' own.
+        unsafe { values_row(&probs[i * s..(i + 1) * s], vh, o) };
+    });
+}
+
+multiversion! {
+    /// One output row of [`values`].
+    ///
+    /// # Safety
+    /// None beyond the slices' own (required by the macro's form).
+    unsafe fn values_row<E: KvElem>(p: &[f32], v: &[E], o: &mut [f32]) {
+        weighted_sum(p, v, o);
+    }
+}
+
+/// An element of cached keys and values: f32, or f16 widened to f32 as it is loaded.
+pub trait KvElem: Copy + Send + Sync {
+    /// Whether this CPU runs [`KvElem::load8`] (f16 needs F16C on x86-64). The entry
+    /// points widen the whole cache to f32 first where it does not.
+    fn supported() -> bool;
+    /// The first eight elements of `x` as f32.
+    ///
+    /// # Safety
+    /// [`KvElem::supported`] is true.
+    unsafe fn load8(x: &[Self]) -> [f32; 8];
+    /// The element as f32.
+    fn widen(self) -> f32;
+}
+
+impl KvElem for f32 {
+    fn supported() -> bool {
+        true
+    }
+    #[inline(always)]
+    unsafe fn load8(x: &[f32]) -> [f32; 8] {
+        x[..8].try_into().expect("8 lanes")
+    }
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl KvElem for half::f16 {
+    fn supported() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            static F16C: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+            *F16C.get_or_init(|| is_x86_feature_detected!("f16c"))
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        true
+    }
+    #[inline(always)]
+    unsafe fn load8(x: &[half::f16]) -> [f32; 8] {
+        let x = &x[..8];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{__m128i, __m256, _mm_loadu_si128, _mm256_cvtph_ps};
+            // SAFETY: eight halves are in bounds; the caller's contract gives F16C.
+            unsafe {
+                let v = _mm256_cvtph_ps(_mm_loadu_si128(x.as_ptr().cast::<__m128i>()));
+                std::mem::transmute::<__m256, [f32; 8]>(v)
             }
         }
-    });
+        #[cfg(not(target_arch = "x86_64"))]
+        std::array::from_fn(|l| f16_to_f32(x[l].to_bits()))
+    }
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f16_to_f32(self.to_bits())
+    }
+}
+
+/// `x` as f32 (a copy), for a CPU that cannot widen `E` as it loads it.
+fn widened<E: KvElem>(x: &[E]) -> Vec<f32> {
+    x.iter().map(|&a| a.widen()).collect()
+}
+
+/// The f32 value of the half float with bits `h`, exactly, without branches (so loops of
+/// it vectorise): exponent and mantissa shifted into f32 position and rescaled by 2¹¹²
+/// (the bias difference; subnormal halves become normal floats exactly), infinities and
+/// NaNs given the all-ones exponent.
+#[inline(always)]
+fn f16_to_f32(h: u16) -> f32 {
+    let h = h as u32;
+    let em = h & 0x7fff;
+    let scaled = (f32::from_bits(em << 13) * f32::from_bits(0x7780_0000)).to_bits();
+    let bits = if em >= 0x7c00 {
+        (em << 13) | 0x7f80_0000
+    } else {
+        scaled
+    };
+    f32::from_bits(bits | ((h & 0x8000) << 16))
+}
+
+/// Slots scored together: eight independent dot products keep the adders busy where one
+/// would wait on its own accumulator.
+const CHUNK: usize = 8;
+
+/// `e[j] = scale · q·k[j]` for the visible slots of `k` (rows of `q.len()`), −∞ for the
+/// hidden ones; returns the maximum (−∞ when nothing is visible). Chunks of slots that
+/// are all hidden are not read.
+#[inline(always)]
+fn scores<E: KvElem>(q: &[f32], k: &[E], vis: &[u8], scale: f32, e: &mut [f32]) -> f32 {
+    let d = q.len();
+    let n = e.len();
+    let mut mx = f32::NEG_INFINITY;
+    let mut j = 0;
+    if d.is_multiple_of(8) {
+        while j + CHUNK <= n {
+            let seen = &vis[j..j + CHUNK];
+            let out = &mut e[j..j + CHUNK];
+            if seen.iter().all(|&v| v == 0) {
+                out.fill(f32::NEG_INFINITY);
+            } else {
+                let dots = dots8(q, &k[j * d..(j + CHUNK) * d]);
+                for ((o, &v), dot) in out.iter_mut().zip(seen).zip(dots) {
+                    *o = if v != 0 {
+                        scale * dot
+                    } else {
+                        f32::NEG_INFINITY
+                    };
+                    mx = mx.max(*o);
+                }
+            }
+            j += CHUNK;
+        }
+    }
+    for j in j..n {
+        e[j] = if vis[j] != 0 {
+            scale * dot(q, &k[j * d..(j + 1) * d])
+        } else {
+            f32::NEG_INFINITY
+        };
+        mx = mx.max(e[j]);
+    }
+    mx
+}
+
+/// The dot products of `q` with the eight rows of `k` (`q.len()` a multiple of 8).
+#[inline(always)]
+fn dots8<E: KvElem>(q: &[f32], k: &[E]) -> [f32; CHUNK] {
+    let d = q.len();
+    let mut acc = [[0.0f32; 8]; CHUNK];
+    for (i, x) in q.chunks_exact(8).enumerate() {
+        for (s, a) in acc.iter_mut().enumerate() {
+            // SAFETY: the entry points run here only where `E::supported()`.
+            let y = unsafe { E::load8(&k[s * d + i * 8..]) };
+            for l in 0..8 {
+                a[l] += x[l] * y[l];
+            }
+        }
+    }
+    acc.map(|a| {
+        let h = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
+        (h[0] + h[2]) + (h[1] + h[3])
+    })
 }
 
 /// Dot product with eight independent lanes (vectorised by the compiler).
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<E: KvElem>(a: &[f32], b: &[E]) -> f32 {
     let n = a.len().min(b.len());
     let mut acc = [0.0f32; 8];
     let mut i = 0;
     while i + 8 <= n {
         let x: &[f32; 8] = a[i..i + 8].try_into().expect("8 lanes");
-        let y: &[f32; 8] = b[i..i + 8].try_into().expect("8 lanes");
+        // SAFETY: the entry points run here only where `E::supported()`.
+        let y = unsafe { E::load8(&b[i..]) };
         for l in 0..8 {
             acc[l] += x[l] * y[l];
         }
@@ -309,7 +442,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     }
     let mut tail = 0.0;
     while i < n {
-        tail += a[i] * b[i];
+        tail += a[i] * b[i].widen();
         i += 1;
     }
     let h = [
@@ -321,11 +454,67 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     (h[0] + h[2]) + (h[1] + h[3]) + tail
 }
 
+/// `e = exp(e − mx)` in place (hidden slots hold −∞, whose exp is 0); returns the sum.
+/// The exponentials and the sum are separate loops so that both vectorise (one running
+/// sum would serialise the first).
+#[inline(always)]
+fn exp_shifted(e: &mut [f32], mx: f32) -> f32 {
+    for e in e.iter_mut() {
+        *e = super::elementwise::exp(*e - mx);
+    }
+    let mut acc = [0.0f32; 8];
+    let mut chunks = e.chunks_exact(8);
+    for c in &mut chunks {
+        for l in 0..8 {
+            acc[l] += c[l];
+        }
+    }
+    acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
+/// Output columns accumulated in registers per pass over the slots.
+const TILE: usize = 64;
+
+/// `out = Σ_j w[j] · v[j]` over the rows of `v` (`out.len()` columns), skipping rows of
+/// weight 0. Columns go in tiles of [`TILE`] held in a local array, so the sum stays in
+/// registers instead of being stored and reloaded for every slot.
+#[inline(always)]
+fn weighted_sum<E: KvElem>(w: &[f32], v: &[E], out: &mut [f32]) {
+    let d = out.len();
+    let mut c0 = 0;
+    while c0 + TILE <= d {
+        let mut acc = [0.0f32; TILE];
+        for (j, &wj) in w.iter().enumerate() {
+            if wj != 0.0 {
+                let row = &v[j * d + c0..][..TILE];
+                for (a, y) in acc.chunks_exact_mut(8).zip(row.chunks_exact(8)) {
+                    // SAFETY: the entry points run here only where `E::supported()`.
+                    let y = unsafe { E::load8(y) };
+                    for l in 0..8 {
+                        a[l] += wj * y[l];
+                    }
+                }
+            }
+        }
+        out[c0..c0 + TILE].copy_from_slice(&acc);
+        c0 += TILE;
+    }
+    if c0 < d {
+        let o = &mut out[c0..];
+        o.fill(0.0);
+        for (j, &wj) in w.iter().enumerate() {
+            if wj != 0.0 {
+                axpy(wj, &v[j * d + c0..(j + 1) * d], o);
+            }
+        }
+    }
+}
+
 /// `y += a · x`.
 #[inline(always)]
-fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+fn axpy<E: KvElem>(a: f32, x: &[E], y: &mut [f32]) {
     for (y, &x) in y.iter_mut().zip(x) {
-        *y += a * x;
+        *y += a * x.widen();
     }
 }
 
@@ -380,7 +569,8 @@ mod tests {
     }
 
     /// Decode and small-chunk shapes, shared and per-head masks, hidden slots everywhere
-    /// (including a row that sees nothing), and more slots than one block.
+    /// (including a row that sees nothing), more slots than one block, and head widths
+    /// that are and are not whole chunks and tiles.
     #[test]
     fn matches_a_float64_reference() {
         for (x, seed) in [
@@ -423,6 +613,20 @@ mod tests {
                 },
                 3,
             ),
+            // Two column tiles and a remainder; chunks of slots and a tail.
+            (
+                Dims {
+                    scale: 0.1,
+                    b: 1,
+                    hq: 4,
+                    hkv: 1,
+                    t: 1,
+                    s: 100,
+                    d: 136,
+                    m: 1,
+                },
+                4,
+            ),
         ] {
             let g = x.hq / x.hkv;
             let q = values(x.b * x.hq * x.t * x.d, seed);
@@ -450,6 +654,51 @@ mod tests {
             super::values(&alone, &v, [x.b, x.hq, x.t, x.s], x.hkv, &mut split);
             for (i, (&a, &e)) in split.iter().zip(&want).enumerate() {
                 assert!((a as f64 - e).abs() < 1e-5, "{x:?} split[{i}]: {a} vs {e}");
+            }
+
+            // An f16 cache: the reference of its rounded values, in both forms.
+            let half = |x: &[f32]| -> Vec<half::f16> {
+                x.iter().map(|&a| half::f16::from_f32(a)).collect()
+            };
+            let (kh, vh) = (half(&k), half(&v));
+            let wide = |x: &[half::f16]| -> Vec<f32> { x.iter().map(|a| a.to_f32()).collect() };
+            let (want, want_p) = reference(&q, &wide(&kh), &wide(&vh), &mask, x);
+            attention(&q, &kh, &vh, &mask, x, &mut out);
+            super::probs(&q, &kh, &mask, x, &mut alone);
+            super::values(&alone, &vh, [x.b, x.hq, x.t, x.s], x.hkv, &mut split);
+            for (i, ((&a, &sp), &e)) in out.iter().zip(&split).zip(&want).enumerate() {
+                assert!(
+                    (a as f64 - e).abs() < 1e-5,
+                    "{x:?} f16 out[{i}]: {a} vs {e}"
+                );
+                assert!(
+                    (sp as f64 - e).abs() < 1e-5,
+                    "{x:?} f16 split[{i}]: {sp} vs {e}"
+                );
+            }
+            for (i, (&a, &e)) in alone.iter().zip(&want_p).enumerate() {
+                assert!(
+                    (a as f64 - e).abs() < 1e-6,
+                    "{x:?} f16 probs[{i}]: {a} vs {e}"
+                );
+            }
+        }
+    }
+
+    /// Every half float widens to the value `half` gives it (NaNs stay NaN).
+    #[test]
+    fn f16_widening_is_exact() {
+        for bits in 0..=u16::MAX {
+            let want = half::f16::from_bits(bits).to_f32();
+            let got = f16_to_f32(bits);
+            if want.is_nan() {
+                assert!(got.is_nan(), "{bits:#06x}: {got}");
+            } else {
+                assert_eq!(
+                    got.to_bits(),
+                    want.to_bits(),
+                    "{bits:#06x}: {got} vs {want}"
+                );
             }
         }
     }

@@ -4,9 +4,9 @@
 /// cache), in place. `cache` is `[B, H, S, D]`, `new` `[B, H, T, D]`; `start` holds one
 /// value per row (`[B]`) or per row and head (`[B, H]`). Rows with `len ≤ 0` are left
 /// as they are.
-pub fn kv_write(
-    cache: &mut [f32],
-    new: &[f32],
+pub fn kv_write<T: Copy>(
+    cache: &mut [T],
+    new: &[T],
     start: &[i32],
     len: &[i32],
     [b, h, s, d]: [usize; 4],

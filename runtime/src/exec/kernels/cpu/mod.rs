@@ -11,18 +11,19 @@ use super::{Kernels, top_k_host};
 use crate::exec::value::{Value, to_f32};
 use crate::load::weights::QuantTensor;
 
-/// Defines `$name` to run `$body` compiled for AVX2 + FMA when the CPU has them (the
-/// crate is built for baseline x86-64), else as built.
+/// Defines `$name` to run `$body` compiled for AVX-512 (F, BW, VL) or else AVX2 + FMA
+/// (each with F16C) when the CPU has them (the crate is built for baseline x86-64), else as built. The
+/// function may take one type parameter with one bound.
 macro_rules! multiversion {
-    ($(#[$meta:meta])* unsafe fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
+    ($(#[$meta:meta])* unsafe fn $name:ident $(<$g:ident: $bound:path>)? ($($arg:ident: $ty:ty),*) $body:block) => {
         $(#[$meta])*
-        unsafe fn $name($($arg: $ty),*) {
+        unsafe fn $name $(<$g: $bound>)? ($($arg: $ty),*) {
             #[inline(always)]
-            unsafe fn body($($arg: $ty),*) $body
+            unsafe fn body $(<$g: $bound>)? ($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
             {
-                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-                unsafe fn avx512($($arg: $ty),*) {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+                unsafe fn avx512 $(<$g: $bound>)? ($($arg: $ty),*) {
                     // SAFETY: the caller's contract.
                     unsafe { body($($arg),*) }
                 }
@@ -32,18 +33,21 @@ macro_rules! multiversion {
                         && is_x86_feature_detected!("avx512bw")
                         && is_x86_feature_detected!("avx512vl")
                         && is_x86_feature_detected!("fma")
+                        && is_x86_feature_detected!("f16c")
                 }) {
                     // SAFETY: the features were detected; the caller's contract.
                     return unsafe { avx512($($arg),*) };
                 }
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) {
+                #[target_feature(enable = "avx2,fma,f16c")]
+                unsafe fn avx2 $(<$g: $bound>)? ($($arg: $ty),*) {
                     // SAFETY: the caller's contract.
                     unsafe { body($($arg),*) }
                 }
                 static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
                 if *AVX2.get_or_init(|| {
-                    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+                    is_x86_feature_detected!("avx2")
+                        && is_x86_feature_detected!("fma")
+                        && is_x86_feature_detected!("f16c")
                 }) {
                     // SAFETY: the features were detected; the caller's contract.
                     return unsafe { avx2($($arg),*) };
@@ -164,22 +168,22 @@ impl Kernels for Cpu {
         scale: f32,
     ) -> Tensor<4> {
         let [_, hq, t, _] = q.dims();
+        let (q_dims, device) = (q.dims(), q.device());
         let g = hq / k.dims()[1];
         if g * t <= FEW_ROWS {
             let dims = dims(&q, &k, &mask, scale);
             let (qt, kt, vt, mt) = (host(&q), host(&k), host(&v), host(&mask));
             let mut out = vec![0.0f32; q.dims().iter().product()];
-            attention::attention(
-                f32s(&qt),
-                f32s(&kt),
-                f32s(&vt),
-                bool_bytes(&mt),
-                dims,
-                &mut out,
-            );
-            return Tensor::from_data(TensorData::new(out, q.dims()), &q.device());
+            let (q, mask) = (f32s(&qt), bool_bytes(&mt));
+            match kt.dtype() {
+                BurnDType::F16 => {
+                    attention::attention(q, f16s(&kt), f16s(&vt), mask, dims, &mut out)
+                }
+                _ => attention::attention(q, f32s(&kt), f32s(&vt), mask, dims, &mut out),
+            }
+            return Tensor::from_data(TensorData::new(out, q_dims), &device);
         }
-        blocked_attention(q, k, v, mask, scale)
+        blocked_attention(q, portable::widened(k), portable::widened(v), mask, scale)
     }
 
     fn attention_probs(
@@ -197,7 +201,11 @@ impl Kernels for Cpu {
         let dims = dims(&q, &k, &mask, scale);
         let (qt, kt, mt) = (host(&q), host(&k), host(&mask));
         let mut p = vec![0.0f32; b * hq * t * s];
-        attention::probs(f32s(&qt), f32s(&kt), bool_bytes(&mt), dims, &mut p);
+        let (qs, mask) = (f32s(&qt), bool_bytes(&mt));
+        match kt.dtype() {
+            BurnDType::F16 => attention::probs(qs, f16s(&kt), mask, dims, &mut p),
+            _ => attention::probs(qs, f32s(&kt), mask, dims, &mut p),
+        }
         Tensor::from_data(TensorData::new(p, [b, hq, t, s]), &q.device())
     }
 
@@ -209,7 +217,11 @@ impl Kernels for Cpu {
         }
         let (pt, vt) = (host(&probs), host(&v));
         let mut out = vec![0.0f32; b * hq * t * d];
-        attention::values(f32s(&pt), f32s(&vt), [b, hq, t, s], hkv, &mut out);
+        let (ps, shape) = (f32s(&pt), [b, hq, t, s]);
+        match vt.dtype() {
+            BurnDType::F16 => attention::values(ps, f16s(&vt), shape, hkv, &mut out),
+            _ => attention::values(ps, f32s(&vt), shape, hkv, &mut out),
+        }
         Tensor::from_data(TensorData::new(out, [b, hq, t, d]), &probs.device())
     }
 
@@ -328,14 +340,25 @@ fn host_kv_write(
     let mut prim = flex(&cache);
     drop(cache);
     let whole = prim.layout().contiguous_offsets() == Some((0, dims.iter().product()));
+    let t = new.dims()[2];
+    let (nt, st, lt) = (host(new), host(start), host(len));
+    let (st, lt) = (i32s(&st), i32s(&lt));
     let written = whole
-        && match prim.try_storage_mut::<f32>() {
-            Some(c) => {
-                let (nt, st, lt) = (host(new), host(start), host(len));
-                cache::kv_write(c, f32s(&nt), i32s(&st), i32s(&lt), dims, new.dims()[2]);
-                true
-            }
-            None => false,
+        && match prim.dtype() {
+            BurnDType::F16 => match (prim.try_storage_mut::<half::f16>(), nt.as_slice()) {
+                (Some(c), Some(n)) => {
+                    cache::kv_write(c, n, st, lt, dims, t);
+                    true
+                }
+                _ => false,
+            },
+            _ => match prim.try_storage_mut::<f32>() {
+                Some(c) => {
+                    cache::kv_write(c, f32s(&nt), st, lt, dims, t);
+                    true
+                }
+                None => false,
+            },
         };
     let cache = Tensor::from_primitive::<Flex>(prim);
     if written {
@@ -385,6 +408,12 @@ pub fn buffer_address(v: &Value) -> usize {
 fn f32s(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>()
         .unwrap_or_else(|| unreachable!("expected contiguous f32, found {:?}", t.dtype()))
+}
+
+/// The f16 elements of a contiguous Flex tensor of a verified graph's f16 cache.
+fn f16s(t: &FlexTensor) -> &[half::f16] {
+    t.as_slice::<half::f16>()
+        .unwrap_or_else(|| unreachable!("expected contiguous f16, found {:?}", t.dtype()))
 }
 
 /// The i32 elements of a contiguous Flex tensor of a verified graph's i32 value.
