@@ -95,6 +95,7 @@ print(f"ratios: decode {k1['decode_tok_s_row'] / l['decode_tok_s']:.2f}x, "
       f"prefill {k1['prefill_tok_s'] / l['prefill_tok_s']:.2f}x, "
       f"batch-16 aggregate / llama.cpp batch 1 {kb['decode_tok_s_aggregate'] / l['decode_tok_s']:.2f}x; "
       f"peak RSS {k1['peak_rss'] / 2**20:.0f} MiB vs plan {plan_total / 2**20:.0f} MiB "
-      f"({k1['peak_rss'] / plan_total:.2f}x)")
+      f"({k1['peak_rss'] / plan_total:.2f}x; without the {k1.get('rss_code', 0) / 2**20:.0f} MiB "
+      f"of program code {(k1['peak_rss'] - k1.get('rss_code', 0)) / plan_total:.2f}x)")
 PY
 done

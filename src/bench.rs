@@ -44,6 +44,10 @@ pub struct BenchResult {
     pub step_ms: Percentiles,
     /// p99 / p50 of the step time.
     pub p99_over_p50: f64,
+    /// Resident pages of the executable and its shared libraries at the end (bytes): the
+    /// part of `peak_rss` that is program code, which no model plan covers.
+    #[serde(default)]
+    pub rss_code: u64,
     /// Resident set size after the first 10% and after all decode steps (bytes).
     pub rss_early: u64,
     /// Resident set size at the end.
@@ -88,6 +92,32 @@ fn rss() -> (u64, u64) {
             .map_or(0, |kb| kb * 1024)
     };
     (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Resident bytes of the mappings of the executable and of shared libraries (from
+/// `/proc/self/smaps`; 0 where it cannot be read).
+fn code_rss() -> u64 {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+    let exe = std::env::current_exe().unwrap_or_default();
+    let exe = exe.to_string_lossy();
+    let mut code = false;
+    let mut total = 0;
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let first = fields.next().unwrap_or_default();
+        if first.contains('-') && !first.ends_with(':') {
+            // A mapping's header: address range, permissions, offset, device, inode, path.
+            let path = fields.nth(4).unwrap_or_default();
+            code = !path.is_empty() && (path == exe || path.contains(".so"));
+        } else if code && first == "Rss:" {
+            total += fields
+                .next()
+                .and_then(|kb| kb.parse::<u64>().ok())
+                .unwrap_or(0)
+                * 1024;
+        }
+    }
+    total
 }
 
 /// One configuration to measure.
@@ -147,7 +177,8 @@ pub fn bench_one(model: &Path, cfg: &Config) -> Result<BenchResult> {
     let compile_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let base = model.parent().map(Path::to_path_buf).unwrap_or_default();
-    let mut m = LoadedModel::load_with(program, &base, backend, options, &mut |_| {})?;
+    // Token ids in, token ids out: the tokenizer's tables are not part of what is measured.
+    let mut m = LoadedModel::load_without_tokenizer(program, &base, backend, options, &mut |_| {})?;
     let load_s = t1.elapsed().as_secs_f64();
     let vocab = m.session.program().config.vocab_size;
     // A deterministic prompt per row (token ids spread over the vocabulary).
@@ -205,6 +236,7 @@ pub fn bench_one(model: &Path, cfg: &Config) -> Result<BenchResult> {
         decode_tok_s_aggregate: (steps * batch as usize) as f64 / total_s,
         p99_over_p50: step_ms.p99 / step_ms.p50,
         step_ms,
+        rss_code: code_rss(),
         rss_early,
         rss_end,
         peak_rss,

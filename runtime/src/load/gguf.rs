@@ -854,7 +854,7 @@ impl GgufFile {
             });
         }
 
-        Ok(Self {
+        let file = Self {
             version,
             alignment,
             metadata,
@@ -862,7 +862,40 @@ impl GgufFile {
             tensor_index,
             storage: Arc::new(storage),
             data_start,
-        })
+        };
+        // The metadata (vocabularies of up to 262k tokens) is parsed into owned values.
+        file.release(0..data_start);
+        Ok(file)
+    }
+
+    /// Drops the whole pages inside the byte range `range` of a mapped file from this
+    /// process's resident memory: bytes that were copied out (parsed metadata, converted
+    /// tensors) are not held twice. They stay readable, paged in again from the file if
+    /// read. Does nothing for an in-memory file or where the system declines.
+    fn release(&self, range: std::ops::Range<usize>) {
+        const PAGE: usize = 4096;
+        let Storage::Mapped(map) = &*self.storage else {
+            return;
+        };
+        let (start, end) = (range.start.next_multiple_of(PAGE), range.end / PAGE * PAGE);
+        #[cfg(unix)]
+        if end > start && end <= map.len() {
+            // SAFETY: the map is a read-only shared mapping of the file; dropping its
+            // pages loses nothing (a later read faults them in from the file again), so
+            // the slices that other owners hold keep their contents.
+            let _ = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+            };
+        }
+    }
+
+    /// [`GgufFile::release`] of one tensor's bytes, once they have been converted into an
+    /// owned copy (dequantized, or with rows reordered). Unknown names are ignored.
+    pub fn release_tensor(&self, name: &str) {
+        if let Some(info) = self.tensor_info(name) {
+            let start = self.data_start + info.offset as usize;
+            self.release(start..start + info.n_bytes as usize);
+        }
     }
 
     /// The format version (2 or 3).
@@ -2232,6 +2265,11 @@ mod tests {
         std::fs::write(&path, w.build()).unwrap();
         let f = GgufFile::open(&path).unwrap();
         assert_eq!(f.get_u32("k").unwrap(), 7);
+        // Released pages read back from the file: a shared view and a new read agree.
+        let shared = f.tensor_shared("t").unwrap();
+        f.release(0..f.storage.bytes().len());
+        f.release_tensor("t");
+        assert_eq!(&shared[..], f.tensor_bytes("t").unwrap());
         let clone = f.clone();
         drop(f);
         assert_eq!(clone.tensor_f32("t").unwrap().1, vec![1.0, -2.0, 0.5]);

@@ -449,6 +449,7 @@ pub fn load_gguf_params(
         let shape = info.shape();
         if !decl.ty.dtype.is_quantized() {
             let (shape, data) = file.tensor_f32(name)?;
+            file.release_tensor(name);
             let mut t = HostTensor {
                 shape,
                 data,
@@ -492,6 +493,7 @@ pub fn load_gguf_params(
                 v.extend_from_slice(&bytes[src * rb..(src + 1) * rb]);
             }
             bytes = bytes::Bytes::from(v);
+            file.release_tensor(name);
         }
         let quant = QuantTensor {
             ty: info.ty,
