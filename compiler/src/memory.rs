@@ -117,6 +117,7 @@ pub fn peak_activations(g: &Graph) -> u64 {
             | Op::Gelu { .. }
             | Op::Binary { .. }
             | Op::Not { .. }
+            | Op::IsIn { .. }
             | Op::Select { .. }
             | Op::Cast { .. }
             | Op::Reshape { .. }

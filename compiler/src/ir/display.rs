@@ -126,6 +126,7 @@ impl Op {
             Op::Gelu { .. } => "gelu",
             Op::Binary { op, .. } => op.name(),
             Op::Not { .. } => "not",
+            Op::IsIn { .. } => "is_in",
             Op::Select { .. } => "select",
             Op::Cast { .. } => "cast",
             Op::Reshape { .. } => "reshape",
@@ -243,6 +244,10 @@ impl Program {
             Op::Binary { op: _, a, b } => write!(f, "{name} {a}, {b}"),
             Op::Select { cond, a, b } => write!(f, "{name} {cond}, {a}, {b}"),
             Op::Cast { x, dtype: _ } => write!(f, "{name} {x}"),
+            Op::IsIn { x, values } => {
+                let set: Vec<String> = values.iter().map(i32::to_string).collect();
+                write!(f, "{name} {x}, values=[{}]", set.join(","))
+            }
             Op::Reshape { x, shape: _ } => write!(f, "{name} {x}"),
             Op::Permute { x, perm } => write!(f, "{name} {x}, perm={}", dims(perm)),
             Op::TakeRow { x, index } => write!(f, "{name} {x}, {index}"),

@@ -313,6 +313,14 @@ pub enum Op {
         /// Input.
         x: ValueId,
     },
+    /// Membership: `out[i] = x[i] ∈ values`. x I32 → Bool of the same shape. `values`
+    /// holds at most [`MAX_IS_IN_VALUES`] constants (a spec's stop tokens).
+    IsIn {
+        /// Input.
+        x: ValueId,
+        /// The set (order kept as written; duplicates are harmless).
+        values: Vec<i32>,
+    },
     /// `cond ? a : b` element-wise with broadcasting.
     Select {
         /// Bool condition.
@@ -491,6 +499,7 @@ impl Op {
             Op::Silu { x }
             | Op::Gelu { x }
             | Op::Not { x }
+            | Op::IsIn { x, .. }
             | Op::Cast { x, .. }
             | Op::Argmax { x }
             | Op::Sum { x }
@@ -554,6 +563,7 @@ impl Op {
             Op::Silu { x }
             | Op::Gelu { x }
             | Op::Not { x }
+            | Op::IsIn { x, .. }
             | Op::Cast { x, .. }
             | Op::Argmax { x }
             | Op::Sum { x }
@@ -859,7 +869,10 @@ pub struct CompiledConfig {
 /// Artifact format tag written into every serialized program.
 pub const FORMAT: &str = "kvc-program";
 /// Version of the serialized program format; bumped on any incompatible IR change.
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 5;
+
+/// Most constants an [`Op::IsIn`] holds (and stop tokens a spec may list).
+pub const MAX_IS_IN_VALUES: usize = 256;
 
 /// A compiled model: parameters, state and the two graphs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -302,6 +302,18 @@ pub fn infer_type(op: &Op, before: &[Node], decls: &Decls<'_>) -> Result<Type, S
             expect_dtype("x", x, DType::Bool)?;
             x.clone()
         }
+        Op::IsIn { x, values } => {
+            let x = arg(*x, "x")?;
+            expect_dtype("x", x, DType::I32)?;
+            if values.len() > super::MAX_IS_IN_VALUES {
+                return Err(format!(
+                    "expected at most {} values, found {}",
+                    super::MAX_IS_IN_VALUES,
+                    values.len()
+                ));
+            }
+            Type::new(DType::Bool, x.shape.clone())
+        }
         Op::Select { cond, a, b } => {
             let c = arg(*cond, "cond")?;
             let a = arg(*a, "a")?;

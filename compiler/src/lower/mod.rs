@@ -185,16 +185,10 @@ pub(crate) fn prefill_inputs(batch: u32, width: u32) -> Vec<InputDecl> {
     ]
 }
 
-/// `true` where `token` is one of the stop tokens.
+/// `true` where `token` is one of the stop tokens (one membership op however many).
 fn is_stop(g: &mut GraphBuilder<'_>, token: ValueId, stops: &[u32]) -> Result<ValueId, BuildError> {
-    let shape = g.ty(token).shape.clone();
-    let mut acc = g.constant(Scalar::Bool(false), &shape)?;
-    for &s in stops {
-        let id = g.constant(Scalar::I32(s as i32), &shape)?;
-        let hit = g.binary(BinaryOp::Eq, token, id)?;
-        acc = g.binary(BinaryOp::Or, acc, hit)?;
-    }
-    Ok(acc)
+    let values = stops.iter().map(|&s| s as i32).collect();
+    g.push(Op::IsIn { x: token, values })
 }
 
 /// `pos >= limit || pos >= context || token is a stop token`.

