@@ -9,7 +9,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use kvc_compiler::ir::{FORMAT, FORMAT_VERSION, Program};
+use kvc_compiler::artifact;
+use kvc_compiler::ir::Program;
 use kvc_compiler::spec::{DTypeSpec, KvPolicy, KvStorage};
 use kvc_compiler::{MemoryPlan, ModelSpec, Overrides};
 use kvc_runtime::Backend;
@@ -138,6 +139,42 @@ struct ExecArgs {
     /// ops; the default elsewhere).
     #[arg(long, value_parser = parse_kernels)]
     kernels: Option<KernelSet>,
+    /// Most memory the compiled shapes may need, e.g. `8GiB`, `512MiB` or bytes (default:
+    /// what the system reports available, on the CPU backend).
+    #[arg(long, value_parser = parse_size)]
+    max_memory: Option<u64>,
+}
+
+/// A size in bytes: a number with an optional `KiB`, `MiB`, `GiB` or `TiB` (or `K`, `M`,
+/// `G`, `T`) suffix.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" | "kb" => 1 << 10,
+        "m" | "mib" | "mb" => 1 << 20,
+        "g" | "gib" | "gb" => 1 << 30,
+        "t" | "tib" | "tb" => 1 << 40,
+        _ => {
+            return Err(format!(
+                "expected a size such as 8GiB or 512MiB, found {s:?}"
+            ));
+        }
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("expected a size such as 8GiB or 512MiB, found {s:?}"))?;
+    let bytes = n * scale as f64;
+    if !(bytes.is_finite() && bytes >= 1.0 && bytes < 2f64.powi(63)) {
+        return Err(format!(
+            "expected a size between 1 B and 8 EiB, found {s:?}"
+        ));
+    }
+    Ok(bytes as u64)
 }
 
 fn parse_backend(s: &str) -> Result<Backend, String> {
@@ -169,6 +206,7 @@ impl ExecArgs {
         if let Some(k) = self.kernels {
             o.kernels = k;
         }
+        o.max_memory = self.max_memory;
         o
     }
 }
@@ -250,9 +288,26 @@ fn main() {
         if broken_pipe {
             return;
         }
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", error_line(&e));
         std::process::exit(1);
     }
+}
+
+/// The error and its causes on one line, each cause once: a cause that a message already
+/// quotes (as `… (os error 2)`) is not repeated.
+fn error_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 /// Writes to stdout, returning (instead of panicking on) a closed pipe.
@@ -315,6 +370,27 @@ fn real_main() -> Result<()> {
             if steps == 0 {
                 bail!("--steps must be at least 1");
             }
+            // Each configuration's cache holds the prompt, the decoded tokens and one more.
+            for &c in &context {
+                let fits = u32::try_from(steps)
+                    .ok()
+                    .and_then(|s| c.checked_add(s)?.checked_add(1))
+                    .is_some_and(|n| n <= kvc_compiler::spec::MAX_DIM);
+                if !fits {
+                    bail!(
+                        "--context {c} with --steps {steps} needs a cache of more than {} positions",
+                        kvc_compiler::spec::MAX_DIM
+                    );
+                }
+            }
+            // Found unwritable after minutes of measuring would lose the results.
+            if let Some(path) = &json {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .with_context(|| format!("--json {}", path.display()))?;
+            }
             if one {
                 let config = bench::Config {
                     batch: *batch.first().context("--batch")?,
@@ -369,47 +445,14 @@ fn compile(model: &Path, output: Option<PathBuf>, shapes: ShapeArgs) -> Result<(
     Ok(())
 }
 
-/// Writes `program.json` (the versioned artifact) and the text of both graphs.
+/// Writes the artifact directory (see `kvc_compiler::artifact`).
 fn write_artifact(p: &Program, dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let json = serde_json::to_string(p)?;
-    std::fs::write(dir.join("program.json"), json)?;
-    std::fs::write(
-        dir.join("prefill.txt"),
-        p.display_graph(&p.prefill).to_string(),
-    )?;
-    std::fs::write(
-        dir.join("decode.txt"),
-        p.display_graph(&p.decode).to_string(),
-    )?;
-    std::fs::write(dir.join("memory.txt"), format!("{}\n", MemoryPlan::of(p)))?;
-    Ok(())
+    Ok(artifact::write(p, dir)?)
 }
 
-/// Reads and verifies an artifact written by `write_artifact`.
+/// Reads an artifact directory, trusting nothing in it (see `kvc_compiler::artifact`).
 fn read_artifact(dir: &Path) -> Result<Program> {
-    let path = dir.join("program.json");
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    #[derive(serde::Deserialize)]
-    struct Header {
-        format: String,
-        version: u32,
-    }
-    let h: Header = serde_json::from_str(&text)
-        .with_context(|| format!("{}: not a kvc artifact", path.display()))?;
-    if h.format != FORMAT || h.version != FORMAT_VERSION {
-        bail!(
-            "{}: artifact is {} v{}, this kvc reads {FORMAT} v{FORMAT_VERSION}; recompile it",
-            path.display(),
-            h.format,
-            h.version
-        );
-    }
-    let p: Program =
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    kvc_compiler::verify::verify(&p, "after loading the artifact")?;
-    Ok(p)
+    artifact::read(dir).with_context(|| format!("artifact {}", dir.display()))
 }
 
 fn inspect(dir: &Path) -> Result<()> {
@@ -431,9 +474,12 @@ fn program_for(
             || o.prefill_len.is_some()
             || o.cache_len.is_some()
             || o.weight_dtype.is_some()
+            || o.kv.is_some()
+            || o.kv_storage.is_some()
         {
             bail!(
-                "{} is a compiled artifact: its shapes are fixed; recompile the spec to change them",
+                "{} is a compiled artifact: its shapes, KV policy and storage are fixed; \
+                 recompile the spec to change them",
                 model.display()
             );
         }

@@ -100,6 +100,7 @@ fn cpu(p: &Program, w: &Weights) -> Session {
     let options = SessionOptions {
         kernels: KernelSet::Cpu,
         capture: false,
+        max_memory: None,
     };
     session_on(p, w, Backend::Flex, options)
 }
@@ -118,6 +119,7 @@ fn session(p: &Program, w: &Weights, set: KernelSet, capture: bool) -> Session {
         SessionOptions {
             kernels: set,
             capture,
+            max_memory: None,
         },
     )
 }
@@ -298,6 +300,7 @@ fn state_keeps_its_buffers_across_runs() {
             let options = SessionOptions {
                 kernels: set,
                 capture: false,
+                max_memory: None,
             };
             let mut s = session_on(&p, &w, Backend::Flex, options);
             let reqs = requests(Sampling {

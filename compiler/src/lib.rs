@@ -4,6 +4,7 @@
 //! Pipeline: [`spec`] → [`lower`] → [`verify`] → [`passes`] (verified after each) →
 //! artifact. This crate has no tensor library dependency; the runtime executes the result.
 
+pub mod artifact;
 pub mod ir;
 pub mod kv;
 pub mod lower;

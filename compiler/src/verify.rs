@@ -13,6 +13,10 @@ use crate::spec::{KvPolicy, KvStorage, Sampler};
 /// Highest tensor rank a program may use (the runtime pads every value to rank 4).
 pub const MAX_RANK: usize = 4;
 
+/// Largest value (declared parameter, state, input or node result) a valid program has,
+/// in bytes: the spec's own cap on weights and caches.
+pub const MAX_VALUE_BYTES: u64 = crate::spec::MAX_BYTES;
+
 /// One problem found in a program.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Problem {
@@ -101,6 +105,15 @@ pub fn verify(p: &Program, stage: &str) -> Result<(), VerifyError> {
                 format!("{} has a zero-sized dim: {}", decl.0, decl.1),
             );
         }
+        if decl.1.size_bytes() > MAX_VALUE_BYTES || decl.1.shape.len() > MAX_RANK {
+            tables(
+                "program",
+                format!(
+                    "{} is {}: over rank {MAX_RANK} or {MAX_VALUE_BYTES} B",
+                    decl.0, decl.1
+                ),
+            );
+        }
     }
     if p.prefill.name != "prefill" || p.decode.name != "decode" {
         tables(
@@ -149,6 +162,15 @@ fn verify_graph(p: &Program, g: &Graph, problems: &mut Vec<Problem>) {
         report(None, m)
     });
     for i in &g.inputs {
+        if i.ty.size_bytes() > MAX_VALUE_BYTES || i.ty.shape.len() > MAX_RANK {
+            report(
+                None,
+                format!(
+                    "input {} is {}: over rank {MAX_RANK} or {MAX_VALUE_BYTES} B",
+                    i.name, i.ty
+                ),
+            );
+        }
         if i.ty.shape.contains(&0) {
             report(
                 None,
@@ -163,6 +185,12 @@ fn verify_graph(p: &Program, g: &Graph, problems: &mut Vec<Problem>) {
             report(
                 Some(i as u32),
                 format!("{} has rank {} > {MAX_RANK}", n.ty, n.ty.shape.len()),
+            );
+        }
+        if n.ty.size_bytes() > MAX_VALUE_BYTES {
+            report(
+                Some(i as u32),
+                format!("{} is over {MAX_VALUE_BYTES} B", n.ty),
             );
         }
         let source = match &n.op {

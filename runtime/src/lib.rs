@@ -46,6 +46,10 @@ pub enum RuntimeError {
     /// The program or option cannot run on the chosen backend or kernel set.
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// The compiled shapes need more memory than the limit allows (see
+    /// [`exec::session::check_memory`]).
+    #[error("not enough memory: {0}")]
+    Memory(String),
     /// An invariant of the runtime broke (a bug).
     #[error("internal error: {0}")]
     Internal(String),

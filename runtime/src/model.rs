@@ -110,6 +110,8 @@ fn load_parts(
     progress: &mut dyn FnMut(Progress),
     with_tokenizer: bool,
 ) -> Result<LoadedModel, LoadError> {
+    // Before fetching or reading anything.
+    crate::exec::session::check_memory(&program, backend, &options)?;
     let (mut weights, tokenizer) = match &program.spec.weights {
         WeightSource::Random { seed } => {
             let w: BTreeMap<String, HostTensor> = program

@@ -119,15 +119,19 @@ impl Type {
 
     /// Number of elements.
     pub fn numel(&self) -> u64 {
-        self.shape.iter().map(|&d| d as u64).product()
+        // Saturating: a hostile artifact's shape must not wrap (the verifier then refuses
+        // anything over `verify::MAX_VALUE_BYTES`).
+        self.shape
+            .iter()
+            .fold(1u64, |n, &d| n.saturating_mul(d as u64))
     }
 
     /// Bytes the tensor occupies.
     pub fn size_bytes(&self) -> u64 {
         match self.dtype.block() {
             // A quantized type's last dimension is a whole number of blocks (typing checks).
-            Some((values, bytes)) => self.numel() / values as u64 * bytes as u64,
-            None => self.numel() * self.dtype.size_bytes(),
+            Some((values, bytes)) => (self.numel() / values as u64).saturating_mul(bytes as u64),
+            None => self.numel().saturating_mul(self.dtype.size_bytes()),
         }
     }
 }

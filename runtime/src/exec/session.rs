@@ -177,6 +177,10 @@ pub struct SessionOptions {
     pub kernels: KernelSet,
     /// Record the decode step once per batch and replay it ([`burn::tensor::capture`]).
     pub capture: bool,
+    /// Most bytes the compiled memory plan may need; `None`: on the CPU backend, the
+    /// memory the system reports available ([`available_memory`]), elsewhere no limit.
+    /// Checked before anything is allocated.
+    pub max_memory: Option<u64>,
 }
 
 impl SessionOptions {
@@ -186,8 +190,73 @@ impl SessionOptions {
         SessionOptions {
             kernels: KernelSet::for_backend(backend),
             capture: backend.replays_graphs(),
+            max_memory: None,
         }
     }
+}
+
+/// Refuses a program whose memory plan ([`MemoryPlan::total`]) exceeds `options.max_memory`
+/// or, without one, on the CPU backend, the memory the system has available: sizes that
+/// pass the spec's checks end in this error instead of an aborted allocation.
+pub fn check_memory(
+    program: &Program,
+    backend: Backend,
+    options: &SessionOptions,
+) -> Result<(), RuntimeError> {
+    let plan = kvc_compiler::MemoryPlan::of(program);
+    let needed = plan.total();
+    let (limit, what) = match options.max_memory {
+        Some(l) => (l, "the --max-memory limit"),
+        None if backend == Backend::Flex => match available_memory() {
+            Some(a) => (a, "available"),
+            None => return Ok(()),
+        },
+        None => return Ok(()),
+    };
+    if needed <= limit {
+        return Ok(());
+    }
+    let gib = |b: u64| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64);
+    Err(RuntimeError::Memory(format!(
+        "the compiled shapes need {} (weights {}, KV cache {}, activations and control {}), \
+         but {} {} {what}; use a smaller --batch or --cache-len, a budgeted --kv, \
+         --kv-storage f16 or i8, or raise --max-memory",
+        gib(needed),
+        gib(plan.weights),
+        gib(plan.kv_cache),
+        gib(needed - plan.weights - plan.kv_cache),
+        gib(limit),
+        if options.max_memory.is_some() {
+            "is"
+        } else {
+            "are"
+        },
+    )))
+}
+
+/// The memory this process can still use, in bytes: the system's `MemAvailable`, lowered
+/// to what is left under the cgroup's `memory.max` when one is set. `None` where neither
+/// can be read (not Linux).
+pub fn available_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    let mut available = kb.saturating_mul(1024);
+    let read = |f: &str| {
+        std::fs::read_to_string(format!("/sys/fs/cgroup/{f}"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+    };
+    if let (Some(max), Some(current)) = (read("memory.max"), read("memory.current")) {
+        available = available.min(max.saturating_sub(current));
+    }
+    Some(available)
 }
 
 /// The recorded decode step.
@@ -261,6 +330,7 @@ impl Session {
                 s.name
             )));
         }
+        check_memory(&program, backend, &options)?;
         let iface = program.interface().ok_or_else(|| {
             RuntimeError::Internal("the program's state table has no valid interface".into())
         })?;
@@ -662,7 +732,9 @@ impl Session {
                 }
                 ids[i].push(tok);
                 on_token(i, tok);
-                if out.done[i] {
+                // The graph's `done` flag ends a row at its limit; the host count is the
+                // same limit, kept in case a graph never raises the flag.
+                if out.done[i] || ids[i].len() >= reqs[i].max_new_tokens {
                     *slot = Some(Finish::Length);
                 }
             }
