@@ -35,6 +35,14 @@ pub const MAX_ARRAY_NESTING: usize = 4;
 /// Errors produced while reading or decoding a GGUF file.
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
+    /// Two tensors' byte ranges overlap.
+    #[error("tensors {first} and {second} overlap in the data section")]
+    OverlappingTensors {
+        /// The tensor that starts first.
+        first: String,
+        /// The tensor that starts inside it.
+        second: String,
+    },
     /// The file could not be read from disk.
     #[error("cannot read GGUF file {path}: {source}")]
     Io {
@@ -852,6 +860,18 @@ impl GgufFile {
                 offset,
                 n_bytes,
             });
+        }
+        // Two tensors sharing bytes would alias (a write-free format, but a file that
+        // does this is damaged or crafted).
+        let mut by_offset: Vec<&TensorInfo> = tensors.iter().filter(|t| t.n_bytes > 0).collect();
+        by_offset.sort_by_key(|t| t.offset);
+        for w in by_offset.windows(2) {
+            if w[0].offset + w[0].n_bytes > w[1].offset {
+                return Err(GgufError::OverlappingTensors {
+                    first: w[0].name.clone(),
+                    second: w[1].name.clone(),
+                });
+            }
         }
 
         let file = Self {
@@ -1932,6 +1952,23 @@ mod tests {
         assert!(matches!(
             GgufFile::from_bytes(w.build()),
             Err(GgufError::DuplicateTensor(_))
+        ));
+
+        // Tensor u's offset moved onto t's bytes.
+        let mut w = GgufWriter::new();
+        w.f32_tensor("t", &[8], &[1.0; 8])
+            .f32_tensor("u", &[8], &[2.0; 8]);
+        let mut bytes = w.build();
+        let name_at = bytes
+            .windows(9)
+            .position(|b| b == b"\x01\0\0\0\0\0\0\0u")
+            .unwrap();
+        let offset_at = name_at + 9 + 4 + 8 + 4;
+        bytes[offset_at..offset_at + 8].copy_from_slice(&0u64.to_le_bytes());
+        assert!(matches!(
+            GgufFile::from_bytes(bytes),
+            Err(GgufError::OverlappingTensors { first, second }) if first == "t" && second == "u"
+                || first == "u" && second == "t"
         ));
 
         let mut w = GgufWriter::new();

@@ -4,6 +4,7 @@
 
 pub mod check;
 pub mod fetch;
+pub mod fuzzing;
 pub mod gguf;
 pub mod random;
 pub mod tokenizer;

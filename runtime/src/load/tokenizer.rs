@@ -558,6 +558,11 @@ impl Tokenizer {
         self.chat_template.as_deref()
     }
 
+    /// Replaces the weights file's chat template (`None`: no template).
+    pub fn set_chat_template(&mut self, template: Option<String>) {
+        self.chat_template = template;
+    }
+
     /// The vocabulary string of a token (byte-level or `▁` form), if `id` is in range.
     pub fn token_text(&self, id: u32) -> Option<String> {
         self.tokens.get(id as usize).cloned()

@@ -72,6 +72,16 @@ impl HostTensor {
 /// Errors produced while loading weights.
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
+    /// A weight or block scale is NaN or infinite.
+    #[error("tensor {name}: {what} is {value} (weights must be finite)")]
+    NotFinite {
+        /// Tensor name in the file.
+        name: String,
+        /// Which value, e.g. `element 17` or `block 3's scale`.
+        what: String,
+        /// The value.
+        value: f32,
+    },
     /// A GGUF file could not be parsed or decoded.
     #[error(transparent)]
     Gguf(#[from] GgufError),
@@ -423,10 +433,44 @@ fn qk_source_rows(rows: usize, n_head: usize) -> Vec<usize> {
         .collect()
 }
 
+/// Byte offsets of the f16 scales in one block of a quantized type the kernels read
+/// (`d`, and `m`/`dmin` where the type has one), and the block's size in bytes.
+fn scale_offsets(ty: GgmlType) -> (&'static [usize], usize) {
+    let offsets: &'static [usize] = match ty {
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
+        GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4_K | GgmlType::Q5_K => &[0, 2],
+        GgmlType::Q6_K => &[208],
+        _ => &[],
+    };
+    (offsets, ty.block_bytes() as usize)
+}
+
+/// Every block scale of a quantized tensor is finite: a NaN or infinite scale turns the
+/// block's products (and then every logit) into NaN.
+fn check_block_scales(name: &str, ty: GgmlType, bytes: &[u8]) -> Result<()> {
+    let (offsets, block) = scale_offsets(ty);
+    if offsets.is_empty() {
+        return Ok(());
+    }
+    for (b, blk) in bytes.chunks_exact(block).enumerate() {
+        for &o in offsets {
+            let v = half::f16::from_le_bytes([blk[o], blk[o + 1]]);
+            if !v.is_finite() {
+                return Err(WeightsError::NotFinite {
+                    name: name.to_string(),
+                    what: format!("block {b}'s scale at byte {o}"),
+                    value: v.to_f32(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Loads the tensors `params` declares, each in the storage its declaration asks for:
 /// GGUF blocks for a quantized declaration (shared with the mapped file; the rows of a
 /// llama Q or K projection re-ordered into one copy), f32 values otherwise. A tensor the
-/// program does not declare is not read.
+/// program does not declare is not read. Every value and block scale must be finite.
 pub fn load_gguf_params(
     file: &GgufFile,
     params: &[ParamDecl],
@@ -450,6 +494,13 @@ pub fn load_gguf_params(
         if !decl.ty.dtype.is_quantized() {
             let (shape, data) = file.tensor_f32(name)?;
             file.release_tensor(name);
+            if let Some((i, &v)) = data.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+                return Err(WeightsError::NotFinite {
+                    name: name.to_string(),
+                    what: format!("element {i}"),
+                    value: v,
+                });
+            }
             let mut t = HostTensor {
                 shape,
                 data,
@@ -479,6 +530,7 @@ pub fn load_gguf_params(
             });
         };
         let mut bytes = file.tensor_shared(name)?;
+        check_block_scales(name, info.ty, &bytes)?;
         if let Some(n) = heads {
             if n == 0 || rows % (2 * n) != 0 {
                 return Err(WeightsError::BadShape {
@@ -863,6 +915,38 @@ mod tests {
         assert_eq!(m["model.layers.0.self_attn.q_proj.weight"].data, q_hf);
         assert_eq!(m["model.layers.0.self_attn.k_proj.weight"].data, k_hf);
         assert_eq!(m["model.norm.weight"].data, vec![1.0, 2.0, 3.0, 4.0]);
+    }
+
+    /// An infinite weight in a tensor converted to f32, and a NaN block scale in a
+    /// quantized one, are typed errors naming the tensor.
+    #[test]
+    fn non_finite_weights_and_scales_are_errors() {
+        use kvc_compiler::ir::{DType, ParamDecl, Type};
+        let (mut w, _, _) = tiny_llama(false);
+        w.tensors.retain(|t| t.0 != "output_norm.weight");
+        let inf: Vec<u8> = [1.0f32, f32::INFINITY, 3.0, 4.0]
+            .iter()
+            .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+            .collect();
+        w.tensor("output_norm.weight", &[4], GgmlType::F16, inf);
+        let file = GgufFile::from_bytes(w.build()).unwrap();
+        let decl = ParamDecl {
+            name: "model.norm.weight".into(),
+            ty: Type::new(DType::F32, [4]),
+        };
+        assert!(matches!(
+            load_gguf_params(&file, &[decl]),
+            Err(WeightsError::NotFinite { name, what, .. })
+                if name == "output_norm.weight" && what == "element 1"
+        ));
+        let mut blocks = vec![0u8; 2 * 34];
+        blocks[34..36].copy_from_slice(&f16::NAN.to_le_bytes());
+        assert!(matches!(
+            check_block_scales("q", GgmlType::Q8_0, &blocks),
+            Err(WeightsError::NotFinite { what, .. }) if what == "block 1's scale at byte 0"
+        ));
+        blocks[34..36].copy_from_slice(&f16::ONE.to_le_bytes());
+        assert!(check_block_scales("q", GgmlType::Q8_0, &blocks).is_ok());
     }
 
     #[test]
