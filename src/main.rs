@@ -53,8 +53,12 @@ enum Command {
         /// Model spec (`models/*.ron`) or a compiled artifact directory.
         model: PathBuf,
         /// A prompt; repeat for a batch of prompts.
-        #[arg(long = "prompt", required = true)]
+        #[arg(long = "prompt", required_unless_present = "prompt_files")]
         prompts: Vec<String>,
+        /// A file whose whole text is one prompt (`-` reads standard input); repeatable,
+        /// after the `--prompt` ones.
+        #[arg(long = "prompt-file")]
+        prompt_files: Vec<PathBuf>,
         /// Wrap each prompt as a user message in the model's chat template.
         #[arg(long)]
         chat: bool,
@@ -293,6 +297,33 @@ fn main() {
     }
 }
 
+/// Largest prompt file read (bytes): far more text than any context holds.
+const MAX_PROMPT_FILE: u64 = 64 << 20;
+
+/// The text of a prompt file, or of standard input for `-`, as UTF-8.
+fn read_prompt(path: &Path) -> Result<String> {
+    use std::io::Read;
+    let what = if path == Path::new("-") {
+        "standard input".to_string()
+    } else {
+        format!("--prompt-file {}", path.display())
+    };
+    let reader: Box<dyn Read> = if path == Path::new("-") {
+        Box::new(std::io::stdin())
+    } else {
+        Box::new(std::fs::File::open(path).with_context(|| what.clone())?)
+    };
+    let mut bytes = Vec::new();
+    reader
+        .take(MAX_PROMPT_FILE + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| what.clone())?;
+    if bytes.len() as u64 > MAX_PROMPT_FILE {
+        bail!("{what}: more than {MAX_PROMPT_FILE} bytes");
+    }
+    String::from_utf8(bytes).with_context(|| format!("{what}: not UTF-8 text"))
+}
+
 /// The error and its causes on one line, each cause once: a cause that a message already
 /// quotes (as `… (os error 2)`) is not repeated.
 fn error_line(e: &anyhow::Error) -> String {
@@ -328,23 +359,29 @@ fn real_main() -> Result<()> {
         Command::Inspect { dir } => inspect(&dir),
         Command::Run {
             model,
-            prompts,
+            mut prompts,
+            prompt_files,
             chat,
             max_new_tokens,
             sampling,
             json,
             shapes,
             exec,
-        } => run(
-            &model,
-            &prompts,
-            chat,
-            max_new_tokens,
-            sampling,
-            json,
-            shapes,
-            exec,
-        ),
+        } => {
+            for path in &prompt_files {
+                prompts.push(read_prompt(path)?);
+            }
+            run(
+                &model,
+                &prompts,
+                chat,
+                max_new_tokens,
+                sampling,
+                json,
+                shapes,
+                exec,
+            )
+        }
         Command::Score {
             model,
             text,
@@ -512,6 +549,11 @@ fn program_for(
 }
 
 fn progress() -> impl FnMut(Progress) {
+    use std::io::IsTerminal;
+    // A terminal gets one line redrawn with `\r`; a log file or pipe gets a line per
+    // quarter instead of control characters.
+    let tty = std::io::stderr().is_terminal();
+    let step = if tty { 10 } else { 25 };
     let mut last = (0u64, 0u64);
     move |p: Progress| match p {
         Progress::Downloading {
@@ -534,15 +576,17 @@ fn progress() -> impl FnMut(Progress) {
                 }
                 _ => "extracting".to_string(),
             };
-            if pct / 10 != last.0 / 10 || total != last.1 {
+            if pct / step != last.0 / step || total != last.1 {
                 last = (pct, total);
-                eprint!(
-                    "\r{verb} weights {pct:3}% ({} / {} MiB)",
+                let line = format!(
+                    "{verb} weights {pct:3}% ({} / {} MiB)",
                     done >> 20,
                     total >> 20
                 );
-                if done == total {
-                    eprintln!();
+                match (tty, done == total) {
+                    (true, false) => eprint!("\r{line}"),
+                    (true, true) => eprintln!("\r{line}"),
+                    (false, _) => eprintln!("{line}"),
                 }
             }
         }

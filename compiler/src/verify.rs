@@ -48,14 +48,17 @@ pub struct VerifyError {
 
 impl fmt::Display for VerifyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "invalid program {} ({} problems)",
-            self.stage,
-            self.problems.len()
-        )?;
-        for p in &self.problems {
-            write!(f, "\n  {p}")?;
+        // One line: the first few problems, then how many more.
+        const SHOWN: usize = 5;
+        write!(f, "invalid program {}: ", self.stage)?;
+        for (i, p) in self.problems.iter().take(SHOWN).enumerate() {
+            if i > 0 {
+                write!(f, "; ")?;
+            }
+            write!(f, "{p}")?;
+        }
+        if self.problems.len() > SHOWN {
+            write!(f, "; and {} more", self.problems.len() - SHOWN)?;
         }
         Ok(())
     }

@@ -693,6 +693,16 @@ impl Session {
                 "nothing to score: the text has no tokens".into(),
             ));
         };
+        let c = &self.program().config;
+        if ids.len() > c.cache_len as usize {
+            return Err(RuntimeError::Request(format!(
+                "the text is {} tokens, but the cache was compiled for {} positions \
+                 (compile with --cache-len {} or more)",
+                ids.len(),
+                c.cache_len,
+                ids.len()
+            )));
+        }
         let req = Request {
             prompt: vec![first],
             max_new_tokens: ids.len(),
