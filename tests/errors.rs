@@ -38,7 +38,11 @@ fn error_line(name: &str, code: Option<i32>, stderr: &str, tmp: &Path) -> String
         "{name}: exit code {code:?}:\n{stderr}"
     );
     let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(errors.len(), 1, "{name}: expected one error line:\n{stderr}");
+    assert_eq!(
+        errors.len(),
+        1,
+        "{name}: expected one error line:\n{stderr}"
+    );
     let line = errors[0].replace(&tmp.display().to_string(), "<tmp>");
     format!("exit {}: {line}", code.unwrap_or_default())
 }

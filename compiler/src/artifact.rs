@@ -177,3 +177,51 @@ fn graph_difference(pa: &Program, a: &Graph, pb: &Program, b: &Graph) -> Option<
     }
     Some(format!("graph {}", a.name))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn models() -> Vec<PathBuf> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
+        let mut specs: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "ron"))
+            .collect();
+        specs.sort();
+        specs
+    }
+
+    /// Every model spec's program reads back equal, and a changed op, constant or stop
+    /// token is refused with where it differs.
+    #[test]
+    fn artifacts_round_trip_and_edits_are_refused() {
+        let dir = std::env::temp_dir().join(format!("kvc-artifact-{}", std::process::id()));
+        for spec in models() {
+            let p = crate::compile(&crate::spec::ModelSpec::load(&spec).unwrap()).unwrap();
+            write(&p, &dir).unwrap();
+            assert_eq!(read(&dir).unwrap(), p, "{}", spec.display());
+        }
+        let p = crate::compile(
+            &crate::spec::ModelSpec::load(&models()[0].with_file_name("tiny-llama.ron")).unwrap(),
+        )
+        .unwrap();
+        let json = serde_json::to_string(&p).unwrap();
+        let tampered = json.replacen("\"Add\"", "\"Mul\"", 1);
+        assert!(matches!(
+            parse(tampered.as_bytes()),
+            Err(ArtifactError::Tampered(at)) if at.contains("mul")
+        ));
+        let mut q = p.clone();
+        q.spec.stop_tokens = vec![1];
+        let edited = serde_json::to_vec(&q).unwrap();
+        assert!(matches!(parse(&edited), Err(ArtifactError::Tampered(_))));
+        assert!(matches!(
+            parse(b"{\"format\": \"kvc-program\", \"version\": 1}"),
+            Err(ArtifactError::Version { version: 1, .. })
+        ));
+        assert!(matches!(parse(b"[]"), Err(ArtifactError::NotAnArtifact(_))));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
