@@ -883,12 +883,54 @@ impl Tokenizer {
             },
         );
         let template = env.template_from_str(source)?;
-        Ok(template.render(minijinja::context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => self.bos_id.map_or("", |id| self.tokens[id as usize].as_str()),
-            eos_token => &self.tokens[self.eos_id as usize],
-        })?)
+        // Fuel bounds the instructions, not the output: a loop that prints a large
+        // string would grow without end, so the output is capped as it is written.
+        let mut out = Capped {
+            bytes: Vec::new(),
+            limit: MAX_CHAT_PROMPT_BYTES,
+        };
+        template.render_to_write(
+            minijinja::context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => self.bos_id.map_or("", |id| self.tokens[id as usize].as_str()),
+                eos_token => &self.tokens[self.eos_id as usize],
+            },
+            &mut out,
+        )?;
+        String::from_utf8(out.bytes).map_err(|_| {
+            TokenizerError::Template(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                "the chat template rendered bytes that are not UTF-8",
+            ))
+        })
+    }
+}
+
+/// Largest rendered chat prompt (bytes), the message contents included: far more text
+/// than any context holds.
+pub const MAX_CHAT_PROMPT_BYTES: usize = 64 << 20;
+
+/// A writer that refuses to grow past `limit` bytes.
+struct Capped {
+    bytes: Vec<u8>,
+    limit: usize,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > self.limit {
+            return Err(std::io::Error::other(format!(
+                "the rendered chat prompt exceeds {} bytes",
+                self.limit
+            )));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -1324,14 +1366,16 @@ mod tests {
         ));
     }
 
-    /// A template that loops without end in practice, or recurses without end, is an
-    /// error within the fuel and recursion limits.
+    /// A template that loops without end in practice, recurses without end, or prints
+    /// without end is an error within the fuel, recursion and output limits.
     #[test]
     fn runaway_chat_templates_are_errors() {
         let nested =
             "{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}";
         let recursive = "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}";
-        for t in [nested, recursive] {
+        // Few instructions, 10 GB of output.
+        let wide = "{% for a in range(100) %}{{ 'x' * 100000000 }}{% endfor %}";
+        for t in [nested, recursive, wide] {
             let tok = Tokenizer::from_gguf(&tiny_file("smollm", Some(t))).unwrap();
             let err = tok
                 .chat_prompt(&[ChatMessage::new("user", "hi")], false)
