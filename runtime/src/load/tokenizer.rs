@@ -889,7 +889,7 @@ impl Tokenizer {
             bytes: Vec::new(),
             limit: MAX_CHAT_PROMPT_BYTES,
         };
-        template.render_to_write(
+        template.render_captured_to(
             minijinja::context! {
                 messages => messages,
                 add_generation_prompt => add_generation_prompt,
