@@ -233,3 +233,65 @@ fn cache_parts_are_checked_against_the_keys() {
         assert!(msg.contains(&format!("program: {want}")), "{msg}");
     }
 }
+
+/// `is_in` reads i32 and holds at most `MAX_IS_IN_VALUES` constants; an f16 cache's
+/// declared dtype is checked against its role; every value is bounded in size.
+#[test]
+fn is_in_f16_caches_and_value_sizes_are_checked() {
+    use kvc_compiler::ir::MAX_IS_IN_VALUES;
+    let base = tiny();
+
+    let mut p = base.clone();
+    let i = first(&p, "is_in");
+    let Op::IsIn { values, .. } = &mut p.decode.nodes[i].op else {
+        unreachable!()
+    };
+    *values = vec![0; MAX_IS_IN_VALUES + 1];
+    let msg = verify(&p, "test").unwrap_err().to_string();
+    assert!(msg.contains(&format!("decode %{i}: is_in")), "{msg}");
+    assert!(msg.contains("at most 256 values"), "{msg}");
+
+    let mut p = base.clone();
+    let i = first(&p, "is_in");
+    let logits = first(&p, "linear");
+    let Op::IsIn { x, .. } = &mut p.decode.nodes[i].op else {
+        unreachable!()
+    };
+    *x = ValueId(logits as u32);
+    let msg = verify(&p, "test").unwrap_err().to_string();
+    assert!(msg.contains("expected x of dtype i32"), "{msg}");
+
+    // The f16 storage of a spec verifies; one layer's values declared f32 instead are
+    // reported at the reads, the update and the cache role.
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-llama.ron");
+    let o = Overrides {
+        kv_storage: Some(kvc_compiler::spec::KvStorage::F16),
+        ..Overrides::default()
+    };
+    let mut p = compile_file(&path, &o).unwrap();
+    verify(&p, "test").unwrap();
+    let v = p.state.iter().position(|s| s.name == "v.0").unwrap();
+    p.state[v].ty.dtype = DType::F32;
+    let msg = verify(&p, "test").unwrap_err().to_string();
+    assert!(
+        msg.contains("state v.0 (role cache(0,values)) must be f16"),
+        "{msg}"
+    );
+
+    // A constant of 2^64 elements.
+    let mut p = base;
+    let c = p
+        .decode
+        .nodes
+        .iter()
+        .position(|n| matches!(n.op, Op::Const { .. }))
+        .unwrap();
+    let big = vec![u32::MAX, u32::MAX, u32::MAX];
+    if let Op::Const { shape, .. } = &mut p.decode.nodes[c].op {
+        *shape = big.clone();
+    }
+    p.decode.nodes[c].ty.shape = big;
+    let msg = verify(&p, "test").unwrap_err().to_string();
+    assert!(msg.contains(&format!("decode %{c}: ")), "{msg}");
+    assert!(msg.contains("is over 1099511627776 B"), "{msg}");
+}
