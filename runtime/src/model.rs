@@ -111,7 +111,7 @@ fn load_parts(
     with_tokenizer: bool,
 ) -> Result<LoadedModel, LoadError> {
     // Before fetching or reading anything.
-    crate::exec::session::check_memory(&program, backend, &options)?;
+    crate::exec::session::check_memory(&program, backend, &options, false)?;
     let (mut weights, tokenizer) = match &program.spec.weights {
         WeightSource::Random { seed } => {
             let w: BTreeMap<String, HostTensor> = program

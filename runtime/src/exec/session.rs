@@ -197,18 +197,26 @@ impl SessionOptions {
 
 /// Refuses a program whose memory plan ([`MemoryPlan::total`]) exceeds `options.max_memory`
 /// or, without one, on the CPU backend, the memory the system has available: sizes that
-/// pass the spec's checks end in this error instead of an aborted allocation.
+/// pass the spec's checks end in this error instead of an aborted allocation. With
+/// `weights_loaded` the weights are already resident (and no longer counted as
+/// available), so only the rest of the plan is compared with what is available.
 pub fn check_memory(
     program: &Program,
     backend: Backend,
     options: &SessionOptions,
+    weights_loaded: bool,
 ) -> Result<(), RuntimeError> {
     let plan = kvc_compiler::MemoryPlan::of(program);
-    let needed = plan.total();
-    let (limit, what) = match options.max_memory {
-        Some(l) => (l, "the --max-memory limit"),
+    let total = plan.total();
+    let (needed, limit, what) = match options.max_memory {
+        Some(l) => (total, l, "is the --max-memory limit"),
         None if backend == Backend::Flex => match available_memory() {
-            Some(a) => (a, "available"),
+            Some(a) if weights_loaded => (
+                total - plan.weights,
+                a,
+                "are available beside the loaded weights",
+            ),
+            Some(a) => (total, a, "are available"),
             None => return Ok(()),
         },
         None => return Ok(()),
@@ -217,20 +225,18 @@ pub fn check_memory(
         return Ok(());
     }
     let gib = |b: u64| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64);
+    let weights = match needed == total {
+        true => format!("weights {}, ", gib(plan.weights)),
+        false => String::new(),
+    };
     Err(RuntimeError::Memory(format!(
-        "the compiled shapes need {} (weights {}, KV cache {}, activations and control {}), \
-         but {} {} {what}; use a smaller --batch or --cache-len, a budgeted --kv, \
+        "the compiled shapes need {} ({weights}KV cache {}, activations and control {}), \
+         but {} {what}; use a smaller --batch or --cache-len, a budgeted --kv, \
          --kv-storage f16 or i8, or raise --max-memory",
         gib(needed),
-        gib(plan.weights),
         gib(plan.kv_cache),
-        gib(needed - plan.weights - plan.kv_cache),
+        gib(total - plan.weights - plan.kv_cache),
         gib(limit),
-        if options.max_memory.is_some() {
-            "is"
-        } else {
-            "are"
-        },
     )))
 }
 
@@ -312,25 +318,29 @@ impl Session {
                 options.kernels.name()
             )));
         }
-        if !backend.has_i8()
-            && let Some(s) = program.state.iter().find(|s| s.ty.dtype == DType::I8)
-        {
-            return Err(RuntimeError::Unsupported(format!(
-                "state {} is int8 (--kv-storage i8), and {backend:?} has no 8-bit integer \
-                 tensors (WGSL has no i8); use --kv-storage f32",
-                s.name
-            )));
+        // KV storage the backend cannot hold: (dtype, held, why not).
+        for (dtype, held, why) in [
+            (
+                DType::I8,
+                backend.has_i8(),
+                "has no 8-bit integer tensors (WGSL has no i8)",
+            ),
+            (
+                DType::F16,
+                backend.has_f16(),
+                "does not run f16 tensors in kvc",
+            ),
+        ] {
+            if !held && let Some(s) = program.state.iter().find(|s| s.ty.dtype == dtype) {
+                return Err(RuntimeError::Unsupported(format!(
+                    "state {} is {dtype} (--kv-storage {dtype}), and {backend:?} {why}; \
+                     use --kv-storage f32",
+                    s.name
+                )));
+            }
         }
-        if !backend.has_f16()
-            && let Some(s) = program.state.iter().find(|s| s.ty.dtype == DType::F16)
-        {
-            return Err(RuntimeError::Unsupported(format!(
-                "state {} is f16 (--kv-storage f16), which kvc does not run on {backend:?}; \
-                 use --kv-storage f32",
-                s.name
-            )));
-        }
-        check_memory(&program, backend, &options)?;
+        // The parameters are bound (resident) by now; the state is allocated next.
+        check_memory(&program, backend, &options, true)?;
         let iface = program.interface().ok_or_else(|| {
             RuntimeError::Internal("the program's state table has no valid interface".into())
         })?;
