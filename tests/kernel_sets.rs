@@ -351,35 +351,21 @@ fn a_captured_decode_step_replays_what_plain_steps_do() {
     assert!(!SessionOptions::for_backend(Backend::Flex).capture);
 }
 
-/// A backend without int8 tensors refuses int8 storage when the session is made, naming
-/// the state and the fix, instead of failing inside a run.
+/// A backend without int8 (or f16) tensors refuses int8 (or f16) storage when the session
+/// is made, naming the state and the fix, instead of failing inside a run.
 #[test]
-fn int8_storage_is_refused_where_the_backend_has_no_int8() {
-    let (p, mut w) = compiled(KvPolicy::Dense, KvStorage::I8, Sampler::Greedy);
+fn storage_is_refused_where_the_backend_lacks_its_dtype() {
     let on = backend();
-    let params = bind_params(&p, &mut w, on).unwrap();
-    let made = Session::with_options(p, params, on, SessionOptions::for_backend(on));
-    match made {
-        Ok(_) => assert!(on.has_i8(), "{on:?} has no int8 tensors"),
-        Err(e) => {
-            assert!(!on.has_i8(), "{on:?}: {e}");
-            assert!(e.to_string().contains("--kv-storage f32"), "{e}");
-        }
-    }
-}
-
-/// Likewise f16 storage.
-#[test]
-fn f16_storage_is_refused_where_the_backend_runs_no_f16() {
-    let (p, mut w) = compiled(KvPolicy::Dense, KvStorage::F16, Sampler::Greedy);
-    let on = backend();
-    let params = bind_params(&p, &mut w, on).unwrap();
-    let made = Session::with_options(p, params, on, SessionOptions::for_backend(on));
-    match made {
-        Ok(_) => assert!(on.has_f16(), "{on:?} runs no f16"),
-        Err(e) => {
-            assert!(!on.has_f16(), "{on:?}: {e}");
-            assert!(e.to_string().contains("--kv-storage f32"), "{e}");
+    for (storage, held) in [(KvStorage::I8, on.has_i8()), (KvStorage::F16, on.has_f16())] {
+        let (p, mut w) = compiled(KvPolicy::Dense, storage, Sampler::Greedy);
+        let params = bind_params(&p, &mut w, on).unwrap();
+        let made = Session::with_options(p, params, on, SessionOptions::for_backend(on));
+        match made {
+            Ok(_) => assert!(held, "{on:?} holds no {storage:?} tensors"),
+            Err(e) => {
+                assert!(!held, "{on:?}, {storage:?}: {e}");
+                assert!(e.to_string().contains("--kv-storage f32"), "{e}");
+            }
         }
     }
 }
