@@ -161,7 +161,7 @@ pub fn bench_one(model: &Path, cfg: &Config) -> Result<BenchResult> {
     // Rows must not stop early: a benchmark decodes exactly `steps` tokens per row.
     spec.stop_tokens.clear();
     let width = prefill_len.unwrap_or(512);
-    let o = Overrides {
+    let mut o = Overrides {
         batch: Some(batch),
         prefill_len: Some(width.min(context)),
         cache_len: Some(context + steps as u32 + 1),
@@ -170,6 +170,7 @@ pub fn bench_one(model: &Path, cfg: &Config) -> Result<BenchResult> {
         kv: Some(kv),
         ..Overrides::default()
     };
+    crate::store_kv_where_it_runs(&spec, &mut o, backend);
     let spec = spec.with_overrides(&o, &model.display().to_string())?;
     let base = model.parent().map(Path::to_path_buf).unwrap_or_default();
     let program = crate::compile_spec(&spec, &base)?;
@@ -290,6 +291,9 @@ pub fn bench_all(model: &Path, configs: &[Config], json: Option<&Path>) -> Resul
             }
             if let Some(s) = cfg.kv_storage {
                 cmd.args(["--kv-storage", s.name()]);
+            }
+            if let Some(m) = cfg.options.max_memory {
+                cmd.args(["--max-memory", &m.to_string()]);
             }
             cmd.args([
                 "--backend",

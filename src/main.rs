@@ -244,6 +244,17 @@ struct ShapeArgs {
     sampler: Option<kvc_compiler::spec::Sampler>,
 }
 
+/// A spec's f16 KV cache (the real models' default) becomes f32 on a backend that does not
+/// run f16, unless the user chose the storage.
+pub(crate) fn store_kv_where_it_runs(spec: &ModelSpec, o: &mut Overrides, backend: Backend) {
+    if o.kv_storage.is_none() && spec.compile.kv_storage == KvStorage::F16 && !backend.has_f16() {
+        eprintln!(
+            "note: kvc does not run f16 tensors on {backend:?}; the KV cache is stored as f32"
+        );
+        o.kv_storage = Some(KvStorage::F32);
+    }
+}
+
 /// Compiles a spec; with `weight_dtype: native` the weights file's tensor table (fetched
 /// on first use) gives each matrix its storage.
 pub(crate) fn compile_spec(spec: &ModelSpec, base: &Path) -> Result<Program> {
@@ -474,17 +485,12 @@ fn compile(model: &Path, output: Option<PathBuf>, shapes: ShapeArgs) -> Result<(
     let base = model.parent().map(Path::to_path_buf).unwrap_or_default();
     let program = compile_spec(&spec, &base)?;
     let dir = output.unwrap_or_else(|| PathBuf::from("out").join(&program.spec.name));
-    write_artifact(&program, &dir)?;
+    artifact::write(&program, &dir)?;
     emit(format_args!("{}\n", program.signature(&program.prefill)))?;
     emit(format_args!("{}\n", program.signature(&program.decode)))?;
     emit(format_args!("{}\n", MemoryPlan::of(&program)))?;
     emit(format_args!("wrote {}\n", dir.display()))?;
     Ok(())
-}
-
-/// Writes the artifact directory (see `kvc_compiler::artifact`).
-fn write_artifact(p: &Program, dir: &Path) -> Result<()> {
-    Ok(artifact::write(p, dir)?)
 }
 
 /// Reads an artifact directory, trusting nothing in it (see `kvc_compiler::artifact`).
@@ -506,14 +512,13 @@ fn program_for(
     backend: Backend,
 ) -> Result<(Program, PathBuf)> {
     if model.is_dir() {
-        let o = shapes.overrides();
-        if o.batch.is_some()
-            || o.prefill_len.is_some()
-            || o.cache_len.is_some()
-            || o.weight_dtype.is_some()
-            || o.kv.is_some()
-            || o.kv_storage.is_some()
-        {
+        // Any override of the compile section, whichever fields it has (the sampler is
+        // set by the sampling options, not by the user's shapes).
+        let o = Overrides {
+            sampler: None,
+            ..shapes.overrides()
+        };
+        if o != Overrides::default() {
             bail!(
                 "{} is a compiled artifact: its shapes, KV policy and storage are fixed; \
                  recompile the spec to change them",
@@ -536,12 +541,7 @@ fn program_for(
     if o.batch.is_none() && (spec.compile.batch as usize) < min_batch {
         o.batch = Some(min_batch as u32);
     }
-    if o.kv_storage.is_none() && spec.compile.kv_storage == KvStorage::F16 && !backend.has_f16() {
-        eprintln!(
-            "note: kvc does not run f16 tensors on {backend:?}; the KV cache is stored as f32"
-        );
-        o.kv_storage = Some(KvStorage::F32);
-    }
+    store_kv_where_it_runs(&spec, &mut o, backend);
     let spec = spec.with_overrides(&o, &model.display().to_string())?;
     let base = model.parent().map(Path::to_path_buf).unwrap_or_default();
     let program = compile_spec(&spec, &base)?;
