@@ -434,25 +434,24 @@ fn qk_source_rows(rows: usize, n_head: usize) -> Vec<usize> {
 }
 
 /// Byte offsets of the f16 scales in one block of a quantized type the kernels read
-/// (`d`, and `m`/`dmin` where the type has one), and the block's size in bytes.
-fn scale_offsets(ty: GgmlType) -> (&'static [usize], usize) {
-    let offsets: &'static [usize] = match ty {
+/// (`d`, and `m`/`dmin` where the type has one).
+fn scale_offsets(ty: GgmlType) -> &'static [usize] {
+    match ty {
         GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
         GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4_K | GgmlType::Q5_K => &[0, 2],
         GgmlType::Q6_K => &[208],
         _ => &[],
-    };
-    (offsets, ty.block_bytes() as usize)
+    }
 }
 
 /// Every block scale of a quantized tensor is finite: a NaN or infinite scale turns the
 /// block's products (and then every logit) into NaN.
 fn check_block_scales(name: &str, ty: GgmlType, bytes: &[u8]) -> Result<()> {
-    let (offsets, block) = scale_offsets(ty);
+    let offsets = scale_offsets(ty);
     if offsets.is_empty() {
         return Ok(());
     }
-    for (b, blk) in bytes.chunks_exact(block).enumerate() {
+    for (b, blk) in bytes.chunks_exact(ty.block_bytes() as usize).enumerate() {
         for &o in offsets {
             let v = half::f16::from_le_bytes([blk[o], blk[o + 1]]);
             if !v.is_finite() {
