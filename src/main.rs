@@ -2,6 +2,7 @@
 //! run or score prompts with the runtime.
 
 mod bench;
+mod eval;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -110,6 +111,10 @@ enum Command {
         #[command(flatten)]
         exec: ExecArgs,
     },
+    /// Measure what each KV policy costs in quality against the dense cache: teacher-forced
+    /// fidelity on long texts, passkey retrieval and greedy agreement (resumable JSON,
+    /// SVG charts, a Markdown report).
+    Eval(eval::EvalArgs),
     /// Teacher-force a text and print each position's top-K logits and log-sum-exp.
     Score {
         /// Model spec (`models/*.ron`) or a compiled artifact directory.
@@ -135,7 +140,7 @@ enum Command {
 
 /// Where and how the graphs run.
 #[derive(Args, Clone, Copy, Debug)]
-struct ExecArgs {
+pub(crate) struct ExecArgs {
     /// Backend: `flex` (CPU), or `wgpu` / `cuda` in builds with those cargo features.
     #[arg(long, value_parser = parse_backend, default_value = "flex")]
     backend: Backend,
@@ -205,7 +210,7 @@ fn parse_kernels(s: &str) -> Result<KernelSet, String> {
 }
 
 impl ExecArgs {
-    fn options(self) -> SessionOptions {
+    pub(crate) fn options(self) -> SessionOptions {
         let mut o = SessionOptions::for_backend(self.backend);
         if let Some(k) = self.kernels {
             o.kernels = k;
@@ -353,7 +358,7 @@ fn error_line(e: &anyhow::Error) -> String {
 }
 
 /// Writes to stdout, returning (instead of panicking on) a closed pipe.
-fn emit(text: std::fmt::Arguments<'_>) -> Result<()> {
+pub(crate) fn emit(text: std::fmt::Arguments<'_>) -> Result<()> {
     let mut out = std::io::stdout().lock();
     out.write_fmt(text)?;
     out.flush()?;
@@ -368,6 +373,7 @@ fn real_main() -> Result<()> {
             shapes,
         } => compile(&model, output, shapes),
         Command::Inspect { dir } => inspect(&dir),
+        Command::Eval(args) => eval::eval(args),
         Command::Run {
             model,
             mut prompts,
@@ -548,7 +554,7 @@ fn program_for(
     Ok((program, base))
 }
 
-fn progress() -> impl FnMut(Progress) {
+pub(crate) fn progress() -> impl FnMut(Progress) {
     use std::io::IsTerminal;
     // A terminal gets one line redrawn with `\r`; a log file or pipe gets a line per
     // quarter instead of control characters.

@@ -152,6 +152,11 @@ impl Executor {
         })
     }
 
+    /// The parameters in parameter-table order, as the plans read them.
+    pub fn params(&self) -> &[Value] {
+        &self.params
+    }
+
     /// The program being executed.
     pub fn program(&self) -> &Program {
         &self.program

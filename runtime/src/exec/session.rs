@@ -276,6 +276,8 @@ pub struct Session {
     iface: Interface,
     seed: u64,
     capture: bool,
+    /// The options the session was made with.
+    options: SessionOptions,
     /// The captured decode step of the current batch (dropped before its state is).
     decode_step: Option<DecodeStep>,
 }
@@ -353,8 +355,36 @@ impl Session {
             iface,
             seed: 0,
             capture: options.capture,
+            options,
             decode_step: None,
         })
+    }
+
+    /// A session over another program of the same model (another policy, batch or width)
+    /// that shares this session's parameters instead of loading them again: only its own
+    /// state is allocated. The two parameter tables must be equal.
+    pub fn with_program(&self, program: Program) -> Result<Session, RuntimeError> {
+        let mine = &self.program().params;
+        if program.params.len() != mine.len()
+            || program
+                .params
+                .iter()
+                .zip(mine)
+                .any(|(a, b)| a.name != b.name || a.ty != b.ty)
+        {
+            return Err(RuntimeError::Request(format!(
+                "program {} does not have the parameter table of {} (another model or \
+                 weight storage)",
+                program.spec.name,
+                self.program().spec.name
+            )));
+        }
+        Session::with_options(
+            program,
+            self.exec.params().to_vec(),
+            self.backend,
+            self.options,
+        )
     }
 
     /// The backend the session runs on.

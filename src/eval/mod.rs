@@ -1,0 +1,756 @@
+//! `kvc eval`: what each KV policy costs in quality, measured against the dense cache on
+//! the real model.
+//!
+//! Three tasks ([`fidelity`], [`passkey`], [`greedy`]) run over a grid of policies ×
+//! budgets × prefill widths. Every cell compiles its own program (the policy and the
+//! shapes are compiled in) and runs in a session that shares the loaded weights
+//! ([`Session::with_program`]). Results go to one JSON file, written after every cell; a
+//! rerun with the same file skips the cells it holds. `--plot` draws SVG charts and
+//! `--results-md` writes the Markdown report (see `docs/results.md`).
+
+pub mod corpus;
+pub mod fidelity;
+pub mod greedy;
+pub mod passkey;
+pub mod report;
+pub mod svg;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use kvc_compiler::ir::Program;
+use kvc_compiler::lower::WeightTypes;
+use kvc_compiler::spec::{DTypeSpec, KvPolicy, KvStorage, ModelSpec, Overrides};
+use kvc_runtime::exec::session::Session;
+use kvc_runtime::load::tokenizer::Tokenizer;
+use kvc_runtime::model::LoadedModel;
+use serde::{Deserialize, Serialize};
+
+use crate::ExecArgs;
+
+/// Version of the results file.
+pub const FORMAT: u32 = 1;
+
+/// Command-line options of `kvc eval`.
+#[derive(Args, Clone, Debug)]
+pub struct EvalArgs {
+    /// Model spec (`models/*.ron`).
+    pub model: PathBuf,
+    /// Tasks to run (comma-separated): fidelity, passkey, greedy.
+    #[arg(long, value_delimiter = ',', default_values_t = [Task::Fidelity, Task::Passkey, Task::Greedy])]
+    pub tasks: Vec<Task>,
+    /// Policy families (comma-separated); each budget sets its parameters (see
+    /// `docs/results.md`): dense, window, sink-window, h2o, tova, snapkv, random.
+    #[arg(long, value_delimiter = ',', default_values_t = Family::ALL.map(|f| f.to_string()))]
+    pub policies: Vec<String>,
+    /// Budgets (comma-separated): a percentage of each task's sequence length (`25%`)
+    /// or a token count (`256`).
+    #[arg(long, value_delimiter = ',', default_values_t = ["12.5%".to_string(), "25%".to_string(), "50%".to_string()])]
+    pub budgets: Vec<String>,
+    /// Prefill widths (`T`, comma-separated) of the passkey and greedy tasks; the first
+    /// is also the fidelity task's.
+    #[arg(long, value_delimiter = ',', default_values_t = [64u32])]
+    pub prefill_len: Vec<u32>,
+    /// Documents of the fidelity and greedy tasks (at most 4).
+    #[arg(long, default_value_t = 4)]
+    pub docs: usize,
+    /// Tokens of each document the fidelity task scores.
+    #[arg(long, default_value_t = 4096)]
+    pub doc_tokens: u32,
+    /// Passkey prompt lengths in tokens (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [1024u32, 2048, 4096])]
+    pub passkey_lengths: Vec<u32>,
+    /// Depths of the passkey, percent of the filler before it (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [0u32, 25, 50, 75, 100])]
+    pub passkey_depths: Vec<u32>,
+    /// Prompt tokens (from each document) of the greedy-agreement task.
+    #[arg(long, default_value_t = 1024)]
+    pub greedy_prompt: u32,
+    /// Tokens generated per row in the greedy-agreement task.
+    #[arg(long, default_value_t = 64)]
+    pub greedy_tokens: u32,
+    /// Storage of the weight matrices: `native` (the file's blocks; the spec's default),
+    /// `f32` or `f16`.
+    #[arg(long, value_parser = DTypeSpec::parse)]
+    pub weight_dtype: Option<DTypeSpec>,
+    /// Storage of cached keys and values: `f32`, `f16` or `i8` (default: the spec's).
+    #[arg(long, value_parser = KvStorage::parse)]
+    pub kv_storage: Option<KvStorage>,
+    /// Results file (JSON); an existing one is resumed: cells it holds are skipped.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Directory for SVG charts.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Write the Markdown report here (e.g. `docs/results.md`).
+    #[arg(long)]
+    pub results_md: Option<PathBuf>,
+    /// Fail unless the properties that must hold do (dense Δ = 0, a budget at least the
+    /// sequence length gives dense results, sink-window beats window at the smallest
+    /// budget, dense retrieves every passkey).
+    #[arg(long)]
+    pub check: bool,
+    #[command(flatten)]
+    pub exec: ExecArgs,
+}
+
+/// An evaluation task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    /// Teacher-forced log-likelihood, KL and top-1 agreement against dense.
+    Fidelity,
+    /// Retrieval of a 5-digit key hidden in filler text.
+    Passkey,
+    /// Tokens until greedy decoding first differs from dense.
+    Greedy,
+}
+
+impl std::fmt::Display for Task {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Task::Fidelity => "fidelity",
+            Task::Passkey => "passkey",
+            Task::Greedy => "greedy",
+        })
+    }
+}
+
+/// A policy family; [`Family::policy`] sets its parameters from a budget.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    /// The full cache (the reference).
+    Dense,
+    /// The newest `budget` tokens.
+    Window,
+    /// 4 sinks + the newest `budget − 4`.
+    SinkWindow,
+    /// Heavy hitters with half the budget kept for the newest tokens.
+    H2o,
+    /// TOVA.
+    Tova,
+    /// SnapKV with an observation window of min(32, budget / 2, T) and pooling 7.
+    SnapKv,
+    /// Seeded random eviction.
+    Random,
+}
+
+impl Family {
+    /// Every family, the reference first.
+    pub const ALL: [Family; 7] = [
+        Family::Dense,
+        Family::Window,
+        Family::SinkWindow,
+        Family::H2o,
+        Family::Tova,
+        Family::SnapKv,
+        Family::Random,
+    ];
+
+    fn parse(s: &str) -> Result<Family> {
+        Family::ALL
+            .into_iter()
+            .find(|f| f.to_string() == s.trim().to_ascii_lowercase())
+            .with_context(|| {
+                format!(
+                    "--policies: unknown policy family {s:?}; expected one of {}",
+                    Family::ALL.map(|f| f.to_string()).join(", ")
+                )
+            })
+    }
+
+    /// The policy at `budget` tokens with prefill width `t`.
+    pub fn policy(self, budget: u32, t: u32) -> KvPolicy {
+        match self {
+            Family::Dense => KvPolicy::Dense,
+            Family::Window => KvPolicy::Window { size: budget },
+            Family::SinkWindow => KvPolicy::SinkWindow {
+                sinks: 4.min(budget / 2),
+                window: budget - 4.min(budget / 2),
+            },
+            Family::H2o => KvPolicy::H2o {
+                budget,
+                recent: budget / 2,
+            },
+            Family::Tova => KvPolicy::Tova { budget },
+            Family::SnapKv => KvPolicy::SnapKv {
+                budget,
+                window: 32.min(budget / 2).min(t).max(1),
+                pool: 7,
+            },
+            Family::Random => KvPolicy::Random { budget, seed: 0 },
+        }
+    }
+}
+
+impl std::fmt::Display for Family {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Family::Dense => "dense",
+            Family::Window => "window",
+            Family::SinkWindow => "sink-window",
+            Family::H2o => "h2o",
+            Family::Tova => "tova",
+            Family::SnapKv => "snapkv",
+            Family::Random => "random",
+        })
+    }
+}
+
+/// A budget: a share of the sequence or a token count.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Budget {
+    /// Percent of the task's sequence length.
+    Percent(f64),
+    /// Tokens.
+    Tokens(u32),
+}
+
+impl Budget {
+    fn parse(s: &str) -> Result<Budget> {
+        let t = s.trim();
+        let bad = || {
+            format!("--budgets: expected a percentage such as 25% or a token count, found {s:?}")
+        };
+        if let Some(p) = t.strip_suffix('%') {
+            let v: f64 = p.trim().parse().with_context(bad)?;
+            if !(v > 0.0 && v <= 100.0) {
+                bail!("--budgets: a percentage must be in (0, 100], found {s:?}");
+            }
+            Ok(Budget::Percent(v))
+        } else {
+            let v: u32 = t.parse().with_context(bad)?;
+            if v == 0 {
+                bail!("--budgets: a budget must keep at least 1 token, found {s:?}");
+            }
+            Ok(Budget::Tokens(v))
+        }
+    }
+
+    /// Tokens kept for a sequence of `len` tokens (at least 2).
+    pub fn tokens(&self, len: u32) -> u32 {
+        match *self {
+            Budget::Percent(p) => ((len as f64 * p / 100.0).round() as u32).max(2),
+            Budget::Tokens(n) => n.max(2),
+        }
+    }
+
+    /// The form given on the command line (`25%`, `256`).
+    pub fn label(&self) -> String {
+        match *self {
+            Budget::Percent(p) => format!("{p}%"),
+            Budget::Tokens(n) => n.to_string(),
+        }
+    }
+}
+
+/// One cell of the grid: a policy family at a budget (none for dense) and a prefill width.
+#[derive(Clone, Debug)]
+pub struct Cell {
+    /// The family.
+    pub family: Family,
+    /// The budget (`None` for dense).
+    pub budget: Option<Budget>,
+    /// Prefill width.
+    pub prefill_len: u32,
+}
+
+impl Cell {
+    /// The policy for a sequence of `len` tokens.
+    pub fn policy(&self, len: u32) -> KvPolicy {
+        match &self.budget {
+            None => KvPolicy::Dense,
+            Some(b) => self.family.policy(b.tokens(len), self.prefill_len),
+        }
+    }
+
+    /// The budget's label, `-` for dense.
+    pub fn budget_label(&self) -> String {
+        self.budget.as_ref().map_or("-".into(), Budget::label)
+    }
+}
+
+/// What every cell of a results file shares: a file of other settings cannot be resumed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Setup {
+    /// Model name (spec).
+    pub model: String,
+    /// Weight storage (`native`, `f32`, `f16`).
+    pub weight_dtype: String,
+    /// KV storage.
+    pub kv_storage: String,
+    /// Documents: name and SHA-256 of each text.
+    pub docs: Vec<(String, String)>,
+    /// Tokens scored per document.
+    pub doc_tokens: u32,
+    /// Greedy task: prompt tokens and generated tokens.
+    pub greedy: (u32, u32),
+}
+
+/// How and where one invocation ran.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunInfo {
+    /// When it started (UTC, from `date`).
+    pub started: String,
+    /// Commit of the working directory (`git rev-parse`), or `unknown`.
+    pub commit: String,
+    /// CPU model name.
+    pub cpu: String,
+    /// SIMD flags of the CPU that the kernels use.
+    pub cpu_flags: Vec<String>,
+    /// Worker threads.
+    pub threads: usize,
+    /// Backend.
+    pub backend: String,
+    /// Cells computed by this invocation.
+    pub cells: usize,
+    /// Wall time of this invocation in seconds.
+    pub seconds: f64,
+}
+
+/// Everything measured; the file `--json` writes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Results {
+    /// [`FORMAT`].
+    pub format: u32,
+    /// Settings shared by every cell.
+    pub setup: Setup,
+    /// The invocations that filled the file.
+    pub runs: Vec<RunInfo>,
+    /// Fidelity cells.
+    pub fidelity: Vec<fidelity::FidelityCell>,
+    /// Passkey cells.
+    pub passkey: Vec<passkey::PasskeyCell>,
+    /// Greedy-agreement cells.
+    pub greedy: Vec<greedy::GreedyCell>,
+}
+
+impl Results {
+    fn save(&self, path: Option<&Path>) -> Result<()> {
+        let Some(path) = path else { return Ok(()) };
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(self)?)
+            .with_context(|| format!("--json {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("--json {}", path.display()))
+    }
+}
+
+/// The loaded model and how to make sessions of other shapes and policies over it.
+pub struct Harness {
+    spec: ModelSpec,
+    types: WeightTypes,
+    base: Session,
+    /// The tokenizer.
+    pub tok: Tokenizer,
+    /// KV storage of every cell (the spec's, or f32 where f16 does not run).
+    kv_storage: KvStorage,
+}
+
+impl Harness {
+    /// A session of `batch` rows, prefill width `t`, rows ending at `cache_len`, with
+    /// `kv`, sharing the loaded weights.
+    pub fn session(&self, batch: u32, t: u32, cache_len: u32, kv: KvPolicy) -> Result<Session> {
+        let program = self.program(batch, t, cache_len, kv)?;
+        Ok(self.base.with_program(program)?)
+    }
+
+    fn program(&self, batch: u32, t: u32, cache_len: u32, kv: KvPolicy) -> Result<Program> {
+        let o = Overrides {
+            batch: Some(batch),
+            prefill_len: Some(t.min(cache_len)),
+            cache_len: Some(cache_len),
+            kv: Some(kv),
+            kv_storage: Some(self.kv_storage),
+            ..Overrides::default()
+        };
+        let spec = self
+            .spec
+            .clone()
+            .with_overrides(&o, &self.spec.name)
+            .with_context(|| format!("policy {kv}, batch {batch}, prefill width {t}"))?;
+        kvc_compiler::compile_with(&spec, &self.types)
+            .with_context(|| format!("compiling {kv}, batch {batch}, prefill width {t}"))
+    }
+
+    /// Token count of `text` (no special tokens).
+    pub fn count(&self, text: &str) -> Result<usize> {
+        Ok(self.tok.encode_prompt(text, false)?.len())
+    }
+}
+
+/// Runs `kvc eval`.
+pub fn eval(args: EvalArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let families: Vec<Family> = args
+        .policies
+        .iter()
+        .map(|s| Family::parse(s))
+        .collect::<Result<_>>()?;
+    let budgets: Vec<Budget> = args
+        .budgets
+        .iter()
+        .map(|s| Budget::parse(s))
+        .collect::<Result<_>>()?;
+    if args.prefill_len.is_empty() || args.prefill_len.contains(&0) {
+        bail!("--prefill-len: expected widths of at least 1 token");
+    }
+    if args.docs == 0 || args.docs > corpus::TEXTS.len() {
+        bail!(
+            "--docs: expected 1 to {} documents, found {}",
+            corpus::TEXTS.len(),
+            args.docs
+        );
+    }
+    if args.doc_tokens < 2 || args.greedy_prompt == 0 || args.greedy_tokens == 0 {
+        bail!("--doc-tokens must be at least 2, --greedy-prompt and --greedy-tokens at least 1");
+    }
+    if let Some(d) = args.passkey_depths.iter().find(|&&d| d > 100) {
+        bail!("--passkey-depths: a depth is a percentage (0 to 100), found {d}");
+    }
+    if let Some(path) = &args.json {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("--json {}", path.display()))?;
+        }
+    }
+
+    let spec = ModelSpec::load(&args.model)?;
+    let spec = spec.clone().with_overrides(
+        &Overrides {
+            weight_dtype: args.weight_dtype,
+            ..Overrides::default()
+        },
+        &args.model.display().to_string(),
+    )?;
+    let base_dir = args
+        .model
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let types = kvc_runtime::model::native_weight_types(&spec, &base_dir, &mut crate::progress())?;
+    // The smallest program of the model carries the weights every cell shares.
+    let mut o = Overrides {
+        batch: Some(1),
+        prefill_len: Some(1),
+        cache_len: Some(1),
+        kv: Some(KvPolicy::Dense),
+        kv_storage: args.kv_storage,
+        ..Overrides::default()
+    };
+    crate::store_kv_where_it_runs(&spec, &mut o, args.exec.backend);
+    let small = kvc_compiler::compile_with(&spec.clone().with_overrides(&o, &spec.name)?, &types)?;
+    let loaded = LoadedModel::load_with(
+        small,
+        &base_dir,
+        args.exec.backend,
+        args.exec.options(),
+        &mut crate::progress(),
+    )?;
+    let tok = loaded
+        .tokenizer
+        .context("this model has no tokenizer (random weights): kvc eval needs one")?;
+    let h = Harness {
+        spec: spec.clone(),
+        types,
+        base: loaded.session,
+        tok,
+        kv_storage: o.kv_storage.unwrap_or(spec.compile.kv_storage),
+    };
+
+    let texts = &corpus::TEXTS[..args.docs];
+    let setup = Setup {
+        model: spec.name.clone(),
+        weight_dtype: format!("{:?}", spec.compile.weight_dtype).to_lowercase(),
+        kv_storage: h.kv_storage.name().to_string(),
+        docs: texts
+            .iter()
+            .map(|t| (t.name.to_string(), t.sha256.to_string()))
+            .collect(),
+        doc_tokens: args.doc_tokens,
+        greedy: (args.greedy_prompt, args.greedy_tokens),
+    };
+    let mut results = match args.json.as_deref().filter(|p| p.exists()) {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--json {}", path.display()))?;
+            let r: Results = serde_json::from_str(&text).with_context(|| {
+                format!("--json {}: not a kvc eval results file", path.display())
+            })?;
+            if r.format != FORMAT || r.setup != setup {
+                bail!(
+                    "--json {} holds results of other settings (format {}, {:?}); \
+                     choose another file to start afresh",
+                    path.display(),
+                    r.format,
+                    r.setup
+                );
+            }
+            eprintln!(
+                "resuming {}: {} fidelity, {} passkey and {} greedy cells done",
+                path.display(),
+                r.fidelity.len(),
+                r.passkey.len(),
+                r.greedy.len()
+            );
+            r
+        }
+        None => Results {
+            format: FORMAT,
+            setup,
+            runs: vec![],
+            fidelity: vec![],
+            passkey: vec![],
+            greedy: vec![],
+        },
+    };
+
+    let mut run = RunInfo {
+        started: now(),
+        commit: commit(),
+        cpu: cpu_model(),
+        cpu_flags: cpu_flags(),
+        threads: rayon_threads(),
+        backend: format!("{:?}", args.exec.backend).to_lowercase(),
+        cells: 0,
+        seconds: 0.0,
+    };
+    let cells = |widths: &[u32]| -> Vec<Cell> {
+        let mut v = vec![];
+        for &t in widths {
+            for &f in &families {
+                if f == Family::Dense {
+                    v.push(Cell {
+                        family: f,
+                        budget: None,
+                        prefill_len: t,
+                    });
+                } else {
+                    for b in &budgets {
+                        v.push(Cell {
+                            family: f,
+                            budget: Some(b.clone()),
+                            prefill_len: t,
+                        });
+                    }
+                }
+            }
+        }
+        v
+    };
+    let json = args.json.as_deref();
+    for task in &args.tasks {
+        match task {
+            Task::Fidelity => {
+                let docs: Vec<Vec<u32>> = texts
+                    .iter()
+                    .zip(corpus::read(texts)?)
+                    .map(|(t, text)| {
+                        let ids = h.tok.encode_prompt(&text, false)?;
+                        if ids.len() < args.doc_tokens as usize {
+                            bail!(
+                                "text {} has {} tokens, fewer than --doc-tokens {}",
+                                t.name,
+                                ids.len(),
+                                args.doc_tokens
+                            );
+                        }
+                        Ok(ids[..args.doc_tokens as usize].to_vec())
+                    })
+                    .collect::<Result<_>>()?;
+                let todo = cells(&args.prefill_len[..1]);
+                run.cells += fidelity::run(&h, &docs, &todo, &mut results, &mut |r| r.save(json))?;
+            }
+            Task::Passkey => {
+                let todo = cells(&args.prefill_len);
+                run.cells += passkey::run(
+                    &h,
+                    &args.passkey_lengths,
+                    &args.passkey_depths,
+                    &todo,
+                    &mut results,
+                    &mut |r| r.save(json),
+                )?;
+            }
+            Task::Greedy => {
+                let prompts: Vec<Vec<u32>> = corpus::read(texts)?
+                    .iter()
+                    .map(|text| {
+                        let ids = h.tok.encode_prompt(text, false)?;
+                        let n = (args.greedy_prompt as usize).min(ids.len());
+                        Ok(ids[..n].to_vec())
+                    })
+                    .collect::<Result<_>>()?;
+                let todo = cells(&args.prefill_len);
+                run.cells += greedy::run(
+                    &h,
+                    &prompts,
+                    args.greedy_tokens,
+                    &todo,
+                    &mut results,
+                    &mut |r| r.save(json),
+                )?;
+            }
+        }
+    }
+    run.seconds = t0.elapsed().as_secs_f64();
+    results.runs.push(run);
+    results.save(json)?;
+    eprintln!(
+        "eval: {} cells computed in {:.1} s",
+        results.runs.last().map_or(0, |r| r.cells),
+        t0.elapsed().as_secs_f64()
+    );
+    if let Some(dir) = &args.plot {
+        std::fs::create_dir_all(dir).with_context(|| format!("--plot {}", dir.display()))?;
+        for (name, svg) in report::charts(&results) {
+            let path = dir.join(name);
+            std::fs::write(&path, svg).with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
+    let md = report::markdown(&results, args.plot.as_deref(), args.results_md.as_deref());
+    match &args.results_md {
+        Some(path) => {
+            std::fs::write(path, &md).with_context(|| format!("--results-md {}", path.display()))?
+        }
+        None => crate::emit(format_args!("{md}"))?,
+    }
+    if args.check {
+        let failed = report::check(&results);
+        if !failed.is_empty() {
+            bail!(
+                "{} propert{} failed: {}",
+                failed.len(),
+                if failed.len() == 1 { "y" } else { "ies" },
+                failed.join("; ")
+            );
+        }
+        eprintln!("eval --check: every property holds");
+    }
+    Ok(())
+}
+
+/// Progress over `total` units of one task: a bar on a terminal, a line per finished cell
+/// otherwise.
+pub fn bar(total: u64, what: &str) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new(total);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed}, eta {eta})",
+        )
+        .expect("a valid template")
+        .progress_chars("=> "),
+    );
+    pb.set_prefix(what.to_string());
+    pb
+}
+
+/// Reports a finished cell: above the bar on a terminal, as a line elsewhere.
+pub fn finished(pb: &indicatif::ProgressBar, line: String) {
+    if pb.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        pb.println(line);
+    }
+}
+
+fn now() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map_or_else(|| "unknown".into(), |s| s.trim().to_string())
+}
+
+fn commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map_or_else(|| "unknown".into(), |s| s.trim().to_string())
+}
+
+fn cpuinfo_field(name: &str) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    info.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_string())
+}
+
+fn cpu_model() -> String {
+    cpuinfo_field("model name").unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+fn cpu_flags() -> Vec<String> {
+    let wanted = [
+        "avx2",
+        "fma",
+        "f16c",
+        "avx512f",
+        "avx512bw",
+        "avx512vl",
+        "avx512_vnni",
+        "avx512_bf16",
+    ];
+    let flags = cpuinfo_field("flags").unwrap_or_default();
+    let have: Vec<&str> = flags.split_whitespace().collect();
+    wanted
+        .iter()
+        .filter(|w| have.contains(w))
+        .map(|w| w.to_string())
+        .collect()
+}
+
+fn rayon_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Log-probabilities of `logits` (f64, computed stably).
+pub fn log_softmax(logits: &[f32]) -> Vec<f64> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = max
+        + logits
+            .iter()
+            .map(|&x| (x as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
+    logits.iter().map(|&x| x as f64 - lse).collect()
+}
+
+/// Index of the largest value (the first on ties).
+pub fn argmax(x: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Mean and half-width of the 95% interval (Student's t) of `xs`.
+pub fn mean_ci95(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len();
+    if n == 0 {
+        return (f64::NAN, f64::NAN);
+    }
+    let mean = xs.iter().sum::<f64>() / n as f64;
+    if n == 1 {
+        return (mean, f64::NAN);
+    }
+    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    // Two-sided 97.5% quantiles of Student's t for 1..=10 degrees of freedom, then ≈ 2.
+    const T: [f64; 10] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    ];
+    let t = T.get(n - 2).copied().unwrap_or(2.0);
+    (mean, t * (var / n as f64).sqrt())
+}

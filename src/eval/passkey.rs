@@ -1,0 +1,232 @@
+//! Passkey retrieval: a 5-digit key hidden at a depth of a filler text, asked for at the
+//! end. One row per depth; the prompt is prefilled in chunks of the cell's width (so a
+//! budgeted policy evicts as a user's run would), then the answer is decoded greedily.
+
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+use kvc_runtime::exec::session::{Request, Sampling};
+use serde::{Deserialize, Serialize};
+
+use super::corpus::{passkey_key, passkey_prompt};
+use super::{Cell, Harness, Results, bar, finished};
+
+/// One row (depth) of a passkey cell.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PasskeyRow {
+    /// Percent of the filler before the needle.
+    pub depth: u32,
+    /// Prompt tokens.
+    pub tokens: u32,
+    /// The key.
+    pub key: u32,
+    /// Whether the first number in the greedy answer is the key.
+    pub found: bool,
+    /// Rank of the answer's first token in the logits after the prompt (0 = top-1).
+    pub rank: u32,
+    /// The decoded answer.
+    pub answer: String,
+}
+
+/// A passkey cell: one policy, budget, width and length over every depth.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PasskeyCell {
+    /// Policy family.
+    pub policy: String,
+    /// The compiled policy (`--kv` form).
+    pub kv: String,
+    /// Budget as given (`-` for dense).
+    pub budget: String,
+    /// Budget in tokens (`None` for dense).
+    pub budget_tokens: Option<u32>,
+    /// Prefill width.
+    pub prefill_len: u32,
+    /// Target prompt length in tokens.
+    pub length: u32,
+    /// Per depth.
+    pub rows: Vec<PasskeyRow>,
+    /// Share of depths whose key was retrieved.
+    pub retrieved: f64,
+    /// Wall time of the cell.
+    pub seconds: f64,
+}
+
+impl PasskeyCell {
+    fn matches(&self, c: &Cell, budget_tokens: Option<u32>, length: u32, depths: &[u32]) -> bool {
+        self.policy == c.family.to_string()
+            && self.budget == c.budget_label()
+            && self.budget_tokens == budget_tokens
+            && self.prefill_len == c.prefill_len
+            && self.length == length
+            && self.rows.iter().map(|r| r.depth).eq(depths.iter().copied())
+    }
+}
+
+/// The prompts of one length: (depth, key, prompt ids, answer ids).
+struct Prompt {
+    depth: u32,
+    key: u32,
+    ids: Vec<u32>,
+    answer: Vec<u32>,
+}
+
+fn prompts(h: &Harness, length: u32, depths: &[u32]) -> Result<Vec<Prompt>> {
+    depths
+        .iter()
+        .map(|&depth| {
+            let key = passkey_key(length, depth);
+            let text = passkey_prompt(length, depth, &|s| h.count(s))?;
+            let ids = h.tok.encode_prompt(&text, false)?;
+            let full = h.tok.encode_prompt(&format!("{text} {key}"), false)?;
+            // The answer's tokens follow the prompt's when the tokenizer keeps the prompt
+            // as a prefix (a space before the digits starts a new token).
+            let answer = match full.strip_prefix(ids.as_slice()) {
+                Some(rest) if !rest.is_empty() => rest.to_vec(),
+                _ => h.tok.encode_prompt(&format!(" {key}"), false)?,
+            };
+            Ok(Prompt {
+                depth,
+                key,
+                ids,
+                answer,
+            })
+        })
+        .collect()
+}
+
+/// The first run of ASCII digits in `text`.
+fn first_number(text: &str) -> Option<&str> {
+    let start = text.find(|c: char| c.is_ascii_digit())?;
+    let rest = &text[start..];
+    let end = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    Some(&rest[..end])
+}
+
+/// Runs the cells not yet in `results` at every length, saving after each.
+pub fn run(
+    h: &Harness,
+    lengths: &[u32],
+    depths: &[u32],
+    cells: &[Cell],
+    results: &mut Results,
+    save: &mut dyn FnMut(&Results) -> Result<()>,
+) -> Result<usize> {
+    if depths.is_empty() || lengths.is_empty() {
+        bail!("--passkey-lengths and --passkey-depths need at least one value each");
+    }
+    let mut todo = vec![];
+    for &length in lengths {
+        for c in cells {
+            let b = c.budget.as_ref().map(|b| b.tokens(length));
+            if !results
+                .passkey
+                .iter()
+                .any(|r| r.matches(c, b, length, depths))
+            {
+                todo.push((length, c));
+            }
+        }
+    }
+    if todo.is_empty() {
+        return Ok(0);
+    }
+    let pb = bar(todo.len() as u64, "passkey");
+    let mut current: Option<(u32, Vec<Prompt>)> = None;
+    for &(length, c) in &todo {
+        if current.as_ref().is_none_or(|(l, _)| *l != length) {
+            current = Some((length, prompts(h, length, depths)?));
+        }
+        let ps = &current.as_ref().expect("set above").1;
+        pb.set_message(format!(
+            "{} {} T={} L={length}",
+            c.family,
+            c.budget_label(),
+            c.prefill_len
+        ));
+        let t0 = Instant::now();
+        let new_tokens = ps.iter().map(|p| p.answer.len()).max().unwrap_or(1) + 3;
+        let longest = ps.iter().map(|p| p.ids.len()).max().unwrap_or(1);
+        let cache_len = (longest + new_tokens) as u32;
+        let policy = c.policy(length);
+        let mut s = h.session(depths.len() as u32, c.prefill_len, cache_len, policy)?;
+        let reqs: Vec<Request> = ps
+            .iter()
+            .map(|p| Request {
+                prompt: p.ids.clone(),
+                max_new_tokens: new_tokens,
+                sampling: Sampling::default(),
+            })
+            .collect();
+        let (mut out, logits) = s.prefill(&reqs, true)?;
+        let stops = s.program().config.stop_tokens.clone();
+        let mut generated: Vec<Vec<u32>> = vec![vec![]; ps.len()];
+        let mut stopped = vec![false; ps.len()];
+        for step in 0..new_tokens {
+            for (i, g) in generated.iter_mut().enumerate() {
+                if stopped[i] {
+                    continue;
+                }
+                if stops.contains(&out.tokens[i]) {
+                    stopped[i] = true;
+                } else {
+                    g.push(out.tokens[i]);
+                    stopped[i] = out.done[i];
+                }
+            }
+            if step + 1 == new_tokens || stopped.iter().all(|&d| d) {
+                break;
+            }
+            out = s.step()?;
+        }
+        let rows: Vec<PasskeyRow> = ps
+            .iter()
+            .zip(&generated)
+            .zip(&logits)
+            .map(|((p, g), l)| {
+                let answer = h.tok.decode(g)?;
+                let a = l[p.answer[0] as usize];
+                let rank = l.iter().filter(|&&x| x > a).count() as u32;
+                Ok(PasskeyRow {
+                    depth: p.depth,
+                    tokens: p.ids.len() as u32,
+                    key: p.key,
+                    found: first_number(&answer) == Some(p.key.to_string().as_str()),
+                    rank,
+                    answer,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let retrieved = rows.iter().filter(|r| r.found).count() as f64 / rows.len() as f64;
+        let cell = PasskeyCell {
+            policy: c.family.to_string(),
+            kv: policy.to_string(),
+            budget: c.budget_label(),
+            budget_tokens: c.budget.as_ref().map(|b| b.tokens(length)),
+            prefill_len: c.prefill_len,
+            length,
+            rows,
+            retrieved,
+            seconds: t0.elapsed().as_secs_f64(),
+        };
+        finished(
+            &pb,
+            format!(
+                "passkey  {:12} {:>6} T={:<5} L={:<5}: {:3.0}% retrieved, ranks {:?} ({:.0} s)",
+                cell.policy,
+                cell.budget,
+                cell.prefill_len,
+                length,
+                100.0 * cell.retrieved,
+                cell.rows.iter().map(|r| r.rank).collect::<Vec<_>>(),
+                cell.seconds
+            ),
+        );
+        results.passkey.push(cell);
+        save(results)?;
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    Ok(todo.len())
+}
