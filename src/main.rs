@@ -666,6 +666,29 @@ fn run(
             sampling: row,
         });
     }
+    // A budgeted policy chooses what to keep after every prefill chunk: unless the user
+    // set the width, the prompts go in one chunk (a new program over the loaded weights).
+    let c = &m.session.program().spec.compile;
+    let longest = reqs.iter().map(|r| r.prompt.len()).max().unwrap_or(1);
+    let want = kvc_compiler::spec::one_chunk_prefill_len(longest, c.cache_len);
+    if shapes.prefill_len.is_none()
+        && !model.is_dir()
+        && c.kv.budget().is_some()
+        && want > c.prefill_len
+    {
+        eprintln!(
+            "note: prefill width {want} instead of {}, so that the {longest}-token prompt is one \
+             chunk and {} chooses what to keep after seeing all of it (--prefill-len sets the width)",
+            c.prefill_len, c.kv
+        );
+        let wide = ShapeArgs {
+            prefill_len: Some(want),
+            ..shapes
+        };
+        let (program, _) = program_for(model, wide, prompts.len(), exec.backend)?;
+        m.session = m.session.with_program(program)?;
+        m.session.set_seed(sampling.seed);
+    }
     let stream = !json && prompts.len() == 1;
     let t0 = Instant::now();
     let mut count = 0usize;

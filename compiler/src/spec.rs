@@ -14,6 +14,22 @@ use serde::{Deserialize, Serialize};
 /// asking the runtime for an absurd allocation; real configurations are far below it.
 pub const MAX_DIM: u32 = 1 << 20;
 
+/// Widest prefill chunk that [`one_chunk_prefill_len`] picks.
+pub const MAX_ONE_CHUNK: u32 = 4096;
+
+/// The prefill width that takes a prompt of `tokens` tokens in one chunk: rounded up to a
+/// multiple of 64, at most [`MAX_ONE_CHUNK`] and `cache_len`. A budgeted policy then
+/// chooses what to keep once, after seeing the whole prompt (SnapKV's observation window
+/// holds the prompt's end, H2O's scores count every prompt query) instead of after every
+/// chunk; the CLI compiles budgeted policies with it unless `--prefill-len` is given.
+pub fn one_chunk_prefill_len(tokens: usize, cache_len: u32) -> u32 {
+    let t = u32::try_from(tokens.max(1)).unwrap_or(u32::MAX);
+    t.div_ceil(64)
+        .saturating_mul(64)
+        .min(MAX_ONE_CHUNK)
+        .min(cache_len.max(1))
+}
+
 /// Largest weights + KV cache a spec may describe (1 TiB), so products of valid-looking
 /// dimensions cannot overflow or request an absurd allocation.
 pub const MAX_BYTES: u64 = 1 << 40;

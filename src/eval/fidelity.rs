@@ -11,7 +11,7 @@ use kvc_runtime::exec::session::{Request, Sampling, Session};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::{Cell, Family, Harness, Results, argmax, bar, finished, log_softmax, mean_ci95};
+use super::{Cell, Harness, Results, argmax, bar, finished, log_softmax, mean_ci95};
 
 /// One document's scores in a cell (means over its scored positions).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -42,7 +42,10 @@ pub struct FidelityCell {
     pub budget: String,
     /// Budget in tokens (`None` for dense).
     pub budget_tokens: Option<u32>,
-    /// Prefill width.
+    /// Prefill width as asked (`64`, `auto`).
+    #[serde(default)]
+    pub width: String,
+    /// Prefill width compiled.
     pub prefill_len: u32,
     /// Per document.
     pub docs: Vec<DocScore>,
@@ -69,7 +72,7 @@ impl FidelityCell {
         self.policy == c.family.to_string()
             && self.budget == c.budget_label()
             && self.budget_tokens == budget_tokens
-            && self.prefill_len == c.prefill_len
+            && super::width_label(&self.width, self.prefill_len) == c.width.label()
     }
 }
 
@@ -83,8 +86,9 @@ struct Sums {
     top1: u64,
 }
 
-/// Runs the cells not yet in `results`, one policy family at a time (its budgets and a
-/// dense reference in lockstep), saving after each family. Returns the cells computed.
+/// Runs the cells not yet in `results` in lockstep with one dense reference (each step's
+/// reference logits serve every cell), saving when they are done. Returns the cells
+/// computed.
 pub fn run(
     h: &Harness,
     docs: &[Vec<u32>],
@@ -104,130 +108,130 @@ pub fn run(
     if todo.is_empty() {
         return Ok(0);
     }
-    let mut families: Vec<Family> = todo.iter().map(|c| c.family).collect();
-    families.dedup();
-    let steps_per_group = len.saturating_sub(1) as u64;
-    let pb = bar(steps_per_group * families.len() as u64, "fidelity");
-    let mut done = 0;
-    for family in families {
-        let group: Vec<&Cell> = todo
-            .iter()
-            .copied()
-            .filter(|c| c.family == family)
-            .collect();
-        let t = group[0].prefill_len.min(len);
-        let mut reference = h.session(rows, t, len, kvc_compiler::spec::KvPolicy::Dense)?;
-        let mut sessions: Vec<Session> = group
-            .iter()
-            .map(|c| h.session(rows, c.prefill_len.min(len), len, c.policy(len)))
-            .collect::<Result<_>>()?;
-        let budgets: Vec<u32> = group
-            .iter()
-            .map(|c| c.budget.as_ref().map_or(0, |b| b.tokens(len)))
-            .collect();
-        // Positions whose context exceeds the budget are scored; when the budget covers
-        // the whole document nothing is evicted and every position is.
-        let first_scored: Vec<usize> = budgets
-            .iter()
-            .map(|&b| if b >= len { 0 } else { b as usize })
-            .collect();
-        let mut sums = vec![vec![Sums::default(); docs.len()]; group.len()];
-        let mut secs = vec![0.0f64; group.len()];
-        pb.set_message(family.to_string());
+    let pb = bar(len.saturating_sub(1) as u64, "fidelity");
+    let group = todo;
+    // The prompt is each document's first token.
+    let t = group[0].width.resolve(1, len);
+    let mut reference = h.session(rows, t, len, kvc_compiler::spec::KvPolicy::Dense)?;
+    let mut sessions: Vec<Session> = group
+        .iter()
+        .map(|c| h.session(rows, t, len, c.policy(len, t)))
+        .collect::<Result<_>>()?;
+    let budgets: Vec<u32> = group
+        .iter()
+        .map(|c| c.budget.as_ref().map_or(0, |b| b.tokens(len)))
+        .collect();
+    // Positions whose context exceeds the budget are scored; when the budget covers
+    // the whole document nothing is evicted and every position is.
+    let first_scored: Vec<usize> = budgets
+        .iter()
+        .map(|&b| if b >= len { 0 } else { b as usize })
+        .collect();
+    let mut sums = vec![vec![Sums::default(); docs.len()]; group.len()];
+    let mut secs = vec![0.0f64; group.len()];
+    pb.set_message(format!("{} cells", group.len()));
 
-        // Position 0 comes out of prefill (one token per row); each later position out
-        // of a decode step fed the document's token.
-        let reqs: Vec<Request> = docs
-            .iter()
-            .map(|d| Request {
-                prompt: vec![d[0]],
-                max_new_tokens: len as usize - 1,
-                sampling: Sampling::default(),
+    // Position 0 comes out of prefill (one token per row); each later position out
+    // of a decode step fed the document's token.
+    let reqs: Vec<Request> = docs
+        .iter()
+        .map(|d| Request {
+            prompt: vec![d[0]],
+            max_new_tokens: len as usize - 1,
+            sampling: Sampling::default(),
+        })
+        .collect();
+    let (_, mut ref_logits) = reference.prefill(&reqs, true)?;
+    let mut cell_logits = vec![];
+    for (k, s) in sessions.iter_mut().enumerate() {
+        let t0 = Instant::now();
+        cell_logits.push(s.prefill(&reqs, true)?.1);
+        secs[k] += t0.elapsed().as_secs_f64();
+    }
+    for pos in 0..len as usize - 1 {
+        if pos > 0 {
+            let forced: Vec<u32> = docs.iter().map(|d| d[pos]).collect();
+            reference.force_tokens(&forced)?;
+            ref_logits = reference.step_logits()?.1;
+            for (k, s) in sessions.iter_mut().enumerate() {
+                let t0 = Instant::now();
+                s.force_tokens(&forced)?;
+                cell_logits[k] = s.step_logits()?.1;
+                secs[k] += t0.elapsed().as_secs_f64();
+            }
+        }
+        let ref_lp: Vec<Vec<f64>> = ref_logits[..docs.len()]
+            .par_iter()
+            .map(|l| log_softmax(l))
+            .collect();
+        let ref_p: Vec<Vec<f64>> = ref_lp
+            .par_iter()
+            .map(|lp| lp.iter().map(|x| x.exp()).collect())
+            .collect();
+        let ref_top: Vec<usize> = ref_logits.iter().map(|l| argmax(l)).collect();
+        // The context at this prediction holds pos + 1 tokens.
+        let scored: Vec<(usize, usize)> = (0..group.len())
+            .filter(|&k| pos + 1 > first_scored[k])
+            .flat_map(|k| (0..docs.len()).map(move |d| (k, d)))
+            .collect();
+        let updates: Vec<(usize, usize, f64, f64, f64, bool)> = scored
+            .par_iter()
+            .map(|&(k, d)| {
+                let target = docs[d][pos + 1] as usize;
+                let lp = log_softmax(&cell_logits[k][d]);
+                let kl: f64 = ref_p[d]
+                    .iter()
+                    .zip(&ref_lp[d])
+                    .zip(&lp)
+                    .map(|((&p, &lp_ref), &q)| p * (lp_ref - q))
+                    .sum();
+                let same = argmax(&cell_logits[k][d]) == ref_top[d];
+                (k, d, -lp[target], -ref_lp[d][target], kl, same)
             })
             .collect();
-        let (_, mut ref_logits) = reference.prefill(&reqs, true)?;
-        let mut cell_logits = vec![];
-        for (k, s) in sessions.iter_mut().enumerate() {
-            let t0 = Instant::now();
-            cell_logits.push(s.prefill(&reqs, true)?.1);
-            secs[k] += t0.elapsed().as_secs_f64();
+        for (k, d, nll, nll_dense, kl, same) in updates {
+            let s = &mut sums[k][d];
+            s.n += 1;
+            s.nll += nll;
+            s.nll_dense += nll_dense;
+            s.kl += kl;
+            s.top1 += u64::from(same);
         }
-        for pos in 0..len as usize - 1 {
-            if pos > 0 {
-                let forced: Vec<u32> = docs.iter().map(|d| d[pos]).collect();
-                reference.force_tokens(&forced)?;
-                ref_logits = reference.step_logits()?.1;
-                for (k, s) in sessions.iter_mut().enumerate() {
-                    let t0 = Instant::now();
-                    s.force_tokens(&forced)?;
-                    cell_logits[k] = s.step_logits()?.1;
-                    secs[k] += t0.elapsed().as_secs_f64();
-                }
-            }
-            let ref_lp: Vec<Vec<f64>> = ref_logits[..docs.len()]
-                .par_iter()
-                .map(|l| log_softmax(l))
-                .collect();
-            let ref_top: Vec<usize> = ref_logits.iter().map(|l| argmax(l)).collect();
-            // The context at this prediction holds pos + 1 tokens.
-            let scored: Vec<(usize, usize)> = (0..group.len())
-                .filter(|&k| pos + 1 > first_scored[k])
-                .flat_map(|k| (0..docs.len()).map(move |d| (k, d)))
-                .collect();
-            let updates: Vec<(usize, usize, f64, f64, f64, bool)> = scored
-                .par_iter()
-                .map(|&(k, d)| {
-                    let target = docs[d][pos + 1] as usize;
-                    let lp = log_softmax(&cell_logits[k][d]);
-                    let kl: f64 = ref_lp[d]
-                        .iter()
-                        .zip(&lp)
-                        .map(|(&p, &q)| p.exp() * (p - q))
-                        .sum();
-                    let same = argmax(&cell_logits[k][d]) == ref_top[d];
-                    (k, d, -lp[target], -ref_lp[d][target], kl, same)
-                })
-                .collect();
-            for (k, d, nll, nll_dense, kl, same) in updates {
-                let s = &mut sums[k][d];
-                s.n += 1;
-                s.nll += nll;
-                s.nll_dense += nll_dense;
-                s.kl += kl;
-                s.top1 += u64::from(same);
-            }
-            pb.inc(1);
-            // Without a terminal the bar is hidden: a line per tenth instead.
-            let tenth = (len as usize / 10).max(1);
-            if pb.is_hidden() && (pos + 1) % tenth == 0 {
-                eprintln!("fidelity {family}: {}/{} positions", pos + 1, len - 1);
-            }
-        }
-
-        for (k, c) in group.iter().enumerate() {
-            let cell = summarize(c, budgets[k], &sums[k], secs[k], len);
-            finished(
-                &pb,
-                format!(
-                    "fidelity {:12} {:>6}: Δppl {:+.2}%  KL {:.4}  top-1 {:.1}%  ({:.0} s)",
-                    cell.policy,
-                    cell.budget,
-                    cell.dppl_percent,
-                    cell.kl,
-                    100.0 * cell.top1,
-                    cell.seconds
-                ),
+        pb.inc(1);
+        // Without a terminal the bar is hidden: a line per tenth instead.
+        let tenth = (len as usize / 10).max(1);
+        if pb.is_hidden() && (pos + 1) % tenth == 0 {
+            eprintln!(
+                "fidelity ({} cells): {}/{} positions",
+                group.len(),
+                pos + 1,
+                len - 1
             );
-            results.fidelity.push(cell);
-            done += 1;
         }
-        save(results)?;
     }
+
+    for (k, c) in group.iter().enumerate() {
+        let cell = summarize(c, budgets[k], &sums[k], secs[k], len, t);
+        finished(
+            &pb,
+            format!(
+                "fidelity {:12} {:>6}: Δppl {:+.2}%  KL {:.4}  top-1 {:.1}%  ({:.0} s)",
+                cell.policy,
+                cell.budget,
+                cell.dppl_percent,
+                cell.kl,
+                100.0 * cell.top1,
+                cell.seconds
+            ),
+        );
+        results.fidelity.push(cell);
+    }
+    save(results)?;
     pb.finish_and_clear();
-    Ok(done)
+    Ok(group.len())
 }
 
-fn summarize(c: &Cell, budget: u32, sums: &[Sums], seconds: f64, len: u32) -> FidelityCell {
+fn summarize(c: &Cell, budget: u32, sums: &[Sums], seconds: f64, len: u32, t: u32) -> FidelityCell {
     let per: Vec<DocScore> = sums
         .iter()
         .zip(&super::corpus::TEXTS)
@@ -255,10 +259,11 @@ fn summarize(c: &Cell, budget: u32, sums: &[Sums], seconds: f64, len: u32) -> Fi
     );
     FidelityCell {
         policy: c.family.to_string(),
-        kv: c.policy(len).to_string(),
+        kv: c.policy(len, t).to_string(),
         budget: c.budget_label(),
         budget_tokens: c.budget.as_ref().map(|_| budget),
-        prefill_len: c.prefill_len,
+        width: c.width.label(),
+        prefill_len: t,
         docs: per,
         ppl: nll.exp(),
         ppl_dense: nll_dense.exp(),

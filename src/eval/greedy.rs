@@ -22,7 +22,10 @@ pub struct GreedyCell {
     pub budget: String,
     /// Budget in tokens (`None` for dense).
     pub budget_tokens: Option<u32>,
-    /// Prefill width.
+    /// Prefill width as asked (`64`, `auto`).
+    #[serde(default)]
+    pub width: String,
+    /// Prefill width compiled.
     pub prefill_len: u32,
     /// Generated tokens per document.
     pub tokens: Vec<Vec<u32>>,
@@ -45,26 +48,27 @@ pub fn run(
     save: &mut dyn FnMut(&Results) -> Result<()>,
 ) -> Result<usize> {
     let len = prompts.iter().map(Vec::len).max().unwrap_or(0) as u32 + new_tokens;
-    let mut widths: Vec<u32> = cells.iter().map(|c| c.prefill_len).collect();
+    let mut widths: Vec<super::Width> = cells.iter().map(|c| c.width).collect();
     widths.dedup();
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(1);
     let mut todo: Vec<Cell> = vec![];
     for &t in &widths {
         let dense = Cell {
             family: Family::Dense,
             budget: None,
-            prefill_len: t,
+            width: t,
         };
         for c in std::iter::once(&dense).chain(
             cells
                 .iter()
-                .filter(|c| c.prefill_len == t && c.family != Family::Dense),
+                .filter(|c| c.width == t && c.family != Family::Dense),
         ) {
             let b = c.budget.as_ref().map(|b| b.tokens(len));
             let done = results.greedy.iter().any(|r| {
                 r.policy == c.family.to_string()
                     && r.budget == c.budget_label()
                     && r.budget_tokens == b
-                    && r.prefill_len == t
+                    && super::width_label(&r.width, r.prefill_len) == t.label()
             });
             if !done {
                 todo.push(c.clone());
@@ -80,11 +84,12 @@ pub fn run(
             "{} {} T={}",
             c.family,
             c.budget_label(),
-            c.prefill_len
+            c.width.label()
         ));
         let t0 = Instant::now();
-        let policy = c.policy(len);
-        let mut s = h.session(prompts.len() as u32, c.prefill_len, len, policy)?;
+        let t = c.width.resolve(longest, len);
+        let policy = c.policy(len, t);
+        let mut s = h.session(prompts.len() as u32, t, len, policy)?;
         let reqs: Vec<Request> = prompts
             .iter()
             .map(|p| Request {
@@ -103,7 +108,10 @@ pub fn run(
             _ => results
                 .greedy
                 .iter()
-                .find(|r| r.policy == "dense" && r.prefill_len == c.prefill_len)
+                .find(|r| {
+                    r.policy == "dense"
+                        && super::width_label(&r.width, r.prefill_len) == c.width.label()
+                })
                 .map(|r| r.tokens.clone())
                 .expect("dense runs first at every width"),
         };
@@ -117,7 +125,8 @@ pub fn run(
             kv: policy.to_string(),
             budget: c.budget_label(),
             budget_tokens: c.budget.as_ref().map(|b| b.tokens(len)),
-            prefill_len: c.prefill_len,
+            width: c.width.label(),
+            prefill_len: t,
             mean_agree: agree.iter().map(|&a| a as f64).sum::<f64>() / agree.len().max(1) as f64,
             agree,
             tokens,

@@ -22,7 +22,9 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use kvc_compiler::ir::Program;
 use kvc_compiler::lower::WeightTypes;
-use kvc_compiler::spec::{DTypeSpec, KvPolicy, KvStorage, ModelSpec, Overrides};
+use kvc_compiler::spec::{
+    DTypeSpec, KvPolicy, KvStorage, ModelSpec, Overrides, one_chunk_prefill_len,
+};
 use kvc_runtime::exec::session::Session;
 use kvc_runtime::load::tokenizer::Tokenizer;
 use kvc_runtime::model::LoadedModel;
@@ -49,10 +51,11 @@ pub struct EvalArgs {
     /// or a token count (`256`).
     #[arg(long, value_delimiter = ',', default_values_t = ["12.5%".to_string(), "25%".to_string(), "50%".to_string()])]
     pub budgets: Vec<String>,
-    /// Prefill widths (`T`, comma-separated) of the passkey and greedy tasks; the first
-    /// is also the fidelity task's.
-    #[arg(long, value_delimiter = ',', default_values_t = [64u32])]
-    pub prefill_len: Vec<u32>,
+    /// Prefill widths (`T`, comma-separated) of the passkey and greedy tasks: a token
+    /// count, or `auto` for one chunk per prompt (what `kvc run` picks for a budgeted
+    /// policy). The first is also the fidelity task's (its prompt is one token).
+    #[arg(long, value_delimiter = ',', default_values_t = ["64".to_string(), "auto".to_string()])]
+    pub prefill_len: Vec<String>,
     /// Documents of the fidelity and greedy tasks (at most 4).
     #[arg(long, default_value_t = 4)]
     pub docs: usize,
@@ -246,6 +249,56 @@ impl Budget {
     }
 }
 
+/// A prefill width.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Width {
+    /// `T` tokens (at most the cache length).
+    Fixed(u32),
+    /// One chunk per prompt ([`one_chunk_prefill_len`]), as `kvc run` compiles budgeted
+    /// policies.
+    Auto,
+}
+
+impl Width {
+    fn parse(s: &str) -> Result<Width> {
+        let t = s.trim();
+        if t.eq_ignore_ascii_case("auto") {
+            return Ok(Width::Auto);
+        }
+        match t.parse::<u32>() {
+            Ok(n) if n > 0 => Ok(Width::Fixed(n)),
+            _ => {
+                bail!("--prefill-len: expected `auto` or a width of at least 1 token, found {s:?}")
+            }
+        }
+    }
+
+    /// `64`, `auto`.
+    pub fn label(self) -> String {
+        match self {
+            Width::Fixed(t) => t.to_string(),
+            Width::Auto => "auto".into(),
+        }
+    }
+
+    /// The width for prompts of at most `prompt` tokens in a cache of `cache_len`.
+    pub fn resolve(self, prompt: usize, cache_len: u32) -> u32 {
+        match self {
+            Width::Fixed(t) => t.min(cache_len.max(1)),
+            Width::Auto => one_chunk_prefill_len(prompt, cache_len),
+        }
+    }
+}
+
+/// The width label of a stored cell (`width`; files that lack it hold fixed widths).
+pub fn width_label(stored: &str, prefill_len: u32) -> String {
+    if stored.is_empty() {
+        prefill_len.to_string()
+    } else {
+        stored.to_string()
+    }
+}
+
 /// One cell of the grid: a policy family at a budget (none for dense) and a prefill width.
 #[derive(Clone, Debug)]
 pub struct Cell {
@@ -254,15 +307,15 @@ pub struct Cell {
     /// The budget (`None` for dense).
     pub budget: Option<Budget>,
     /// Prefill width.
-    pub prefill_len: u32,
+    pub width: Width,
 }
 
 impl Cell {
-    /// The policy for a sequence of `len` tokens.
-    pub fn policy(&self, len: u32) -> KvPolicy {
+    /// The policy for a sequence of `len` tokens prefilled `t` wide.
+    pub fn policy(&self, len: u32, t: u32) -> KvPolicy {
         match &self.budget {
             None => KvPolicy::Dense,
-            Some(b) => self.family.policy(b.tokens(len), self.prefill_len),
+            Some(b) => self.family.policy(b.tokens(len), t),
         }
     }
 
@@ -393,8 +446,13 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         .iter()
         .map(|s| Budget::parse(s))
         .collect::<Result<_>>()?;
-    if args.prefill_len.is_empty() || args.prefill_len.contains(&0) {
-        bail!("--prefill-len: expected widths of at least 1 token");
+    let widths: Vec<Width> = args
+        .prefill_len
+        .iter()
+        .map(|s| Width::parse(s))
+        .collect::<Result<_>>()?;
+    if widths.is_empty() {
+        bail!("--prefill-len: expected at least one width");
     }
     if args.docs == 0 || args.docs > corpus::TEXTS.len() {
         bail!(
@@ -515,7 +573,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         cells: 0,
         seconds: 0.0,
     };
-    let cells = |widths: &[u32]| -> Vec<Cell> {
+    let cells = |widths: &[Width]| -> Vec<Cell> {
         let mut v = vec![];
         for &t in widths {
             for &f in &families {
@@ -523,14 +581,14 @@ pub fn eval(args: EvalArgs) -> Result<()> {
                     v.push(Cell {
                         family: f,
                         budget: None,
-                        prefill_len: t,
+                        width: t,
                     });
                 } else {
                     for b in &budgets {
                         v.push(Cell {
                             family: f,
                             budget: Some(b.clone()),
-                            prefill_len: t,
+                            width: t,
                         });
                     }
                 }
@@ -558,11 +616,11 @@ pub fn eval(args: EvalArgs) -> Result<()> {
                         Ok(ids[..args.doc_tokens as usize].to_vec())
                     })
                     .collect::<Result<_>>()?;
-                let todo = cells(&args.prefill_len[..1]);
+                let todo = cells(&widths[..1]);
                 run.cells += fidelity::run(&h, &docs, &todo, &mut results, &mut |r| r.save(json))?;
             }
             Task::Passkey => {
-                let todo = cells(&args.prefill_len);
+                let todo = cells(&widths);
                 run.cells += passkey::run(
                     &h,
                     &args.passkey_lengths,
@@ -581,7 +639,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
                         Ok(ids[..n].to_vec())
                     })
                     .collect::<Result<_>>()?;
-                let todo = cells(&args.prefill_len);
+                let todo = cells(&widths);
                 run.cells += greedy::run(
                     &h,
                     &prompts,
@@ -594,7 +652,10 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         }
     }
     run.seconds = t0.elapsed().as_secs_f64();
-    results.runs.push(run);
+    // A rerun that found every cell done adds nothing to the record.
+    if run.cells > 0 {
+        results.runs.push(run);
+    }
     results.save(json)?;
     eprintln!(
         "eval: {} cells computed in {:.1} s",

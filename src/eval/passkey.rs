@@ -39,7 +39,10 @@ pub struct PasskeyCell {
     pub budget: String,
     /// Budget in tokens (`None` for dense).
     pub budget_tokens: Option<u32>,
-    /// Prefill width.
+    /// Prefill width as asked (`64`, `auto`).
+    #[serde(default)]
+    pub width: String,
+    /// Prefill width compiled.
     pub prefill_len: u32,
     /// Target prompt length in tokens.
     pub length: u32,
@@ -56,7 +59,7 @@ impl PasskeyCell {
         self.policy == c.family.to_string()
             && self.budget == c.budget_label()
             && self.budget_tokens == budget_tokens
-            && self.prefill_len == c.prefill_len
+            && super::width_label(&self.width, self.prefill_len) == c.width.label()
             && self.length == length
             && self.rows.iter().map(|r| r.depth).eq(depths.iter().copied())
     }
@@ -143,14 +146,15 @@ pub fn run(
             "{} {} T={} L={length}",
             c.family,
             c.budget_label(),
-            c.prefill_len
+            c.width.label()
         ));
         let t0 = Instant::now();
         let new_tokens = ps.iter().map(|p| p.answer.len()).max().unwrap_or(1) + 3;
         let longest = ps.iter().map(|p| p.ids.len()).max().unwrap_or(1);
         let cache_len = (longest + new_tokens) as u32;
-        let policy = c.policy(length);
-        let mut s = h.session(depths.len() as u32, c.prefill_len, cache_len, policy)?;
+        let t = c.width.resolve(longest, cache_len);
+        let policy = c.policy(length, t);
+        let mut s = h.session(depths.len() as u32, t, cache_len, policy)?;
         let reqs: Vec<Request> = ps
             .iter()
             .map(|p| Request {
@@ -204,7 +208,8 @@ pub fn run(
             kv: policy.to_string(),
             budget: c.budget_label(),
             budget_tokens: c.budget.as_ref().map(|b| b.tokens(length)),
-            prefill_len: c.prefill_len,
+            width: c.width.label(),
+            prefill_len: t,
             length,
             rows,
             retrieved,
@@ -216,7 +221,7 @@ pub fn run(
                 "passkey  {:12} {:>6} T={:<5} L={:<5}: {:3.0}% retrieved, ranks {:?} ({:.0} s)",
                 cell.policy,
                 cell.budget,
-                cell.prefill_len,
+                t,
                 length,
                 100.0 * cell.retrieved,
                 cell.rows.iter().map(|r| r.rank).collect::<Vec<_>>(),

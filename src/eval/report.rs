@@ -19,6 +19,13 @@ const ORDER: [&str; 7] = [
     "random",
 ];
 
+/// The width label of a passkey or greedy cell, and a sort key (fixed widths by size,
+/// then `auto`).
+fn width_key(width: &str, prefill_len: u32) -> (u32, String) {
+    let w = super::width_label(width, prefill_len);
+    (w.parse().unwrap_or(u32::MAX), w)
+}
+
 fn family_rank(p: &str) -> usize {
     ORDER.iter().position(|&o| o == p).unwrap_or(ORDER.len())
 }
@@ -97,11 +104,19 @@ pub fn charts(r: &Results) -> Vec<(String, String)> {
             ),
         ));
     }
-    let mut widths: Vec<u32> = r.passkey.iter().map(|c| c.prefill_len).collect();
-    widths.sort_unstable();
+    let mut widths: Vec<(u32, String)> = r
+        .passkey
+        .iter()
+        .map(|c| width_key(&c.width, c.prefill_len))
+        .collect();
+    widths.sort();
     widths.dedup();
-    for t in widths {
-        let cells: Vec<_> = r.passkey.iter().filter(|c| c.prefill_len == t).collect();
+    for (_, t) in widths {
+        let cells: Vec<_> = r
+            .passkey
+            .iter()
+            .filter(|c| super::width_label(&c.width, c.prefill_len) == t)
+            .collect();
         let mut lengths: Vec<u32> = cells.iter().map(|c| c.length).collect();
         lengths.sort_unstable();
         lengths.dedup();
@@ -167,17 +182,23 @@ pub fn charts(r: &Results) -> Vec<(String, String)> {
         let fams = families(r.greedy.iter().map(|c| c.policy.as_str()));
         let (p, g) = r.setup.greedy;
         let len = (p + g) as f64;
-        let mut widths: Vec<u32> = r.greedy.iter().map(|c| c.prefill_len).collect();
-        widths.sort_unstable();
+        let mut widths: Vec<(u32, String)> = r
+            .greedy
+            .iter()
+            .map(|c| width_key(&c.width, c.prefill_len))
+            .collect();
+        widths.sort();
         widths.dedup();
         let series: Vec<(String, Vec<(f64, f64)>)> = widths
             .iter()
-            .flat_map(|&t| {
+            .flat_map(|(_, t)| {
                 fams.iter().map(move |f| {
                     let mut pts: Vec<(f64, f64)> = r
                         .greedy
                         .iter()
-                        .filter(|c| &c.policy == f && c.prefill_len == t)
+                        .filter(|c| {
+                            &c.policy == f && &super::width_label(&c.width, c.prefill_len) == t
+                        })
                         .filter_map(|c| Some((100.0 * c.budget_tokens? as f64 / len, c.mean_agree)))
                         .collect();
                     pts.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -335,12 +356,12 @@ pub fn markdown(r: &Results, plots: Option<&Path>, md_path: Option<&Path>) -> St
         let head: Vec<String> = lengths.iter().map(|l| format!("{l} tokens")).collect();
         let _ = writeln!(s, "| policy | budget | T | {} |", head.join(" | "));
         let _ = writeln!(s, "|---|---|---:|{}", "---|".repeat(lengths.len()));
-        let mut keys: Vec<(u32, usize, String, String)> = r
+        let mut keys: Vec<((u32, String), usize, String, String)> = r
             .passkey
             .iter()
             .map(|c| {
                 (
-                    c.prefill_len,
+                    width_key(&c.width, c.prefill_len),
                     family_rank(&c.policy),
                     c.policy.clone(),
                     c.budget.clone(),
@@ -348,34 +369,46 @@ pub fn markdown(r: &Results, plots: Option<&Path>, md_path: Option<&Path>) -> St
             })
             .collect();
         keys.sort_by(|a, b| {
-            (a.0, a.1, budget_order(&a.3))
-                .partial_cmp(&(b.0, b.1, budget_order(&b.3)))
+            (&a.0, a.1, budget_order(&a.3))
+                .partial_cmp(&(&b.0, b.1, budget_order(&b.3)))
                 .unwrap_or(std::cmp::Ordering::Equal)
         });
         keys.dedup();
-        for (t, _, p, b) in keys {
+        for ((_, t), _, p, b) in keys {
             let entries: Vec<String> = lengths
                 .iter()
                 .map(|&l| {
                     r.passkey
                         .iter()
                         .find(|c| {
-                            c.prefill_len == t && c.policy == p && c.budget == b && c.length == l
+                            super::width_label(&c.width, c.prefill_len) == t
+                                && c.policy == p
+                                && c.budget == b
+                                && c.length == l
                         })
                         .map_or("–".into(), |c| {
                             let found = c.rows.iter().filter(|x| x.found).count();
                             let rank = c.rows.iter().map(|x| x.rank as f64).sum::<f64>()
                                 / c.rows.len().max(1) as f64;
-                            format!("{found}/{} ({rank:.1})", c.rows.len())
+                            let auto = if t == "auto" {
+                                format!(", T={}", c.prefill_len)
+                            } else {
+                                String::new()
+                            };
+                            format!("{found}/{} ({rank:.1}{auto})", c.rows.len())
                         })
                 })
                 .collect();
             let _ = writeln!(s, "| {p} | {b} | {t} | {} |", entries.join(" | "));
         }
-        let mut widths: Vec<u32> = r.passkey.iter().map(|c| c.prefill_len).collect();
-        widths.sort_unstable();
+        let mut widths: Vec<(u32, String)> = r
+            .passkey
+            .iter()
+            .map(|c| width_key(&c.width, c.prefill_len))
+            .collect();
+        widths.sort();
         widths.dedup();
-        for t in widths {
+        for (_, t) in widths {
             img(&mut s, &format!("passkey_T{t}.svg"));
         }
     }
@@ -393,7 +426,7 @@ pub fn markdown(r: &Results, plots: Option<&Path>, md_path: Option<&Path>) -> St
         let mut cells: Vec<_> = r.greedy.iter().collect();
         cells.sort_by_key(|c| {
             (
-                c.prefill_len,
+                width_key(&c.width, c.prefill_len),
                 family_rank(&c.policy),
                 c.budget_tokens.unwrap_or(0),
             )
@@ -405,7 +438,7 @@ pub fn markdown(r: &Results, plots: Option<&Path>, md_path: Option<&Path>) -> St
                 c.policy,
                 c.budget,
                 c.budget_tokens.map_or("-".into(), |b| b.to_string()),
-                c.prefill_len,
+                super::width_label(&c.width, c.prefill_len),
                 c.mean_agree,
                 c.agree
             );

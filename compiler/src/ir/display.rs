@@ -98,6 +98,7 @@ impl BinaryOp {
             BinaryOp::Mul => "mul",
             BinaryOp::Min => "min",
             BinaryOp::Max => "max",
+            BinaryOp::Div => "div",
             BinaryOp::Eq => "eq",
             BinaryOp::Lt => "lt",
             BinaryOp::Le => "le",

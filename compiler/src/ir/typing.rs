@@ -283,6 +283,10 @@ pub fn infer_type(op: &Op, before: &[Node], decls: &Decls<'_>) -> Result<Type, S
                     }
                     a.dtype
                 }
+                BinaryOp::Div => {
+                    expect_dtype("a", a, DType::F32)?;
+                    DType::F32
+                }
                 BinaryOp::Lt | BinaryOp::Le => {
                     if a.dtype == DType::Bool {
                         return Err(format!("expected numeric operands, found {}", fmt_ty(a)));

@@ -132,7 +132,10 @@ pub fn attend(
         KvPolicy::Dense => unreachable!("Dense has no budget"),
         KvPolicy::Window { .. } => Box::new(window::Window),
         KvPolicy::SinkWindow { sinks, .. } => Box::new(sink_window::SinkWindow { sinks }),
-        KvPolicy::H2o { recent, .. } => Box::new(h2o::H2o { recent }),
+        KvPolicy::H2o { recent, .. } => Box::new(h2o::H2o {
+            recent,
+            normalise: false,
+        }),
         KvPolicy::Tova { .. } => Box::new(tova::Tova),
         KvPolicy::SnapKv { window, pool, .. } => Box::new(snapkv::SnapKv { window, pool }),
         KvPolicy::Random { seed, .. } => Box::new(random::Random { seed }),

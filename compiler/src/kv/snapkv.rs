@@ -8,7 +8,9 @@
 //! `window` newest tokens are protected and the highest scores fill the rest of the
 //! budget. A prompt longer than one chunk is compressed chunk by chunk.
 //! Rule in decode: H2O with `recent = window` (each step's attention is added to the
-//! score).
+//! score), ranked by the mean attention per query that saw the token (see `h2o.rs`:
+//! measured with `kvc eval` on SmolLM2, 4 × 1,024 tokens, budget 25%, Δ NLL 0.100 → 0.076
+//! nats, top-1 83.6% → 86.8%).
 //! State: the slot table and `score.l` `[B, Hkv, N]` F32. Cost: prefill adds a pairwise
 //! `[B, Hkv, N, N]` pooling per chunk and layer; decode costs as H2O.
 
@@ -65,8 +67,16 @@ impl Rule for SnapKv {
         view: &View<'_>,
         score: Option<ValueId>,
     ) -> Result<ValueId, BuildError> {
-        // Prefill protects the observation window just as decode's H2O protects `recent`.
-        self.decode_rule().priority(g, view, score)
+        // Prefill protects the observation window just as decode's H2O protects `recent`,
+        // and ranks by the pooled observation-window score itself.
+        let rule = match view.chunk.phase {
+            Phase::Prefill => H2o {
+                recent: self.window,
+                normalise: false,
+            },
+            Phase::Decode => self.decode_rule(),
+        };
+        rule.priority(g, view, score)
     }
 }
 
@@ -75,6 +85,7 @@ impl SnapKv {
     fn decode_rule(&self) -> H2o {
         H2o {
             recent: self.window,
+            normalise: true,
         }
     }
 }

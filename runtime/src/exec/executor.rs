@@ -436,6 +436,7 @@ fn binary(op: BinaryOp, a: Value, b: Value, dims: [usize; 4]) -> Value {
                 BinaryOp::Mul => Value::F(a.mul(b)),
                 BinaryOp::Min => Value::F(a.min_pair(b)),
                 BinaryOp::Max => Value::F(a.max_pair(b)),
+                BinaryOp::Div => Value::F(a.div(b)),
                 BinaryOp::Eq => Value::B(a.equal(b)),
                 BinaryOp::Lt => Value::B(a.lower(b)),
                 BinaryOp::Le => Value::B(a.lower_equal(b)),
@@ -454,6 +455,7 @@ fn binary(op: BinaryOp, a: Value, b: Value, dims: [usize; 4]) -> Value {
                 BinaryOp::Lt => Value::B(a.lower(b)),
                 BinaryOp::Le => Value::B(a.lower_equal(b)),
                 BinaryOp::And | BinaryOp::Or => unreachable!("verified: logic on i32"),
+                BinaryOp::Div => unreachable!("verified: division on f32 only"),
             }
         }
         (Value::B(a), Value::B(b)) => {
@@ -467,6 +469,7 @@ fn binary(op: BinaryOp, a: Value, b: Value, dims: [usize; 4]) -> Value {
                 | BinaryOp::Mul
                 | BinaryOp::Min
                 | BinaryOp::Max
+                | BinaryOp::Div
                 | BinaryOp::Lt
                 | BinaryOp::Le => unreachable!("verified: arithmetic on bool"),
             }
