@@ -113,7 +113,10 @@ fn small_eval_holds_its_properties_and_resumes() {
     assert_eq!(find(&r, "fidelity", "window", "25%")["budget_tokens"], 48);
 
     // Dense finds the key at both widths; its answer's first token ranks first.
-    for pk in cells(&r, "passkey").iter().filter(|c| c["policy"] == "dense") {
+    for pk in cells(&r, "passkey")
+        .iter()
+        .filter(|c| c["policy"] == "dense")
+    {
         assert_eq!(pk["rows"][0]["found"], true, "{pk}");
         assert_eq!(pk["rows"][0]["rank"], 0, "{pk}");
     }
@@ -143,6 +146,9 @@ fn small_eval_holds_its_properties_and_resumes() {
         serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
     assert_eq!(again["fidelity"], r["fidelity"]);
     assert_eq!(again["passkey"], r["passkey"]);
-    assert_eq!(again["runs"], r["runs"], "a rerun that computes nothing is not recorded");
+    assert_eq!(
+        again["runs"], r["runs"],
+        "a rerun that computes nothing is not recorded"
+    );
     std::fs::remove_dir_all(&out).unwrap();
 }

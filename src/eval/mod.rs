@@ -473,8 +473,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         }
     }
 
-    let spec = ModelSpec::load(&args.model)?;
-    let spec = spec.clone().with_overrides(
+    let spec = ModelSpec::load(&args.model)?.with_overrides(
         &Overrides {
             weight_dtype: args.weight_dtype,
             ..Overrides::default()
@@ -486,7 +485,6 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default();
-    let types = kvc_runtime::model::native_weight_types(&spec, &base_dir, &mut crate::progress())?;
     // The smallest program of the model carries the weights every cell shares.
     let mut o = Overrides {
         batch: Some(1),
@@ -497,30 +495,12 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         ..Overrides::default()
     };
     crate::store_kv_where_it_runs(&spec, &mut o, args.exec.backend);
-    let small = kvc_compiler::compile_with(&spec.clone().with_overrides(&o, &spec.name)?, &types)?;
-    let loaded = LoadedModel::load_with(
-        small,
-        &base_dir,
-        args.exec.backend,
-        args.exec.options(),
-        &mut crate::progress(),
-    )?;
-    let tok = loaded
-        .tokenizer
-        .context("this model has no tokenizer (random weights): kvc eval needs one")?;
-    let h = Harness {
-        spec: spec.clone(),
-        types,
-        base: loaded.session,
-        tok,
-        kv_storage: o.kv_storage.unwrap_or(spec.compile.kv_storage),
-    };
-
+    let kv_storage = o.kv_storage.unwrap_or(spec.compile.kv_storage);
     let texts = &corpus::TEXTS[..args.docs];
     let setup = Setup {
         model: spec.name.clone(),
         weight_dtype: format!("{:?}", spec.compile.weight_dtype).to_lowercase(),
-        kv_storage: h.kv_storage.name().to_string(),
+        kv_storage: kv_storage.name().to_string(),
         docs: texts
             .iter()
             .map(|t| (t.name.to_string(), t.sha256.to_string()))
@@ -561,6 +541,26 @@ pub fn eval(args: EvalArgs) -> Result<()> {
             passkey: vec![],
             greedy: vec![],
         },
+    };
+
+    let types = kvc_runtime::model::native_weight_types(&spec, &base_dir, &mut crate::progress())?;
+    let small = kvc_compiler::compile_with(&spec.clone().with_overrides(&o, &spec.name)?, &types)?;
+    let loaded = LoadedModel::load_with(
+        small,
+        &base_dir,
+        args.exec.backend,
+        args.exec.options(),
+        &mut crate::progress(),
+    )?;
+    let tok = loaded
+        .tokenizer
+        .context("this model has no tokenizer (random weights): kvc eval needs one")?;
+    let h = Harness {
+        spec: spec.clone(),
+        types,
+        base: loaded.session,
+        tok,
+        kv_storage,
     };
 
     let mut run = RunInfo {

@@ -20,9 +20,11 @@ pub struct PasskeyRow {
     pub tokens: u32,
     /// The key.
     pub key: u32,
-    /// Whether the first number in the greedy answer is the key.
+    /// Whether the first number in the greedy answer (after the prompt's trailing space)
+    /// is the key.
     pub found: bool,
-    /// Rank of the answer's first token in the logits after the prompt (0 = top-1).
+    /// Rank of the key's first digit in the logits after the prompt (0 = top-1; the
+    /// prompt ends with the answer's tokens before the digits, e.g. the space).
     pub rank: u32,
     /// The decoded answer.
     pub answer: String,
@@ -79,14 +81,27 @@ fn prompts(h: &Harness, length: u32, depths: &[u32]) -> Result<Vec<Prompt>> {
         .map(|&depth| {
             let key = passkey_key(length, depth);
             let text = passkey_prompt(length, depth, &|s| h.count(s))?;
-            let ids = h.tok.encode_prompt(&text, false)?;
+            let mut ids = h.tok.encode_prompt(&text, false)?;
             let full = h.tok.encode_prompt(&format!("{text} {key}"), false)?;
             // The answer's tokens follow the prompt's when the tokenizer keeps the prompt
             // as a prefix (a space before the digits starts a new token).
-            let answer = match full.strip_prefix(ids.as_slice()) {
+            let mut answer = match full.strip_prefix(ids.as_slice()) {
                 Some(rest) if !rest.is_empty() => rest.to_vec(),
                 _ => h.tok.encode_prompt(&format!(" {key}"), false)?,
             };
+            // Tokens of the answer before its first digit (the space) join the prompt, so
+            // the first prediction is the key's first digit and its rank says how close
+            // the policy came.
+            let mut lead = 0;
+            while lead + 1 < answer.len()
+                && !h
+                    .tok
+                    .decode(&answer[lead..=lead])?
+                    .contains(|c: char| c.is_ascii_digit())
+            {
+                lead += 1;
+            }
+            ids.extend(answer.drain(..lead));
             Ok(Prompt {
                 depth,
                 key,

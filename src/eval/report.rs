@@ -349,8 +349,8 @@ pub fn markdown(r: &Results, plots: Option<&Path>, md_path: Option<&Path>) -> St
         let _ = writeln!(
             s,
             "## Passkey retrieval\n\nA 5-digit key at depths {} of a filler text, asked for at \
-             the end; greedy answer. Each entry: keys retrieved / depths (mean rank of the \
-             answer's first token; 0 = top-1). Budgets are shares of each prompt's length.\n",
+             the end; greedy answer. Each entry: keys retrieved / depths (mean rank of the key's \
+             first digit after the prompt; 0 = top-1). Budgets are shares of each prompt's length.\n",
             depths.join(", ")
         );
         let head: Vec<String> = lengths.iter().map(|l| format!("{l} tokens")).collect();
@@ -446,6 +446,7 @@ pub fn markdown(r: &Results, plots: Option<&Path>, md_path: Option<&Path>) -> St
         img(&mut s, "greedy.svg");
     }
 
+    goals(&mut s, r);
     let checks = check(r);
     let (tn, tk, tt) = full_budget_tolerance(&r.setup.weight_dtype);
     let _ = writeln!(s, "## Properties checked (`--check`)\n");
@@ -465,6 +466,93 @@ pub fn markdown(r: &Results, plots: Option<&Path>, md_path: Option<&Path>) -> St
         }
     }
     s
+}
+
+/// The goals of the quality issue at a 25% budget, each with what was measured.
+fn goals(s: &mut String, r: &Results) {
+    let at = |p: &str| {
+        r.fidelity
+            .iter()
+            .find(|c| c.policy == p && c.budget == "25%")
+            .map(|c| c.dppl_percent)
+    };
+    let mut lines = vec![];
+    let verdict = |ok: bool| if ok { "met" } else { "not met" };
+    let scored: Vec<(String, f64)> = ["h2o", "tova", "snapkv"]
+        .iter()
+        .filter_map(|p| Some((p.to_string(), at(p)?)))
+        .collect();
+    if let Some((best, d)) = scored.iter().min_by(|a, b| a.1.total_cmp(&b.1)) {
+        lines.push(format!(
+            "Δ ppl of the best of H2O/TOVA/SnapKV ≤ 3%: {best} {d:+.2}% ({})",
+            verdict(*d <= 3.0)
+        ));
+    }
+    if let Some(sw) = at("sink-window") {
+        lines.push(format!(
+            "Δ ppl of sink-window ≤ 8%: {sw:+.2}% ({})",
+            verdict(sw <= 8.0)
+        ));
+        if let Some(w) = at("window") {
+            lines.push(format!(
+                "window visibly worse than sink-window: {w:+.2}% vs {sw:+.2}% ({})",
+                verdict(w > sw)
+            ));
+        }
+    }
+    if let Some(rnd) = at("random") {
+        let others: Vec<(String, f64)> = ["window", "sink-window", "h2o", "tova", "snapkv"]
+            .iter()
+            .filter_map(|p| Some((p.to_string(), at(p)?)))
+            .collect();
+        let worst_other = others.iter().map(|o| o.1).fold(f64::NEG_INFINITY, f64::max);
+        lines.push(format!(
+            "random worst: {rnd:+.2}% vs the worst other {worst_other:+.2}% ({})",
+            verdict(rnd >= worst_other)
+        ));
+    }
+    let mut lengths: Vec<u32> = r.passkey.iter().map(|c| c.length).collect();
+    lengths.sort_unstable();
+    lengths.dedup();
+    for l in lengths {
+        for width in ["auto", "64"] {
+            let share = |p: &str| {
+                r.passkey
+                    .iter()
+                    .find(|c| {
+                        c.policy == p
+                            && c.length == l
+                            && super::width_label(&c.width, c.prefill_len) == width
+                            && (p == "dense" || c.budget == "25%")
+                    })
+                    .map(|c| c.retrieved)
+            };
+            let Some(dense) = share("dense") else {
+                continue;
+            };
+            let best = ["window", "sink-window", "h2o", "tova", "snapkv", "random"]
+                .iter()
+                .filter_map(|p| Some((*p, share(p)?)))
+                .max_by(|a, b| a.1.total_cmp(&b.1));
+            if let Some((p, v)) = best {
+                lines.push(format!(
+                    "passkey at {l} tokens, width {width}: best policy within 10 points of \
+                     dense: {p} {:.0}% vs dense {:.0}% ({})",
+                    100.0 * v,
+                    100.0 * dense,
+                    verdict(v >= dense - 0.1 - 1e-9)
+                ));
+            }
+        }
+    }
+    if lines.is_empty() {
+        return;
+    }
+    let _ = writeln!(s, "## Goals at a 25% budget\n");
+    for l in lines {
+        let _ = writeln!(s, "- {l}");
+    }
+    let _ = writeln!(s);
 }
 
 fn budget_order(b: &str) -> f64 {
@@ -547,4 +635,106 @@ pub fn check(r: &Results) -> Vec<String> {
         }
     }
     failed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::fidelity::{DocScore, FidelityCell};
+    use super::super::passkey::{PasskeyCell, PasskeyRow};
+    use super::super::{FORMAT, Setup};
+    use super::*;
+
+    fn results() -> Results {
+        Results {
+            format: FORMAT,
+            setup: Setup {
+                model: "m".into(),
+                weight_dtype: "f32".into(),
+                kv_storage: "f16".into(),
+                docs: vec![("alice29".into(), "x".into())],
+                doc_tokens: 100,
+                greedy: (10, 5),
+            },
+            runs: vec![],
+            fidelity: vec![],
+            passkey: vec![],
+            greedy: vec![],
+        }
+    }
+
+    fn fid(policy: &str, budget: Option<u32>, dnll: f64, kl: f64, top1: f64) -> FidelityCell {
+        FidelityCell {
+            policy: policy.into(),
+            kv: policy.into(),
+            budget: budget.map_or("-".into(), |b| format!("{b}%")),
+            budget_tokens: budget,
+            width: "64".into(),
+            prefill_len: 64,
+            docs: vec![DocScore {
+                doc: "alice29".into(),
+                positions: 99,
+                nll: 2.0 + dnll,
+                nll_dense: 2.0,
+                kl,
+                top1,
+            }],
+            ppl: (2.0 + dnll).exp(),
+            ppl_dense: 2f64.exp(),
+            dppl_percent: 100.0 * (dnll.exp() - 1.0),
+            dnll,
+            dnll_ci95: f64::NAN,
+            kl,
+            top1,
+            seconds: 1.0,
+        }
+    }
+
+    #[test]
+    fn every_property_can_fail() {
+        let mut r = results();
+        r.fidelity = vec![
+            fid("dense", None, 0.0, 0.0, 1.0),
+            fid("h2o", Some(100), 1e-5, 1e-8, 1.0),
+            fid("window", Some(25), 0.5, 0.4, 0.6),
+            fid("sink-window", Some(25), 0.1, 0.1, 0.8),
+        ];
+        r.passkey = vec![PasskeyCell {
+            policy: "dense".into(),
+            kv: "dense".into(),
+            budget: "-".into(),
+            budget_tokens: None,
+            width: "64".into(),
+            prefill_len: 64,
+            length: 256,
+            rows: vec![PasskeyRow {
+                depth: 50,
+                tokens: 250,
+                key: 12345,
+                found: true,
+                rank: 0,
+                answer: " 12345.".into(),
+            }],
+            retrieved: 1.0,
+            seconds: 1.0,
+        }];
+        assert_eq!(check(&r), Vec::<String>::new());
+        let md = markdown(&r, None, None);
+        assert!(md.contains("All hold"), "{md}");
+        assert!(md.contains("window visibly worse than sink-window: +64.87% vs +10.52% (met)"));
+
+        // Each broken in turn is reported.
+        let mut bad = r.clone();
+        bad.fidelity[0].dnll = 1e-9;
+        assert_eq!(check(&bad).len(), 1, "dense must equal dense exactly");
+        let mut bad = r.clone();
+        bad.fidelity[1].kl = 1e-3;
+        assert_eq!(check(&bad).len(), 1, "a full budget must match dense");
+        let mut bad = r.clone();
+        bad.fidelity[3].dnll = 0.6;
+        assert_eq!(check(&bad).len(), 1, "sink-window must beat window");
+        let mut bad = r.clone();
+        bad.passkey[0].rows[0].found = false;
+        assert_eq!(check(&bad).len(), 1, "dense must retrieve the key");
+        assert!(markdown(&bad, None, None).contains("- FAILED: dense missed"));
+    }
 }
