@@ -240,6 +240,23 @@ fn every_class_of_bad_input_is_one_error_line() {
             ]),
         ),
         (
+            "eval_budget_over_100_percent",
+            args(&["eval", "models/tiny-llama.ron", "--budgets", "25%,120%"]),
+        ),
+        (
+            "eval_unknown_policy",
+            args(&["eval", "models/tiny-llama.ron", "--policies", "dense,lru"]),
+        ),
+        (
+            "eval_other_settings_in_results_file",
+            args(&[
+                "eval",
+                "models/tiny-llama.ron",
+                "--json",
+                "tests/fixtures/eval/other-settings.json",
+            ]),
+        ),
+        (
             "score_text_longer_than_the_cache",
             args(&[
                 "score",

@@ -184,6 +184,8 @@ impl<'a> Eager<'a> {
                         KvPolicy::SinkWindow { sinks, .. } => f64::from(e.pos < sinks as usize),
                         KvPolicy::H2o { recent, .. } if newest(recent) => PROTECT,
                         KvPolicy::SnapKv { window, .. } if newest(window) => PROTECT,
+                        // Decode ranks by the score per query that has seen the token.
+                        KvPolicy::SnapKv { .. } if decode => e.score / (after - e.pos) as f64,
                         KvPolicy::H2o { .. } | KvPolicy::SnapKv { .. } | KvPolicy::Tova { .. } => {
                             e.score
                         }

@@ -11,7 +11,7 @@ use kvc_runtime::exec::session::{Request, Sampling, Session};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::{Cell, Harness, Results, argmax, bar, finished, log_softmax, mean_ci95};
+use super::{Cell, CellKey, Harness, Results, argmax, bar, finished, log_softmax, mean_ci95};
 
 /// One document's scores in a cell (means over its scored positions).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -57,8 +57,9 @@ pub struct FidelityCell {
     pub dppl_percent: f64,
     /// Mean over documents of Δ mean NLL (policy − dense).
     pub dnll: f64,
-    /// Half-width of its 95% interval over documents (Student's t).
-    pub dnll_ci95: f64,
+    /// Half-width of its 95% interval over documents (Student's t; none for one
+    /// document).
+    pub dnll_ci95: Option<f64>,
     /// Mean KL(dense ‖ policy) over every scored position.
     pub kl: f64,
     /// Top-1 agreement with dense over every scored position.
@@ -68,11 +69,14 @@ pub struct FidelityCell {
 }
 
 impl FidelityCell {
-    fn matches(&self, c: &Cell, budget_tokens: Option<u32>) -> bool {
-        self.policy == c.family.to_string()
-            && self.budget == c.budget_label()
-            && self.budget_tokens == budget_tokens
-            && super::width_label(&self.width, self.prefill_len) == c.width.label()
+    fn key(&self) -> CellKey<'_> {
+        CellKey {
+            policy: &self.policy,
+            budget: &self.budget,
+            budget_tokens: self.budget_tokens,
+            width: &self.width,
+            prefill_len: self.prefill_len,
+        }
     }
 }
 
@@ -91,6 +95,7 @@ struct Sums {
 /// computed.
 pub fn run(
     h: &Harness,
+    names: &[&str],
     docs: &[Vec<u32>],
     cells: &[Cell],
     results: &mut Results,
@@ -100,10 +105,7 @@ pub fn run(
     let rows = docs.len() as u32;
     let todo: Vec<&Cell> = cells
         .iter()
-        .filter(|c| {
-            let b = c.budget.as_ref().map(|b| b.tokens(len));
-            !results.fidelity.iter().any(|r| r.matches(c, b))
-        })
+        .filter(|c| !results.fidelity.iter().any(|r| c.is(r.key(), len)))
         .collect();
     if todo.is_empty() {
         return Ok(0);
@@ -211,7 +213,7 @@ pub fn run(
     }
 
     for (k, c) in group.iter().enumerate() {
-        let cell = summarize(c, budgets[k], &sums[k], secs[k], len, t);
+        let cell = summarize(c, names, budgets[k], &sums[k], secs[k], len, t);
         finished(
             &pb,
             format!(
@@ -231,14 +233,22 @@ pub fn run(
     Ok(group.len())
 }
 
-fn summarize(c: &Cell, budget: u32, sums: &[Sums], seconds: f64, len: u32, t: u32) -> FidelityCell {
+fn summarize(
+    c: &Cell,
+    names: &[&str],
+    budget: u32,
+    sums: &[Sums],
+    seconds: f64,
+    len: u32,
+    t: u32,
+) -> FidelityCell {
     let per: Vec<DocScore> = sums
         .iter()
-        .zip(&super::corpus::TEXTS)
+        .zip(names)
         .map(|(s, name)| {
             let n = s.n.max(1) as f64;
             DocScore {
-                doc: name.name.to_string(),
+                doc: name.to_string(),
                 positions: s.n,
                 nll: s.nll / n,
                 nll_dense: s.nll_dense / n,

@@ -9,7 +9,7 @@ use kvc_compiler::spec::KvPolicy;
 use kvc_runtime::exec::session::{Request, Sampling};
 use serde::{Deserialize, Serialize};
 
-use super::{Cell, Family, Harness, Results, bar, finished};
+use super::{Cell, CellKey, Family, Harness, Results, bar, finished};
 
 /// A greedy-agreement cell.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -63,12 +63,15 @@ pub fn run(
                 .iter()
                 .filter(|c| c.width == t && c.family != Family::Dense),
         ) {
-            let b = c.budget.as_ref().map(|b| b.tokens(len));
             let done = results.greedy.iter().any(|r| {
-                r.policy == c.family.to_string()
-                    && r.budget == c.budget_label()
-                    && r.budget_tokens == b
-                    && super::width_label(&r.width, r.prefill_len) == t.label()
+                let key = CellKey {
+                    policy: &r.policy,
+                    budget: &r.budget,
+                    budget_tokens: r.budget_tokens,
+                    width: &r.width,
+                    prefill_len: r.prefill_len,
+                };
+                c.is(key, len)
             });
             if !done {
                 todo.push(c.clone());

@@ -4,8 +4,9 @@
 //! Three tasks ([`fidelity`], [`passkey`], [`greedy`]) run over a grid of policies ×
 //! budgets × prefill widths. Every cell compiles its own program (the policy and the
 //! shapes are compiled in) and runs in a session that shares the loaded weights
-//! ([`Session::with_program`]). Results go to one JSON file, written after every cell; a
-//! rerun with the same file skips the cells it holds. `--plot` draws SVG charts and
+//! ([`Session::with_program`]). Results go to one JSON file, written after every passkey
+//! and greedy cell and after the fidelity cells' shared lockstep pass; a rerun with the
+//! same file skips the cells it holds. `--plot` draws SVG charts and
 //! `--results-md` writes the Markdown report (see `docs/results.md`).
 
 pub mod corpus;
@@ -225,8 +226,8 @@ impl Budget {
             Ok(Budget::Percent(v))
         } else {
             let v: u32 = t.parse().with_context(bad)?;
-            if v == 0 {
-                bail!("--budgets: a budget must keep at least 1 token, found {s:?}");
+            if v < 2 {
+                bail!("--budgets: a budget must keep at least 2 tokens, found {s:?}");
             }
             Ok(Budget::Tokens(v))
         }
@@ -236,7 +237,7 @@ impl Budget {
     pub fn tokens(&self, len: u32) -> u32 {
         match *self {
             Budget::Percent(p) => ((len as f64 * p / 100.0).round() as u32).max(2),
-            Budget::Tokens(n) => n.max(2),
+            Budget::Tokens(n) => n,
         }
     }
 
@@ -299,6 +300,21 @@ pub fn width_label(stored: &str, prefill_len: u32) -> String {
     }
 }
 
+/// What identifies a stored cell of any task.
+#[derive(Clone, Copy, Debug)]
+pub struct CellKey<'a> {
+    /// Policy family.
+    pub policy: &'a str,
+    /// Budget label.
+    pub budget: &'a str,
+    /// Budget in tokens.
+    pub budget_tokens: Option<u32>,
+    /// Width label (empty in files that predate it).
+    pub width: &'a str,
+    /// Width compiled.
+    pub prefill_len: u32,
+}
+
 /// One cell of the grid: a policy family at a budget (none for dense) and a prefill width.
 #[derive(Clone, Debug)]
 pub struct Cell {
@@ -317,6 +333,14 @@ impl Cell {
             None => KvPolicy::Dense,
             Some(b) => self.family.policy(b.tokens(len), t),
         }
+    }
+
+    /// Whether a stored cell is this one for a sequence of `len` tokens.
+    pub fn is(&self, stored: CellKey<'_>, len: u32) -> bool {
+        stored.policy == self.family.to_string()
+            && stored.budget == self.budget_label()
+            && stored.budget_tokens == self.budget.as_ref().map(|b| b.tokens(len))
+            && width_label(stored.width, stored.prefill_len) == self.width.label()
     }
 
     /// The budget's label, `-` for dense.
@@ -340,6 +364,52 @@ pub struct Setup {
     pub doc_tokens: u32,
     /// Greedy task: prompt tokens and generated tokens.
     pub greedy: (u32, u32),
+}
+
+impl Setup {
+    /// What differs from `file` (the settings a results file was made with), as
+    /// `field: this run vs file`.
+    fn differences(&self, file: &Setup) -> Vec<String> {
+        let mut d = vec![];
+        let mut cmp = |field: &str, a: String, b: String| {
+            if a != b {
+                d.push(format!("{field}: {a} here vs {b} in the file"));
+            }
+        };
+        cmp("model", self.model.clone(), file.model.clone());
+        cmp(
+            "weights",
+            self.weight_dtype.clone(),
+            file.weight_dtype.clone(),
+        );
+        cmp(
+            "KV storage",
+            self.kv_storage.clone(),
+            file.kv_storage.clone(),
+        );
+        let names = |s: &Setup| {
+            s.docs
+                .iter()
+                .map(|x| x.0.clone())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        cmp("documents", names(self), names(file));
+        cmp(
+            "document tokens",
+            self.doc_tokens.to_string(),
+            file.doc_tokens.to_string(),
+        );
+        cmp(
+            "greedy prompt/tokens",
+            format!("{:?}", self.greedy),
+            format!("{:?}", file.greedy),
+        );
+        if d.is_empty() && self != file {
+            d.push("document checksums".into());
+        }
+        d
+    }
 }
 
 /// How and where one invocation ran.
@@ -381,6 +451,8 @@ pub struct Results {
 }
 
 impl Results {
+    /// Writes the file whole (a temporary file renamed into place); numbers read back
+    /// bit for bit (serde_json's `float_roundtrip`), so a resumed file keeps its values.
     fn save(&self, path: Option<&Path>) -> Result<()> {
         let Some(path) = path else { return Ok(()) };
         let tmp = path.with_extension("json.tmp");
@@ -515,13 +587,21 @@ pub fn eval(args: EvalArgs) -> Result<()> {
             let r: Results = serde_json::from_str(&text).with_context(|| {
                 format!("--json {}: not a kvc eval results file", path.display())
             })?;
-            if r.format != FORMAT || r.setup != setup {
+            if r.format != FORMAT {
                 bail!(
-                    "--json {} holds results of other settings (format {}, {:?}); \
-                     choose another file to start afresh",
+                    "--json {}: results format {}, this kvc writes {FORMAT}; choose another \
+                     file to start afresh",
                     path.display(),
-                    r.format,
-                    r.setup
+                    r.format
+                );
+            }
+            let differ = setup.differences(&r.setup);
+            if !differ.is_empty() {
+                bail!(
+                    "--json {} holds results of other settings ({}); choose another file to \
+                     start afresh",
+                    path.display(),
+                    differ.join(", ")
                 );
             }
             eprintln!(
@@ -617,7 +697,10 @@ pub fn eval(args: EvalArgs) -> Result<()> {
                     })
                     .collect::<Result<_>>()?;
                 let todo = cells(&widths[..1]);
-                run.cells += fidelity::run(&h, &docs, &todo, &mut results, &mut |r| r.save(json))?;
+                let names: Vec<&str> = texts.iter().map(|t| t.name).collect();
+                run.cells += fidelity::run(&h, &names, &docs, &todo, &mut results, &mut |r| {
+                    r.save(json)
+                })?;
             }
             Task::Passkey => {
                 let todo = cells(&widths);
@@ -652,14 +735,14 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         }
     }
     run.seconds = t0.elapsed().as_secs_f64();
+    let computed = run.cells;
     // A rerun that found every cell done adds nothing to the record.
-    if run.cells > 0 {
+    if computed > 0 {
         results.runs.push(run);
     }
     results.save(json)?;
     eprintln!(
-        "eval: {} cells computed in {:.1} s",
-        results.runs.last().map_or(0, |r| r.cells),
+        "eval: {computed} cells computed in {:.1} s",
         t0.elapsed().as_secs_f64()
     );
     if let Some(dir) = &args.plot {
@@ -797,15 +880,16 @@ pub fn argmax(x: &[f32]) -> usize {
     best
 }
 
-/// Mean and half-width of the 95% interval (Student's t) of `xs`.
-pub fn mean_ci95(xs: &[f64]) -> (f64, f64) {
+/// Mean (0 for no values) and half-width of the 95% interval (Student's t; `None` for
+/// fewer than two values) of `xs`.
+pub fn mean_ci95(xs: &[f64]) -> (f64, Option<f64>) {
     let n = xs.len();
     if n == 0 {
-        return (f64::NAN, f64::NAN);
+        return (0.0, None);
     }
     let mean = xs.iter().sum::<f64>() / n as f64;
     if n == 1 {
-        return (mean, f64::NAN);
+        return (mean, None);
     }
     let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
     // Two-sided 97.5% quantiles of Student's t for 1..=10 degrees of freedom, then ≈ 2.
@@ -813,5 +897,5 @@ pub fn mean_ci95(xs: &[f64]) -> (f64, f64) {
         12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
     ];
     let t = T.get(n - 2).copied().unwrap_or(2.0);
-    (mean, t * (var / n as f64).sqrt())
+    (mean, Some(t * (var / n as f64).sqrt()))
 }

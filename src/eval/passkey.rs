@@ -9,7 +9,7 @@ use kvc_runtime::exec::session::{Request, Sampling};
 use serde::{Deserialize, Serialize};
 
 use super::corpus::{passkey_key, passkey_prompt};
-use super::{Cell, Harness, Results, bar, finished};
+use super::{Cell, CellKey, Harness, Results, bar, finished};
 
 /// One row (depth) of a passkey cell.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -57,11 +57,15 @@ pub struct PasskeyCell {
 }
 
 impl PasskeyCell {
-    fn matches(&self, c: &Cell, budget_tokens: Option<u32>, length: u32, depths: &[u32]) -> bool {
-        self.policy == c.family.to_string()
-            && self.budget == c.budget_label()
-            && self.budget_tokens == budget_tokens
-            && super::width_label(&self.width, self.prefill_len) == c.width.label()
+    fn is(&self, c: &Cell, length: u32, depths: &[u32]) -> bool {
+        let key = CellKey {
+            policy: &self.policy,
+            budget: &self.budget,
+            budget_tokens: self.budget_tokens,
+            width: &self.width,
+            prefill_len: self.prefill_len,
+        };
+        c.is(key, length)
             && self.length == length
             && self.rows.iter().map(|r| r.depth).eq(depths.iter().copied())
     }
@@ -137,12 +141,7 @@ pub fn run(
     let mut todo = vec![];
     for &length in lengths {
         for c in cells {
-            let b = c.budget.as_ref().map(|b| b.tokens(length));
-            if !results
-                .passkey
-                .iter()
-                .any(|r| r.matches(c, b, length, depths))
-            {
+            if !results.passkey.iter().any(|r| r.is(c, length, depths)) {
                 todo.push((length, c));
             }
         }

@@ -13,9 +13,14 @@ fn esc(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
-/// About five round tick values covering `[lo, hi]`.
+/// About five round tick values covering `[lo, hi]` (a range of one value is widened).
 fn ticks(lo: f64, hi: f64) -> Vec<f64> {
-    let span = (hi - lo).max(1e-12);
+    let (lo, hi) = if hi - lo > 1e-9 * hi.abs().max(lo.abs()).max(1.0) {
+        (lo, hi)
+    } else {
+        (lo - 1.0, hi + 1.0)
+    };
+    let span = hi - lo;
     let raw = span / 5.0;
     let mag = 10f64.powf(raw.log10().floor());
     let step = [1.0, 2.0, 5.0, 10.0]
@@ -25,7 +30,9 @@ fn ticks(lo: f64, hi: f64) -> Vec<f64> {
         .unwrap_or(10.0 * mag);
     let mut v = (lo / step).floor() * step;
     let mut out = vec![];
-    while v <= hi + step * 1e-9 {
+    // The step is at least a fifth of the span's order of magnitude: a few dozen ticks
+    // at most, however large the values.
+    while out.last().is_none_or(|&l| l < hi - step * 1e-9) && out.len() < 64 {
         out.push(if v.abs() < step * 1e-9 { 0.0 } else { v });
         v += step;
     }
@@ -240,13 +247,19 @@ mod tests {
 
     #[test]
     fn ticks_are_round_and_cover_the_range() {
-        assert_eq!(
-            ticks(0.0, 1.0),
-            [0.0, 0.2, 0.4, 0.6000000000000001, 0.8, 1.0]
-        );
+        let unit = ticks(0.0, 1.0);
+        assert_eq!(unit.len(), 6, "{unit:?}");
+        for (i, v) in unit.iter().enumerate() {
+            assert!((v - 0.2 * i as f64).abs() < 1e-12, "{unit:?}");
+        }
         let t = ticks(-3.2, 41.0);
         assert!(t[0] <= -3.2 && *t.last().unwrap() >= 41.0, "{t:?}");
         assert_eq!(t[1] - t[0], 10.0);
+        let one = ticks(4096.0, 4096.0);
+        assert!(
+            one.len() < 10 && one[0] <= 4096.0 && *one.last().unwrap() >= 4096.0,
+            "{one:?}"
+        );
     }
 
     #[test]

@@ -69,7 +69,7 @@ pub enum FetchError {
     },
     /// pip succeeded but left no archive of the expected kind in the download directory.
     #[error("pip download of {requirement} produced no {kind} file in {dir}")]
-    NoWheel {
+    NoArchive {
         /// The requirement passed to pip.
         requirement: String,
         /// What was looked for: `.whl` or `.tar.gz`.
@@ -94,10 +94,10 @@ pub enum FetchError {
         source: io::Error,
     },
     /// The archive does not contain the requested member.
-    #[error("archive {wheel} has no member {member:?}")]
+    #[error("archive {archive} has no member {member:?}")]
     MemberNotFound {
-        /// The wheel.
-        wheel: PathBuf,
+        /// The wheel or source distribution.
+        archive: PathBuf,
         /// The requested member.
         member: String,
     },
@@ -456,7 +456,7 @@ fn download(python: &str, requirement: &str, kind: Archive, dir: &Path) -> Resul
             return Ok(path);
         }
     }
-    Err(FetchError::NoWheel {
+    Err(FetchError::NoArchive {
         requirement: requirement.to_string(),
         kind: kind.suffix(),
         dir: dir.to_path_buf(),
@@ -500,7 +500,7 @@ fn append_tar_member(
         }
     }
     Err(FetchError::MemberNotFound {
-        wheel: sdist.to_path_buf(),
+        archive: sdist.to_path_buf(),
         member: member.to_string(),
     })
 }
@@ -525,7 +525,7 @@ fn append_member(
         Ok(e) => e,
         Err(zip::result::ZipError::FileNotFound) => {
             return Err(FetchError::MemberNotFound {
-                wheel: wheel.to_path_buf(),
+                archive: wheel.to_path_buf(),
                 member: member.to_string(),
             });
         }
@@ -591,9 +591,7 @@ pub fn resolve_wheels(
     }
     fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
 
-    let lock_path = dir.join(".lock");
-    let lock = File::create(&lock_path).map_err(io_err("cannot create", &lock_path))?;
-    lock.lock().map_err(io_err("cannot lock", &lock_path))?;
+    let _lock = lock_dir(&dir)?;
 
     if dest.is_file() && verify_cached(&dest, &expected, progress)? {
         progress(Progress::Ready(dest.clone()));
@@ -603,10 +601,7 @@ pub fn resolve_wheels(
     // partial files are leftovers of an interrupted run.
     remove_leftovers(&dir, &dest);
 
-    let python = std::env::var(PYTHON_ENV)
-        .ok()
-        .filter(|p| !p.is_empty())
-        .unwrap_or_else(|| "python3".to_string());
+    let python = python();
     let n = parts.len();
     write_verified(
         &dest,
@@ -649,8 +644,10 @@ pub fn resolve_wheels(
 /// Returns verified local copies of `members` (path in the archive, SHA-256) of the
 /// source distribution (`.tar.gz`) of `package==version`, each cached under its file name
 /// beside the package's other files: for files that only a package's sources ship (pip is
-/// asked for the sdist with `--no-binary=:all:`). The archive is downloaded once, only
-/// when a member is missing or corrupt, under the same lock as [`resolve_wheels`].
+/// asked for the sdist with `--no-binary=:all:`; pip prepares the package's metadata to
+/// check its name and version, which runs the package's build backend in an isolated
+/// environment). The archive is downloaded once, only when a member is missing or
+/// corrupt, under the same lock as [`resolve_wheels`]; each file is reported `Ready`.
 pub fn resolve_sdist_members(
     package: &str,
     version: &str,
@@ -671,25 +668,28 @@ pub fn resolve_sdist_members(
         }
         Ok(true)
     };
-    let paths = || wanted.iter().map(|w| w.2.clone()).collect();
+    let paths = |progress: &mut dyn FnMut(Progress)| {
+        wanted
+            .iter()
+            .map(|w| {
+                progress(Progress::Ready(w.2.clone()));
+                w.2.clone()
+            })
+            .collect()
+    };
     if all_valid(progress)? {
-        return Ok(paths());
+        return Ok(paths(progress));
     }
     let dir = cache.join(package).join(version);
     fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
-    let lock_path = dir.join(".lock");
-    let lock = File::create(&lock_path).map_err(io_err("cannot create", &lock_path))?;
-    lock.lock().map_err(io_err("cannot lock", &lock_path))?;
+    let _lock = lock_dir(&dir)?;
     if all_valid(progress)? {
-        return Ok(paths());
+        return Ok(paths(progress));
     }
     for (_, _, dest) in &wanted {
         remove_leftovers(&dir, dest);
     }
-    let python = std::env::var(PYTHON_ENV)
-        .ok()
-        .filter(|p| !p.is_empty())
-        .unwrap_or_else(|| "python3".to_string());
+    let python = python();
     let requirement = format!("{package}=={version}");
     let tmp = TempDir(dir.join(format!(".download-{}-0", std::process::id())));
     fs::create_dir_all(&tmp.0).map_err(io_err("cannot create", &tmp.0))?;
@@ -726,7 +726,24 @@ pub fn resolve_sdist_members(
             },
         )?;
     }
-    Ok(paths())
+    Ok(paths(progress))
+}
+
+/// The interpreter that runs pip: `$KVC_PYTHON`, else `python3`.
+fn python() -> String {
+    std::env::var(PYTHON_ENV)
+        .ok()
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| "python3".to_string())
+}
+
+/// Takes the lock file of the cache directory `dir` (serialising fetches into it across
+/// processes); held until the returned file is dropped.
+fn lock_dir(dir: &Path) -> Result<File> {
+    let lock_path = dir.join(".lock");
+    let lock = File::create(&lock_path).map_err(io_err("cannot create", &lock_path))?;
+    lock.lock().map_err(io_err("cannot lock", &lock_path))?;
+    Ok(lock)
 }
 
 /// Removes what an interrupted fetch into `dir` left behind: `.download-*` directories
@@ -988,7 +1005,7 @@ mod tests {
             "{err}"
         );
         let err = download("true", "pkg==1", Archive::Wheel, &dir).unwrap_err();
-        assert!(matches!(err, FetchError::NoWheel { .. }), "{err}");
+        assert!(matches!(err, FetchError::NoArchive { .. }), "{err}");
         fs::write(dir.join("pkg-1-py3-none-any.whl"), b"").unwrap();
         assert_eq!(
             download("true", "pkg==1", Archive::Wheel, &dir).unwrap(),

@@ -4,7 +4,7 @@
 //! Burn's fused attention costs ≈ 0.1–0.3 ms per call on Flex whatever the size and
 //! computes every slot, visible or not. Here slots that no query row of a KV head sees are
 //! skipped (a dense cache's unwritten tail, a budgeted cache's free slots), and work is
-//! split over (KV head, block of slots) so both cores stream the cache; each block keeps its
+//! split over (KV head, block of 64 slots) so every worker streams the cache; each block keeps its
 //! own maximum, sum and weighted values, rescaled when the blocks are combined.
 //!
 //! Layouts (row-major): q `[B, Hq, T, D]`; k, v `[B, Hkv, S, D]` of f32 or f16 ([`KvElem`],
@@ -42,9 +42,9 @@ pub struct Dims {
 }
 
 /// Slots per task (one task reads `BLOCK · d` keys and values). Fixed, not derived from
-/// `S`: blocks start at the same slots in caches of every size, so the visible slots are
-/// summed in the same order, and a budgeted cache that has evicted nothing gives the dense
-/// cache's result bit for bit (hidden slots and blocks add exact zeros).
+/// `S`: blocks start at the same slots in caches of every size, so slots at the same
+/// index are summed in the same order whatever the cache's size (hidden slots and blocks
+/// add exact zeros).
 const BLOCK: usize = 64;
 
 /// `softmax(scale · q·kᵀ | mask) · v` into `out`.
