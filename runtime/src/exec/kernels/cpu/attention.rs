@@ -4,7 +4,7 @@
 //! Burn's fused attention costs ≈ 0.1–0.3 ms per call on Flex whatever the size and
 //! computes every slot, visible or not. Here slots that no query row of a KV head sees are
 //! skipped (a dense cache's unwritten tail, a budgeted cache's free slots), and work is
-//! split over (KV head, block of 64 slots) so every worker streams the cache; each block keeps its
+//! split over (KV head, block of slots) so both cores stream the cache; each block keeps its
 //! own maximum, sum and weighted values, rescaled when the blocks are combined.
 //!
 //! Layouts (row-major): q `[B, Hq, T, D]`; k, v `[B, Hkv, S, D]` of f32 or f16 ([`KvElem`],
@@ -41,11 +41,8 @@ pub struct Dims {
     pub m: usize,
 }
 
-/// Slots per task (one task reads `BLOCK · d` keys and values). Fixed, not derived from
-/// `S`: blocks start at the same slots in caches of every size, so slots at the same
-/// index are summed in the same order whatever the cache's size (hidden slots and blocks
-/// add exact zeros).
-const BLOCK: usize = 64;
+/// Slots per task at least (one task reads `slots · d` keys and values).
+const MIN_BLOCK: usize = 64;
 
 /// `softmax(scale · q·kᵀ | mask) · v` into `out`.
 ///
@@ -73,7 +70,11 @@ pub fn attention<E: KvElem>(q: &[f32], k: &[E], v: &[E], mask: &[u8], dims: Dims
         return attention(q, &widened(k), &widened(v), mask, dims, out);
     }
     let heads = b * hkv;
-    let block = BLOCK.min(s.max(1));
+    let threads = rayon::current_num_threads().max(1);
+    let block = s
+        .div_ceil((4 * threads).div_ceil(heads))
+        .max(MIN_BLOCK)
+        .min(s.max(1));
     let blocks = s.div_ceil(block).max(1);
 
     let ctx = Ctx {
