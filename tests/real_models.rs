@@ -267,7 +267,9 @@ fn logits_match_the_reference(m: &Real, weights: Weights) {
 }
 
 /// Both prompts in one padded batch, prefilled in chunks of 16, generate what each
-/// generates alone, and the first 16 tokens are llama.cpp's greedy continuation.
+/// generates alone, and the first 16 tokens are llama.cpp's greedy continuation (with
+/// native weights: within quantization noise of it, see
+/// [`continuation_within_quantization_noise`]).
 fn greedy_batch_matches_llama_cpp_and_single_rows(m: &Real, weights: Weights) {
     let refs = &model(m).fixture.prompts;
     let reqs: Vec<Request> = refs.iter().map(|r| greedy(&r.ids, 16)).collect();
@@ -288,7 +290,16 @@ fn greedy_batch_matches_llama_cpp_and_single_rows(m: &Real, weights: Weights) {
             Weights::Native => &r.greedy_continuation_ids_llama_cpp_q4km,
         };
         let n = 16.min(want.len());
-        assert_eq!(together[i].ids[..n], want[..n], "{} {:?}", m.name, r.text);
+        match weights {
+            Weights::F32 => assert_eq!(together[i].ids[..n], want[..n], "{} {:?}", m.name, r.text),
+            Weights::Native => continuation_within_quantization_noise(
+                m,
+                &mut single,
+                r,
+                &together[i].ids[..n],
+                &want[..n],
+            ),
+        }
         eprintln!(
             "{} row {i}: {:?}",
             m.name,
@@ -298,6 +309,43 @@ fn greedy_batch_matches_llama_cpp_and_single_rows(m: &Real, weights: Weights) {
                 .unwrap()
                 .decode(&together[i].ids)
                 .unwrap()
+        );
+    }
+}
+
+/// With native weights the greedy path may leave llama.cpp's at a near-tie, since both
+/// engines round activations differently. llama.cpp's continuation is teacher-forced
+/// through kvc, and at every step its token must be within the logit movement llama.cpp
+/// itself shows between this file and its f32 run (`q4km_vs_f32_max_abs_diff_all_positions`)
+/// of kvc's top logit; the first divergence of kvc's own greedy path is reported with its gap.
+fn continuation_within_quantization_noise(
+    m: &Real,
+    s: &mut Session,
+    r: &PromptRef,
+    got: &[u32],
+    want: &[u32],
+) {
+    let ids: Vec<u32> = r.ids.iter().chain(want).copied().collect();
+    let scored = s.score(&ids).unwrap();
+    let bound = r.q4km_vs_f32_max_abs_diff_all_positions;
+    let first_divergence = got.iter().zip(want).position(|(a, b)| a != b);
+    for (k, &id) in want.iter().enumerate() {
+        let logits = &scored[r.ids.len() - 1 + k];
+        let top = argmax(logits);
+        let gap = (logits[top as usize] - logits[id as usize]) as f64;
+        if Some(k) == first_divergence {
+            let mine = got[k] as usize;
+            eprintln!(
+                "{} {:?}: greedy leaves llama.cpp's continuation at token {k}: kvc chose {mine}, \
+                 llama.cpp {id}; teacher-forced logits {:.4} and {:.4} (top {top}, bound {bound:.4})",
+                m.name, r.text, logits[mine], logits[id as usize]
+            );
+        }
+        assert!(
+            gap <= bound,
+            "{} {:?} token {k}: llama.cpp's {id} is {gap:.4} below kvc's top {top} (bound {bound:.4})",
+            m.name,
+            r.text
         );
     }
 }

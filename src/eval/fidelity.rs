@@ -11,7 +11,7 @@ use kvc_runtime::exec::session::{Request, Sampling, Session};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::{Cell, CellKey, Harness, Results, argmax, bar, finished, log_softmax, mean_ci95};
+use super::{Cell, CellId, Harness, Results, argmax, bar, finished, log_softmax, mean_ci95};
 
 /// One document's scores in a cell (means over its scored positions).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -34,19 +34,9 @@ pub struct DocScore {
 /// A fidelity cell.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct FidelityCell {
-    /// Policy family.
-    pub policy: String,
-    /// The compiled policy (`--kv` form).
-    pub kv: String,
-    /// Budget as given (`-` for dense).
-    pub budget: String,
-    /// Budget in tokens (`None` for dense).
-    pub budget_tokens: Option<u32>,
-    /// Prefill width as asked (`64`, `auto`).
-    #[serde(default)]
-    pub width: String,
-    /// Prefill width compiled.
-    pub prefill_len: u32,
+    /// Policy, budget and width.
+    #[serde(flatten)]
+    pub id: CellId,
     /// Per document.
     pub docs: Vec<DocScore>,
     /// Perplexity under the policy over every scored position.
@@ -66,18 +56,6 @@ pub struct FidelityCell {
     pub top1: f64,
     /// Wall time of the cell's own session (the dense reference excluded).
     pub seconds: f64,
-}
-
-impl FidelityCell {
-    fn key(&self) -> CellKey<'_> {
-        CellKey {
-            policy: &self.policy,
-            budget: &self.budget,
-            budget_tokens: self.budget_tokens,
-            width: &self.width,
-            prefill_len: self.prefill_len,
-        }
-    }
 }
 
 /// Running sums of one (cell, document).
@@ -105,7 +83,7 @@ pub fn run(
     let rows = docs.len() as u32;
     let todo: Vec<&Cell> = cells
         .iter()
-        .filter(|c| !results.fidelity.iter().any(|r| c.is(r.key(), len)))
+        .filter(|c| !results.fidelity.iter().any(|r| c.is(&r.id, len)))
         .collect();
     if todo.is_empty() {
         return Ok(0);
@@ -213,13 +191,13 @@ pub fn run(
     }
 
     for (k, c) in group.iter().enumerate() {
-        let cell = summarize(c, names, budgets[k], &sums[k], secs[k], len, t);
+        let cell = summarize(c, names, &sums[k], secs[k], len, t);
         finished(
             &pb,
             format!(
                 "fidelity {:12} {:>6}: Δppl {:+.2}%  KL {:.4}  top-1 {:.1}%  ({:.0} s)",
-                cell.policy,
-                cell.budget,
+                cell.id.policy,
+                cell.id.budget,
                 cell.dppl_percent,
                 cell.kl,
                 100.0 * cell.top1,
@@ -236,7 +214,6 @@ pub fn run(
 fn summarize(
     c: &Cell,
     names: &[&str],
-    budget: u32,
     sums: &[Sums],
     seconds: f64,
     len: u32,
@@ -268,12 +245,7 @@ fn summarize(
             .collect::<Vec<_>>(),
     );
     FidelityCell {
-        policy: c.family.to_string(),
-        kv: c.policy(len, t).to_string(),
-        budget: c.budget_label(),
-        budget_tokens: c.budget.as_ref().map(|_| budget),
-        width: c.width.label(),
-        prefill_len: t,
+        id: c.id(len, t),
         docs: per,
         ppl: nll.exp(),
         ppl_dense: nll_dense.exp(),

@@ -9,24 +9,14 @@ use kvc_compiler::spec::KvPolicy;
 use kvc_runtime::exec::session::{Request, Sampling};
 use serde::{Deserialize, Serialize};
 
-use super::{Cell, CellKey, Family, Harness, Results, bar, finished};
+use super::{Cell, CellId, Family, Harness, Results, bar, finished};
 
 /// A greedy-agreement cell.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct GreedyCell {
-    /// Policy family.
-    pub policy: String,
-    /// The compiled policy (`--kv` form).
-    pub kv: String,
-    /// Budget as given (`-` for dense).
-    pub budget: String,
-    /// Budget in tokens (`None` for dense).
-    pub budget_tokens: Option<u32>,
-    /// Prefill width as asked (`64`, `auto`).
-    #[serde(default)]
-    pub width: String,
-    /// Prefill width compiled.
-    pub prefill_len: u32,
+    /// Policy, budget and width.
+    #[serde(flatten)]
+    pub id: CellId,
     /// Generated tokens per document.
     pub tokens: Vec<Vec<u32>>,
     /// Tokens equal to dense's before the first difference, per document.
@@ -63,16 +53,7 @@ pub fn run(
                 .iter()
                 .filter(|c| c.width == t && c.family != Family::Dense),
         ) {
-            let done = results.greedy.iter().any(|r| {
-                let key = CellKey {
-                    policy: &r.policy,
-                    budget: &r.budget,
-                    budget_tokens: r.budget_tokens,
-                    width: &r.width,
-                    prefill_len: r.prefill_len,
-                };
-                c.is(key, len)
-            });
+            let done = results.greedy.iter().any(|r| c.is(&r.id, len));
             if !done {
                 todo.push(c.clone());
             }
@@ -112,8 +93,8 @@ pub fn run(
                 .greedy
                 .iter()
                 .find(|r| {
-                    r.policy == "dense"
-                        && super::width_label(&r.width, r.prefill_len) == c.width.label()
+                    r.id.policy == "dense"
+                        && super::width_label(&r.id.width, r.id.prefill_len) == c.width.label()
                 })
                 .map(|r| r.tokens.clone())
                 .expect("dense runs first at every width"),
@@ -124,12 +105,7 @@ pub fn run(
             .map(|(a, b)| a.iter().zip(b).take_while(|(x, y)| x == y).count() as u32)
             .collect();
         let cell = GreedyCell {
-            policy: c.family.to_string(),
-            kv: policy.to_string(),
-            budget: c.budget_label(),
-            budget_tokens: c.budget.as_ref().map(|b| b.tokens(len)),
-            width: c.width.label(),
-            prefill_len: t,
+            id: c.id(len, t),
             mean_agree: agree.iter().map(|&a| a as f64).sum::<f64>() / agree.len().max(1) as f64,
             agree,
             tokens,
@@ -139,9 +115,9 @@ pub fn run(
             &pb,
             format!(
                 "greedy   {:12} {:>6} T={:<5}: {:.1} tokens agree on average, {:?} ({:.0} s)",
-                cell.policy,
-                cell.budget,
-                cell.prefill_len,
+                cell.id.policy,
+                cell.id.budget,
+                cell.id.prefill_len,
                 cell.mean_agree,
                 cell.agree,
                 cell.seconds

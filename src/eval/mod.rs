@@ -300,18 +300,22 @@ pub fn width_label(stored: &str, prefill_len: u32) -> String {
     }
 }
 
-/// What identifies a stored cell of any task.
-#[derive(Clone, Copy, Debug)]
-pub struct CellKey<'a> {
+/// What identifies a stored cell of any task; flattened into each task's cell, so the
+/// results file keeps these as top-level keys of the cell.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CellId {
     /// Policy family.
-    pub policy: &'a str,
-    /// Budget label.
-    pub budget: &'a str,
-    /// Budget in tokens.
+    pub policy: String,
+    /// The compiled policy (`--kv` form).
+    pub kv: String,
+    /// Budget as given (`-` for dense).
+    pub budget: String,
+    /// Budget in tokens (`None` for dense).
     pub budget_tokens: Option<u32>,
-    /// Width label (empty in files that predate it).
-    pub width: &'a str,
-    /// Width compiled.
+    /// Prefill width as asked (`64`, `auto`; empty in files that predate it).
+    #[serde(default)]
+    pub width: String,
+    /// Prefill width compiled.
     pub prefill_len: u32,
 }
 
@@ -335,12 +339,24 @@ impl Cell {
         }
     }
 
+    /// The identity of this cell for a sequence of `len` tokens prefilled `t` wide.
+    pub fn id(&self, len: u32, t: u32) -> CellId {
+        CellId {
+            policy: self.family.to_string(),
+            kv: self.policy(len, t).to_string(),
+            budget: self.budget_label(),
+            budget_tokens: self.budget.as_ref().map(|b| b.tokens(len)),
+            width: self.width.label(),
+            prefill_len: t,
+        }
+    }
+
     /// Whether a stored cell is this one for a sequence of `len` tokens.
-    pub fn is(&self, stored: CellKey<'_>, len: u32) -> bool {
+    pub fn is(&self, stored: &CellId, len: u32) -> bool {
         stored.policy == self.family.to_string()
             && stored.budget == self.budget_label()
             && stored.budget_tokens == self.budget.as_ref().map(|b| b.tokens(len))
-            && width_label(stored.width, stored.prefill_len) == self.width.label()
+            && width_label(&stored.width, stored.prefill_len) == self.width.label()
     }
 
     /// The budget's label, `-` for dense.

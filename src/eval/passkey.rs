@@ -9,7 +9,7 @@ use kvc_runtime::exec::session::{Request, Sampling};
 use serde::{Deserialize, Serialize};
 
 use super::corpus::{passkey_key, passkey_prompt};
-use super::{Cell, CellKey, Harness, Results, bar, finished};
+use super::{Cell, CellId, Harness, Results, bar, finished};
 
 /// One row (depth) of a passkey cell.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -33,19 +33,9 @@ pub struct PasskeyRow {
 /// A passkey cell: one policy, budget, width and length over every depth.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PasskeyCell {
-    /// Policy family.
-    pub policy: String,
-    /// The compiled policy (`--kv` form).
-    pub kv: String,
-    /// Budget as given (`-` for dense).
-    pub budget: String,
-    /// Budget in tokens (`None` for dense).
-    pub budget_tokens: Option<u32>,
-    /// Prefill width as asked (`64`, `auto`).
-    #[serde(default)]
-    pub width: String,
-    /// Prefill width compiled.
-    pub prefill_len: u32,
+    /// Policy, budget and width.
+    #[serde(flatten)]
+    pub id: CellId,
     /// Target prompt length in tokens.
     pub length: u32,
     /// Per depth.
@@ -58,14 +48,7 @@ pub struct PasskeyCell {
 
 impl PasskeyCell {
     fn is(&self, c: &Cell, length: u32, depths: &[u32]) -> bool {
-        let key = CellKey {
-            policy: &self.policy,
-            budget: &self.budget,
-            budget_tokens: self.budget_tokens,
-            width: &self.width,
-            prefill_len: self.prefill_len,
-        };
-        c.is(key, length)
+        c.is(&self.id, length)
             && self.length == length
             && self.rows.iter().map(|r| r.depth).eq(depths.iter().copied())
     }
@@ -218,12 +201,7 @@ pub fn run(
             .collect::<Result<_>>()?;
         let retrieved = rows.iter().filter(|r| r.found).count() as f64 / rows.len() as f64;
         let cell = PasskeyCell {
-            policy: c.family.to_string(),
-            kv: policy.to_string(),
-            budget: c.budget_label(),
-            budget_tokens: c.budget.as_ref().map(|b| b.tokens(length)),
-            width: c.width.label(),
-            prefill_len: t,
+            id: c.id(length, t),
             length,
             rows,
             retrieved,
@@ -233,8 +211,8 @@ pub fn run(
             &pb,
             format!(
                 "passkey  {:12} {:>6} T={:<5} L={:<5}: {:3.0}% retrieved, ranks {:?} ({:.0} s)",
-                cell.policy,
-                cell.budget,
+                cell.id.policy,
+                cell.id.budget,
                 t,
                 length,
                 100.0 * cell.retrieved,

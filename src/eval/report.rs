@@ -45,9 +45,9 @@ fn sorted_fidelity(r: &Results) -> Vec<&FidelityCell> {
     let mut v: Vec<&FidelityCell> = r.fidelity.iter().collect();
     v.sort_by_key(|c| {
         (
-            c.prefill_len,
-            family_rank(&c.policy),
-            c.budget_tokens.unwrap_or(0),
+            c.id.prefill_len,
+            family_rank(&c.id.policy),
+            c.id.budget_tokens.unwrap_or(0),
         )
     });
     v
@@ -58,14 +58,14 @@ pub fn charts(r: &Results) -> Vec<(String, String)> {
     let mut out = vec![];
     let len = r.setup.doc_tokens as f64;
     if !r.fidelity.is_empty() {
-        let fams = families(r.fidelity.iter().map(|c| c.policy.as_str()));
+        let fams = families(r.fidelity.iter().map(|c| c.id.policy.as_str()));
         let series = |f: &dyn Fn(&FidelityCell) -> f64| -> Vec<(String, Vec<(f64, f64)>)> {
             fams.iter()
                 .map(|p| {
                     let mut pts: Vec<(f64, f64)> = sorted_fidelity(r)
                         .into_iter()
-                        .filter(|c| &c.policy == p)
-                        .filter_map(|c| Some((100.0 * c.budget_tokens? as f64 / len, f(c))))
+                        .filter(|c| &c.id.policy == p)
+                        .filter_map(|c| Some((100.0 * c.id.budget_tokens? as f64 / len, f(c))))
                         .collect();
                     pts.sort_by(|a, b| a.0.total_cmp(&b.0));
                     (p.clone(), pts)
@@ -73,41 +73,46 @@ pub fn charts(r: &Results) -> Vec<(String, String)> {
                 .collect()
         };
         let x = format!("budget (% of the {}-token documents)", r.setup.doc_tokens);
-        out.push((
-            "fidelity_dppl.svg".into(),
-            svg::lines(
-                &format!("{}: perplexity increase over dense", r.setup.model),
-                &x,
+        let metrics: [(&str, &str, &str, fn(&FidelityCell) -> f64, bool); 3] = [
+            (
+                "fidelity_dppl.svg",
+                "perplexity increase over dense",
                 "Δ perplexity (%)",
-                &series(&|c| c.dppl_percent),
+                |c| c.dppl_percent,
                 true,
             ),
-        ));
-        out.push((
-            "fidelity_kl.svg".into(),
-            svg::lines(
-                &format!("{}: KL(dense ‖ policy) per token", r.setup.model),
-                &x,
+            (
+                "fidelity_kl.svg",
+                "KL(dense ‖ policy) per token",
                 "mean KL (nats)",
-                &series(&|c| c.kl),
+                |c| c.kl,
                 true,
             ),
-        ));
-        out.push((
-            "fidelity_top1.svg".into(),
-            svg::lines(
-                &format!("{}: top-1 agreement with dense", r.setup.model),
-                &x,
+            (
+                "fidelity_top1.svg",
+                "top-1 agreement with dense",
                 "top-1 agreement (%)",
-                &series(&|c| 100.0 * c.top1),
+                |c| 100.0 * c.top1,
                 false,
             ),
-        ));
+        ];
+        for (file, title, y, f, zero) in metrics {
+            out.push((
+                file.into(),
+                svg::lines(
+                    &format!("{}: {title}", r.setup.model),
+                    &x,
+                    y,
+                    &series(&f),
+                    zero,
+                ),
+            ));
+        }
     }
     let mut widths: Vec<(u32, String)> = r
         .passkey
         .iter()
-        .map(|c| width_key(&c.width, c.prefill_len))
+        .map(|c| width_key(&c.id.width, c.id.prefill_len))
         .collect();
     widths.sort();
     widths.dedup();
@@ -115,7 +120,7 @@ pub fn charts(r: &Results) -> Vec<(String, String)> {
         let cells: Vec<_> = r
             .passkey
             .iter()
-            .filter(|c| super::width_label(&c.width, c.prefill_len) == t)
+            .filter(|c| super::width_label(&c.id.width, c.id.prefill_len) == t)
             .collect();
         let mut lengths: Vec<u32> = cells.iter().map(|c| c.length).collect();
         lengths.sort_unstable();
@@ -126,7 +131,11 @@ pub fn charts(r: &Results) -> Vec<(String, String)> {
             .unwrap_or_default();
         let mut labels: Vec<(usize, String, String)> = vec![];
         for c in &cells {
-            labels.push((family_rank(&c.policy), c.policy.clone(), c.budget.clone()));
+            labels.push((
+                family_rank(&c.id.policy),
+                c.id.policy.clone(),
+                c.id.budget.clone(),
+            ));
         }
         labels.sort_by(|a, b| {
             (a.0, budget_order(&a.2))
@@ -146,7 +155,7 @@ pub fn charts(r: &Results) -> Vec<(String, String)> {
                     .flat_map(|&l| {
                         let cell = cells
                             .iter()
-                            .find(|c| &c.policy == p && &c.budget == b && c.length == l);
+                            .find(|c| &c.id.policy == p && &c.id.budget == b && c.length == l);
                         depths.iter().map(move |&d| {
                             cell.and_then(|c| c.rows.iter().find(|r| r.depth == d))
                                 .map(|r| f64::from(u8::from(r.found)))
@@ -179,13 +188,13 @@ pub fn charts(r: &Results) -> Vec<(String, String)> {
         ));
     }
     if !r.greedy.is_empty() {
-        let fams = families(r.greedy.iter().map(|c| c.policy.as_str()));
+        let fams = families(r.greedy.iter().map(|c| c.id.policy.as_str()));
         let (p, g) = r.setup.greedy;
         let len = (p + g) as f64;
         let mut widths: Vec<(u32, String)> = r
             .greedy
             .iter()
-            .map(|c| width_key(&c.width, c.prefill_len))
+            .map(|c| width_key(&c.id.width, c.id.prefill_len))
             .collect();
         widths.sort();
         widths.dedup();
@@ -197,9 +206,12 @@ pub fn charts(r: &Results) -> Vec<(String, String)> {
                         .greedy
                         .iter()
                         .filter(|c| {
-                            &c.policy == f && &super::width_label(&c.width, c.prefill_len) == t
+                            &c.id.policy == f
+                                && &super::width_label(&c.id.width, c.id.prefill_len) == t
                         })
-                        .filter_map(|c| Some((100.0 * c.budget_tokens? as f64 / len, c.mean_agree)))
+                        .filter_map(|c| {
+                            Some((100.0 * c.id.budget_tokens? as f64 / len, c.mean_agree))
+                        })
                         .collect();
                     pts.sort_by(|a, b| a.0.total_cmp(&b.0));
                     (format!("{f} T={t}"), pts)
@@ -319,10 +331,10 @@ pub fn markdown(r: &Results, plots: Option<&Path>, md_path: Option<&Path>) -> St
             let _ = writeln!(
                 s,
                 "| {} | {} | {} | {} | {:.3} | {:.3} | {} | {:+.4}{} | {:.4} | {:.1}% |",
-                c.policy,
-                c.budget,
-                c.budget_tokens.map_or("-".into(), |b| b.to_string()),
-                c.prefill_len,
+                c.id.policy,
+                c.id.budget,
+                c.id.budget_tokens.map_or("-".into(), |b| b.to_string()),
+                c.id.prefill_len,
                 c.ppl,
                 c.ppl_dense,
                 pct(c.dppl_percent),
@@ -365,10 +377,10 @@ pub fn markdown(r: &Results, plots: Option<&Path>, md_path: Option<&Path>) -> St
             .iter()
             .map(|c| {
                 (
-                    width_key(&c.width, c.prefill_len),
-                    family_rank(&c.policy),
-                    c.policy.clone(),
-                    c.budget.clone(),
+                    width_key(&c.id.width, c.id.prefill_len),
+                    family_rank(&c.id.policy),
+                    c.id.policy.clone(),
+                    c.id.budget.clone(),
                 )
             })
             .collect();
@@ -385,9 +397,9 @@ pub fn markdown(r: &Results, plots: Option<&Path>, md_path: Option<&Path>) -> St
                     r.passkey
                         .iter()
                         .find(|c| {
-                            super::width_label(&c.width, c.prefill_len) == t
-                                && c.policy == p
-                                && c.budget == b
+                            super::width_label(&c.id.width, c.id.prefill_len) == t
+                                && c.id.policy == p
+                                && c.id.budget == b
                                 && c.length == l
                         })
                         .map_or("–".into(), |c| {
@@ -395,7 +407,7 @@ pub fn markdown(r: &Results, plots: Option<&Path>, md_path: Option<&Path>) -> St
                             let rank = c.rows.iter().map(|x| x.rank as f64).sum::<f64>()
                                 / c.rows.len().max(1) as f64;
                             let auto = if t == "auto" {
-                                format!(", T={}", c.prefill_len)
+                                format!(", T={}", c.id.prefill_len)
                             } else {
                                 String::new()
                             };
@@ -408,7 +420,7 @@ pub fn markdown(r: &Results, plots: Option<&Path>, md_path: Option<&Path>) -> St
         let mut widths: Vec<(u32, String)> = r
             .passkey
             .iter()
-            .map(|c| width_key(&c.width, c.prefill_len))
+            .map(|c| width_key(&c.id.width, c.id.prefill_len))
             .collect();
         widths.sort();
         widths.dedup();
@@ -430,19 +442,19 @@ pub fn markdown(r: &Results, plots: Option<&Path>, md_path: Option<&Path>) -> St
         let mut cells: Vec<_> = r.greedy.iter().collect();
         cells.sort_by_key(|c| {
             (
-                width_key(&c.width, c.prefill_len),
-                family_rank(&c.policy),
-                c.budget_tokens.unwrap_or(0),
+                width_key(&c.id.width, c.id.prefill_len),
+                family_rank(&c.id.policy),
+                c.id.budget_tokens.unwrap_or(0),
             )
         });
         for c in cells {
             let _ = writeln!(
                 s,
                 "| {} | {} | {} | {} | {:.1} | {:?} |",
-                c.policy,
-                c.budget,
-                c.budget_tokens.map_or("-".into(), |b| b.to_string()),
-                super::width_label(&c.width, c.prefill_len),
+                c.id.policy,
+                c.id.budget,
+                c.id.budget_tokens.map_or("-".into(), |b| b.to_string()),
+                super::width_label(&c.id.width, c.id.prefill_len),
                 c.mean_agree,
                 c.agree
             );
@@ -477,7 +489,7 @@ fn goals(s: &mut String, r: &Results) {
     let at = |p: &str| {
         r.fidelity
             .iter()
-            .find(|c| c.policy == p && c.budget == "25%")
+            .find(|c| c.id.policy == p && c.id.budget == "25%")
             .map(|c| c.dppl_percent)
     };
     let mut lines = vec![];
@@ -505,8 +517,9 @@ fn goals(s: &mut String, r: &Results) {
         }
     }
     if let Some(rnd) = at("random") {
-        let others: Vec<(String, f64)> = ["window", "sink-window", "h2o", "tova", "snapkv"]
+        let others: Vec<(String, f64)> = ORDER
             .iter()
+            .filter(|&&p| p != "dense" && p != "random")
             .filter_map(|p| Some((p.to_string(), at(p)?)))
             .collect();
         let worst_other = others.iter().map(|o| o.1).fold(f64::NEG_INFINITY, f64::max);
@@ -524,18 +537,19 @@ fn goals(s: &mut String, r: &Results) {
                 r.passkey
                     .iter()
                     .find(|c| {
-                        c.policy == p
+                        c.id.policy == p
                             && c.length == l
-                            && super::width_label(&c.width, c.prefill_len) == width
-                            && (p == "dense" || c.budget == "25%")
+                            && super::width_label(&c.id.width, c.id.prefill_len) == width
+                            && (p == "dense" || c.id.budget == "25%")
                     })
                     .map(|c| c.retrieved)
             };
             let Some(dense) = share("dense") else {
                 continue;
             };
-            let best = ["window", "sink-window", "h2o", "tova", "snapkv", "random"]
+            let best = ORDER
                 .iter()
+                .filter(|&&p| p != "dense")
                 .filter_map(|p| Some((*p, share(p)?)))
                 .max_by(|a, b| a.1.total_cmp(&b.1));
             if let Some((p, v)) = best {
@@ -584,8 +598,8 @@ pub fn check(r: &Results) -> Vec<String> {
     let (tol_nll, tol_kl, tol_top1) = full_budget_tolerance(&r.setup.weight_dtype);
     for c in &r.fidelity {
         // Dense against dense runs the same program: exactly equal.
-        let exact = c.budget_tokens.is_none();
-        let full = c.budget_tokens.is_some_and(|b| b >= len);
+        let exact = c.id.budget_tokens.is_none();
+        let full = c.id.budget_tokens.is_some_and(|b| b >= len);
         let differs = if exact {
             c.dnll != 0.0 || c.kl != 0.0 || c.top1 != 1.0
         } else {
@@ -595,37 +609,37 @@ pub fn check(r: &Results) -> Vec<String> {
             failed.push(format!(
                 "fidelity {} at budget {} keeps every token, yet differs from dense \
                  (Δ NLL {:e}, KL {:e}, top-1 {})",
-                c.policy, c.budget, c.dnll, c.kl, c.top1
+                c.id.policy, c.id.budget, c.dnll, c.kl, c.top1
             ));
         }
     }
     let smallest = |p: &str| {
         r.fidelity
             .iter()
-            .filter(|c| c.policy == p && c.budget_tokens.is_some_and(|b| b < len))
-            .min_by_key(|c| c.budget_tokens)
+            .filter(|c| c.id.policy == p && c.id.budget_tokens.is_some_and(|b| b < len))
+            .min_by_key(|c| c.id.budget_tokens)
     };
     if let (Some(sw), Some(w)) = (smallest("sink-window"), smallest("window"))
-        && sw.budget_tokens == w.budget_tokens
+        && sw.id.budget_tokens == w.id.budget_tokens
         && sw.dnll >= w.dnll
     {
         failed.push(format!(
             "sink-window (Δ NLL {:+.4}) is not better than window ({:+.4}) at budget {}",
-            sw.dnll, w.dnll, sw.budget
+            sw.dnll, w.dnll, sw.id.budget
         ));
     }
-    for c in r.passkey.iter().filter(|c| c.policy == "dense") {
+    for c in r.passkey.iter().filter(|c| c.id.policy == "dense") {
         for row in c.rows.iter().filter(|x| !x.found) {
             failed.push(format!(
                 "dense missed the passkey {} at length {} depth {}% (T={}): answered {:?}",
-                row.key, c.length, row.depth, c.prefill_len, row.answer
+                row.key, c.length, row.depth, c.id.prefill_len, row.answer
             ));
         }
     }
     for c in &r.greedy {
-        let full = c
-            .budget_tokens
-            .is_none_or(|b| b >= r.setup.greedy.0 + r.setup.greedy.1);
+        let full =
+            c.id.budget_tokens
+                .is_none_or(|b| b >= r.setup.greedy.0 + r.setup.greedy.1);
         if full
             && c.agree
                 .iter()
@@ -634,7 +648,7 @@ pub fn check(r: &Results) -> Vec<String> {
         {
             failed.push(format!(
                 "greedy {} at budget {} keeps every token, yet differs from dense: {:?}",
-                c.policy, c.budget, c.agree
+                c.id.policy, c.id.budget, c.agree
             ));
         }
     }
@@ -645,7 +659,7 @@ pub fn check(r: &Results) -> Vec<String> {
 mod tests {
     use super::super::fidelity::{DocScore, FidelityCell};
     use super::super::passkey::{PasskeyCell, PasskeyRow};
-    use super::super::{FORMAT, Setup};
+    use super::super::{CellId, FORMAT, Setup};
     use super::*;
 
     fn results() -> Results {
@@ -666,14 +680,20 @@ mod tests {
         }
     }
 
-    fn fid(policy: &str, budget: Option<u32>, dnll: f64, kl: f64, top1: f64) -> FidelityCell {
-        FidelityCell {
+    fn id(policy: &str, budget: Option<u32>) -> CellId {
+        CellId {
             policy: policy.into(),
             kv: policy.into(),
             budget: budget.map_or("-".into(), |b| format!("{b}%")),
             budget_tokens: budget,
             width: "64".into(),
             prefill_len: 64,
+        }
+    }
+
+    fn fid(policy: &str, budget: Option<u32>, dnll: f64, kl: f64, top1: f64) -> FidelityCell {
+        FidelityCell {
+            id: id(policy, budget),
             docs: vec![DocScore {
                 doc: "alice29".into(),
                 positions: 99,
@@ -703,12 +723,7 @@ mod tests {
             fid("sink-window", Some(25), 0.1, 0.1, 0.8),
         ];
         r.passkey = vec![PasskeyCell {
-            policy: "dense".into(),
-            kv: "dense".into(),
-            budget: "-".into(),
-            budget_tokens: None,
-            width: "64".into(),
-            prefill_len: 64,
+            id: id("dense", None),
             length: 256,
             rows: vec![PasskeyRow {
                 depth: 50,

@@ -183,15 +183,41 @@ impl Isa {
         }
     }
 
-    /// The widest available set.
+    /// The widest available set, unless the environment variable `KVC_ISA` names a
+    /// narrower one this CPU has (`avx2`, `portable`): an AVX-512 machine then computes
+    /// exactly what an AVX2-only machine does, to reproduce its results. Any other value
+    /// is reported once on stderr and ignored.
     pub fn best() -> Isa {
         static BEST: OnceLock<Isa> = OnceLock::new();
         *BEST.get_or_init(|| {
-            [Isa::Avx512, Isa::Avx2]
+            let widest = [Isa::Avx512, Isa::Avx2]
                 .into_iter()
                 .find(|i| i.available())
-                .unwrap_or(Isa::Portable)
+                .unwrap_or(Isa::Portable);
+            let Ok(name) = std::env::var("KVC_ISA") else {
+                return widest;
+            };
+            match Isa::named(&name) {
+                Some(isa) if isa.available() => isa,
+                _ => {
+                    eprintln!(
+                        "kvc: KVC_ISA={name:?} is not a kernel set this CPU runs \
+                         (avx512, avx2, portable); using {widest:?}"
+                    );
+                    widest
+                }
+            }
         })
+    }
+
+    /// The set called `name` (`avx512`, `avx2`, `portable`, any case).
+    pub fn named(name: &str) -> Option<Isa> {
+        match name.to_ascii_lowercase().as_str() {
+            "avx512" => Some(Isa::Avx512),
+            "avx2" => Some(Isa::Avx2),
+            "portable" => Some(Isa::Portable),
+            _ => None,
+        }
     }
 
     /// Columns (weight rows) of a prefill panel.
