@@ -88,7 +88,9 @@ pub struct EvalArgs {
     /// Directory for SVG charts.
     #[arg(long)]
     pub plot: Option<PathBuf>,
-    /// Write the Markdown report here (e.g. `docs/results.md`).
+    /// Write the Markdown report here (e.g. `docs/results.md`). Text that follows the
+    /// line `<!-- written by hand below: kvc eval keeps it -->` in an existing report is
+    /// kept.
     #[arg(long)]
     pub results_md: Option<PathBuf>,
     /// Fail unless the properties that must hold do (dense Δ = 0, a budget at least the
@@ -771,6 +773,8 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     let md = report::markdown(&results, args.plot.as_deref(), args.results_md.as_deref());
     match &args.results_md {
         Some(path) => {
+            let old = std::fs::read_to_string(path).ok();
+            let md = report::keep_hand_written(md, old.as_deref());
             std::fs::write(path, &md).with_context(|| format!("--results-md {}", path.display()))?
         }
         None => crate::emit(format_args!("{md}"))?,

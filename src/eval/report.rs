@@ -8,6 +8,22 @@ use super::Results;
 use super::fidelity::FidelityCell;
 use super::svg;
 
+/// The line after which a report's text is written by hand: regenerating the report with
+/// `--results-md` keeps everything from it on.
+pub const HAND_WRITTEN: &str = "<!-- written by hand below: kvc eval keeps it -->";
+
+/// The regenerated report `md` followed by what the previous report `old` holds from the
+/// [`HAND_WRITTEN`] line on.
+pub fn keep_hand_written(mut md: String, old: Option<&str>) -> String {
+    if let Some(at) = old.and_then(|o| o.find(HAND_WRITTEN)) {
+        if !md.ends_with("\n\n") {
+            md.push('\n');
+        }
+        md.push_str(&old.unwrap_or_default()[at..]);
+    }
+    md
+}
+
 /// Families in report order.
 const ORDER: [&str; 7] = [
     "dense",
@@ -551,6 +567,8 @@ fn goals(s: &mut String, r: &Results) {
                 .iter()
                 .filter(|&&p| p != "dense")
                 .filter_map(|p| Some((*p, share(p)?)))
+                // Of equals, the first in report order.
+                .rev()
                 .max_by(|a, b| a.1.total_cmp(&b.1));
             if let Some((p, v)) = best {
                 lines.push(format!(
@@ -711,6 +729,24 @@ mod tests {
             top1,
             seconds: 1.0,
         }
+    }
+
+    #[test]
+    fn hand_written_text_survives_regeneration() {
+        let md = markdown(&results(), None, None);
+        let old = format!("# old table\n\n{HAND_WRITTEN}\n## Notes\n\nkept\n");
+        let new = keep_hand_written(md.clone(), Some(&old));
+        assert!(new.starts_with(&md), "{new}");
+        assert!(
+            new.ends_with(&format!("{HAND_WRITTEN}\n## Notes\n\nkept\n")),
+            "{new}"
+        );
+        assert!(!new.contains("# old table"), "{new}");
+        assert_eq!(
+            keep_hand_written(md.clone(), Some("# old, no marker\n")),
+            md
+        );
+        assert_eq!(keep_hand_written(md.clone(), None), md);
     }
 
     #[test]

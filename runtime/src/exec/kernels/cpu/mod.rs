@@ -194,11 +194,12 @@ impl Kernels for Cpu {
         mask: Tensor<4, Bool>,
         scale: f32,
     ) -> Tensor<4> {
+        // kvc's row kernel at every size: Burn's softmax over the masked `[B, Hkv, g·T, S]`
+        // scores of a long chunk spends most of its time in libm's underflow path for the
+        // hidden slots (perf: `xflowf`), and a causal chunk hides half of them. Measured on
+        // a one-chunk 1,501-token SmolLM2 H2O prefill: 11.1 s → 5.0 s over 30 layers.
         let [b, hq, t, _] = q.dims();
         let s = k.dims()[2];
-        if (hq / k.dims()[1]) * t > FEW_ROWS {
-            return Portable.attention_probs(q, k, mask, scale);
-        }
         let dims = dims(&q, &k, &mask, scale);
         let (qt, kt, mt) = (host(&q), host(&k), host(&mask));
         let mut p = vec![0.0f32; b * hq * t * s];
