@@ -557,10 +557,10 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     if let Some(d) = args.passkey_depths.iter().find(|&&d| d > 100) {
         bail!("--passkey-depths: a depth is a percentage (0 to 100), found {d}");
     }
-    if let Some(path) = &args.json {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("--json {}", path.display()))?;
-        }
+    if let Some(path) = &args.json
+        && let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(dir).with_context(|| format!("--json {}", path.display()))?;
     }
 
     let spec = ModelSpec::load(&args.model)?.with_overrides(

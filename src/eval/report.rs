@@ -69,6 +69,16 @@ fn sorted_fidelity(r: &Results) -> Vec<&FidelityCell> {
     v
 }
 
+/// A fidelity chart: file name, title, y-axis label, the plotted value of a cell, and
+/// whether the y axis starts at zero.
+type Chart = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&FidelityCell) -> f64,
+    bool,
+);
+
 /// The SVG charts of `r`: (file name, contents).
 pub fn charts(r: &Results) -> Vec<(String, String)> {
     let mut out = vec![];
@@ -89,7 +99,7 @@ pub fn charts(r: &Results) -> Vec<(String, String)> {
                 .collect()
         };
         let x = format!("budget (% of the {}-token documents)", r.setup.doc_tokens);
-        let metrics: [(&str, &str, &str, fn(&FidelityCell) -> f64, bool); 3] = [
+        let metrics: [Chart; 3] = [
             (
                 "fidelity_dppl.svg",
                 "perplexity increase over dense",
