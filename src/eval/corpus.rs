@@ -103,8 +103,10 @@ pub fn passkey_key(length: u32, depth: u32) -> u32 {
     10_000 + (x % 90_000) as u32
 }
 
-/// A passkey prompt of about `length` tokens (filler repeated; the needle after
-/// `depth` percent of the filler), given a token counter.
+/// A passkey prompt of at most `length` tokens, as close to it as whole filler sentences
+/// allow (filler repeated; the needle after `depth` percent of the filler), given a token
+/// counter. Pieces counted apart can merge differently once joined, so the whole prompt is
+/// counted and a sentence dropped while it is too long.
 pub fn passkey_prompt(
     length: u32,
     depth: u32,
@@ -113,16 +115,21 @@ pub fn passkey_prompt(
     let key = passkey_key(length, depth);
     let fixed = count(&format!("{PASSKEY_INTRO}{}{PASSKEY_QUESTION}", needle(key)))?;
     let per = count(PASSKEY_FILLER)?.max(1);
-    let reps = (length as usize).saturating_sub(fixed) / per;
-    let before = (reps * depth.min(100) as usize + 50) / 100;
-    let mut s = String::from(PASSKEY_INTRO);
-    for _ in 0..before {
-        s.push_str(PASSKEY_FILLER);
+    let mut reps = (length as usize).saturating_sub(fixed) / per;
+    loop {
+        let before = (reps * depth.min(100) as usize + 50) / 100;
+        let mut s = String::from(PASSKEY_INTRO);
+        for _ in 0..before {
+            s.push_str(PASSKEY_FILLER);
+        }
+        s.push_str(&needle(key));
+        for _ in before..reps {
+            s.push_str(PASSKEY_FILLER);
+        }
+        s.push_str(PASSKEY_QUESTION);
+        if reps == 0 || count(&s)? <= length as usize {
+            return Ok(s);
+        }
+        reps -= 1;
     }
-    s.push_str(&needle(key));
-    for _ in before..reps {
-        s.push_str(PASSKEY_FILLER);
-    }
-    s.push_str(PASSKEY_QUESTION);
-    Ok(s)
 }
