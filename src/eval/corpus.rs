@@ -103,13 +103,14 @@ pub fn passkey_key(length: u32, depth: u32) -> u32 {
     10_000 + (x % 90_000) as u32
 }
 
-/// A passkey prompt of at most `length` tokens, as close to it as whole filler sentences
-/// allow (filler repeated; the needle after `depth` percent of the filler), given a token
-/// counter. Pieces counted apart can merge differently once joined, so the whole prompt is
-/// counted and a sentence dropped while it is too long.
+/// A passkey prompt of at most `length` tokens with `extra` more to follow it, as close to
+/// it as whole filler sentences allow (filler repeated; the needle after `depth` percent
+/// of the filler), given a token counter. Pieces counted apart can merge differently once
+/// joined, so the whole prompt is counted and a sentence dropped while it is too long.
 pub fn passkey_prompt(
     length: u32,
     depth: u32,
+    extra: usize,
     count: &dyn Fn(&str) -> Result<usize>,
 ) -> Result<String> {
     let key = passkey_key(length, depth);
@@ -127,7 +128,7 @@ pub fn passkey_prompt(
             s.push_str(PASSKEY_FILLER);
         }
         s.push_str(PASSKEY_QUESTION);
-        if reps == 0 || count(&s)? <= length as usize {
+        if reps == 0 || count(&s)? + extra <= length as usize {
             return Ok(s);
         }
         reps -= 1;

@@ -62,12 +62,29 @@ struct Prompt {
     answer: Vec<u32>,
 }
 
+/// Tokens of `" {key}"` before its first digit: they join the prompt (see [`prompts`]).
+fn lead_in(h: &Harness, key: u32) -> Result<usize> {
+    let ids = h.tok.encode_prompt(&format!(" {key}"), false)?;
+    let mut lead = 0;
+    while lead + 1 < ids.len()
+        && !h
+            .tok
+            .decode(&ids[lead..=lead])?
+            .contains(|c: char| c.is_ascii_digit())
+    {
+        lead += 1;
+    }
+    Ok(lead)
+}
+
 fn prompts(h: &Harness, length: u32, depths: &[u32]) -> Result<Vec<Prompt>> {
     depths
         .iter()
         .map(|&depth| {
             let key = passkey_key(length, depth);
-            let text = passkey_prompt(length, depth, &|s| h.count(s))?;
+            // The answer's lead-in joins the prompt: count it within the length.
+            let lead = lead_in(h, key)?;
+            let text = passkey_prompt(length, depth, lead, &|s| h.count(s))?;
             let mut ids = h.tok.encode_prompt(&text, false)?;
             let full = h.tok.encode_prompt(&format!("{text} {key}"), false)?;
             // The answer's tokens follow the prompt's when the tokenizer keeps the prompt
