@@ -62,14 +62,14 @@ struct Prompt {
     answer: Vec<u32>,
 }
 
-/// Tokens of `" {key}"` before its first digit: they join the prompt (see [`prompts`]).
-fn lead_in(h: &Harness, key: u32) -> Result<usize> {
-    let ids = h.tok.encode_prompt(&format!(" {key}"), false)?;
+/// Tokens of an answer before its first digit (the space): they join the prompt, so the
+/// first prediction is the key's first digit and its rank says how close the policy came.
+fn lead_in(h: &Harness, answer: &[u32]) -> Result<usize> {
     let mut lead = 0;
-    while lead + 1 < ids.len()
+    while lead + 1 < answer.len()
         && !h
             .tok
-            .decode(&ids[lead..=lead])?
+            .decode(&answer[lead..=lead])?
             .contains(|c: char| c.is_ascii_digit())
     {
         lead += 1;
@@ -83,7 +83,8 @@ fn prompts(h: &Harness, length: u32, depths: &[u32]) -> Result<Vec<Prompt>> {
         .map(|&depth| {
             let key = passkey_key(length, depth);
             // The answer's lead-in joins the prompt: count it within the length.
-            let lead = lead_in(h, key)?;
+            let alone = h.tok.encode_prompt(&format!(" {key}"), false)?;
+            let lead = lead_in(h, &alone)?;
             let text = passkey_prompt(length, depth, lead, &|s| h.count(s))?;
             let mut ids = h.tok.encode_prompt(&text, false)?;
             let full = h.tok.encode_prompt(&format!("{text} {key}"), false)?;
@@ -91,20 +92,9 @@ fn prompts(h: &Harness, length: u32, depths: &[u32]) -> Result<Vec<Prompt>> {
             // as a prefix (a space before the digits starts a new token).
             let mut answer = match full.strip_prefix(ids.as_slice()) {
                 Some(rest) if !rest.is_empty() => rest.to_vec(),
-                _ => h.tok.encode_prompt(&format!(" {key}"), false)?,
+                _ => alone,
             };
-            // Tokens of the answer before its first digit (the space) join the prompt, so
-            // the first prediction is the key's first digit and its rank says how close
-            // the policy came.
-            let mut lead = 0;
-            while lead + 1 < answer.len()
-                && !h
-                    .tok
-                    .decode(&answer[lead..=lead])?
-                    .contains(|c: char| c.is_ascii_digit())
-            {
-                lead += 1;
-            }
+            let lead = lead_in(h, &answer)?;
             ids.extend(answer.drain(..lead));
             Ok(Prompt {
                 depth,

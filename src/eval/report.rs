@@ -15,11 +15,13 @@ pub const HAND_WRITTEN: &str = "<!-- written by hand below: kvc eval keeps it --
 /// The regenerated report `md` followed by what the previous report `old` holds from the
 /// [`HAND_WRITTEN`] line on.
 pub fn keep_hand_written(mut md: String, old: Option<&str>) -> String {
-    if let Some(at) = old.and_then(|o| o.find(HAND_WRITTEN)) {
+    if let Some(old) = old
+        && let Some(at) = old.find(HAND_WRITTEN)
+    {
         if !md.ends_with("\n\n") {
             md.push('\n');
         }
-        md.push_str(&old.unwrap_or_default()[at..]);
+        md.push_str(&old[at..]);
     }
     md
 }
