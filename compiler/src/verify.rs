@@ -340,6 +340,7 @@ fn verify_interface(p: &Program, problems: &mut Vec<Problem>) {
         ("tokens", Type::new(DType::I32, [b, t])),
         ("len", i32b.clone()),
         ("limit", i32b.clone()),
+        ("restart", Type::new(DType::Bool, [b])),
     ];
     let got: Vec<(&str, &Type)> = p
         .prefill

@@ -81,7 +81,7 @@ fn shapes_depend_only_on_the_budget_not_the_policy() {
             p.config.kv
         );
         let names: Vec<&str> = p.prefill.inputs.iter().map(|i| i.name.as_str()).collect();
-        assert_eq!(names, ["tokens", "len", "limit"]);
+        assert_eq!(names, ["tokens", "len", "limit", "restart"]);
         // N = budget + T physical slots; the slot table has one entry per slot.
         let ty = |n: &str| {
             let id = p

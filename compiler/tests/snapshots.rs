@@ -129,7 +129,7 @@ fn decode_graph_has_no_host_inputs_and_fixed_shapes() {
     let p = compile(&spec).unwrap();
     assert!(p.decode.inputs.is_empty());
     let names: Vec<&str> = p.prefill.inputs.iter().map(|i| i.name.as_str()).collect();
-    assert_eq!(names, ["tokens", "len", "limit"]);
+    assert_eq!(names, ["tokens", "len", "limit", "restart"]);
     assert_eq!(p.prefill.inputs[0].ty.shape, vec![3, 8]);
     let out = |g: &kvc_compiler::ir::Graph, n: &str| {
         let o = g.outputs.iter().find(|o| o.name == n).unwrap();

@@ -875,7 +875,7 @@ pub struct CompiledConfig {
 /// Artifact format tag written into every serialized program.
 pub const FORMAT: &str = "kvc-program";
 /// Version of the serialized program format; bumped on any incompatible IR change.
-pub const FORMAT_VERSION: u32 = 6;
+pub const FORMAT_VERSION: u32 = 7;
 
 /// Most constants an [`Op::IsIn`] holds (and stop tokens a spec may list).
 pub const MAX_IS_IN_VALUES: usize = 256;

@@ -55,6 +55,43 @@ pub struct Chunk {
     pub len: ValueId,
     /// Tokens of the row after this chunk (`start + len`), `[B]` I32.
     pub pos_after: ValueId,
+    /// Prefill only: rows that start a new sequence with this chunk, `[B]` Bool. Such a
+    /// row's `start` is 0 and its policy state reads as initial (a free slot table, zero
+    /// scores); its old keys and values stay in place, invisible behind the table or the
+    /// positions. `None` in decode.
+    pub restart: Option<ValueId>,
+}
+
+impl Chunk {
+    /// The layer's state variable `name` as this chunk sees it before appending: `init`
+    /// in rows that restart, the stored value elsewhere. `[B, ..]` with `B` leading.
+    pub fn old_state(
+        &self,
+        g: &mut GraphBuilder<'_>,
+        name: &str,
+        init: crate::ir::Scalar,
+    ) -> Result<ValueId, BuildError> {
+        let old = g.state(name)?;
+        let Some(restart) = self.restart else {
+            return Ok(old);
+        };
+        let shape = g.ty(old).shape.clone();
+        let mut rows = vec![1; shape.len()];
+        rows[0] = shape[0];
+        let restart = g.reshape(restart, &rows)?;
+        let init = g.constant(init, &vec![1; shape.len()])?;
+        g.select(restart, init, old)
+    }
+
+    /// Rows that append at least one token, shaped `[B, 1, .., 1]` (rank `rank`).
+    pub fn has_tokens(&self, g: &mut GraphBuilder<'_>, rank: usize) -> Result<ValueId, BuildError> {
+        let b = g.ty(self.len).shape[0];
+        let mut rows = vec![1; rank];
+        rows[0] = b;
+        let len = g.reshape(self.len, &rows)?;
+        let zero = g.constant(crate::ir::Scalar::I32(0), &vec![1; rank])?;
+        g.binary(crate::ir::BinaryOp::Lt, zero, len)
+    }
 }
 
 /// Name of layer `l`'s key cache.

@@ -157,7 +157,8 @@ impl View<'_> {
 
     /// The layer's scores before this chunk, `[B, Hkv, N]` (0 in the new slots).
     pub fn old_score(&self, g: &mut GraphBuilder<'_>) -> Result<ValueId, BuildError> {
-        g.state(&score_name(self.layer.l))
+        self.chunk
+            .old_state(g, &score_name(self.layer.l), Scalar::F32(0.0))
     }
 
     /// `PROTECT` where the slot holds one of the row's `n` newest tokens, else `other`.
@@ -230,7 +231,7 @@ pub(super) fn attend(
     let before_end = g.binary(BinaryOp::Lt, rel, len3)?;
     let fresh = g.binary(BinaryOp::And, after_s, before_end)?;
     let fresh_pos = g.binary(BinaryOp::Add, start3, rel)?;
-    let old_pos = g.state(&pos_name(l))?;
+    let old_pos = ch.old_state(g, &pos_name(l), Scalar::I32(-1))?;
     let pos = g.select(fresh, fresh_pos, old_pos)?;
 
     // 2. Attention over every live slot at or before the query's position.
@@ -273,11 +274,15 @@ pub(super) fn attend(
     let zero_f = f32c(g, 0.0)?;
     let (cache, pos, score) = match ch.phase {
         Phase::Prefill => {
-            let order = g.push(Op::TopK {
+            // Rows without new tokens keep their slots in place (identity order) and
+            // their scores: a prefill that refills other rows leaves them bit for bit.
+            let has = ch.has_tokens(g, 3)?;
+            let ranked = g.push(Op::TopK {
                 x: prio,
                 tiebreak: pos,
                 k: n,
             })?;
+            let order = g.select(has, ranked, slot)?;
             let kept = g.binary(BinaryOp::Lt, slot, s)?;
             let cache = storage::gather(g, cache, order)?;
             let pos = g.push(Op::Gather {
@@ -287,11 +292,13 @@ pub(super) fn attend(
             let pos = g.select(kept, pos, minus_one)?;
             let score = match score {
                 Some(sc) => {
-                    let sc = g.push(Op::Gather {
+                    let ranked = g.push(Op::Gather {
                         x: sc,
                         index: order,
                     })?;
-                    Some(g.select(kept, sc, zero_f)?)
+                    let ranked = g.select(kept, ranked, zero_f)?;
+                    let old = view.old_score(g)?;
+                    Some(g.select(has, ranked, old)?)
                 }
                 None => None,
             };

@@ -118,12 +118,17 @@ pub(super) fn lower(
     state.extend(super::control_state(bsz, context, cc.sampler));
     let stops = &spec.stop_tokens;
 
-    // Prefill: append `len[b]` prompt tokens at `pos[b]`; logits of the last real token.
+    // Prefill: append `len[b]` prompt tokens at `pos[b]` (at 0 where `restart[b]`); logits
+    // of the last real token. Rows with `len = 0` are left as they are.
     let mut g = GraphBuilder::new("prefill", prefill_inputs(bsz, width), &params, &state);
     let tokens = g.input("tokens")?;
     let len = g.input("len")?;
     let limit = g.input("limit")?;
+    let restart = g.input("restart")?;
+    // A restarting row (a new prompt in a slot) begins at position 0.
     let start = g.state(names::POS)?;
+    let origin = g.constant(Scalar::I32(0), &[bsz])?;
+    let start = g.select(restart, origin, start)?;
     let offs = g.push(Op::Iota {
         shape: vec![1, width],
         dim: 1,
@@ -138,6 +143,7 @@ pub(super) fn lower(
             start,
             len,
             pos_after,
+            restart: Some(restart),
         },
         storage: cc.kv_storage,
         layers: layers.clone(),
@@ -171,6 +177,7 @@ pub(super) fn lower(
             start: pos,
             len: step,
             pos_after,
+            restart: None,
         },
         storage: cc.kv_storage,
         layers: layers.clone(),

@@ -182,6 +182,10 @@ pub(crate) fn prefill_inputs(batch: u32, width: u32) -> Vec<InputDecl> {
             name: "limit".into(),
             ty: Type::new(DType::I32, [batch]),
         },
+        InputDecl {
+            name: "restart".into(),
+            ty: Type::new(DType::Bool, [batch]),
+        },
     ]
 }
 
@@ -212,7 +216,8 @@ fn reached_end(
 /// Prefill's control epilogue: given the chunk's `len`, `limit`, the position after the
 /// chunk (`pos_after = start + len`) and the chosen token of each row's last real
 /// position, updates `pos`, `limit`, `token` and `done`.
-/// Rows with `len = 0` keep their token (their logits are not meaningful).
+/// Rows with `len = 0` keep their token, limit and done flag (their logits are not
+/// meaningful): a row that is decoding is untouched by a prefill that refills another.
 pub(crate) fn prefill_control(
     g: &mut GraphBuilder<'_>,
     pos_after: ValueId,
@@ -226,12 +231,12 @@ pub(crate) fn prefill_control(
     let zero = g.constant(Scalar::I32(0), &shape)?;
     let has_tokens = g.binary(BinaryOp::Lt, zero, len)?;
     let old = g.state(names::TOKEN)?;
-    let token = g.push(Op::Select {
-        cond: has_tokens,
-        a: next,
-        b: old,
-    })?;
-    let done = reached_end(g, pos_after, limit, token, context, stops)?;
+    let token = g.select(has_tokens, next, old)?;
+    let old_limit = g.state(names::LIMIT)?;
+    let limit = g.select(has_tokens, limit, old_limit)?;
+    let end = reached_end(g, pos_after, limit, token, context, stops)?;
+    let old_done = g.state(names::DONE)?;
+    let done = g.select(has_tokens, end, old_done)?;
     g.update(names::POS, pos_after)?;
     g.update(names::LIMIT, limit)?;
     g.update(names::TOKEN, token)?;

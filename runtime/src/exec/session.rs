@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use burn::tensor::{Tensor, TensorData};
-use kvc_compiler::ir::{DType, Interface, Program, StateId};
+use kvc_compiler::ir::{CompiledConfig, DType, Interface, Program, StateId};
 
 use super::executor::{Executor, State, Which};
 use super::kernels::KernelSet;
@@ -36,6 +36,17 @@ pub struct Request {
     pub max_new_tokens: usize,
     /// How this row's tokens are chosen.
     pub sampling: Sampling,
+}
+
+/// A new prompt for one row of a running batch ([`Session::refill`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Refill<'a> {
+    /// The row (`< B`).
+    pub row: usize,
+    /// The prompt, its token budget and sampling settings.
+    pub request: &'a Request,
+    /// Seed of the row's uniform stream ([`uniform_draw`]).
+    pub seed: u64,
 }
 
 /// Per-row sampling settings. The default is greedy.
@@ -170,6 +181,49 @@ fn upload(
         .collect()
 }
 
+/// Whether request `r` fits a program compiled with `c`; the message names what does not
+/// (prompt and token budget against the cache, token ids, sampling settings).
+pub fn check_request(c: &CompiledConfig, r: &Request) -> Result<(), String> {
+    if r.prompt.is_empty() {
+        return Err("the prompt is empty".into());
+    }
+    if r.max_new_tokens == 0 {
+        return Err("max_new_tokens must be at least 1".into());
+    }
+    if let Some(&t) = r.prompt.iter().find(|&&t| t >= c.vocab_size) {
+        return Err(format!(
+            "token id {t} is outside the vocabulary (size {})",
+            c.vocab_size
+        ));
+    }
+    let sp = r.sampling;
+    if !(sp.temperature.is_finite() && sp.temperature >= 0.0) {
+        return Err(format!(
+            "temperature must be a finite number >= 0, found {}",
+            sp.temperature
+        ));
+    }
+    if !(sp.top_p > 0.0 && sp.top_p <= 1.0) {
+        return Err(format!("top_p must be in (0, 1], found {}", sp.top_p));
+    }
+    // The last generated token is never written to the cache.
+    let need = r.prompt.len().saturating_add(r.max_new_tokens - 1);
+    if need > c.cache_len as usize {
+        let what = match c.kv.budget() {
+            None => format!("{need} cache slots, but the dense cache has"),
+            Some(_) => format!("{need} positions, but rows were compiled to end at"),
+        };
+        return Err(format!(
+            "{} prompt tokens + {} new tokens need {what} {} \
+             (compile with --cache-len {need} or more)",
+            r.prompt.len(),
+            r.max_new_tokens,
+            c.cache_len
+        ));
+    }
+    Ok(())
+}
+
 /// How a session runs its graphs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SessionOptions {
@@ -275,6 +329,9 @@ pub struct Session {
     state: Arc<Mutex<State>>,
     iface: Interface,
     seed: u64,
+    /// Each row's sampling settings and seed as last uploaded (host mirror of the
+    /// sampler state, so that a refill rewrites one row without reading the others).
+    row_sampling: Vec<(Sampling, u64)>,
     capture: bool,
     /// The options the session was made with.
     options: SessionOptions,
@@ -348,12 +405,14 @@ impl Session {
         })?;
         let device = device(backend)?;
         let state = State::new(&program, &device);
+        let rows = program.config.batch as usize;
         Ok(Session {
             backend,
             exec: Arc::new(Executor::new(program, params, device, options.kernels)?),
             state: Arc::new(Mutex::new(state)),
             iface,
             seed: 0,
+            row_sampling: vec![(Sampling::default(), 0); rows],
             capture: options.capture,
             options,
             decode_step: None,
@@ -423,9 +482,21 @@ impl Session {
 
     /// Uploads each row's sampling settings and the uniform stream (once per batch).
     fn upload_sampling(&mut self, reqs: &[Request]) -> Result<(), RuntimeError> {
+        let rows: Vec<(usize, Sampling, u64)> = (0..self.batch())
+            .map(|i| {
+                let sp = reqs.get(i).map(|r| r.sampling).unwrap_or_default();
+                (i, sp, self.seed)
+            })
+            .collect();
+        self.upload_rows(&rows)
+    }
+
+    /// Sets the sampling settings and seed of the given rows, keeps the others', and
+    /// uploads the sampler state. Greedy programs have none (and refuse random settings).
+    fn upload_rows(&mut self, rows: &[(usize, Sampling, u64)]) -> Result<(), RuntimeError> {
         let c = self.program().config.clone();
         if c.sampler == kvc_compiler::spec::Sampler::Greedy {
-            if reqs.iter().any(|r| r.sampling.is_random()) {
+            if rows.iter().any(|r| r.1.is_random()) {
                 return Err(RuntimeError::Request(
                     "this program was compiled with the greedy sampler; compile with sampler Sample \
                      (kvc run does so when --temperature > 0)"
@@ -439,17 +510,24 @@ impl Session {
                 "a sampling program without sampler state".into(),
             ));
         };
-        let (b, s) = (c.batch as usize, c.cache_len as usize);
-        let row = |i: usize| reqs.get(i).map(|r| r.sampling).unwrap_or_default();
+        for &(i, sp, seed) in rows {
+            self.row_sampling[i] = (sp, seed);
+        }
+        let s = c.cache_len as usize;
+        let mirror = &self.row_sampling;
         let device = self.exec.device().clone();
-        let temperature = (0..b).map(|i| row(i).temperature).collect();
-        let top_k = (0..b)
-            .map(|i| row(i).top_k.min(i32::MAX as u32) as i32)
+        let temperature = mirror.iter().map(|r| r.0.temperature).collect();
+        let top_k = mirror
+            .iter()
+            .map(|r| r.0.top_k.min(i32::MAX as u32) as i32)
             .collect();
-        let top_p = (0..b).map(|i| row(i).top_p).collect();
-        let uniform = (0..b)
-            .flat_map(|_| (0..s).map(|p| uniform_draw(self.seed, p as u64)))
+        let top_p = mirror.iter().map(|r| r.0.top_p).collect();
+        let uniform = mirror
+            .iter()
+            .flat_map(|r| (0..s).map(|p| uniform_draw(r.1, p as u64)))
             .collect();
+        // New buffers: a recorded decode step would still read the old ones.
+        self.decode_step = None;
         let mut state = self.state();
         state.write(
             ids.temperature,
@@ -501,50 +579,15 @@ impl Session {
             )));
         }
         for (i, r) in reqs.iter().enumerate() {
-            if r.prompt.is_empty() {
-                return Err(RuntimeError::Request(format!("prompt {i} is empty")));
-            }
-            if r.max_new_tokens == 0 {
-                return Err(RuntimeError::Request(format!(
-                    "prompt {i}: max_new_tokens must be at least 1"
-                )));
-            }
-            if let Some(&t) = r.prompt.iter().find(|&&t| t >= c.vocab_size) {
-                return Err(RuntimeError::Request(format!(
-                    "prompt {i}: token id {t} is outside the vocabulary (size {})",
-                    c.vocab_size
-                )));
-            }
-            let sp = r.sampling;
-            if !(sp.temperature.is_finite() && sp.temperature >= 0.0) {
-                return Err(RuntimeError::Request(format!(
-                    "prompt {i}: temperature must be a finite number >= 0, found {}",
-                    sp.temperature
-                )));
-            }
-            if !(sp.top_p > 0.0 && sp.top_p <= 1.0) {
-                return Err(RuntimeError::Request(format!(
-                    "prompt {i}: top_p must be in (0, 1], found {}",
-                    sp.top_p
-                )));
-            }
-            // The last generated token is never written to the cache.
-            let need = r.prompt.len().saturating_add(r.max_new_tokens - 1);
-            if need > c.cache_len as usize {
-                let what = match c.kv.budget() {
-                    None => format!("{need} cache slots, but the dense cache has"),
-                    Some(_) => format!("{need} positions, but rows were compiled to end at"),
-                };
-                return Err(RuntimeError::Request(format!(
-                    "prompt {i}: {} prompt tokens + {} new tokens need {what} {} \
-                     (compile with --cache-len {need} or more)",
-                    r.prompt.len(),
-                    r.max_new_tokens,
-                    c.cache_len
-                )));
-            }
+            self.check_request(r)
+                .map_err(|e| RuntimeError::Request(format!("prompt {i}: {e}")))?;
         }
         Ok(())
+    }
+
+    /// Whether one request fits the compiled shapes; the message names what does not.
+    pub fn check_request(&self, r: &Request) -> Result<(), String> {
+        check_request(&self.program().config, r)
     }
 
     /// Prefills up to `B` prompts as one padded batch (in chunks of `T` tokens), starting
@@ -558,23 +601,71 @@ impl Session {
         self.check(reqs)?;
         self.reset();
         self.upload_sampling(reqs)?;
+        let rows: Vec<(usize, &Request)> = reqs.iter().enumerate().collect();
+        self.run_prefill(&rows, want_logits)
+    }
+
+    /// Continuous batching: prefills new prompts into the given rows of the running
+    /// batch, through the same prefill graph, while every other row keeps its cache,
+    /// position, policy state and sampling settings bit for bit (they pass `len = 0`).
+    /// Each refilled row restarts at position 0 with a fresh policy state and samples
+    /// with its own seed. A row may be refilled whether or not it is done (cancelling
+    /// a request is refilling its row). Returns the control state after the prefill:
+    /// a refilled row's token is its first generated token.
+    pub fn refill(&mut self, rows: &[Refill<'_>]) -> Result<StepOutput, RuntimeError> {
+        let b = self.batch();
+        let mut seen = vec![false; b];
+        for r in rows {
+            if r.row >= b {
+                return Err(RuntimeError::Request(format!(
+                    "row {} is outside the compiled batch of {b} rows",
+                    r.row
+                )));
+            }
+            if std::mem::replace(&mut seen[r.row], true) {
+                return Err(RuntimeError::Request(format!(
+                    "row {} is refilled twice in one call",
+                    r.row
+                )));
+            }
+            self.check_request(r.request)
+                .map_err(|e| RuntimeError::Request(format!("row {}: {e}", r.row)))?;
+        }
+        let settings: Vec<(usize, Sampling, u64)> = rows
+            .iter()
+            .map(|r| (r.row, r.request.sampling, r.seed))
+            .collect();
+        self.upload_rows(&settings)?;
+        let rows: Vec<(usize, &Request)> = rows.iter().map(|r| (r.row, r.request)).collect();
+        Ok(self.run_prefill(&rows, false)?.0)
+    }
+
+    /// Prefills `rows` (row index, request) in chunks of `T`, restarting each at position
+    /// 0; other rows pass `len = 0`. Returns the control state and, with `want_logits`,
+    /// the logits at each given row's last prompt position (in the order of `rows`).
+    fn run_prefill(
+        &mut self,
+        rows: &[(usize, &Request)],
+        want_logits: bool,
+    ) -> Result<(StepOutput, Vec<Vec<f32>>), RuntimeError> {
         let c = self.program().config.clone();
         let (b, t) = (c.batch as usize, c.prefill_len as usize);
-        let longest = reqs.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
+        let longest = rows.iter().map(|r| r.1.prompt.len()).max().unwrap_or(0);
         let chunks = longest.div_ceil(t).max(1);
-        // `check` bounded prompt + max_new - 1 by the cache length, an i32.
-        let limit: Vec<i32> = (0..b)
-            .map(|i| {
-                reqs.get(i)
-                    .map_or(0, |r| (r.prompt.len() + r.max_new_tokens - 1) as i32)
-            })
-            .collect();
-        let mut last_logits = vec![Vec::new(); reqs.len()];
+        // Rows not prefilled keep their limit (the graph selects per row).
+        let mut limit = vec![0i32; b];
+        let mut restart = vec![0i32; b];
+        for &(i, r) in rows {
+            // `check_request` bounded prompt + max_new - 1 by the cache length, an i32.
+            limit[i] = (r.prompt.len() + r.max_new_tokens - 1) as i32;
+            restart[i] = 1;
+        }
+        let mut last_logits = vec![Vec::new(); rows.len()];
         let device = self.exec.device().clone();
         for chunk in 0..chunks {
             let mut tokens = vec![0i32; b * t];
             let mut len = vec![0i32; b];
-            for (i, r) in reqs.iter().enumerate() {
+            for &(i, r) in rows {
                 let from = (chunk * t).min(r.prompt.len());
                 let to = ((chunk + 1) * t).min(r.prompt.len());
                 for (j, &id) in r.prompt[from..to].iter().enumerate() {
@@ -586,17 +677,24 @@ impl Session {
                 Value::from_i32(tokens, &[c.batch, c.prefill_len], &device),
                 Value::from_i32(len.clone(), &[c.batch], &device),
                 Value::from_i32(limit.clone(), &[c.batch], &device),
+                Value::from_bool(restart.clone(), &[c.batch], &device),
             ];
+            // Only the first chunk restarts a row.
+            restart.iter_mut().for_each(|r| *r = 0);
             let out = self.exec.run(Which::Prefill, inputs, &mut self.state());
             if want_logits {
-                let finishing: Vec<usize> = (0..reqs.len())
-                    .filter(|&i| len[i] > 0 && (chunk + 1) * t >= reqs[i].prompt.len())
+                let finishing: Vec<usize> = (0..rows.len())
+                    .filter(|&k| {
+                        let (i, r) = rows[k];
+                        len[i] > 0 && (chunk + 1) * t >= r.prompt.len()
+                    })
                     .collect();
                 if !finishing.is_empty() {
                     let all = self.exec.read_f32(&out[0])?;
                     let v = c.vocab_size as usize;
-                    for i in finishing {
-                        last_logits[i] = all[i * v..(i + 1) * v].to_vec();
+                    for k in finishing {
+                        let i = rows[k].0;
+                        last_logits[k] = all[i * v..(i + 1) * v].to_vec();
                     }
                 }
             }
@@ -706,6 +804,34 @@ impl Session {
     /// Positions (tokens in the cache) of every row.
     pub fn positions(&self) -> Result<Vec<i32>, RuntimeError> {
         self.exec.read_i32(self.state().get(self.iface.pos))
+    }
+
+    /// State variable `id` read back as one 32-bit word per element, row-major: the bits
+    /// of floats (f16 widened to f32, which is exact), integers and bools as `i32`. For
+    /// bit-for-bit comparisons of state (e.g. rows a refill must not touch).
+    pub fn state_bits(&self, id: StateId) -> Result<Vec<u32>, RuntimeError> {
+        let state = self.state();
+        let v = state.get(id);
+        Ok(match v {
+            Value::F(_) => self
+                .exec
+                .read_f32(v)?
+                .into_iter()
+                .map(f32::to_bits)
+                .collect(),
+            Value::I(_) => self
+                .exec
+                .read_i32(v)?
+                .into_iter()
+                .map(|x| x as u32)
+                .collect(),
+            Value::B(_) => self.exec.read_bool(v)?.into_iter().map(u32::from).collect(),
+            Value::Q(_) => {
+                return Err(RuntimeError::Internal(
+                    "a state variable holds quantized blocks".into(),
+                ));
+            }
+        })
     }
 
     /// Per-row stop positions.

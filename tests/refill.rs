@@ -1,0 +1,211 @@
+//! Slot refill (continuous batching): a prefill that puts a new prompt into one row of a
+//! running batch leaves every other row's state bit for bit as it was, and the refilled
+//! row generates exactly what the same prompt generates in a fresh batch. Checked for the
+//! dense cache and every budgeted policy, on every tiny family, with f32 and int8 storage.
+
+mod common;
+
+use common::{FAMILIES, session, small, tiny_model};
+use kvc_compiler::Overrides;
+use kvc_compiler::ir::{Program, StateId};
+use kvc_compiler::spec::{KvPolicy, KvStorage, Sampler};
+use kvc_runtime::exec::session::{Refill, Request, Sampling, Session};
+
+const B: usize = 3;
+
+fn program(family: &str, kv: KvPolicy, storage: KvStorage, sampler: Sampler) -> Program {
+    tiny_model(family, overrides(kv, storage, sampler), &[]).0
+}
+
+fn overrides(kv: KvPolicy, storage: KvStorage, sampler: Sampler) -> Overrides {
+    Overrides {
+        batch: Some(B as u32),
+        kv: Some(kv),
+        kv_storage: Some(storage),
+        cache_len: Some(64),
+        prefill_len: Some(8),
+        sampler: Some(sampler),
+        ..Overrides::default()
+    }
+}
+
+fn request(prompt: &[u32], n: usize, sampling: Sampling) -> Request {
+    Request {
+        prompt: prompt.to_vec(),
+        max_new_tokens: n,
+        sampling,
+    }
+}
+
+/// Every state variable, split into its `B` row slices (every state has `B` leading).
+fn rows_of(s: &Session) -> Vec<Vec<Vec<u32>>> {
+    (0..s.program().state.len())
+        .map(|i| {
+            let bits = s.state_bits(StateId(i as u32)).unwrap();
+            bits.chunks(bits.len() / B).map(<[u32]>::to_vec).collect()
+        })
+        .collect()
+}
+
+/// Decodes `n` steps; returns each row's token after every step and its logits bits.
+fn decode(s: &mut Session, n: usize) -> Vec<Vec<(u32, Vec<u32>)>> {
+    let mut out = vec![Vec::new(); B];
+    for _ in 0..n {
+        let (step, logits) = s.step_logits().unwrap();
+        for (r, row) in out.iter_mut().enumerate() {
+            let bits = logits[r].iter().map(|x| x.to_bits()).collect();
+            row.push((step.tokens[r], bits));
+        }
+    }
+    out
+}
+
+/// Rows 0 and 2 run on while row 1 is refilled mid-generation (not done) with a prompt
+/// longer than one chunk.
+fn check(family: &str, kv: KvPolicy, storage: KvStorage, sampler: Sampler) {
+    let what = format!("{family} {kv} {storage:?} {sampler:?}");
+    let p = program(family, kv, storage, sampler);
+    let weights = tiny_model(family, overrides(kv, storage, sampler), &[]).1;
+    let sp = match sampler {
+        Sampler::Greedy => Sampling::default(),
+        Sampler::Sample => Sampling {
+            temperature: 0.8,
+            top_k: 0,
+            top_p: 0.95,
+        },
+    };
+    let first = [
+        request(&[5, 9, 14, 3, 7], 30, sp),
+        request(&[11, 2, 8, 30, 1, 4, 6, 22, 19], 30, sp),
+        request(&[40, 12, 3], 30, sp),
+    ];
+    let new = request(&[17, 3, 3, 25, 9, 1, 13, 2, 44, 6, 28], 12, sp);
+    let (warm, after) = (4, 10);
+
+    // The batch refilled at step `warm`.
+    let mut a = session(&p, &weights);
+    a.set_seed(5);
+    a.prefill(&first, false).unwrap();
+    decode(&mut a, warm);
+    let before = rows_of(&a);
+    let out = a
+        .refill(&[Refill {
+            row: 1,
+            request: &new,
+            seed: 77,
+        }])
+        .unwrap();
+    let refilled = rows_of(&a);
+    for (i, (old, now)) in before.iter().zip(&refilled).enumerate() {
+        let name = &p.state[i].name;
+        for r in [0, 2] {
+            assert!(
+                old[r] == now[r],
+                "{what}: refill of row 1 changed {name} of row {r}"
+            );
+        }
+    }
+    assert!(!out.done[1], "{what}: the refilled row is not running");
+    let a_steps = decode(&mut a, after);
+
+    // The same batch, never refilled.
+    let mut b = session(&p, &weights);
+    b.set_seed(5);
+    b.prefill(&first, false).unwrap();
+    decode(&mut b, warm);
+    let b_steps = decode(&mut b, after);
+    for r in [0, 2] {
+        assert!(
+            a_steps[r] == b_steps[r],
+            "{what}: row {r} decodes differently after row 1 was refilled"
+        );
+    }
+
+    // The new prompt in row 1 of a fresh batch, with the refill's seed.
+    let mut c = session(&p, &weights);
+    c.set_seed(77);
+    let fresh = c
+        .prefill(&[first[0].clone(), new.clone()], false)
+        .unwrap()
+        .0;
+    assert_eq!(out.tokens[1], fresh.tokens[1], "{what}: first token");
+    let c_steps = decode(&mut c, after);
+    let tokens = |steps: &[(u32, Vec<u32>)]| steps.iter().map(|s| s.0).collect::<Vec<_>>();
+    assert_eq!(
+        tokens(&a_steps[1]),
+        tokens(&c_steps[1]),
+        "{what}: the refilled row generates what the prompt generates in a fresh batch"
+    );
+    assert!(
+        a_steps[1] == c_steps[1],
+        "{what}: the refilled row's logits differ from a fresh batch's"
+    );
+}
+
+#[test]
+fn refill_leaves_other_rows_untouched_and_restarts_its_row() {
+    let mut policies = vec![KvPolicy::Dense];
+    policies.extend(small());
+    for family in FAMILIES {
+        for &kv in &policies {
+            check(family, kv, KvStorage::F32, Sampler::Greedy);
+        }
+    }
+    for kv in [
+        KvPolicy::Dense,
+        KvPolicy::H2o {
+            budget: 6,
+            recent: 2,
+        },
+    ] {
+        check("tiny-llama", kv, KvStorage::I8, Sampler::Greedy);
+        check("tiny-llama", kv, KvStorage::F16, Sampler::Greedy);
+    }
+}
+
+#[test]
+fn a_refilled_row_samples_with_its_own_seed() {
+    for kv in [KvPolicy::Dense, KvPolicy::Tova { budget: 6 }] {
+        check("tiny-llama", kv, KvStorage::F32, Sampler::Sample);
+    }
+}
+
+#[test]
+fn refill_refuses_bad_rows() {
+    let p = program(
+        "tiny-llama",
+        KvPolicy::Dense,
+        KvStorage::F32,
+        Sampler::Greedy,
+    );
+    let weights = tiny_model(
+        "tiny-llama",
+        overrides(KvPolicy::Dense, KvStorage::F32, Sampler::Greedy),
+        &[],
+    )
+    .1;
+    let mut s = session(&p, &weights);
+    let r = request(&[1, 2, 3], 4, Sampling::default());
+    let refill = |row| Refill {
+        row,
+        request: &r,
+        seed: 0,
+    };
+    let err = s.refill(&[refill(B)]).unwrap_err().to_string();
+    assert_eq!(err, "row 3 is outside the compiled batch of 3 rows");
+    let err = s.refill(&[refill(1), refill(1)]).unwrap_err().to_string();
+    assert_eq!(err, "row 1 is refilled twice in one call");
+    let long = request(&[1; 60], 10, Sampling::default());
+    let err = s
+        .refill(&[Refill {
+            row: 0,
+            request: &long,
+            seed: 0,
+        }])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("row 0: 60 prompt tokens + 10 new tokens need 69"),
+        "{err}"
+    );
+}
