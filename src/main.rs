@@ -3,6 +3,7 @@
 
 mod bench;
 mod eval;
+mod serve;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -115,6 +116,28 @@ enum Command {
     /// fidelity on long texts, passkey retrieval and greedy agreement (resumable JSON,
     /// SVG charts, a Markdown report).
     Eval(eval::EvalArgs),
+    /// Serve a model over HTTP: OpenAI-compatible completions and chat completions
+    /// (streamed as server-sent events or whole), with continuous batching by slot refill.
+    Serve {
+        /// Model spec (`models/*.ron`).
+        model: PathBuf,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// Port to listen on (0 picks a free one; the chosen address is printed).
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Requests that may wait for a free row; more are answered 429.
+        #[arg(long, default_value_t = 64)]
+        queue: usize,
+        /// Largest request body, e.g. `1MiB` (larger ones are answered 413).
+        #[arg(long, value_parser = parse_size, default_value = "1MiB")]
+        max_body: u64,
+        #[command(flatten)]
+        shapes: ShapeArgs,
+        #[command(flatten)]
+        exec: ExecArgs,
+    },
     /// Teacher-force a text and print each position's top-K logits and log-sum-exp.
     Score {
         /// Model spec (`models/*.ron`) or a compiled artifact directory.
@@ -399,6 +422,19 @@ fn real_main() -> Result<()> {
                 exec,
             )
         }
+        Command::Serve {
+            model,
+            host,
+            port,
+            queue,
+            max_body,
+            shapes,
+            exec,
+        } => {
+            let engine = load_engine(&model, shapes, queue, exec)?;
+            let max_body = usize::try_from(max_body).unwrap_or(usize::MAX);
+            serve::serve(engine, &host, port, max_body)
+        }
         Command::Score {
             model,
             text,
@@ -616,6 +652,49 @@ fn load(model: &Path, shapes: ShapeArgs, min_batch: usize, exec: ExecArgs) -> Re
         t0.elapsed().as_secs_f64()
     );
     Ok(loaded)
+}
+
+/// Rows of a served batch when neither the spec nor `--batch` asks for more than one.
+const SERVE_BATCH: u32 = 8;
+
+/// The engine of `kvc serve`: the spec with the user's shapes (a batch of
+/// [`SERVE_BATCH`] rows unless one is given or the spec has more) and a sampling program.
+fn load_engine(
+    model: &Path,
+    shapes: ShapeArgs,
+    queue: usize,
+    exec: ExecArgs,
+) -> Result<kvc_runtime::engine::Engine> {
+    use kvc_runtime::engine::{Engine, EngineOptions};
+    if model.is_dir() {
+        bail!(
+            "kvc serve takes a model spec (models/*.ron), not a compiled artifact: it compiles \
+             its own sampling program"
+        );
+    }
+    if queue == 0 {
+        bail!("--queue must be at least 1");
+    }
+    let spec = ModelSpec::load(model)?;
+    let mut o = shapes.overrides();
+    if o.batch.is_none() && spec.compile.batch < SERVE_BATCH {
+        o.batch = Some(SERVE_BATCH);
+    }
+    store_kv_where_it_runs(&spec, &mut o, exec.backend);
+    let t0 = Instant::now();
+    let options = EngineOptions {
+        backend: exec.backend,
+        session: Some(exec.options()),
+        overrides: o,
+        queue_capacity: queue,
+    };
+    let engine = Engine::load_with(model, options, &mut progress())?;
+    eprintln!(
+        "loaded {} in {:.2} s",
+        engine.name(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(engine)
 }
 
 #[allow(clippy::too_many_arguments)]

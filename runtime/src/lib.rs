@@ -8,8 +8,11 @@
 //!   (portable Burn ops; kvc's CPU kernels on Flex), the executor and the session.
 //!
 //! [`model`] joins them for a command: resolve weights, bind them, build the tokenizer.
+//! [`engine`] is the embedding API on top: load a spec, submit requests, stream tokens,
+//! with a scheduler that keeps the batch full by slot refill.
 //! This crate (with the end-to-end tests) is the only place that depends on Burn.
 
+pub mod engine;
 pub mod exec;
 pub mod load;
 pub mod model;
