@@ -130,6 +130,11 @@ enum Command {
         /// Requests that may wait for a free row; more are answered 429.
         #[arg(long, default_value_t = 64)]
         queue: usize,
+        /// When waiting requests get rows: `refill` (continuous batching: a free row is
+        /// refilled before the next step) or `batch` (only when every row is free; for
+        /// comparison).
+        #[arg(long, value_parser = parse_schedule, default_value = "refill")]
+        schedule: kvc_runtime::engine::Schedule,
         /// Largest request body, e.g. `1MiB` (larger ones are answered 413).
         #[arg(long, value_parser = parse_size, default_value = "1MiB")]
         max_body: u64,
@@ -221,6 +226,15 @@ fn parse_backend(s: &str) -> Result<Backend, String> {
             "this build has no {s} backend (build kvc with `--features {s}`)"
         )),
         other => Err(format!("expected flex, wgpu or cuda, found {other:?}")),
+    }
+}
+
+fn parse_schedule(s: &str) -> Result<kvc_runtime::engine::Schedule, String> {
+    use kvc_runtime::engine::Schedule;
+    match s {
+        "refill" => Ok(Schedule::Refill),
+        "batch" => Ok(Schedule::WholeBatch),
+        other => Err(format!("expected refill or batch, found {other:?}")),
     }
 }
 
@@ -427,11 +441,12 @@ fn real_main() -> Result<()> {
             host,
             port,
             queue,
+            schedule,
             max_body,
             shapes,
             exec,
         } => {
-            let engine = load_engine(&model, shapes, queue, exec)?;
+            let engine = load_engine(&model, shapes, queue, schedule, exec)?;
             let max_body = usize::try_from(max_body).unwrap_or(usize::MAX);
             serve::serve(engine, &host, port, max_body)
         }
@@ -663,6 +678,7 @@ fn load_engine(
     model: &Path,
     shapes: ShapeArgs,
     queue: usize,
+    schedule: kvc_runtime::engine::Schedule,
     exec: ExecArgs,
 ) -> Result<kvc_runtime::engine::Engine> {
     use kvc_runtime::engine::{Engine, EngineOptions};
@@ -687,6 +703,7 @@ fn load_engine(
         session: Some(exec.options()),
         overrides: o,
         queue_capacity: queue,
+        schedule,
     };
     let engine = Engine::load_with(model, options, &mut progress())?;
     eprintln!(

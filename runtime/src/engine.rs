@@ -65,6 +65,17 @@ pub enum EngineError {
     Stopped(String),
 }
 
+/// When the scheduler admits waiting requests into rows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Schedule {
+    /// Continuous batching: any free row is refilled before the next step.
+    #[default]
+    Refill,
+    /// Batch at a time: waiting requests are admitted only when every row is free (the
+    /// behaviour without slot refill, kept to measure what refill gains).
+    WholeBatch,
+}
+
 /// How to load a model and run its scheduler.
 #[derive(Clone, Debug)]
 pub struct EngineOptions {
@@ -79,6 +90,8 @@ pub struct EngineOptions {
     /// Requests that may wait while every row is busy; more are refused with
     /// [`EngineError::QueueFull`].
     pub queue_capacity: usize,
+    /// When waiting requests get rows.
+    pub schedule: Schedule,
 }
 
 impl Default for EngineOptions {
@@ -88,6 +101,7 @@ impl Default for EngineOptions {
             session: None,
             overrides: Overrides::default(),
             queue_capacity: 64,
+            schedule: Schedule::Refill,
         }
     }
 }
@@ -361,7 +375,12 @@ impl Engine {
             let tokenizer = loaded.tokenizer.ok_or(EngineError::NoTokenizer)?;
             Ok((loaded.session, tokenizer))
         };
-        Engine::start(Box::new(make), options.queue_capacity, progress)
+        Engine::start(
+            Box::new(make),
+            options.queue_capacity,
+            options.schedule,
+            progress,
+        )
     }
 
     /// Starts the scheduler thread, which makes its session with `make` (a session
@@ -371,6 +390,7 @@ impl Engine {
     pub fn start(
         make: MakeSession,
         queue_capacity: usize,
+        schedule: Schedule,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Engine, EngineError> {
         let metrics = Arc::new(Metrics::default());
@@ -405,6 +425,7 @@ impl Engine {
                         metrics: &metrics,
                         rows: Vec::new(),
                         queue: VecDeque::new(),
+                        schedule,
                     };
                     if let Err(e) = s.run(rx) {
                         *failure.lock().expect("failure lock") = Some(e.to_string());
@@ -599,6 +620,7 @@ struct Scheduler<'t> {
     /// One entry per row: the request it runs, if any.
     rows: Vec<Option<Running<'t>>>,
     queue: VecDeque<Job>,
+    schedule: Schedule,
 }
 
 /// How long an idle scheduler waits for work before checking its channel again.
@@ -653,7 +675,10 @@ impl<'t> Scheduler<'t> {
                 }
             }
             // 3. Refill every free row from the queue in one prefill.
-            let free: Vec<usize> = (0..b).filter(|&i| self.rows[i].is_none()).collect();
+            let mut free: Vec<usize> = (0..b).filter(|&i| self.rows[i].is_none()).collect();
+            if self.schedule == Schedule::WholeBatch && free.len() < b {
+                free.clear();
+            }
             let take = free.len().min(self.queue.len());
             if take > 0 {
                 if free.len() < b {
