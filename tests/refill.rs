@@ -209,3 +209,36 @@ fn refill_refuses_bad_rows() {
         "{err}"
     );
 }
+
+/// A sampling program whose rows are all greedy (the executor then skips the sort) picks
+/// what the greedy program picks, and so does a greedy row beside a sampled one.
+#[test]
+fn greedy_rows_of_a_sampling_program_match_the_greedy_program() {
+    let kv = KvPolicy::Dense;
+    let greedy = program("tiny-llama", kv, KvStorage::F32, Sampler::Greedy);
+    let sampling = program("tiny-llama", kv, KvStorage::F32, Sampler::Sample);
+    let weights = tiny_model(
+        "tiny-llama",
+        overrides(kv, KvStorage::F32, Sampler::Greedy),
+        &[],
+    )
+    .1;
+    let prompt = [5, 9, 14, 3, 7];
+    let warm = Sampling {
+        temperature: 0.9,
+        top_k: 0,
+        top_p: 1.0,
+    };
+    let run = |p: &Program, second: Sampling| {
+        let mut s = session(p, &weights);
+        let reqs = [
+            request(&prompt, 20, Sampling::default()),
+            request(&prompt, 20, second),
+        ];
+        let out = s.generate(&reqs, &mut |_, _| {}).unwrap();
+        out[0].ids.clone()
+    };
+    let want = run(&greedy, Sampling::default());
+    assert_eq!(run(&sampling, Sampling::default()), want, "all rows greedy");
+    assert_eq!(run(&sampling, warm), want, "a greedy row beside a sampled one");
+}

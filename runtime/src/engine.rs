@@ -426,6 +426,9 @@ impl Engine {
                         rows: Vec::new(),
                         queue: VecDeque::new(),
                         schedule,
+                        refill_secs: None,
+                        step_secs: None,
+                        idle_debt: 0.0,
                     };
                     if let Err(e) = s.run(rx) {
                         *failure.lock().expect("failure lock") = Some(e.to_string());
@@ -621,6 +624,16 @@ struct Scheduler<'t> {
     rows: Vec<Option<Running<'t>>>,
     queue: VecDeque<Job>,
     schedule: Schedule,
+    /// Moving averages of a refill's and a decode step's wall time, seconds.
+    refill_secs: Option<f64>,
+    step_secs: Option<f64>,
+    /// Decode capacity left idle since the last refill while requests waited, seconds.
+    idle_debt: f64,
+}
+
+/// Exponential moving average (weight 1/4 for the new sample).
+fn ema(old: Option<f64>, new: f64) -> f64 {
+    old.map_or(new, |o| 0.75 * o + 0.25 * new)
 }
 
 /// How long an idle scheduler waits for work before checking its channel again.
@@ -674,9 +687,9 @@ impl<'t> Scheduler<'t> {
                     Metrics::add(&self.metrics.cancelled, 1);
                 }
             }
-            // 3. Refill every free row from the queue in one prefill.
+            // 3. Refill every free row from the queue in one prefill, when it is time.
             let mut free: Vec<usize> = (0..b).filter(|&i| self.rows[i].is_none()).collect();
-            if self.schedule == Schedule::WholeBatch && free.len() < b {
+            if !self.time_to_refill(free.len(), b) {
                 free.clear();
             }
             let take = free.len().min(self.queue.len());
@@ -702,7 +715,10 @@ impl<'t> Scheduler<'t> {
                     .collect();
                 let t0 = Instant::now();
                 let out = self.session.refill(&refills)?;
-                Metrics::add(&self.metrics.refill_micros, t0.elapsed().as_micros() as u64);
+                let secs = t0.elapsed().as_secs_f64();
+                self.refill_secs = Some(ema(self.refill_secs, secs));
+                self.idle_debt = 0.0;
+                Metrics::add(&self.metrics.refill_micros, (secs * 1e6) as u64);
                 Metrics::add(&self.metrics.refills, 1);
                 Metrics::add(&self.metrics.rows_filled, take as u64);
                 let mut filled = Vec::with_capacity(take);
@@ -732,7 +748,12 @@ impl<'t> Scheduler<'t> {
             if busy > 0 {
                 let t0 = Instant::now();
                 let out = self.session.step()?;
-                Metrics::add(&self.metrics.step_micros, t0.elapsed().as_micros() as u64);
+                let secs = t0.elapsed().as_secs_f64();
+                self.step_secs = Some(ema(self.step_secs, secs));
+                // Rows that stood idle this step although a request was waiting for them.
+                let idle = (b as u64 - busy).min(self.queue.len() as u64);
+                self.idle_debt += idle as f64 * secs / b as f64;
+                Metrics::add(&self.metrics.step_micros, (secs * 1e6) as u64);
                 Metrics::add(&self.metrics.steps, 1);
                 Metrics::add(&self.metrics.busy_row_steps, busy);
                 for row in 0..b {
@@ -743,6 +764,29 @@ impl<'t> Scheduler<'t> {
                 let busy = self.rows.iter().filter(|r| r.is_some()).count() as u64;
                 self.metrics.active.store(busy, Ordering::Relaxed);
             }
+        }
+    }
+
+    /// Whether free rows are refilled now. A refill runs the whole `[B, T]` prefill however
+    /// few rows it fills, so with rows still decoding it waits until the decode capacity
+    /// that free rows have left idle (row-steps × step time / `B`, while requests wait)
+    /// reaches the measured cost of a refill; then it fills every free row at once. This
+    /// is the rent-or-buy rule: never more than twice the cost of the best choice made
+    /// in hindsight. With no row decoding, or before both costs are measured, it refills
+    /// at once.
+    fn time_to_refill(&self, free: usize, b: usize) -> bool {
+        if free == 0 || self.queue.is_empty() {
+            return false;
+        }
+        if free == b {
+            return true;
+        }
+        match self.schedule {
+            Schedule::WholeBatch => false,
+            Schedule::Refill => match self.refill_secs {
+                Some(r) if self.step_secs.is_some() => self.idle_debt >= r,
+                _ => true,
+            },
         }
     }
 

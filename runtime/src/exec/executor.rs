@@ -6,7 +6,7 @@
 //! them in place instead of copying (a live handle would force a full copy every step),
 //! and every state variable keeps its buffer across runs (see [`super::plan`]).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use burn::tensor::{Device, IntDType};
 use kvc_compiler::ir::{BinaryOp, Program, StateId};
@@ -108,6 +108,9 @@ pub struct Executor {
     decode: Plan,
     /// Device→host reads made through [`Executor::read_f32`] and friends.
     host_reads: AtomicU64,
+    /// Every row's temperature is <= 0, as the session last uploaded them: `sample` is
+    /// then exactly the argmax of each row, and the sort is skipped.
+    all_greedy: AtomicBool,
     /// Per-step wall time, when `KVC_PROFILE` is set (Flex runs ops eagerly, so the time
     /// of a step is the time of its call).
     profile: Option<std::sync::Mutex<std::collections::BTreeMap<String, (u64, f64)>>>,
@@ -148,8 +151,15 @@ impl Executor {
             prefill,
             decode,
             host_reads: AtomicU64::new(0),
+            all_greedy: AtomicBool::new(false),
             profile,
         })
+    }
+
+    /// Tells the executor whether every row's uploaded temperature is <= 0 (the session
+    /// knows, having uploaded them): `sample` then computes only the argmax it would pick.
+    pub fn set_all_greedy(&self, all: bool) {
+        self.all_greedy.store(all, Ordering::Relaxed);
     }
 
     /// The parameters in parameter-table order, as the plans read them.
@@ -372,7 +382,12 @@ impl Executor {
             Kernel::Sample(dims) => {
                 let (l, t) = (next().f(), next().f());
                 let (kk, p, u) = (next().i(), next().f(), next().f());
-                Value::I(sample(l, t, kk, p, u).reshape(*dims))
+                if self.all_greedy.load(Ordering::Relaxed) {
+                    // What `sample` returns when every temperature is <= 0.
+                    Value::I(l.argmax(3).reshape(*dims))
+                } else {
+                    Value::I(sample(l, t, kk, p, u).reshape(*dims))
+                }
             }
             Kernel::Argmax(dims) => Value::I(next().f().argmax(3).reshape(*dims)),
             Kernel::Gather { rows } => {

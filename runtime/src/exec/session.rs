@@ -526,6 +526,8 @@ impl Session {
             .iter()
             .flat_map(|r| (0..s).map(|p| uniform_draw(r.1, p as u64)))
             .collect();
+        self.exec
+            .set_all_greedy(mirror.iter().all(|r| !r.0.is_random()));
         // New buffers: a recorded decode step would still read the old ones.
         self.decode_step = None;
         let mut state = self.state();
