@@ -240,5 +240,9 @@ fn greedy_rows_of_a_sampling_program_match_the_greedy_program() {
     };
     let want = run(&greedy, Sampling::default());
     assert_eq!(run(&sampling, Sampling::default()), want, "all rows greedy");
-    assert_eq!(run(&sampling, warm), want, "a greedy row beside a sampled one");
+    assert_eq!(
+        run(&sampling, warm),
+        want,
+        "a greedy row beside a sampled one"
+    );
 }

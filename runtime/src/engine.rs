@@ -716,7 +716,11 @@ impl<'t> Scheduler<'t> {
                 let t0 = Instant::now();
                 let out = self.session.refill(&refills)?;
                 let secs = t0.elapsed().as_secs_f64();
-                self.refill_secs = Some(ema(self.refill_secs, secs));
+                // The first refill touches every weight page for the first time: not a
+                // measure of the next ones.
+                if self.metrics.refills.load(Ordering::Relaxed) > 0 {
+                    self.refill_secs = Some(ema(self.refill_secs, secs));
+                }
                 self.idle_debt = 0.0;
                 Metrics::add(&self.metrics.refill_micros, (secs * 1e6) as u64);
                 Metrics::add(&self.metrics.refills, 1);
@@ -749,7 +753,9 @@ impl<'t> Scheduler<'t> {
                 let t0 = Instant::now();
                 let out = self.session.step()?;
                 let secs = t0.elapsed().as_secs_f64();
-                self.step_secs = Some(ema(self.step_secs, secs));
+                if self.metrics.steps.load(Ordering::Relaxed) > 0 {
+                    self.step_secs = Some(ema(self.step_secs, secs));
+                }
                 // Rows that stood idle this step although a request was waiting for them.
                 let idle = (b as u64 - busy).min(self.queue.len() as u64);
                 self.idle_debt += idle as f64 * secs / b as f64;
