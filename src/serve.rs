@@ -79,6 +79,7 @@ pub(crate) fn serve(engine: Engine, host: &str, port: u16, max_body: usize) -> R
             .route("/health", get(health))
             .route("/metrics", get(metrics))
             .fallback(not_found)
+            .method_not_allowed_fallback(method_not_allowed)
             .layer(DefaultBodyLimit::max(max_body))
             .with_state(app);
         axum::serve(listener, router)
@@ -102,7 +103,24 @@ async fn shutdown() {
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
-    eprintln!("shutting down");
+    eprintln!("shutting down: finishing the requests in flight (Ctrl-C again to stop now)");
+    tokio::spawn(async {
+        let _ = tokio::signal::ctrl_c().await;
+        eprintln!("stopped");
+        std::process::exit(130);
+    });
+}
+
+/// A seed from the clock and a process-wide counter.
+fn fresh_seed() -> u64 {
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos
+        ^ COUNT
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
 fn now() -> u64 {
@@ -130,6 +148,14 @@ async fn not_found() -> Response {
         StatusCode::NOT_FOUND,
         "no such endpoint: kvc serves /v1/completions, /v1/chat/completions, /v1/models, \
          /health and /metrics",
+        None,
+    )
+}
+
+async fn method_not_allowed() -> Response {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed: the /v1 completion endpoints take POST, the others GET",
         None,
     )
 }
@@ -240,6 +266,12 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
             secs(&m.refill_micros).to_string(),
         ),
         (
+            "kvc_requests_in_flight",
+            "gauge",
+            "Requests accepted and not finished (waiting or in a row).",
+            get(&m.in_flight).to_string(),
+        ),
+        (
             "kvc_queue_depth",
             "gauge",
             "Requests waiting for a row.",
@@ -294,6 +326,11 @@ struct Common {
     stream: bool,
     stream_options: Option<StreamOptions>,
     n: Option<u64>,
+    /// Log probabilities are not computed: only `null`, `false` or 0 is accepted.
+    logprobs: Option<Value>,
+    /// Echoing the prompt is not supported: only `false`.
+    #[serde(default)]
+    echo: bool,
 }
 
 #[derive(Deserialize)]
@@ -393,6 +430,16 @@ fn settings(
             param: Some("model"),
         });
     }
+    if !matches!(
+        c.logprobs,
+        None | Some(Value::Null) | Some(Value::Bool(false))
+    ) && c.logprobs != Some(json!(0))
+    {
+        return Err(bad("logprobs are not supported by kvc serve", "logprobs"));
+    }
+    if c.echo {
+        return Err(bad("echo is not supported by kvc serve", "echo"));
+    }
     if c.n.is_some_and(|n| n != 1) {
         return Err(bad("only n = 1 is supported", "n"));
     }
@@ -442,7 +489,9 @@ fn settings(
             top_k: c.top_k.unwrap_or(0),
             top_p,
         },
-        seed: c.seed.unwrap_or(0),
+        // No seed: a fresh one per request, as OpenAI's sampling is not repeatable
+        // without one.
+        seed: c.seed.unwrap_or_else(fresh_seed),
         stop,
     })
 }
@@ -573,7 +622,13 @@ async fn respond(
     include_usage: bool,
 ) -> Response {
     let (tx, rx) = unbounded_channel();
-    let submitted = app.engine.submit_to(req, Box::new(Channel(tx)));
+    // Tokenizing a long prompt or rendering a chat template takes a while: off the
+    // async workers.
+    let engine = Arc::clone(&app);
+    let submitted =
+        tokio::task::spawn_blocking(move || engine.engine.submit_to(req, Box::new(Channel(tx))))
+            .await
+            .unwrap_or_else(|e| Err(EngineError::Stopped(e.to_string())));
     if let Err(e) = submitted {
         let status = match &e {
             EngineError::QueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -704,12 +759,15 @@ fn sse(meta: Meta, rx: UnboundedReceiver<Event>, include_usage: bool) -> Respons
                     return Some((Ok::<Bytes, Infallible>(data(&chunk)), Some((meta, rx))));
                 }
                 Some(Event::Done(usage, finish)) => {
-                    let mut last =
+                    let last =
                         meta.object_with(json!([meta.choice(None, Some(finish), true)]), true);
-                    if include_usage {
-                        last["usage"] = usage_json(usage);
-                    }
                     let mut out = format!("data: {last}\n\n");
+                    if include_usage {
+                        // As OpenAI sends it: a last chunk with no choices and the usage.
+                        let mut u = meta.object_with(json!([]), true);
+                        u["usage"] = usage_json(usage);
+                        out.push_str(&format!("data: {u}\n\n"));
+                    }
                     out.push_str("data: [DONE]\n\n");
                     return Some((Ok(Bytes::from(out)), None));
                 }

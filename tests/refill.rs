@@ -246,3 +246,76 @@ fn greedy_rows_of_a_sampling_program_match_the_greedy_program() {
         "a greedy row beside a sampled one"
     );
 }
+
+/// The scheduler's usual refill: several rows in one call, one of them already done and
+/// one still running, with prompts of one and three chunks; the row left out stays bit
+/// for bit, and each refilled row generates what its prompt generates in a fresh batch.
+#[test]
+fn several_rows_refilled_at_once() {
+    for kv in [
+        KvPolicy::Dense,
+        KvPolicy::H2o {
+            budget: 6,
+            recent: 2,
+        },
+    ] {
+        let what = format!("{kv}");
+        let p = program("tiny-llama", kv, KvStorage::F32, Sampler::Greedy);
+        let weights = tiny_model(
+            "tiny-llama",
+            overrides(kv, KvStorage::F32, Sampler::Greedy),
+            &[],
+        )
+        .1;
+        let sp = Sampling::default();
+        let first = [
+            request(&[5, 9, 14], 2, sp),
+            request(&[11, 2, 8, 30, 1], 30, sp),
+            request(&[40, 12, 3, 7], 30, sp),
+        ];
+        let short = request(&[3, 1, 4], 10, sp);
+        let long = request(&(1..20).map(|i| i * 3 % 50).collect::<Vec<u32>>(), 10, sp);
+        let mut a = session(&p, &weights);
+        a.prefill(&first, false).unwrap();
+        decode(&mut a, 3);
+        let out = a.step().unwrap();
+        assert_eq!(
+            out.done,
+            [true, false, false],
+            "{what}: row 0 is done, 1 and 2 run"
+        );
+        let kept = rows_of(&a);
+        a.refill(&[
+            Refill {
+                row: 0,
+                request: &short,
+                seed: 0,
+            },
+            Refill {
+                row: 2,
+                request: &long,
+                seed: 0,
+            },
+        ])
+        .unwrap();
+        for (i, (old, now)) in kept.iter().zip(rows_of(&a)).enumerate() {
+            assert!(
+                old[1] == now[1],
+                "{what}: refilling rows 0 and 2 changed {} of row 1",
+                p.state[i].name
+            );
+        }
+        let after = decode(&mut a, 8);
+        let mut fresh = session(&p, &weights);
+        fresh
+            .prefill(&[short.clone(), first[1].clone(), long.clone()], false)
+            .unwrap();
+        let want = decode(&mut fresh, 8);
+        for r in [0, 2] {
+            assert!(
+                after[r] == want[r],
+                "{what}: refilled row {r} differs from a fresh batch"
+            );
+        }
+    }
+}

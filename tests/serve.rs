@@ -334,7 +334,7 @@ fn tokenizer() -> Tokenizer {
 #[test]
 fn served_completions_equal_kvc_run_with_rows_refilled() {
     let tok = tokenizer();
-    let server = Server::start(&["--batch", "3", "--cache-len", "200", "--queue", "2"]);
+    let server = Server::start(&["--batch", "3", "--cache-len", "200", "--queue", "4"]);
     let addr = server.addr.clone();
 
     // 1. Seven requests through three rows, two of them sent while others are generating.
@@ -359,6 +359,9 @@ fn served_completions_equal_kvc_run_with_rows_refilled() {
             "{:?} (chat {}, stream {})",
             c.prompt, c.chat, c.stream
         );
+        if c.stop.is_some() {
+            assert_eq!(got.1, "stop", "{:?} ends at its stop string", c.prompt);
+        }
     }
     assert_eq!(server.metric("kvc_refill_rows_total"), cases.len() as f64);
     assert!(
@@ -376,30 +379,41 @@ fn served_completions_equal_kvc_run_with_rows_refilled() {
         server.metric("kvc_refill_rows_running_total")
     );
 
-    // 2. A full queue answers 429; clients that disconnect free their rows.
+    for gauge in [
+        "kvc_queue_depth",
+        "kvc_active_rows",
+        "kvc_requests_in_flight",
+    ] {
+        server.wait_metric(gauge, 0.0);
+    }
+
+    // 2. A full queue answers 429; clients that disconnect free their rows. The three
+    // streams run to the cache's end unless cancelled.
     let long = |n: usize| json!({ "prompt": "1, 2, 3,", "max_tokens": n, "temperature": 0, "stream": true });
     let mut running = Vec::new();
     for _ in 0..3 {
-        let mut s = send(
+        let s = send(
             &addr,
             "POST",
             "/v1/completions",
-            Some(long(150).to_string().as_bytes()),
+            Some(long(190).to_string().as_bytes()),
         );
-        // Wait for the first streamed bytes: the request holds a row.
-        let mut first = [0u8; 1];
-        s.read_exact(&mut first).unwrap();
         running.push(s);
     }
     server.wait_metric("kvc_active_rows", 3.0);
     let short = json!({ "prompt": "Hello", "max_tokens": 3, "temperature": 0 });
-    let waiting: Vec<_> = (0..2)
+    let waiting: Vec<_> = (0..4)
         .map(|_| {
             let (addr, body) = (addr.clone(), short.clone());
             thread::spawn(move || http(&addr, "POST", "/v1/completions", Some(&body)))
         })
         .collect();
-    server.wait_metric("kvc_queue_depth", 2.0);
+    server.wait_metric("kvc_queue_depth", 4.0);
+    assert_eq!(
+        server.metric("kvc_active_rows"),
+        3.0,
+        "the streams still hold their rows"
+    );
     let (status, body) = http(&addr, "POST", "/v1/completions", Some(&short));
     assert_eq!(status, 429, "{body}");
     let err: Value = serde_json::from_str(&body).unwrap();
@@ -412,8 +426,15 @@ fn served_completions_equal_kvc_run_with_rows_refilled() {
             "a queued request runs once rows are freed: {body}"
         );
     }
-    assert_eq!(server.metric("kvc_requests_cancelled_total"), 3.0);
+    server.wait_metric("kvc_requests_cancelled_total", 3.0);
     assert_eq!(server.metric("kvc_requests_rejected_total"), 1.0);
+    for gauge in [
+        "kvc_queue_depth",
+        "kvc_active_rows",
+        "kvc_requests_in_flight",
+    ] {
+        server.wait_metric(gauge, 0.0);
+    }
 
     // 3. Clear errors for bad requests.
     let post = |path: &str, body: &[u8]| read_response(send(&addr, "POST", path, Some(body)));
@@ -469,6 +490,11 @@ fn served_completions_equal_kvc_run_with_rows_refilled() {
         "smollm2-135m"
     );
     assert_eq!(http(&addr, "GET", "/health", None).0, 200);
+    let (status, text) = http(&addr, "GET", "/v1/completions", None);
+    assert_eq!(status, 405);
+    assert!(text.contains("method not allowed"), "{text}");
+    let (status, text) = post("/v1/completions", br#"{"prompt": "x", "logprobs": 5}"#);
+    assert_eq!(status, 400, "{text}");
 
     // 4. The official openai client, whole and streamed.
     let site = openai_client();
@@ -502,6 +528,9 @@ fn served_completions_equal_kvc_run_with_rows_refilled() {
         delay_ms: 0,
     };
     let (want, finish) = chat.reference(&tok);
+    let message = kvc_runtime::load::tokenizer::ChatMessage::new("user", chat.prompt);
+    let prompt_ids = tok.encode_chat(&[message], true).unwrap();
+    assert_eq!(v["usage"][0], prompt_ids.len(), "prompt tokens");
     assert_eq!(v["whole"], want.as_str());
     assert_eq!(v["streamed"], want.as_str());
     assert_eq!(v["whole_finish"], finish.as_str());

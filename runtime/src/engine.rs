@@ -430,10 +430,21 @@ impl Engine {
                         step_secs: None,
                         idle_debt: 0.0,
                     };
-                    if let Err(e) = s.run(rx) {
-                        *failure.lock().expect("failure lock") = Some(e.to_string());
-                        s.fail_all(&e.to_string());
-                    }
+                    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.run(&rx)));
+                    let why = match ran {
+                        Ok(Ok(())) => return,
+                        Ok(Err(e)) => e.to_string(),
+                        Err(panic) => format!(
+                            "the scheduler panicked: {}",
+                            panic
+                                .downcast_ref::<String>()
+                                .map(String::as_str)
+                                .or_else(|| panic.downcast_ref::<&str>().copied())
+                                .unwrap_or("(no message)")
+                        ),
+                    };
+                    *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.clone());
+                    s.fail_all(&why, &rx);
                 })
                 .map_err(|e| EngineError::Stopped(format!("cannot start the scheduler: {e}")))?
         };
@@ -514,6 +525,11 @@ impl Engine {
             sampling: req.sampling,
         };
         check_request(c, &request).map_err(EngineError::Invalid)?;
+        if c.sampler == Sampler::Greedy && req.sampling.is_random() {
+            return Err(EngineError::Invalid(
+                "this engine's program has the greedy sampler: temperature must be 0".into(),
+            ));
+        }
         if req.stop.iter().any(String::is_empty) {
             return Err(EngineError::Invalid("a stop string is empty".into()));
         }
@@ -640,7 +656,7 @@ fn ema(old: Option<f64>, new: f64) -> f64 {
 const IDLE_WAIT: Duration = Duration::from_millis(250);
 
 impl<'t> Scheduler<'t> {
-    fn run(&mut self, jobs: Receiver<Job>) -> Result<(), RuntimeError> {
+    fn run(&mut self, jobs: &Receiver<Job>) -> Result<(), RuntimeError> {
         let b = self.session.batch();
         self.rows = (0..b).map(|_| None).collect();
         let stops = self.session.program().config.stop_tokens.clone();
@@ -822,6 +838,8 @@ impl<'t> Scheduler<'t> {
                 (Some(at), _) => {
                     let t = r.held[..at].to_string();
                     r.held.clear();
+                    // Bytes of a character after the stop string are not part of the text.
+                    let _ = r.stream.finish();
                     t
                 }
                 // The last token: nothing can complete a stop string any more.
@@ -856,15 +874,21 @@ impl<'t> Scheduler<'t> {
         }
     }
 
-    /// Tells every waiting and running request that the scheduler stopped.
-    fn fail_all(&mut self, why: &str) {
-        for mut j in self.queue.drain(..) {
+    /// Tells every waiting and running request (and those still in the channel) that the
+    /// scheduler stopped, and clears the gauges they held.
+    fn fail_all(&mut self, why: &str, jobs: &Receiver<Job>) {
+        let m = self.metrics;
+        let waiting: Vec<Job> = self.queue.drain(..).chain(jobs.try_iter()).collect();
+        for mut j in waiting {
             j.sink.send(Event::Failed(why.to_string()));
+            m.queued.fetch_sub(1, Ordering::Relaxed);
+            m.in_flight.fetch_sub(1, Ordering::Relaxed);
         }
-        for r in self.rows.iter_mut().filter_map(Option::take) {
-            let mut r = r;
+        for mut r in self.rows.iter_mut().filter_map(Option::take) {
             r.sink.send(Event::Failed(why.to_string()));
+            m.in_flight.fetch_sub(1, Ordering::Relaxed);
         }
+        m.active.store(0, Ordering::Relaxed);
     }
 }
 

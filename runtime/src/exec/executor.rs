@@ -158,8 +158,9 @@ impl Executor {
 
     /// Tells the executor whether every row's uploaded temperature is <= 0 (the session
     /// knows, having uploaded them): `sample` then computes only the argmax it would pick.
-    pub fn set_all_greedy(&self, all: bool) {
-        self.all_greedy.store(all, Ordering::Relaxed);
+    /// Returns the previous value.
+    pub fn set_all_greedy(&self, all: bool) -> bool {
+        self.all_greedy.swap(all, Ordering::Relaxed)
     }
 
     /// The parameters in parameter-table order, as the plans read them.

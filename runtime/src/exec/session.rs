@@ -526,10 +526,12 @@ impl Session {
             .iter()
             .flat_map(|r| (0..s).map(|p| uniform_draw(r.1, p as u64)))
             .collect();
-        self.exec
-            .set_all_greedy(mirror.iter().all(|r| !r.0.is_random()));
-        // New buffers: a recorded decode step would still read the old ones.
-        self.decode_step = None;
+        // The state is written in place (a recorded decode step reads the same buffers),
+        // but the sampler's path changes with the all-greedy flag: record again then.
+        let all_greedy = mirror.iter().all(|r| !r.0.is_random());
+        if self.exec.set_all_greedy(all_greedy) != all_greedy {
+            self.decode_step = None;
+        }
         let mut state = self.state();
         state.write(
             ids.temperature,
