@@ -6,15 +6,24 @@
 mod common;
 
 use common::{FAMILIES, session, small, tiny_model};
+use std::collections::BTreeMap;
+
 use kvc_compiler::Overrides;
 use kvc_compiler::ir::{Program, StateId};
 use kvc_compiler::spec::{KvPolicy, KvStorage, Sampler};
 use kvc_runtime::exec::session::{Refill, Request, Sampling, Session};
+use kvc_runtime::load::random::HostTensor;
 
 const B: usize = 3;
 
-fn program(family: &str, kv: KvPolicy, storage: KvStorage, sampler: Sampler) -> Program {
-    tiny_model(family, overrides(kv, storage, sampler), &[]).0
+/// The tiny model `family` compiled with batch 3 and these settings, with its weights.
+fn model(
+    family: &str,
+    kv: KvPolicy,
+    storage: KvStorage,
+    sampler: Sampler,
+) -> (Program, BTreeMap<String, HostTensor>) {
+    tiny_model(family, overrides(kv, storage, sampler), &[])
 }
 
 fn overrides(kv: KvPolicy, storage: KvStorage, sampler: Sampler) -> Overrides {
@@ -64,8 +73,7 @@ fn decode(s: &mut Session, n: usize) -> Vec<Vec<(u32, Vec<u32>)>> {
 /// longer than one chunk.
 fn check(family: &str, kv: KvPolicy, storage: KvStorage, sampler: Sampler) {
     let what = format!("{family} {kv} {storage:?} {sampler:?}");
-    let p = program(family, kv, storage, sampler);
-    let weights = tiny_model(family, overrides(kv, storage, sampler), &[]).1;
+    let (p, weights) = model(family, kv, storage, sampler);
     let sp = match sampler {
         Sampler::Greedy => Sampling::default(),
         Sampler::Sample => Sampling {
@@ -172,18 +180,12 @@ fn a_refilled_row_samples_with_its_own_seed() {
 
 #[test]
 fn refill_refuses_bad_rows() {
-    let p = program(
+    let (p, weights) = model(
         "tiny-llama",
         KvPolicy::Dense,
         KvStorage::F32,
         Sampler::Greedy,
     );
-    let weights = tiny_model(
-        "tiny-llama",
-        overrides(KvPolicy::Dense, KvStorage::F32, Sampler::Greedy),
-        &[],
-    )
-    .1;
     let mut s = session(&p, &weights);
     let r = request(&[1, 2, 3], 4, Sampling::default());
     let refill = |row| Refill {
@@ -215,14 +217,8 @@ fn refill_refuses_bad_rows() {
 #[test]
 fn greedy_rows_of_a_sampling_program_match_the_greedy_program() {
     let kv = KvPolicy::Dense;
-    let greedy = program("tiny-llama", kv, KvStorage::F32, Sampler::Greedy);
-    let sampling = program("tiny-llama", kv, KvStorage::F32, Sampler::Sample);
-    let weights = tiny_model(
-        "tiny-llama",
-        overrides(kv, KvStorage::F32, Sampler::Greedy),
-        &[],
-    )
-    .1;
+    let (greedy, weights) = model("tiny-llama", kv, KvStorage::F32, Sampler::Greedy);
+    let (sampling, _) = model("tiny-llama", kv, KvStorage::F32, Sampler::Sample);
     let prompt = [5, 9, 14, 3, 7];
     let warm = Sampling {
         temperature: 0.9,
@@ -260,13 +256,7 @@ fn several_rows_refilled_at_once() {
         },
     ] {
         let what = format!("{kv}");
-        let p = program("tiny-llama", kv, KvStorage::F32, Sampler::Greedy);
-        let weights = tiny_model(
-            "tiny-llama",
-            overrides(kv, KvStorage::F32, Sampler::Greedy),
-            &[],
-        )
-        .1;
+        let (p, weights) = model("tiny-llama", kv, KvStorage::F32, Sampler::Greedy);
         let sp = Sampling::default();
         let first = [
             request(&[5, 9, 14], 2, sp),
