@@ -266,19 +266,26 @@ impl Case {
     }
 }
 
+impl Case {
+    /// A whole, greedy completion of `prompt` (16 tokens, no stop string, sent at once).
+    fn greedy(prompt: &'static str) -> Case {
+        Case {
+            chat: false,
+            stream: false,
+            prompt,
+            max_tokens: 16,
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 0,
+            stop: None,
+            delay_ms: 0,
+        }
+    }
+}
+
 fn cases() -> Vec<Case> {
-    let base = Case {
-        chat: false,
-        stream: false,
-        prompt: "",
-        max_tokens: 16,
-        temperature: 0.0,
-        top_p: 1.0,
-        top_k: 0,
-        seed: 0,
-        stop: None,
-        delay_ms: 0,
-    };
+    let base = Case::greedy("");
     vec![
         Case {
             stream: true,
@@ -517,15 +524,8 @@ fn served_completions_equal_kvc_run_with_rows_refilled() {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     let chat = Case {
         chat: true,
-        stream: false,
-        prompt: "What is the capital of France?",
         max_tokens: 20,
-        temperature: 0.0,
-        top_p: 1.0,
-        top_k: 0,
-        seed: 0,
-        stop: None,
-        delay_ms: 0,
+        ..Case::greedy("What is the capital of France?")
     };
     let (want, finish) = chat.reference(&tok);
     let message = kvc_runtime::load::tokenizer::ChatMessage::new("user", chat.prompt);
