@@ -289,11 +289,10 @@ struct ShapeArgs {
 /// A spec's f16 KV cache (the real models' default) becomes f32 on a backend that does not
 /// run f16, unless the user chose the storage.
 pub(crate) fn store_kv_where_it_runs(spec: &ModelSpec, o: &mut Overrides, backend: Backend) {
-    if o.kv_storage.is_none() && spec.compile.kv_storage == KvStorage::F16 && !backend.has_f16() {
+    if kvc_runtime::model::store_kv_where_it_runs(spec, o, backend) {
         eprintln!(
             "note: kvc does not run f16 tensors on {backend:?}; the KV cache is stored as f32"
         );
-        o.kv_storage = Some(KvStorage::F32);
     }
 }
 

@@ -33,12 +33,12 @@ use std::time::{Duration, Instant};
 
 use kvc_compiler::ModelSpec;
 use kvc_compiler::ir::CompiledConfig;
-use kvc_compiler::spec::{KvStorage, Overrides, Sampler};
+use kvc_compiler::spec::{Overrides, Sampler};
 
 use crate::exec::session::{Refill, Request, Sampling, Session, SessionOptions, check_request};
 use crate::load::fetch::Progress;
 use crate::load::tokenizer::{ChatMessage, Tokenizer, TokenizerError};
-use crate::model::{LoadError, LoadedModel, native_weight_types};
+use crate::model::{LoadError, LoadedModel, native_weight_types, store_kv_where_it_runs};
 use crate::{Backend, RuntimeError};
 
 /// Errors of the engine.
@@ -357,12 +357,7 @@ impl Engine {
             let mut o = options.overrides;
             o.sampler = o.sampler.or(Some(Sampler::Sample));
             let spec = ModelSpec::load(&path).map_err(kvc_compiler::CompileError::from)?;
-            if o.kv_storage.is_none()
-                && spec.compile.kv_storage == KvStorage::F16
-                && !options.backend.has_f16()
-            {
-                o.kv_storage = Some(KvStorage::F32);
-            }
+            store_kv_where_it_runs(&spec, &mut o, options.backend);
             let spec = spec
                 .with_overrides(&o, &path.display().to_string())
                 .map_err(kvc_compiler::CompileError::from)?;

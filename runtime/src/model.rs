@@ -5,9 +5,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use kvc_compiler::ModelSpec;
+use kvc_compiler::Overrides;
 use kvc_compiler::ir::Program;
 use kvc_compiler::lower::WeightTypes;
-use kvc_compiler::spec::{Arch, DTypeSpec, WeightSource};
+use kvc_compiler::spec::{Arch, DTypeSpec, KvStorage, WeightSource};
 
 use crate::exec::session::{Session, SessionOptions, bind_params};
 use crate::load::check::spec_matches_gguf;
@@ -145,6 +146,17 @@ fn load_parts(
         session: Session::with_options(program, params, backend, options)?,
         tokenizer,
     })
+}
+
+/// A spec's f16 KV cache (the real models' default) becomes f32 on a backend that does not
+/// run f16, unless the overrides chose the storage. Returns whether it did.
+pub fn store_kv_where_it_runs(spec: &ModelSpec, o: &mut Overrides, backend: Backend) -> bool {
+    let switch =
+        o.kv_storage.is_none() && spec.compile.kv_storage == KvStorage::F16 && !backend.has_f16();
+    if switch {
+        o.kv_storage = Some(KvStorage::F32);
+    }
+    switch
 }
 
 /// The storage the weights file of `spec` offers each parameter, for
