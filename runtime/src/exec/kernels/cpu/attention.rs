@@ -49,6 +49,19 @@ const MIN_BLOCK: usize = 64;
 /// # Panics
 /// If a slice length disagrees with `dims`.
 pub fn attention<E: KvElem>(q: &[f32], k: &[E], v: &[E], mask: &[u8], dims: Dims, out: &mut [f32]) {
+    attention_on(fused::Isa::best(), q, k, v, mask, dims, out);
+}
+
+/// [`attention`] with the fused decode path on `isa` (an available one), or without it.
+fn attention_on<E: KvElem>(
+    isa: Option<fused::Isa>,
+    q: &[f32],
+    k: &[E],
+    v: &[E],
+    mask: &[u8],
+    dims: Dims,
+    out: &mut [f32],
+) {
     let Dims {
         b,
         hq,
@@ -67,7 +80,7 @@ pub fn attention<E: KvElem>(q: &[f32], k: &[E], v: &[E], mask: &[u8], dims: Dims
     assert_eq!(mask.len(), b * m * t * s, "mask is not [B, M, T, S]");
     assert_eq!(out.len(), q.len(), "out is not [B, Hq, T, D]");
     if !E::supported() {
-        return attention(q, &widened(k), &widened(v), mask, dims, out);
+        return attention_on(isa, q, &widened(k), &widened(v), mask, dims, out);
     }
     let heads = b * hkv;
     let threads = rayon::current_num_threads().max(1);
@@ -87,6 +100,7 @@ pub fn attention<E: KvElem>(q: &[f32], k: &[E], v: &[E], mask: &[u8], dims: Dims
         rows,
         block,
         blocks,
+        fused: isa,
     };
 
     // One pass per (head, block of slots): scores (−∞ where hidden), the block's maximum
@@ -147,6 +161,8 @@ struct Ctx<'a, E> {
     rows: usize,
     block: usize,
     blocks: usize,
+    /// The instruction set of the fused decode path, if it runs.
+    fused: Option<fused::Isa>,
 }
 
 multiversion! {
@@ -166,6 +182,19 @@ multiversion! {
         let vh = &x.v[h * s * d..][..s * d];
         let mk = &x.mask[(bi * m + mh) * t * s..][..t * s];
         let (j0, j1) = (c * x.block, ((c + 1) * x.block).min(s));
+        #[cfg(target_arch = "x86_64")]
+        if t == 1 && d.is_multiple_of(8) {
+            if let Some(isa) = x.fused {
+                let vis = &mk[j0..j1];
+                // SAFETY: as above; the rows of head h at columns j0..j1 are this task's.
+                let e: Vec<&mut [f32]> = (0..x.rows)
+                    .map(|r| unsafe { std::slice::from_raw_parts_mut(sc.at((h * x.rows + r) * s + j0), j1 - j0) })
+                    .collect();
+                // SAFETY: `isa` is available.
+                unsafe { fused::rows(isa, qh, &kh[j0 * d..j1 * d], &vh[j0 * d..j1 * d], vis, scale, e, bm, bs, bo) };
+                return;
+            }
+        }
         for r in 0..x.rows {
             let qr = &qh[r * d..(r + 1) * d];
             let vis = &mk[(r % t) * s..][j0..j1];
@@ -181,6 +210,330 @@ multiversion! {
             }
             bs[r] = exp_shifted(e, mx);
             weighted_sum(e, &vh[j0 * d..j1 * d], &mut bo[r * d..(r + 1) * d]);
+        }
+    }
+}
+
+/// Without x86-64 there is no fused path.
+#[cfg(not(target_arch = "x86_64"))]
+mod fused {
+    /// No instruction set.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub(super) enum Isa {}
+
+    impl Isa {
+        /// None.
+        pub(super) fn best() -> Option<Isa> {
+            None
+        }
+    }
+}
+
+/// Decode attention (one query position) of all `g` query rows of a KV head in one pass
+/// over its keys and values: each key or value row is loaded and widened once for up to
+/// [`fused::ROWS`] query rows, and dot products use FMA, with explicit AVX2 or AVX-512
+/// code (the generic loops compile to separate multiplies and adds).
+#[cfg(target_arch = "x86_64")]
+mod fused {
+    use std::arch::x86_64::*;
+
+    use super::KvElem;
+
+    /// Query rows that share one pass over the keys and values.
+    pub(super) const ROWS: usize = 3;
+
+    /// Slots scored together: `ROWS · SLOTS` independent accumulators.
+    const SLOTS: usize = 4;
+
+    /// The instruction sets of the fused path.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub(super) enum Isa {
+        /// AVX2, FMA and F16C: output tiles of 32 columns (16 vector registers).
+        Avx2,
+        /// AVX-512 (F, VL) as well: tiles of 64 columns (32 vector registers).
+        Avx512,
+    }
+
+    impl Isa {
+        /// Whether this CPU runs `self`.
+        pub(super) fn available(self) -> bool {
+            let base = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            match self {
+                Isa::Avx2 => base,
+                Isa::Avx512 => {
+                    base && is_x86_feature_detected!("avx512f")
+                        && is_x86_feature_detected!("avx512vl")
+                }
+            }
+        }
+
+        /// The widest available set, once per process.
+        pub(super) fn best() -> Option<Isa> {
+            static BEST: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
+            *BEST.get_or_init(|| [Isa::Avx512, Isa::Avx2].into_iter().find(|i| i.available()))
+        }
+    }
+
+    /// For every query row `r` of `q` (rows of `d` values): the scores of the slots of `k`
+    /// into `e[r]` (−∞ where `vis` is 0), their maximum into `bm[r]`, then `exp(score −
+    /// max)` in place, their sum into `bs[r]` and `Σ e·v` into `bo[r]` (left alone, like the
+    /// scores set to 0, when the row sees no slot).
+    ///
+    /// # Safety
+    /// `isa` is available; `E::supported()`; `d` (`q.len() / e.len()`) is a multiple of 8.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn rows<E: KvElem>(
+        isa: Isa,
+        q: &[f32],
+        k: &[E],
+        v: &[E],
+        vis: &[u8],
+        scale: f32,
+        e: Vec<&mut [f32]>,
+        bm: &mut [f32],
+        bs: &mut [f32],
+        bo: &mut [f32],
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            match isa {
+                Isa::Avx2 => rows_avx2(q, k, v, vis, scale, e, bm, bs, bo),
+                Isa::Avx512 => rows_avx512(q, k, v, vis, scale, e, bm, bs, bo),
+            }
+        }
+    }
+
+    macro_rules! rows_on {
+        ($name:ident, $features:literal, $tile:literal) => {
+            #[target_feature(enable = $features)]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn $name<E: KvElem>(
+                q: &[f32],
+                k: &[E],
+                v: &[E],
+                vis: &[u8],
+                scale: f32,
+                mut e: Vec<&mut [f32]>,
+                bm: &mut [f32],
+                bs: &mut [f32],
+                bo: &mut [f32],
+            ) {
+                let n = vis.len();
+                let d = q.len() / e.len();
+                assert!(k.len() == n * d && v.len() == n * d && d.is_multiple_of(8));
+                let mut r0 = 0;
+                while r0 < e.len() {
+                    let rr = (e.len() - r0).min(ROWS);
+                    let es = &mut e[r0..r0 + rr];
+                    let qs = &q[r0 * d..(r0 + rr) * d];
+                    // SAFETY: the shapes are asserted above; the features are enabled.
+                    unsafe {
+                        match rr {
+                            1 => scores::<E, 1>(qs, k, vis, scale, es, &mut bm[r0..]),
+                            2 => scores::<E, 2>(qs, k, vis, scale, es, &mut bm[r0..]),
+                            _ => scores::<E, 3>(qs, k, vis, scale, es, &mut bm[r0..]),
+                        }
+                    }
+                    for (r, er) in es.iter_mut().enumerate() {
+                        if bm[r0 + r] == f32::NEG_INFINITY {
+                            er.fill(0.0);
+                            bs[r0 + r] = 0.0;
+                        } else {
+                            bs[r0 + r] = super::exp_shifted(er, bm[r0 + r]);
+                        }
+                    }
+                    let w: Vec<&[f32]> = es.iter().map(|x| &**x).collect();
+                    let o = &mut bo[r0 * d..(r0 + rr) * d];
+                    // SAFETY: as above.
+                    unsafe {
+                        match rr {
+                            1 => weighted::<E, 1, $tile>(&w, v, o),
+                            2 => weighted::<E, 2, $tile>(&w, v, o),
+                            _ => weighted::<E, 3, $tile>(&w, v, o),
+                        }
+                    }
+                    r0 += rr;
+                }
+            }
+        };
+    }
+
+    rows_on!(rows_avx2, "avx2,fma,f16c", 4);
+    rows_on!(rows_avx512, "avx2,fma,f16c,avx512f,avx512vl", 8);
+
+    /// Eight elements at `p` as f32.
+    ///
+    /// # Safety
+    /// Eight elements are readable at `p`; `E::supported()`.
+    #[inline(always)]
+    unsafe fn load<E: KvElem>(p: *const E) -> __m256 {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let x = E::load8(std::slice::from_raw_parts(p, 8));
+            std::mem::transmute::<[f32; 8], __m256>(x)
+        }
+    }
+
+    /// The sum of the lanes of each of four vectors.
+    #[inline(always)]
+    unsafe fn hsum4(a: [__m256; SLOTS]) -> [f32; SLOTS] {
+        // SAFETY: AVX is enabled wherever this is inlined (AVX2 callers).
+        unsafe {
+            let s01 = _mm256_hadd_ps(a[0], a[1]);
+            let s23 = _mm256_hadd_ps(a[2], a[3]);
+            let s = _mm256_hadd_ps(s01, s23);
+            let v = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+            std::mem::transmute::<__m128, [f32; 4]>(v)
+        }
+    }
+
+    /// Scores of `R` query rows (the rows of `q`) against every slot of `k`, into `e`, and
+    /// their maxima into `mx[..R]`. Groups of four slots that no row sees are not read.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C are enabled; `k` holds `vis.len()` rows of `q.len() / R` values,
+    /// a multiple of 8; `E::supported()`.
+    #[inline(always)]
+    unsafe fn scores<E: KvElem, const R: usize>(
+        q: &[f32],
+        k: &[E],
+        vis: &[u8],
+        scale: f32,
+        e: &mut [&mut [f32]],
+        mx: &mut [f32],
+    ) {
+        let (n, d) = (vis.len(), q.len() / R);
+        let mut top = [f32::NEG_INFINITY; R];
+        let (qp, kp) = (q.as_ptr(), k.as_ptr());
+        let mut j = 0;
+        // SAFETY (whole body): slot j + s reads k at (j + s) · d.. (d values), row r of q
+        // at r · d..; both in bounds for j + s < n.
+        unsafe {
+            while j + SLOTS <= n {
+                let seen = &vis[j..j + SLOTS];
+                if seen.iter().all(|&x| x == 0) {
+                    for er in e.iter_mut() {
+                        er[j..j + SLOTS].fill(f32::NEG_INFINITY);
+                    }
+                    j += SLOTS;
+                    continue;
+                }
+                let mut acc = [[_mm256_setzero_ps(); SLOTS]; R];
+                for c in (0..d).step_by(8) {
+                    let kv: [__m256; SLOTS] =
+                        std::array::from_fn(|s| load(kp.add((j + s) * d + c)));
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let qv = _mm256_loadu_ps(qp.add(r * d + c));
+                        for (a, kv) in a.iter_mut().zip(kv) {
+                            *a = _mm256_fmadd_ps(qv, kv, *a);
+                        }
+                    }
+                }
+                for (r, a) in acc.into_iter().enumerate() {
+                    let dots = hsum4(a);
+                    for (s, dot) in dots.into_iter().enumerate() {
+                        let x = if seen[s] != 0 {
+                            scale * dot
+                        } else {
+                            f32::NEG_INFINITY
+                        };
+                        e[r][j + s] = x;
+                        top[r] = top[r].max(x);
+                    }
+                }
+                j += SLOTS;
+            }
+            for j in j..n {
+                for (r, er) in e.iter_mut().enumerate() {
+                    let x = if vis[j] != 0 {
+                        let mut a = _mm256_setzero_ps();
+                        for c in (0..d).step_by(8) {
+                            let qv = _mm256_loadu_ps(qp.add(r * d + c));
+                            a = _mm256_fmadd_ps(qv, load(kp.add(j * d + c)), a);
+                        }
+                        scale
+                            * hsum4([
+                                a,
+                                _mm256_setzero_ps(),
+                                _mm256_setzero_ps(),
+                                _mm256_setzero_ps(),
+                            ])[0]
+                    } else {
+                        f32::NEG_INFINITY
+                    };
+                    er[j] = x;
+                    top[r] = top[r].max(x);
+                }
+            }
+        }
+        mx[..R].copy_from_slice(&top);
+    }
+
+    /// `o[r] = Σ_j w[r][j] · v[j]` for `R` rows (rows of `d` values in `o`), slots where
+    /// every weight is 0 skipped; columns in tiles of `8 · W` held in registers.
+    ///
+    /// # Safety
+    /// As [`scores`]; `v` holds `w[r].len()` rows of `o.len() / R` values.
+    #[inline(always)]
+    unsafe fn weighted<E: KvElem, const R: usize, const W: usize>(
+        w: &[&[f32]],
+        v: &[E],
+        o: &mut [f32],
+    ) {
+        let d = o.len() / R;
+        let n = w[0].len();
+        let mut c0 = 0;
+        while c0 < d {
+            // SAFETY: as the caller's contract; columns c0.. of a tile lie in the rows.
+            unsafe {
+                if c0 + 8 * W <= d {
+                    tile::<E, R, W>(w, v, n, d, c0, o);
+                    c0 += 8 * W;
+                } else {
+                    tile::<E, R, 1>(w, v, n, d, c0, o);
+                    c0 += 8;
+                }
+            }
+        }
+    }
+
+    /// Columns `c0..c0 + 8 · W` of [`weighted`].
+    ///
+    /// # Safety
+    /// As [`weighted`], with `c0 + 8 · W <= d`.
+    #[inline(always)]
+    unsafe fn tile<E: KvElem, const R: usize, const W: usize>(
+        w: &[&[f32]],
+        v: &[E],
+        n: usize,
+        d: usize,
+        c0: usize,
+        o: &mut [f32],
+    ) {
+        let vp = v.as_ptr();
+        // SAFETY: slot j's columns c0..c0 + 8W are in bounds; so are o's rows.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); W]; R];
+            for j in 0..n {
+                let wj: [f32; R] = std::array::from_fn(|r| w[r][j]);
+                if wj.iter().all(|&x| x == 0.0) {
+                    continue;
+                }
+                let vv: [__m256; W] = std::array::from_fn(|c| load(vp.add(j * d + c0 + 8 * c)));
+                for (a, &x) in acc.iter_mut().zip(&wj) {
+                    let b = _mm256_set1_ps(x);
+                    for (a, vv) in a.iter_mut().zip(vv) {
+                        *a = _mm256_fmadd_ps(b, vv, *a);
+                    }
+                }
+            }
+            for (r, a) in acc.into_iter().enumerate() {
+                for (c, a) in a.into_iter().enumerate() {
+                    _mm256_storeu_ps(o.as_mut_ptr().add(r * d + c0 + 8 * c), a);
+                }
+            }
         }
     }
 }
@@ -568,6 +921,19 @@ mod tests {
         (out, probs)
     }
 
+    /// Without the fused decode path, and with it on every instruction set this CPU has.
+    fn isas() -> Vec<Option<fused::Isa>> {
+        let mut all = vec![None];
+        #[cfg(target_arch = "x86_64")]
+        all.extend(
+            [fused::Isa::Avx2, fused::Isa::Avx512]
+                .into_iter()
+                .filter(|i| i.available())
+                .map(Some),
+        );
+        all
+    }
+
     /// Decode and small-chunk shapes, shared and per-head masks, hidden slots everywhere
     /// (including a row that sees nothing), more slots than one block, and head widths
     /// that are and are not whole chunks and tiles.
@@ -613,6 +979,21 @@ mod tests {
                 },
                 3,
             ),
+            // Seven query rows per KV head (fused in passes of 3, 3 and 1), slots that
+            // are not whole groups of four.
+            (
+                Dims {
+                    scale: 0.2,
+                    b: 2,
+                    hq: 14,
+                    hkv: 2,
+                    t: 1,
+                    s: 131,
+                    d: 64,
+                    m: 1,
+                },
+                5,
+            ),
             // Two column tiles and a remainder; chunks of slots and a tail.
             (
                 Dims {
@@ -640,9 +1021,14 @@ mod tests {
             mask[..x.s].fill(0);
             let (want, want_p) = reference(&q, &k, &v, &mask, x);
             let mut out = vec![f32::NAN; q.len()];
-            attention(&q, &k, &v, &mask, x, &mut out);
-            for (i, (&a, &e)) in out.iter().zip(&want).enumerate() {
-                assert!((a as f64 - e).abs() < 1e-5, "{x:?} out[{i}]: {a} vs {e}");
+            for isa in isas() {
+                attention_on(isa, &q, &k, &v, &mask, x, &mut out);
+                for (i, (&a, &e)) in out.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a as f64 - e).abs() < 1e-5,
+                        "{x:?} {isa:?} out[{i}]: {a} vs {e}"
+                    );
+                }
             }
             // The split form: probabilities alone, then probs · v.
             let mut alone = vec![f32::NAN; x.b * x.hkv * g * x.t * x.s];
@@ -663,18 +1049,22 @@ mod tests {
             let (kh, vh) = (half(&k), half(&v));
             let wide = |x: &[half::f16]| -> Vec<f32> { x.iter().map(|a| a.to_f32()).collect() };
             let (want, want_p) = reference(&q, &wide(&kh), &wide(&vh), &mask, x);
-            attention(&q, &kh, &vh, &mask, x, &mut out);
             super::probs(&q, &kh, &mask, x, &mut alone);
             super::values(&alone, &vh, [x.b, x.hq, x.t, x.s], x.hkv, &mut split);
-            for (i, ((&a, &sp), &e)) in out.iter().zip(&split).zip(&want).enumerate() {
-                assert!(
-                    (a as f64 - e).abs() < 1e-5,
-                    "{x:?} f16 out[{i}]: {a} vs {e}"
-                );
+            for (i, (&sp, &e)) in split.iter().zip(&want).enumerate() {
                 assert!(
                     (sp as f64 - e).abs() < 1e-5,
                     "{x:?} f16 split[{i}]: {sp} vs {e}"
                 );
+            }
+            for isa in isas() {
+                attention_on(isa, &q, &kh, &vh, &mask, x, &mut out);
+                for (i, (&a, &e)) in out.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a as f64 - e).abs() < 1e-5,
+                        "{x:?} {isa:?} f16 out[{i}]: {a} vs {e}"
+                    );
+                }
             }
             for (i, (&a, &e)) in alone.iter().zip(&want_p).enumerate() {
                 assert!(

@@ -1658,6 +1658,16 @@ mod x86 {
         };
     }
 
+    /// As `by_rows!`, with `R = 8` as well (for [`WIDE_ROWS`]).
+    macro_rules! by_rows_wide {
+        ($rows:expr, $f:ident, [$($c:tt),*], $args:tt) => {
+            match $rows {
+                8 => $f::<8 $(, $c)*> $args,
+                r => by_rows!(r, $f, [$($c),*], $args),
+            }
+        };
+    }
+
     /// A fused kernel for `$m` rows (1 to 4) with the column kernel of type `$ty`.
     macro_rules! fused {
         ($m:expr, $f:ident, $ty:expr, [$($c:tt),*], ($($a:expr),*)) => {
@@ -1667,6 +1677,11 @@ mod x86 {
 
     /// Activation rows per pass over a group.
     const ROWS: usize = 4;
+
+    /// Activation rows per pass over a group with AVX-512's 32 vector registers: eight
+    /// independent accumulators hide the latency of `vpdpbusd` (four chains leave half
+    /// its throughput unused).
+    const WIDE_ROWS: usize = 8;
 
     /// Defines a task of integer dot products over groups of weight rows.
     macro_rules! int8_task {
@@ -1767,41 +1782,66 @@ mod x86 {
                 let xor = $isa == Isa::Avx512 && q == Block::Q8_0;
                 for (gi, rows) in w.chunks(GROUP * rb).enumerate() {
                     fill_group(q, rows, k, &mut g, xor);
+                    // The next group's bytes stream in while this one is multiplied (the
+                    // hardware prefetcher alone leaves the unpacking waiting on memory).
+                    let next = &w[((gi + 1) * GROUP * rb).min(w.len())..];
+                    for line in next[..next.len().min(GROUP * rb)].chunks(64) {
+                        _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast());
+                    }
                     let (j, lanes) = (j0 + GROUP * gi, rows.len() / rb);
                     let o = out.0;
                     let mut r0 = 0;
                     while r0 < m {
-                        let rr = (m - r0).min(ROWS);
+                        let rr = if $isa == Isa::Avx512 && m - r0 >= WIDE_ROWS {
+                            WIDE_ROWS
+                        } else {
+                            (m - r0).min(ROWS)
+                        };
                         // SAFETY: rows r0..r0 + rr < m of xq and out; columns j..j + lanes
                         // are this task's (the caller's contract).
                         unsafe {
                             match q {
-                                Block::Q4_0 => by_rows!(
+                                Block::Q4_0 => by_rows_wide!(
                                     rr,
                                     $dot32,
                                     [3, false],
                                     (&g, xq, r0, k, o, n, j, lanes)
                                 ),
-                                Block::Q5_0 => by_rows!(
+                                Block::Q5_0 => by_rows_wide!(
                                     rr,
                                     $dot32,
                                     [4, false],
                                     (&g, xq, r0, k, o, n, j, lanes)
                                 ),
-                                Block::Q4_1 | Block::Q5_1 => by_rows!(
+                                Block::Q4_1 | Block::Q5_1 => by_rows_wide!(
                                     rr,
                                     $dot32,
                                     [0, false],
                                     (&g, xq, r0, k, o, n, j, lanes)
                                 ),
                                 Block::Q8_0 => {
-                                    by_rows!(rr, $dot32, [0, true], (&g, xq, r0, k, o, n, j, lanes))
+                                    by_rows_wide!(
+                                        rr,
+                                        $dot32,
+                                        [0, true],
+                                        (&g, xq, r0, k, o, n, j, lanes)
+                                    )
                                 }
                                 Block::Q6K => {
-                                    by_rows!(rr, $dotk, [true], (&g, xq, r0, k, o, n, j, lanes))
+                                    by_rows_wide!(
+                                        rr,
+                                        $dotk,
+                                        [true],
+                                        (&g, xq, r0, k, o, n, j, lanes)
+                                    )
                                 }
                                 Block::Q4K | Block::Q5K => {
-                                    by_rows!(rr, $dotk, [false], (&g, xq, r0, k, o, n, j, lanes))
+                                    by_rows_wide!(
+                                        rr,
+                                        $dotk,
+                                        [false],
+                                        (&g, xq, r0, k, o, n, j, lanes)
+                                    )
                                 }
                             }
                         }
