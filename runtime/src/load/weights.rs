@@ -15,6 +15,7 @@ use safetensors::{Dtype, SafeTensors};
 use kvc_compiler::ir::{DType, ParamDecl};
 use kvc_compiler::lower::WeightTypes;
 
+use crate::exec::kernels::cpu::quant;
 use crate::load::gguf::{GgmlType, GgufError, GgufFile, GgufValue, dequantize};
 
 /// A weight tensor in host memory, row-major: dense `f32` values, or (a matrix kept in
@@ -30,8 +31,7 @@ pub struct HostTensor {
     pub quant: Option<QuantTensor>,
 }
 
-/// A weight matrix `[rows, cols]` stored as GGUF blocks: row `r` is
-/// `bytes[r * row_bytes .. (r + 1) * row_bytes]`, `cols / block_size` blocks.
+/// A weight matrix `[rows, cols]` stored as GGUF blocks, laid out as `layout` says.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantTensor {
     /// The block format.
@@ -40,25 +40,48 @@ pub struct QuantTensor {
     pub rows: usize,
     /// Values per row (input features); a multiple of the block size.
     pub cols: usize,
-    /// The blocks, `rows * row_bytes` bytes (shared with the mapped file when possible).
+    /// The blocks (shared with the mapped file when possible).
     pub bytes: bytes::Bytes,
+    /// How `bytes` is arranged.
+    pub layout: QuantLayout,
+}
+
+/// The arrangement of a [`QuantTensor`]'s bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantLayout {
+    /// The file's: row `r` is `bytes[r * row_bytes .. (r + 1) * row_bytes]`,
+    /// `cols / block_size` blocks.
+    File,
+    /// Unpacked and interleaved eight rows at a time for the CPU decode kernels
+    /// ([`crate::exec::kernels::cpu::quant::interleave`]).
+    Interleaved,
 }
 
 impl QuantTensor {
-    /// Bytes of one row.
+    /// Bytes of one row in the file's layout.
     pub fn row_bytes(&self) -> usize {
         self.ty.row_bytes(self.cols)
     }
 
     /// Row `r` dequantized to f32.
     pub fn row_f32(&self, r: usize) -> Vec<f32> {
-        let rb = self.row_bytes();
-        dequantize(self.ty, &self.bytes[r * rb..(r + 1) * rb]).expect("validated at load")
+        match self.layout {
+            QuantLayout::File => {
+                let rb = self.row_bytes();
+                dequantize(self.ty, &self.bytes[r * rb..(r + 1) * rb]).expect("validated at load")
+            }
+            QuantLayout::Interleaved => {
+                quant::interleaved_row(self.ty, self.cols, self.rows, &self.bytes, r)
+            }
+        }
     }
 
     /// Every value dequantized to f32, row-major.
     pub fn to_f32(&self) -> Vec<f32> {
-        dequantize(self.ty, &self.bytes).expect("validated at load")
+        match self.layout {
+            QuantLayout::File => dequantize(self.ty, &self.bytes).expect("validated at load"),
+            QuantLayout::Interleaved => (0..self.rows).flat_map(|r| self.row_f32(r)).collect(),
+        }
     }
 }
 
@@ -474,6 +497,17 @@ pub fn load_gguf_params(
     file: &GgufFile,
     params: &[ParamDecl],
 ) -> Result<BTreeMap<String, HostTensor>> {
+    load_gguf_params_with(file, params, QuantLayout::File)
+}
+
+/// [`load_gguf_params`] with the block matrices in `layout`: interleaved ones are made
+/// one tensor at a time, each tensor's mapped pages released as it is done, so the
+/// file and its interleaved copy are never resident together.
+pub fn load_gguf_params_with(
+    file: &GgufFile,
+    params: &[ParamDecl],
+    layout: QuantLayout,
+) -> Result<BTreeMap<String, HostTensor>> {
     let hp = hyper_params(file)?;
     let by_hf: BTreeMap<String, &str> = file
         .tensors()
@@ -546,11 +580,29 @@ pub fn load_gguf_params(
             bytes = bytes::Bytes::from(v);
             file.release_tensor(name);
         }
-        let quant = QuantTensor {
-            ty: info.ty,
-            rows,
-            cols,
-            bytes,
+        let interleaved = match layout {
+            QuantLayout::Interleaved => quant::interleave(info.ty, cols, rows, &bytes),
+            QuantLayout::File => None,
+        };
+        let quant = match interleaved {
+            Some(v) => {
+                drop(bytes);
+                file.release_tensor(name);
+                QuantTensor {
+                    ty: info.ty,
+                    rows,
+                    cols,
+                    bytes: bytes::Bytes::from(v),
+                    layout: QuantLayout::Interleaved,
+                }
+            }
+            None => QuantTensor {
+                ty: info.ty,
+                rows,
+                cols,
+                bytes,
+                layout: QuantLayout::File,
+            },
         };
         out.insert(
             decl.name.clone(),

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use super::portable::{self, Portable};
 use super::{Kernels, top_k_host};
 use crate::exec::value::{Value, to_f32};
-use crate::load::weights::QuantTensor;
+use crate::load::weights::{QuantLayout, QuantTensor};
 
 /// Defines `$name` to run `$body` compiled for AVX-512 (F, BW, VL) or else AVX2 + FMA
 /// (each with F16C) when the CPU has them (the crate is built for baseline x86-64), else as built. The
@@ -137,7 +137,14 @@ impl Kernels for Cpu {
         let [m, k] = x.dims();
         let xt = host(&x);
         let mut out = vec![0.0f32; m * w.rows];
-        quant::qmatmul_t(f32s(&xt), m, k, &w.bytes, w.ty, w.rows, &mut out);
+        match w.layout {
+            QuantLayout::File => {
+                quant::qmatmul_t(f32s(&xt), m, k, &w.bytes, w.ty, w.rows, &mut out)
+            }
+            QuantLayout::Interleaved => {
+                quant::qmatmul_t_interleaved(f32s(&xt), m, k, &w.bytes, w.ty, w.rows, &mut out)
+            }
+        }
         Tensor::from_data(TensorData::new(out, [m, w.rows]), &x.device())
     }
 

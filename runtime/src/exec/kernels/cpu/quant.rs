@@ -320,6 +320,294 @@ pub fn qmatmul_t_with(
     }
 }
 
+/// Decode products of more activation rows than this multiply interleaved weights
+/// ([`interleave`]) when a plan stores them so: below it the kernels that read the file's
+/// blocks directly are as fast, and the file's own layout costs no extra memory.
+pub const INTERLEAVE_ABOVE: usize = 4;
+
+/// The byte layout of one group of [`GROUP`] interleaved weight rows of `k` values: per
+/// unit of values with one scale (16 values for Q6_K, else 32), `stride` bytes:
+/// - `ub` bytes of values, chunk `c` (values `4c..4c + 4` of every row) at `32c`, row
+///   `t`'s four at `32c + 4t`; 4-bit types (`packed`) hold two chunks per byte: low
+///   nibbles chunks 0–3, high nibbles chunks 4–7;
+/// - the eight rows' f32 scales `ds` (row `t` at float `t`);
+/// - for types with minimums, the eight rows' f32 `dm` the same way.
+///
+/// One stream per group, read front to back. Each value is what [`Row`] describes for
+/// the same `ds`, `dm` and unpacked byte.
+#[derive(Clone, Copy, Debug)]
+struct Inter {
+    q: Block,
+    k: usize,
+    packed: bool,
+    ub: usize,
+    stride: usize,
+}
+
+impl Inter {
+    fn of(q: Block, k: usize) -> Inter {
+        let packed = matches!(q, Block::Q4_0 | Block::Q4_1 | Block::Q4K);
+        let mins = matches!(q, Block::Q4_1 | Block::Q5_1 | Block::Q4K | Block::Q5K);
+        let ub = GROUP * q.unit() / if packed { 2 } else { 1 };
+        Inter {
+            q,
+            k,
+            packed,
+            ub,
+            stride: ub + 4 * GROUP * if mins { 2 } else { 1 },
+        }
+    }
+
+    /// Bytes per group.
+    fn bytes(self) -> usize {
+        self.k / self.q.unit() * self.stride
+    }
+
+    /// Row `t` of the group `g` as [`unpack`] gives it.
+    fn row(self, g: &[u8], t: usize, row: &mut Row) {
+        let f = |at: usize| f32::from_le_bytes(g[at..at + 4].try_into().expect("4 bytes"));
+        let unit = self.q.unit();
+        for (i, u) in row.u[..self.k].iter_mut().enumerate() {
+            let (j, c, e) = (i / unit, i % unit / 4, i % 4);
+            let at = j * self.stride + 4 * t + e;
+            *u = if self.packed {
+                let byte = g[at + 32 * (c % 4)];
+                if c < 4 { byte & 0x0f } else { byte >> 4 }
+            } else {
+                g[at + 32 * c]
+            };
+        }
+        let mins = self.stride > self.ub + 4 * GROUP;
+        for j in 0..self.k / unit {
+            row.ds[j] = f(j * self.stride + self.ub + 4 * t);
+        }
+        for j in 0..self.k / 32 {
+            row.dm[j] = if mins {
+                f(j * self.stride + self.ub + 4 * GROUP + 4 * t)
+            } else {
+                0.0
+            };
+        }
+    }
+}
+
+/// Bytes of `[n, k]` weights of type `ty` once interleaved (`n` rounded up to whole
+/// groups of eight rows), or `None` for a type no kernel reads.
+pub fn interleaved_len(ty: GgmlType, k: usize, n: usize) -> Option<usize> {
+    let q = Block::of(ty)?;
+    Some(n.div_ceil(GROUP) * Inter::of(q, k).bytes())
+}
+
+/// Whether this process multiplies interleaved weights: its kernels ([`Isa::best`]) are
+/// AVX2 or AVX-512 ones.
+pub fn interleaving() -> bool {
+    matches!(Isa::best(), Isa::Avx2 | Isa::Avx512)
+}
+
+/// The weights `w` (`[n, k]`, GGUF blocks of type `ty`) interleaved eight rows at a
+/// time (see [`Inter`]), unpacked once here instead of in every decode product; `None`
+/// where [`interleaving`] is false or the matrix is not one [`qmatmul_t`] multiplies.
+/// The result is [`interleaved_len`] bytes: the file's size for 4-bit types plus f32
+/// scales in place of f16 ones.
+pub fn interleave(ty: GgmlType, k: usize, n: usize, w: &[u8]) -> Option<Vec<u8>> {
+    check_quant_matrix(ty, k, n, w.len()).ok()?;
+    if !interleaving() {
+        return None;
+    }
+    let q = Block::of(ty)?;
+    let lay = Inter::of(q, k);
+    let rb = row_bytes_q(q, k);
+    let mut out = vec![0u8; n.div_ceil(GROUP) * lay.bytes()];
+    out.par_chunks_mut(lay.bytes())
+        .zip(w.par_chunks(GROUP * rb))
+        .for_each(|(o, rows)| {
+            let mut g = Group::new(q, k);
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `interleaving()`: AVX2, FMA and F16C are available.
+            unsafe {
+                x86::fill_group(q, rows, k, &mut g, false)
+            };
+            let mins = lay.stride > lay.ub + 4 * GROUP;
+            for (j, o) in o.chunks_exact_mut(lay.stride).enumerate() {
+                let (u, scales) = o.split_at_mut(lay.ub);
+                let gu = &g.u[j * GROUP * q.unit()..][..GROUP * q.unit()];
+                if lay.packed {
+                    for (i, b) in u.iter_mut().enumerate() {
+                        *b = gu[i] | (gu[128 + i] << 4);
+                    }
+                } else {
+                    u.copy_from_slice(gu);
+                }
+                let (d, m) = scales.split_at_mut(4 * GROUP);
+                for (t, o) in d.chunks_exact_mut(4).enumerate() {
+                    o.copy_from_slice(&g.d[GROUP * j + t].to_le_bytes());
+                }
+                if mins {
+                    for (t, o) in m.chunks_exact_mut(4).enumerate() {
+                        o.copy_from_slice(&g.m[GROUP * j + t].to_le_bytes());
+                    }
+                }
+            }
+        });
+    Some(out)
+}
+
+/// Row `r` of interleaved weights (as [`interleave`] made them), dequantized.
+///
+/// # Panics
+/// If `w` is not [`interleaved_len`] bytes or `r >= n`.
+pub fn interleaved_row(ty: GgmlType, k: usize, n: usize, w: &[u8], r: usize) -> Vec<f32> {
+    let q = Block::of(ty).expect("a supported type");
+    let lay = Inter::of(q, k);
+    assert_eq!(
+        Some(w.len()),
+        interleaved_len(ty, k, n),
+        "not interleaved [{n}, {k}]"
+    );
+    assert!(r < n, "row {r} of {n}");
+    let mut row = Row::new(q, k);
+    lay.row(
+        &w[r / GROUP * lay.bytes()..][..lay.bytes()],
+        r % GROUP,
+        &mut row,
+    );
+    let mut out = vec![0.0; k];
+    expand(Isa::best(), q, &row, &mut out);
+    out
+}
+
+/// [`qmatmul_t`] on weights interleaved by [`interleave`] (on this process's kernels).
+///
+/// # Panics
+/// If `w` is not [`interleaved_len`] bytes, a slice length disagrees with `m`, `k` and
+/// `n`, or [`interleaving`] is false.
+#[allow(clippy::too_many_arguments)]
+pub fn qmatmul_t_interleaved(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[u8],
+    ty: GgmlType,
+    n: usize,
+    out: &mut [f32],
+) {
+    assert!(interleaving(), "no kernels read interleaved weights here");
+    qmatmul_t_interleaved_with(Isa::best(), x, m, k, w, ty, n, out);
+}
+
+/// [`qmatmul_t_interleaved`] on the kernels of `isa` (AVX2 or AVX-512, available).
+#[allow(clippy::too_many_arguments)]
+fn qmatmul_t_interleaved_with(
+    isa: Isa,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[u8],
+    ty: GgmlType,
+    n: usize,
+    out: &mut [f32],
+) {
+    let q = Block::of(ty).expect("a supported type");
+    let lay = Inter::of(q, k);
+    assert_eq!(
+        Some(w.len()),
+        interleaved_len(ty, k, n),
+        "not interleaved [{n}, {k}]"
+    );
+    assert_eq!(x.len(), m * k, "x is not [m, k]");
+    assert_eq!(out.len(), m * n, "out is not [m, n]");
+    assert!(
+        isa != Isa::Portable && isa.available(),
+        "{isa:?} does not read interleaved weights"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    let threads = rayon::current_num_threads().max(1);
+    let unit = if m > DECODE_ROWS {
+        isa.panel_cols()
+    } else {
+        GROUP
+    };
+    let rows = n
+        .div_ceil(4 * threads)
+        .max(MIN_TASK_ROWS)
+        .next_multiple_of(unit);
+    let tasks = n.div_ceil(rows);
+    let xq = (m <= DECODE_ROWS).then(|| quantize(isa, x, m, k, q.block()));
+    let out = SendPtr(out.as_mut_ptr());
+    let run = |t: usize| {
+        let j0 = t * rows;
+        let j1 = (j0 + rows).min(n);
+        let ws = &w[j0 / GROUP * lay.bytes()..j1.div_ceil(GROUP) * lay.bytes()];
+        let task = Task {
+            q,
+            m,
+            k,
+            j0,
+            n,
+            out,
+        };
+        // SAFETY: tasks write the disjoint columns j0..j1 of `out` (m · n floats, alive
+        // for the whole loop); `interleaving()` gives the instruction set.
+        unsafe {
+            match (&xq, isa) {
+                #[cfg(target_arch = "x86_64")]
+                (Some(xq), Isa::Avx512) => x86::inter_avx512(&task, lay, xq, ws, j1),
+                #[cfg(target_arch = "x86_64")]
+                (Some(xq), _) => x86::inter_avx2(&task, lay, xq, ws, j1),
+                _ => panel_inter(isa, &task, lay, x, ws, j1),
+            }
+        }
+    };
+    if tasks == 1 {
+        run(0);
+    } else {
+        (0..tasks).into_par_iter().for_each(run);
+    }
+}
+
+/// [`panel_task`] on interleaved weights `w` (whole groups) for columns `j0..j1`.
+///
+/// # Safety
+/// As [`int8_task`].
+unsafe fn panel_inter(isa: Isa, task: &Task, lay: Inter, x: &[f32], w: &[u8], j1: usize) {
+    let Task {
+        q,
+        m,
+        k,
+        j0,
+        n,
+        out,
+    } = *task;
+    let nr = isa.panel_cols();
+    let mut row = Row::new(q, k);
+    let mut wide = vec![0.0f32; k];
+    let mut panel = vec![0.0f32; nr * k];
+    for (t, groups) in w.chunks(nr / GROUP * lay.bytes()).enumerate() {
+        let jt = j0 + t * nr;
+        let cols = (j1 - jt).min(nr);
+        for c in 0..cols {
+            lay.row(
+                &groups[c / GROUP * lay.bytes()..][..lay.bytes()],
+                c % GROUP,
+                &mut row,
+            );
+            expand(isa, q, &row, &mut wide);
+            for (i, &v) in wide.iter().enumerate() {
+                panel[i * nr + c] = v;
+            }
+        }
+        for c in cols..nr {
+            for i in 0..k {
+                panel[i * nr + c] = 0.0;
+            }
+        }
+        // SAFETY: columns jt..jt + cols lie in this task's; the caller's contract.
+        unsafe { panel_product(isa, x, m, k, &panel, jt, cols, n, out) };
+    }
+}
+
 /// The supported block types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Block {
@@ -431,18 +719,15 @@ struct Group {
     u: Vec<u8>,
     d: Vec<f32>,
     m: Vec<f32>,
-    /// The rows before interleaving.
-    rows: Vec<Row>,
 }
 
 impl Group {
     fn new(q: Block, k: usize) -> Group {
-        let rows: Vec<Row> = (0..GROUP).map(|_| Row::new(q, k)).collect();
+        let row = Row::new(q, k);
         Group {
             u: vec![0; GROUP * k],
-            d: vec![0.0; GROUP * rows[0].ds.len()],
-            m: vec![0.0; GROUP * rows[0].dm.len()],
-            rows,
+            d: vec![0.0; GROUP * row.ds.len()],
+            m: vec![0.0; GROUP * row.dm.len()],
         }
     }
 }
@@ -911,7 +1196,7 @@ mod x86 {
 
     use std::arch::x86_64::*;
 
-    use super::{Block, GROUP, Group, Isa, Row, Task, Xq, quantize_body, row_bytes_q};
+    use super::{Block, GROUP, Group, Inter, Isa, Row, Task, Xq, quantize_body, row_bytes_q};
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn quantize_avx2(x: &[f32], qb: usize, xq: &mut Xq) {
@@ -1166,58 +1451,77 @@ mod x86 {
         })
     }
 
-    /// Unpacks the weight rows `w` (1 to [`GROUP`] rows of `k` values) into `g`, one row
-    /// after the other (the order memory streams best in), then interleaves them; `xor`
-    /// flips the top bit of every byte (Q8_0 for VNNI: signed bytes become `w + 128`).
+    /// Unpacks the weight rows `w` (1 to [`GROUP`] rows of `k` values) into `g`: per
+    /// 32 values, the eight rows' columns are unpacked in registers, transposed and stored
+    /// interleaved; `xor` flips the top bit of every byte (Q8_0 for VNNI: signed bytes
+    /// become `w + 128`).
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn fill_group(q: Block, w: &[u8], k: usize, g: &mut Group, xor: bool) {
+    pub(super) fn fill_group(q: Block, w: &[u8], k: usize, g: &mut Group, xor: bool) {
+        match q {
+            Block::Q4_0 => fill_with(q, w, k, g, xor, |b, s| column(Block::Q4_0, b, s)),
+            Block::Q4_1 => fill_with(q, w, k, g, xor, |b, s| column(Block::Q4_1, b, s)),
+            Block::Q5_0 => fill_with(q, w, k, g, xor, |b, s| column(Block::Q5_0, b, s)),
+            Block::Q5_1 => fill_with(q, w, k, g, xor, |b, s| column(Block::Q5_1, b, s)),
+            Block::Q8_0 => fill_with(q, w, k, g, xor, |b, s| column(Block::Q8_0, b, s)),
+            Block::Q4K => fill_with(q, w, k, g, xor, |b, s| column(Block::Q4K, b, s)),
+            Block::Q5K => fill_with(q, w, k, g, xor, |b, s| column(Block::Q5K, b, s)),
+            Block::Q6K => fill_with(q, w, k, g, xor, |b, s| column(Block::Q6K, b, s)),
+        }
+    }
+
+    /// `fill_group` with `column` (`column(q, ..)` for a fixed `q`).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn fill_with<F: Fn(&[u8], usize) -> __m256i>(
+        q: Block,
+        w: &[u8],
+        k: usize,
+        g: &mut Group,
+        xor: bool,
+        column: F,
+    ) {
         let rb = row_bytes_q(q, k);
         let lanes = w.len() / rb;
         assert!((1..=GROUP).contains(&lanes) && g.u.len() == GROUP * k);
-        for (t, row) in g.rows.iter_mut().enumerate() {
-            if t < lanes {
-                unpack(q, &w[t * rb..(t + 1) * rb], row);
-            } else {
-                row.u.fill(0);
-                row.ds.fill(0.0);
-                row.dm.fill(0.0);
-            }
-        }
+        let (subs, upb, bb) = (q.block() / 32, q.block() / q.unit(), q.bytes());
         let flip = _mm256_set1_epi8(if xor { -128 } else { 0 });
-        let rows = &g.rows;
-        for (col, o) in g.u.chunks_exact_mut(256).enumerate() {
-            let v = std::array::from_fn(|t| {
-                let r = &rows[t].u[32 * col..][..32];
-                // SAFETY: `r` holds 32 bytes.
-                unsafe { _mm256_loadu_si256(r.as_ptr().cast()) }
-            });
-            for (c, v) in transpose8(v).into_iter().enumerate() {
-                // SAFETY: `o` holds 256 bytes.
-                unsafe {
-                    _mm256_storeu_si256(
-                        o.as_mut_ptr().add(32 * c).cast(),
-                        _mm256_xor_si256(v, flip),
-                    )
-                };
+        // One block's scales per row (at most 16 units, 8 sub-blocks).
+        let (mut ds, mut dm) = ([0.0f32; 16], [0.0f32; GROUP]);
+        for b in 0..k / q.block() {
+            for t in 0..GROUP {
+                if t < lanes {
+                    block_scales(q, &w[t * rb + b * bb..][..bb], &mut ds, &mut dm);
+                } else {
+                    ds.fill(0.0);
+                    dm.fill(0.0);
+                }
+                for u in 0..upb {
+                    g.d[GROUP * (b * upb + u) + t] = ds[u];
+                }
+                for sub in 0..subs {
+                    g.m[GROUP * (b * subs + sub) + t] = dm[sub];
+                }
             }
-        }
-        let scales = |dst: &mut [f32], src: [&[f32]; GROUP]| {
-            for (u0, o) in dst.chunks_exact_mut(GROUP * GROUP).enumerate() {
+            for sub in 0..subs {
                 let v = std::array::from_fn(|t| {
-                    let r = &src[t][GROUP * u0..][..GROUP];
-                    // SAFETY: `r` holds 8 floats.
-                    unsafe { _mm256_castps_si256(_mm256_loadu_ps(r.as_ptr())) }
+                    if t < lanes {
+                        column(&w[t * rb + b * bb..][..bb], sub)
+                    } else {
+                        _mm256_setzero_si256()
+                    }
                 });
+                let o = &mut g.u[256 * (b * subs + sub)..][..256];
                 for (c, v) in transpose8(v).into_iter().enumerate() {
-                    // SAFETY: `o` holds 64 floats.
+                    // SAFETY: `o` holds 256 bytes.
                     unsafe {
-                        _mm256_storeu_ps(o.as_mut_ptr().add(GROUP * c), _mm256_castsi256_ps(v))
+                        _mm256_storeu_si256(
+                            o.as_mut_ptr().add(32 * c).cast(),
+                            _mm256_xor_si256(v, flip),
+                        )
                     };
                 }
             }
-        };
-        scales(&mut g.d, std::array::from_fn(|t| &rows[t].ds[..]));
-        scales(&mut g.m, std::array::from_fn(|t| &rows[t].dm[..]));
+        }
     }
 
     /// Stores the first `lanes` floats of `v` at `o`.
@@ -1239,6 +1543,116 @@ mod x86 {
         }
     }
 
+    /// A group of interleaved weight rows, as [`Group`] holds them or as interleaved
+    /// weights store them ([`Inter`]): unit `j`'s chunks at `u + ustride · j`, its
+    /// eight scales at `d + dstride · j` and minimums at `m + dstride · j`.
+    #[derive(Clone, Copy)]
+    pub(super) struct GroupRef {
+        u: *const u8,
+        d: *const f32,
+        m: *const f32,
+        ustride: usize,
+        dstride: usize,
+        /// Bytes ahead of each unit to prefetch (0: none; a [`Group`] is in cache).
+        ahead: usize,
+    }
+
+    impl GroupRef {
+        /// Asks for the lines `ahead` bytes past unit `j` (interleaved weights stream
+        /// from memory; the hardware prefetcher alone leaves the kernel waiting on the
+        /// first unit of each group).
+        #[inline(always)]
+        fn prefetch(self, j: usize) {
+            if self.ahead > 0 {
+                let p = self.u.wrapping_add(self.ustride * j + self.ahead);
+                let mut at = 0;
+                while at < self.ustride {
+                    // SAFETY: prefetching never faults, whatever the address.
+                    unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(at).cast()) };
+                    at += 64;
+                }
+            }
+        }
+    }
+
+    impl GroupRef {
+        fn of(q: Block, g: &Group) -> GroupRef {
+            GroupRef {
+                u: g.u.as_ptr(),
+                d: g.d.as_ptr(),
+                m: g.m.as_ptr(),
+                ustride: GROUP * q.unit(),
+                dstride: GROUP,
+                ahead: 0,
+            }
+        }
+    }
+
+    impl Inter {
+        /// The kernels' view of the group at `g`.
+        fn view(self, g: *const u8) -> GroupRef {
+            GroupRef {
+                u: g,
+                // Pointer arithmetic only: the kernels read `d` and `m` at unit offsets.
+                d: g.wrapping_add(self.ub).cast(),
+                m: g.wrapping_add(self.ub + 4 * GROUP).cast(),
+                ustride: self.stride,
+                dstride: self.stride / 4,
+                ahead: 8 * self.stride,
+            }
+        }
+    }
+
+    /// The eight 32-byte chunks (values `4c..4c + 4` of each row) of the 32-value unit at
+    /// `gu`: bytes as they are, or with the top bit flipped (`FLIP`), or (`PACKED`) from
+    /// 128 bytes whose low nibbles are chunks 0–3 and high nibbles chunks 4–7.
+    ///
+    /// # Safety
+    /// The unit's bytes are readable.
+    #[inline(always)]
+    unsafe fn unit_chunks<const PACKED: bool, const FLIP: bool>(gu: *const u8) -> [__m256i; 8] {
+        // SAFETY: the caller's contract; AVX2 is enabled wherever this is inlined.
+        unsafe {
+            if PACKED {
+                let m4 = _mm256_set1_epi8(0x0f);
+                let mut w = [_mm256_setzero_si256(); 8];
+                for p in 0..4 {
+                    let v = _mm256_loadu_si256(gu.add(32 * p).cast());
+                    w[p] = _mm256_and_si256(v, m4);
+                    w[p + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4);
+                }
+                w
+            } else {
+                std::array::from_fn(|c| {
+                    let v = _mm256_loadu_si256(gu.add(32 * c).cast());
+                    if FLIP {
+                        _mm256_xor_si256(v, _mm256_set1_epi8(-128))
+                    } else {
+                        v
+                    }
+                })
+            }
+        }
+    }
+
+    /// The four chunks of the 16-value unit (Q6_K) at `gu`, in the first four lanes.
+    ///
+    /// # Safety
+    /// As [`unit_chunks`].
+    #[inline(always)]
+    unsafe fn chunks4(gu: *const u8) -> [__m256i; 8] {
+        // SAFETY: the caller's contract.
+        unsafe {
+            std::array::from_fn(|c| {
+                if c < 4 {
+                    _mm256_loadu_si256(gu.add(32 * c).cast())
+                } else {
+                    _mm256_setzero_si256()
+                }
+            })
+        }
+    }
+
     /// Defines the integer dot products of `R` activation rows with a [`Group`] on top of
     /// `$chunk(acc, w, |w|, x, signed)`, which adds to the i32 lanes `acc` the products of
     /// four weight bytes per lane (signed or not) with the four activation bytes broadcast
@@ -1255,8 +1669,14 @@ mod x86 {
             #[inline]
             #[target_feature(enable = $features)]
             #[allow(clippy::too_many_arguments)]
-            unsafe fn $dot32<const R: usize, const OFF: i32, const SIGNED: bool>(
-                g: &Group,
+            unsafe fn $dot32<
+                const R: usize,
+                const OFF: i32,
+                const SIGNED: bool,
+                const PACKED: bool,
+                const FLIP: bool,
+            >(
+                g: GroupRef,
                 xq: &Xq,
                 r0: usize,
                 k: usize,
@@ -1269,7 +1689,7 @@ mod x86 {
                 let chunk = $chunk;
                 // Offset corrections in i32: Q8_0's VNNI bytes carry +128.
                 let shift = if SIGNED && $vnni { 7 } else { OFF };
-                let (gu, gd, gm) = (g.u.as_ptr(), g.d.as_ptr(), g.m.as_ptr());
+                let (gu, gd, gm) = (g.u, g.d, g.m);
                 let x: [*const i8; R] = std::array::from_fn(|r| xq.q[(r0 + r) * k..].as_ptr());
                 let xrow = |v: &[f32], r: usize, b: usize| v[(r0 + r) * nb + b];
                 let mut acc = [_mm256_setzero_ps(); R];
@@ -1285,8 +1705,9 @@ mod x86 {
                             }
                         });
                         let mut ai = ai;
-                        for c in 0..8 {
-                            let wv = _mm256_loadu_si256(gu.add(256 * b + 32 * c).cast());
+                        g.prefetch(b);
+                        let wvs = unit_chunks::<PACKED, FLIP>(gu.add(g.ustride * b));
+                        for (c, wv) in wvs.into_iter().enumerate() {
                             let wa = if SIGNED && !$vnni {
                                 _mm256_abs_epi8(wv)
                             } else {
@@ -1297,13 +1718,13 @@ mod x86 {
                                 *ai = chunk(*ai, wv, wa, _mm256_set1_epi32(xv), SIGNED);
                             }
                         }
-                        let dw = _mm256_loadu_ps(gd.add(8 * b));
+                        let dw = _mm256_loadu_ps(gd.add(g.dstride * b));
                         for (r, (a, ai)) in acc.iter_mut().zip(ai).enumerate() {
                             let s = _mm256_mul_ps(dw, _mm256_set1_ps(xrow(&xq.d, r, b)));
                             *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai), s, *a);
                         }
                         if OFF == 0 && !SIGNED {
-                            let mw = _mm256_loadu_ps(gm.add(8 * b));
+                            let mw = _mm256_loadu_ps(gm.add(g.dstride * b));
                             for (r, a) in acc.iter_mut().enumerate() {
                                 *a = _mm256_fmadd_ps(mw, _mm256_set1_ps(xrow(&xq.s, r, b)), *a);
                             }
@@ -1323,8 +1744,8 @@ mod x86 {
             #[inline]
             #[target_feature(enable = $features)]
             #[allow(clippy::too_many_arguments)]
-            unsafe fn $dotk<const R: usize, const Q6: bool>(
-                g: &Group,
+            unsafe fn $dotk<const R: usize, const Q6: bool, const PACKED: bool>(
+                g: GroupRef,
                 xq: &Xq,
                 r0: usize,
                 k: usize,
@@ -1335,7 +1756,7 @@ mod x86 {
             ) {
                 let chunk = $chunk;
                 let (subs, chunks) = if Q6 { (16, 4) } else { (8, 8) };
-                let (gu, gd, gm) = (g.u.as_ptr(), g.d.as_ptr(), g.m.as_ptr());
+                let (gu, gd, gm) = (g.u, g.d, g.m);
                 let x: [*const i8; R] = std::array::from_fn(|r| xq.q[(r0 + r) * k..].as_ptr());
                 let mut acc = [_mm256_setzero_ps(); R];
                 // SAFETY (whole loop): unit s of super-block sb reads g.u at 32 · c for
@@ -1354,19 +1775,26 @@ mod x86 {
                                     _mm256_setzero_si256()
                                 }
                             });
-                            for c in unit * chunks..(unit + 1) * chunks {
-                                let wv = _mm256_loadu_si256(gu.add(32 * c).cast());
+                            g.prefetch(unit);
+                            let gu = gu.add(g.ustride * unit);
+                            let wvs = if Q6 {
+                                chunks4(gu)
+                            } else {
+                                unit_chunks::<PACKED, false>(gu)
+                            };
+                            for (cc, &wv) in wvs.iter().enumerate().take(chunks) {
+                                let c = unit * chunks + cc;
                                 for (r, ai) in ai.iter_mut().enumerate() {
                                     let xv = x[r].add(4 * c).cast::<i32>().read_unaligned();
                                     *ai = chunk(*ai, wv, wv, _mm256_set1_epi32(xv), false);
                                 }
                             }
-                            let dsc = _mm256_loadu_ps(gd.add(8 * unit));
+                            let dsc = _mm256_loadu_ps(gd.add(g.dstride * unit));
                             for (a, ai) in asb.iter_mut().zip(ai) {
                                 *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai), dsc, *a);
                             }
                             if !Q6 {
-                                let dmn = _mm256_loadu_ps(gm.add(8 * unit));
+                                let dmn = _mm256_loadu_ps(gm.add(g.dstride * unit));
                                 for (r, a) in acc.iter_mut().enumerate() {
                                     let sx = xq.s[(r0 + r) * k / 32 + unit];
                                     *a = _mm256_fnmadd_ps(dmn, _mm256_set1_ps(sx), *a);
@@ -1685,7 +2113,7 @@ mod x86 {
 
     /// Defines a task of integer dot products over groups of weight rows.
     macro_rules! int8_task {
-        ($name:ident, $isa:expr, $features:literal, $dot32:ident, $dotk:ident, $fused32:ident, $fusedk:ident) => {
+        ($name:ident, $inter:ident, $isa:expr, $vnni:literal, $features:literal, $dot32:ident, $dotk:ident, $fused32:ident, $fusedk:ident) => {
             /// `super::int8_task` on this instruction set.
             ///
             /// # Safety
@@ -1789,72 +2217,120 @@ mod x86 {
                         _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast());
                     }
                     let (j, lanes) = (j0 + GROUP * gi, rows.len() / rb);
-                    let o = out.0;
-                    let mut r0 = 0;
-                    while r0 < m {
-                        let rr = if $isa == Isa::Avx512 && m - r0 >= WIDE_ROWS {
-                            WIDE_ROWS
-                        } else {
-                            (m - r0).min(ROWS)
-                        };
-                        // SAFETY: rows r0..r0 + rr < m of xq and out; columns j..j + lanes
-                        // are this task's (the caller's contract).
-                        unsafe {
-                            match q {
-                                Block::Q4_0 => by_rows_wide!(
-                                    rr,
-                                    $dot32,
-                                    [3, false],
-                                    (&g, xq, r0, k, o, n, j, lanes)
-                                ),
-                                Block::Q5_0 => by_rows_wide!(
-                                    rr,
-                                    $dot32,
-                                    [4, false],
-                                    (&g, xq, r0, k, o, n, j, lanes)
-                                ),
-                                Block::Q4_1 | Block::Q5_1 => by_rows_wide!(
-                                    rr,
-                                    $dot32,
-                                    [0, false],
-                                    (&g, xq, r0, k, o, n, j, lanes)
-                                ),
-                                Block::Q8_0 => {
-                                    by_rows_wide!(
-                                        rr,
-                                        $dot32,
-                                        [0, true],
-                                        (&g, xq, r0, k, o, n, j, lanes)
-                                    )
-                                }
-                                Block::Q6K => {
-                                    by_rows_wide!(
-                                        rr,
-                                        $dotk,
-                                        [true],
-                                        (&g, xq, r0, k, o, n, j, lanes)
-                                    )
-                                }
-                                Block::Q4K | Block::Q5K => {
-                                    by_rows_wide!(
-                                        rr,
-                                        $dotk,
-                                        [false],
-                                        (&g, xq, r0, k, o, n, j, lanes)
-                                    )
-                                }
-                            }
-                        }
-                        r0 += rr;
-                    }
+                    group_rows!(
+                        $isa,
+                        $dot32,
+                        $dotk,
+                        false,
+                        false,
+                        q,
+                        GroupRef::of(q, &g),
+                        xq,
+                        m,
+                        k,
+                        out.0,
+                        n,
+                        j,
+                        lanes
+                    );
+                }
+            }
+
+            /// `super::int8_task` on interleaved weights `w` (whole groups of
+            /// `lay`) for columns `j0..j1`.
+            ///
+            /// # Safety
+            /// As `super::int8_task`.
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $inter(task: &Task, lay: Inter, xq: &Xq, w: &[u8], j1: usize) {
+                let Task {
+                    q,
+                    m,
+                    k,
+                    j0,
+                    n,
+                    out,
+                } = *task;
+                let gb = lay.bytes();
+                for (gi, g) in w.chunks_exact(gb).enumerate() {
+                    let j = j0 + GROUP * gi;
+                    let lanes = (j1 - j).min(GROUP);
+                    let view = lay.view(g.as_ptr());
+                    group_rows!(
+                        $isa, $dot32, $dotk, true, $vnni, q, view, xq, m, k, out.0, n, j, lanes
+                    );
                 }
             }
         };
     }
 
+    /// Every pass of activation rows over one group `$g`: `$p` (interleaved weights)
+    /// reads 4-bit types packed, `$f` flips Q8_0's bytes for VNNI.
+    macro_rules! group_rows {
+        ($isa:expr, $dot32:ident, $dotk:ident, $p:literal, $f:literal, $q:expr, $g:expr, $xq:expr, $m:expr, $k:expr, $o:expr, $n:expr, $j:expr, $lanes:expr) => {{
+            let (g, xq, m, k, o, n, j, lanes) = ($g, $xq, $m, $k, $o, $n, $j, $lanes);
+            let mut r0 = 0;
+            while r0 < m {
+                let rr = if $isa == Isa::Avx512 && m - r0 >= WIDE_ROWS {
+                    WIDE_ROWS
+                } else {
+                    (m - r0).min(ROWS)
+                };
+                // SAFETY: rows r0..r0 + rr < m of xq and out; columns j..j + lanes are
+                // the task's (the caller's contract).
+                unsafe {
+                    match $q {
+                        Block::Q4_0 => by_rows_wide!(
+                            rr,
+                            $dot32,
+                            [3, false, $p, false],
+                            (g, xq, r0, k, o, n, j, lanes)
+                        ),
+                        Block::Q5_0 => by_rows_wide!(
+                            rr,
+                            $dot32,
+                            [4, false, false, false],
+                            (g, xq, r0, k, o, n, j, lanes)
+                        ),
+                        Block::Q4_1 => by_rows_wide!(
+                            rr,
+                            $dot32,
+                            [0, false, $p, false],
+                            (g, xq, r0, k, o, n, j, lanes)
+                        ),
+                        Block::Q5_1 => by_rows_wide!(
+                            rr,
+                            $dot32,
+                            [0, false, false, false],
+                            (g, xq, r0, k, o, n, j, lanes)
+                        ),
+                        Block::Q8_0 => by_rows_wide!(
+                            rr,
+                            $dot32,
+                            [0, true, false, $f],
+                            (g, xq, r0, k, o, n, j, lanes)
+                        ),
+                        Block::Q6K => {
+                            by_rows_wide!(rr, $dotk, [true, false], (g, xq, r0, k, o, n, j, lanes))
+                        }
+                        Block::Q4K => {
+                            by_rows_wide!(rr, $dotk, [false, $p], (g, xq, r0, k, o, n, j, lanes))
+                        }
+                        Block::Q5K => {
+                            by_rows_wide!(rr, $dotk, [false, false], (g, xq, r0, k, o, n, j, lanes))
+                        }
+                    }
+                }
+                r0 += rr;
+            }
+        }};
+    }
+
     int8_task!(
         int8_avx2,
+        inter_avx2,
         Isa::Avx2,
+        false,
         "avx2,fma,f16c",
         dot32_avx2,
         dotk_avx2,
@@ -1863,7 +2339,9 @@ mod x86 {
     );
     int8_task!(
         int8_avx512,
+        inter_avx512,
         Isa::Avx512,
+        true,
         "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
         dot32_vnni,
         dotk_vnni,
@@ -2250,6 +2728,83 @@ mod tests {
                                 assert!(
                                     (f64::from(g) - f64::from(p)).abs() <= 1e-5 * a + 1e-30,
                                     "{ty} {path:?} vs portable m={m} k={k} n={n} at {i}: {g} vs {p}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Interleaved weights read back as `dequantize`'s values, and multiply exactly as
+    /// the file's blocks do from 5 rows on (the same group kernels on the same bytes, and
+    /// the same panels); below that the fused kernels add in another order, so those are
+    /// held to the float64 reference's int8 bound. Odd row counts leave partial groups.
+    #[test]
+    fn interleaved_weights_multiply_like_the_files_blocks() {
+        if !interleaving() {
+            return;
+        }
+        let shapes = [
+            (1, 37),
+            (3, 9),
+            (5, 8),
+            (8, 70),
+            (16, 41),
+            (17, 35),
+            (40, 66),
+        ];
+        for ty in TYPES {
+            let q = Block::of(ty).unwrap();
+            let ks: &[usize] = if q.is_k() {
+                &[256, 512]
+            } else {
+                &[32, 96, 576]
+            };
+            for &k in ks {
+                for (s, &(m, n)) in shapes.iter().enumerate() {
+                    let seed = (k * 17 + s) as u64;
+                    let x = values(m * k, seed);
+                    let w = random_matrix(ty, k, n, seed + 3);
+                    let wi = interleave(ty, k, n, &w).unwrap();
+                    assert_eq!(Some(wi.len()), interleaved_len(ty, k, n));
+                    let wf = dequantize(ty, &w).unwrap();
+                    for r in 0..n {
+                        let got = interleaved_row(ty, k, n, &wi, r);
+                        for (i, (&g, &e)) in got.iter().zip(&wf[r * k..]).enumerate() {
+                            assert!(
+                                (g - e).abs() <= 2.0 * f32::EPSILON * e.abs() + 1e-30,
+                                "{ty} k={k} row {r} value {i}: {g} vs {e}"
+                            );
+                        }
+                    }
+                    let want = reference(&x, m, k, &wf, n, q.block());
+                    for isa in [Isa::Avx2, Isa::Avx512] {
+                        if !isa.available() {
+                            continue;
+                        }
+                        let mut got = vec![f32::NAN; m * n];
+                        qmatmul_t_interleaved_with(isa, &x, m, k, &wi, ty, n, &mut got);
+                        if m > INTERLEAVE_ABOVE {
+                            let path = Path {
+                                isa,
+                                method: method(isa, m),
+                            };
+                            let file = run(path, &x, m, k, &w, ty, n);
+                            for (i, (g, f)) in got.iter().zip(&file).enumerate() {
+                                assert_eq!(
+                                    g.to_bits(),
+                                    f.to_bits(),
+                                    "{ty} {isa:?} m={m} k={k} n={n} at {i}: {g} vs {f}"
+                                );
+                            }
+                        } else {
+                            for (i, (&g, &(e, a, b))) in got.iter().zip(&want).enumerate() {
+                                let tol = b * 1.001 + 1e-5 * a + 1e-30;
+                                assert!(
+                                    (f64::from(g) - e).abs() <= tol,
+                                    "{ty} {isa:?} m={m} k={k} n={n} at {i}: {g} vs {e}"
                                 );
                             }
                         }
