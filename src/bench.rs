@@ -174,7 +174,8 @@ pub fn bench_one(model: &Path, cfg: &Config) -> Result<BenchResult> {
     let spec = spec.with_overrides(&o, &model.display().to_string())?;
     let base = model.parent().map(Path::to_path_buf).unwrap_or_default();
     let program = crate::compile_spec(&spec, &base)?;
-    let plan = MemoryPlan::of(&program);
+    // What the session will hold (interleaved weights at their size where it keeps them).
+    let plan = kvc_runtime::exec::session::resident_plan(&program, &options);
     let compile_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let base = model.parent().map(Path::to_path_buf).unwrap_or_default();

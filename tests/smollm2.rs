@@ -345,3 +345,62 @@ fn native_weights_keep_the_top_token_at_every_position() {
     );
     assert!(worst < 1.5, "max |diff| {worst}");
 }
+
+/// A batch above four rows keeps the file's blocks interleaved when it is loaded
+/// (`SessionOptions::weight_layout`): its prefill logits and eight decode steps' logits
+/// are bit for bit those of the same batch on the file's own blocks (the same group
+/// kernels and panels on the same unpacked bytes), for six rows of different lengths.
+#[test]
+fn interleaved_weights_decode_exactly_like_the_files_blocks() {
+    use kvc_runtime::exec::kernels::cpu::quant;
+    use kvc_runtime::exec::session::SessionOptions;
+    use kvc_runtime::load::weights::{
+        QuantLayout, gguf_weight_types, load_gguf_params, load_gguf_params_with,
+    };
+    let path = kvc_runtime::load::fetch::default_smollm2_path().expect("SmolLM2 weights");
+    let file = GgufFile::open(&path).unwrap();
+    let spec_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/smollm2-135m.ron");
+    let spec = ModelSpec::load(&spec_path)
+        .unwrap()
+        .with_overrides(&shapes(6, 16, 48), "smollm2")
+        .unwrap();
+    let program = kvc_compiler::compile_with(&spec, &gguf_weight_types(&file).unwrap()).unwrap();
+    let options = SessionOptions::for_backend(Backend::Flex);
+    let layout = options.weight_layout(&program);
+    assert_eq!(quant::interleaving(), layout == QuantLayout::Interleaved);
+    let session = |layout: QuantLayout| {
+        let mut w = match layout {
+            QuantLayout::File => load_gguf_params(&file, &program.params).unwrap(),
+            QuantLayout::Interleaved => {
+                load_gguf_params_with(&file, &program.params, layout).unwrap()
+            }
+        };
+        let held: Vec<QuantLayout> = w
+            .values()
+            .filter_map(|t| t.quant.as_ref())
+            .map(|q| q.layout)
+            .collect();
+        assert!(held.contains(&layout), "{layout:?} not loaded");
+        let params = bind_params(&program, &mut w, Backend::Flex).unwrap();
+        Session::new(program.clone(), params, Backend::Flex).unwrap()
+    };
+    let ids = &reference().prompts[0].ids;
+    let reqs: Vec<Request> = (0..6)
+        .map(|i| greedy(&ids[..ids.len().min(3 + 4 * i)], 9))
+        .collect();
+    let (mut a, mut b) = (session(QuantLayout::File), session(layout));
+    let (_, la) = a.prefill(&reqs, true).unwrap();
+    let (_, lb) = b.prefill(&reqs, true).unwrap();
+    let bits = |l: &[Vec<f32>]| -> Vec<Vec<u32>> {
+        l.iter()
+            .map(|r| r.iter().map(|v| v.to_bits()).collect())
+            .collect()
+    };
+    assert!(bits(&la) == bits(&lb), "prefill logits differ");
+    for step in 0..8 {
+        let (oa, la) = a.step_logits().unwrap();
+        let (ob, lb) = b.step_logits().unwrap();
+        assert_eq!(oa.tokens, ob.tokens, "step {step}");
+        assert!(bits(&la) == bits(&lb), "step {step}: decode logits differ");
+    }
+}

@@ -265,6 +265,26 @@ impl SessionOptions {
     }
 }
 
+/// The memory plan of `program` as a session with `options` holds it: the compiled plan
+/// ([`kvc_compiler::MemoryPlan::of`]) with block matrices at their interleaved size where
+/// [`SessionOptions::weight_layout`] interleaves them (the file's size for 4-bit types,
+/// plus f32 scales in place of f16 ones).
+pub fn resident_plan(program: &Program, options: &SessionOptions) -> kvc_compiler::MemoryPlan {
+    let mut plan = kvc_compiler::MemoryPlan::of(program);
+    if options.weight_layout(program) == QuantLayout::Interleaved {
+        for p in &program.params {
+            let Some(ty) = crate::load::weights::ggml_block_type(p.ty.dtype) else {
+                continue;
+            };
+            let [n, k] = p.ty.shape[..] else { continue };
+            if let Some(len) = quant::interleaved_len(ty, k as usize, n as usize) {
+                plan.weights = plan.weights - p.ty.size_bytes() + len as u64;
+            }
+        }
+    }
+    plan
+}
+
 /// Refuses a program whose memory plan ([`MemoryPlan::total`]) exceeds `options.max_memory`
 /// or, without one, on the CPU backend, the memory the system has available: sizes that
 /// pass the spec's checks end in this error instead of an aborted allocation. With
@@ -276,7 +296,7 @@ pub fn check_memory(
     options: &SessionOptions,
     weights_loaded: bool,
 ) -> Result<(), RuntimeError> {
-    let plan = kvc_compiler::MemoryPlan::of(program);
+    let plan = resident_plan(program, options);
     let total = plan.total();
     let (needed, limit, what) = match options.max_memory {
         Some(l) => (total, l, "is the --max-memory limit"),

@@ -414,6 +414,22 @@ pub fn ir_dtype(ty: GgmlType) -> DType {
     }
 }
 
+/// The GGUF block type of an IR block storage type (`None` for f32 and f16).
+pub fn ggml_block_type(d: DType) -> Option<GgmlType> {
+    [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+    ]
+    .into_iter()
+    .find(|&t| ir_dtype(t) == d)
+}
+
 /// The storage a GGUF file offers each parameter, by Hugging Face name: what a spec with
 /// `weight_dtype: Native` compiles to ([`kvc_compiler::compile_with`]).
 pub fn gguf_weight_types(file: &GgufFile) -> Result<WeightTypes> {
