@@ -994,6 +994,21 @@ mod tests {
                 },
                 5,
             ),
+            // Gemma 3 270M's decode shape: heads of 256 (four tiles), four query rows
+            // per KV head (passes of 3 and 1).
+            (
+                Dims {
+                    scale: 0.0625,
+                    b: 1,
+                    hq: 4,
+                    hkv: 1,
+                    t: 1,
+                    s: 128,
+                    d: 256,
+                    m: 1,
+                },
+                6,
+            ),
             // Two column tiles and a remainder; chunks of slots and a tail.
             (
                 Dims {
