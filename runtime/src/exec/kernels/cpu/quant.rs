@@ -325,11 +325,48 @@ pub fn qmatmul_t_with(
 /// blocks directly are as fast, and the file's own layout costs no extra memory.
 pub const INTERLEAVE_ABOVE: usize = 4;
 
+/// How an interleaved unit stores its values (see [`Inter`]); the discriminants are the
+/// kernels' constants ([`BYTE`] ...).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pack {
+    /// One byte per value (Q8_0).
+    Byte = 0,
+    /// Two values per byte (4-bit types).
+    Nib = 1,
+    /// Nibbles, then a plane of fifth bits (5-bit types).
+    Nib1 = 2,
+    /// Nibbles, then a plane of fifth and sixth bits (Q6_K).
+    Nib2 = 3,
+}
+
+/// [`Pack::Byte`] as a kernel constant.
+const BYTE: u8 = Pack::Byte as u8;
+/// [`Pack::Nib`] as a kernel constant.
+const NIB: u8 = Pack::Nib as u8;
+/// [`Pack::Nib1`] as a kernel constant.
+const NIB1: u8 = Pack::Nib1 as u8;
+/// [`Pack::Nib2`] as a kernel constant.
+const NIB2: u8 = Pack::Nib2 as u8;
+
+impl Pack {
+    fn of(q: Block) -> Pack {
+        match q {
+            Block::Q4_0 | Block::Q4_1 | Block::Q4K => Pack::Nib,
+            Block::Q5_0 | Block::Q5_1 | Block::Q5K => Pack::Nib1,
+            Block::Q6K => Pack::Nib2,
+            Block::Q8_0 => Pack::Byte,
+        }
+    }
+}
+
 /// The byte layout of one group of [`GROUP`] interleaved weight rows of `k` values: per
 /// unit of values with one scale (16 values for Q6_K, else 32), `stride` bytes:
-/// - `ub` bytes of values, chunk `c` (values `4c..4c + 4` of every row) at `32c`, row
-///   `t`'s four at `32c + 4t`; 4-bit types (`packed`) hold two chunks per byte: low
-///   nibbles chunks 0–3, high nibbles chunks 4–7;
+/// - `ub` bytes of values. Unpacked, chunk `c` (values `4c..4c + 4` of every row) is 32
+///   bytes, row `t`'s four at `4t`. [`Pack`] stores them: bytes as they are (chunk `c`
+///   at `32c`); nibbles, low ones the first half of the unit's chunks and high ones the
+///   second (chunks `c` and `c + h` share bytes `32c..`, `h` = half the chunks); then for
+///   5-bit values 32 bytes whose bit `c` is chunk `c`'s fifth bit, for Q6_K 32 bytes whose
+///   bits `2c, 2c + 1` are chunk `c`'s fifth and sixth;
 /// - the eight rows' f32 scales `ds` (row `t` at float `t`);
 /// - for types with minimums, the eight rows' f32 `dm` the same way.
 ///
@@ -339,20 +376,25 @@ pub const INTERLEAVE_ABOVE: usize = 4;
 struct Inter {
     q: Block,
     k: usize,
-    packed: bool,
+    pack: Pack,
     ub: usize,
     stride: usize,
 }
 
 impl Inter {
     fn of(q: Block, k: usize) -> Inter {
-        let packed = matches!(q, Block::Q4_0 | Block::Q4_1 | Block::Q4K);
+        let pack = Pack::of(q);
         let mins = matches!(q, Block::Q4_1 | Block::Q5_1 | Block::Q4K | Block::Q5K);
-        let ub = GROUP * q.unit() / if packed { 2 } else { 1 };
+        let bytes = GROUP * q.unit();
+        let ub = match pack {
+            Pack::Byte => bytes,
+            Pack::Nib => bytes / 2,
+            Pack::Nib1 | Pack::Nib2 => bytes / 2 + 32,
+        };
         Inter {
             q,
             k,
-            packed,
+            pack,
             ub,
             stride: ub + 4 * GROUP * if mins { 2 } else { 1 },
         }
@@ -363,19 +405,51 @@ impl Inter {
         self.k / self.q.unit() * self.stride
     }
 
+    /// Packs one unit's unpacked interleaved bytes `gu` into `u` (`ub` bytes).
+    fn pack_unit(self, gu: &[u8], u: &mut [u8]) {
+        let half = gu.len() / 2;
+        match self.pack {
+            Pack::Byte => u.copy_from_slice(gu),
+            Pack::Nib | Pack::Nib1 | Pack::Nib2 => {
+                let (nib, plane) = u.split_at_mut(half);
+                for (i, b) in nib.iter_mut().enumerate() {
+                    *b = (gu[i] & 0x0f) | ((gu[half + i] & 0x0f) << 4);
+                }
+                let bits = if self.pack == Pack::Nib2 { 2 } else { 1 };
+                for (j, b) in plane.iter_mut().enumerate() {
+                    *b = (0..gu.len() / 32)
+                        .map(|c| (gu[32 * c + j] >> 4) << (bits * c))
+                        .fold(0, |a, v| a | v);
+                }
+            }
+        }
+    }
+
+    /// Unpacked byte `b` (`4t + e`) of chunk `c` of the unit at `g`.
+    fn value(self, g: &[u8], c: usize, b: usize) -> u8 {
+        let h = self.q.unit() / 8;
+        let nib = |g: &[u8]| {
+            if c < h {
+                g[32 * c + b] & 0x0f
+            } else {
+                g[32 * (c - h) + b] >> 4
+            }
+        };
+        match self.pack {
+            Pack::Byte => g[32 * c + b],
+            Pack::Nib => nib(g),
+            Pack::Nib1 => nib(g) | (((g[32 * h + b] >> c) & 1) << 4),
+            Pack::Nib2 => nib(g) | (((g[32 * h + b] >> (2 * c)) & 3) << 4),
+        }
+    }
+
     /// Row `t` of the group `g` as [`unpack`] gives it.
     fn row(self, g: &[u8], t: usize, row: &mut Row) {
         let f = |at: usize| f32::from_le_bytes(g[at..at + 4].try_into().expect("4 bytes"));
         let unit = self.q.unit();
         for (i, u) in row.u[..self.k].iter_mut().enumerate() {
             let (j, c, e) = (i / unit, i % unit / 4, i % 4);
-            let at = j * self.stride + 4 * t + e;
-            *u = if self.packed {
-                let byte = g[at + 32 * (c % 4)];
-                if c < 4 { byte & 0x0f } else { byte >> 4 }
-            } else {
-                g[at + 32 * c]
-            };
+            *u = self.value(&g[j * self.stride..], c, 4 * t + e);
         }
         let mins = self.stride > self.ub + 4 * GROUP;
         for j in 0..self.k / unit {
@@ -407,8 +481,10 @@ pub fn interleaving() -> bool {
 /// The weights `w` (`[n, k]`, GGUF blocks of type `ty`) interleaved eight rows at a
 /// time (see [`Inter`]), unpacked once here instead of in every decode product; `None`
 /// where [`interleaving`] is false or the matrix is not one [`qmatmul_t`] multiplies.
-/// The result is [`interleaved_len`] bytes: the file's size for 4-bit types plus f32
-/// scales in place of f16 ones.
+/// The result is [`interleaved_len`] bytes: values take the bits they have (nibbles plus
+/// bit planes), scales and minimums are f32, so per 32 values and row Q4_0 takes 20
+/// bytes (18 in the file), Q4_1 24 (20), Q5_0 24 (22), Q5_1 28 (24), Q8_0 36 (34), Q4_K 24
+/// (18), Q5_K 28 (22) and Q6_K 32 (26.25).
 pub fn interleave(ty: GgmlType, k: usize, n: usize, w: &[u8]) -> Option<Vec<u8>> {
     check_quant_matrix(ty, k, n, w.len()).ok()?;
     if !interleaving() {
@@ -430,14 +506,7 @@ pub fn interleave(ty: GgmlType, k: usize, n: usize, w: &[u8]) -> Option<Vec<u8>>
             let mins = lay.stride > lay.ub + 4 * GROUP;
             for (j, o) in o.chunks_exact_mut(lay.stride).enumerate() {
                 let (u, scales) = o.split_at_mut(lay.ub);
-                let gu = &g.u[j * GROUP * q.unit()..][..GROUP * q.unit()];
-                if lay.packed {
-                    for (i, b) in u.iter_mut().enumerate() {
-                        *b = gu[i] | (gu[128 + i] << 4);
-                    }
-                } else {
-                    u.copy_from_slice(gu);
-                }
+                lay.pack_unit(&g.u[j * GROUP * q.unit()..][..GROUP * q.unit()], u);
                 let (d, m) = scales.split_at_mut(4 * GROUP);
                 for (t, o) in d.chunks_exact_mut(4).enumerate() {
                     o.copy_from_slice(&g.d[GROUP * j + t].to_le_bytes());
@@ -1196,7 +1265,10 @@ mod x86 {
 
     use std::arch::x86_64::*;
 
-    use super::{Block, GROUP, Group, Inter, Isa, Row, Task, Xq, quantize_body, row_bytes_q};
+    use super::{
+        BYTE, Block, GROUP, Group, Inter, Isa, NIB, NIB1, NIB2, Row, Task, Xq, quantize_body,
+        row_bytes_q,
+    };
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn quantize_avx2(x: &[f32], qb: usize, xq: &mut Xq) {
@@ -1603,23 +1675,45 @@ mod x86 {
         }
     }
 
+    /// `v` with each 16-bit lane shifted left by `n` (right by `−n`).
+    #[inline(always)]
+    unsafe fn shift16(v: __m256i, n: i32) -> __m256i {
+        // SAFETY: AVX2 is enabled wherever this is inlined.
+        unsafe {
+            if n >= 0 {
+                _mm256_sll_epi16(v, _mm_cvtsi32_si128(n))
+            } else {
+                _mm256_srl_epi16(v, _mm_cvtsi32_si128(-n))
+            }
+        }
+    }
+
     /// The eight 32-byte chunks (values `4c..4c + 4` of each row) of the 32-value unit at
-    /// `gu`: bytes as they are, or with the top bit flipped (`FLIP`), or (`PACKED`) from
-    /// 128 bytes whose low nibbles are chunks 0–3 and high nibbles chunks 4–7.
+    /// `gu`, stored as `PACK` says ([`super::Pack`]); `FLIP` flips the top bit of bytes.
     ///
     /// # Safety
     /// The unit's bytes are readable.
     #[inline(always)]
-    unsafe fn unit_chunks<const PACKED: bool, const FLIP: bool>(gu: *const u8) -> [__m256i; 8] {
+    unsafe fn unit_chunks<const PACK: u8, const FLIP: bool>(gu: *const u8) -> [__m256i; 8] {
         // SAFETY: the caller's contract; AVX2 is enabled wherever this is inlined.
         unsafe {
-            if PACKED {
+            if PACK == NIB || PACK == NIB1 {
                 let m4 = _mm256_set1_epi8(0x0f);
                 let mut w = [_mm256_setzero_si256(); 8];
                 for p in 0..4 {
                     let v = _mm256_loadu_si256(gu.add(32 * p).cast());
                     w[p] = _mm256_and_si256(v, m4);
                     w[p + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4);
+                }
+                if PACK == NIB1 {
+                    // Bit c of each plane byte becomes bit 4 of chunk c's byte; bits that
+                    // a 16-bit shift carries over from the neighbour byte are masked off.
+                    let plane = _mm256_loadu_si256(gu.add(128).cast());
+                    let b4 = _mm256_set1_epi8(0x10);
+                    for (c, w) in w.iter_mut().enumerate() {
+                        let h = _mm256_and_si256(shift16(plane, 4 - c as i32), b4);
+                        *w = _mm256_or_si256(*w, h);
+                    }
                 }
                 w
             } else {
@@ -1635,21 +1729,41 @@ mod x86 {
         }
     }
 
-    /// The four chunks of the 16-value unit (Q6_K) at `gu`, in the first four lanes.
+    /// The four chunks of the 16-value unit (Q6_K) at `gu`, in the first four lanes,
+    /// stored as `PACK` says (bytes or [`super::Pack::Nib2`]).
     ///
     /// # Safety
     /// As [`unit_chunks`].
     #[inline(always)]
-    unsafe fn chunks4(gu: *const u8) -> [__m256i; 8] {
+    unsafe fn chunks4<const PACK: u8>(gu: *const u8) -> [__m256i; 8] {
         // SAFETY: the caller's contract.
         unsafe {
-            std::array::from_fn(|c| {
-                if c < 4 {
-                    _mm256_loadu_si256(gu.add(32 * c).cast())
-                } else {
-                    _mm256_setzero_si256()
+            let mut w = [_mm256_setzero_si256(); 8];
+            if PACK == NIB2 {
+                let m4 = _mm256_set1_epi8(0x0f);
+                let (v0, v1) = (
+                    _mm256_loadu_si256(gu.cast()),
+                    _mm256_loadu_si256(gu.add(32).cast()),
+                );
+                let plane = _mm256_loadu_si256(gu.add(64).cast());
+                let nib = [
+                    _mm256_and_si256(v0, m4),
+                    _mm256_and_si256(v1, m4),
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(v0), m4),
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(v1), m4),
+                ];
+                // Bits 2c, 2c + 1 of each plane byte become bits 4, 5 of chunk c's byte.
+                let b45 = _mm256_set1_epi8(0x30);
+                for (c, (w, nib)) in w.iter_mut().zip(nib).enumerate() {
+                    let h = _mm256_and_si256(shift16(plane, 4 - 2 * c as i32), b45);
+                    *w = _mm256_or_si256(nib, h);
                 }
-            })
+            } else {
+                for (c, w) in w.iter_mut().take(4).enumerate() {
+                    *w = _mm256_loadu_si256(gu.add(32 * c).cast());
+                }
+            }
+            w
         }
     }
 
@@ -1673,7 +1787,7 @@ mod x86 {
                 const R: usize,
                 const OFF: i32,
                 const SIGNED: bool,
-                const PACKED: bool,
+                const PACK: u8,
                 const FLIP: bool,
             >(
                 g: GroupRef,
@@ -1706,7 +1820,7 @@ mod x86 {
                         });
                         let mut ai = ai;
                         g.prefetch(b);
-                        let wvs = unit_chunks::<PACKED, FLIP>(gu.add(g.ustride * b));
+                        let wvs = unit_chunks::<PACK, FLIP>(gu.add(g.ustride * b));
                         for (c, wv) in wvs.into_iter().enumerate() {
                             let wa = if SIGNED && !$vnni {
                                 _mm256_abs_epi8(wv)
@@ -1744,7 +1858,7 @@ mod x86 {
             #[inline]
             #[target_feature(enable = $features)]
             #[allow(clippy::too_many_arguments)]
-            unsafe fn $dotk<const R: usize, const Q6: bool, const PACKED: bool>(
+            unsafe fn $dotk<const R: usize, const Q6: bool, const PACK: u8>(
                 g: GroupRef,
                 xq: &Xq,
                 r0: usize,
@@ -1778,9 +1892,9 @@ mod x86 {
                             g.prefetch(unit);
                             let gu = gu.add(g.ustride * unit);
                             let wvs = if Q6 {
-                                chunks4(gu)
+                                chunks4::<PACK>(gu)
                             } else {
-                                unit_chunks::<PACKED, false>(gu)
+                                unit_chunks::<PACK, false>(gu)
                             };
                             for (cc, &wv) in wvs.iter().enumerate().take(chunks) {
                                 let c = unit * chunks + cc;
@@ -2265,7 +2379,7 @@ mod x86 {
     }
 
     /// Every pass of activation rows over one group `$g`: `$p` (interleaved weights)
-    /// reads 4-bit types packed, `$f` flips Q8_0's bytes for VNNI.
+    /// reads values packed ([`super::Pack`]), `$f` flips Q8_0's bytes for VNNI.
     macro_rules! group_rows {
         ($isa:expr, $dot32:ident, $dotk:ident, $p:literal, $f:literal, $q:expr, $g:expr, $xq:expr, $m:expr, $k:expr, $o:expr, $n:expr, $j:expr, $lanes:expr) => {{
             let (g, xq, m, k, o, n, j, lanes) = ($g, $xq, $m, $k, $o, $n, $j, $lanes);
@@ -2283,42 +2397,51 @@ mod x86 {
                         Block::Q4_0 => by_rows_wide!(
                             rr,
                             $dot32,
-                            [3, false, $p, false],
+                            [3, false, { if $p { NIB } else { BYTE } }, false],
                             (g, xq, r0, k, o, n, j, lanes)
                         ),
                         Block::Q5_0 => by_rows_wide!(
                             rr,
                             $dot32,
-                            [4, false, false, false],
+                            [4, false, { if $p { NIB1 } else { BYTE } }, false],
                             (g, xq, r0, k, o, n, j, lanes)
                         ),
                         Block::Q4_1 => by_rows_wide!(
                             rr,
                             $dot32,
-                            [0, false, $p, false],
+                            [0, false, { if $p { NIB } else { BYTE } }, false],
                             (g, xq, r0, k, o, n, j, lanes)
                         ),
                         Block::Q5_1 => by_rows_wide!(
                             rr,
                             $dot32,
-                            [0, false, false, false],
+                            [0, false, { if $p { NIB1 } else { BYTE } }, false],
                             (g, xq, r0, k, o, n, j, lanes)
                         ),
                         Block::Q8_0 => by_rows_wide!(
                             rr,
                             $dot32,
-                            [0, true, false, $f],
+                            [0, true, BYTE, $f],
                             (g, xq, r0, k, o, n, j, lanes)
                         ),
-                        Block::Q6K => {
-                            by_rows_wide!(rr, $dotk, [true, false], (g, xq, r0, k, o, n, j, lanes))
-                        }
-                        Block::Q4K => {
-                            by_rows_wide!(rr, $dotk, [false, $p], (g, xq, r0, k, o, n, j, lanes))
-                        }
-                        Block::Q5K => {
-                            by_rows_wide!(rr, $dotk, [false, false], (g, xq, r0, k, o, n, j, lanes))
-                        }
+                        Block::Q6K => by_rows_wide!(
+                            rr,
+                            $dotk,
+                            [true, { if $p { NIB2 } else { BYTE } }],
+                            (g, xq, r0, k, o, n, j, lanes)
+                        ),
+                        Block::Q4K => by_rows_wide!(
+                            rr,
+                            $dotk,
+                            [false, { if $p { NIB } else { BYTE } }],
+                            (g, xq, r0, k, o, n, j, lanes)
+                        ),
+                        Block::Q5K => by_rows_wide!(
+                            rr,
+                            $dotk,
+                            [false, { if $p { NIB1 } else { BYTE } }],
+                            (g, xq, r0, k, o, n, j, lanes)
+                        ),
                     }
                 }
                 r0 += rr;
