@@ -267,8 +267,8 @@ impl SessionOptions {
 
 /// The memory plan of `program` as a session with `options` holds it: the compiled plan
 /// ([`kvc_compiler::MemoryPlan::of`]) with block matrices at their interleaved size where
-/// [`SessionOptions::weight_layout`] interleaves them (the file's size for 4-bit types,
-/// plus f32 scales in place of f16 ones).
+/// [`SessionOptions::weight_layout`] interleaves them (at most a third above the file's
+/// size; see [`quant::interleave`]).
 pub fn resident_plan(program: &Program, options: &SessionOptions) -> kvc_compiler::MemoryPlan {
     let mut plan = kvc_compiler::MemoryPlan::of(program);
     if options.weight_layout(program) == QuantLayout::Interleaved {
