@@ -650,19 +650,22 @@ unsafe fn panel_inter(isa: Isa, task: &Task, lay: Inter, x: &[f32], w: &[u8], j1
         out,
     } = *task;
     let nr = isa.panel_cols();
-    let mut row = Row::new(q, k);
+    let mut rows: Vec<Row> = (0..GROUP).map(|_| Row::new(q, k)).collect();
     let mut wide = vec![0.0f32; k];
     let mut panel = vec![0.0f32; nr * k];
     for (t, groups) in w.chunks(nr / GROUP * lay.bytes()).enumerate() {
         let jt = j0 + t * nr;
         let cols = (j1 - jt).min(nr);
         for c in 0..cols {
-            lay.row(
-                &groups[c / GROUP * lay.bytes()..][..lay.bytes()],
-                c % GROUP,
-                &mut row,
-            );
-            expand(isa, q, &row, &mut wide);
+            if c % GROUP == 0 {
+                group_rows(
+                    isa,
+                    lay,
+                    &groups[c / GROUP * lay.bytes()..][..lay.bytes()],
+                    &mut rows,
+                );
+            }
+            expand(isa, q, &rows[c % GROUP], &mut wide);
             for (i, &v) in wide.iter().enumerate() {
                 panel[i * nr + c] = v;
             }
@@ -674,6 +677,20 @@ unsafe fn panel_inter(isa: Isa, task: &Task, lay: Inter, x: &[f32], w: &[u8], j1
         }
         // SAFETY: columns jt..jt + cols lie in this task's; the caller's contract.
         unsafe { panel_product(isa, x, m, k, &panel, jt, cols, n, out) };
+    }
+}
+
+/// The eight rows of the interleaved group `g`, as [`unpack`] gives them.
+fn group_rows(isa: Isa, lay: Inter, g: &[u8], rows: &mut [Row]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2, FMA and F16C are available (every non-portable set has them).
+        Isa::Avx2 | Isa::Avx512 => unsafe { x86::group_rows(lay, g, rows) },
+        _ => {
+            for (t, row) in rows.iter_mut().enumerate() {
+                lay.row(g, t, row);
+            }
+        }
     }
 }
 
@@ -1266,7 +1283,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{
-        BYTE, Block, GROUP, Group, Inter, Isa, NIB, NIB1, NIB2, Row, Task, Xq, quantize_body,
+        BYTE, Block, GROUP, Group, Inter, Isa, NIB, NIB1, NIB2, Pack, Row, Task, Xq, quantize_body,
         row_bytes_q,
     };
 
@@ -1590,6 +1607,42 @@ mod x86 {
                             o.as_mut_ptr().add(32 * c).cast(),
                             _mm256_xor_si256(v, flip),
                         )
+                    };
+                }
+            }
+        }
+    }
+
+    /// `super::group_rows` in registers: each unit's chunks transposed back into rows.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn group_rows(lay: Inter, g: &[u8], rows: &mut [Row]) {
+        assert!(g.len() >= lay.bytes() && rows.len() == GROUP);
+        let unit = lay.q.unit();
+        let f = |at: usize| f32::from_le_bytes(g[at..at + 4].try_into().expect("4 bytes"));
+        let mins = lay.stride > lay.ub + 4 * GROUP;
+        for j in 0..lay.k / unit {
+            let at = j * lay.stride;
+            let p = g[at..at + lay.ub].as_ptr();
+            // SAFETY: the unit's `ub` value bytes lie in `g` (sliced above).
+            let w = unsafe {
+                match lay.pack {
+                    Pack::Byte => unit_chunks::<BYTE, false>(p),
+                    Pack::Nib => unit_chunks::<NIB, false>(p),
+                    Pack::Nib1 => unit_chunks::<NIB1, false>(p),
+                    Pack::Nib2 => chunks4::<NIB2>(p),
+                }
+            };
+            for (t, (v, row)) in transpose8(w).into_iter().zip(rows.iter_mut()).enumerate() {
+                let mut b = [0u8; 32];
+                // SAFETY: `b` holds 32 bytes.
+                unsafe { _mm256_storeu_si256(b.as_mut_ptr().cast(), v) };
+                row.u[j * unit..(j + 1) * unit].copy_from_slice(&b[..unit]);
+                row.ds[j] = f(at + lay.ub + 4 * t);
+                if unit == 32 {
+                    row.dm[j] = if mins {
+                        f(at + lay.ub + 4 * GROUP + 4 * t)
+                    } else {
+                        0.0
                     };
                 }
             }
