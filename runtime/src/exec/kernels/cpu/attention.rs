@@ -183,17 +183,15 @@ multiversion! {
         let mk = &x.mask[(bi * m + mh) * t * s..][..t * s];
         let (j0, j1) = (c * x.block, ((c + 1) * x.block).min(s));
         #[cfg(target_arch = "x86_64")]
-        if t == 1 && d.is_multiple_of(8) {
-            if let Some(isa) = x.fused {
-                let vis = &mk[j0..j1];
-                // SAFETY: as above; the rows of head h at columns j0..j1 are this task's.
-                let e: Vec<&mut [f32]> = (0..x.rows)
-                    .map(|r| unsafe { std::slice::from_raw_parts_mut(sc.at((h * x.rows + r) * s + j0), j1 - j0) })
-                    .collect();
-                // SAFETY: `isa` is available.
-                unsafe { fused::rows(isa, qh, &kh[j0 * d..j1 * d], &vh[j0 * d..j1 * d], vis, scale, e, bm, bs, bo) };
-                return;
-            }
+        if t == 1 && d.is_multiple_of(8) && let Some(isa) = x.fused {
+            let vis = &mk[j0..j1];
+            // SAFETY: as above; the rows of head h at columns j0..j1 are this task's.
+            let e: Vec<&mut [f32]> = (0..x.rows)
+                .map(|r| unsafe { std::slice::from_raw_parts_mut(sc.at((h * x.rows + r) * s + j0), j1 - j0) })
+                .collect();
+            // SAFETY: `isa` is available.
+            unsafe { fused::rows(isa, qh, &kh[j0 * d..j1 * d], &vh[j0 * d..j1 * d], vis, scale, e, bm, bs, bo) };
+            return;
         }
         for r in 0..x.rows {
             let qr = &qh[r * d..(r + 1) * d];
@@ -516,6 +514,8 @@ mod fused {
         // SAFETY: slot j's columns c0..c0 + 8W are in bounds; so are o's rows.
         unsafe {
             let mut acc = [[_mm256_setzero_ps(); W]; R];
+            // Slot j's weight in each row (`w` is `R` rows, not slots).
+            #[allow(clippy::needless_range_loop)]
             for j in 0..n {
                 let wj: [f32; R] = std::array::from_fn(|r| w[r][j]);
                 if wj.iter().all(|&x| x == 0.0) {

@@ -1584,11 +1584,11 @@ mod x86 {
                     ds.fill(0.0);
                     dm.fill(0.0);
                 }
-                for u in 0..upb {
-                    g.d[GROUP * (b * upb + u) + t] = ds[u];
+                for (u, &v) in ds[..upb].iter().enumerate() {
+                    g.d[GROUP * (b * upb + u) + t] = v;
                 }
-                for sub in 0..subs {
-                    g.m[GROUP * (b * subs + sub) + t] = dm[sub];
+                for (sub, &v) in dm[..subs].iter().enumerate() {
+                    g.m[GROUP * (b * subs + sub) + t] = v;
                 }
             }
             for sub in 0..subs {
