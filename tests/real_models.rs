@@ -33,6 +33,13 @@ use serde::Deserialize;
 /// with f32 weights (the issue asks for 2e-2; measured 2026-12-02: at most 3e-5).
 const TOLERANCE: f64 = 1e-3;
 
+/// |Δ| allowed on the log-sum-exp with native weights where llama.cpp's own Q4_K_M run
+/// stays closer to f32. Measured 2026-12-02 with the f32 cache: 0.19 (Qwen prompt 0;
+/// llama.cpp 0.087) and 0.28 (Gemma prompt 0; llama.cpp 0.24); with the specs' f16 cache
+/// 0.13 and 0.37 — the int8 kernels move the tail of the distribution more than
+/// llama.cpp's do; NOTES.md tracks it.
+const NATIVE_LSE_BOUND: f64 = 0.45;
+
 #[derive(Deserialize)]
 struct Fixture {
     prompts: Vec<PromptRef>,
@@ -195,13 +202,7 @@ fn logits_match_the_reference(m: &Real, weights: Weights) {
             Weights::F32 => (TOLERANCE, TOLERANCE, TOLERANCE),
             Weights::Native => (
                 r.q4km_vs_f32_max_abs_diff_all_positions,
-                // The issue's bound on logits, which bounds their log-sum-exp too. A
-                // tighter one (0.45, from one measured 0.37) sat inside the noise of the
-                // int8 activation rounding: on Gemma, scaling every attention score by
-                // 1 ± 1e-7 to 3e-7 moves prompt 0's log-sum-exp difference over
-                // 0.30–0.52 and prompt 1's over 0.84–1.15 (measured 2026-12-02).
-                r.q4km_vs_f32_logsumexp_max_abs_diff
-                    .max(r.q4km_vs_f32_max_abs_diff_all_positions),
+                r.q4km_vs_f32_logsumexp_max_abs_diff.max(NATIVE_LSE_BOUND),
                 r.q4km_vs_f32_max_abs_diff,
             ),
         };
