@@ -414,20 +414,21 @@ pub fn ir_dtype(ty: GgmlType) -> DType {
     }
 }
 
+/// The GGUF block types kept as blocks (each its own IR storage type, [`ir_dtype`]).
+pub const BLOCK_TYPES: [GgmlType; 8] = [
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+];
+
 /// The GGUF block type of an IR block storage type (`None` for f32 and f16).
 pub fn ggml_block_type(d: DType) -> Option<GgmlType> {
-    [
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q5_0,
-        GgmlType::Q5_1,
-        GgmlType::Q8_0,
-        GgmlType::Q4_K,
-        GgmlType::Q5_K,
-        GgmlType::Q6_K,
-    ]
-    .into_iter()
-    .find(|&t| ir_dtype(t) == d)
+    BLOCK_TYPES.into_iter().find(|&t| ir_dtype(t) == d)
 }
 
 /// The storage a GGUF file offers each parameter, by Hugging Face name: what a spec with
@@ -779,16 +780,7 @@ mod tests {
     /// The IR's block table (the compiler cannot see the reader's) agrees with GGUF's.
     #[test]
     fn ir_block_types_have_the_file_block_sizes() {
-        for ty in [
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-            GgmlType::Q5_0,
-            GgmlType::Q5_1,
-            GgmlType::Q8_0,
-            GgmlType::Q4_K,
-            GgmlType::Q5_K,
-            GgmlType::Q6_K,
-        ] {
+        for ty in BLOCK_TYPES {
             let (values, bytes) = ir_dtype(ty).block().expect("a block type");
             assert_eq!(
                 (values as u64, bytes as u64),

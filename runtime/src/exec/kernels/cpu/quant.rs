@@ -2758,16 +2758,7 @@ mod tests {
     use crate::exec::kernels::cpu::test_values as values;
     use crate::load::gguf::dequantize;
 
-    const TYPES: [GgmlType; 8] = [
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q5_0,
-        GgmlType::Q5_1,
-        GgmlType::Q8_0,
-        GgmlType::Q4_K,
-        GgmlType::Q5_K,
-        GgmlType::Q6_K,
-    ];
+    use crate::load::weights::BLOCK_TYPES as TYPES;
 
     /// `n` rows of `k` values of type `ty`: random bytes with every f16 scale and minimum
     /// replaced by a finite value in ±0.02.
