@@ -949,6 +949,41 @@ mod tests {
         all
     }
 
+    /// The fused form without and with the fused decode path on every instruction set
+    /// here: within 1e-5 of the float64 `want`, and the fused path exactly the generic
+    /// path's bits.
+    #[allow(clippy::too_many_arguments)]
+    fn fused_forms_match<E: KvElem>(
+        q: &[f32],
+        k: &[E],
+        v: &[E],
+        mask: &[u8],
+        x: Dims,
+        want: &[f64],
+        what: &str,
+    ) {
+        let mut out = vec![f32::NAN; q.len()];
+        let mut generic: Vec<u32> = vec![];
+        for isa in isas() {
+            attention_on(isa, q, k, v, mask, x, &mut out);
+            for (i, (&a, &e)) in out.iter().zip(want).enumerate() {
+                assert!(
+                    (a as f64 - e).abs() < 1e-5,
+                    "{x:?} {isa:?} {what} out[{i}]: {a} vs {e}"
+                );
+            }
+            let bits: Vec<u32> = out.iter().map(|a| a.to_bits()).collect();
+            if isa.is_none() {
+                generic = bits;
+            } else {
+                assert!(
+                    bits == generic,
+                    "{x:?} {isa:?} {what}: not the generic path's bits"
+                );
+            }
+        }
+    }
+
     /// Decode and small-chunk shapes, shared and per-head masks, hidden slots everywhere
     /// (including a row that sees nothing), more slots than one block, and head widths
     /// that are and are not whole chunks and tiles.
@@ -1050,27 +1085,7 @@ mod tests {
             // Row 0's first query sees nothing.
             mask[..x.s].fill(0);
             let (want, want_p) = reference(&q, &k, &v, &mask, x);
-            let mut out = vec![f32::NAN; q.len()];
-            let mut generic: Vec<u32> = vec![];
-            for isa in isas() {
-                attention_on(isa, &q, &k, &v, &mask, x, &mut out);
-                for (i, (&a, &e)) in out.iter().zip(&want).enumerate() {
-                    assert!(
-                        (a as f64 - e).abs() < 1e-5,
-                        "{x:?} {isa:?} out[{i}]: {a} vs {e}"
-                    );
-                }
-                // The fused path computes exactly what the generic one does.
-                let bits: Vec<u32> = out.iter().map(|a| a.to_bits()).collect();
-                if isa.is_none() {
-                    generic = bits;
-                } else {
-                    assert!(
-                        bits == generic,
-                        "{x:?} {isa:?}: not the generic path's bits"
-                    );
-                }
-            }
+            fused_forms_match(&q, &k, &v, &mask, x, &want, "f32");
             // The split form: probabilities alone, then probs · v.
             let mut alone = vec![f32::NAN; x.b * x.hkv * g * x.t * x.s];
             super::probs(&q, &k, &mask, x, &mut alone);
@@ -1098,25 +1113,7 @@ mod tests {
                     "{x:?} f16 split[{i}]: {sp} vs {e}"
                 );
             }
-            let mut generic: Vec<u32> = vec![];
-            for isa in isas() {
-                attention_on(isa, &q, &kh, &vh, &mask, x, &mut out);
-                for (i, (&a, &e)) in out.iter().zip(&want).enumerate() {
-                    assert!(
-                        (a as f64 - e).abs() < 1e-5,
-                        "{x:?} {isa:?} f16 out[{i}]: {a} vs {e}"
-                    );
-                }
-                let bits: Vec<u32> = out.iter().map(|a| a.to_bits()).collect();
-                if isa.is_none() {
-                    generic = bits;
-                } else {
-                    assert!(
-                        bits == generic,
-                        "{x:?} {isa:?} f16: not the generic path's bits"
-                    );
-                }
-            }
+            fused_forms_match(&q, &kh, &vh, &mask, x, &want, "f16");
             for (i, (&a, &e)) in alone.iter().zip(&want_p).enumerate() {
                 assert!(
                     (a as f64 - e).abs() < 1e-6,
