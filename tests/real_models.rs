@@ -36,8 +36,11 @@ const TOLERANCE: f64 = 1e-3;
 /// |Δ| allowed on the log-sum-exp with native weights where llama.cpp's own Q4_K_M run
 /// stays closer to f32. Measured 2026-12-02 with the f32 cache: 0.19 (Qwen prompt 0;
 /// llama.cpp 0.087) and 0.28 (Gemma prompt 0; llama.cpp 0.24); with the specs' f16 cache
-/// 0.13 and 0.37 — the int8 kernels move the tail of the distribution more than
-/// llama.cpp's do; NOTES.md tracks it.
+/// 0.13 and 0.37 — the int8 kernels then took one activation scale per 256 values for
+/// the k-quants, as llama.cpp does. With one per 32 (2026-12-03, f16 cache, AVX-512 /
+/// AVX2 kernels): Qwen 0.07 / 0.09 and 0.11 / 0.14 (llama.cpp 0.087 and 0.37), Gemma
+/// 0.17 / 0.22 and 0.27 / 0.41 (llama.cpp 0.24 and 1.05). Ulp-level changes move these
+/// by up to ±0.1 (NOTES.md), so the bound keeps that margin.
 const NATIVE_LSE_BOUND: f64 = 0.45;
 
 #[derive(Deserialize)]
@@ -232,12 +235,14 @@ fn logits_match_the_reference(m: &Real, weights: Weights) {
         );
         // Native: top-1 equal at ≥ 99% of positions, or at least as often as llama.cpp's
         // own run of the Q4_K_M file agrees with its f32 run (85.7% on Qwen prompt 0, whose
-        // position 3 has a reference margin of 0.007).
+        // position 3 has a reference margin of 0.007). The agreement is a count over the
+        // positions, recovered by rounding (Gemma prompt 1: 0.9 of 20 is 2 misses, which
+        // `floor` would make 1).
         let allowed_misses = match weights {
             Weights::F32 => 0,
             Weights::Native => {
                 let llama = (1.0 - r.q4km_top1_agreement) * scored.len() as f64;
-                (scored.len() / 100).max(llama.floor() as usize)
+                (scored.len() / 100).max(llama.round() as usize)
             }
         };
         assert!(top1_misses <= allowed_misses, "{} prompt {i}", m.name);

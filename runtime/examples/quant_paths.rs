@@ -3,6 +3,7 @@
 //! Paths run in turn call after call, so that a shared machine's load shifts all of them
 //! alike (criterion's runs of one path after another do not). The `stream` shapes cycle
 //! through 32 matrices (≈ 100 MB), too large for the caches, as a decode step does.
+//! Row counts above `quant::DECODE_ROWS` (prefill) compare int8 with the f32 panels.
 //!
 //! `cargo run --release -p kvc-runtime --example quant_paths [-- M,M.. [REPS]]`
 #[path = "../benches/support/quant_matrix.rs"]
@@ -40,6 +41,8 @@ fn main() {
         ("qwen-down-q4k", GgmlType::Q4_K, 4864, 896, 1),
         ("qwen-down-q6k", GgmlType::Q6_K, 4864, 896, 1),
         ("qwen-head", GgmlType::Q8_0, 896, 151936, 1),
+        ("gemma-up", GgmlType::Q5_0, 640, 2048, 1),
+        ("gemma-o-q4k", GgmlType::Q4_K, 1024, 640, 1),
         ("stream-qwen-up", GgmlType::Q5_0, 896, 4864, 32),
         ("stream-qwen-down-q4k", GgmlType::Q4_K, 4864, 896, 32),
     ];
@@ -62,8 +65,19 @@ fn main() {
         for &m in &ms {
             let x = Rc::new(values(m * k, 1));
             let mut runs: Vec<(String, usize, Run)> = Vec::new();
+            // Prefill widths (more than `quant::DECODE_ROWS`) compare int8 with the f32
+            // panels; LM heads multiply one row at prefill and are skipped there.
+            let prefill = m > quant::DECODE_ROWS;
+            if prefill && name.ends_with("head") {
+                continue;
+            }
+            let methods = if prefill {
+                [Method::Int8, Method::Panel]
+            } else {
+                [Method::Int8, Method::Dequant]
+            };
             for &isa in &isas {
-                for method in [Method::Int8, Method::Dequant] {
+                for method in methods {
                     let (ws, x) = (ws.clone(), x.clone());
                     let mut i = 0;
                     let run: Run = Box::new(move |out: &mut [f32]| {

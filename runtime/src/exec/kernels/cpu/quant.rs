@@ -8,8 +8,9 @@
 //!   the f32 activations (the f32 product with the dequantized weights, up to rounding
 //!   order);
 //! - [`Method::Int8`]: quantizes the activation rows once per call to int8 (one scale per
-//!   32 values, per 256 for k-quants) and takes integer dot products (VNNI `vpdpbusd`, or
-//!   AVX2 `maddubs`), applying the block scales in f32. Up to four rows, each block is
+//!   32 values, for every type: the k-quants' sub-blocks too, where llama.cpp takes one
+//!   per 256) and takes integer dot products (VNNI `vpdpbusd`, or AVX2 `maddubs`),
+//!   applying the block scales in f32. Up to four rows, each block is
 //!   unpacked in registers and multiplied at once; more rows share groups of eight weight
 //!   rows interleaved four bytes at a time, so that one vector of products holds one dot
 //!   product per weight row. The result is the f32 product of the weights with the
@@ -17,11 +18,13 @@
 //!   block `b`, so the error is at most `Σ_b max|x_b| / 254 · Σ_{i ∈ b} |w_i|` (plus f32
 //!   rounding);
 //! - [`Method::Panel`]: widens 16 or 32 rows to f32, transposes them into a panel and runs
-//!   a register-blocked f32 kernel over all activation rows (the prefill GEMM; no f32
-//!   copy of the whole matrix).
+//!   a register-blocked f32 kernel over all activation rows (a GEMM; no f32 copy of the
+//!   whole matrix).
 //!
-//! [`qmatmul_t`] runs `Int8` up to [`DECODE_ROWS`] rows (faster than `Dequant` for every
-//! type and shape measured, see docs/performance.md) and `Panel` above.
+//! With AVX2 or AVX-512, [`qmatmul_t`] runs `Int8` at every row count: faster than
+//! `Dequant` for every type and shape measured at decode widths, and than `Panel` at
+//! prefill widths (1.0–2.1× at 512 rows; docs/performance.md). Portable code runs `Int8`
+//! for one row, `Dequant` up to [`DECODE_ROWS`] and `Panel` above.
 //!
 //! Work is split over rayon tasks by blocks of weight rows; each weight byte is read once
 //! per call. Kernels for AVX-512 (F, BW, VL and VNNI), AVX2 (with FMA and F16C) or
@@ -35,8 +38,8 @@ use rayon::prelude::*;
 use super::SendPtr;
 use crate::load::gguf::GgmlType;
 
-/// Activation rows up to which [`qmatmul_t`] runs the decode kernels; larger products run
-/// the panel GEMM.
+/// Activation rows up to which portable code runs the decode kernels; larger products run
+/// the panel GEMM there.
 pub const DECODE_ROWS: usize = 16;
 
 /// Weight rows per parallel decode task at least.
@@ -131,12 +134,12 @@ pub fn qmatmul_t(x: &[f32], m: usize, k: usize, w: &[u8], ty: GgmlType, n: usize
     qmatmul_t_with(path, x, m, k, w, ty, n, out);
 }
 
-/// The method for `m` rows, chosen by the `quant` benchmarks in `benches/ops.rs` (see
-/// docs/performance.md): with SIMD kernels `Int8` beats `Dequant` for every type at 1
-/// and 16 rows; the portable integer loop wins at one row only.
+/// The method for `m` rows, chosen by the `quant_paths` example (see docs/performance.md):
+/// with SIMD kernels `Int8` beats `Dequant` for every type at 1 and 16 rows and `Panel` at
+/// 512; the portable integer loop wins at one row only.
 fn method(isa: Isa, m: usize) -> Method {
     match (isa, m) {
-        (_, m) if m > DECODE_ROWS => Method::Panel,
+        (Isa::Portable, m) if m > DECODE_ROWS => Method::Panel,
         (Isa::Portable, m) if m > 1 => Method::Dequant,
         _ => Method::Int8,
     }
@@ -289,7 +292,7 @@ pub fn qmatmul_t_with(
         .max(MIN_TASK_ROWS)
         .next_multiple_of(unit);
     let tasks = n.div_ceil(rows);
-    let xq = (path.method == Method::Int8).then(|| quantize(isa, x, m, k, q.block()));
+    let xq = (path.method == Method::Int8).then(|| quantize(isa, x, m, k));
     let out = SendPtr(out.as_mut_ptr());
     let run = |t: usize| {
         let j0 = t * rows;
@@ -593,17 +596,12 @@ fn qmatmul_t_interleaved_with(
         return;
     }
     let threads = rayon::current_num_threads().max(1);
-    let unit = if m > DECODE_ROWS {
-        isa.panel_cols()
-    } else {
-        GROUP
-    };
     let rows = n
         .div_ceil(4 * threads)
         .max(MIN_TASK_ROWS)
-        .next_multiple_of(unit);
+        .next_multiple_of(GROUP);
     let tasks = n.div_ceil(rows);
-    let xq = (m <= DECODE_ROWS).then(|| quantize(isa, x, m, k, q.block()));
+    let xq = quantize(isa, x, m, k);
     let out = SendPtr(out.as_mut_ptr());
     let run = |t: usize| {
         let j0 = t * rows;
@@ -620,12 +618,13 @@ fn qmatmul_t_interleaved_with(
         // SAFETY: tasks write the disjoint columns j0..j1 of `out` (m · n floats, alive
         // for the whole loop); `interleaving()` gives the instruction set.
         unsafe {
-            match (&xq, isa) {
+            match isa {
                 #[cfg(target_arch = "x86_64")]
-                (Some(xq), Isa::Avx512) => x86::inter_avx512(&task, lay, xq, ws, j1),
+                Isa::Avx512 => x86::inter_avx512(&task, lay, &xq, ws, j1),
                 #[cfg(target_arch = "x86_64")]
-                (Some(xq), _) => x86::inter_avx2(&task, lay, xq, ws, j1),
-                _ => panel_inter(isa, &task, lay, x, ws, j1),
+                _ => x86::inter_avx2(&task, lay, &xq, ws, j1),
+                #[cfg(not(target_arch = "x86_64"))]
+                _ => unreachable!("{isa:?} does not read interleaved weights"),
             }
         }
     };
@@ -633,64 +632,6 @@ fn qmatmul_t_interleaved_with(
         run(0);
     } else {
         (0..tasks).into_par_iter().for_each(run);
-    }
-}
-
-/// [`panel_task`] on interleaved weights `w` (whole groups) for columns `j0..j1`.
-///
-/// # Safety
-/// As [`int8_task`].
-unsafe fn panel_inter(isa: Isa, task: &Task, lay: Inter, x: &[f32], w: &[u8], j1: usize) {
-    let Task {
-        q,
-        m,
-        k,
-        j0,
-        n,
-        out,
-    } = *task;
-    let nr = isa.panel_cols();
-    let mut rows: Vec<Row> = (0..GROUP).map(|_| Row::new(q, k)).collect();
-    let mut wide = vec![0.0f32; k];
-    let mut panel = vec![0.0f32; nr * k];
-    for (t, groups) in w.chunks(nr / GROUP * lay.bytes()).enumerate() {
-        let jt = j0 + t * nr;
-        let cols = (j1 - jt).min(nr);
-        for c in 0..cols {
-            if c % GROUP == 0 {
-                group_rows(
-                    isa,
-                    lay,
-                    &groups[c / GROUP * lay.bytes()..][..lay.bytes()],
-                    &mut rows,
-                );
-            }
-            expand(isa, q, &rows[c % GROUP], &mut wide);
-            for (i, &v) in wide.iter().enumerate() {
-                panel[i * nr + c] = v;
-            }
-        }
-        for c in cols..nr {
-            for i in 0..k {
-                panel[i * nr + c] = 0.0;
-            }
-        }
-        // SAFETY: columns jt..jt + cols lie in this task's; the caller's contract.
-        unsafe { panel_product(isa, x, m, k, &panel, jt, cols, n, out) };
-    }
-}
-
-/// The eight rows of the interleaved group `g`, as [`unpack`] gives them.
-fn group_rows(isa: Isa, lay: Inter, g: &[u8], rows: &mut [Row]) {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: AVX2, FMA and F16C are available (every non-portable set has them).
-        Isa::Avx2 | Isa::Avx512 => unsafe { x86::group_rows(lay, g, rows) },
-        _ => {
-            for (t, row) in rows.iter_mut().enumerate() {
-                lay.row(g, t, row);
-            }
-        }
     }
 }
 
@@ -818,8 +759,11 @@ impl Group {
     }
 }
 
-/// Activation rows quantized per block to int8: `x[r, i] ≈ d[r, b] · q[r, i]` with
-/// `d = max |x| / 127` over the block (32 values, 256 for k-quants).
+/// Activation rows quantized per block of 32 values to int8: `x[r, i] ≈ d[r, b] · q[r, i]`
+/// with `d = max |x| / 127` over the block. One scale per 32 values for the k-quants as
+/// well (llama.cpp's Q8_K takes one per 256): their sub-blocks have f32 scales anyway, and
+/// the finer rounding keeps the logits of Qwen's and Gemma's Q4_K_M files closer to f32
+/// than llama.cpp's own run (tests/real_models.rs).
 struct Xq {
     q: Vec<i8>,
     d: Vec<f32>,
@@ -831,12 +775,12 @@ struct Xq {
     bs: Vec<i16>,
 }
 
-/// Quantizes `x` `[m, k]` in blocks of `qb` values. Every instruction set runs the same
+/// Quantizes `x` `[m, k]` in blocks of 32 values. Every instruction set runs the same
 /// operations, so all produce the same `Xq`.
-fn quantize(isa: Isa, x: &[f32], m: usize, k: usize, qb: usize) -> Xq {
+fn quantize(isa: Isa, x: &[f32], m: usize, k: usize) -> Xq {
     let mut xq = Xq {
         q: vec![0; m * k],
-        d: vec![0.0; m * k / qb],
+        d: vec![0.0; m * k / 32],
         s: vec![0.0; m * k / 32],
         s32: vec![0; m * k / 32],
         bs: vec![0; m * k / 16],
@@ -845,20 +789,20 @@ fn quantize(isa: Isa, x: &[f32], m: usize, k: usize, qb: usize) -> Xq {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 | Isa::Avx512 => {
             // SAFETY: AVX2 and FMA are available (checked by the caller).
-            unsafe { x86::quantize_avx2(x, qb, &mut xq) }
+            unsafe { x86::quantize_avx2(x, &mut xq) }
         }
-        _ => quantize_body(x, qb, &mut xq),
+        _ => quantize_body(x, &mut xq),
     }
     xq
 }
 
 #[inline(always)]
-fn quantize_body(x: &[f32], qb: usize, xq: &mut Xq) {
+fn quantize_body(x: &[f32], xq: &mut Xq) {
     // Rounds to nearest, ties to even, for |v| < 2^22.
     const ROUND: f32 = 12_582_912.0;
     for ((xb, qo), d) in x
-        .chunks_exact(qb)
-        .zip(xq.q.chunks_exact_mut(qb))
+        .chunks_exact(32)
+        .zip(xq.q.chunks_exact_mut(32))
         .zip(xq.d.iter_mut())
     {
         let amax = xb
@@ -878,9 +822,8 @@ fn quantize_body(x: &[f32], qb: usize, xq: &mut Xq) {
     for (bs, c) in xq.bs.iter_mut().zip(xq.q.chunks_exact(16)) {
         *bs = sum(c) as i16;
     }
-    let per = qb / 32;
-    for (i, (s, &c)) in xq.s.iter_mut().zip(&xq.s32).enumerate() {
-        *s = xq.d[i / per] * c as f32;
+    for ((s, &c), &d) in xq.s.iter_mut().zip(&xq.s32).zip(&xq.d) {
+        *s = d * c as f32;
     }
 }
 
@@ -1249,18 +1192,18 @@ fn dot_portable(q: Block, row: &Row, xq: &Xq, r: usize, k: usize) -> f32 {
     if q.is_k() {
         let unit = q.unit();
         let units = 256 / unit;
-        for (sb, &dx) in xq.d[r * k / 256..(r + 1) * k / 256].iter().enumerate() {
-            let mut asb = 0.0f32;
+        for sb in 0..k / 256 {
             for j in sb * units..(sb + 1) * units {
                 if q == Block::Q6K {
+                    let dx = xq.d[k32 + j / 2];
                     let isum = idot(16 * j, 16, false) - 32 * i32::from(xq.bs[k16 + j]);
-                    asb += isum as f32 * row.ds[j];
+                    acc += isum as f32 * (row.ds[j] * dx);
                 } else {
-                    asb += idot(32 * j, 32, false) as f32 * row.ds[j];
+                    let dx = xq.d[k32 + j];
+                    acc += idot(32 * j, 32, false) as f32 * (row.ds[j] * dx);
                     acc -= row.dm[j] * xq.s[k32 + j];
                 }
             }
-            acc += asb * dx;
         }
     } else {
         for (b, &dx) in xq.d[k32..k32 + k / 32].iter().enumerate() {
@@ -1283,13 +1226,13 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{
-        BYTE, Block, GROUP, Group, Inter, Isa, NIB, NIB1, NIB2, Pack, Row, Task, Xq, quantize_body,
+        BYTE, Block, GROUP, Group, Inter, Isa, NIB, NIB1, NIB2, Row, Task, Xq, quantize_body,
         row_bytes_q,
     };
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn quantize_avx2(x: &[f32], qb: usize, xq: &mut Xq) {
-        quantize_body(x, qb, xq)
+    pub(super) fn quantize_avx2(x: &[f32], xq: &mut Xq) {
+        quantize_body(x, xq)
     }
 
     /// The f16 at `p`, widened.
@@ -1613,42 +1556,6 @@ mod x86 {
         }
     }
 
-    /// `super::group_rows` in registers: each unit's chunks transposed back into rows.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn group_rows(lay: Inter, g: &[u8], rows: &mut [Row]) {
-        assert!(g.len() >= lay.bytes() && rows.len() == GROUP);
-        let unit = lay.q.unit();
-        let f = |at: usize| f32::from_le_bytes(g[at..at + 4].try_into().expect("4 bytes"));
-        let mins = lay.stride > lay.ub + 4 * GROUP;
-        for j in 0..lay.k / unit {
-            let at = j * lay.stride;
-            let p = g[at..at + lay.ub].as_ptr();
-            // SAFETY: the unit's `ub` value bytes lie in `g` (sliced above).
-            let w = unsafe {
-                match lay.pack {
-                    Pack::Byte => unit_chunks::<BYTE, false>(p),
-                    Pack::Nib => unit_chunks::<NIB, false>(p),
-                    Pack::Nib1 => unit_chunks::<NIB1, false>(p),
-                    Pack::Nib2 => chunks4::<NIB2>(p),
-                }
-            };
-            for (t, (v, row)) in transpose8(w).into_iter().zip(rows.iter_mut()).enumerate() {
-                let mut b = [0u8; 32];
-                // SAFETY: `b` holds 32 bytes.
-                unsafe { _mm256_storeu_si256(b.as_mut_ptr().cast(), v) };
-                row.u[j * unit..(j + 1) * unit].copy_from_slice(&b[..unit]);
-                row.ds[j] = f(at + lay.ub + 4 * t);
-                if unit == 32 {
-                    row.dm[j] = if mins {
-                        f(at + lay.ub + 4 * GROUP + 4 * t)
-                    } else {
-                        0.0
-                    };
-                }
-            }
-        }
-    }
-
     /// Stores the first `lanes` floats of `v` at `o`.
     ///
     /// # Safety
@@ -1931,7 +1838,6 @@ mod x86 {
                 // 4c.. of rows r0 + r.
                 unsafe {
                     for sb in 0..k / 256 {
-                        let mut asb = [_mm256_setzero_ps(); R];
                         for s in 0..subs {
                             let unit = sb * subs + s;
                             let mut ai: [__m256i; R] = std::array::from_fn(|r| {
@@ -1957,8 +1863,11 @@ mod x86 {
                                 }
                             }
                             let dsc = _mm256_loadu_ps(gd.add(g.dstride * unit));
-                            for (a, ai) in asb.iter_mut().zip(ai) {
-                                *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai), dsc, *a);
+                            let u32_ = if Q6 { unit / 2 } else { unit };
+                            for (r, (a, ai)) in acc.iter_mut().zip(ai).enumerate() {
+                                let dx = xq.d[(r0 + r) * (k / 32) + u32_];
+                                let s = _mm256_mul_ps(dsc, _mm256_set1_ps(dx));
+                                *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai), s, *a);
                             }
                             if !Q6 {
                                 let dmn = _mm256_loadu_ps(gm.add(g.dstride * unit));
@@ -1967,10 +1876,6 @@ mod x86 {
                                     *a = _mm256_fnmadd_ps(dmn, _mm256_set1_ps(sx), *a);
                                 }
                             }
-                        }
-                        for (r, (a, s)) in acc.iter_mut().zip(asb).enumerate() {
-                            let dx = xq.d[(r0 + r) * (k / 256) + sb];
-                            *a = _mm256_fmadd_ps(s, _mm256_set1_ps(dx), *a);
                         }
                     }
                     for (r, a) in acc.into_iter().enumerate() {
@@ -2111,8 +2016,9 @@ mod x86 {
                 }
             }
 
-            /// As the 32-block fused kernel for k-quants: Q6_K (`Q6`) or Q4_K/Q5_K, with
-            /// integer sub-block scales.
+            /// As the 32-block fused kernel for k-quants: Q6_K (`Q6`) or Q4_K/Q5_K. The
+            /// integer sub-block scales multiply in i32; each 32-value sub-block's sum then
+            /// takes its activation scale in f32.
             ///
             /// # Safety
             /// As the 32-block fused kernel.
@@ -2133,7 +2039,7 @@ mod x86 {
                 let (nsb, bb) = (k / 256, q.bytes());
                 let scaled = $scaled;
                 let xr: [&[i8]; R] = std::array::from_fn(|r| &xq.q[(r0 + r) * k..][..k]);
-                let dx: [&[f32]; R] = std::array::from_fn(|r| &xq.d[(r0 + r) * nsb..][..nsb]);
+                let dx: [&[f32]; R] = std::array::from_fn(|r| &xq.d[(r0 + r) * k / 32..][..k / 32]);
                 let bs: [&[i16]; R] =
                     std::array::from_fn(|r| &xq.bs[(r0 + r) * k / 16..][..k / 16]);
                 for (j, wr) in w.chunks_exact(nsb * bb).enumerate() {
@@ -2174,7 +2080,6 @@ mod x86 {
                                 (f16_at(p), f16_at(p.add(2)), scv, corr16)
                             }
                         };
-                        let mut sumi = [_mm256_setzero_si256(); R];
                         for (sub, &sc) in scv.iter().enumerate() {
                             let col = column(blk, sub);
                             for r in 0..R {
@@ -2182,28 +2087,33 @@ mod x86 {
                                 // SAFETY: `xb` holds 32 bytes.
                                 let xv = unsafe { _mm256_loadu_si256(xb.as_ptr().cast()) };
                                 // Weights below 64: a pair sum is at most 2 · 63 · 127 < 2^15.
-                                sumi[r] = scaled(sumi[r], _mm256_maddubs_epi16(col, xv), sc);
+                                let si = scaled(
+                                    _mm256_setzero_si256(),
+                                    _mm256_maddubs_epi16(col, xv),
+                                    sc,
+                                );
+                                let s = _mm256_set1_ps(d * dx[r][8 * sb + sub]);
+                                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(si), s, acc[r]);
                             }
                         }
                         for r in 0..R {
                             let b16 = &bs[r][16 * sb..][..16];
-                            // SAFETY: `b16` holds 16 i16.
-                            let bsv = unsafe { _mm256_loadu_si256(b16.as_ptr().cast()) };
+                            // SAFETY: `b16` and the eight scales hold 16 i16 and 8 f32.
+                            let (bsv, dxv) = unsafe {
+                                (
+                                    _mm256_loadu_si256(b16.as_ptr().cast()),
+                                    _mm256_loadu_ps(dx[r][8 * sb..][..8].as_ptr()),
+                                )
+                            };
+                            // Lane i: the minimum or offset correction of sub-block i.
                             let corr = _mm256_madd_epi16(bsv, corr16);
-                            let dxv = dx[r][sb];
-                            if Q6 {
-                                let s = _mm256_sub_epi32(sumi[r], _mm256_slli_epi32(corr, 5));
-                                acc[r] = _mm256_fmadd_ps(
-                                    _mm256_cvtepi32_ps(s),
-                                    _mm256_set1_ps(d * dxv),
-                                    acc[r],
-                                );
+                            let (c, m) = if Q6 {
+                                (_mm256_slli_epi32(corr, 5), d)
                             } else {
-                                let s = _mm256_cvtepi32_ps(sumi[r]);
-                                acc[r] = _mm256_fmadd_ps(s, _mm256_set1_ps(d * dxv), acc[r]);
-                                let c = _mm256_cvtepi32_ps(corr);
-                                acc[r] = _mm256_fnmadd_ps(c, _mm256_set1_ps(dmin * dxv), acc[r]);
-                            }
+                                (corr, dmin)
+                            };
+                            let s = _mm256_mul_ps(dxv, _mm256_set1_ps(m));
+                            acc[r] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(c), s, acc[r]);
                         }
                     }
                     for r in 0..R {
@@ -2788,20 +2698,13 @@ mod tests {
 
     /// Per output: the float64 product with the dequantized weights, `Σ |x · w|`, and the
     /// int8 bound `Σ_b (max_b |x| / 254) · Σ_{i ∈ b} |w_i|` over activation blocks `b` of
-    /// `qb` values (rounding `x / d`, `d = max |x| / 127`, moves each value by ≤ d / 2).
-    fn reference(
-        x: &[f32],
-        m: usize,
-        k: usize,
-        wf: &[f32],
-        n: usize,
-        qb: usize,
-    ) -> Vec<(f64, f64, f64)> {
+    /// 32 values (rounding `x / d`, `d = max |x| / 127`, moves each value by ≤ d / 2).
+    fn reference(x: &[f32], m: usize, k: usize, wf: &[f32], n: usize) -> Vec<(f64, f64, f64)> {
         let mut out = Vec::with_capacity(m * n);
         for xr in x.chunks_exact(k) {
             for wr in wf.chunks_exact(k) {
                 let (mut e, mut a, mut bound) = (0.0f64, 0.0f64, 0.0f64);
-                for (xb, wb) in xr.chunks_exact(qb).zip(wr.chunks_exact(qb)) {
+                for (xb, wb) in xr.chunks_exact(32).zip(wr.chunks_exact(32)) {
                     let amax = xb.iter().fold(0.0f64, |a, &v| a.max(f64::from(v).abs()));
                     let mut wabs = 0.0;
                     for (&xv, &wv) in xb.iter().zip(wb) {
@@ -2870,7 +2773,7 @@ mod tests {
                     let x = values(m * k, seed);
                     let w = random_matrix(ty, k, n, seed + 2);
                     let wf = dequantize(ty, &w).unwrap();
-                    let want = reference(&x, m, k, &wf, n, q.block());
+                    let want = reference(&x, m, k, &wf, n);
                     let mut portable: Vec<(Method, Vec<f32>)> = Vec::new();
                     for path in paths() {
                         let got = run(path, &x, m, k, &w, ty, n);
@@ -2905,8 +2808,8 @@ mod tests {
     }
 
     /// Interleaved weights read back as `dequantize`'s values, and multiply exactly as
-    /// the file's blocks do from 5 rows on (the same group kernels on the same bytes, and
-    /// the same panels); below that the fused kernels add in another order, so those are
+    /// the file's blocks do from 5 rows on (the same group kernels on the same bytes, at
+    /// decode and prefill widths); below that the fused kernels add in another order, so those are
     /// held to the float64 reference's int8 bound. Odd row counts leave partial groups.
     #[test]
     fn interleaved_weights_multiply_like_the_files_blocks() {
@@ -2946,7 +2849,7 @@ mod tests {
                             );
                         }
                     }
-                    let want = reference(&x, m, k, &wf, n, q.block());
+                    let want = reference(&x, m, k, &wf, n);
                     for isa in [Isa::Avx2, Isa::Avx512] {
                         if !isa.available() {
                             continue;
@@ -3021,7 +2924,7 @@ mod tests {
             }
             let w = random_matrix(ty, k, n, 10);
             let wf = dequantize(ty, &w).unwrap();
-            let want = reference(&x, m, k, &wf, n, q.block());
+            let want = reference(&x, m, k, &wf, n);
             for path in paths() {
                 let got = run(path, &x, m, k, &w, ty, n);
                 for (i, (&g, &(e, a, b))) in got.iter().zip(&want).enumerate() {
@@ -3046,7 +2949,7 @@ mod tests {
             ] {
                 let x = values(m * k, 3);
                 let w = random_matrix(ty, k, n, 4);
-                let want = reference(&x, m, k, &dequantize(ty, &w).unwrap(), n, q.block());
+                let want = reference(&x, m, k, &dequantize(ty, &w).unwrap(), n);
                 let mut got = vec![f32::NAN; m * n];
                 qmatmul_t(&x, m, k, &w, ty, n, &mut got);
                 for (&g, &(e, a, b)) in got.iter().zip(&want) {
