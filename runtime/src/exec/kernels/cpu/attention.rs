@@ -553,6 +553,271 @@ mod fused {
     }
 }
 
+/// Query positions per task of [`chunk`]: the `g` query heads at these positions share
+/// every widened tile of keys and values.
+const CHUNK_POSITIONS: usize = 16;
+
+/// Slots per tile of [`chunk`].
+const TILE_SLOTS: usize = 64;
+
+/// Slot columns of the score micro-tile (two query rows by this many slots).
+const SCORE_COLS: usize = 32;
+
+/// Output columns of the `probs · v` micro-tile (two query rows by this many columns).
+const VALUE_COLS: usize = 64;
+
+/// [`attention`] for a long chunk of query positions (prefill), flash-style: one task per
+/// (row, KV head, [`CHUNK_POSITIONS`] positions) holds the `g · positions` query rows of
+/// that KV head and walks the slots any of them sees in tiles of [`TILE_SLOTS`], widened
+/// once per tile (keys transposed). Each tile's scores are a register-blocked product,
+/// the softmax is kept online (a running maximum and sum per row, earlier output rescaled
+/// when the maximum grows), and `probs · v` is added in register tiles; the `[T, S]`
+/// probabilities are never stored. Tiles that none of the task's positions sees (a causal
+/// chunk's future, a budgeted cache's free slots) are not read. Rows that see nothing get
+/// zero output.
+///
+/// # Panics
+/// If a slice length disagrees with `dims`.
+pub fn chunk<E: KvElem>(q: &[f32], k: &[E], v: &[E], mask: &[u8], dims: Dims, out: &mut [f32]) {
+    let Dims {
+        b,
+        hq,
+        hkv,
+        t,
+        s,
+        d,
+        m,
+        ..
+    } = dims;
+    assert_eq!(q.len(), b * hq * t * d, "q is not [B, Hq, T, D]");
+    assert_eq!(k.len(), b * hkv * s * d, "k is not [B, Hkv, S, D]");
+    assert_eq!(v.len(), k.len(), "v is not [B, Hkv, S, D]");
+    assert_eq!(mask.len(), b * m * t * s, "mask is not [B, M, T, S]");
+    assert_eq!(out.len(), q.len(), "out is not [B, Hq, T, D]");
+    if !E::supported() {
+        return chunk(q, &widened(k), &widened(v), mask, dims, out);
+    }
+    let blocks = t.div_ceil(CHUNK_POSITIONS);
+    let o = SendPtr(out.as_mut_ptr());
+    // SAFETY: task i writes only the output rows of its KV head's query heads at its
+    // positions.
+    (0..b * hkv * blocks)
+        .into_par_iter()
+        .for_each(|i| unsafe { chunk_task(q, k, v, mask, dims, i, o) });
+}
+
+/// Scratch of one [`chunk`] task.
+struct ChunkScratch {
+    /// Query rows `[R, D]`, row `r` = (head `r / positions`, position `r % positions`).
+    q: Vec<f32>,
+    /// Unnormalised output rows `[R, D]`.
+    o: Vec<f32>,
+    /// Running maximum and sum of `exp(score − max)` per row.
+    max: Vec<f32>,
+    sum: Vec<f32>,
+    /// A tile's keys, transposed: `[D, TILE_SLOTS]`.
+    kt: Vec<f32>,
+    /// A tile's values: `[TILE_SLOTS, D]`.
+    v: Vec<f32>,
+    /// A tile's scores, then weights: `[R, TILE_SLOTS]`.
+    p: Vec<f32>,
+}
+
+multiversion! {
+    /// Task `i` of [`chunk`].
+    ///
+    /// # Safety
+    /// `o` points to the `[B, Hq, T, D]` output; no other task writes this task's rows.
+    unsafe fn chunk_task<E: KvElem>(q: &[f32], k: &[E], v: &[E], mask: &[u8], x: Dims, i: usize, o: SendPtr<f32>) {
+        let Dims { scale, hq, hkv, t, s, d, m, .. } = x;
+        let g = hq / hkv;
+        let blocks = t.div_ceil(CHUNK_POSITIONS);
+        let (h, c) = (i / blocks, i % blocks);
+        let (bi, kvh) = (h / hkv, h % hkv);
+        let mh = if m == 1 { 0 } else { kvh };
+        let (p0, p1) = (c * CHUNK_POSITIONS, ((c + 1) * CHUNK_POSITIONS).min(t));
+        let np = p1 - p0;
+        let rows = g * np;
+        let mk = &mask[(bi * m + mh) * t * s..][..t * s];
+        let kh = &k[h * s * d..][..s * d];
+        let vh = &v[h * s * d..][..s * d];
+        let out_row = |r: usize| ((bi * hq + kvh * g + r / np) * t + p0 + r % np) * d;
+        // The slots any position sees.
+        let (mut lo, mut hi) = (s, 0);
+        for p in p0..p1 {
+            let row = &mk[p * s..][..s];
+            if let (Some(a), Some(z)) = (row.iter().position(|&v| v != 0), row.iter().rposition(|&v| v != 0)) {
+                lo = lo.min(a);
+                hi = hi.max(z + 1);
+            }
+        }
+        let mut w = ChunkScratch {
+            q: vec![0.0; rows * d],
+            o: vec![0.0; rows * d],
+            max: vec![f32::NEG_INFINITY; rows],
+            sum: vec![0.0; rows],
+            kt: vec![0.0; d * TILE_SLOTS],
+            v: vec![0.0; TILE_SLOTS * d],
+            p: vec![0.0; rows * TILE_SLOTS],
+        };
+        for hh in 0..g {
+            let src = &q[((bi * hq + kvh * g + hh) * t + p0) * d..][..np * d];
+            w.q[hh * np * d..][..np * d].copy_from_slice(src);
+        }
+        let mut j0 = lo;
+        while j0 < hi {
+            let j1 = (j0 + TILE_SLOTS).min(hi);
+            let n = j1 - j0;
+            if (p0..p1).all(|p| mk[p * s + j0..p * s + j1].iter().all(|&v| v == 0)) {
+                j0 = j1;
+                continue;
+            }
+            for j in 0..n {
+                let kr = &kh[(j0 + j) * d..][..d];
+                for (ii, &kv) in kr.iter().enumerate() {
+                    w.kt[ii * TILE_SLOTS + j] = kv.widen();
+                }
+                widen_row(&vh[(j0 + j) * d..][..d], &mut w.v[j * d..][..d]);
+            }
+            let mut r = 0;
+            while r < rows {
+                let pair = (rows - r).min(2);
+                for c0 in (0..TILE_SLOTS).step_by(SCORE_COLS) {
+                    if pair == 2 {
+                        score_tile::<2>(&w.q[r * d..][..2 * d], &w.kt, c0, scale, &mut w.p[r * TILE_SLOTS..][..2 * TILE_SLOTS]);
+                    } else {
+                        score_tile::<1>(&w.q[r * d..][..d], &w.kt, c0, scale, &mut w.p[r * TILE_SLOTS..][..TILE_SLOTS]);
+                    }
+                }
+                r += pair;
+            }
+            for r in 0..rows {
+                let vis = &mk[(p0 + r % np) * s + j0..][..n];
+                let e = &mut w.p[r * TILE_SLOTS..][..TILE_SLOTS];
+                let mut top = f32::NEG_INFINITY;
+                for (e, &seen) in e.iter_mut().zip(vis) {
+                    if seen == 0 {
+                        *e = f32::NEG_INFINITY;
+                    }
+                    top = top.max(*e);
+                }
+                e[n..].fill(f32::NEG_INFINITY);
+                if top == f32::NEG_INFINITY {
+                    // This row sees none of the tile: it adds nothing.
+                    e.fill(0.0);
+                    continue;
+                }
+                let new = w.max[r].max(top);
+                if new > w.max[r] {
+                    let f = super::elementwise::exp(w.max[r] - new);
+                    w.sum[r] *= f;
+                    for a in &mut w.o[r * d..][..d] {
+                        *a *= f;
+                    }
+                    w.max[r] = new;
+                }
+                w.sum[r] += exp_shifted(e, new);
+            }
+            let mut r = 0;
+            while r < rows {
+                let pair = (rows - r).min(2);
+                if pair == 2 {
+                    value_tile::<2>(&w.p[r * TILE_SLOTS..][..2 * TILE_SLOTS], &w.v, n, d, &mut w.o[r * d..][..2 * d]);
+                } else {
+                    value_tile::<1>(&w.p[r * TILE_SLOTS..][..TILE_SLOTS], &w.v, n, d, &mut w.o[r * d..][..d]);
+                }
+                r += pair;
+            }
+            j0 = j1;
+        }
+        for r in 0..rows {
+            let inv = if w.sum[r] > 0.0 { 1.0 / w.sum[r] } else { 0.0 };
+            // SAFETY: row r of the output is this task's (the caller's contract).
+            let dst = unsafe { std::slice::from_raw_parts_mut(o.at(out_row(r)), d) };
+            for (y, &a) in dst.iter_mut().zip(&w.o[r * d..][..d]) {
+                *y = a * inv;
+            }
+        }
+    }
+}
+
+/// `out = x` widened.
+#[inline(always)]
+fn widen_row<E: KvElem>(x: &[E], out: &mut [f32]) {
+    let mut i = 0;
+    while i + 8 <= x.len() {
+        // SAFETY: the entry points run here only where `E::supported()`.
+        out[i..i + 8].copy_from_slice(&unsafe { E::load8(&x[i..]) });
+        i += 8;
+    }
+    for (o, &a) in out[i..].iter_mut().zip(&x[i..]) {
+        *o = a.widen();
+    }
+}
+
+/// Scores of `R` query rows (`q`, `[R, D]`) with slots `c0..c0 + SCORE_COLS` of a tile of
+/// transposed keys `kt` into columns `c0..` of `p` (`[R, TILE_SLOTS]`), times `scale`.
+#[inline(always)]
+fn score_tile<const R: usize>(q: &[f32], kt: &[f32], c0: usize, scale: f32, p: &mut [f32]) {
+    let d = q.len() / R;
+    let mut acc = [[0.0f32; SCORE_COLS]; R];
+    for i in 0..d {
+        let kr: &[f32; SCORE_COLS] = kt[i * TILE_SLOTS + c0..][..SCORE_COLS]
+            .try_into()
+            .expect("a tile row");
+        for (r, a) in acc.iter_mut().enumerate() {
+            let x = q[r * d + i];
+            for (a, &kv) in a.iter_mut().zip(kr) {
+                *a += x * kv;
+            }
+        }
+    }
+    for (r, a) in acc.iter().enumerate() {
+        for (o, &a) in p[r * TILE_SLOTS + c0..][..SCORE_COLS].iter_mut().zip(a) {
+            *o = scale * a;
+        }
+    }
+}
+
+/// `o[r] += Σ_{j < n} p[r, j] · v[j]` for `R` rows (`p` `[R, TILE_SLOTS]`, `v` `[n, D]`,
+/// `o` `[R, D]`), in register tiles of [`VALUE_COLS`] columns.
+#[inline(always)]
+fn value_tile<const R: usize>(p: &[f32], v: &[f32], n: usize, d: usize, o: &mut [f32]) {
+    let mut c0 = 0;
+    while c0 + VALUE_COLS <= d {
+        let mut acc = [[0.0f32; VALUE_COLS]; R];
+        for (r, a) in acc.iter_mut().enumerate() {
+            a.copy_from_slice(&o[r * d + c0..][..VALUE_COLS]);
+        }
+        for j in 0..n {
+            let vr: &[f32; VALUE_COLS] = v[j * d + c0..][..VALUE_COLS]
+                .try_into()
+                .expect("a value row");
+            for (r, a) in acc.iter_mut().enumerate() {
+                let x = p[r * TILE_SLOTS + j];
+                for (a, &y) in a.iter_mut().zip(vr) {
+                    *a += x * y;
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            o[r * d + c0..][..VALUE_COLS].copy_from_slice(a);
+        }
+        c0 += VALUE_COLS;
+    }
+    if c0 < d {
+        for r in 0..R {
+            let or = &mut o[r * d + c0..(r + 1) * d];
+            for j in 0..n {
+                let x = p[r * TILE_SLOTS + j];
+                for (a, &y) in or.iter_mut().zip(&v[j * d + c0..(j + 1) * d]) {
+                    *a += x * y;
+                }
+            }
+        }
+    }
+}
+
 /// `softmax(scale · q·kᵀ | mask)` alone into `probs` `[B, Hq, T, S]` (the same memory
 /// order as `[B, Hkv, g·T, S]`), one task per query row; hidden slots and rows that see
 /// nothing get 0.
@@ -1119,6 +1384,67 @@ mod tests {
                     (a as f64 - e).abs() < 1e-6,
                     "{x:?} f16 probs[{i}]: {a} vs {e}"
                 );
+            }
+        }
+    }
+
+    /// The chunk (prefill) kernel against the float64 reference, f32 and f16 caches:
+    /// several position blocks (the last partial, with an odd row count), partial slot
+    /// tiles, head widths that are and are not whole register tiles, shared and per-head
+    /// masks, causal masks whose future tiles are skipped, random holes, a query that sees
+    /// nothing and a whole block of positions that sees nothing.
+    #[test]
+    fn chunk_matches_a_float64_reference() {
+        let dims = |hq, hkv, b, t, s, d, m| Dims {
+            scale: 0.25,
+            b,
+            hq,
+            hkv,
+            t,
+            s,
+            d,
+            m,
+        };
+        for (x, causal, seed) in [
+            // Gemma 3 270M: four query heads on one KV head of 256.
+            (dims(4, 1, 1, 40, 150, 256, 1), true, 1),
+            (dims(14, 2, 2, 20, 70, 64, 2), false, 2),
+            (dims(3, 1, 1, 17, 200, 12, 1), true, 3),
+            (dims(2, 2, 2, 33, 64, 136, 2), false, 4),
+        ] {
+            let q = values(x.b * x.hq * x.t * x.d, seed);
+            let k = values(x.b * x.hkv * x.s * x.d, seed + 10);
+            let v = values(x.b * x.hkv * x.s * x.d, seed + 20);
+            let holes = values(x.b * x.m * x.t * x.s, seed + 30);
+            let mut mask: Vec<u8> = (0..holes.len())
+                .map(|i| {
+                    let (p, j) = (i / x.s % x.t, i % x.s);
+                    // Causal: the chunk's positions follow s − t earlier slots.
+                    let seen = if causal { j <= x.s - x.t + p } else { true };
+                    (seen && holes[i] > -0.6) as u8
+                })
+                .collect();
+            mask[..x.s].fill(0);
+            if x.t > 16 {
+                // The second block of positions of the last mask row sees nothing.
+                let last = (x.b * x.m - 1) * x.t * x.s;
+                mask[last + 16 * x.s..last + x.t.min(32) * x.s].fill(0);
+            }
+            let (want, _) = reference(&q, &k, &v, &mask, x);
+            let mut out = vec![f32::NAN; q.len()];
+            super::chunk(&q, &k, &v, &mask, x, &mut out);
+            for (i, (&a, &e)) in out.iter().zip(&want).enumerate() {
+                assert!((a as f64 - e).abs() < 1e-5, "{x:?} f32 out[{i}]: {a} vs {e}");
+            }
+            let half = |x: &[f32]| -> Vec<half::f16> {
+                x.iter().map(|&a| half::f16::from_f32(a)).collect()
+            };
+            let (kh, vh) = (half(&k), half(&v));
+            let wide = |x: &[half::f16]| -> Vec<f32> { x.iter().map(|a| a.to_f32()).collect() };
+            let (want, _) = reference(&q, &wide(&kh), &wide(&vh), &mask, x);
+            super::chunk(&q, &kh, &vh, &mask, x, &mut out);
+            for (i, (&a, &e)) in out.iter().zip(&want).enumerate() {
+                assert!((a as f64 - e).abs() < 1e-5, "{x:?} f16 out[{i}]: {a} vs {e}");
             }
         }
     }

@@ -1,7 +1,27 @@
 //! Elementwise activations on host slices, written so that their loops vectorise (libm's
 //! `expf`, which Flex's activations call per element, does not).
 
+use rayon::prelude::*;
+
 use crate::exec::kernels::{GELU_CUBIC, GELU_SCALE};
+
+/// Values per parallel task at least: below this a call runs on the calling thread (a
+/// decode step's rows are too small to pay for a hand-off).
+const PAR_VALUES: usize = 32 * 1024;
+
+/// `f(x_part, out_part)` over parts of whole `unit`-value rows, in parallel when the
+/// input is long (a prefill's activations); every value's result is the same either way.
+fn by_parts(x: &[f32], out: &mut [f32], unit: usize, f: impl Fn(&[f32], &mut [f32]) + Sync) {
+    let unit = unit.max(1);
+    let part = PAR_VALUES.div_ceil(unit) * unit;
+    if x.len() < 2 * part {
+        f(x, out);
+    } else {
+        out.par_chunks_mut(part)
+            .zip(x.par_chunks(part))
+            .for_each(|(o, x)| f(x, o));
+    }
+}
 
 /// `eˣ` in f32 for any `x` (underflows to 0 below −87.3, overflows to ∞ above 88.7),
 /// within 2 ulp: `2ⁿ · p(r)` with `x = n·ln 2 + r`, `|r| ≤ ln 2 / 2`, degree-6 Taylor.
@@ -32,7 +52,7 @@ pub fn exp(x: f32) -> f32 {
 pub fn silu(x: &[f32]) -> Vec<f32> {
     let mut out = vec![0.0f32; x.len()];
     // SAFETY: no contract beyond the slices' own.
-    unsafe { silu_into(x, &mut out) };
+    by_parts(x, &mut out, 1, |x, o| unsafe { silu_into(x, o) });
     out
 }
 
@@ -51,7 +71,7 @@ multiversion! {
 pub fn gelu(x: &[f32]) -> Vec<f32> {
     let mut out = vec![0.0f32; x.len()];
     // SAFETY: no contract beyond the slices' own.
-    unsafe { gelu_into(x, &mut out) };
+    by_parts(x, &mut out, 1, |x, o| unsafe { gelu_into(x, o) });
     out
 }
 
@@ -71,13 +91,15 @@ multiversion! {
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let h = w.len();
     let mut out = vec![0.0f32; x.len()];
-    for (o, x) in out.chunks_exact_mut(h).zip(x.chunks_exact(h)) {
-        let ms = x.iter().map(|v| (v * v) as f64).sum::<f64>() / h as f64;
-        let inv = (1.0 / (ms + eps as f64).sqrt()) as f32;
-        for ((o, &x), &w) in o.iter_mut().zip(x).zip(w) {
-            *o = x * inv * w;
+    by_parts(x, &mut out, h, |x, out| {
+        for (o, x) in out.chunks_exact_mut(h).zip(x.chunks_exact(h)) {
+            let ms = x.iter().map(|v| (v * v) as f64).sum::<f64>() / h as f64;
+            let inv = (1.0 / (ms + eps as f64).sqrt()) as f32;
+            for ((o, &x), &w) in o.iter_mut().zip(x).zip(w) {
+                *o = x * inv * w;
+            }
         }
-    }
+    });
     out
 }
 

@@ -5,7 +5,6 @@
 
 use burn::tensor::{Bool, DType as BurnDType, Int, Tensor, TensorData, kind::Basic};
 use burn_flex::{Flex, FlexTensor};
-use rayon::prelude::*;
 
 use super::portable::{self, Portable};
 use super::{Kernels, top_k_host};
@@ -81,11 +80,8 @@ impl<T> SendPtr<T> {
 pub const GEMV_ROWS: usize = 16;
 
 /// Query rows per KV head (`g·T`) up to which attention is a few-row (decode) problem
-/// for [`attention`]; longer chunks run Burn's fused kernel in query blocks.
+/// for [`attention::attention`]; longer chunks run [`attention::chunk`].
 pub const FEW_ROWS: usize = 16;
-
-/// Query positions per block of a long chunk's attention.
-pub const QUERY_BLOCK: usize = 64;
 
 /// kvc's CPU kernels on Flex buffers.
 pub struct Cpu;
@@ -178,20 +174,22 @@ impl Kernels for Cpu {
         let [_, hq, t, _] = q.dims();
         let (q_dims, device) = (q.dims(), q.device());
         let g = hq / k.dims()[1];
-        if g * t <= FEW_ROWS {
-            let dims = dims(&q, &k, &mask, scale);
-            let (qt, kt, vt, mt) = (host(&q), host(&k), host(&v), host(&mask));
-            let mut out = vec![0.0f32; q.dims().iter().product()];
-            let (q, mask) = (f32s(&qt), bool_bytes(&mt));
-            match kt.dtype() {
-                BurnDType::F16 => {
-                    attention::attention(q, f16s(&kt), f16s(&vt), mask, dims, &mut out)
-                }
-                _ => attention::attention(q, f32s(&kt), f32s(&vt), mask, dims, &mut out),
+        let dims = dims(&q, &k, &mask, scale);
+        let (qt, kt, vt, mt) = (host(&q), host(&k), host(&v), host(&mask));
+        let mut out = vec![0.0f32; q.dims().iter().product()];
+        let (q, mask) = (f32s(&qt), bool_bytes(&mt));
+        let few = g * t <= FEW_ROWS;
+        match (kt.dtype(), few) {
+            (BurnDType::F16, true) => {
+                attention::attention(q, f16s(&kt), f16s(&vt), mask, dims, &mut out)
             }
-            return Tensor::from_data(TensorData::new(out, q_dims), &device);
+            (BurnDType::F16, false) => {
+                attention::chunk(q, f16s(&kt), f16s(&vt), mask, dims, &mut out)
+            }
+            (_, true) => attention::attention(q, f32s(&kt), f32s(&vt), mask, dims, &mut out),
+            (_, false) => attention::chunk(q, f32s(&kt), f32s(&vt), mask, dims, &mut out),
         }
-        blocked_attention(q, portable::widened(k), portable::widened(v), mask, scale)
+        Tensor::from_data(TensorData::new(out, q_dims), &device)
     }
 
     fn attention_probs(
@@ -281,62 +279,6 @@ fn dims(q: &Tensor<4>, k: &Tensor<4>, mask: &Tensor<4, Bool>, scale: f32) -> att
         d,
         m: mask.dims()[1],
     }
-}
-
-/// A long chunk's attention: Burn's fused kernel over the live slot prefix, in query
-/// blocks run in parallel once the chunk is long, because a causal chunk's early queries
-/// see few slots (≈ 44% less work for a first 512-token chunk in blocks of 64).
-fn blocked_attention(
-    q: Tensor<4>,
-    k: Tensor<4>,
-    v: Tensor<4>,
-    mask: Tensor<4, Bool>,
-    scale: f32,
-) -> Tensor<4> {
-    let t = q.dims()[2];
-    let fused = |q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: Tensor<4, Bool>| {
-        let live = live_slots(&mask);
-        let (k, v, mask) = if live < k.dims()[2] {
-            (
-                k.narrow(2, 0, live),
-                v.narrow(2, 0, live),
-                mask.narrow(3, 0, live),
-            )
-        } else {
-            (k, v, mask)
-        };
-        portable::fused_attention(q, k, v, mask, scale)
-    };
-    if t < 2 * QUERY_BLOCK {
-        return fused(q, k, v, mask);
-    }
-    // Blocks in parallel: Burn's kernel parallelises over (row, KV head) pairs only, which
-    // leaves a core idle for a one-KV-head model (Gemma 3 270M) at batch 1.
-    let starts: Vec<usize> = (0..t).step_by(QUERY_BLOCK).collect();
-    let parts: Vec<Tensor<4>> = starts
-        .into_par_iter()
-        .map(|t0| {
-            let tb = QUERY_BLOCK.min(t - t0);
-            fused(
-                q.clone().narrow(2, t0, tb),
-                k.clone(),
-                v.clone(),
-                mask.clone().narrow(2, t0, tb),
-            )
-        })
-        .collect();
-    Tensor::cat(parts, 2)
-}
-
-/// One past the last slot that any query of `mask` `[B, M, T, S]` sees (at least 1).
-fn live_slots(mask: &Tensor<4, Bool>) -> usize {
-    let s = mask.dims()[3];
-    let last = bool_bytes(&host(mask))
-        .chunks_exact(s)
-        .filter_map(|row| row.iter().rposition(|&v| v != 0))
-        .max()
-        .unwrap_or(0);
-    last + 1
 }
 
 /// [`cache::kv_write`] of an F32 cache in place on its buffer when the cache has a single

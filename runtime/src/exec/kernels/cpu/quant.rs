@@ -785,19 +785,52 @@ fn quantize(isa: Isa, x: &[f32], m: usize, k: usize) -> Xq {
         s32: vec![0; m * k / 32],
         bs: vec![0; m * k / 16],
     };
-    match isa {
+    let run = |x: &[f32], xq: XqPart| match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 | Isa::Avx512 => {
             // SAFETY: AVX2 and FMA are available (checked by the caller).
-            unsafe { x86::quantize_avx2(x, &mut xq) }
+            unsafe { x86::quantize_avx2(x, xq) }
         }
-        _ => quantize_body(x, &mut xq),
+        _ => quantize_body(x, xq),
+    };
+    // Rows per parallel part: a prefill's activations are quantized on every core.
+    let rows = QUANTIZE_VALUES.div_ceil(k).max(1);
+    let whole = XqPart {
+        q: &mut xq.q,
+        d: &mut xq.d,
+        s: &mut xq.s,
+        s32: &mut xq.s32,
+        bs: &mut xq.bs,
+    };
+    if m < 2 * rows {
+        run(x, whole);
+    } else {
+        let (n, n32, n16) = (rows * k, rows * k / 32, rows * k / 16);
+        x.par_chunks(n)
+            .zip(whole.q.par_chunks_mut(n))
+            .zip(whole.d.par_chunks_mut(n32))
+            .zip(whole.s.par_chunks_mut(n32))
+            .zip(whole.s32.par_chunks_mut(n32))
+            .zip(whole.bs.par_chunks_mut(n16))
+            .for_each(|(((((x, q), d), s), s32), bs)| run(x, XqPart { q, d, s, s32, bs }));
     }
     xq
 }
 
+/// Values quantized per parallel part of [`quantize`] at least.
+const QUANTIZE_VALUES: usize = 64 * 1024;
+
+/// Whole rows of an [`Xq`], being written.
+struct XqPart<'a> {
+    q: &'a mut [i8],
+    d: &'a mut [f32],
+    s: &'a mut [f32],
+    s32: &'a mut [i32],
+    bs: &'a mut [i16],
+}
+
 #[inline(always)]
-fn quantize_body(x: &[f32], xq: &mut Xq) {
+fn quantize_body(x: &[f32], xq: XqPart) {
     // Rounds to nearest, ties to even, for |v| < 2^22.
     const ROUND: f32 = 12_582_912.0;
     for ((xb, qo), d) in x
@@ -822,7 +855,7 @@ fn quantize_body(x: &[f32], xq: &mut Xq) {
     for (bs, c) in xq.bs.iter_mut().zip(xq.q.chunks_exact(16)) {
         *bs = sum(c) as i16;
     }
-    for ((s, &c), &d) in xq.s.iter_mut().zip(&xq.s32).zip(&xq.d) {
+    for ((s, &c), &d) in xq.s.iter_mut().zip(xq.s32.iter()).zip(xq.d.iter()) {
         *s = d * c as f32;
     }
 }
@@ -1231,7 +1264,7 @@ mod x86 {
     };
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn quantize_avx2(x: &[f32], xq: &mut Xq) {
+    pub(super) fn quantize_avx2(x: &[f32], xq: super::XqPart) {
         quantize_body(x, xq)
     }
 
