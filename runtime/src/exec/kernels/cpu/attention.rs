@@ -560,11 +560,13 @@ const CHUNK_POSITIONS: usize = 16;
 /// Slots per tile of [`chunk`].
 const TILE_SLOTS: usize = 64;
 
-/// Slot columns of the score micro-tile (two query rows by this many slots).
+/// Query rows and slot columns of the score micro-tile.
+const SCORE_ROWS: usize = 4;
 const SCORE_COLS: usize = 32;
 
-/// Output columns of the `probs · v` micro-tile (two query rows by this many columns).
-const VALUE_COLS: usize = 64;
+/// Query rows and output columns of the `probs · v` micro-tile.
+const VALUE_ROWS: usize = 4;
+const VALUE_COLS: usize = 32;
 
 /// [`attention`] for a long chunk of query positions (prefill), flash-style: one task per
 /// (row, KV head, [`CHUNK_POSITIONS`] positions) holds the `g · positions` query rows of
@@ -597,13 +599,72 @@ pub fn chunk<E: KvElem>(q: &[f32], k: &[E], v: &[E], mask: &[u8], dims: Dims, ou
     if !E::supported() {
         return chunk(q, &widened(k), &widened(v), mask, dims, out);
     }
+    // Every tile that some position of its head sees, widened once for all tasks: keys
+    // transposed (`[D, TILE_SLOTS]` per tile), values as they are (`[TILE_SLOTS, D]`).
+    let tiles = s.div_ceil(TILE_SLOTS);
+    let tile = d * TILE_SLOTS;
+    let seen: Vec<(usize, usize)> = (0..b * hkv)
+        .map(|h| {
+            let (bi, kvh) = (h / hkv, h % hkv);
+            let mh = if m == 1 { 0 } else { kvh };
+            seen_slots(&mask[(bi * m + mh) * t * s..][..t * s], s)
+        })
+        .collect();
+    let mut kt = vec![0.0f32; b * hkv * tiles * tile];
+    let mut vw = vec![0.0f32; b * hkv * tiles * tile];
+    kt.par_chunks_mut(tile)
+        .zip(vw.par_chunks_mut(tile))
+        .enumerate()
+        .for_each(|(i, (kt, vw))| {
+            let (h, c) = (i / tiles, i % tiles);
+            let (j0, j1) = (c * TILE_SLOTS, ((c + 1) * TILE_SLOTS).min(s));
+            let (lo, hi) = seen[h];
+            if j1 > lo && j0 < hi {
+                let at = (h * s + j0) * d..(h * s + j1) * d;
+                // SAFETY: no contract beyond the slices' own.
+                unsafe { widen_tile(&k[at.clone()], &v[at], d, kt, vw) };
+            }
+        });
     let blocks = t.div_ceil(CHUNK_POSITIONS);
     let o = SendPtr(out.as_mut_ptr());
     // SAFETY: task i writes only the output rows of its KV head's query heads at its
     // positions.
-    (0..b * hkv * blocks)
-        .into_par_iter()
-        .for_each(|i| unsafe { chunk_task(q, k, v, mask, dims, i, o) });
+    (0..b * hkv * blocks).into_par_iter().for_each(|i| unsafe {
+        let h = i / blocks;
+        let head = h * tiles * tile..(h + 1) * tiles * tile;
+        chunk_task(q, &kt[head.clone()], &vw[head], mask, dims, i, o)
+    });
+}
+
+/// The first and one past the last slot that any row of `mask` (`[T, s]`) sees (`(s, 0)`
+/// when none does).
+fn seen_slots(mask: &[u8], s: usize) -> (usize, usize) {
+    let (mut lo, mut hi) = (s, 0);
+    for row in mask.chunks_exact(s) {
+        if let Some(a) = row.iter().position(|&v| v != 0) {
+            lo = lo.min(a);
+            hi = hi.max(row.iter().rposition(|&v| v != 0).map_or(0, |z| z + 1));
+        }
+    }
+    (lo, hi)
+}
+
+multiversion! {
+    /// Keys `k` and values `v` of up to [`TILE_SLOTS`] slots (`[n, d]`) widened into one
+    /// tile: `kt` transposed (`[d, TILE_SLOTS]`), `vw` as they are.
+    ///
+    /// # Safety
+    /// None beyond the slices' own (required by the macro's form).
+    unsafe fn widen_tile<E: KvElem>(k: &[E], v: &[E], d: usize, kt: &mut [f32], vw: &mut [f32]) {
+        let mut row = vec![0.0f32; d];
+        for (j, (kr, vr)) in k.chunks_exact(d).zip(v.chunks_exact(d)).enumerate() {
+            widen_row(kr, &mut row);
+            for (i, &x) in row.iter().enumerate() {
+                kt[i * TILE_SLOTS + j] = x;
+            }
+            widen_row(vr, &mut vw[j * d..][..d]);
+        }
+    }
 }
 
 /// Scratch of one [`chunk`] task.
@@ -615,10 +676,6 @@ struct ChunkScratch {
     /// Running maximum and sum of `exp(score − max)` per row.
     max: Vec<f32>,
     sum: Vec<f32>,
-    /// A tile's keys, transposed: `[D, TILE_SLOTS]`.
-    kt: Vec<f32>,
-    /// A tile's values: `[TILE_SLOTS, D]`.
-    v: Vec<f32>,
     /// A tile's scores, then weights: `[R, TILE_SLOTS]`.
     p: Vec<f32>,
 }
@@ -628,7 +685,7 @@ multiversion! {
     ///
     /// # Safety
     /// `o` points to the `[B, Hq, T, D]` output; no other task writes this task's rows.
-    unsafe fn chunk_task<E: KvElem>(q: &[f32], k: &[E], v: &[E], mask: &[u8], x: Dims, i: usize, o: SendPtr<f32>) {
+    unsafe fn chunk_task(q: &[f32], kt: &[f32], vw: &[f32], mask: &[u8], x: Dims, i: usize, o: SendPtr<f32>) {
         let Dims { scale, hq, hkv, t, s, d, m, .. } = x;
         let g = hq / hkv;
         let blocks = t.div_ceil(CHUNK_POSITIONS);
@@ -639,57 +696,43 @@ multiversion! {
         let np = p1 - p0;
         let rows = g * np;
         let mk = &mask[(bi * m + mh) * t * s..][..t * s];
-        let kh = &k[h * s * d..][..s * d];
-        let vh = &v[h * s * d..][..s * d];
         let out_row = |r: usize| ((bi * hq + kvh * g + r / np) * t + p0 + r % np) * d;
-        // The slots any position sees.
-        let (mut lo, mut hi) = (s, 0);
-        for p in p0..p1 {
-            let row = &mk[p * s..][..s];
-            if let (Some(a), Some(z)) = (row.iter().position(|&v| v != 0), row.iter().rposition(|&v| v != 0)) {
-                lo = lo.min(a);
-                hi = hi.max(z + 1);
-            }
-        }
+        let (lo, hi) = seen_slots(&mk[p0 * s..p1 * s], s);
         let mut w = ChunkScratch {
             q: vec![0.0; rows * d],
             o: vec![0.0; rows * d],
             max: vec![f32::NEG_INFINITY; rows],
             sum: vec![0.0; rows],
-            kt: vec![0.0; d * TILE_SLOTS],
-            v: vec![0.0; TILE_SLOTS * d],
             p: vec![0.0; rows * TILE_SLOTS],
         };
         for hh in 0..g {
             let src = &q[((bi * hq + kvh * g + hh) * t + p0) * d..][..np * d];
             w.q[hh * np * d..][..np * d].copy_from_slice(src);
         }
-        let mut j0 = lo;
+        // Whole tiles from the one holding `lo`: the widened tiles start at slot 0.
+        let mut j0 = lo / TILE_SLOTS * TILE_SLOTS;
         while j0 < hi {
-            let j1 = (j0 + TILE_SLOTS).min(hi);
+            let j1 = (j0 + TILE_SLOTS).min(s);
             let n = j1 - j0;
             if (p0..p1).all(|p| mk[p * s + j0..p * s + j1].iter().all(|&v| v == 0)) {
                 j0 = j1;
                 continue;
             }
-            for j in 0..n {
-                let kr = &kh[(j0 + j) * d..][..d];
-                for (ii, &kv) in kr.iter().enumerate() {
-                    w.kt[ii * TILE_SLOTS + j] = kv.widen();
-                }
-                widen_row(&vh[(j0 + j) * d..][..d], &mut w.v[j * d..][..d]);
-            }
+            let tile = j0 / TILE_SLOTS * d * TILE_SLOTS;
+            let (ktile, vtile) = (&kt[tile..][..d * TILE_SLOTS], &vw[tile..][..d * TILE_SLOTS]);
             let mut r = 0;
             while r < rows {
-                let pair = (rows - r).min(2);
+                let take = (rows - r).min(SCORE_ROWS);
+                let (qr, pr) = (&w.q[r * d..][..take * d], &mut w.p[r * TILE_SLOTS..][..take * TILE_SLOTS]);
                 for c0 in (0..TILE_SLOTS).step_by(SCORE_COLS) {
-                    if pair == 2 {
-                        score_tile::<2>(&w.q[r * d..][..2 * d], &w.kt, c0, scale, &mut w.p[r * TILE_SLOTS..][..2 * TILE_SLOTS]);
-                    } else {
-                        score_tile::<1>(&w.q[r * d..][..d], &w.kt, c0, scale, &mut w.p[r * TILE_SLOTS..][..TILE_SLOTS]);
+                    match take {
+                        4 => score_tile::<4>(qr, ktile, c0, scale, pr),
+                        3 => score_tile::<3>(qr, ktile, c0, scale, pr),
+                        2 => score_tile::<2>(qr, ktile, c0, scale, pr),
+                        _ => score_tile::<1>(qr, ktile, c0, scale, pr),
                     }
                 }
-                r += pair;
+                r += take;
             }
             for r in 0..rows {
                 let vis = &mk[(p0 + r % np) * s + j0..][..n];
@@ -720,13 +763,15 @@ multiversion! {
             }
             let mut r = 0;
             while r < rows {
-                let pair = (rows - r).min(2);
-                if pair == 2 {
-                    value_tile::<2>(&w.p[r * TILE_SLOTS..][..2 * TILE_SLOTS], &w.v, n, d, &mut w.o[r * d..][..2 * d]);
-                } else {
-                    value_tile::<1>(&w.p[r * TILE_SLOTS..][..TILE_SLOTS], &w.v, n, d, &mut w.o[r * d..][..d]);
+                let take = (rows - r).min(VALUE_ROWS);
+                let (pr, or) = (&w.p[r * TILE_SLOTS..][..take * TILE_SLOTS], &mut w.o[r * d..][..take * d]);
+                match take {
+                    4 => value_tile::<4>(pr, vtile, n, d, or),
+                    3 => value_tile::<3>(pr, vtile, n, d, or),
+                    2 => value_tile::<2>(pr, vtile, n, d, or),
+                    _ => value_tile::<1>(pr, vtile, n, d, or),
                 }
-                r += pair;
+                r += take;
             }
             j0 = j1;
         }
@@ -1434,7 +1479,10 @@ mod tests {
             let mut out = vec![f32::NAN; q.len()];
             super::chunk(&q, &k, &v, &mask, x, &mut out);
             for (i, (&a, &e)) in out.iter().zip(&want).enumerate() {
-                assert!((a as f64 - e).abs() < 1e-5, "{x:?} f32 out[{i}]: {a} vs {e}");
+                assert!(
+                    (a as f64 - e).abs() < 1e-5,
+                    "{x:?} f32 out[{i}]: {a} vs {e}"
+                );
             }
             let half = |x: &[f32]| -> Vec<half::f16> {
                 x.iter().map(|&a| half::f16::from_f32(a)).collect()
@@ -1444,7 +1492,10 @@ mod tests {
             let (want, _) = reference(&q, &wide(&kh), &wide(&vh), &mask, x);
             super::chunk(&q, &kh, &vh, &mask, x, &mut out);
             for (i, (&a, &e)) in out.iter().zip(&want).enumerate() {
-                assert!((a as f64 - e).abs() < 1e-5, "{x:?} f16 out[{i}]: {a} vs {e}");
+                assert!(
+                    (a as f64 - e).abs() < 1e-5,
+                    "{x:?} f16 out[{i}]: {a} vs {e}"
+                );
             }
         }
     }
