@@ -205,7 +205,7 @@ fn load_file(
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
     if is_gguf {
-        let file = GgufFile::open(path)?;
+        let mut file = GgufFile::open(path)?;
         spec_matches_gguf(arch, &file).map_err(|e| LoadError::Mismatch {
             path: path.display().to_string(),
             mismatch: Box::new(e),
@@ -214,6 +214,10 @@ fn load_file(
             true => Some(Tokenizer::from_gguf(&file)?),
             false => None,
         };
+        // The vocabulary's metadata is freed before the weights' pages are read, so the
+        // two are never resident together (the load's peak).
+        file.drop_metadata_arrays();
+        return_freed_heap();
         Ok((
             weights::load_gguf_params_with(&file, &program.params, layout)?,
             tokenizer,

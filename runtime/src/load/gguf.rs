@@ -697,6 +697,8 @@ pub struct GgufFile {
     version: u32,
     alignment: u64,
     metadata: Metadata,
+    /// The lengths of the arrays [`GgufFile::drop_metadata_arrays`] emptied, by key.
+    dropped: HashMap<String, usize>,
     tensors: Vec<TensorInfo>,
     tensor_index: HashMap<String, usize>,
     storage: Arc<Storage>,
@@ -878,6 +880,7 @@ impl GgufFile {
             version,
             alignment,
             metadata,
+            dropped: HashMap::new(),
             tensors,
             tensor_index,
             storage: Arc::new(storage),
@@ -931,6 +934,33 @@ impl GgufFile {
     /// All metadata, in file order.
     pub fn metadata(&self) -> &Metadata {
         &self.metadata
+    }
+
+    /// Drops the metadata's arrays (a vocabulary's tokens, scores, types and merges: up
+    /// to hundreds of thousands of values, tens of MiB in memory), keeping its scalars, so
+    /// that they are gone before the weights are read. Afterwards the arrays read as
+    /// empty; [`GgufFile::array_len`] still gives their lengths.
+    pub fn drop_metadata_arrays(&mut self) {
+        for (key, v) in &mut self.metadata.entries {
+            if let GgufValue::Array { items, .. } = v
+                && !items.is_empty()
+            {
+                self.dropped.insert(key.clone(), items.len());
+                *items = Vec::new();
+            }
+        }
+    }
+
+    /// The number of items of an array metadata value, also after
+    /// [`GgufFile::drop_metadata_arrays`].
+    pub fn array_len(&self, key: &str) -> Result<usize> {
+        if let Some(&n) = self.dropped.get(key) {
+            return Ok(n);
+        }
+        match self.get(key)? {
+            GgufValue::Array { items, .. } => Ok(items.len()),
+            v => Err(wrong_type(key, "array", v)),
+        }
     }
 
     /// The tensor table, in file order.

@@ -236,7 +236,7 @@ pub fn hyper_params(file: &GgufFile) -> Result<HyperParams> {
     let key = |k: &str| format!("{}.{k}", arch.name());
     let optional = |k: &str| file.metadata().get(&key(k)).is_some();
     let vocab_size = match file.get("tokenizer.ggml.tokens")? {
-        GgufValue::Array { items, .. } => items.len(),
+        GgufValue::Array { .. } => file.array_len("tokenizer.ggml.tokens")?,
         other => {
             return Err(GgufError::WrongType {
                 key: "tokenizer.ggml.tokens".into(),
@@ -933,6 +933,27 @@ mod tests {
             w.f32_tensor("output.weight", &[4, 3], &[0.25; 12]);
         }
         (w, q_hf, k_hf)
+    }
+
+    /// Dropping the metadata's arrays before the weights are read (what a session's load
+    /// does) keeps the hyper-parameters, the vocabulary size among them, and the weights.
+    #[test]
+    fn weights_load_the_same_after_the_metadata_arrays_are_dropped() {
+        let (w, _, _) = tiny_llama(true);
+        let mut file = GgufFile::from_bytes(w.build()).unwrap();
+        let (hp, weights) = (
+            hyper_params(&file).unwrap(),
+            load_gguf_weights(&file).unwrap(),
+        );
+        file.drop_metadata_arrays();
+        assert!(
+            file.get_str_array("tokenizer.ggml.tokens")
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(file.array_len("tokenizer.ggml.tokens").unwrap(), 3);
+        assert_eq!(hyper_params(&file).unwrap(), hp);
+        assert_eq!(load_gguf_weights(&file).unwrap(), weights);
     }
 
     #[test]
