@@ -1,5 +1,6 @@
-//! Masked grouped-query attention of a few query rows per KV head (decode) on host
-//! slices.
+//! Masked grouped-query attention on host slices: of a few query rows per KV head
+//! (decode: [`attention`], [`probs`], [`values`]) and of long chunks of positions
+//! (prefill: [`chunk`], flash-style).
 //!
 //! Burn's fused attention costs ≈ 0.1–0.3 ms per call on Flex whatever the size and
 //! computes every slot, visible or not. Here slots that no query row of a KV head sees are
@@ -569,9 +570,9 @@ const VALUE_ROWS: usize = 4;
 const VALUE_COLS: usize = 32;
 
 /// [`attention`] for a long chunk of query positions (prefill), flash-style: one task per
-/// (row, KV head, [`CHUNK_POSITIONS`] positions) holds the `g · positions` query rows of
-/// that KV head and walks the slots any of them sees in tiles of [`TILE_SLOTS`], widened
-/// once per tile (keys transposed). Each tile's scores are a register-blocked product,
+/// (row, KV head, 16 positions) holds the `g · 16` query rows of that KV head and walks
+/// the slots any of them sees in tiles of 64, widened once per head and tile (keys
+/// transposed). Each tile's scores are a register-blocked product,
 /// the softmax is kept online (a running maximum and sum per row, earlier output rescaled
 /// when the maximum grows), and `probs · v` is added in register tiles; the `[T, S]`
 /// probabilities are never stored. Tiles that none of the task's positions sees (a causal
