@@ -571,13 +571,15 @@ const VALUE_COLS: usize = 32;
 
 /// [`attention`] for a long chunk of query positions (prefill), flash-style: one task per
 /// (row, KV head, 16 positions) holds the `g · 16` query rows of that KV head and walks
-/// the slots any of them sees in tiles of 64, widened once per head and tile (keys
-/// transposed). Each tile's scores are a register-blocked product,
-/// the softmax is kept online (a running maximum and sum per row, earlier output rescaled
-/// when the maximum grows), and `probs · v` is added in register tiles; the `[T, S]`
-/// probabilities are never stored. Tiles that none of the task's positions sees (a causal
-/// chunk's future, a budgeted cache's free slots) are not read. Rows that see nothing get
-/// zero output.
+/// the slots any of them sees in tiles of 64. The tiles of each head's seen span (first to
+/// last seen slot of any position) are widened once per call, keys transposed. Each
+/// tile's scores are a register-blocked product, the softmax is kept online (a running
+/// maximum and sum per row, earlier output rescaled when the maximum grows), and
+/// `probs · v` is added in register tiles; the `[T, S]` probabilities are never stored.
+/// A task skips the tiles none of its positions sees (a causal chunk's future, a budgeted
+/// cache's free slots). Rows that see nothing get zero output. As in Burn's attention,
+/// a hidden slot holding a non-finite value still reaches the product (weight 0 times
+/// it); the decode kernel skips such slots.
 ///
 /// # Panics
 /// If a slice length disagrees with `dims`.
@@ -600,31 +602,47 @@ pub fn chunk<E: KvElem>(q: &[f32], k: &[E], v: &[E], mask: &[u8], dims: Dims, ou
     if !E::supported() {
         return chunk(q, &widened(k), &widened(v), mask, dims, out);
     }
-    // Every tile that some position of its head sees, widened once for all tasks: keys
-    // transposed (`[D, TILE_SLOTS]` per tile), values as they are (`[TILE_SLOTS, D]`).
-    let tiles = s.div_ceil(TILE_SLOTS);
+    if s == 0 {
+        out.fill(0.0);
+        return;
+    }
+    // The tiles of each head's seen span (from the tile holding its first seen slot to
+    // the one holding its last), widened once for all tasks: keys transposed (`[D,
+    // TILE_SLOTS]` per tile), values as they are (`[TILE_SLOTS, D]`).
     let tile = d * TILE_SLOTS;
-    let seen: Vec<(usize, usize)> = (0..b * hkv)
+    let spans: Vec<(usize, usize)> = (0..b * hkv)
         .map(|h| {
             let (bi, kvh) = (h / hkv, h % hkv);
             let mh = if m == 1 { 0 } else { kvh };
-            seen_slots(&mask[(bi * m + mh) * t * s..][..t * s], s)
+            let (lo, hi) = seen_slots(&mask[(bi * m + mh) * t * s..][..t * s], s);
+            if lo < hi {
+                (lo / TILE_SLOTS, hi.div_ceil(TILE_SLOTS))
+            } else {
+                (0, 0)
+            }
         })
         .collect();
-    let mut kt = vec![0.0f32; b * hkv * tiles * tile];
-    let mut vw = vec![0.0f32; b * hkv * tiles * tile];
+    // Each head's first tile in the widened buffers, and (head, tile) of every tile.
+    let mut first = Vec::with_capacity(b * hkv + 1);
+    first.push(0);
+    for &(c0, c1) in &spans {
+        first.push(first.last().copied().unwrap_or(0) + c1 - c0);
+    }
+    let tiles: Vec<(usize, usize)> = spans
+        .iter()
+        .enumerate()
+        .flat_map(|(h, &(c0, c1))| (c0..c1).map(move |c| (h, c)))
+        .collect();
+    let mut kt = vec![0.0f32; tiles.len() * tile];
+    let mut vw = vec![0.0f32; tiles.len() * tile];
     kt.par_chunks_mut(tile)
         .zip(vw.par_chunks_mut(tile))
-        .enumerate()
-        .for_each(|(i, (kt, vw))| {
-            let (h, c) = (i / tiles, i % tiles);
+        .zip(tiles.par_iter())
+        .for_each(|((kt, vw), &(h, c))| {
             let (j0, j1) = (c * TILE_SLOTS, ((c + 1) * TILE_SLOTS).min(s));
-            let (lo, hi) = seen[h];
-            if j1 > lo && j0 < hi {
-                let at = (h * s + j0) * d..(h * s + j1) * d;
-                // SAFETY: no contract beyond the slices' own.
-                unsafe { widen_tile(&k[at.clone()], &v[at], d, kt, vw) };
-            }
+            let at = (h * s + j0) * d..(h * s + j1) * d;
+            // SAFETY: no contract beyond the slices' own.
+            unsafe { widen_tile(&k[at.clone()], &v[at], d, kt, vw) };
         });
     let blocks = t.div_ceil(CHUNK_POSITIONS);
     let o = SendPtr(out.as_mut_ptr());
@@ -632,8 +650,13 @@ pub fn chunk<E: KvElem>(q: &[f32], k: &[E], v: &[E], mask: &[u8], dims: Dims, ou
     // positions.
     (0..b * hkv * blocks).into_par_iter().for_each(|i| unsafe {
         let h = i / blocks;
-        let head = h * tiles * tile..(h + 1) * tiles * tile;
-        chunk_task(q, &kt[head.clone()], &vw[head], mask, dims, i, o)
+        let span = first[h] * tile..first[h + 1] * tile;
+        let head = WidenedHead {
+            kt: &kt[span.clone()],
+            vw: &vw[span],
+            first_tile: spans[h].0,
+        };
+        chunk_task(q, head, mask, dims, i, o)
     });
 }
 
@@ -668,6 +691,15 @@ multiversion! {
     }
 }
 
+/// One KV head's widened tiles in [`chunk`]: keys transposed (`[D, TILE_SLOTS]` per
+/// tile) and values (`[TILE_SLOTS, D]` per tile) of the tiles from `first_tile` on.
+#[derive(Clone, Copy)]
+struct WidenedHead<'a> {
+    kt: &'a [f32],
+    vw: &'a [f32],
+    first_tile: usize,
+}
+
 /// Scratch of one [`chunk`] task.
 struct ChunkScratch {
     /// Query rows `[R, D]`, row `r` = (head `r / positions`, position `r % positions`).
@@ -682,11 +714,12 @@ struct ChunkScratch {
 }
 
 multiversion! {
-    /// Task `i` of [`chunk`].
+    /// Task `i` of [`chunk`], on its head's widened tiles.
     ///
     /// # Safety
     /// `o` points to the `[B, Hq, T, D]` output; no other task writes this task's rows.
-    unsafe fn chunk_task(q: &[f32], kt: &[f32], vw: &[f32], mask: &[u8], x: Dims, i: usize, o: SendPtr<f32>) {
+    unsafe fn chunk_task(q: &[f32], head: WidenedHead<'_>, mask: &[u8], x: Dims, i: usize, o: SendPtr<f32>) {
+        let WidenedHead { kt, vw, first_tile } = head;
         let Dims { scale, hq, hkv, t, s, d, m, .. } = x;
         let g = hq / hkv;
         let blocks = t.div_ceil(CHUNK_POSITIONS);
@@ -719,7 +752,7 @@ multiversion! {
                 j0 = j1;
                 continue;
             }
-            let tile = j0 / TILE_SLOTS * d * TILE_SLOTS;
+            let tile = (j0 / TILE_SLOTS - first_tile) * d * TILE_SLOTS;
             let (ktile, vtile) = (&kt[tile..][..d * TILE_SLOTS], &vw[tile..][..d * TILE_SLOTS]);
             let mut r = 0;
             while r < rows {
@@ -1438,9 +1471,30 @@ mod tests {
     /// several position blocks (the last partial, with an odd row count), partial slot
     /// tiles, head widths that are and are not whole register tiles, shared and per-head
     /// masks, causal masks whose future tiles are skipped, random holes, a query that sees
-    /// nothing and a whole block of positions that sees nothing.
+    /// nothing, a whole block of positions that sees nothing, a KV head that sees nothing
+    /// and a cache of no slots.
     #[test]
     fn chunk_matches_a_float64_reference() {
+        let empty = Dims {
+            scale: 1.0,
+            b: 1,
+            hq: 2,
+            hkv: 1,
+            t: 20,
+            s: 0,
+            d: 8,
+            m: 1,
+        };
+        let mut out = vec![f32::NAN; 2 * 20 * 8];
+        super::chunk(
+            &values(2 * 20 * 8, 9),
+            &[0.0f32; 0],
+            &[0.0f32; 0],
+            &[],
+            empty,
+            &mut out,
+        );
+        assert!(out.iter().all(|&o| o == 0.0), "no slots: {out:?}");
         let dims = |hq, hkv, b, t, s, d, m| Dims {
             scale: 0.25,
             b,
@@ -1471,6 +1525,10 @@ mod tests {
                 })
                 .collect();
             mask[..x.s].fill(0);
+            if x.m > 1 {
+                // Row 0's second KV head sees nothing at all: no tile of it is widened.
+                mask[x.t * x.s..2 * x.t * x.s].fill(0);
+            }
             if x.t > 16 {
                 // The second block of positions of the last mask row sees nothing.
                 let last = (x.b * x.m - 1) * x.t * x.s;

@@ -615,17 +615,20 @@ fn qmatmul_t_interleaved_with(
             n,
             out,
         };
+        #[cfg(target_arch = "x86_64")]
         // SAFETY: tasks write the disjoint columns j0..j1 of `out` (m · n floats, alive
         // for the whole loop); `interleaving()` gives the instruction set.
         unsafe {
             match isa {
-                #[cfg(target_arch = "x86_64")]
                 Isa::Avx512 => x86::inter_avx512(&task, lay, &xq, ws, j1),
-                #[cfg(target_arch = "x86_64")]
                 _ => x86::inter_avx2(&task, lay, &xq, ws, j1),
-                #[cfg(not(target_arch = "x86_64"))]
-                _ => unreachable!("{isa:?} does not read interleaved weights"),
             }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            // The assertions above fail first: no set reads interleaved weights here.
+            let _ = (task, lay, &xq, ws, j1);
+            unreachable!("{isa:?} does not read interleaved weights")
         }
     };
     if tasks == 1 {
@@ -794,7 +797,7 @@ fn quantize(isa: Isa, x: &[f32], m: usize, k: usize) -> Xq {
         _ => quantize_body(x, xq),
     };
     // Rows per parallel part: a prefill's activations are quantized on every core.
-    let rows = QUANTIZE_VALUES.div_ceil(k).max(1);
+    let rows = QUANTIZE_VALUES.div_ceil(k.max(1));
     let whole = XqPart {
         q: &mut xq.q,
         d: &mut xq.d,
