@@ -70,16 +70,11 @@ fn attention_on<E: KvElem>(
         t,
         s,
         d,
-        m,
         ..
     } = dims;
     let g = hq / hkv;
     let rows = g * t;
-    assert_eq!(q.len(), b * hq * t * d, "q is not [B, Hq, T, D]");
-    assert_eq!(k.len(), b * hkv * s * d, "k is not [B, Hkv, S, D]");
-    assert_eq!(v.len(), k.len(), "v is not [B, Hkv, S, D]");
-    assert_eq!(mask.len(), b * m * t * s, "mask is not [B, M, T, S]");
-    assert_eq!(out.len(), q.len(), "out is not [B, Hq, T, D]");
+    check_fused(dims, q.len(), k.len(), v.len(), mask.len(), out.len());
     if !E::supported() {
         return attention_on(isa, q, &widened(k), &widened(v), mask, dims, out);
     }
@@ -149,6 +144,31 @@ fn attention_on<E: KvElem>(
             }
         }
     }
+}
+
+/// Panics unless q `[B, Hq, T, D]`, k `[B, Hkv, S, D]` and mask `[B, M, T, S]` have the
+/// lengths `dims` gives.
+fn check_inputs(dims: Dims, q: usize, k: usize, mask: usize) {
+    let Dims {
+        b,
+        hq,
+        hkv,
+        t,
+        s,
+        d,
+        m,
+        ..
+    } = dims;
+    assert_eq!(q, b * hq * t * d, "q is not [B, Hq, T, D]");
+    assert_eq!(k, b * hkv * s * d, "k is not [B, Hkv, S, D]");
+    assert_eq!(mask, b * m * t * s, "mask is not [B, M, T, S]");
+}
+
+/// [`check_inputs`], and v as k and out as q.
+fn check_fused(dims: Dims, q: usize, k: usize, v: usize, mask: usize, out: usize) {
+    check_inputs(dims, q, k, mask);
+    assert_eq!(v, k, "v is not [B, Hkv, S, D]");
+    assert_eq!(out, q, "out is not [B, Hq, T, D]");
 }
 
 /// What every task of one call reads.
@@ -584,21 +604,10 @@ const VALUE_COLS: usize = 32;
 /// # Panics
 /// If a slice length disagrees with `dims`.
 pub fn chunk<E: KvElem>(q: &[f32], k: &[E], v: &[E], mask: &[u8], dims: Dims, out: &mut [f32]) {
+    check_fused(dims, q.len(), k.len(), v.len(), mask.len(), out.len());
     let Dims {
-        b,
-        hq,
-        hkv,
-        t,
-        s,
-        d,
-        m,
-        ..
+        b, hkv, t, s, d, m, ..
     } = dims;
-    assert_eq!(q.len(), b * hq * t * d, "q is not [B, Hq, T, D]");
-    assert_eq!(k.len(), b * hkv * s * d, "k is not [B, Hkv, S, D]");
-    assert_eq!(v.len(), k.len(), "v is not [B, Hkv, S, D]");
-    assert_eq!(mask.len(), b * m * t * s, "mask is not [B, M, T, S]");
-    assert_eq!(out.len(), q.len(), "out is not [B, Hq, T, D]");
     if !E::supported() {
         return chunk(q, &widened(k), &widened(v), mask, dims, out);
     }
@@ -888,10 +897,7 @@ fn value_tile<const R: usize>(p: &[f32], v: &[f32], n: usize, d: usize, o: &mut 
         for r in 0..R {
             let or = &mut o[r * d + c0..(r + 1) * d];
             for j in 0..n {
-                let x = p[r * TILE_SLOTS + j];
-                for (a, &y) in or.iter_mut().zip(&v[j * d + c0..(j + 1) * d]) {
-                    *a += x * y;
-                }
+                axpy(p[r * TILE_SLOTS + j], &v[j * d + c0..(j + 1) * d], or);
             }
         }
     }
@@ -904,19 +910,8 @@ fn value_tile<const R: usize>(p: &[f32], v: &[f32], n: usize, d: usize, o: &mut 
 /// # Panics
 /// If a slice length disagrees with `dims`.
 pub fn probs<E: KvElem>(q: &[f32], k: &[E], mask: &[u8], dims: Dims, probs: &mut [f32]) {
-    let Dims {
-        b,
-        hq,
-        hkv,
-        t,
-        s,
-        d,
-        m,
-        ..
-    } = dims;
-    assert_eq!(q.len(), b * hq * t * d, "q is not [B, Hq, T, D]");
-    assert_eq!(k.len(), b * hkv * s * d, "k is not [B, Hkv, S, D]");
-    assert_eq!(mask.len(), b * m * t * s, "mask is not [B, M, T, S]");
+    let Dims { b, hq, t, s, .. } = dims;
+    check_inputs(dims, q.len(), k.len(), mask.len());
     assert_eq!(probs.len(), b * hq * t * s, "probs is not [B, Hq, T, S]");
     if !E::supported() {
         return self::probs(q, &widened(k), mask, dims, probs);

@@ -179,15 +179,9 @@ impl Kernels for Cpu {
         let mut out = vec![0.0f32; q.dims().iter().product()];
         let (q, mask) = (f32s(&qt), bool_bytes(&mt));
         let few = g * t <= FEW_ROWS;
-        match (kt.dtype(), few) {
-            (BurnDType::F16, true) => {
-                attention::attention(q, f16s(&kt), f16s(&vt), mask, dims, &mut out)
-            }
-            (BurnDType::F16, false) => {
-                attention::chunk(q, f16s(&kt), f16s(&vt), mask, dims, &mut out)
-            }
-            (_, true) => attention::attention(q, f32s(&kt), f32s(&vt), mask, dims, &mut out),
-            (_, false) => attention::chunk(q, f32s(&kt), f32s(&vt), mask, dims, &mut out),
+        match kt.dtype() {
+            BurnDType::F16 => host_attention(few, q, f16s(&kt), f16s(&vt), mask, dims, &mut out),
+            _ => host_attention(few, q, f32s(&kt), f32s(&vt), mask, dims, &mut out),
         }
         Tensor::from_data(TensorData::new(out, q_dims), &device)
     }
@@ -279,6 +273,25 @@ fn dims(q: &Tensor<4>, k: &Tensor<4>, mask: &Tensor<4, Bool>, scale: f32) -> att
         d,
         m: mask.dims()[1],
     }
+}
+
+/// Attention on host slices: the few-row (decode) kernel when `few`, else the chunk
+/// (prefill) kernel.
+fn host_attention<E: attention::KvElem>(
+    few: bool,
+    q: &[f32],
+    k: &[E],
+    v: &[E],
+    mask: &[u8],
+    dims: attention::Dims,
+    out: &mut [f32],
+) {
+    let run = if few {
+        attention::attention::<E>
+    } else {
+        attention::chunk::<E>
+    };
+    run(q, k, v, mask, dims, out)
 }
 
 /// [`cache::kv_write`] of an F32 cache in place on its buffer when the cache has a single

@@ -3000,16 +3000,7 @@ mod tests {
         assert!(supports(GgmlType::Q4_K) && !supports(GgmlType::F16) && !supports(GgmlType::Q2_K));
         assert_eq!(GgmlType::Q4_1.row_bytes(576), 18 * 20);
         // The kernels' own block table agrees with the reader's.
-        for ty in [
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-            GgmlType::Q5_0,
-            GgmlType::Q5_1,
-            GgmlType::Q8_0,
-            GgmlType::Q4_K,
-            GgmlType::Q5_K,
-            GgmlType::Q6_K,
-        ] {
+        for ty in TYPES {
             let q = Block::of(ty).unwrap();
             assert_eq!(
                 (q.block(), q.bytes()),
