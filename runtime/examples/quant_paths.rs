@@ -3,7 +3,8 @@
 //! Paths run in turn call after call, so that a shared machine's load shifts all of them
 //! alike (criterion's runs of one path after another do not). The `stream` shapes cycle
 //! through 32 matrices (≈ 100 MB), too large for the caches, as a decode step does.
-//! Row counts above `quant::DECODE_ROWS` (prefill) compare int8 with the f32 panels.
+//! Row counts above `quant::DECODE_ROWS` (prefill) compare int8 with the f32 panels;
+//! decode batches above `quant::INTERLEAVE_ABOVE` rows also time the interleaved weights.
 //!
 //! `cargo run --release -p kvc-runtime --example quant_paths [-- M,M.. [REPS]]`
 #[path = "../benches/support/quant_matrix.rs"]
@@ -43,6 +44,7 @@ fn main() {
         ("qwen-head", GgmlType::Q8_0, 896, 151936, 1),
         ("gemma-up", GgmlType::Q5_0, 640, 2048, 1),
         ("gemma-o-q4k", GgmlType::Q4_K, 1024, 640, 1),
+        ("gemma-head", GgmlType::Q8_0, 640, 262144, 1),
         ("stream-qwen-up", GgmlType::Q5_0, 896, 4864, 32),
         ("stream-qwen-down-q4k", GgmlType::Q4_K, 4864, 896, 32),
     ];
@@ -88,6 +90,21 @@ fn main() {
                     let label = format!("{isa:?}-{method:?}").to_lowercase();
                     runs.push((label, bytes, run));
                 }
+            }
+            // Decode batches above `quant::INTERLEAVE_ABOVE` rows read interleaved weights.
+            if m > quant::INTERLEAVE_ABOVE && !prefill && quant::interleaving() {
+                let wi: Vec<Vec<u8>> = ws
+                    .iter()
+                    .map(|w| quant::interleave(ty, k, n, w).expect("interleaved"))
+                    .collect();
+                let ibytes = wi[0].len();
+                let x = x.clone();
+                let mut i = 0;
+                let run: Run = Box::new(move |out: &mut [f32]| {
+                    i = (i + 1) % wi.len();
+                    quant::qmatmul_t_interleaved(&x, m, k, &wi[i], ty, n, out);
+                });
+                runs.push(("interleaved".into(), ibytes, run));
             }
             let (wf, xf) = (wf.clone(), x.clone());
             let mut i = 0;

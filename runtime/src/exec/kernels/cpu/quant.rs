@@ -292,7 +292,13 @@ pub fn qmatmul_t_with(
         .max(MIN_TASK_ROWS)
         .next_multiple_of(unit);
     let tasks = n.div_ceil(rows);
-    let xq = (path.method == Method::Int8).then(|| quantize(isa, x, m, k));
+    let xq = (path.method == Method::Int8).then(|| {
+        let mut xq = quantize(isa, x, m, k);
+        if matches!(isa, Isa::Avx2 | Isa::Avx512) && m > FUSED_ROWS {
+            xq.fill_passes(isa, m, k);
+        }
+        xq
+    });
     let out = SendPtr(out.as_mut_ptr());
     let run = |t: usize| {
         let j0 = t * rows;
@@ -601,7 +607,8 @@ fn qmatmul_t_interleaved_with(
         .max(MIN_TASK_ROWS)
         .next_multiple_of(GROUP);
     let tasks = n.div_ceil(rows);
-    let xq = quantize(isa, x, m, k);
+    let mut xq = quantize(isa, x, m, k);
+    xq.fill_passes(isa, m, k);
     let out = SendPtr(out.as_mut_ptr());
     let run = |t: usize| {
         let j0 = t * rows;
@@ -776,6 +783,94 @@ struct Xq {
     s32: Vec<i32>,
     /// Per 16 values: `Σ q` (k-quant minimum and offset corrections; at most 16 · 127).
     bs: Vec<i16>,
+    /// The same values for the group kernels, by pass ([`Passes`]); empty where no group
+    /// kernel runs.
+    by_pass: Passes,
+}
+
+/// [`Xq`] reordered for the group kernels, which multiply a pass of `rr` activation rows
+/// (rows `r0..r0 + rr`, [`pass_rows`]) with each group of weight rows. A pass's values sit
+/// at its rows' own offsets (`r0 · k` bytes, `r0 · k / 32` per-32 values, `r0 · k / 16`
+/// per-16 values), block-major inside: `q` holds block `b` of row `r0 + r` at `(b · rr + r)
+/// · 32`, the per-32 values of `(r, b)` are at `b · rr + r` and the per-16 ones of `(r, u)`
+/// at `u · rr + r`. One pointer then reaches every row of a block at constant offsets,
+/// where eight row pointers left the eight-row kernels short of registers.
+#[derive(Default)]
+struct Passes {
+    q: Vec<i8>,
+    d: Vec<f32>,
+    s: Vec<f32>,
+    /// `−Σ q` per 32 values (the kernels shift it into their offset corrections).
+    ns32: Vec<i32>,
+    /// `−Σ q` per 16 values.
+    nbs: Vec<i32>,
+}
+
+/// Activation rows in the group kernels' pass that starts with `left` rows to go: eight
+/// with AVX-512's 32 vector registers, else up to four.
+fn pass_rows(isa: Isa, left: usize) -> usize {
+    if isa == Isa::Avx512 && left >= WIDE_ROWS {
+        WIDE_ROWS
+    } else {
+        left.min(ROWS)
+    }
+}
+
+/// How many passes of [`pass_rows`] cover `m` activation rows.
+fn passes(isa: Isa, m: usize) -> usize {
+    let (mut r0, mut n) = (0, 0);
+    while r0 < m {
+        r0 += pass_rows(isa, m - r0);
+        n += 1;
+    }
+    n
+}
+
+/// Activation rows per pass over a group.
+const ROWS: usize = 4;
+
+/// Activation rows per pass over a group with AVX-512's 32 vector registers: eight
+/// independent accumulators hide the latency of `vpdpbusd` (four chains leave half its
+/// throughput unused).
+const WIDE_ROWS: usize = 8;
+
+/// Activation rows up to which the fused kernels run (AVX2, AVX-512): they unpack each
+/// block in registers and multiply it at once, skipping the group interleaving, which
+/// pays off only over more rows. Above it the group kernels run, on [`Passes`].
+const FUSED_ROWS: usize = 4;
+
+impl Xq {
+    /// Fills [`Xq::by_pass`] for `m` rows of `k` values on `isa`.
+    fn fill_passes(&mut self, isa: Isa, m: usize, k: usize) {
+        let (nb, nu) = (k / 32, k / 16);
+        let mut p = Passes {
+            q: vec![0; m * k],
+            d: vec![0.0; m * nb],
+            s: vec![0.0; m * nb],
+            ns32: vec![0; m * nb],
+            nbs: vec![0; m * nu],
+        };
+        let mut r0 = 0;
+        while r0 < m {
+            let rr = pass_rows(isa, m - r0);
+            for r in 0..rr {
+                let row = r0 + r;
+                for b in 0..nb {
+                    let at = r0 * k + (b * rr + r) * 32;
+                    p.q[at..at + 32].copy_from_slice(&self.q[row * k + 32 * b..][..32]);
+                    let (from, to) = (row * nb + b, r0 * nb + b * rr + r);
+                    p.d[to] = self.d[from];
+                    p.s[to] = self.s[from];
+                    p.ns32[to] = -self.s32[from];
+                }
+                for u in 0..nu {
+                    p.nbs[r0 * nu + u * rr + r] = -i32::from(self.bs[row * nu + u]);
+                }
+            }
+            r0 += rr;
+        }
+        self.by_pass = p;
+    }
 }
 
 /// Quantizes `x` `[m, k]` in blocks of 32 values. Every instruction set runs the same
@@ -787,6 +882,7 @@ fn quantize(isa: Isa, x: &[f32], m: usize, k: usize) -> Xq {
         s: vec![0.0; m * k / 32],
         s32: vec![0; m * k / 32],
         bs: vec![0; m * k / 16],
+        by_pass: Passes::default(),
     };
     let run = |x: &[f32], xq: XqPart| match isa {
         #[cfg(target_arch = "x86_64")]
@@ -1621,29 +1717,43 @@ mod x86 {
         m: *const f32,
         ustride: usize,
         dstride: usize,
-        /// Bytes ahead of each unit to prefetch (0: none; a [`Group`] is in cache).
-        ahead: usize,
+        /// Bytes from this group to the next one, whose lines the kernels prefetch into
+        /// L2 as they go (0: none; a [`Group`] is in cache).
+        next: usize,
+        /// This pass of activation rows over the group, and how many there are: pass
+        /// `p` of `P` prefetches the `p`-th of `P` slices of each of the next group's
+        /// units, so the next group streams in while every pass multiplies (a group is
+        /// read from memory once; a pass that asked for nothing left memory idle).
+        pass: (usize, usize),
     }
 
     impl GroupRef {
-        /// Asks for the lines `ahead` bytes past unit `j` (interleaved weights stream
-        /// from memory; the hardware prefetcher alone leaves the kernel waiting on the
-        /// first unit of each group).
+        /// Asks for this pass's slice of unit `j` of the next group.
         #[inline(always)]
         fn prefetch(self, j: usize) {
-            if self.ahead > 0 {
-                let p = self.u.wrapping_add(self.ustride * j + self.ahead);
-                let mut at = 0;
-                while at < self.ustride {
+            if self.next > 0 {
+                let (p, passes) = self.pass;
+                let unit = self.u.wrapping_add(self.next + self.ustride * j);
+                let lo = unit.wrapping_add(self.ustride * p / passes) as usize & !63;
+                let hi = unit.wrapping_add(self.ustride * (p + 1) / passes) as usize;
+                let mut at = lo;
+                while at < hi {
                     // SAFETY: prefetching never faults, whatever the address.
-                    unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(at).cast()) };
+                    unsafe { _mm_prefetch::<_MM_HINT_T1>(at as *const i8) };
                     at += 64;
                 }
             }
         }
-    }
 
-    impl GroupRef {
+        /// `self` as pass `p` of `passes`.
+        #[inline(always)]
+        fn in_pass(self, p: usize, passes: usize) -> GroupRef {
+            GroupRef {
+                pass: (p, passes),
+                ..self
+            }
+        }
+
         fn of(q: Block, g: &Group) -> GroupRef {
             GroupRef {
                 u: g.u.as_ptr(),
@@ -1651,7 +1761,8 @@ mod x86 {
                 m: g.m.as_ptr(),
                 ustride: GROUP * q.unit(),
                 dstride: GROUP,
-                ahead: 0,
+                next: 0,
+                pass: (0, 1),
             }
         }
     }
@@ -1666,9 +1777,17 @@ mod x86 {
                 m: g.wrapping_add(self.ub + 4 * GROUP).cast(),
                 ustride: self.stride,
                 dstride: self.stride / 4,
-                ahead: 8 * self.stride,
+                next: self.bytes(),
+                pass: (0, 1),
             }
         }
+    }
+
+    /// `v` with each 32-bit lane shifted left by `n` (a constant where this is inlined).
+    #[inline(always)]
+    unsafe fn shl(v: __m256i, n: i32) -> __m256i {
+        // SAFETY: AVX2 is enabled wherever this is inlined.
+        unsafe { _mm256_sll_epi32(v, _mm_cvtsi32_si128(n)) }
     }
 
     /// `v` with each 16-bit lane shifted left by `n` (right by `−n`).
@@ -1800,21 +1919,24 @@ mod x86 {
                 // Offset corrections in i32: Q8_0's VNNI bytes carry +128.
                 let shift = if SIGNED && $vnni { 7 } else { OFF };
                 let (gu, gd, gm) = (g.u, g.d, g.m);
-                let x: [*const i8; R] = std::array::from_fn(|r| xq.q[(r0 + r) * k..].as_ptr());
-                let xrow = |v: &[f32], r: usize, b: usize| v[(r0 + r) * nb + b];
+                let p = &xq.by_pass;
+                assert!(p.q.len() >= (r0 + R) * k && p.d.len() >= (r0 + R) * nb);
+                let (xq0, xd0) = (p.q[r0 * k..].as_ptr(), p.d[r0 * nb..].as_ptr());
+                let (xs0, xc0) = (p.s[r0 * nb..].as_ptr(), p.ns32[r0 * nb..].as_ptr());
                 let mut acc = [_mm256_setzero_ps(); R];
                 // SAFETY (whole loop): block b reads g.u at 256b.. (256 bytes), g.d and
-                // g.m at 8b.. (8 floats) and activation bytes 32b.. of rows r0 + r.
+                // g.m at 8b.. (8 floats), and the pass's activation bytes (b · R + r) · 32..
+                // and per-32 values b · R + r (asserted above).
                 unsafe {
                     for b in 0..nb {
-                        let ai: [__m256i; R] = std::array::from_fn(|r| {
+                        let (xb, at) = (xq0.add(32 * R * b), R * b);
+                        let mut ai: [__m256i; R] = std::array::from_fn(|r| {
                             if shift > 0 {
-                                _mm256_set1_epi32(-(xq.s32[(r0 + r) * nb + b] << shift))
+                                shl(_mm256_set1_epi32(*xc0.add(at + r)), shift)
                             } else {
                                 _mm256_setzero_si256()
                             }
                         });
-                        let mut ai = ai;
                         g.prefetch(b);
                         let wvs = unit_chunks::<PACK, FLIP>(gu.add(g.ustride * b));
                         for (c, wv) in wvs.into_iter().enumerate() {
@@ -1824,19 +1946,19 @@ mod x86 {
                                 wv
                             };
                             for (r, ai) in ai.iter_mut().enumerate() {
-                                let xv = x[r].add(32 * b + 4 * c).cast::<i32>().read_unaligned();
+                                let xv = xb.add(32 * r + 4 * c).cast::<i32>().read_unaligned();
                                 *ai = chunk(*ai, wv, wa, _mm256_set1_epi32(xv), SIGNED);
                             }
                         }
                         let dw = _mm256_loadu_ps(gd.add(g.dstride * b));
                         for (r, (a, ai)) in acc.iter_mut().zip(ai).enumerate() {
-                            let s = _mm256_mul_ps(dw, _mm256_set1_ps(xrow(&xq.d, r, b)));
+                            let s = _mm256_mul_ps(dw, _mm256_set1_ps(*xd0.add(at + r)));
                             *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai), s, *a);
                         }
                         if OFF == 0 && !SIGNED {
                             let mw = _mm256_loadu_ps(gm.add(g.dstride * b));
                             for (r, a) in acc.iter_mut().enumerate() {
-                                *a = _mm256_fmadd_ps(mw, _mm256_set1_ps(xrow(&xq.s, r, b)), *a);
+                                *a = _mm256_fmadd_ps(mw, _mm256_set1_ps(*xs0.add(at + r)), *a);
                             }
                         }
                     }
@@ -1867,19 +1989,30 @@ mod x86 {
                 let chunk = $chunk;
                 let (subs, chunks) = if Q6 { (16, 4) } else { (8, 8) };
                 let (gu, gd, gm) = (g.u, g.d, g.m);
-                let x: [*const i8; R] = std::array::from_fn(|r| xq.q[(r0 + r) * k..].as_ptr());
+                let (nb, nu) = (k / 32, k / 16);
+                let p = &xq.by_pass;
+                assert!(p.q.len() >= (r0 + R) * k && p.nbs.len() >= (r0 + R) * nu);
+                let (xq0, xd0) = (p.q[r0 * k..].as_ptr(), p.d[r0 * nb..].as_ptr());
+                let (xs0, xc0) = (p.s[r0 * nb..].as_ptr(), p.nbs[r0 * nu..].as_ptr());
                 let mut acc = [_mm256_setzero_ps(); R];
                 // SAFETY (whole loop): unit s of super-block sb reads g.u at 32 · c for
-                // its chunks c < k / 4, g.d and g.m at 8 · unit.., and activation bytes
-                // 4c.. of rows r0 + r.
+                // its chunks c < k / 4, g.d and g.m at 8 · unit.., and the pass's
+                // activation bytes of its 32-value block, per-32 values of that block and
+                // per-16 values of the unit (asserted above).
                 unsafe {
                     for sb in 0..k / 256 {
                         for s in 0..subs {
                             let unit = sb * subs + s;
+                            // The unit's 32-value block and its first byte there.
+                            let (b, within) = if Q6 {
+                                (unit / 2, 16 * (unit % 2))
+                            } else {
+                                (unit, 0)
+                            };
+                            let xb = xq0.add(32 * R * b + within);
                             let mut ai: [__m256i; R] = std::array::from_fn(|r| {
                                 if Q6 {
-                                    let sum = i32::from(xq.bs[(r0 + r) * k / 16 + unit]);
-                                    _mm256_set1_epi32(-32 * sum)
+                                    shl(_mm256_set1_epi32(*xc0.add(R * unit + r)), 5)
                                 } else {
                                     _mm256_setzero_si256()
                                 }
@@ -1892,23 +2025,20 @@ mod x86 {
                                 unit_chunks::<PACK, false>(gu)
                             };
                             for (cc, &wv) in wvs.iter().enumerate().take(chunks) {
-                                let c = unit * chunks + cc;
                                 for (r, ai) in ai.iter_mut().enumerate() {
-                                    let xv = x[r].add(4 * c).cast::<i32>().read_unaligned();
+                                    let xv = xb.add(32 * r + 4 * cc).cast::<i32>().read_unaligned();
                                     *ai = chunk(*ai, wv, wv, _mm256_set1_epi32(xv), false);
                                 }
                             }
                             let dsc = _mm256_loadu_ps(gd.add(g.dstride * unit));
-                            let u32_ = if Q6 { unit / 2 } else { unit };
                             for (r, (a, ai)) in acc.iter_mut().zip(ai).enumerate() {
-                                let dx = xq.d[(r0 + r) * (k / 32) + u32_];
-                                let s = _mm256_mul_ps(dsc, _mm256_set1_ps(dx));
+                                let s = _mm256_mul_ps(dsc, _mm256_set1_ps(*xd0.add(R * b + r)));
                                 *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai), s, *a);
                             }
                             if !Q6 {
                                 let dmn = _mm256_loadu_ps(gm.add(g.dstride * unit));
                                 for (r, a) in acc.iter_mut().enumerate() {
-                                    let sx = xq.s[(r0 + r) * k / 32 + unit];
+                                    let sx = *xs0.add(R * b + r);
                                     *a = _mm256_fnmadd_ps(dmn, _mm256_set1_ps(sx), *a);
                                 }
                             }
@@ -1948,11 +2078,6 @@ mod x86 {
             _mm256_dpbusd_epi32(acc, w, x)
         }
     );
-
-    /// Activation rows up to which the fused kernels run: they unpack each block in
-    /// registers and multiply it at once, skipping the group interleaving, which pays off
-    /// only over more rows.
-    const FUSED_ROWS: usize = 4;
 
     /// The shuffle that spreads Q6_K's 16-bit scales `2i` and `2i + 1` (of the eight in
     /// each 128-bit lane) over the low and high lane.
@@ -2216,14 +2341,6 @@ mod x86 {
         };
     }
 
-    /// Activation rows per pass over a group.
-    const ROWS: usize = 4;
-
-    /// Activation rows per pass over a group with AVX-512's 32 vector registers: eight
-    /// independent accumulators hide the latency of `vpdpbusd` (four chains leave half
-    /// its throughput unused).
-    const WIDE_ROWS: usize = 8;
-
     /// Defines a task of integer dot products over groups of weight rows.
     macro_rules! int8_task {
         ($name:ident, $inter:ident, $isa:expr, $vnni:literal, $features:literal, $dot32:ident, $dotk:ident, $fused32:ident, $fusedk:ident) => {
@@ -2242,11 +2359,11 @@ mod x86 {
                     out,
                 } = *task;
                 let rb = row_bytes_q(q, k);
-                if m <= FUSED_ROWS {
+                if m <= super::FUSED_ROWS {
                     let o = out.0;
                     let mut r0 = 0;
                     while r0 < m {
-                        let rr = (m - r0).min(ROWS);
+                        let rr = (m - r0).min(super::ROWS);
                         // SAFETY: rows r0..r0 + rr ≤ m of xq and out; columns j0.. of this task's
                         // rows are the caller's.
                         unsafe {
@@ -2382,13 +2499,12 @@ mod x86 {
     macro_rules! group_rows {
         ($isa:expr, $dot32:ident, $dotk:ident, $p:literal, $f:literal, $q:expr, $g:expr, $xq:expr, $m:expr, $k:expr, $o:expr, $n:expr, $j:expr, $lanes:expr) => {{
             let (g, xq, m, k, o, n, j, lanes) = ($g, $xq, $m, $k, $o, $n, $j, $lanes);
-            let mut r0 = 0;
+            let passes = super::passes($isa, m);
+            let (mut r0, mut pass) = (0, 0);
             while r0 < m {
-                let rr = if $isa == Isa::Avx512 && m - r0 >= WIDE_ROWS {
-                    WIDE_ROWS
-                } else {
-                    (m - r0).min(ROWS)
-                };
+                let rr = super::pass_rows($isa, m - r0);
+                let g = g.in_pass(pass, passes);
+                pass += 1;
                 // SAFETY: rows r0..r0 + rr < m of xq and out; columns j..j + lanes are
                 // the task's (the caller's contract).
                 unsafe {
