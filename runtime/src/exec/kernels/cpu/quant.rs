@@ -797,6 +797,8 @@ struct Xq {
 /// where eight row pointers left the eight-row kernels short of registers.
 #[derive(Default)]
 struct Passes {
+    /// The instruction set whose passes ([`pass_rows`]) the layout follows.
+    isa: Option<Isa>,
     q: Vec<i8>,
     d: Vec<f32>,
     s: Vec<f32>,
@@ -844,6 +846,7 @@ impl Xq {
     fn fill_passes(&mut self, isa: Isa, m: usize, k: usize) {
         let (nb, nu) = (k / 32, k / 16);
         let mut p = Passes {
+            isa: Some(isa),
             q: vec![0; m * k],
             d: vec![0.0; m * nb],
             s: vec![0.0; m * nb],
@@ -2499,6 +2502,10 @@ mod x86 {
     macro_rules! group_rows {
         ($isa:expr, $dot32:ident, $dotk:ident, $p:literal, $f:literal, $q:expr, $g:expr, $xq:expr, $m:expr, $k:expr, $o:expr, $n:expr, $j:expr, $lanes:expr) => {{
             let (g, xq, m, k, o, n, j, lanes) = ($g, $xq, $m, $k, $o, $n, $j, $lanes);
+            assert!(
+                xq.by_pass.isa == Some($isa),
+                "activations laid out for the passes of another instruction set"
+            );
             let passes = super::passes($isa, m);
             let (mut r0, mut pass) = (0, 0);
             while r0 < m {
