@@ -1394,8 +1394,7 @@ mod tests {
                 3,
             ),
             // Seven query rows per KV head (fused in passes of 3, 3 and 1 with AVX2, 4
-            // and 3 with AVX-512), slots that
-            // are not whole groups of four.
+            // and 3 with AVX-512), slots that are not whole groups of four.
             (
                 Dims {
                     scale: 0.2,

@@ -294,7 +294,7 @@ pub fn qmatmul_t_with(
     let tasks = n.div_ceil(rows);
     let xq = (path.method == Method::Int8).then(|| {
         let mut xq = quantize(isa, x, m, k);
-        if matches!(isa, Isa::Avx2 | Isa::Avx512) && m > FUSED_ROWS {
+        if group_kernels(isa, m) {
             xq.fill_passes(isa, m, k);
         }
         xq
@@ -840,6 +840,12 @@ const WIDE_ROWS: usize = 8;
 /// block in registers and multiply it at once, skipping the group interleaving, which
 /// pays off only over more rows. Above it the group kernels run, on [`Passes`].
 const FUSED_ROWS: usize = 4;
+
+/// Whether the int8 products of `m` rows on the file's blocks run the group kernels
+/// (which read [`Passes`]) rather than the fused ones or the portable code.
+fn group_kernels(isa: Isa, m: usize) -> bool {
+    matches!(isa, Isa::Avx2 | Isa::Avx512) && m > FUSED_ROWS
+}
 
 impl Xq {
     /// Fills [`Xq::by_pass`] for `m` rows of `k` values on `isa`.
@@ -2362,7 +2368,7 @@ mod x86 {
                     out,
                 } = *task;
                 let rb = row_bytes_q(q, k);
-                if m <= super::FUSED_ROWS {
+                if !super::group_kernels($isa, m) {
                     let o = out.0;
                     let mut r0 = 0;
                     while r0 < m {
