@@ -37,7 +37,7 @@ fi
 cargo build --release --quiet
 KVC=${CARGO_TARGET_DIR:-target}/release/kvc
 echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
-echo "flags: $(grep -o 'avx512[a-z_]*\|avx2\|fma\|f16c' /proc/cpuinfo | sort -u | xargs)"
+echo "flags: $(grep -ow 'avx512[a-z_0-9]*\|avx_vnni\|amx[a-z_0-9]*\|avx2\|fma\|f16c' /proc/cpuinfo | sort -u | xargs)"
 echo "prompt $PROMPT tokens, $DECODE decode steps, $THREADS threads"
 
 llama() {

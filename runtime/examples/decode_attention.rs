@@ -1,8 +1,10 @@
 //! Times decode attention (`attention::attention`, one query position) at Gemma 3 270M's
 //! shapes (4 query heads, 1 KV head of 256) over 18 layers of f16 caches, as in a decode
-//! step: `cargo run --release --example decode_attention -- [B] [S] [steps] [caches]`.
-//! With `caches` = 18 (the default) every layer has its own cache and the keys and
-//! values stream from memory; with 1 the 18 calls reuse one cache (from the last-level
+//! step: `cargo run --release --example decode_attention -- [B] [S] [steps] [caches]
+//! [MODEL]`, MODEL `gemma` (the default) or `smollm2` (9 query heads, 3 KV heads of 64,
+//! 30 layers).
+//! With `caches` at least the layer count (the default) every layer has its own cache and
+//! the keys and values stream from memory; with 1 the calls reuse one cache (from the last-level
 //! cache when it fits), which separates the kernel's arithmetic from its memory stalls.
 use std::time::Instant;
 
@@ -15,8 +17,17 @@ fn main() {
             .and_then(|a| a.parse().ok())
             .unwrap_or(d)
     };
-    let (b, s, reps, caches) = (arg(1, 16), arg(2, 640), arg(3, 20), arg(4, 18).max(1));
-    let (hq, hkv, d, layers) = (4, 1, 256, 18);
+    let (b, s, reps, caches) = (
+        arg(1, 16),
+        arg(2, 640),
+        arg(3, 20),
+        arg(4, usize::MAX).max(1),
+    );
+    let (hq, hkv, d, layers) = match std::env::args().nth(5).as_deref() {
+        None | Some("gemma") => (4, 1, 256, 18),
+        Some("smollm2") => (9, 3, 64, 30),
+        Some(other) => panic!("unknown model {other}: gemma or smollm2"),
+    };
     let dims = Dims {
         scale: 0.0625,
         b,
@@ -47,14 +58,17 @@ fn main() {
     let mut steps = Vec::new();
     for _ in 0..reps {
         let t = Instant::now();
-        for i in 0..layers {
-            let (k, v) = &kv[i % kv.len()];
-            attention(&q, k, v, &mask, dims, &mut out);
-        }
+        // On a worker of the pool, as the executor runs a graph.
+        rayon::scope(|_| {
+            for i in 0..layers {
+                let (k, v) = &kv[i % kv.len()];
+                attention(&q, k, v, &mask, dims, &mut out);
+            }
+        });
         steps.push(t.elapsed().as_secs_f64() * 1e3);
     }
     steps.sort_by(f64::total_cmp);
-    // Bytes of keys and values the 18 calls read (each call reads its whole cache).
+    // Bytes of keys and values the calls read (each call reads its whole cache).
     let mb = (2 * layers * n * 2) as f64 / 1e6;
     let p50 = steps[steps.len() / 2];
     println!(

@@ -6,7 +6,9 @@
 //! them in place instead of copying (a live handle would force a full copy every step),
 //! and every state variable keeps its buffer across runs (see [`super::plan`]).
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use burn::tensor::{Device, IntDType};
 use kvc_compiler::ir::{BinaryOp, Program, StateId};
@@ -85,6 +87,79 @@ fn touch(v: Value) -> Value {
         Value::I(t) => Value::I(t.add_scalar(0)),
         Value::B(t) => Value::B(t),
         Value::Q(q) => Value::Q(q),
+    }
+}
+
+/// Whether some graph run holds [`Polling`] (one at a time).
+static POLLING: AtomicBool = AtomicBool::new(false);
+
+/// Keeps rayon's other workers looking for work through one graph run. A worker that finds
+/// none sleeps within microseconds, and waking it (a futex call, and on a virtual machine
+/// an interrupt to a halted virtual CPU) cost 10–30 µs per parallel kernel, paid ≈ 210
+/// times per decode step of a small model. While a run holds this, every other worker
+/// polls for work instead (`rayon::yield_now`), so a kernel's tasks start on both cores
+/// at once.
+///
+/// Deadlock-free by construction: a poller returns when the run ends, and also once it
+/// has found no work for [`Polling::IDLE`]. (A worker that picked up its poller while
+/// suspended inside a task of this very run would otherwise spin forever while the run
+/// waited for that task.) Only one run at a time polls, so pollers of two runs never
+/// wait on each other.
+struct Polling {
+    hot: Arc<AtomicBool>,
+}
+
+/// Ends polling when dropped (also when the run panics, so the scope can finish).
+struct StopPolling(Arc<AtomicBool>);
+
+impl Drop for StopPolling {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+impl Polling {
+    /// How long a poller looks for work without finding any before it returns.
+    const IDLE: Duration = Duration::from_micros(500);
+
+    /// Polling for this run, unless another run holds it.
+    fn claim() -> Option<Polling> {
+        (rayon::current_num_threads() > 1
+            && POLLING
+                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok())
+        .then(|| Polling {
+            hot: Arc::new(AtomicBool::new(true)),
+        })
+    }
+
+    /// Starts a poller on every worker but the running one; polling stops when the
+    /// returned guard drops.
+    fn start(&self, s: &rayon::Scope<'_>) -> StopPolling {
+        let me = rayon::current_thread_index();
+        let hot = self.hot.clone();
+        s.spawn_broadcast(move |_, ctx| {
+            if Some(ctx.index()) == me {
+                return;
+            }
+            let mut idle_since = Instant::now();
+            while hot.load(Ordering::Acquire) {
+                if rayon::yield_now() == Some(rayon::Yield::Executed) {
+                    idle_since = Instant::now();
+                } else if idle_since.elapsed() > Polling::IDLE {
+                    return;
+                } else {
+                    std::hint::spin_loop();
+                }
+            }
+        });
+        StopPolling(self.hot.clone())
+    }
+}
+
+impl Drop for Polling {
+    fn drop(&mut self) {
+        POLLING.store(false, Ordering::Release);
     }
 }
 
@@ -217,10 +292,19 @@ impl Executor {
     /// Runs one graph: reads `inputs` (in declaration order) and the state, writes the
     /// state back into its buffers, and returns the outputs in declaration order.
     pub fn run(&self, which: Which, inputs: Vec<Value>, state: &mut State) -> Vec<Value> {
-        if self.kernels.run_on_pool() && rayon::current_thread_index().is_none() {
-            return rayon::scope(|_| self.run_here(which, inputs, state));
+        if !self.kernels.run_on_pool() {
+            return self.run_here(which, inputs, state);
         }
-        self.run_here(which, inputs, state)
+        let polling = Polling::claim();
+        let body = |s: &rayon::Scope<'_>| {
+            let _stop = polling.as_ref().map(|p| p.start(s));
+            self.run_here(which, inputs, state)
+        };
+        if rayon::current_thread_index().is_none() {
+            rayon::scope(body)
+        } else {
+            rayon::in_place_scope(body)
+        }
     }
 
     fn run_here(&self, which: Which, inputs: Vec<Value>, state: &mut State) -> Vec<Value> {
