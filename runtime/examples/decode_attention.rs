@@ -58,7 +58,8 @@ fn main() {
     let mut steps = Vec::new();
     for _ in 0..reps {
         let t = Instant::now();
-        // On a worker of the pool, as the executor runs a graph.
+        // On a worker of the pool, as the executor runs a graph (which also keeps the
+        // other workers polling for work; this example does not).
         rayon::scope(|_| {
             for i in 0..layers {
                 let (k, v) = &kv[i % kv.len()];

@@ -1,9 +1,9 @@
 //! The quantized products of one whole decode step of a real model, in the model's order,
 //! with distinct weights for every layer (so they stream from memory as in a decode step),
-//! called back to back from inside rayon's pool. Prints the median step time and the weight
-//! bytes streamed per second, per instruction set and row count: how close the products
-//! come to the machine's memory bandwidth, which `quant_paths` (one product repeated,
-//! mostly from cache) does not show.
+//! called back to back from inside rayon's pool (without the executor's pollers). Prints
+//! the median step time and the weight bytes streamed per second, per instruction set and
+//! row count: how close the products come to the machine's memory bandwidth, which
+//! `quant_paths` (one product repeated, mostly from cache) does not show.
 //!
 //! `cargo run --release -p kvc-runtime --example decode_linears [-- MODEL [M,M.. [STEPS]]]`
 //! with MODEL `smollm2` (default), `qwen` or `gemma`.

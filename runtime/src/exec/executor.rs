@@ -96,54 +96,44 @@ static POLLING: AtomicBool = AtomicBool::new(false);
 /// Keeps rayon's other workers looking for work through one graph run. A worker that finds
 /// none sleeps within microseconds, and waking it (a futex call, and on a virtual machine
 /// an interrupt to a halted virtual CPU) cost 10–30 µs per parallel kernel, paid ≈ 210
-/// times per decode step of a small model. While a run holds this, every other worker
-/// polls for work instead (`rayon::yield_now`), so a kernel's tasks start on both cores
-/// at once.
+/// times per decode step of a small model. While a run holds this, every other worker of
+/// the pool polls for work instead (`rayon::yield_now`), so a kernel's tasks start on all
+/// of them at once.
 ///
-/// Deadlock-free by construction: a poller returns when the run ends, and also once it
-/// has found no work for [`Polling::IDLE`]. (A worker that picked up its poller while
-/// suspended inside a task of this very run would otherwise spin forever while the run
-/// waited for that task.) Only one run at a time polls, so pollers of two runs never
-/// wait on each other.
+/// The pollers are detached jobs (`rayon::spawn_broadcast`): the run never waits for
+/// them, so a worker that is busy or blocked elsewhere delays nothing. A poller returns
+/// when the run ends, or once it has found no work for [`Polling::IDLE`]. A worker that
+/// picks up its poller while suspended inside a task (waiting on a join) resumes that
+/// task only when the poller returns; the idle limit bounds that wait once the pool has
+/// nothing else to do, and only one run at a time polls.
 struct Polling {
     hot: Arc<AtomicBool>,
-}
-
-/// Ends polling when dropped (also when the run panics, so the scope can finish).
-struct StopPolling(Arc<AtomicBool>);
-
-impl Drop for StopPolling {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
-    }
 }
 
 impl Polling {
     /// How long a poller looks for work without finding any before it returns.
     const IDLE: Duration = Duration::from_micros(500);
 
-    /// Polling for this run, unless another run holds it.
-    fn claim() -> Option<Polling> {
-        (rayon::current_num_threads() > 1
-            && POLLING
+    /// Starts a poller on every worker of the current pool but the calling one, unless
+    /// the pool has one thread or another run holds polling. Polling ends when the result
+    /// drops.
+    fn start() -> Option<Polling> {
+        if rayon::current_num_threads() < 2
+            || POLLING
                 .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-                .is_ok())
-        .then(|| Polling {
-            hot: Arc::new(AtomicBool::new(true)),
-        })
-    }
-
-    /// Starts a poller on every worker but the running one; polling stops when the
-    /// returned guard drops.
-    fn start(&self, s: &rayon::Scope<'_>) -> StopPolling {
+                .is_err()
+        {
+            return None;
+        }
         let me = rayon::current_thread_index();
-        let hot = self.hot.clone();
-        s.spawn_broadcast(move |_, ctx| {
+        let hot = Arc::new(AtomicBool::new(true));
+        let flag = hot.clone();
+        rayon::spawn_broadcast(move |ctx| {
             if Some(ctx.index()) == me {
                 return;
             }
             let mut idle_since = Instant::now();
-            while hot.load(Ordering::Acquire) {
+            while flag.load(Ordering::Acquire) {
                 if rayon::yield_now() == Some(rayon::Yield::Executed) {
                     idle_since = Instant::now();
                 } else if idle_since.elapsed() > Polling::IDLE {
@@ -153,12 +143,14 @@ impl Polling {
                 }
             }
         });
-        StopPolling(self.hot.clone())
+        Some(Polling { hot })
     }
 }
 
 impl Drop for Polling {
+    /// Also runs when the graph run panics.
     fn drop(&mut self) {
+        self.hot.store(false, Ordering::Release);
         POLLING.store(false, Ordering::Release);
     }
 }
@@ -295,15 +287,14 @@ impl Executor {
         if !self.kernels.run_on_pool() {
             return self.run_here(which, inputs, state);
         }
-        let polling = Polling::claim();
-        let body = |s: &rayon::Scope<'_>| {
-            let _stop = polling.as_ref().map(|p| p.start(s));
+        let body = || {
+            let _polling = Polling::start();
             self.run_here(which, inputs, state)
         };
         if rayon::current_thread_index().is_none() {
-            rayon::scope(body)
+            rayon::scope(|_| body())
         } else {
-            rayon::in_place_scope(body)
+            body()
         }
     }
 
