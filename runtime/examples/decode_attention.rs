@@ -4,8 +4,9 @@
 //! [MODEL]`, MODEL `gemma` (the default) or `smollm2` (9 query heads, 3 KV heads of 64,
 //! 30 layers).
 //! With `caches` at least the layer count (the default) every layer has its own cache and
-//! the keys and values stream from memory; with 1 the calls reuse one cache (from the last-level
-//! cache when it fits), which separates the kernel's arithmetic from its memory stalls.
+//! the keys and values stream from memory; with 1 the calls reuse one cache (from the
+//! last-level cache when it fits), which separates the kernel's arithmetic from its memory
+//! stalls.
 use std::time::Instant;
 
 use kvc_runtime::exec::kernels::cpu::attention::{Dims, attention};

@@ -77,19 +77,15 @@ fn main() {
     });
     let steps: usize = args.get(3).map_or(30, |s| s.parse().expect("steps"));
     let (layer, layers, head) = model(name);
-    let mut mats: Vec<(GgmlType, usize, usize, Vec<u8>)> = Vec::new();
-    for l in 0..layers {
-        for (i, &(ty, k, n)) in layer.iter().enumerate() {
-            mats.push((ty, k, n, quant_matrix(ty, k, n, (l * 16 + i) as u32)));
-        }
-    }
-    mats.push((
-        head.0,
-        head.1,
-        head.2,
-        quant_matrix(head.0, head.1, head.2, 999),
-    ));
+    let mats: Vec<(GgmlType, usize, usize, Vec<u8>)> = (0..layers)
+        .flat_map(|_| layer.iter().copied())
+        .chain([head])
+        .enumerate()
+        .map(|(i, (ty, k, n))| (ty, k, n, quant_matrix(ty, k, n, i as u32)))
+        .collect();
     let bytes: usize = mats.iter().map(|m| m.3.len()).sum();
+    let kmax = mats.iter().map(|t| t.1).max().unwrap_or(0);
+    let nmax = mats.iter().map(|t| t.2).max().unwrap_or(0);
     let isas: Vec<Isa> = [Isa::Avx512, Isa::Avx2]
         .into_iter()
         .filter(|i| i.available())
@@ -100,24 +96,27 @@ fn main() {
         bytes as f64 / 1e6
     );
     for &m in &ms {
-        let kmax = mats.iter().map(|t| t.1.max(t.2)).max().unwrap_or(0);
         let x: Vec<f32> = (0..m * kmax)
             .map(|i| hash_uniform(1, i as i32, 0) * 2.0 - 1.0)
             .collect();
-        let nmax = mats.iter().map(|t| t.2).max().unwrap_or(0);
         let mut out = vec![0.0f32; m * nmax];
         // The file's blocks on each instruction set, and (as a plan stores them above
-        // `INTERLEAVE_ABOVE` rows) interleaved weights on the best one.
-        let mut labels: Vec<String> = isas.iter().map(|i| format!("{i:?}")).collect();
+        // `INTERLEAVE_ABOVE` rows) interleaved weights on the best one; each with the
+        // bytes it streams.
+        let mut labels: Vec<(String, usize)> =
+            isas.iter().map(|i| (format!("{i:?}"), bytes)).collect();
         let inter = m > quant::INTERLEAVE_ABOVE && quant::interleaving();
         let wi: Vec<Vec<u8>> = if inter {
-            labels.push(format!("interleaved ({:?})", Isa::best()));
             mats.iter()
                 .map(|(ty, k, n, w)| quant::interleave(*ty, *k, *n, w).expect("interleaved"))
                 .collect()
         } else {
             Vec::new()
         };
+        if inter {
+            let ibytes = wi.iter().map(Vec::len).sum();
+            labels.push((format!("interleaved ({:?})", Isa::best()), ibytes));
+        }
         let mut times = vec![Vec::with_capacity(steps); labels.len()];
         for _ in 0..steps {
             for (v, t) in times.iter_mut().enumerate() {
@@ -140,12 +139,12 @@ fn main() {
                 t.push(start.elapsed().as_secs_f64() * 1e3);
             }
         }
-        for (label, t) in labels.iter().zip(&mut times) {
+        for ((label, streamed), t) in labels.iter().zip(&mut times) {
             t.sort_by(f64::total_cmp);
             let med = t[t.len() / 2];
             println!(
                 "{label}, {m}: {med:.2} ({:.1}), {:.2}",
-                bytes as f64 / med / 1e6,
+                *streamed as f64 / med / 1e6,
                 t[0]
             );
         }
