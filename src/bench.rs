@@ -250,6 +250,9 @@ pub fn bench_one(model: &Path, cfg: &Config) -> Result<BenchResult> {
 
 /// Runs every configuration in its own child process and prints a table.
 pub fn bench_all(model: &Path, configs: &[Config], json: Option<&Path>) -> Result<()> {
+    if let Some(path) = json {
+        crate::output::check_file("--json", path)?;
+    }
     let exe = std::env::current_exe()?;
     let mut results = Vec::new();
     println!(
@@ -304,11 +307,14 @@ pub fn bench_all(model: &Path, configs: &[Config], json: Option<&Path>) -> Resul
             ]);
             let out = cmd.output().context("starting a benchmark child process")?;
             if !out.status.success() {
-                bail!(
-                    "batch {b} context {c} kv {}: {}",
-                    cfg.kv,
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
+                // The child's own error line, without its `error: ` (this one adds it).
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                let why = stderr
+                    .lines()
+                    .rev()
+                    .find_map(|l| l.strip_prefix("error: "))
+                    .unwrap_or(stderr.trim());
+                bail!("batch {b} context {c} kv {}: {why}", cfg.kv);
             }
             let r: BenchResult =
                 serde_json::from_slice(&out.stdout).context("reading a child's result")?;
@@ -339,7 +345,8 @@ pub fn bench_all(model: &Path, configs: &[Config], json: Option<&Path>) -> Resul
             "steps": steps,
             "results": results,
         });
-        std::fs::write(path, serde_json::to_string_pretty(&doc)?)?;
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
+            .with_context(|| format!("--json {}", path.display()))?;
         println!("wrote {}", path.display());
     }
     Ok(())

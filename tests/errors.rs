@@ -231,6 +231,79 @@ fn every_class_of_bad_input_is_one_error_line() {
             ]),
         ),
         (
+            "bench_json_is_a_device",
+            args(&[
+                "bench",
+                "models/tiny-llama.ron",
+                "--context",
+                "8",
+                "--batch",
+                "1",
+                "--json",
+                "/dev/full",
+            ]),
+        ),
+        (
+            "bench_child_error_said_once",
+            args(&[
+                "bench",
+                "models/tiny-llama.ron",
+                "--context",
+                "8",
+                "--batch",
+                "1",
+                "--max-memory",
+                "1KiB",
+            ]),
+        ),
+        ("spec_is_a_device", args(&["compile", "/dev/zero"])),
+        (
+            "spec_wheel_version_leaves_the_cache",
+            args(&[
+                "compile",
+                "compiler/tests/fixtures/invalid/wheel_version_leaves_the_cache.ron",
+            ]),
+        ),
+        (
+            "eval_results_file_is_a_device",
+            args(&["eval", "models/tiny-llama.ron", "--json", "/dev/zero"]),
+        ),
+        (
+            "eval_results_md_in_a_missing_directory",
+            args(&[
+                "eval",
+                "models/tiny-llama.ron",
+                "--results-md",
+                "/nonexistent/dir/r.md",
+            ]),
+        ),
+        (
+            "eval_plot_is_a_file",
+            args(&["eval", "models/tiny-llama.ron", "--plot", "Cargo.toml"]),
+        ),
+        (
+            "eval_passkey_length_past_the_positions",
+            args(&[
+                "eval",
+                "models/tiny-llama.ron",
+                "--tasks",
+                "passkey",
+                "--passkey-lengths",
+                "99999999",
+            ]),
+        ),
+        (
+            "eval_passkey_length_too_short",
+            args(&[
+                "eval",
+                "models/smollm2-135m.ron",
+                "--tasks",
+                "passkey",
+                "--passkey-lengths",
+                "1",
+            ]),
+        ),
+        (
             "prompt_file_missing",
             args(&[
                 "run",

@@ -1,6 +1,7 @@
 //! Replays the fuzz targets' regression corpus (`fuzz/regression/TARGET/`: seeds and
 //! every input a fuzzing run found to fail, once fixed) through the same entry points the
-//! targets call (`kvc_compiler::fuzzing`, `kvc_runtime::load::fuzzing`): each must return.
+//! targets call (`kvc_compiler::fuzzing`, `kvc_runtime::load::fuzzing`,
+//! `kvc_runtime::api::fuzz`): each must return.
 
 use std::path::PathBuf;
 
@@ -62,5 +63,13 @@ fn tokenizer_and_chat_template_corpus() {
     for (name, bytes) in corpus("chat_template") {
         eprintln!("{name}");
         kvc_runtime::load::fuzzing::chat_template(&mut tok, &bytes);
+    }
+}
+
+#[test]
+fn request_corpus() {
+    for (name, bytes) in corpus("request") {
+        eprintln!("{name}");
+        kvc_runtime::api::fuzz(&bytes);
     }
 }

@@ -10,6 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::files::ReadError;
 use crate::ir::{DType, FORMAT, FORMAT_VERSION, Graph, Program};
 use crate::lower::WeightTypes;
 use crate::memory::MemoryPlan;
@@ -39,6 +40,14 @@ pub enum ArtifactError {
         path: PathBuf,
         /// Its size.
         size: u64,
+    },
+    /// `program.json` is a directory, device, FIFO or socket.
+    #[error("{path}: not a regular file but a {kind}")]
+    NotAFile {
+        /// The path.
+        path: PathBuf,
+        /// What it is.
+        kind: &'static str,
     },
     /// Not JSON with `format` and `version` fields.
     #[error("not a kvc artifact ({0})")]
@@ -95,11 +104,14 @@ pub fn read(dir: &Path) -> Result<Program, ArtifactError> {
         path: path.clone(),
         source,
     };
-    let size = std::fs::metadata(&path).map_err(io)?.len();
-    if size > MAX_PROGRAM_BYTES {
-        return Err(ArtifactError::TooLarge { path, size });
-    }
-    let text = std::fs::read(&path).map_err(io)?;
+    let text = match crate::files::read_bounded(&path, MAX_PROGRAM_BYTES) {
+        Ok(t) => t,
+        Err(ReadError::Io(e)) => return Err(io(e)),
+        Err(ReadError::TooLarge { size, .. }) => {
+            return Err(ArtifactError::TooLarge { path, size });
+        }
+        Err(ReadError::NotAFile { kind }) => return Err(ArtifactError::NotAFile { path, kind }),
+    };
     parse(&text)
 }
 

@@ -676,16 +676,20 @@ impl fmt::Display for SpecError {
     }
 }
 
+/// Largest spec file read (specs are a few KiB).
+pub const MAX_SPEC_BYTES: u64 = 1 << 20;
+
 impl ModelSpec {
-    /// Reads and validates a spec file.
+    /// Reads and validates a spec file (a regular file of at most [`MAX_SPEC_BYTES`]).
     pub fn load(path: &Path) -> Result<ModelSpec, SpecError> {
         let file = path.display().to_string();
-        let src = std::fs::read_to_string(path).map_err(|e| SpecError {
-            file: file.clone(),
-            position: None,
-            path: String::new(),
-            message: format!("cannot read spec: {e}"),
-        })?;
+        let src =
+            crate::files::read_string_bounded(path, MAX_SPEC_BYTES).map_err(|e| SpecError {
+                file: file.clone(),
+                position: None,
+                path: String::new(),
+                message: format!("cannot read spec: {e}"),
+            })?;
         ModelSpec::parse(&src, &file)
     }
 
@@ -992,12 +996,16 @@ impl ModelSpec {
                         ),
                     ));
                 }
-                let version_ok = !p.version.is_empty()
-                    && p.version.len() <= 64
-                    && p.version
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b"._+!-".contains(&b))
-                    && !p.version.starts_with('-');
+                // Also a directory of the weights cache: `..` or `.` would leave it.
+                let v = p.version.as_bytes();
+                let version_ok = !v.is_empty()
+                    && v.len() <= 64
+                    && v.iter()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._+!-".contains(b))
+                    && v[0].is_ascii_alphanumeric()
+                    && v[v.len() - 1].is_ascii_alphanumeric()
+                    && v.iter().any(u8::is_ascii_digit)
+                    && !p.version.contains("..");
                 if !version_ok {
                     return Err((
                         field("version"),

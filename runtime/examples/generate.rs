@@ -10,7 +10,7 @@ use std::io::Write;
 
 use kvc_runtime::engine::{Engine, EngineOptions, Event, GenerationRequest, Prompt};
 use kvc_runtime::exec::session::Sampling;
-use kvc_runtime::load::tokenizer::ChatMessage;
+use kvc_runtime::load::tokenizer::{ChatMessage, Role};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let spec = std::env::args().nth(1).unwrap_or_else(|| {
@@ -25,7 +25,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let chat = GenerationRequest {
         max_tokens: Some(48),
         ..GenerationRequest::new(Prompt::Chat(vec![ChatMessage::new(
-            "user",
+            Role::User,
             "What is the capital of France?",
         )]))
     };

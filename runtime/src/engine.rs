@@ -836,12 +836,14 @@ impl<'t> Scheduler<'t> {
                     let t = r.held[..at].to_string();
                     r.held.clear();
                     // Bytes of a character after the stop string are not part of the text.
-                    let _ = r.stream.finish();
+                    r.stream.finish();
                     t
                 }
-                // The last token: nothing can complete a stop string any more.
+                // The last token: nothing can complete a stop string any more, and a
+                // character it left incomplete is no text.
                 (None, Some(_)) => {
-                    std::mem::take(&mut r.held) + &r.stream.finish().unwrap_or_default()
+                    r.stream.finish();
+                    std::mem::take(&mut r.held)
                 }
                 (None, None) => {
                     // Send all but a tail that could still begin a stop string.
@@ -861,7 +863,8 @@ impl<'t> Scheduler<'t> {
         if let Some(reason) = finish {
             let mut r = self.rows[row].take().expect("running");
             // A stop token: release text held for a stop string that never came.
-            let rest = std::mem::take(&mut r.held) + &r.stream.finish().unwrap_or_default();
+            r.stream.finish();
+            let rest = std::mem::take(&mut r.held);
             if !rest.is_empty() {
                 r.sink.send(Event::Text(rest));
             }

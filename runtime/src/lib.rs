@@ -9,9 +9,11 @@
 //!
 //! [`model`] joins them for a command: resolve weights, bind them, build the tokenizer.
 //! [`engine`] is the embedding API on top: load a spec, submit requests, stream tokens,
-//! with a scheduler that keeps the batch full by slot refill.
+//! with a scheduler that keeps the batch full by slot refill. [`api`] turns
+//! OpenAI-compatible request bodies into the engine's requests (`kvc serve`).
 //! This crate (with the end-to-end tests) is the only place that depends on Burn.
 
+pub mod api;
 pub mod engine;
 pub mod exec;
 pub mod load;

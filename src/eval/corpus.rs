@@ -70,8 +70,9 @@ pub fn read(texts: &[Text]) -> Result<Vec<String>> {
     paths
         .iter()
         .map(|path| {
-            let bytes =
-                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            // The members are sha256-checked texts of a few MiB.
+            let bytes = kvc_compiler::files::read_bounded(path, 64 << 20)
+                .with_context(|| format!("reading {}", path.display()))?;
             // The files are ASCII apart from a few Latin-1 bytes.
             let text: String = bytes.iter().map(|&b| b as char).collect();
             Ok(text.split_whitespace().collect::<Vec<_>>().join(" "))
@@ -101,6 +102,21 @@ pub fn passkey_key(length: u32, depth: u32) -> u32 {
     x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
     x ^= x >> 33;
     10_000 + (x % 90_000) as u32
+}
+
+/// Tokens of the shortest passkey prompt at (`length`, `depth`) that still has one filler
+/// group: the instruction, the needle, the filler and the question, given a token counter.
+/// A shorter length cannot test retrieval (the key would sit right before its question).
+pub fn passkey_min_length(
+    length: u32,
+    depth: u32,
+    count: &dyn Fn(&str) -> Result<usize>,
+) -> Result<usize> {
+    let key = passkey_key(length, depth);
+    count(&format!(
+        "{PASSKEY_INTRO}{}{PASSKEY_FILLER}{PASSKEY_QUESTION}",
+        needle(key)
+    ))
 }
 
 /// A passkey prompt of at most `length` tokens with `extra` more to follow it, as close to

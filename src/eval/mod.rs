@@ -557,10 +557,18 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     if let Some(d) = args.passkey_depths.iter().find(|&&d| d > 100) {
         bail!("--passkey-depths: a depth is a percentage (0 to 100), found {d}");
     }
-    if let Some(path) = &args.json
-        && let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-    {
-        std::fs::create_dir_all(dir).with_context(|| format!("--json {}", path.display()))?;
+    // Outputs before the work: an evaluation runs for hours.
+    if let Some(path) = &args.json {
+        crate::output::check_file("--json", path)?;
+    }
+    if let Some(path) = &args.results_md {
+        crate::output::check_file("--results-md", path)?;
+        if path.exists() {
+            read_report(path)?;
+        }
+    }
+    if let Some(dir) = &args.plot {
+        crate::output::check_dir("--plot", dir)?;
     }
 
     let spec = ModelSpec::load(&args.model)?.with_overrides(
@@ -600,7 +608,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     };
     let mut results = match args.json.as_deref().filter(|p| p.exists()) {
         Some(path) => {
-            let text = std::fs::read_to_string(path)
+            let text = kvc_compiler::files::read_string_bounded(path, MAX_RESULTS_BYTES)
                 .with_context(|| format!("--json {}", path.display()))?;
             let r: Results = serde_json::from_str(&text).with_context(|| {
                 format!("--json {}: not a kvc eval results file", path.display())
@@ -641,6 +649,39 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         },
     };
 
+    // Every size against the model's positions, before a prompt is built.
+    let positions = spec.arch.dims().max_position_embeddings;
+    let runs = |t: Task| args.tasks.contains(&t);
+    if runs(Task::Passkey)
+        && let Some(&l) = args
+            .passkey_lengths
+            .iter()
+            .find(|&&l| l.saturating_add(passkey::MAX_ANSWER_TOKENS) > positions)
+    {
+        bail!(
+            "--passkey-lengths: {l} tokens and the answer ({} more) do not fit {}'s {positions} \
+             positions (max_position_embeddings)",
+            passkey::MAX_ANSWER_TOKENS,
+            spec.name
+        );
+    }
+    if runs(Task::Fidelity) && args.doc_tokens > positions {
+        bail!(
+            "--doc-tokens: {} tokens do not fit {}'s {positions} positions \
+             (max_position_embeddings)",
+            args.doc_tokens,
+            spec.name
+        );
+    }
+    if runs(Task::Greedy) && args.greedy_prompt.saturating_add(args.greedy_tokens) > positions {
+        bail!(
+            "--greedy-prompt {} plus --greedy-tokens {} do not fit {}'s {positions} positions \
+             (max_position_embeddings)",
+            args.greedy_prompt,
+            args.greedy_tokens,
+            spec.name
+        );
+    }
     let types = kvc_runtime::model::native_weight_types(&spec, &base_dir, &mut crate::progress())?;
     let small = kvc_compiler::compile_with(&spec.clone().with_overrides(&o, &spec.name)?, &types)?;
     let loaded = LoadedModel::load_with(
@@ -660,6 +701,10 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         tok,
         kv_storage,
     };
+
+    if runs(Task::Passkey) {
+        passkey::check_lengths(&h, &args.passkey_lengths, &args.passkey_depths)?;
+    }
 
     let mut run = RunInfo {
         started: now(),
@@ -764,7 +809,6 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         t0.elapsed().as_secs_f64()
     );
     if let Some(dir) = &args.plot {
-        std::fs::create_dir_all(dir).with_context(|| format!("--plot {}", dir.display()))?;
         for (name, svg) in report::charts(&results) {
             let path = dir.join(name);
             std::fs::write(&path, svg).with_context(|| format!("writing {}", path.display()))?;
@@ -773,7 +817,11 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     let md = report::markdown(&results, args.plot.as_deref(), args.results_md.as_deref());
     match &args.results_md {
         Some(path) => {
-            let old = std::fs::read_to_string(path).ok();
+            let old = if path.exists() {
+                Some(read_report(path)?)
+            } else {
+                None
+            };
             let md = report::keep_hand_written(md, old.as_deref());
             std::fs::write(path, &md).with_context(|| format!("--results-md {}", path.display()))?
         }
@@ -792,6 +840,18 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         eprintln!("eval --check: every property holds");
     }
     Ok(())
+}
+
+/// Largest `--json` results file read back (a full grid is a few MiB).
+const MAX_RESULTS_BYTES: u64 = 256 << 20;
+
+/// Largest `--results-md` report read back for its hand-written part.
+const MAX_REPORT_BYTES: u64 = 16 << 20;
+
+/// An existing `--results-md` report, whose hand-written part a rewrite keeps.
+fn read_report(path: &Path) -> Result<String> {
+    kvc_compiler::files::read_string_bounded(path, MAX_REPORT_BYTES)
+        .with_context(|| format!("--results-md {}", path.display()))
 }
 
 /// Progress over `total` units of one task: a bar on a terminal, a line per finished cell

@@ -8,7 +8,7 @@ use anyhow::{Result, bail};
 use kvc_runtime::exec::session::{Request, Sampling};
 use serde::{Deserialize, Serialize};
 
-use super::corpus::{passkey_key, passkey_prompt};
+use super::corpus::{self, passkey_key, passkey_prompt};
 use super::{Cell, CellId, Harness, Results, bar, finished};
 
 /// One row (depth) of a passkey cell.
@@ -116,6 +116,32 @@ fn first_number(text: &str) -> Option<&str> {
     Some(&rest[..end])
 }
 
+/// Tokens a passkey cell generates beyond its prompt, at most: the answer (a space and five
+/// digits) and three more.
+pub const MAX_ANSWER_TOKENS: u32 = 16;
+
+/// Refuses lengths that cannot hold a key, a filler group, its question and the answer's
+/// lead-in: such prompts would test nothing (the key right before its question).
+pub fn check_lengths(h: &Harness, lengths: &[u32], depths: &[u32]) -> Result<()> {
+    if depths.is_empty() || lengths.is_empty() {
+        bail!("--passkey-lengths and --passkey-depths need at least one value each");
+    }
+    for &length in lengths {
+        for &depth in depths {
+            let key = passkey_key(length, depth);
+            let lead = lead_in(h, &h.tok.encode_prompt(&format!(" {key}"), false)?)?;
+            let min = corpus::passkey_min_length(length, depth, &|s| h.count(s))? + lead;
+            if (length as usize) < min {
+                bail!(
+                    "--passkey-lengths: {length} tokens cannot hold the passkey, its question \
+                     and one group of filler; the shortest length is {min}"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Runs the cells not yet in `results` at every length, saving after each.
 pub fn run(
     h: &Harness,
@@ -125,9 +151,7 @@ pub fn run(
     results: &mut Results,
     save: &mut dyn FnMut(&Results) -> Result<()>,
 ) -> Result<usize> {
-    if depths.is_empty() || lengths.is_empty() {
-        bail!("--passkey-lengths and --passkey-depths need at least one value each");
-    }
+    check_lengths(h, lengths, depths)?;
     let mut todo = vec![];
     for &length in lengths {
         for c in cells {

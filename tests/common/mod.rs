@@ -40,6 +40,9 @@ pub fn model_path(name: &str) -> PathBuf {
                 eprintln!("{name}: {}% of {} MiB", quarter * 25, total >> 20);
             }
         }
+        Progress::Mismatch(path) => {
+            eprintln!("{name}: {} is damaged; fetching again", path.display())
+        }
         Progress::Ready(_) => {}
     })
     .unwrap_or_else(|e| panic!("{name}: {e}"))

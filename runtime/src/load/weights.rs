@@ -680,6 +680,15 @@ pub fn load_weights(path: impl AsRef<Path>) -> Result<BTreeMap<String, HostTenso
         path: path.to_path_buf(),
         source,
     };
+    // Only regular files: a FIFO would wait for a writer, a device never end.
+    if let Ok(m) = std::fs::metadata(path)
+        && !m.is_file()
+    {
+        return Err(io(std::io::Error::new(
+            ErrorKind::InvalidInput,
+            format!("not a regular file but a {}", kvc_compiler::files::kind(&m)),
+        )));
+    }
     let mut magic = [0u8; 4];
     let is_gguf = match File::open(path).and_then(|mut f| f.read_exact(&mut magic)) {
         Ok(()) => magic == crate::load::gguf::GGUF_MAGIC,
