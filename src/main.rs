@@ -486,14 +486,6 @@ fn real_main() -> Result<()> {
                     );
                 }
             }
-            // Found unwritable after minutes of measuring would lose the results.
-            if let Some(path) = &json {
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .with_context(|| format!("--json {}", path.display()))?;
-            }
             if one {
                 let config = bench::Config {
                     batch: *batch.first().context("--batch")?,

@@ -676,6 +676,10 @@ impl fmt::Display for SpecError {
     }
 }
 
+/// Most stop tokens a spec may list: the decode graph tests them with one `is_in`, whose
+/// limit (`ir::MAX_IS_IN_VALUES`, asserted there) is at least this.
+pub const MAX_STOP_TOKENS: usize = 256;
+
 /// Largest spec file read (specs are a few KiB).
 pub const MAX_SPEC_BYTES: u64 = 1 << 20;
 
@@ -950,13 +954,13 @@ impl ModelSpec {
                 ),
             ));
         }
-        if self.stop_tokens.len() > crate::ir::MAX_IS_IN_VALUES {
+        if self.stop_tokens.len() > MAX_STOP_TOKENS {
             return Err((
                 "stop_tokens".into(),
                 format!(
                     "{} stop tokens; at most {} are allowed",
                     self.stop_tokens.len(),
-                    crate::ir::MAX_IS_IN_VALUES
+                    MAX_STOP_TOKENS
                 ),
             ));
         }

@@ -3,7 +3,10 @@
 
 use std::fmt::{self, Display, Formatter};
 
-use super::{BinaryOp, CachePart, DType, Graph, Op, Program, Scalar, StateRole, Type, ValueId};
+use super::{
+    BinaryOp, CachePart, DType, Graph, Op, ParamDecl, Program, Scalar, StateDecl, StateRole, Type,
+    ValueId,
+};
 
 impl Display for DType {
     fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
@@ -153,51 +156,86 @@ fn dims(d: &[u32]) -> String {
     format!("[{}]", parts.join(","))
 }
 
-/// Displays one graph of a program (names of inputs, params and state come from it).
+/// The parameter and state tables a graph's `param` and `state` nodes index: a
+/// [`Program`]'s, or those a parsed [`super::parse::Module`] declares.
+pub trait Tables {
+    /// The parameter table.
+    fn params(&self) -> &[ParamDecl];
+    /// The state table.
+    fn state(&self) -> &[StateDecl];
+
+    /// One-line signature of a graph: inputs, outputs and the state it updates.
+    fn signature(&self, g: &Graph) -> String {
+        signature(self.state(), g)
+    }
+}
+
+impl Tables for Program {
+    fn params(&self) -> &[ParamDecl] {
+        &self.params
+    }
+
+    fn state(&self) -> &[StateDecl] {
+        &self.state
+    }
+}
+
+/// Displays one graph (names of params and state come from its tables).
 pub struct GraphDisplay<'a> {
-    program: &'a Program,
+    tables: &'a dyn Tables,
     graph: &'a Graph,
+}
+
+impl<'a> GraphDisplay<'a> {
+    /// The text form of `graph` over `tables`.
+    pub fn new(tables: &'a dyn Tables, graph: &'a Graph) -> Self {
+        GraphDisplay { tables, graph }
+    }
 }
 
 impl Program {
     /// The text form of one of this program's graphs.
     pub fn display_graph<'a>(&'a self, graph: &'a Graph) -> GraphDisplay<'a> {
-        GraphDisplay {
-            program: self,
-            graph,
-        }
+        GraphDisplay::new(self, graph)
     }
 
     /// One-line signature of a graph: inputs, outputs and the state it updates.
     pub fn signature(&self, g: &Graph) -> String {
-        let ins: Vec<String> = g
-            .inputs
-            .iter()
-            .map(|i| format!("{}: {}", i.name, i.ty))
-            .collect();
-        let outs: Vec<String> = g
-            .outputs
-            .iter()
-            .map(|o| format!("{}: {}", o.name, g.ty(o.value)))
-            .collect();
-        let mut s = format!("{}({}) -> ({})", g.name, ins.join(", "), outs.join(", "));
-        if !g.updates.is_empty() {
-            let names: Vec<&str> = g
-                .updates
-                .iter()
-                .map(|u| self.state[u.state.0 as usize].name.as_str())
-                .collect();
-            s.push_str(&format!(" updates {{{}}}", names.join(", ")));
-        }
-        s
+        signature(&self.state, g)
     }
+}
 
-    fn fmt_op(&self, g: &Graph, op: &Op, f: &mut Formatter<'_>) -> fmt::Result {
+fn signature(state: &[StateDecl], g: &Graph) -> String {
+    let ins: Vec<String> = g
+        .inputs
+        .iter()
+        .map(|i| format!("{}: {}", i.name, i.ty))
+        .collect();
+    let outs: Vec<String> = g
+        .outputs
+        .iter()
+        .map(|o| format!("{}: {}", o.name, g.ty(o.value)))
+        .collect();
+    let mut s = format!("{}({}) -> ({})", g.name, ins.join(", "), outs.join(", "));
+    if !g.updates.is_empty() {
+        let names: Vec<&str> = g
+            .updates
+            .iter()
+            .map(|u| state[u.state.0 as usize].name.as_str())
+            .collect();
+        s.push_str(&format!(" updates {{{}}}", names.join(", ")));
+    }
+    s
+}
+
+impl GraphDisplay<'_> {
+    fn fmt_op(&self, op: &Op, f: &mut Formatter<'_>) -> fmt::Result {
+        let (g, t) = (self.graph, self.tables);
         let name = op.name();
         match op {
             Op::Input(i) => write!(f, "{name} {}", g.inputs[i.0 as usize].name),
-            Op::Param(p) => write!(f, "{name} {}", self.params[p.0 as usize].name),
-            Op::State(s) => write!(f, "{name} {}", self.state[s.0 as usize].name),
+            Op::Param(p) => write!(f, "{name} {}", t.params()[p.0 as usize].name),
+            Op::State(s) => write!(f, "{name} {}", t.state()[s.0 as usize].name),
             Op::Const { value, shape: _ } => write!(f, "{name} {value}"),
             Op::Iota { shape: _, dim } => write!(f, "{name} dim={dim}"),
             Op::Embed { table, ids } => write!(f, "{name} {table}, {ids}"),
@@ -268,11 +306,11 @@ impl Program {
 
 impl Display for GraphDisplay<'_> {
     fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
-        let (p, g) = (self.program, self.graph);
-        writeln!(f, "graph {} {{", p.signature(g))?;
+        let (t, g) = (self.tables, self.graph);
+        writeln!(f, "graph {} {{", t.signature(g))?;
         for (i, n) in g.nodes.iter().enumerate() {
             write!(f, "  %{i}: {} = ", n.ty)?;
-            p.fmt_op(g, &n.op, f)?;
+            self.fmt_op(&n.op, f)?;
             writeln!(f)?;
         }
         for o in &g.outputs {
@@ -282,7 +320,8 @@ impl Display for GraphDisplay<'_> {
             writeln!(
                 f,
                 "  state {} <- {}",
-                p.state[u.state.0 as usize].name, u.value
+                t.state()[u.state.0 as usize].name,
+                u.value
             )?;
         }
         writeln!(f, "}}")

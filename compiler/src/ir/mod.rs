@@ -13,9 +13,11 @@
 
 mod builder;
 mod display;
+pub mod parse;
 mod typing;
 
 pub use builder::{BuildError, GraphBuilder};
+pub use display::{GraphDisplay, Tables};
 pub use typing::{Decls, infer_type};
 
 use serde::{Deserialize, Serialize};
@@ -877,8 +879,12 @@ pub const FORMAT: &str = "kvc-program";
 /// Version of the serialized program format; bumped on any incompatible IR change.
 pub const FORMAT_VERSION: u32 = 7;
 
-/// Most constants an [`Op::IsIn`] holds (and stop tokens a spec may list).
+/// Most constants an [`Op::IsIn`] holds.
 pub const MAX_IS_IN_VALUES: usize = 256;
+
+// The IR depends on the spec (a program embeds its spec and compiled settings), never the
+// reverse: the spec's own limit on stop tokens must fit one `is_in`.
+const _: () = assert!(crate::spec::MAX_STOP_TOKENS <= MAX_IS_IN_VALUES);
 
 /// A compiled model: parameters, state and the two graphs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
