@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use kvc_compiler::spec::{DTypeSpec, KvPolicy, KvStorage};
-use kvc_compiler::{MemoryPlan, ModelSpec, Overrides};
+use kvc_compiler::{MemoryPlan, Overrides};
 use kvc_runtime::Backend;
 use kvc_runtime::exec::session::{Request, Sampling, SessionOptions};
 use kvc_runtime::model::LoadedModel;
@@ -157,11 +157,8 @@ pub fn bench_one(model: &Path, cfg: &Config) -> Result<BenchResult> {
         options,
     } = *cfg;
     let t0 = Instant::now();
-    let mut spec = ModelSpec::load(model)?;
-    // Rows must not stop early: a benchmark decodes exactly `steps` tokens per row.
-    spec.stop_tokens.clear();
     let width = prefill_len.unwrap_or(512);
-    let mut o = Overrides {
+    let o = Overrides {
         batch: Some(batch),
         prefill_len: Some(width.min(context)),
         cache_len: Some(context + steps as u32 + 1),
@@ -170,15 +167,13 @@ pub fn bench_one(model: &Path, cfg: &Config) -> Result<BenchResult> {
         kv: Some(kv),
         ..Overrides::default()
     };
-    crate::store_kv_where_it_runs(&spec, &mut o, backend);
-    let spec = spec.with_overrides(&o, &model.display().to_string())?;
-    let base = model.parent().map(Path::to_path_buf).unwrap_or_default();
-    let program = crate::compile_spec(&spec, &base)?;
+    // Rows must not stop early: a benchmark decodes exactly `steps` tokens per row.
+    let c = crate::pipeline::compile_file(model, o, backend, |spec, _| spec.stop_tokens.clear())?;
+    let (program, base) = (c.program, c.base);
     // What the session will hold (interleaved weights at their size where it keeps them).
     let plan = kvc_runtime::exec::session::resident_plan(&program, &options);
     let compile_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
-    let base = model.parent().map(Path::to_path_buf).unwrap_or_default();
     // Token ids in, token ids out: the tokenizer's tables are not part of what is measured.
     let mut m = LoadedModel::load_without_tokenizer(program, &base, backend, options, &mut |_| {})?;
     let load_s = t1.elapsed().as_secs_f64();

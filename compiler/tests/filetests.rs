@@ -84,7 +84,7 @@ fn every_lowered_graph_reads_back_to_its_text() {
         for kv in &policies {
             for storage in [None, Some(KvStorage::I8)] {
                 let o = Overrides {
-                    kv: kv.clone(),
+                    kv: *kv,
                     kv_storage: storage,
                     sampler: Some(Sampler::Sample),
                     batch: Some(2),

@@ -24,21 +24,20 @@
 //! batch, and the same text as `kvc run` with that seed.
 
 use std::collections::VecDeque;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvc_compiler::ModelSpec;
 use kvc_compiler::ir::CompiledConfig;
 use kvc_compiler::spec::{Overrides, Sampler};
 
 use crate::exec::session::{Refill, Request, Sampling, Session, SessionOptions, check_request};
 use crate::load::fetch::Progress;
 use crate::load::tokenizer::{ChatMessage, Tokenizer, TokenizerError};
-use crate::model::{LoadError, LoadedModel, native_weight_types, store_kv_where_it_runs};
+use crate::model::{LoadError, LoadedModel, compile_spec_file};
 use crate::{Backend, RuntimeError};
 
 /// Errors of the engine.
@@ -354,21 +353,23 @@ impl Engine {
     ) -> Result<Engine, EngineError> {
         let path = spec.as_ref().to_path_buf();
         let make = move |progress: &mut dyn FnMut(Progress)| {
-            let mut o = options.overrides;
-            o.sampler = o.sampler.or(Some(Sampler::Sample));
-            let spec = ModelSpec::load(&path).map_err(kvc_compiler::CompileError::from)?;
-            store_kv_where_it_runs(&spec, &mut o, options.backend);
-            let spec = spec
-                .with_overrides(&o, &path.display().to_string())
-                .map_err(kvc_compiler::CompileError::from)?;
-            let base: PathBuf = path.parent().map(Path::to_path_buf).unwrap_or_default();
-            let types = native_weight_types(&spec, &base, progress)?;
-            let program = kvc_compiler::compile_with(&spec, &types)?;
+            let c = compile_spec_file(
+                &path,
+                options.overrides,
+                options.backend,
+                |_, o| o.sampler = o.sampler.or(Some(Sampler::Sample)),
+                progress,
+            )?;
             let session_options = options
                 .session
                 .unwrap_or_else(|| SessionOptions::for_backend(options.backend));
-            let loaded =
-                LoadedModel::load_with(program, &base, options.backend, session_options, progress)?;
+            let loaded = LoadedModel::load_with(
+                c.program,
+                &c.base,
+                options.backend,
+                session_options,
+                progress,
+            )?;
             let tokenizer = loaded.tokenizer.ok_or(EngineError::NoTokenizer)?;
             Ok((loaded.session, tokenizer))
         };

