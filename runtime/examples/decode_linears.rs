@@ -12,7 +12,8 @@ mod quant_matrix;
 
 use std::time::Instant;
 
-use kvc_runtime::exec::kernels::cpu::quant::{self, Isa, Method, Path};
+use kvc_runtime::exec::kernels::cpu::isa::Isa;
+use kvc_runtime::exec::kernels::cpu::quant::{self, Method, Path};
 use kvc_runtime::exec::kernels::hash_uniform;
 use kvc_runtime::load::gguf::GgmlType;
 use quant_matrix::quant_matrix;

@@ -277,24 +277,19 @@ mod fused {
     }
 
     impl Isa {
-        /// Whether this CPU runs `self`.
-        pub(super) fn available(self) -> bool {
-            let base = is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c");
-            match self {
-                Isa::Avx2 => base,
-                Isa::Avx512 => {
-                    base && is_x86_feature_detected!("avx512f")
-                        && is_x86_feature_detected!("avx512vl")
-                }
+        /// The fused path's form of a kernel set (none for portable code).
+        pub(super) fn of(isa: crate::exec::kernels::cpu::isa::Isa) -> Option<Isa> {
+            use crate::exec::kernels::cpu::isa::Isa as Set;
+            match isa {
+                Set::Avx512 => Some(Isa::Avx512),
+                Set::Avx2 => Some(Isa::Avx2),
+                Set::Portable => None,
             }
         }
 
-        /// The widest available set, once per process.
+        /// The fused path's form of [`crate::exec::kernels::cpu::isa::Isa::best`].
         pub(super) fn best() -> Option<Isa> {
-            static BEST: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
-            *BEST.get_or_init(|| [Isa::Avx512, Isa::Avx2].into_iter().find(|i| i.available()))
+            Isa::of(crate::exec::kernels::cpu::isa::Isa::best())
         }
     }
 
@@ -1042,10 +1037,10 @@ impl KvElem for f32 {
 
 impl KvElem for half::f16 {
     fn supported() -> bool {
+        // F16C comes with the AVX2 set; under `KVC_ISA=portable` the cache is widened first.
         #[cfg(target_arch = "x86_64")]
         {
-            static F16C: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-            *F16C.get_or_init(|| is_x86_feature_detected!("f16c"))
+            crate::exec::kernels::cpu::isa::Isa::best() >= crate::exec::kernels::cpu::isa::Isa::Avx2
         }
         #[cfg(not(target_arch = "x86_64"))]
         true
@@ -1305,10 +1300,15 @@ mod tests {
         let mut all = vec![None];
         #[cfg(target_arch = "x86_64")]
         all.extend(
-            [fused::Isa::Avx2, fused::Isa::Avx512]
-                .into_iter()
-                .filter(|i| i.available())
-                .map(Some),
+            crate::exec::kernels::cpu::isa::Isa::covered(
+                "fused decode attention",
+                &[
+                    crate::exec::kernels::cpu::isa::Isa::Avx2,
+                    crate::exec::kernels::cpu::isa::Isa::Avx512,
+                ],
+            )
+            .into_iter()
+            .map(fused::Isa::of),
         );
         all
     }

@@ -121,30 +121,22 @@ mod simd {
     use half::f16;
     use std::any::TypeId;
     use std::arch::x86_64::*;
-    use std::sync::OnceLock;
 
     /// A tile kernel: `(x, m, k, w, j0, n, out)` as in `super::block`.
     pub type Kernel<W> = unsafe fn(&[f32], usize, usize, &[W], usize, usize, *mut f32);
 
     /// The AVX2 kernel for `W`, if this CPU has the features it needs.
     pub fn kernel<W: Weight>() -> Option<Kernel<W>> {
-        static F32: OnceLock<bool> = OnceLock::new();
-        static F16: OnceLock<bool> = OnceLock::new();
+        use crate::exec::kernels::cpu::isa::Isa;
+        // Both kernels need the AVX2 set (f32: AVX2 and FMA; f16: F16C too).
+        let ok = Isa::best() >= Isa::Avx2;
         let id = TypeId::of::<W>();
         if id == TypeId::of::<f32>() {
-            let ok = *F32.get_or_init(|| {
-                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-            });
             // SAFETY: W is f32, so the function types are identical.
             ok.then(|| unsafe {
                 std::mem::transmute::<Kernel<f32>, Kernel<W>>(tile_f32 as Kernel<f32>)
             })
         } else if id == TypeId::of::<f16>() {
-            let ok = *F16.get_or_init(|| {
-                is_x86_feature_detected!("avx2")
-                    && is_x86_feature_detected!("fma")
-                    && is_x86_feature_detected!("f16c")
-            });
             // SAFETY: W is f16, so the function types are identical.
             ok.then(|| unsafe {
                 std::mem::transmute::<Kernel<f16>, Kernel<W>>(f16_rows as Kernel<f16>)

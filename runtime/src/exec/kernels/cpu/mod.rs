@@ -11,9 +11,9 @@ use super::{Kernels, top_k_host};
 use crate::exec::value::{Value, to_f32};
 use crate::load::weights::{QuantLayout, QuantTensor};
 
-/// Defines `$name` to run `$body` compiled for AVX-512 (F, BW, VL) or else AVX2 + FMA
-/// (each with F16C) when the CPU has them (the crate is built for baseline x86-64), else as built. The
-/// function may take one type parameter with one bound.
+/// Defines `$name` to run `$body` compiled for AVX-512 (F, BW, VL) or AVX2 + FMA (each
+/// with F16C), as [`isa::Isa::best`] says (the crate is built for baseline x86-64), else as
+/// built. The function may take one type parameter with one bound.
 macro_rules! multiversion {
     ($(#[$meta:meta])* unsafe fn $name:ident $(<$g:ident: $bound:path>)? ($($arg:ident: $ty:ty),*) $body:block) => {
         $(#[$meta])*
@@ -27,30 +27,17 @@ macro_rules! multiversion {
                     // SAFETY: the caller's contract.
                     unsafe { body($($arg),*) }
                 }
-                static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-                if *AVX512.get_or_init(|| {
-                    is_x86_feature_detected!("avx512f")
-                        && is_x86_feature_detected!("avx512bw")
-                        && is_x86_feature_detected!("avx512vl")
-                        && is_x86_feature_detected!("fma")
-                        && is_x86_feature_detected!("f16c")
-                }) {
-                    // SAFETY: the features were detected; the caller's contract.
-                    return unsafe { avx512($($arg),*) };
-                }
                 #[target_feature(enable = "avx2,fma,f16c")]
                 unsafe fn avx2 $(<$g: $bound>)? ($($arg: $ty),*) {
                     // SAFETY: the caller's contract.
                     unsafe { body($($arg),*) }
                 }
-                static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-                if *AVX2.get_or_init(|| {
-                    is_x86_feature_detected!("avx2")
-                        && is_x86_feature_detected!("fma")
-                        && is_x86_feature_detected!("f16c")
-                }) {
+                match $crate::exec::kernels::cpu::isa::Isa::best() {
                     // SAFETY: the features were detected; the caller's contract.
-                    return unsafe { avx2($($arg),*) };
+                    $crate::exec::kernels::cpu::isa::Isa::Avx512 => return unsafe { avx512($($arg),*) },
+                    // SAFETY: as above.
+                    $crate::exec::kernels::cpu::isa::Isa::Avx2 => return unsafe { avx2($($arg),*) },
+                    $crate::exec::kernels::cpu::isa::Isa::Portable => {}
                 }
             }
             // SAFETY: the caller's contract.
@@ -417,6 +404,7 @@ pub mod attention;
 pub mod cache;
 pub mod elementwise;
 pub mod gemv;
+pub mod isa;
 pub mod quant;
 
 /// Deterministic test inputs in [−1, 1) (xorshift).

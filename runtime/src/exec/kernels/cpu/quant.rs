@@ -23,19 +23,18 @@
 //!
 //! With AVX2 or AVX-512, [`qmatmul_t`] runs `Int8` at every row count: faster than
 //! `Dequant` for every type and shape measured at decode widths, and than `Panel` at
-//! prefill widths (1.0–2.1× at 512 rows; docs/performance.md). Portable code runs `Int8`
+//! prefill widths (1.0–2.1× at 512 rows; bench/results/history.md). Portable code runs `Int8`
 //! for one row, `Dequant` up to [`DECODE_ROWS`] and `Panel` above.
 //!
 //! Work is split over rayon tasks by blocks of weight rows; each weight byte is read once
 //! per call. Kernels for AVX-512 (F, BW, VL and VNNI), AVX2 (with FMA and F16C) or
 //! portable code are chosen once per process from the CPU's features.
 
-use std::sync::OnceLock;
-
 use half::f16;
 use rayon::prelude::*;
 
 use super::SendPtr;
+pub use super::isa::Isa;
 use crate::load::gguf::GgmlType;
 
 /// Activation rows up to which portable code runs the decode kernels; larger products run
@@ -134,7 +133,7 @@ pub fn qmatmul_t(x: &[f32], m: usize, k: usize, w: &[u8], ty: GgmlType, n: usize
     qmatmul_t_with(path, x, m, k, w, ty, n, out);
 }
 
-/// The method for `m` rows, chosen by the `quant_paths` example (see docs/performance.md):
+/// The method for `m` rows, chosen by the `quant_paths` example (see bench/results/history.md):
 /// with SIMD kernels `Int8` beats `Dequant` for every type at 1 and 16 rows and `Panel` at
 /// 512; the portable integer loop wins at one row only.
 fn method(isa: Isa, m: usize) -> Method {
@@ -145,90 +144,11 @@ fn method(isa: Isa, m: usize) -> Method {
     }
 }
 
-/// An instruction set the kernels are compiled for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Isa {
-    /// Portable code (autovectorised for the build target).
-    Portable,
-    /// AVX2 with FMA and F16C.
-    Avx2,
-    /// AVX-512 F, BW and VL with VNNI (plus the AVX2 set).
-    Avx512,
-}
-
-impl Isa {
-    /// Whether this CPU runs the kernels of this set.
-    pub fn available(self) -> bool {
-        match self {
-            Isa::Portable => true,
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => {
-                static OK: OnceLock<bool> = OnceLock::new();
-                *OK.get_or_init(|| {
-                    is_x86_feature_detected!("avx2")
-                        && is_x86_feature_detected!("fma")
-                        && is_x86_feature_detected!("f16c")
-                })
-            }
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => {
-                static OK: OnceLock<bool> = OnceLock::new();
-                *OK.get_or_init(|| {
-                    Isa::Avx2.available()
-                        && is_x86_feature_detected!("avx512f")
-                        && is_x86_feature_detected!("avx512bw")
-                        && is_x86_feature_detected!("avx512vl")
-                        && is_x86_feature_detected!("avx512vnni")
-                })
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => false,
-        }
-    }
-
-    /// The widest available set, unless the environment variable `KVC_ISA` names a
-    /// narrower one this CPU has (`avx2`, `portable`): an AVX-512 machine then computes
-    /// exactly what an AVX2-only machine does, to reproduce its results. Any other value
-    /// is reported once on stderr and ignored.
-    pub fn best() -> Isa {
-        static BEST: OnceLock<Isa> = OnceLock::new();
-        *BEST.get_or_init(|| {
-            let widest = [Isa::Avx512, Isa::Avx2]
-                .into_iter()
-                .find(|i| i.available())
-                .unwrap_or(Isa::Portable);
-            let Ok(name) = std::env::var("KVC_ISA") else {
-                return widest;
-            };
-            match Isa::named(&name) {
-                Some(isa) if isa.available() => isa,
-                _ => {
-                    eprintln!(
-                        "kvc: KVC_ISA={name:?} is not a kernel set this CPU runs \
-                         (avx512, avx2, portable); using {widest:?}"
-                    );
-                    widest
-                }
-            }
-        })
-    }
-
-    /// The set called `name` (`avx512`, `avx2`, `portable`, any case).
-    pub fn named(name: &str) -> Option<Isa> {
-        match name.to_ascii_lowercase().as_str() {
-            "avx512" => Some(Isa::Avx512),
-            "avx2" => Some(Isa::Avx2),
-            "portable" => Some(Isa::Portable),
-            _ => None,
-        }
-    }
-
-    /// Columns (weight rows) of a prefill panel.
-    fn panel_cols(self) -> usize {
-        match self {
-            Isa::Avx512 => 32,
-            _ => 16,
-        }
+/// Columns (weight rows) of a prefill panel on `isa`.
+fn panel_cols(isa: Isa) -> usize {
+    match isa {
+        Isa::Avx512 => 32,
+        _ => 16,
     }
 }
 
@@ -283,7 +203,7 @@ pub fn qmatmul_t_with(
     let threads = rayon::current_num_threads().max(1);
     // Four tasks per thread balance a core slowed by other work.
     let unit = match path.method {
-        Method::Panel => isa.panel_cols(),
+        Method::Panel => panel_cols(isa),
         Method::Int8 => GROUP,
         Method::Dequant => TILE_ROWS,
     };
@@ -1044,7 +964,7 @@ unsafe fn panel_task(isa: Isa, task: &Task, x: &[f32], w: &[u8]) {
         out,
     } = *task;
     let rb = row_bytes_q(q, k);
-    let nr = isa.panel_cols();
+    let nr = panel_cols(isa);
     let mut row = Row::new(q, k);
     let mut wide = vec![0.0f32; k];
     let mut panel = vec![0.0f32; nr * k];
@@ -2916,11 +2836,9 @@ mod tests {
 
     fn paths() -> Vec<Path> {
         let mut out = Vec::new();
-        for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
-            if isa.available() {
-                for method in [Method::Dequant, Method::Int8, Method::Panel] {
-                    out.push(Path { isa, method });
-                }
+        for isa in Isa::covered("quantized products", &Isa::ALL) {
+            for method in [Method::Dequant, Method::Int8, Method::Panel] {
+                out.push(Path { isa, method });
             }
         }
         out
@@ -2945,7 +2863,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn block_scales_widen_like_half_for_every_bit_pattern() {
-        if !Isa::Avx2.available() {
+        if Isa::covered("f16 block scales", &[Isa::Avx2]).is_empty() {
             return;
         }
         for bits in 0..=u16::MAX {
@@ -3064,10 +2982,7 @@ mod tests {
                         }
                     }
                     let want = reference(&x, m, k, &wf, n);
-                    for isa in [Isa::Avx2, Isa::Avx512] {
-                        if !isa.available() {
-                            continue;
-                        }
+                    for isa in Isa::covered("interleaved products", &[Isa::Avx2, Isa::Avx512]) {
                         let mut got = vec![f32::NAN; m * n];
                         qmatmul_t_interleaved_with(isa, &x, m, k, &wi, ty, n, &mut got);
                         if m > INTERLEAVE_ABOVE {
@@ -3106,10 +3021,7 @@ mod tests {
             let k = 4 * q.block();
             let w = random_matrix(ty, k, 1, 5);
             let want = dequantize(ty, &w).unwrap();
-            for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
-                if !isa.available() {
-                    continue;
-                }
+            for isa in Isa::covered("unpack", &Isa::ALL) {
                 let mut row = Row::new(q, k);
                 unpack(isa, q, &w, &mut row);
                 let mut got = vec![0.0f32; k];
