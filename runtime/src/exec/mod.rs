@@ -6,12 +6,16 @@
 //! - [`kernels`]: the kernel interface, its portable (Burn) and CPU (Flex) sets;
 //! - [`executor`]: the loop over a plan's steps, counted host reads;
 //! - [`session`]: batches, prefill chunks, decode steps (captured and replayed where the
-//!   backend records hardware graphs), sampling settings;
+//!   backend records hardware graphs);
+//! - [`request`]: prompts, token budgets, sampling settings, refills and completions;
+//! - [`memory`]: the memory a session will hold, checked before anything is allocated;
 //! - [`value`]: the rank-4 tensors values are held as.
 
 pub mod executor;
 pub mod kernels;
+pub mod memory;
 pub mod plan;
+pub mod request;
 pub mod session;
 pub mod value;
 

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use burn::tensor::{Tensor, TensorData};
-use kvc_compiler::ir::{CompiledConfig, DType, Interface, Program, StateId};
+use kvc_compiler::ir::{DType, Interface, Program, StateId};
 
 use super::executor::{Executor, State, Which};
 use super::kernels::KernelSet;
@@ -28,83 +28,10 @@ use crate::load::weights::HostTensor;
 use crate::load::weights::QuantLayout;
 use crate::{Backend, RuntimeError, device};
 
-/// One prompt and how many tokens to generate for it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Request {
-    /// Prompt token ids (at least one).
-    pub prompt: Vec<u32>,
-    /// Tokens to generate, counting the one prefill produces (at least one).
-    pub max_new_tokens: usize,
-    /// How this row's tokens are chosen.
-    pub sampling: Sampling,
-}
-
-/// A new prompt for one row of a running batch ([`Session::refill`]).
-#[derive(Clone, Copy, Debug)]
-pub struct Refill<'a> {
-    /// The row (`< B`).
-    pub row: usize,
-    /// The prompt, its token budget and sampling settings.
-    pub request: &'a Request,
-    /// Seed of the row's uniform stream ([`uniform_draw`]).
-    pub seed: u64,
-}
-
-/// Per-row sampling settings. The default is greedy.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Sampling {
-    /// Softmax temperature; `<= 0` means greedy.
-    pub temperature: f32,
-    /// Keep the `top_k` most likely tokens; 0 keeps all.
-    pub top_k: u32,
-    /// Keep the most likely tokens up to this probability mass; 1 keeps all.
-    pub top_p: f32,
-}
-
-impl Default for Sampling {
-    fn default() -> Self {
-        Sampling {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-        }
-    }
-}
-
-impl Sampling {
-    /// Whether this asks for random sampling (not greedy).
-    pub fn is_random(&self) -> bool {
-        self.temperature > 0.0
-    }
-}
-
-/// The uniform draw in `[0, 1)` for the token at `position + 1` under `seed`. It depends on
-/// neither the row nor the batch, so a prompt samples the same text alone or batched.
-pub fn uniform_draw(seed: u64, position: u64) -> f32 {
-    let mut z = seed ^ position.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    (z >> 40) as f32 / (1u64 << 24) as f32
-}
-
-/// Why a row stopped.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Finish {
-    /// It emitted a stop token (not included in the completion).
-    Stop,
-    /// It produced `max_new_tokens` tokens.
-    Length,
-}
-
-/// A finished row.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Completion {
-    /// Generated token ids, without the stop token.
-    pub ids: Vec<u32>,
-    /// Why generation ended.
-    pub finish: Finish,
-}
+pub use super::memory::{available_memory, check_memory, resident_plan};
+pub use super::request::{
+    Completion, Finish, Refill, Request, Sampling, check_request, uniform_draw,
+};
 
 /// Binds weights to the program's parameter table by name, checking every shape.
 /// On Flex all dense parameters share one huge-page-backed allocation
@@ -182,49 +109,6 @@ fn upload(
         .collect()
 }
 
-/// Whether request `r` fits a program compiled with `c`; the message names what does not
-/// (prompt and token budget against the cache, token ids, sampling settings).
-pub fn check_request(c: &CompiledConfig, r: &Request) -> Result<(), String> {
-    if r.prompt.is_empty() {
-        return Err("the prompt is empty".into());
-    }
-    if r.max_new_tokens == 0 {
-        return Err("max_new_tokens must be at least 1".into());
-    }
-    if let Some(&t) = r.prompt.iter().find(|&&t| t >= c.vocab_size) {
-        return Err(format!(
-            "token id {t} is outside the vocabulary (size {})",
-            c.vocab_size
-        ));
-    }
-    let sp = r.sampling;
-    if !(sp.temperature.is_finite() && sp.temperature >= 0.0) {
-        return Err(format!(
-            "temperature must be a finite number >= 0, found {}",
-            sp.temperature
-        ));
-    }
-    if !(sp.top_p > 0.0 && sp.top_p <= 1.0) {
-        return Err(format!("top_p must be in (0, 1], found {}", sp.top_p));
-    }
-    // The last generated token is never written to the cache.
-    let need = r.prompt.len().saturating_add(r.max_new_tokens - 1);
-    if need > c.cache_len as usize {
-        let what = match c.kv.budget() {
-            None => format!("{need} cache slots, but the dense cache has"),
-            Some(_) => format!("{need} positions, but rows were compiled to end at"),
-        };
-        return Err(format!(
-            "{} prompt tokens + {} new tokens need {what} {} \
-             (compile with --cache-len {need} or more)",
-            r.prompt.len(),
-            r.max_new_tokens,
-            c.cache_len
-        ));
-    }
-    Ok(())
-}
-
 /// How a session runs its graphs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SessionOptions {
@@ -263,96 +147,6 @@ impl SessionOptions {
             QuantLayout::File
         }
     }
-}
-
-/// The memory plan of `program` as a session with `options` holds it: the compiled plan
-/// ([`kvc_compiler::MemoryPlan::of`]) with block matrices at their interleaved size where
-/// [`SessionOptions::weight_layout`] interleaves them (at most a third above the file's
-/// size; see [`quant::interleave`]).
-pub fn resident_plan(program: &Program, options: &SessionOptions) -> kvc_compiler::MemoryPlan {
-    let mut plan = kvc_compiler::MemoryPlan::of(program);
-    if options.weight_layout(program) == QuantLayout::Interleaved {
-        for p in &program.params {
-            let Some(ty) = crate::load::weights::ggml_block_type(p.ty.dtype) else {
-                continue;
-            };
-            let [n, k] = p.ty.shape[..] else { continue };
-            if let Some(len) = quant::interleaved_len(ty, k as usize, n as usize) {
-                plan.weights = plan.weights - p.ty.size_bytes() + len as u64;
-            }
-        }
-    }
-    plan
-}
-
-/// Refuses a program whose memory plan ([`MemoryPlan::total`]) exceeds `options.max_memory`
-/// or, without one, on the CPU backend, the memory the system has available: sizes that
-/// pass the spec's checks end in this error instead of an aborted allocation. With
-/// `weights_loaded` the weights are already resident (and no longer counted as
-/// available), so only the rest of the plan is compared with what is available.
-pub fn check_memory(
-    program: &Program,
-    backend: Backend,
-    options: &SessionOptions,
-    weights_loaded: bool,
-) -> Result<(), RuntimeError> {
-    let plan = resident_plan(program, options);
-    let total = plan.total();
-    let (needed, limit, what) = match options.max_memory {
-        Some(l) => (total, l, "is the --max-memory limit"),
-        None if backend == Backend::Flex => match available_memory() {
-            Some(a) if weights_loaded => (
-                total - plan.weights,
-                a,
-                "are available beside the loaded weights",
-            ),
-            Some(a) => (total, a, "are available"),
-            None => return Ok(()),
-        },
-        None => return Ok(()),
-    };
-    if needed <= limit {
-        return Ok(());
-    }
-    let gib = |b: u64| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64);
-    let weights = match needed == total {
-        true => format!("weights {}, ", gib(plan.weights)),
-        false => String::new(),
-    };
-    Err(RuntimeError::Memory(format!(
-        "the compiled shapes need {} ({weights}KV cache {}, activations and control {}), \
-         but {} {what}; use a smaller --batch or --cache-len, a budgeted --kv, \
-         --kv-storage f16 or i8, or raise --max-memory",
-        gib(needed),
-        gib(plan.kv_cache),
-        gib(total - plan.weights - plan.kv_cache),
-        gib(limit),
-    )))
-}
-
-/// The memory this process can still use, in bytes: the system's `MemAvailable`, lowered
-/// to what is left under the cgroup's `memory.max` when one is set. `None` where neither
-/// can be read (not Linux).
-pub fn available_memory() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kb = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse::<u64>()
-        .ok()?;
-    let mut available = kb.saturating_mul(1024);
-    let read = |f: &str| {
-        std::fs::read_to_string(format!("/sys/fs/cgroup/{f}"))
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-    };
-    if let (Some(max), Some(current)) = (read("memory.max"), read("memory.current")) {
-        available = available.min(max.saturating_sub(current));
-    }
-    Some(available)
 }
 
 /// The recorded decode step.

@@ -1,0 +1,339 @@
+//! The scheduler thread: keeps the compiled batch full by slot refill, steps the decode
+//! graph, and turns each row's tokens into text events (stop strings, token limits).
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::time::{Duration, Instant};
+
+use super::{Event, EventSink, FinishReason, Job, Metrics, Schedule, Usage};
+use crate::RuntimeError;
+use crate::exec::session::{Refill, Session};
+use crate::load::tokenizer::Tokenizer;
+
+/// A request in a row.
+struct Running<'t> {
+    sink: Box<dyn EventSink>,
+    max_new: usize,
+    stop: Vec<String>,
+    stream: crate::load::tokenizer::TextStream<'t>,
+    /// Text generated and not yet sent (it may be the start of a stop string).
+    held: String,
+    generated: usize,
+    usage: Usage,
+}
+
+/// The scheduler thread's state.
+pub(super) struct Scheduler<'t> {
+    session: Session,
+    tokenizer: &'t Tokenizer,
+    metrics: &'t Metrics,
+    /// One entry per row: the request it runs, if any.
+    rows: Vec<Option<Running<'t>>>,
+    queue: VecDeque<Job>,
+    schedule: Schedule,
+    /// Moving averages of a refill's and a decode step's wall time, seconds.
+    refill_secs: Option<f64>,
+    step_secs: Option<f64>,
+    /// Decode capacity left idle since the last refill while requests waited, seconds.
+    idle_debt: f64,
+}
+
+/// Exponential moving average (weight 1/4 for the new sample).
+fn ema(old: Option<f64>, new: f64) -> f64 {
+    old.map_or(new, |o| 0.75 * o + 0.25 * new)
+}
+
+/// How long an idle scheduler waits for work before checking its channel again.
+const IDLE_WAIT: Duration = Duration::from_millis(250);
+
+impl<'t> Scheduler<'t> {
+    /// A scheduler over `session`'s rows, all free.
+    pub(super) fn new(
+        session: Session,
+        tokenizer: &'t Tokenizer,
+        metrics: &'t Metrics,
+        schedule: Schedule,
+    ) -> Self {
+        Scheduler {
+            session,
+            tokenizer,
+            metrics,
+            rows: Vec::new(),
+            queue: VecDeque::new(),
+            schedule,
+            refill_secs: None,
+            step_secs: None,
+            idle_debt: 0.0,
+        }
+    }
+
+    /// Serves jobs until the channel closes.
+    pub(super) fn run(&mut self, jobs: &Receiver<Job>) -> Result<(), RuntimeError> {
+        let b = self.session.batch();
+        self.rows = (0..b).map(|_| None).collect();
+        let stops = self.session.program().config.stop_tokens.clone();
+        let mut open = true;
+        loop {
+            // 1. Take what arrived; block only when there is nothing to run.
+            loop {
+                let idle = self.queue.is_empty() && self.rows.iter().all(Option::is_none);
+                let next = if idle && open {
+                    match jobs.recv_timeout(IDLE_WAIT) {
+                        Ok(j) => Ok(j),
+                        Err(RecvTimeoutError::Timeout) => Err(TryRecvError::Empty),
+                        Err(RecvTimeoutError::Disconnected) => Err(TryRecvError::Disconnected),
+                    }
+                } else if open {
+                    jobs.try_recv()
+                } else {
+                    Err(TryRecvError::Disconnected)
+                };
+                match next {
+                    Ok(job) => self.queue.push_back(job),
+                    Err(TryRecvError::Empty) if idle => continue,
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
+            }
+            if !open && self.queue.is_empty() && self.rows.iter().all(Option::is_none) {
+                return Ok(());
+            }
+            // 2. Cancelled requests leave the queue and free their rows.
+            let before = self.queue.len();
+            self.queue.retain(|j| !j.sink.is_closed());
+            let dropped = (before - self.queue.len()) as u64;
+            self.metrics.queued.fetch_sub(dropped, Ordering::Relaxed);
+            self.metrics.in_flight.fetch_sub(dropped, Ordering::Relaxed);
+            Metrics::add(&self.metrics.cancelled, dropped);
+            for row in self.rows.iter_mut() {
+                if row.as_ref().is_some_and(|r| r.sink.is_closed()) {
+                    *row = None;
+                    self.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
+                    Metrics::add(&self.metrics.cancelled, 1);
+                }
+            }
+            // 3. Refill every free row from the queue in one prefill, when it is time.
+            let mut free: Vec<usize> = (0..b).filter(|&i| self.rows[i].is_none()).collect();
+            if !self.time_to_refill(free.len(), b) {
+                free.clear();
+            }
+            let take = free.len().min(self.queue.len());
+            if take > 0 {
+                if free.len() < b {
+                    Metrics::add(&self.metrics.rows_filled_running, take as u64);
+                }
+                let jobs: Vec<(usize, Job)> = free
+                    .into_iter()
+                    .take(take)
+                    .map(|i| (i, self.queue.pop_front().expect("counted")))
+                    .collect();
+                self.metrics
+                    .queued
+                    .fetch_sub(take as u64, Ordering::Relaxed);
+                let refills: Vec<Refill<'_>> = jobs
+                    .iter()
+                    .map(|(row, j)| Refill {
+                        row: *row,
+                        request: &j.request,
+                        seed: j.seed,
+                    })
+                    .collect();
+                let t0 = Instant::now();
+                let out = self.session.refill(&refills)?;
+                let secs = t0.elapsed().as_secs_f64();
+                // The first refill touches every weight page for the first time: not a
+                // measure of the next ones.
+                if self.metrics.refills.load(Ordering::Relaxed) > 0 {
+                    self.refill_secs = Some(ema(self.refill_secs, secs));
+                }
+                self.idle_debt = 0.0;
+                Metrics::add(&self.metrics.refill_micros, (secs * 1e6) as u64);
+                Metrics::add(&self.metrics.refills, 1);
+                Metrics::add(&self.metrics.rows_filled, take as u64);
+                let mut filled = Vec::with_capacity(take);
+                for (row, job) in jobs {
+                    Metrics::add(&self.metrics.prompt_tokens, job.ids.len() as u64);
+                    self.rows[row] = Some(Running {
+                        sink: job.sink,
+                        max_new: job.request.max_new_tokens,
+                        stop: job.stop,
+                        stream: self.tokenizer.stream(true),
+                        held: String::new(),
+                        generated: 0,
+                        usage: Usage {
+                            prompt_tokens: job.ids.len(),
+                            completion_tokens: 0,
+                        },
+                    });
+                    filled.push(row);
+                }
+                for row in filled {
+                    self.deliver(row, out.tokens[row], out.done[row], &stops);
+                }
+            }
+            // 4. One decode step for the running rows.
+            let busy = self.rows.iter().filter(|r| r.is_some()).count() as u64;
+            self.metrics.active.store(busy, Ordering::Relaxed);
+            if busy > 0 {
+                let t0 = Instant::now();
+                let out = self.session.step()?;
+                let secs = t0.elapsed().as_secs_f64();
+                if self.metrics.steps.load(Ordering::Relaxed) > 0 {
+                    self.step_secs = Some(ema(self.step_secs, secs));
+                }
+                // Rows that stood idle this step although a request was waiting for them.
+                let idle = (b as u64 - busy).min(self.queue.len() as u64);
+                self.idle_debt += idle as f64 * secs / b as f64;
+                Metrics::add(&self.metrics.step_micros, (secs * 1e6) as u64);
+                Metrics::add(&self.metrics.steps, 1);
+                Metrics::add(&self.metrics.busy_row_steps, busy);
+                for row in 0..b {
+                    if self.rows[row].is_some() {
+                        self.deliver(row, out.tokens[row], out.done[row], &stops);
+                    }
+                }
+                let busy = self.rows.iter().filter(|r| r.is_some()).count() as u64;
+                self.metrics.active.store(busy, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Whether free rows are refilled now. A refill runs the whole `[B, T]` prefill however
+    /// few rows it fills, so with rows still decoding it waits until the decode capacity
+    /// that free rows have left idle (row-steps × step time / `B`, while requests wait)
+    /// reaches the measured cost of a refill; then it fills every free row at once. This
+    /// is the rent-or-buy rule: never more than twice the cost of the best choice made
+    /// in hindsight. With no row decoding, or before both costs are measured, it refills
+    /// at once.
+    fn time_to_refill(&self, free: usize, b: usize) -> bool {
+        if free == 0 || self.queue.is_empty() {
+            return false;
+        }
+        if free == b {
+            return true;
+        }
+        match self.schedule {
+            Schedule::WholeBatch => false,
+            Schedule::Refill => match self.refill_secs {
+                Some(r) if self.step_secs.is_some() => self.idle_debt >= r,
+                _ => true,
+            },
+        }
+    }
+
+    /// Handles the token a run produced for `row`: stop token, text, stop strings and the
+    /// token limit, as [`Session::generate`] does; frees the row when it finishes.
+    fn deliver(&mut self, row: usize, id: u32, done: bool, stops: &[u32]) {
+        let Some(r) = self.rows[row].as_mut() else {
+            return;
+        };
+        let finish = if stops.contains(&id) {
+            Some(FinishReason::Stop)
+        } else {
+            r.generated += 1;
+            r.usage.completion_tokens += 1;
+            Metrics::add(&self.metrics.generated_tokens, 1);
+            let piece = r.stream.push(id).unwrap_or_default();
+            r.held.push_str(&piece);
+            let hit = r.stop.iter().filter_map(|s| r.held.find(s.as_str())).min();
+            let finish = if hit.is_some() {
+                Some(FinishReason::Stop)
+            } else if done || r.generated >= r.max_new {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            let text = match (hit, finish) {
+                (Some(at), _) => {
+                    let t = r.held[..at].to_string();
+                    r.held.clear();
+                    // Bytes of a character after the stop string are not part of the text.
+                    r.stream.finish();
+                    t
+                }
+                // The last token: nothing can complete a stop string any more, and a
+                // character it left incomplete is no text.
+                (None, Some(_)) => {
+                    r.stream.finish();
+                    std::mem::take(&mut r.held)
+                }
+                (None, None) => {
+                    // Send all but a tail that could still begin a stop string.
+                    let keep = held_back(&r.held, &r.stop);
+                    let cut = r.held.len() - keep;
+                    r.held.drain(..cut).collect()
+                }
+            };
+            if !r.sink.send(Event::Token { id, text }) {
+                self.rows[row] = None;
+                self.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
+                Metrics::add(&self.metrics.cancelled, 1);
+                return;
+            }
+            finish
+        };
+        if let Some(reason) = finish {
+            let mut r = self.rows[row].take().expect("running");
+            // A stop token: release text held for a stop string that never came.
+            r.stream.finish();
+            let rest = std::mem::take(&mut r.held);
+            if !rest.is_empty() {
+                r.sink.send(Event::Text(rest));
+            }
+            r.sink.send(Event::Done(r.usage, reason));
+            Metrics::add(&self.metrics.finished, 1);
+            self.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Tells every waiting and running request (and those still in the channel) that the
+    /// scheduler stopped, and clears the gauges they held.
+    pub(super) fn fail_all(&mut self, why: &str, jobs: &Receiver<Job>) {
+        let m = self.metrics;
+        let waiting: Vec<Job> = self.queue.drain(..).chain(jobs.try_iter()).collect();
+        for mut j in waiting {
+            j.sink.send(Event::Failed(why.to_string()));
+            m.queued.fetch_sub(1, Ordering::Relaxed);
+            m.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+        for mut r in self.rows.iter_mut().filter_map(Option::take) {
+            r.sink.send(Event::Failed(why.to_string()));
+            m.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+        m.active.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Bytes at the end of `text` to hold back: the longest suffix that is a proper prefix
+/// of a stop string (on a character boundary).
+fn held_back(text: &str, stops: &[String]) -> usize {
+    let mut keep = 0;
+    for s in stops {
+        for (i, _) in s.char_indices().skip(1) {
+            if i > keep && text.ends_with(&s[..i]) {
+                keep = i;
+            }
+        }
+    }
+    keep
+}
+
+#[cfg(test)]
+mod tests {
+    use super::held_back;
+
+    #[test]
+    fn held_back_keeps_the_longest_stop_prefix() {
+        let stops = vec!["\n\n".to_string(), "END".to_string()];
+        assert_eq!(held_back("abc\n", &stops), 1);
+        assert_eq!(held_back("abcEN", &stops), 2);
+        assert_eq!(held_back("abcE", &stops), 1);
+        assert_eq!(held_back("abc", &stops), 0);
+        assert_eq!(held_back("", &stops), 0);
+        assert_eq!(held_back("ab→", &["→x".to_string()]), "→".len());
+    }
+}
