@@ -8,7 +8,7 @@ use kvc_compiler::ir::Program;
 use kvc_compiler::{MemoryPlan, artifact};
 use kvc_runtime::Backend;
 
-use crate::args::ShapeArgs;
+use crate::args::{ExecArgs, ShapeArgs};
 use crate::emit;
 use crate::pipeline::compile_file;
 
@@ -32,4 +32,11 @@ pub(crate) fn read_artifact(dir: &Path) -> Result<Program> {
 pub(crate) fn inspect(dir: &Path) -> Result<()> {
     let p = read_artifact(dir)?;
     emit(format_args!("{p}\n{}\n", MemoryPlan::of(&p)))
+}
+
+/// `kvc inspect --plan`: the execution plans of a spec (compiled with its own shapes) or an
+/// artifact, as the chosen backend and kernel set build them.
+pub(crate) fn inspect_plan(model: &Path, exec: ExecArgs) -> Result<()> {
+    let m = crate::pipeline::load(model, ShapeArgs::default(), 1, exec)?;
+    emit(format_args!("{}", m.session.plan_text()))
 }

@@ -45,8 +45,14 @@ enum Command {
     },
     /// Print the graphs of a compiled artifact directory.
     Inspect {
-        /// Directory written by `kvc compile`.
+        /// Directory written by `kvc compile` (or, with `--plan`, a model spec).
         dir: PathBuf,
+        /// Print the execution plans instead of the graphs: each step's kernel, the
+        /// arguments it moves, and how state updates return (loads the weights).
+        #[arg(long)]
+        plan: bool,
+        #[command(flatten)]
+        exec: ExecArgs,
     },
     /// Generate completions for one or more prompts (one padded batch).
     Run {
@@ -210,7 +216,10 @@ fn real_main() -> Result<()> {
             output,
             shapes,
         } => compile::compile(&model, output, shapes),
-        Command::Inspect { dir } => compile::inspect(&dir),
+        Command::Inspect { dir, plan, exec } => match plan {
+            true => compile::inspect_plan(&dir, exec),
+            false => compile::inspect(&dir),
+        },
         Command::Eval(args) => eval::eval(args),
         Command::Run {
             model,

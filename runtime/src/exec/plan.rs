@@ -310,6 +310,113 @@ impl Plan {
     }
 }
 
+impl Kernel {
+    /// The kernel's name in the plan's text form, with its static parameters.
+    pub fn name(&self) -> String {
+        let d = |dims: &[usize; 4]| {
+            let v: Vec<String> = dims.iter().map(usize::to_string).collect();
+            format!("[{}]", v.join(","))
+        };
+        match self {
+            Kernel::Input(i) => format!("input #{i}"),
+            Kernel::Param(i) => format!("param #{i}"),
+            Kernel::State { id, take } => {
+                format!("state #{}{}", id.0, if *take { " (taken)" } else { "" })
+            }
+            Kernel::Const(_) => "const (built at load)".into(),
+            Kernel::Embed(o) => format!("embed -> {}", d(o)),
+            Kernel::Linear(o) => format!("linear -> {}", d(o)),
+            Kernel::QEmbed(o) => format!("q_embed -> {}", d(o)),
+            Kernel::QLinear(o) => format!("q_linear -> {}", d(o)),
+            Kernel::RmsNorm(eps) => format!("rms_norm eps={eps:?}"),
+            Kernel::Rope(cos, _) => format!("rope (tables of {} positions)", cos.dims()[0]),
+            Kernel::Attention(scale) => format!("attention scale={scale:?}"),
+            Kernel::AttentionProbs(scale) => format!("attention_probs scale={scale:?}"),
+            Kernel::AttentionValues => "attention_values".into(),
+            Kernel::AttentionMass(h) => format!("attention_mass kv_heads={h}"),
+            Kernel::KvWrite => "kv_write".into(),
+            Kernel::Silu => "silu".into(),
+            Kernel::Gelu => "gelu".into(),
+            Kernel::Binary(op, o) => format!("{} -> {}", op.name(), d(o)),
+            Kernel::Not => "not".into(),
+            Kernel::IsIn(v) => format!("is_in ({} values)", v.len()),
+            Kernel::Select(o) => format!("select -> {}", d(o)),
+            Kernel::Cast(t) => format!("cast {t}"),
+            Kernel::Reshape(o) => format!("reshape -> {}", d(o)),
+            Kernel::Permute(a) => format!("permute {}", d(a)),
+            Kernel::TakeRow(o) => format!("take_row -> {}", d(o)),
+            Kernel::Sample(o) => format!("sample -> {}", d(o)),
+            Kernel::Argmax(o) => format!("argmax -> {}", d(o)),
+            Kernel::Gather { rows } => {
+                format!("gather {}", if *rows { "rows" } else { "elements" })
+            }
+            Kernel::TopK(k) => format!("top_k k={k}"),
+            Kernel::Sum(o) => format!("sum -> {}", d(o)),
+            Kernel::Hash(seed, o) => format!("hash seed={seed} -> {}", d(o)),
+            Kernel::AbsMax => "abs_max".into(),
+            Kernel::Quantize(o) => format!("quantize -> {}", d(o)),
+        }
+    }
+}
+
+impl Plan {
+    /// The plan's text form: one line per step (`%i = kernel args`, an argument read for
+    /// the last time marked `~`: it is moved, so an in-place kernel may write it), then
+    /// the outputs and every state write-back (`in place` or `assign`), with the
+    /// program's names for parameters and state. Deterministic: snapshot-tested.
+    pub fn text(&self, p: &Program, g: &Graph, set: KernelSet) -> String {
+        use std::fmt::Write;
+        let mut out = format!(
+            "plan {} (kernel set {}): {} steps, {} write-backs\n",
+            g.name,
+            set.name(),
+            self.steps.len(),
+            self.writebacks.len()
+        );
+        for (i, step) in self.steps.iter().enumerate() {
+            let kernel = match &step.kernel {
+                Kernel::Input(k) => format!("input {}", g.inputs[*k].name),
+                Kernel::Param(q) => format!("param {}", p.params[*q].name),
+                Kernel::State { id, take } => format!(
+                    "state {}{}",
+                    p.state[id.0 as usize].name,
+                    if *take { " (taken)" } else { "" }
+                ),
+                k => k.name(),
+            };
+            let args: Vec<String> = step
+                .args
+                .iter()
+                .map(|a| match a {
+                    Arg::Move(s) => format!("%{s}~"),
+                    Arg::Share(s) => format!("%{s}"),
+                })
+                .collect();
+            match args.is_empty() {
+                true => writeln!(out, "  %{i} = {kernel}"),
+                false => writeln!(out, "  %{i} = {kernel} {}", args.join(", ")),
+            }
+            .expect("writing to a String");
+        }
+        for (o, slot) in g.outputs.iter().zip(&self.outputs) {
+            writeln!(out, "  out {} = %{slot}", o.name).expect("writing to a String");
+        }
+        for w in &self.writebacks {
+            let (state, slot, how) = match w {
+                WriteBack::InPlace { state, slot } => (state, slot, "in place"),
+                WriteBack::Assign { state, slot } => (state, slot, "assign"),
+            };
+            writeln!(
+                out,
+                "  {} <- %{slot} ({how})",
+                p.state[state.0 as usize].name
+            )
+            .expect("writing to a String");
+        }
+        out
+    }
+}
+
 /// The state a value is an in-place update of: the value is `State(s)` itself, or a
 /// `kv_write` whose cache argument is consumed there (its last read) and is itself such
 /// a value.

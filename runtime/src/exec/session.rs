@@ -286,6 +286,18 @@ impl Session {
         self.exec.kernel_set()
     }
 
+    /// The text form of both graphs' execution plans (`kvc inspect --plan`): each step's
+    /// kernel, which arguments it moves, and how each state update gets back.
+    pub fn plan_text(&self) -> String {
+        let p = self.program();
+        let set = self.kernel_set();
+        format!(
+            "{}\n{}",
+            self.exec.plan(Which::Prefill).text(p, &p.prefill, set),
+            self.exec.plan(Which::Decode).text(p, &p.decode, set)
+        )
+    }
+
     /// Device→host reads so far (a decode step makes two: its token and done vectors).
     pub fn host_reads(&self) -> u64 {
         self.exec.host_reads()
