@@ -336,7 +336,7 @@ pub fn bench_all(model: &Path, configs: &[Config], json: Option<&Path>) -> Resul
         let doc = serde_json::json!({
             "model": model.display().to_string(),
             "machine": machine(),
-            "commit": commit(),
+            "commit": crate::machine::commit(None),
             "steps": steps,
             "results": results,
         });
@@ -349,25 +349,9 @@ pub fn bench_all(model: &Path, configs: &[Config], json: Option<&Path>) -> Resul
 
 /// CPU model and core count, for the record.
 fn machine() -> serde_json::Value {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split(':').nth(1))
-        .map(str::trim);
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
-    serde_json::json!({ "cpu": model.unwrap_or("unknown"), "threads": cores })
-}
-
-/// The checked-out commit, when run inside a git work tree.
-fn commit() -> String {
-    Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".into())
+    let cpu = crate::machine::cpu_model().unwrap_or_else(|| "unknown".into());
+    serde_json::json!({ "cpu": cpu, "threads": cores })
 }

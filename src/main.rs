@@ -5,6 +5,7 @@ mod args;
 mod bench;
 mod compile;
 mod eval;
+mod machine;
 mod output;
 mod pipeline;
 mod run;

@@ -17,6 +17,20 @@ fn parent(path: &Path) -> &Path {
     }
 }
 
+/// The directory `path` (given as `flag`) would be made in, which must exist: kvc creates
+/// only `what`, never a missing parent.
+fn existing_parent<'a>(flag: &str, path: &'a Path, what: &str) -> Result<&'a Path> {
+    let dir = parent(path);
+    if !dir.is_dir() {
+        bail!(
+            "{flag} {}: the directory {} does not exist (kvc creates only {what})",
+            path.display(),
+            dir.display()
+        );
+    }
+    Ok(dir)
+}
+
 /// Writes and removes a small file in `dir`: the test that files can be made there.
 fn probe(flag: &str, shown: &Path, dir: &Path) -> Result<()> {
     let name = dir.join(format!(".kvc-probe-{}", std::process::id()));
@@ -53,15 +67,7 @@ pub(crate) fn check_file(flag: &str, path: &Path) -> Result<()> {
             probe(flag, path, parent(path))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let dir = parent(path);
-            if !dir.is_dir() {
-                bail!(
-                    "{flag} {}: the directory {} does not exist (kvc creates only the file)",
-                    path.display(),
-                    dir.display()
-                );
-            }
-            probe(flag, path, dir)
+            probe(flag, path, existing_parent(flag, path, "the file")?)
         }
         Err(e) => bail!("{flag} {}: {e}", path.display()),
     }
@@ -78,15 +84,7 @@ pub(crate) fn check_dir(flag: &str, path: &Path) -> Result<()> {
         ),
         Ok(_) => probe(flag, path, path),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let up = parent(path);
-            if !up.is_dir() {
-                bail!(
-                    "{flag} {}: the directory {} does not exist (kvc creates only {})",
-                    path.display(),
-                    up.display(),
-                    path.display()
-                );
-            }
+            existing_parent(flag, path, &path.display().to_string())?;
             if let Err(e) = fs::create_dir(path) {
                 bail!("{flag} {}: cannot create: {e}", path.display());
             }

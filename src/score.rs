@@ -30,13 +30,7 @@ pub(crate) fn score(
             let mut order: Vec<usize> = (0..row.len()).collect();
             order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
             order.truncate(top_k);
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let lse = max
-                + row
-                    .iter()
-                    .map(|&x| (x as f64 - max).exp())
-                    .sum::<f64>()
-                    .ln();
+            let lse = crate::eval::log_sum_exp(row);
             serde_json::json!({
                 "top_ids": order,
                 "top_logits": order.iter().map(|&i| row[i]).collect::<Vec<_>>(),

@@ -185,10 +185,11 @@ async fn accept(listener: tokio::net::TcpListener, router: Router, limits: Limit
 
 /// Answers a connection over the cap with 503 and closes it.
 async fn refuse(mut stream: tokio::net::TcpStream, max: u32) {
-    let body = json!({ "error": {
-        "message": format!("the server has {max} open connections, its limit (kvc serve --max-connections)"),
-        "type": "server_error", "param": null, "code": null,
-    }})
+    let body = error_body(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("the server has {max} open connections, its limit (kvc serve --max-connections)"),
+        None,
+    )
     .to_string();
     let response = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
@@ -302,16 +303,18 @@ fn now() -> u64 {
 
 /// An OpenAI-shaped error response.
 fn error(status: StatusCode, message: impl Into<String>, param: Option<&str>) -> Response {
+    (status, axum::Json(error_body(status, message, param))).into_response()
+}
+
+/// The JSON of an OpenAI-shaped error.
+fn error_body(status: StatusCode, message: impl Into<String>, param: Option<&str>) -> Value {
     let kind = match status {
         StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
         s if s.is_server_error() => "server_error",
         StatusCode::NOT_FOUND => "not_found_error",
         _ => "invalid_request_error",
     };
-    let body = json!({
-        "error": { "message": message.into(), "type": kind, "param": param, "code": null }
-    });
-    (status, axum::Json(body)).into_response()
+    json!({ "error": { "message": message.into(), "type": kind, "param": param, "code": null } })
 }
 
 async fn not_found() -> Response {
@@ -694,7 +697,7 @@ fn sse(meta: Meta, rx: UnboundedReceiver<Event>, include_usage: bool) -> Respons
                     return Some((Ok(Bytes::from(out)), None));
                 }
                 Some(Event::Failed(e)) => {
-                    let err = json!({ "error": { "message": e, "type": "server_error", "param": null, "code": null } });
+                    let err = error_body(StatusCode::INTERNAL_SERVER_ERROR, e, None);
                     return Some((Ok(data(&err)), None));
                 }
                 None => return None,

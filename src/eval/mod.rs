@@ -564,7 +564,8 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     if let Some(path) = &args.results_md {
         crate::output::check_file("--results-md", path)?;
         if path.exists() {
-            read_report(path)?;
+            kvc_compiler::files::check_regular(path, MAX_REPORT_BYTES)
+                .with_context(|| format!("--results-md {}", path.display()))?;
         }
     }
     if let Some(dir) = &args.plot {
@@ -712,8 +713,8 @@ pub fn eval(args: EvalArgs) -> Result<()> {
 
     let mut run = RunInfo {
         started: now(),
-        commit: commit(),
-        cpu: cpu_model(),
+        commit: crate::machine::commit(Some(12)),
+        cpu: crate::machine::cpu_model().unwrap_or_else(|| std::env::consts::ARCH.to_string()),
         cpu_flags: cpu_flags(),
         threads: rayon_threads(),
         backend: format!("{:?}", args.exec.backend).to_lowercase(),
@@ -891,28 +892,6 @@ fn now() -> String {
         .map_or_else(|| "unknown".into(), |s| s.trim().to_string())
 }
 
-fn commit() -> String {
-    std::process::Command::new("git")
-        .args(["rev-parse", "--short=12", "HEAD"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .map_or_else(|| "unknown".into(), |s| s.trim().to_string())
-}
-
-fn cpuinfo_field(name: &str) -> Option<String> {
-    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    info.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.split_once(':'))
-        .map(|(_, v)| v.trim().to_string())
-}
-
-fn cpu_model() -> String {
-    cpuinfo_field("model name").unwrap_or_else(|| std::env::consts::ARCH.to_string())
-}
-
 fn cpu_flags() -> Vec<String> {
     let wanted = [
         "avx2",
@@ -924,7 +903,7 @@ fn cpu_flags() -> Vec<String> {
         "avx512_vnni",
         "avx512_bf16",
     ];
-    let flags = cpuinfo_field("flags").unwrap_or_default();
+    let flags = crate::machine::cpuinfo_field("flags").unwrap_or_default();
     let have: Vec<&str> = flags.split_whitespace().collect();
     wanted
         .iter()
@@ -941,15 +920,19 @@ fn rayon_threads() -> usize {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
+/// Log-sum-exp of `logits` in f64, computed stably (shifted by the maximum).
+pub fn log_sum_exp(logits: &[f32]) -> f64 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    max + logits
+        .iter()
+        .map(|&x| (x as f64 - max).exp())
+        .sum::<f64>()
+        .ln()
+}
+
 /// Log-probabilities of `logits` (f64, computed stably).
 pub fn log_softmax(logits: &[f32]) -> Vec<f64> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = max
-        + logits
-            .iter()
-            .map(|&x| (x as f64 - max).exp())
-            .sum::<f64>()
-            .ln();
+    let lse = log_sum_exp(logits);
     logits.iter().map(|&x| x as f64 - lse).collect()
 }
 

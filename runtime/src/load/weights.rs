@@ -681,14 +681,13 @@ pub fn load_weights(path: impl AsRef<Path>) -> Result<BTreeMap<String, HostTenso
         source,
     };
     // Only regular files: a FIFO would wait for a writer, a device never end.
-    if let Ok(m) = std::fs::metadata(path)
-        && !m.is_file()
-    {
-        return Err(io(std::io::Error::new(
+    kvc_compiler::files::check_regular(path, u64::MAX).map_err(|e| match e {
+        kvc_compiler::files::ReadError::Io(e) => io(e),
+        other => io(std::io::Error::new(
             ErrorKind::InvalidInput,
-            format!("not a regular file but a {}", kvc_compiler::files::kind(&m)),
-        )));
-    }
+            other.to_string(),
+        )),
+    })?;
     let mut magic = [0u8; 4];
     let is_gguf = match File::open(path).and_then(|mut f| f.read_exact(&mut magic)) {
         Ok(()) => magic == crate::load::gguf::GGUF_MAGIC,

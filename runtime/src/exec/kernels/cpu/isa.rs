@@ -24,8 +24,7 @@ impl Isa {
 
     /// Whether this CPU runs the kernels of this set (detected once).
     pub fn available(self) -> bool {
-        static WIDEST: OnceLock<Isa> = OnceLock::new();
-        self <= *WIDEST.get_or_init(detect)
+        self <= widest()
     }
 
     /// The set the kernels run: the widest available, unless the environment variable
@@ -34,7 +33,7 @@ impl Isa {
     pub fn best() -> Isa {
         static BEST: OnceLock<Isa> = OnceLock::new();
         *BEST.get_or_init(|| {
-            let widest = detect();
+            let widest = widest();
             let Ok(name) = std::env::var("KVC_ISA") else {
                 return widest;
             };
@@ -91,6 +90,12 @@ impl Isa {
         );
         run
     }
+}
+
+/// The widest set this CPU has, detected once per process.
+fn widest() -> Isa {
+    static WIDEST: OnceLock<Isa> = OnceLock::new();
+    *WIDEST.get_or_init(detect)
 }
 
 /// The widest set this CPU has.
