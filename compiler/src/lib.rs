@@ -5,6 +5,7 @@
 //! artifact. This crate has no tensor library dependency; the runtime executes the result.
 
 pub mod artifact;
+pub mod blocks;
 pub mod files;
 pub mod fuzzing;
 pub mod ir;

@@ -10,7 +10,7 @@ use super::{
 
 impl Display for DType {
     fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+        let name = match self {
             DType::F32 => "f32",
             DType::F16 => "f16",
             DType::I32 => "i32",
@@ -24,7 +24,8 @@ impl Display for DType {
             DType::Q4K => "q4_k",
             DType::Q5K => "q5_k",
             DType::Q6K => "q6_k",
-        })
+        };
+        f.write_str(name)
     }
 }
 

@@ -20,6 +20,7 @@ pub use builder::{BuildError, GraphBuilder};
 pub use display::{GraphDisplay, Tables};
 pub use typing::{Decls, infer_type};
 
+use crate::blocks::Block;
 use serde::{Deserialize, Serialize};
 
 /// Element type of a tensor.
@@ -54,31 +55,50 @@ pub enum DType {
 }
 
 impl DType {
-    /// Every quantized weight type, in the order the text form lists them.
-    pub const QUANTIZED: [DType; 8] = [
-        DType::Q4_0,
-        DType::Q4_1,
-        DType::Q5_0,
-        DType::Q5_1,
-        DType::Q8_0,
-        DType::Q4K,
-        DType::Q5K,
-        DType::Q6K,
-    ];
+    /// Every quantized weight type, in [`Block::ALL`] order.
+    pub const QUANTIZED: [DType; 8] = {
+        let mut out = [DType::F32; 8];
+        let mut i = 0;
+        while i < 8 {
+            out[i] = DType::of_block(Block::ALL[i]);
+            i += 1;
+        }
+        out
+    };
+
+    /// The storage type of GGUF blocks of format `b`.
+    pub const fn of_block(b: Block) -> DType {
+        match b {
+            Block::Q4_0 => DType::Q4_0,
+            Block::Q4_1 => DType::Q4_1,
+            Block::Q5_0 => DType::Q5_0,
+            Block::Q5_1 => DType::Q5_1,
+            Block::Q8_0 => DType::Q8_0,
+            Block::Q4K => DType::Q4K,
+            Block::Q5K => DType::Q5K,
+            Block::Q6K => DType::Q6K,
+        }
+    }
+
+    /// The block format of a block-quantized type.
+    pub const fn block_format(self) -> Option<Block> {
+        Some(match self {
+            DType::F32 | DType::F16 | DType::I32 | DType::I8 | DType::Bool => return None,
+            DType::Q4_0 => Block::Q4_0,
+            DType::Q4_1 => Block::Q4_1,
+            DType::Q5_0 => Block::Q5_0,
+            DType::Q5_1 => Block::Q5_1,
+            DType::Q8_0 => Block::Q8_0,
+            DType::Q4K => Block::Q4K,
+            DType::Q5K => Block::Q5K,
+            DType::Q6K => Block::Q6K,
+        })
+    }
 
     /// For a block-quantized type, `(values, bytes)` per block along the last dimension.
     pub fn block(self) -> Option<(u32, u32)> {
-        match self {
-            DType::F32 | DType::F16 | DType::I32 | DType::I8 | DType::Bool => None,
-            DType::Q4_0 => Some((32, 18)),
-            DType::Q4_1 => Some((32, 20)),
-            DType::Q5_0 => Some((32, 22)),
-            DType::Q5_1 => Some((32, 24)),
-            DType::Q8_0 => Some((32, 34)),
-            DType::Q4K => Some((256, 144)),
-            DType::Q5K => Some((256, 176)),
-            DType::Q6K => Some((256, 210)),
-        }
+        self.block_format()
+            .map(|b| (b.format().values, b.format().bytes()))
     }
 
     /// Whether values are stored as GGUF blocks (weights only).

@@ -397,38 +397,20 @@ pub fn load_gguf_weights(file: &GgufFile) -> Result<BTreeMap<String, HostTensor>
     Ok(out)
 }
 
-/// The IR storage type of a GGUF tensor type: the block types kvc's CPU kernels read as
-/// they are, F16, or F32 (every other type is dequantized at load).
+/// The IR storage type of a GGUF tensor type: the block formats kvc's CPU kernels read as
+/// they are ([`kvc_compiler::blocks`]), F16, or F32 (every other type is dequantized at
+/// load).
 pub fn ir_dtype(ty: GgmlType) -> DType {
-    match ty {
-        GgmlType::Q4_0 => DType::Q4_0,
-        GgmlType::Q4_1 => DType::Q4_1,
-        GgmlType::Q5_0 => DType::Q5_0,
-        GgmlType::Q5_1 => DType::Q5_1,
-        GgmlType::Q8_0 => DType::Q8_0,
-        GgmlType::Q4_K => DType::Q4K,
-        GgmlType::Q5_K => DType::Q5K,
-        GgmlType::Q6_K => DType::Q6K,
-        GgmlType::F16 => DType::F16,
-        _ => DType::F32,
+    match (ty.block_format(), ty) {
+        (Some(b), _) => DType::of_block(b),
+        (None, GgmlType::F16) => DType::F16,
+        (None, _) => DType::F32,
     }
 }
 
-/// The GGUF block types kept as blocks (each its own IR storage type, [`ir_dtype`]).
-pub const BLOCK_TYPES: [GgmlType; 8] = [
-    GgmlType::Q4_0,
-    GgmlType::Q4_1,
-    GgmlType::Q5_0,
-    GgmlType::Q5_1,
-    GgmlType::Q8_0,
-    GgmlType::Q4_K,
-    GgmlType::Q5_K,
-    GgmlType::Q6_K,
-];
-
-/// The GGUF block type of an IR block storage type (`None` for f32 and f16).
+/// The GGUF type of an IR block storage type (`None` for the other types).
 pub fn ggml_block_type(d: DType) -> Option<GgmlType> {
-    BLOCK_TYPES.into_iter().find(|&t| ir_dtype(t) == d)
+    GgmlType::from_id(d.block_format()?.format().ggml_type)
 }
 
 /// The storage a GGUF file offers each parameter, by Hugging Face name: what a spec with

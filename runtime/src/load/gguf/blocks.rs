@@ -4,6 +4,7 @@
 use std::fmt;
 
 use half::f16;
+use kvc_compiler::blocks::{Block, f16_at, k_scale_mins};
 use rayon::prelude::*;
 
 use super::DequantizeError;
@@ -114,13 +115,26 @@ impl GgmlType {
         }
     }
 
+    /// The block format of a type the runtime keeps as blocks ([`kvc_compiler::blocks`]).
+    pub fn block_format(self) -> Option<Block> {
+        Block::from_ggml_type(self.id())
+    }
+
     /// Elements per block (1 for plain element types).
     pub fn block_size(self) -> u64 {
         match self {
             Self::F32 | Self::F16 | Self::BF16 | Self::F64 => 1,
             Self::I8 | Self::I16 | Self::I32 | Self::I64 => 1,
-            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Q8_0 | Self::Q8_1 => 32,
-            Self::Q2_K | Self::Q3_K | Self::Q4_K | Self::Q5_K | Self::Q6_K | Self::Q8_K => 256,
+            Self::Q8_1 => 32,
+            Self::Q2_K | Self::Q3_K | Self::Q8_K => 256,
+            Self::Q4_0
+            | Self::Q4_1
+            | Self::Q5_0
+            | Self::Q5_1
+            | Self::Q8_0
+            | Self::Q4_K
+            | Self::Q5_K
+            | Self::Q6_K => self.kept().values() as u64,
         }
     }
 
@@ -131,19 +145,25 @@ impl GgmlType {
             Self::F16 | Self::BF16 | Self::I16 => 2,
             Self::F64 | Self::I64 => 8,
             Self::I8 => 1,
-            Self::Q4_0 => 18,
-            Self::Q4_1 => 20,
-            Self::Q5_0 => 22,
-            Self::Q5_1 => 24,
-            Self::Q8_0 => 34,
             Self::Q8_1 => 36,
             Self::Q2_K => 84,
             Self::Q3_K => 110,
-            Self::Q4_K => 144,
-            Self::Q5_K => 176,
-            Self::Q6_K => 210,
             Self::Q8_K => 292,
+            Self::Q4_0
+            | Self::Q4_1
+            | Self::Q5_0
+            | Self::Q5_1
+            | Self::Q8_0
+            | Self::Q4_K
+            | Self::Q5_K
+            | Self::Q6_K => self.kept().bytes() as u64,
         }
+    }
+
+    /// [`Self::block_format`] of a type listed there.
+    fn kept(self) -> Block {
+        self.block_format()
+            .expect("every type with a block format is listed in kvc_compiler::blocks")
     }
 
     /// Bytes of a row of `values` values (a multiple of [`Self::block_size`]).
@@ -236,11 +256,6 @@ fn decode_blocks<const B: usize, const N: usize>(
     Ok(out)
 }
 
-/// The little-endian f16 at `at`, widened to f32.
-fn f16_at(bytes: &[u8], at: usize) -> f32 {
-    f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
-}
-
 /// F32: one little-endian value.
 fn f32_block(b: &[u8; 4], out: &mut [f32; 1]) {
     out[0] = f32::from_le_bytes(*b);
@@ -321,23 +336,6 @@ fn q8_0_block(b: &[u8; 34], out: &mut [f32; 32]) {
     }
 }
 
-/// Scale and minimum of sub-block `j` (0..8) of a Q4_K or Q5_K block, 6 bits
-/// each, packed in 12 bytes: bytes 0..4 hold the low 6 bits of scales 0..4
-/// and bytes 4..8 those of minimums 0..4; scales and minimums 4..8 take their
-/// low 4 bits from the nibbles of bytes 8..12 and their high 2 bits from the
-/// top bits of bytes 0..4 and 4..8 respectively.
-fn k_scale_min(scales: &[u8], j: usize) -> (u8, u8) {
-    if j < 4 {
-        (scales[j] & 0x3f, scales[j + 4] & 0x3f)
-    } else {
-        let low = scales[j + 4];
-        (
-            (low & 0x0f) | ((scales[j - 4] >> 6) << 4),
-            (low >> 4) | ((scales[j] >> 6) << 4),
-        )
-    }
-}
-
 /// Q4_K: `d: f16, dmin: f16, scales: [u8; 12], qs: [u8; 128]`: eight
 /// sub-blocks of 32 values. Each 32 bytes of `qs` hold two sub-blocks, the
 /// first in the low nibbles and the second in the high ones. Value is
@@ -346,7 +344,7 @@ fn k_scale_min(scales: &[u8], j: usize) -> (u8, u8) {
 fn q4_k_block(b: &[u8; 144], out: &mut [f32; 256]) {
     let d = f16_at(b, 0);
     let dmin = f16_at(b, 2);
-    let scales = &b[4..16];
+    let (scales, mins) = k_scale_mins(&b[4..16]);
     for (pair, (qs, out)) in b[16..]
         .chunks_exact(32)
         .zip(out.chunks_exact_mut(64))
@@ -354,7 +352,7 @@ fn q4_k_block(b: &[u8; 144], out: &mut [f32; 256]) {
     {
         let (lo, hi) = out.split_at_mut(32);
         for (sub, out, shift) in [(2 * pair, lo, 0), (2 * pair + 1, hi, 4)] {
-            let (sc, m) = k_scale_min(scales, sub);
+            let (sc, m) = (scales[sub], mins[sub]);
             let scale = d * f32::from(sc);
             let min = dmin * f32::from(m);
             for (o, &q) in out.iter_mut().zip(qs) {
@@ -369,7 +367,7 @@ fn q4_k_block(b: &[u8; 144], out: &mut [f32; 256]) {
 fn q5_k_block(b: &[u8; 176], out: &mut [f32; 256]) {
     let d = f16_at(b, 0);
     let dmin = f16_at(b, 2);
-    let scales = &b[4..16];
+    let (scales, mins) = k_scale_mins(&b[4..16]);
     let qh = &b[16..48];
     for (pair, (qs, out)) in b[48..]
         .chunks_exact(32)
@@ -378,7 +376,7 @@ fn q5_k_block(b: &[u8; 176], out: &mut [f32; 256]) {
     {
         let (lo, hi) = out.split_at_mut(32);
         for (sub, out, shift) in [(2 * pair, lo, 0), (2 * pair + 1, hi, 4)] {
-            let (sc, m) = k_scale_min(scales, sub);
+            let (sc, m) = (scales[sub], mins[sub]);
             let scale = d * f32::from(sc);
             let min = dmin * f32::from(m);
             for ((o, &q), &h) in out.iter_mut().zip(qs).zip(qh) {

@@ -450,7 +450,16 @@ fn ggml_type_table_is_consistent() {
         if let Some(t) = GgmlType::from_id(id) {
             assert_eq!(t.id(), id);
             assert!(t.block_bytes() > 0 && t.block_size() > 0);
+            if let Some(b) = t.block_format() {
+                assert_eq!(b.format().ggml_type, id);
+                assert_eq!(b.format().name, t.to_string());
+            }
         }
+    }
+    // Every format the runtime keeps as blocks is a type this reader knows.
+    for b in kvc_compiler::blocks::Block::ALL {
+        let t = GgmlType::from_id(b.format().ggml_type).expect("known id");
+        assert_eq!(t.block_format(), Some(b));
     }
     // Sizes cross-checked against the ggml block structs.
     assert_eq!(GgmlType::Q8_0.block_bytes(), 2 + 32);

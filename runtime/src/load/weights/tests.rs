@@ -79,18 +79,17 @@ fn unpermute_rejects_bad_shapes() {
     ));
 }
 
-/// The IR's block table (the compiler cannot see the reader's) agrees with GGUF's.
+/// Every block format maps to its IR storage type and back; other types are not blocks.
 #[test]
-fn ir_block_types_have_the_file_block_sizes() {
-    for ty in BLOCK_TYPES {
-        let (values, bytes) = ir_dtype(ty).block().expect("a block type");
-        assert_eq!(
-            (values as u64, bytes as u64),
-            (ty.block_size(), ty.block_bytes()),
-            "{ty}"
-        );
+fn block_formats_map_to_ir_types_and_back() {
+    for b in kvc_compiler::blocks::Block::ALL {
+        let ty = GgmlType::from_id(b.format().ggml_type).expect("known id");
+        assert_eq!(ir_dtype(ty), DType::of_block(b), "{ty}");
+        assert_eq!(ggml_block_type(DType::of_block(b)), Some(ty));
     }
-    assert_eq!(DType::QUANTIZED.len(), 8);
+    assert_eq!(ir_dtype(GgmlType::Q8_K), DType::F32);
+    assert_eq!(ir_dtype(GgmlType::F16), DType::F16);
+    assert_eq!(ggml_block_type(DType::F16), None);
 }
 
 #[test]
