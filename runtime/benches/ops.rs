@@ -48,7 +48,7 @@ fn linear(c: &mut Criterion) {
             group.bench_with_input(
                 BenchmarkId::new(set.name(), format!("{n}x{kk}")),
                 &(),
-                |b, _| b.iter(|| black_box(k.linear(x.clone(), w.clone()))),
+                |b, _| b.iter(|| black_box(k.linear(x.clone(), w.clone(), k.linear_form(1)))),
             );
         }
     }
@@ -78,6 +78,7 @@ fn attention(c: &mut Criterion) {
                             v.clone(),
                             mask.clone(),
                             0.125,
+                            k.attention_form(3),
                         ))
                     })
                 },
@@ -97,6 +98,7 @@ fn attention(c: &mut Criterion) {
                             vh.clone(),
                             mask.clone(),
                             0.125,
+                            k.attention_form(3),
                         ))
                     })
                 },
@@ -107,7 +109,7 @@ fn attention(c: &mut Criterion) {
                 |b, _| {
                     b.iter(|| {
                         let p = k.attention_probs(q.clone(), kc.clone(), mask.clone(), 0.125);
-                        black_box(k.attention_values(p, v.clone()))
+                        black_box(k.attention_values(p, v.clone(), k.attention_form(3)))
                     })
                 },
             );
@@ -237,7 +239,7 @@ fn quant(c: &mut Criterion) {
     let cpu = KernelSet::Cpu.kernels();
     group.throughput(Throughput::Bytes((n * k * 4) as u64));
     group.bench_function(id("f32-flex-gemm"), |b| {
-        b.iter(|| black_box(cpu.linear(xt.clone(), wt.clone())))
+        b.iter(|| black_box(cpu.linear(xt.clone(), wt.clone(), cpu.linear_form(m))))
     });
     group.finish();
 }

@@ -372,17 +372,17 @@ impl Executor {
                 let (t, ids) = (next().q(), next().i());
                 Value::F(k.qembed(&t, ids).reshape(*dims))
             }
-            Kernel::QLinear(dims) => {
+            Kernel::QLinear(dims, form) => {
                 let (x, w) = (next().f(), next().q());
                 let m = x.shape().num_elements() / w.cols;
-                let y = k.qlinear(x.reshape([m, w.cols]), &w);
+                let y = k.qlinear(x.reshape([m, w.cols]), &w, *form);
                 Value::F(y.reshape(*dims))
             }
-            Kernel::Linear(dims) => {
+            Kernel::Linear(dims, form) => {
                 let (x, w) = (next().f(), next().f());
                 let [_, _, n, kk] = w.dims();
                 let m = x.shape().num_elements() / kk;
-                let y = k.linear(x.reshape([m, kk]), w.reshape([n, kk]));
+                let y = k.linear(x.reshape([m, kk]), w.reshape([n, kk]), *form);
                 Value::F(y.reshape(*dims))
             }
             Kernel::RmsNorm(eps) => Value::F(k.rms_norm(next().f(), next().f(), *eps)),
@@ -390,15 +390,17 @@ impl Executor {
                 let (x, pos) = (next().f(), next().i());
                 Value::F(k.rope(x, pos, cos.clone(), sin.clone()))
             }
-            Kernel::Attention(scale) => {
+            Kernel::Attention(scale, form) => {
                 let (q, kk, v, mask) = (next().f(), next().f(), next().f(), next().b());
-                Value::F(k.attention(q, kk, v, mask, *scale))
+                Value::F(k.attention(q, kk, v, mask, *scale, *form))
             }
             Kernel::AttentionProbs(scale) => {
                 let (q, kk, mask) = (next().f(), next().f(), next().b());
                 Value::F(k.attention_probs(q, kk, mask, *scale))
             }
-            Kernel::AttentionValues => Value::F(k.attention_values(next().f(), next().f())),
+            Kernel::AttentionValues(form) => {
+                Value::F(k.attention_values(next().f(), next().f(), *form))
+            }
             Kernel::AttentionMass(kv_heads) => {
                 Value::F(attention_mass(next().f(), next().f(), *kv_heads))
             }

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use kvc_compiler::ir::{BinaryOp, DType, Graph, Op, Program, StateId, ValueId};
 
-use super::kernels::KernelSet;
+use super::kernels::{Form, KernelSet};
 use super::value::{Value, pad4};
 use crate::RuntimeError;
 
@@ -56,22 +56,22 @@ pub enum Kernel {
     Const(Value),
     /// Row lookup; output dims.
     Embed([usize; 4]),
-    /// Projection; output dims.
-    Linear([usize; 4]),
+    /// Projection; output dims, form.
+    Linear([usize; 4], Form),
     /// Row lookup in a table of GGUF blocks; output dims.
     QEmbed([usize; 4]),
-    /// Projection by a matrix of GGUF blocks; output dims.
-    QLinear([usize; 4]),
+    /// Projection by a matrix of GGUF blocks; output dims, form.
+    QLinear([usize; 4], Form),
     /// RMSNorm.
     RmsNorm(f32),
     /// Rotary embedding with its cos/sin tables.
     Rope(Tensor<2>, Tensor<2>),
-    /// Fused attention.
-    Attention(f32),
+    /// Fused attention; scale, form.
+    Attention(f32, Form),
     /// Attention probabilities.
     AttentionProbs(f32),
-    /// Probabilities times values.
-    AttentionValues,
+    /// Probabilities times values; form.
+    AttentionValues(Form),
     /// Attention mass per KV head.
     AttentionMass(usize),
     /// Cache write: in place when its cache argument is [`Arg::Move`] (a single owner).
@@ -176,9 +176,27 @@ impl Plan {
         params: &[Value],
     ) -> Result<Plan, RuntimeError> {
         // A weight bound as GGUF blocks takes the quantized form of its op.
-        let blocks = |v: ValueId| {
-            matches!(g.nodes[v.0 as usize].op, Op::Param(q)
-                if matches!(params.get(q.0 as usize), Some(Value::Q(_))))
+        let blocks = |v: ValueId| match g.nodes[v.0 as usize].op {
+            Op::Param(q) => match params.get(q.0 as usize) {
+                Some(Value::Q(w)) => Some(w),
+                _ => None,
+            },
+            _ => None,
+        };
+        let kernels = set.kernels();
+        // Rows of a product: every dimension of x but the last.
+        let rows = |x: ValueId| {
+            let s = &g.ty(x).shape;
+            s[..s.len() - 1]
+                .iter()
+                .map(|&d| d as usize)
+                .product::<usize>()
+        };
+        // Query rows per KV head of an attention: `g · T` from q `[B, Hq, T, D]` (or probs
+        // `[B, Hq, T, S]`) and k or v `[B, Hkv, S, D]`.
+        let attention_rows = |q: ValueId, kv: ValueId| {
+            let (q, kv) = (&g.ty(q).shape, &g.ty(kv).shape);
+            (q[1] / kv[1]) as usize * q[2] as usize
         };
         let last_use = g.last_uses();
         let n = g.nodes.len();
@@ -236,10 +254,12 @@ impl Plan {
                 },
                 Op::Const { value, shape } => Kernel::Const(Value::full(*value, shape, device)),
                 Op::Iota { shape, dim } => Kernel::Const(iota(shape, *dim as usize, device)),
-                Op::Embed { table, .. } if blocks(*table) => Kernel::QEmbed(dims),
+                Op::Embed { table, .. } if blocks(*table).is_some() => Kernel::QEmbed(dims),
                 Op::Embed { .. } => Kernel::Embed(dims),
-                Op::Linear { w, .. } if blocks(*w) => Kernel::QLinear(dims),
-                Op::Linear { .. } => Kernel::Linear(dims),
+                Op::Linear { x, w } => match blocks(*w) {
+                    Some(q) => Kernel::QLinear(dims, kernels.qlinear_form(rows(*x), q)),
+                    None => Kernel::Linear(dims, kernels.linear_form(rows(*x))),
+                },
                 Op::RmsNorm { eps, .. } => Kernel::RmsNorm(*eps),
                 Op::Rope { x, theta, .. } => {
                     let d = g.ty(*x).shape[3] as usize;
@@ -249,9 +269,13 @@ impl Plan {
                         .clone();
                     Kernel::Rope(cos, sin)
                 }
-                Op::Attention { scale, .. } => Kernel::Attention(*scale),
+                Op::Attention { scale, q, k, .. } => {
+                    Kernel::Attention(*scale, kernels.attention_form(attention_rows(*q, *k)))
+                }
                 Op::AttentionProbs { scale, .. } => Kernel::AttentionProbs(*scale),
-                Op::AttentionValues { .. } => Kernel::AttentionValues,
+                Op::AttentionValues { probs, v } => {
+                    Kernel::AttentionValues(kernels.attention_form(attention_rows(*probs, *v)))
+                }
                 Op::AttentionMass { kv_heads, .. } => Kernel::AttentionMass(*kv_heads as usize),
                 Op::KvWrite { .. } => Kernel::KvWrite,
                 Op::Silu { .. } => Kernel::Silu,
@@ -292,9 +316,14 @@ impl Plan {
                 Op::AbsMax { .. } => Kernel::AbsMax,
                 Op::Quantize { .. } => Kernel::Quantize(dims),
             };
-            let label = match &node.op {
-                Op::Linear { w, .. } => format!("{} linear {}", g.name, g.ty(*w)),
-                op => format!("{} {}", g.name, op.name()),
+            let label = match (&node.op, &kernel) {
+                (Op::Linear { w, .. }, Kernel::Linear(_, f) | Kernel::QLinear(_, f)) => {
+                    format!("{} linear {} {}", g.name, g.ty(*w).dtype, f.name())
+                }
+                (op, Kernel::Attention(_, f) | Kernel::AttentionValues(f)) => {
+                    format!("{} {} {}", g.name, op.name(), f.name())
+                }
+                (op, _) => format!("{} {}", g.name, op.name()),
             };
             steps.push(Step {
                 kernel,
@@ -325,14 +354,14 @@ impl Kernel {
             }
             Kernel::Const(_) => "const (built at load)".into(),
             Kernel::Embed(o) => format!("embed -> {}", d(o)),
-            Kernel::Linear(o) => format!("linear -> {}", d(o)),
+            Kernel::Linear(o, f) => format!("linear {} -> {}", f.name(), d(o)),
             Kernel::QEmbed(o) => format!("q_embed -> {}", d(o)),
-            Kernel::QLinear(o) => format!("q_linear -> {}", d(o)),
+            Kernel::QLinear(o, f) => format!("q_linear {} -> {}", f.name(), d(o)),
             Kernel::RmsNorm(eps) => format!("rms_norm eps={eps:?}"),
             Kernel::Rope(cos, _) => format!("rope (tables of {} positions)", cos.dims()[0]),
-            Kernel::Attention(scale) => format!("attention scale={scale:?}"),
+            Kernel::Attention(scale, f) => format!("attention {} scale={scale:?}", f.name()),
             Kernel::AttentionProbs(scale) => format!("attention_probs scale={scale:?}"),
-            Kernel::AttentionValues => "attention_values".into(),
+            Kernel::AttentionValues(f) => format!("attention_values {}", f.name()),
             Kernel::AttentionMass(h) => format!("attention_mass kv_heads={h}"),
             Kernel::KvWrite => "kv_write".into(),
             Kernel::Silu => "silu".into(),

@@ -72,6 +72,51 @@ impl KernelSet {
     }
 }
 
+/// The form a kernel with several takes, chosen by the kernel set when the plan is built
+/// from the step's static shapes (and, for products with GGUF blocks, the instruction set
+/// and the weights' layout): nothing is chosen per call. `kvc inspect --plan` prints it and
+/// `KVC_PROFILE` keys its times by it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Form {
+    /// Burn's op (the portable set's only form).
+    Burn,
+    /// kvc's GEMV: each weight streamed once for all rows (decode widths).
+    Gemv,
+    /// Flex's GEMM over weights widened to f32 (prefill widths).
+    Gemm,
+    /// kvc's product with GGUF blocks: instruction set and method, on the file's blocks or
+    /// on weights interleaved at load.
+    Blocks {
+        /// Instruction set and method.
+        path: cpu::quant::Path,
+        /// Whether the weights are interleaved ([`cpu::quant::interleave`]).
+        interleaved: bool,
+    },
+    /// kvc's few-row attention (decode: at most [`cpu::FEW_ROWS`] query rows per KV head).
+    FewRows,
+    /// kvc's chunk attention (prefill).
+    Chunk,
+}
+
+impl Form {
+    /// The form's name in plans and profiles.
+    pub fn name(self) -> String {
+        match self {
+            Form::Burn => "burn".into(),
+            Form::Gemv => "gemv".into(),
+            Form::Gemm => "gemm".into(),
+            Form::Blocks { path, interleaved } => format!(
+                "{}/{}{}",
+                path.method.name(),
+                path.isa.name(),
+                if interleaved { " interleaved" } else { "" }
+            ),
+            Form::FewRows => "few-rows".into(),
+            Form::Chunk => "chunk".into(),
+        }
+    }
+}
+
 /// The kernels whose best form depends on the backend. Every method has the semantics of
 /// the IR op of the same name (`docs/ir.md`).
 pub trait Kernels: Send + Sync {
@@ -80,8 +125,19 @@ pub trait Kernels: Send + Sync {
     /// the pool and sleeping until it is done.
     fn run_on_pool(&self) -> bool;
 
-    /// `x · wᵀ` for x `[m, k]` F32, w `[n, k]` F32 or F16 → `[m, n]` F32.
-    fn linear(&self, x: Tensor<2>, w: Tensor<2>) -> Tensor<2>;
+    /// The form of [`Kernels::linear`] for `m` rows.
+    fn linear_form(&self, m: usize) -> Form;
+
+    /// The form of [`Kernels::qlinear`] for `m` rows with weights `w`.
+    fn qlinear_form(&self, m: usize, w: &QuantTensor) -> Form;
+
+    /// The form of [`Kernels::attention`] and [`Kernels::attention_values`] for `rows`
+    /// query rows per KV head (`g · T`).
+    fn attention_form(&self, rows: usize) -> Form;
+
+    /// `x · wᵀ` for x `[m, k]` F32, w `[n, k]` F32 or F16 → `[m, n]` F32, in the form
+    /// [`Kernels::linear_form`] chose.
+    fn linear(&self, x: Tensor<2>, w: Tensor<2>, form: Form) -> Tensor<2>;
 
     /// RMSNorm over the last axis (w `[1, 1, 1, H]`).
     fn rms_norm(&self, x: Tensor<4>, w: Tensor<4>, eps: f32) -> Tensor<4>;
@@ -91,14 +147,17 @@ pub trait Kernels: Send + Sync {
 
     /// `x · σ(x)`.
     fn silu(&self, x: Tensor<4>) -> Tensor<4>;
-    /// `x · wᵀ` with `w` `[n, k]` as GGUF blocks: x `[m, k]` → `[m, n]`.
-    fn qlinear(&self, x: Tensor<2>, w: &QuantTensor) -> Tensor<2>;
+    /// `x · wᵀ` with `w` `[n, k]` as GGUF blocks: x `[m, k]` → `[m, n]`, in the form
+    /// [`Kernels::qlinear_form`] chose.
+    fn qlinear(&self, x: Tensor<2>, w: &QuantTensor, form: Form) -> Tensor<2>;
     /// Rows `ids` (any shape, `n` ids) of a table of GGUF blocks, dequantized → `[n, h]`.
     fn qembed(&self, table: &QuantTensor, ids: Tensor<4, Int>) -> Tensor<2>;
     /// GELU, tanh approximation.
     fn gelu(&self, x: Tensor<4>) -> Tensor<4>;
 
-    /// Masked grouped-query attention → `[B, Hq, T, D]`.
+    /// Masked grouped-query attention → `[B, Hq, T, D]`, in the form
+    /// [`Kernels::attention_form`] chose.
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         q: Tensor<4>,
@@ -106,6 +165,7 @@ pub trait Kernels: Send + Sync {
         v: Tensor<4>,
         mask: Tensor<4, Bool>,
         scale: f32,
+        form: Form,
     ) -> Tensor<4>;
 
     /// Attention probabilities `[B, Hq, T, S]`.
@@ -117,8 +177,9 @@ pub trait Kernels: Send + Sync {
         scale: f32,
     ) -> Tensor<4>;
 
-    /// `probs · v` per KV group → `[B, Hq, T, D]`.
-    fn attention_values(&self, probs: Tensor<4>, v: Tensor<4>) -> Tensor<4>;
+    /// `probs · v` per KV group → `[B, Hq, T, D]`, in the form
+    /// [`Kernels::attention_form`] chose.
+    fn attention_values(&self, probs: Tensor<4>, v: Tensor<4>, form: Form) -> Tensor<4>;
 
     /// Writes `new` into `cache` (F32 or I8, as [`Value`]s of one kind) at `start` for
     /// `len` entries per row. With a single owner of `cache` the write is in place.

@@ -10,7 +10,7 @@ use burn::tensor::module;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, IndexingUpdateOp, Int, IntDType, Tensor, kind::Basic};
 
-use super::{GELU_CUBIC, GELU_SCALE, Kernels};
+use super::{Form, GELU_CUBIC, GELU_SCALE, Kernels};
 use crate::exec::value::{Value, to_f32};
 use crate::load::weights::QuantTensor;
 
@@ -22,7 +22,19 @@ impl Kernels for Portable {
         false
     }
 
-    fn linear(&self, x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
+    fn linear_form(&self, _m: usize) -> Form {
+        Form::Burn
+    }
+
+    fn qlinear_form(&self, _m: usize, _w: &QuantTensor) -> Form {
+        Form::Burn
+    }
+
+    fn attention_form(&self, _rows: usize) -> Form {
+        Form::Burn
+    }
+
+    fn linear(&self, x: Tensor<2>, w: Tensor<2>, _form: Form) -> Tensor<2> {
         to_f32(x.matmul(to_f32(w).transpose()))
     }
 
@@ -52,7 +64,7 @@ impl Kernels for Portable {
 
     /// The blocks dequantized for the call (the executor dequantizes a portable set's
     /// weights once at load, so a plan of this set never reaches here with blocks).
-    fn qlinear(&self, x: Tensor<2>, w: &QuantTensor) -> Tensor<2> {
+    fn qlinear(&self, x: Tensor<2>, w: &QuantTensor, _form: Form) -> Tensor<2> {
         let wt = Tensor::<2>::from_data(
             burn::tensor::TensorData::new(w.to_f32(), [w.rows, w.cols]),
             &x.device(),
@@ -86,6 +98,7 @@ impl Kernels for Portable {
         v: Tensor<4>,
         mask: Tensor<4, Bool>,
         scale: f32,
+        _form: Form,
     ) -> Tensor<4> {
         fused_attention(q, k, v, mask, scale)
     }
@@ -100,7 +113,7 @@ impl Kernels for Portable {
         attention_probs(q, k, mask, scale)
     }
 
-    fn attention_values(&self, probs: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    fn attention_values(&self, probs: Tensor<4>, v: Tensor<4>, _form: Form) -> Tensor<4> {
         attention_values(probs, v)
     }
 

@@ -7,9 +7,10 @@ use burn::tensor::{Bool, DType as BurnDType, Int, Tensor, TensorData, kind::Basi
 use burn_flex::{Flex, FlexTensor};
 
 use super::portable::{self, Portable};
-use super::{Kernels, top_k_host};
+use super::{Form, Kernels, top_k_host};
 use crate::exec::value::{Value, to_f32};
 use crate::load::weights::{QuantLayout, QuantTensor};
+use isa::Isa;
 
 /// Defines `$name` to run `$body` compiled for AVX-512 (F, BW, VL) or AVX2 + FMA (each
 /// with F16C), as [`isa::Isa::best`] says (the crate is built for baseline x86-64), else as
@@ -78,13 +79,45 @@ impl Kernels for Cpu {
         rayon::current_num_threads() > 1
     }
 
-    fn linear(&self, x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
+    fn linear_form(&self, m: usize) -> Form {
+        if m > GEMV_ROWS {
+            Form::Gemm
+        } else {
+            Form::Gemv
+        }
+    }
+
+    fn qlinear_form(&self, m: usize, w: &QuantTensor) -> Form {
+        let isa = Isa::best();
+        let interleaved = w.layout == QuantLayout::Interleaved;
+        let method = if interleaved {
+            quant::Method::Int8
+        } else {
+            quant::method(isa, m)
+        };
+        Form::Blocks {
+            path: quant::Path { isa, method },
+            interleaved,
+        }
+    }
+
+    fn attention_form(&self, rows: usize) -> Form {
+        if rows <= FEW_ROWS {
+            Form::FewRows
+        } else {
+            Form::Chunk
+        }
+    }
+
+    fn linear(&self, x: Tensor<2>, w: Tensor<2>, form: Form) -> Tensor<2> {
         let [m, k] = x.dims();
         let [n, _] = w.dims();
-        if m > GEMV_ROWS {
+        match form {
             // Flex has no fast f16 GEMM on CPUs without AVX512-FP16: widen the weights for
             // the product (a copy of one matrix, small next to an M > 16 product).
-            return to_f32(x.matmul(widen(w).transpose()));
+            Form::Gemm => return to_f32(x.matmul(widen(w).transpose())),
+            Form::Gemv => {}
+            other => unreachable!("linear has no form {other:?}"),
         }
         let (xt, wt) = (host(&x), flex(&w));
         let xs = f32s(&xt);
@@ -116,17 +149,23 @@ impl Kernels for Cpu {
         Tensor::from_data(TensorData::new(out, x.dims()), &x.device())
     }
 
-    fn qlinear(&self, x: Tensor<2>, w: &QuantTensor) -> Tensor<2> {
+    fn qlinear(&self, x: Tensor<2>, w: &QuantTensor, form: Form) -> Tensor<2> {
         let [m, k] = x.dims();
         let xt = host(&x);
         let mut out = vec![0.0f32; m * w.rows];
-        match w.layout {
-            QuantLayout::File => {
-                quant::qmatmul_t(f32s(&xt), m, k, &w.bytes, w.ty, w.rows, &mut out)
-            }
-            QuantLayout::Interleaved => {
-                quant::qmatmul_t_interleaved(f32s(&xt), m, k, &w.bytes, w.ty, w.rows, &mut out)
-            }
+        let Form::Blocks { path, interleaved } = form else {
+            unreachable!("q_linear has no form {form:?}")
+        };
+        assert_eq!(
+            interleaved,
+            w.layout == QuantLayout::Interleaved,
+            "planned for another layout"
+        );
+        let (xs, (bytes, ty, n)) = (f32s(&xt), (&w.bytes, w.ty, w.rows));
+        if interleaved {
+            quant::qmatmul_t_interleaved_with(path.isa, xs, m, k, bytes, ty, n, &mut out)
+        } else {
+            quant::qmatmul_t_with(path, xs, m, k, bytes, ty, n, &mut out)
         }
         Tensor::from_data(TensorData::new(out, [m, w.rows]), &x.device())
     }
@@ -157,15 +196,18 @@ impl Kernels for Cpu {
         v: Tensor<4>,
         mask: Tensor<4, Bool>,
         scale: f32,
+        form: Form,
     ) -> Tensor<4> {
-        let [_, hq, t, _] = q.dims();
         let (q_dims, device) = (q.dims(), q.device());
-        let g = hq / k.dims()[1];
         let dims = dims(&q, &k, &mask, scale);
         let (qt, kt, vt, mt) = (host(&q), host(&k), host(&v), host(&mask));
         let mut out = vec![0.0f32; q.dims().iter().product()];
         let (q, mask) = (f32s(&qt), bool_bytes(&mt));
-        let few = g * t <= FEW_ROWS;
+        let few = match form {
+            Form::FewRows => true,
+            Form::Chunk => false,
+            other => unreachable!("attention has no form {other:?}"),
+        };
         match kt.dtype() {
             BurnDType::F16 => host_attention(few, q, f16s(&kt), f16s(&vt), mask, dims, &mut out),
             _ => host_attention(few, q, f32s(&kt), f32s(&vt), mask, dims, &mut out),
@@ -197,11 +239,14 @@ impl Kernels for Cpu {
         Tensor::from_data(TensorData::new(p, [b, hq, t, s]), &q.device())
     }
 
-    fn attention_values(&self, probs: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    fn attention_values(&self, probs: Tensor<4>, v: Tensor<4>, form: Form) -> Tensor<4> {
         let [b, hq, t, s] = probs.dims();
         let [_, hkv, _, d] = v.dims();
-        if (hq / hkv) * t > FEW_ROWS {
-            return Portable.attention_values(probs, v);
+        match form {
+            // Burn's batched matmul is as fast over long chunks.
+            Form::Chunk => return Portable.attention_values(probs, v, Form::Burn),
+            Form::FewRows => {}
+            other => unreachable!("attention_values has no form {other:?}"),
         }
         let (pt, vt) = (host(&probs), host(&v));
         let mut out = vec![0.0f32; b * hq * t * d];

@@ -255,9 +255,12 @@ pub fn qmatmul_t_interleaved(
     qmatmul_t_interleaved_with(Isa::best(), x, m, k, w, ty, n, out);
 }
 
-/// [`qmatmul_t_interleaved`] on the kernels of `isa` (AVX2 or AVX-512, available).
+/// [`qmatmul_t_interleaved`] on the kernels of `isa`.
+///
+/// # Panics
+/// As [`qmatmul_t_interleaved`], and if `isa` is not AVX2 or AVX-512 and available.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn qmatmul_t_interleaved_with(
+pub fn qmatmul_t_interleaved_with(
     isa: Isa,
     x: &[f32],
     m: usize,
@@ -326,4 +329,3 @@ pub(super) fn qmatmul_t_interleaved_with(
         (0..tasks).into_par_iter().for_each(run);
     }
 }
-

@@ -86,7 +86,7 @@ pub use super::isa::Isa;
 use crate::load::gguf::GgmlType;
 pub use interleave::{
     INTERLEAVE_ABOVE, interleave, interleaved_len, interleaved_row, interleaving,
-    qmatmul_t_interleaved,
+    qmatmul_t_interleaved, qmatmul_t_interleaved_with,
 };
 
 /// Activation rows up to which portable code runs the decode kernels; larger products run
@@ -188,7 +188,7 @@ pub fn qmatmul_t(x: &[f32], m: usize, k: usize, w: &[u8], ty: GgmlType, n: usize
 /// The method for `m` rows, chosen by the `quant_paths` example (see bench/results/history.md):
 /// with SIMD kernels `Int8` beats `Dequant` for every type at 1 and 16 rows and `Panel` at
 /// 512; the portable integer loop wins at one row only.
-fn method(isa: Isa, m: usize) -> Method {
+pub fn method(isa: Isa, m: usize) -> Method {
     match (isa, m) {
         (Isa::Portable, m) if m > DECODE_ROWS => Method::Panel,
         (Isa::Portable, m) if m > 1 => Method::Dequant,
@@ -213,6 +213,17 @@ pub enum Method {
     Int8,
     /// f32 panels of weight rows, register-blocked f32 GEMM.
     Panel,
+}
+
+impl Method {
+    /// The method's name in plans and profiles.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Dequant => "dequant",
+            Method::Int8 => "int8",
+            Method::Panel => "panel",
+        }
+    }
 }
 
 /// An instruction set and a method.

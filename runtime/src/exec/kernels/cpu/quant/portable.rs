@@ -21,11 +21,7 @@ pub(super) fn block_scales(q: Block, blk: &[u8], ds: &mut [f32], dm: &mut [f32])
         }
         _ => {
             ds[0] = f16_at(blk, 0);
-            dm[0] = if q.format().mins {
-                f16_at(blk, 2)
-            } else {
-                0.0
-            };
+            dm[0] = if q.format().mins { f16_at(blk, 2) } else { 0.0 };
         }
     }
 }

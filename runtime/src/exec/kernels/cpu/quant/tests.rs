@@ -1,6 +1,5 @@
 use half::f16;
 
-use super::interleave::qmatmul_t_interleaved_with;
 use super::*;
 use crate::exec::kernels::cpu::test_values as values;
 use crate::load::gguf::dequantize;
@@ -72,15 +71,7 @@ fn paths() -> Vec<Path> {
     out
 }
 
-fn run(
-    path: Path,
-    x: &[f32],
-    m: usize,
-    k: usize,
-    w: &[u8],
-    ty: GgmlType,
-    n: usize,
-) -> Vec<f32> {
+fn run(path: Path, x: &[f32], m: usize, k: usize, w: &[u8], ty: GgmlType, n: usize) -> Vec<f32> {
     let mut got = vec![f32::NAN; m * n];
     qmatmul_t_with(path, x, m, k, w, ty, n, &mut got);
     got
@@ -150,10 +141,8 @@ fn every_path_matches_a_float64_reference() {
                     if path.isa == Isa::Portable {
                         portable.push((path.method, got));
                     } else {
-                        let (_, p) =
-                            portable.iter().find(|(mt, _)| *mt == path.method).unwrap();
-                        for (i, ((&g, &p), &(_, a, _))) in
-                            got.iter().zip(p).zip(&want).enumerate()
+                        let (_, p) = portable.iter().find(|(mt, _)| *mt == path.method).unwrap();
+                        for (i, ((&g, &p), &(_, a, _))) in got.iter().zip(p).zip(&want).enumerate()
                         {
                             assert!(
                                 (f64::from(g) - f64::from(p)).abs() <= 1e-5 * a + 1e-30,

@@ -160,9 +160,7 @@ fn unpack_with<F: Fn(&[u8], usize) -> __m256i>(q: Block, wr: &[u8], row: &mut Ro
         let o = &mut row.u[32 * b * subs..][..32 * subs];
         for sub in 0..subs {
             // SAFETY: `o` holds 32 bytes per column.
-            unsafe {
-                _mm256_storeu_si256(o.as_mut_ptr().add(32 * sub).cast(), column(blk, sub))
-            };
+            unsafe { _mm256_storeu_si256(o.as_mut_ptr().add(32 * sub).cast(), column(blk, sub)) };
         }
     }
 }
@@ -868,8 +866,7 @@ macro_rules! fused_dots {
             let scaled = $scaled;
             let xr: [&[i8]; R] = std::array::from_fn(|r| &xq.q[(r0 + r) * k..][..k]);
             let dx: [&[f32]; R] = std::array::from_fn(|r| &xq.d[(r0 + r) * k / 32..][..k / 32]);
-            let bs: [&[i16]; R] =
-                std::array::from_fn(|r| &xq.bs[(r0 + r) * k / 16..][..k / 16]);
+            let bs: [&[i16]; R] = std::array::from_fn(|r| &xq.bs[(r0 + r) * k / 16..][..k / 16]);
             for (j, wr) in w.chunks_exact(nsb * bb).enumerate() {
                 let mut acc = [_mm256_setzero_ps(); R];
                 for (sb, blk) in wr.chunks_exact(bb).enumerate() {
@@ -918,11 +915,8 @@ macro_rules! fused_dots {
                             // SAFETY: `xb` holds 32 bytes.
                             let xv = unsafe { _mm256_loadu_si256(xb.as_ptr().cast()) };
                             // Weights below 64: a pair sum is at most 2 · 63 · 127 < 2^15.
-                            let si = scaled(
-                                _mm256_setzero_si256(),
-                                _mm256_maddubs_epi16(col, xv),
-                                sc,
-                            );
+                            let si =
+                                scaled(_mm256_setzero_si256(), _mm256_maddubs_epi16(col, xv), sc);
                             let s = _mm256_set1_ps(d * dx[r][8 * sb + sub]);
                             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(si), s, acc[r]);
                         }
@@ -1219,17 +1213,14 @@ pub(super) unsafe fn tile_avx512(
                 let x0 = xp.add(r * k);
                 let mut a = [_mm512_setzero_ps(); 8];
                 for c in (0..k).step_by(32) {
-                    let (v0, v1) =
-                        (_mm512_loadu_ps(x0.add(c)), _mm512_loadu_ps(x0.add(c + 16)));
+                    let (v0, v1) = (_mm512_loadu_ps(x0.add(c)), _mm512_loadu_ps(x0.add(c + 16)));
                     for q in 0..4 {
                         a[q] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(w[q].add(c)), a[q]);
-                        a[4 + q] =
-                            _mm512_fmadd_ps(v1, _mm512_loadu_ps(w[q].add(c + 16)), a[4 + q]);
+                        a[4 + q] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(w[q].add(c + 16)), a[4 + q]);
                     }
                 }
                 for q in 0..4 {
-                    *out.add(r * n + j0 + q) =
-                        _mm512_reduce_add_ps(_mm512_add_ps(a[q], a[4 + q]));
+                    *out.add(r * n + j0 + q) = _mm512_reduce_add_ps(_mm512_add_ps(a[q], a[4 + q]));
                 }
             }
         } else {

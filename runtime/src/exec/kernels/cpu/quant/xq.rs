@@ -203,4 +203,3 @@ pub(super) fn quantize_body(x: &[f32], xq: XqPart) {
         *s = d * c as f32;
     }
 }
-
