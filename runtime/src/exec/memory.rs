@@ -6,7 +6,7 @@ use kvc_compiler::ir::Program;
 
 use super::kernels::cpu::quant;
 use super::session::SessionOptions;
-use crate::load::weights::QuantLayout;
+use crate::blocks::QuantLayout;
 use crate::{Backend, RuntimeError};
 
 /// The memory plan of `program` as a session with `options` holds it: the compiled plan

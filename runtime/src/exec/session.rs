@@ -22,10 +22,10 @@ use kvc_compiler::ir::{DType, Interface, Program, StateId};
 
 use super::executor::{Executor, State, Which};
 use super::kernels::KernelSet;
-use super::kernels::cpu::{buffer_address, quant};
+use super::kernels::cpu::buffer_address;
 use super::value::{Value, pad4};
+use crate::blocks::QuantLayout;
 use crate::load::weights::HostTensor;
-use crate::load::weights::QuantLayout;
 use crate::{Backend, RuntimeError, device};
 
 pub use super::memory::{available_memory, check_memory, resident_plan};
@@ -133,19 +133,10 @@ impl SessionOptions {
         }
     }
 
-    /// The layout a session of `program` keeps its block matrices in: interleaved
-    /// ([`quant::interleave`]) where the CPU kernels run decode products of more than
-    /// [`quant::INTERLEAVE_ABOVE`] rows on AVX2 or AVX-512, so no product unpacks the
-    /// file's blocks again; else the file's own.
+    /// The layout a session of `program` keeps its block matrices in: the kernel set's
+    /// choice ([`KernelSet::weight_layout`]) for the program's batch.
     pub fn weight_layout(&self, program: &Program) -> QuantLayout {
-        if self.kernels == KernelSet::Cpu
-            && program.config.batch as usize > quant::INTERLEAVE_ABOVE
-            && quant::interleaving()
-        {
-            QuantLayout::Interleaved
-        } else {
-            QuantLayout::File
-        }
+        self.kernels.weight_layout(program.config.batch as usize)
     }
 }
 

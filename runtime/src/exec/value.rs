@@ -10,7 +10,7 @@ use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use kvc_compiler::ir::{DType, Scalar};
 
 use crate::RuntimeError;
-use crate::load::weights::QuantTensor;
+use crate::blocks::QuantTensor;
 
 /// A tensor of any dtype, rank 4 (IR shape padded with leading 1s).
 #[derive(Clone, Debug)]

@@ -15,8 +15,8 @@ use safetensors::{Dtype, SafeTensors};
 use kvc_compiler::ir::{DType, ParamDecl};
 use kvc_compiler::lower::WeightTypes;
 
-use crate::exec::kernels::cpu::quant;
-use crate::load::gguf::{GgmlType, GgufError, GgufFile, GgufValue, dequantize};
+use crate::blocks::{QuantLayout, QuantTensor};
+use crate::load::gguf::{GgmlType, GgufError, GgufFile, GgufValue};
 
 /// A weight tensor in host memory, row-major: dense `f32` values, or (a matrix kept in
 /// its file form) GGUF blocks.
@@ -29,60 +29,6 @@ pub struct HostTensor {
     pub data: Vec<f32>,
     /// The matrix as GGUF blocks instead of `data`.
     pub quant: Option<QuantTensor>,
-}
-
-/// A weight matrix `[rows, cols]` stored as GGUF blocks, laid out as `layout` says.
-#[derive(Debug, Clone, PartialEq)]
-pub struct QuantTensor {
-    /// The block format.
-    pub ty: GgmlType,
-    /// Rows (output features).
-    pub rows: usize,
-    /// Values per row (input features); a multiple of the block size.
-    pub cols: usize,
-    /// The blocks (shared with the mapped file when possible).
-    pub bytes: bytes::Bytes,
-    /// How `bytes` is arranged.
-    pub layout: QuantLayout,
-}
-
-/// The arrangement of a [`QuantTensor`]'s bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum QuantLayout {
-    /// The file's: row `r` is `bytes[r * row_bytes .. (r + 1) * row_bytes]`,
-    /// `cols / block_size` blocks.
-    File,
-    /// Unpacked and interleaved eight rows at a time for the CPU decode kernels
-    /// ([`crate::exec::kernels::cpu::quant::interleave`]).
-    Interleaved,
-}
-
-impl QuantTensor {
-    /// Bytes of one row in the file's layout.
-    pub fn row_bytes(&self) -> usize {
-        self.ty.row_bytes(self.cols)
-    }
-
-    /// Row `r` dequantized to f32.
-    pub fn row_f32(&self, r: usize) -> Vec<f32> {
-        match self.layout {
-            QuantLayout::File => {
-                let rb = self.row_bytes();
-                dequantize(self.ty, &self.bytes[r * rb..(r + 1) * rb]).expect("validated at load")
-            }
-            QuantLayout::Interleaved => {
-                quant::interleaved_row(self.ty, self.cols, self.rows, &self.bytes, r)
-            }
-        }
-    }
-
-    /// Every value dequantized to f32, row-major.
-    pub fn to_f32(&self) -> Vec<f32> {
-        match self.layout {
-            QuantLayout::File => dequantize(self.ty, &self.bytes).expect("validated at load"),
-            QuantLayout::Interleaved => (0..self.rows).flat_map(|r| self.row_f32(r)).collect(),
-        }
-    }
 }
 
 impl HostTensor {
@@ -496,16 +442,17 @@ pub fn load_gguf_params(
     file: &GgufFile,
     params: &[ParamDecl],
 ) -> Result<BTreeMap<String, HostTensor>> {
-    load_gguf_params_with(file, params, QuantLayout::File)
+    load_gguf_params_with(file, params, &|w| w)
 }
 
-/// [`load_gguf_params`] with the block matrices in `layout`: interleaved ones are made
-/// one tensor at a time, each tensor's mapped pages released as it is done, so the
-/// file and its interleaved copy are never resident together.
+/// [`load_gguf_params`] with each block matrix passed through `prepare` as it is read
+/// (the kernel set's weight preparation, e.g. interleaving for the CPU decode kernels): a
+/// matrix `prepare` turns into another layout has its mapped pages released at once, so
+/// the file and the prepared copy are never resident together.
 pub fn load_gguf_params_with(
     file: &GgufFile,
     params: &[ParamDecl],
-    layout: QuantLayout,
+    prepare: &(dyn Fn(QuantTensor) -> QuantTensor + Sync),
 ) -> Result<BTreeMap<String, HostTensor>> {
     let hp = hyper_params(file)?;
     let by_hf: BTreeMap<String, &str> = file
@@ -579,30 +526,16 @@ pub fn load_gguf_params_with(
             bytes = bytes::Bytes::from(v);
             file.release_tensor(name);
         }
-        let interleaved = match layout {
-            QuantLayout::Interleaved => quant::interleave(info.ty, cols, rows, &bytes),
-            QuantLayout::File => None,
-        };
-        let quant = match interleaved {
-            Some(v) => {
-                drop(bytes);
-                file.release_tensor(name);
-                QuantTensor {
-                    ty: info.ty,
-                    rows,
-                    cols,
-                    bytes: bytes::Bytes::from(v),
-                    layout: QuantLayout::Interleaved,
-                }
-            }
-            None => QuantTensor {
-                ty: info.ty,
-                rows,
-                cols,
-                bytes,
-                layout: QuantLayout::File,
-            },
-        };
+        let quant = prepare(QuantTensor {
+            ty: info.ty,
+            rows,
+            cols,
+            bytes,
+            layout: QuantLayout::File,
+        });
+        if quant.layout != QuantLayout::File {
+            file.release_tensor(name);
+        }
         out.insert(
             decl.name.clone(),
             HostTensor {

@@ -19,7 +19,8 @@ use burn::tensor::{Bool, Int, Tensor};
 
 use super::value::Value;
 use crate::Backend;
-use crate::load::weights::QuantTensor;
+use crate::blocks::{QuantLayout, QuantTensor};
+use crate::load::gguf::dequantize;
 
 /// √(2/π), the scale inside the tanh approximation of GELU.
 pub(crate) const GELU_SCALE: f32 = 0.797_884_6;
@@ -68,6 +69,63 @@ impl KernelSet {
         match self {
             KernelSet::Cpu => "cpu",
             KernelSet::Portable => "portable",
+        }
+    }
+
+    /// The layout this set keeps block matrices in for a program of `batch` rows:
+    /// interleaved ([`cpu::quant::interleave`]) where the CPU kernels run decode products
+    /// of more than [`cpu::quant::INTERLEAVE_ABOVE`] rows on AVX2 or AVX-512, so no product
+    /// unpacks the file's blocks again; else the file's own.
+    pub fn weight_layout(self, batch: usize) -> QuantLayout {
+        match self {
+            KernelSet::Cpu
+                if batch > cpu::quant::INTERLEAVE_ABOVE && cpu::quant::interleaving() =>
+            {
+                QuantLayout::Interleaved
+            }
+            KernelSet::Cpu | KernelSet::Portable => QuantLayout::File,
+        }
+    }
+
+    /// The set's preparation of a block matrix read in the file's layout: `w` in `layout`
+    /// (as [`KernelSet::weight_layout`] chose), the file's bytes dropped where a copy is
+    /// made.
+    pub fn prepare_weight(self, w: QuantTensor, layout: QuantLayout) -> QuantTensor {
+        match layout {
+            QuantLayout::File => w,
+            QuantLayout::Interleaved => {
+                match cpu::quant::interleave(w.ty, w.cols, w.rows, &w.bytes) {
+                    Some(v) => QuantTensor {
+                        bytes: bytes::Bytes::from(v),
+                        layout: QuantLayout::Interleaved,
+                        ..w
+                    },
+                    None => w,
+                }
+            }
+        }
+    }
+}
+
+impl QuantTensor {
+    /// Row `r` dequantized to f32.
+    pub fn row_f32(&self, r: usize) -> Vec<f32> {
+        match self.layout {
+            QuantLayout::File => {
+                let rb = self.row_bytes();
+                dequantize(self.ty, &self.bytes[r * rb..(r + 1) * rb]).expect("validated at load")
+            }
+            QuantLayout::Interleaved => {
+                cpu::quant::interleaved_row(self.ty, self.cols, self.rows, &self.bytes, r)
+            }
+        }
+    }
+
+    /// Every value dequantized to f32, row-major.
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self.layout {
+            QuantLayout::File => dequantize(self.ty, &self.bytes).expect("validated at load"),
+            QuantLayout::Interleaved => (0..self.rows).flat_map(|r| self.row_f32(r)).collect(),
         }
     }
 }

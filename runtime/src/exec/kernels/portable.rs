@@ -11,8 +11,8 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, IndexingUpdateOp, Int, IntDType, Tensor, kind::Basic};
 
 use super::{Form, GELU_CUBIC, GELU_SCALE, Kernels};
+use crate::blocks::QuantTensor;
 use crate::exec::value::{Value, to_f32};
-use crate::load::weights::QuantTensor;
 
 /// Burn ops on any backend.
 pub struct Portable;

@@ -8,8 +8,8 @@ use burn_flex::{Flex, FlexTensor};
 
 use super::portable::{self, Portable};
 use super::{Form, Kernels, top_k_host};
+use crate::blocks::{QuantLayout, QuantTensor};
 use crate::exec::value::{Value, to_f32};
-use crate::load::weights::{QuantLayout, QuantTensor};
 use isa::Isa;
 
 /// Defines `$name` to run `$body` compiled for AVX-512 (F, BW, VL) or AVX2 + FMA (each
