@@ -6,6 +6,7 @@
 
 pub mod artifact;
 pub mod blocks;
+pub mod family;
 pub mod files;
 pub mod fuzzing;
 pub mod ir;

@@ -51,6 +51,10 @@ pub struct ModelSpec {
     pub compile: CompileConfig,
 }
 
+use crate::family::Family;
+pub use crate::family::gemma3::Gemma3Config;
+pub use crate::family::llama::LlamaConfig;
+
 /// Supported architecture families. One lowering file per family.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Arch {
@@ -87,10 +91,15 @@ pub struct Dims {
 impl Arch {
     /// The family's name as the spec writes it (`Llama`, `Qwen2`, `Gemma3`).
     pub fn family(&self) -> &'static str {
+        self.kind().name()
+    }
+
+    /// The family, without its hyper-parameters.
+    pub fn kind(&self) -> Family {
         match self {
-            Arch::Llama(_) => "Llama",
-            Arch::Qwen2(_) => "Qwen2",
-            Arch::Gemma3(_) => "Gemma3",
+            Arch::Llama(_) => Family::Llama,
+            Arch::Qwen2(_) => Family::Qwen2,
+            Arch::Gemma3(_) => Family::Gemma3,
         }
     }
 
@@ -154,79 +163,6 @@ impl Arch {
             Arch::Llama(_) | Arch::Qwen2(_) => None,
             Arch::Gemma3(c) => (!c.is_global(l)).then_some(c.sliding_window),
         }
-    }
-}
-
-/// Hyper-parameters of a Llama- or Qwen2-family decoder (names follow Hugging Face
-/// `config.json`).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LlamaConfig {
-    /// Vocabulary size (rows of the embedding table).
-    pub vocab_size: u32,
-    /// Model width.
-    pub hidden_size: u32,
-    /// Number of decoder blocks.
-    pub num_layers: u32,
-    /// Query heads per layer.
-    pub num_heads: u32,
-    /// Key/value heads per layer (grouped-query attention); divides `num_heads`.
-    pub num_kv_heads: u32,
-    /// Width of one attention head.
-    pub head_dim: u32,
-    /// Inner width of the SwiGLU MLP.
-    pub intermediate_size: u32,
-    /// RoPE base frequency.
-    pub rope_theta: f32,
-    /// RMSNorm epsilon.
-    pub rms_norm_eps: f32,
-    /// Whether the LM head reuses the token embedding matrix.
-    pub tie_word_embeddings: bool,
-    /// Longest position the model was trained for.
-    pub max_position_embeddings: u32,
-}
-
-/// Hyper-parameters of a Gemma 3 decoder (names follow Hugging Face `config.json`; the LM
-/// head is always the token embedding).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Gemma3Config {
-    /// Vocabulary size (rows of the embedding table).
-    pub vocab_size: u32,
-    /// Model width.
-    pub hidden_size: u32,
-    /// Number of decoder blocks.
-    pub num_layers: u32,
-    /// Query heads per layer.
-    pub num_heads: u32,
-    /// Key/value heads per layer; divides `num_heads`.
-    pub num_kv_heads: u32,
-    /// Width of one attention head (may differ from `hidden_size / num_heads`).
-    pub head_dim: u32,
-    /// Inner width of the GELU-gated MLP.
-    pub intermediate_size: u32,
-    /// RoPE base frequency of the global layers.
-    pub rope_theta: f32,
-    /// RoPE base frequency of the sliding-window layers.
-    pub rope_local_base_freq: f32,
-    /// RMSNorm epsilon.
-    pub rms_norm_eps: f32,
-    /// Tokens a sliding-window layer sees: the query's own and the `sliding_window - 1`
-    /// before it.
-    pub sliding_window: u32,
-    /// Every `sliding_window_pattern`-th layer is global (layer `l` with
-    /// `(l + 1) % pattern == 0`); the others use the sliding window.
-    pub sliding_window_pattern: u32,
-    /// Queries are scaled by `query_pre_attn_scalar^-1/2`.
-    pub query_pre_attn_scalar: f32,
-    /// Longest position the model was trained for.
-    pub max_position_embeddings: u32,
-}
-
-impl Gemma3Config {
-    /// Whether layer `l` attends to every earlier token (not a sliding-window layer).
-    pub fn is_global(&self, l: u32) -> bool {
-        (l + 1).is_multiple_of(self.sliding_window_pattern)
     }
 }
 

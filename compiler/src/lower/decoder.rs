@@ -12,7 +12,7 @@ use crate::kv::{self, CacheShape, Chunk, LayerKv, Phase};
 use crate::spec::{DTypeSpec, KvPolicy, KvStorage, ModelSpec};
 
 /// What a family file provides to the skeleton.
-pub(super) trait Family {
+pub(crate) trait Family {
     /// The parameter table in checkpoint order; matrices in `wdt`, vectors in F32.
     fn params(&self, wdt: DType) -> Vec<ParamDecl>;
     /// Token ids `[B, T]` → hidden states `[B, T, H]`.
@@ -31,7 +31,7 @@ pub(super) trait Family {
 }
 
 /// Per-graph values every block reads.
-pub(super) struct Ctx {
+pub(crate) struct Ctx {
     /// What this graph appends to each row.
     pub chunk: Chunk,
     /// How keys and values are stored.
@@ -86,7 +86,7 @@ fn layer_caches(spec: &ModelSpec) -> Vec<LayerKv> {
 }
 
 /// Lowers `spec` with the family `f` into the prefill and decode graphs.
-pub(super) fn lower(
+pub(crate) fn lower(
     spec: &ModelSpec,
     types: &super::WeightTypes,
     f: &dyn Family,
@@ -221,17 +221,17 @@ pub(super) fn lower(
 }
 
 /// `{prefix}{i}.{name}.weight`-style helpers shared by the families' parameter tables.
-pub(super) fn layer_param(i: u32, name: &str) -> String {
+pub(crate) fn layer_param(i: u32, name: &str) -> String {
     format!("model.layers.{i}.{name}.weight")
 }
 
 /// Bias of a layer's projection: `model.layers.{i}.{name}.bias`.
-pub(super) fn layer_bias(i: u32, name: &str) -> String {
+pub(crate) fn layer_bias(i: u32, name: &str) -> String {
     format!("model.layers.{i}.{name}.bias")
 }
 
 /// A parameter declaration: rank-1 tensors (norm gains, biases) in F32, matrices in `wdt`.
-pub(super) fn param(name: String, shape: &[u32], wdt: DType) -> ParamDecl {
+pub(crate) fn param(name: String, shape: &[u32], wdt: DType) -> ParamDecl {
     let dtype = if shape.len() == 1 { DType::F32 } else { wdt };
     ParamDecl {
         name,

@@ -16,10 +16,9 @@
 //! feeds `token` at `pos` for every row that is not done. Neither graph reads a host
 //! scalar, and no shape depends on data.
 
-mod decoder;
-mod gemma3;
-mod llama;
-mod qwen2;
+pub(crate) mod decoder;
+
+use crate::family::{gemma3, llama, qwen2};
 
 use crate::ir::{
     BinaryOp, BuildError, DType, GraphBuilder, InputDecl, Op, Program, Scalar, StateDecl,

@@ -6,7 +6,7 @@
 use kvc_compiler::spec::Arch;
 
 use super::gguf::GgufFile;
-use super::weights::{self, GgufArch, HyperParams, WeightsError};
+use super::weights::{self, HyperParams, WeightsError};
 
 /// A spec that does not describe the GGUF file it loads.
 #[derive(Debug, thiserror::Error)]
@@ -48,19 +48,14 @@ pub fn spec_matches_gguf(arch: &Arch, file: &GgufFile) -> Result<(), CheckError>
 
 /// Checks `arch` against hyper-parameters read from a file.
 pub fn spec_matches(arch: &Arch, hp: &HyperParams) -> Result<(), CheckError> {
-    let want = match arch {
-        Arch::Llama(_) => GgufArch::Llama,
-        Arch::Qwen2(_) => GgufArch::Qwen2,
-        Arch::Gemma3(_) => GgufArch::Gemma3,
-    };
-    if want != hp.arch {
+    if arch.kind() != hp.arch {
         return Err(CheckError::Family {
             spec: arch.family(),
-            file: hp.arch.name(),
+            file: hp.arch.gguf().arch,
         });
     }
     let family = arch.family();
-    let a = hp.arch.name();
+    let a = hp.arch.gguf().arch;
     let d = arch.dims();
     let key = |k: &str| format!("{a}.{k}");
     let mismatch = |field: &'static str, key: String, spec: String, file: String| {

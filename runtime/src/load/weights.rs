@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use half::{bf16, f16};
 use safetensors::{Dtype, SafeTensors};
 
+use kvc_compiler::family::Family;
 use kvc_compiler::ir::{DType, ParamDecl};
 use kvc_compiler::lower::WeightTypes;
 
@@ -105,43 +106,18 @@ pub enum WeightsError {
 /// Shorthand result type for this module.
 pub type Result<T, E = WeightsError> = std::result::Result<T, E>;
 
-/// The model families a GGUF file may hold, by its `general.architecture`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GgufArch {
-    /// `llama` (Q and K rows permuted for adjacent-pair RoPE by the converter).
-    Llama,
-    /// `qwen2` (half-split RoPE, Q/K/V biases).
-    Qwen2,
-    /// `gemma3` (half-split RoPE, sandwich norms, Q/K norms).
-    Gemma3,
-}
-
-impl GgufArch {
-    /// The architecture of `file`.
-    pub fn of(file: &GgufFile) -> Result<GgufArch> {
-        match file.get_str("general.architecture")? {
-            "llama" => Ok(GgufArch::Llama),
-            "qwen2" => Ok(GgufArch::Qwen2),
-            "gemma3" => Ok(GgufArch::Gemma3),
-            other => Err(WeightsError::UnsupportedArchitecture(other.to_string())),
-        }
-    }
-
-    /// The name GGUF metadata keys start with (`llama`, `qwen2`, `gemma3`).
-    pub fn name(self) -> &'static str {
-        match self {
-            GgufArch::Llama => "llama",
-            GgufArch::Qwen2 => "qwen2",
-            GgufArch::Gemma3 => "gemma3",
-        }
-    }
+/// The model family of a GGUF file, by its `general.architecture` (the families'
+/// own files say how GGUF holds them: [`kvc_compiler::family`]).
+pub fn family_of(file: &GgufFile) -> Result<Family> {
+    let arch = file.get_str("general.architecture")?;
+    Family::of_gguf_arch(arch).ok_or_else(|| WeightsError::UnsupportedArchitecture(arch.into()))
 }
 
 /// Hyper-parameters as recorded in a GGUF file's metadata (`{arch}.*` keys).
 #[derive(Debug, Clone, PartialEq)]
 pub struct HyperParams {
     /// The model family.
-    pub arch: GgufArch,
+    pub arch: Family,
     /// Number of tokens: length of `tokenizer.ggml.tokens`.
     pub vocab_size: usize,
     /// Model width (`{arch}.embedding_length`).
@@ -178,8 +154,8 @@ fn usize_key(file: &GgufFile, key: &str) -> Result<usize> {
 
 /// Reads the hyper-parameters from GGUF metadata.
 pub fn hyper_params(file: &GgufFile) -> Result<HyperParams> {
-    let arch = GgufArch::of(file)?;
-    let key = |k: &str| format!("{}.{k}", arch.name());
+    let arch = family_of(file)?;
+    let key = |k: &str| format!("{}.{k}", arch.gguf().arch);
     let optional = |k: &str| file.metadata().get(&key(k)).is_some();
     let vocab_size = match file.get("tokenizer.ggml.tokens")? {
         GgufValue::Array { .. } => file.array_len("tokenizer.ggml.tokens")?,
@@ -244,42 +220,9 @@ pub fn hyper_params(file: &GgufFile) -> Result<HyperParams> {
 }
 
 /// Maps a llama.cpp GGUF tensor name to the Hugging Face name of the same parameter in
-/// the family `arch` (GGUF's `ffn_norm` is Llama's `post_attention_layernorm` but Gemma
-/// 3's `pre_feedforward_layernorm`).
-pub fn hf_name_for_gguf(arch: GgufArch, name: &str) -> Option<String> {
-    match name {
-        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
-        "output_norm.weight" => return Some("model.norm.weight".into()),
-        "output.weight" => return Some("lm_head.weight".into()),
-        _ => {}
-    }
-    let rest = name.strip_prefix("blk.")?;
-    let (layer, suffix) = rest.split_once('.')?;
-    if layer.is_empty() || !layer.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let layer: usize = layer.parse().ok()?;
-    let hf = match (arch, suffix) {
-        (_, "attn_norm.weight") => "input_layernorm.weight",
-        (_, "attn_q.weight") => "self_attn.q_proj.weight",
-        (_, "attn_k.weight") => "self_attn.k_proj.weight",
-        (_, "attn_v.weight") => "self_attn.v_proj.weight",
-        (_, "attn_output.weight") => "self_attn.o_proj.weight",
-        (_, "ffn_gate.weight") => "mlp.gate_proj.weight",
-        (_, "ffn_up.weight") => "mlp.up_proj.weight",
-        (_, "ffn_down.weight") => "mlp.down_proj.weight",
-        (GgufArch::Llama | GgufArch::Qwen2, "ffn_norm.weight") => "post_attention_layernorm.weight",
-        (GgufArch::Qwen2, "attn_q.bias") => "self_attn.q_proj.bias",
-        (GgufArch::Qwen2, "attn_k.bias") => "self_attn.k_proj.bias",
-        (GgufArch::Qwen2, "attn_v.bias") => "self_attn.v_proj.bias",
-        (GgufArch::Gemma3, "attn_q_norm.weight") => "self_attn.q_norm.weight",
-        (GgufArch::Gemma3, "attn_k_norm.weight") => "self_attn.k_norm.weight",
-        (GgufArch::Gemma3, "post_attention_norm.weight") => "post_attention_layernorm.weight",
-        (GgufArch::Gemma3, "ffn_norm.weight") => "pre_feedforward_layernorm.weight",
-        (GgufArch::Gemma3, "post_ffw_norm.weight") => "post_feedforward_layernorm.weight",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf}"))
+/// the family `arch` ([`Family::checkpoint_name`]).
+pub fn hf_name_for_gguf(arch: Family, name: &str) -> Option<String> {
+    arch.checkpoint_name(name)
 }
 
 /// Undoes llama.cpp's rotary row permutation of a Q or K projection.
@@ -362,7 +305,7 @@ pub fn ggml_block_type(d: DType) -> Option<GgmlType> {
 /// The storage a GGUF file offers each parameter, by Hugging Face name: what a spec with
 /// `weight_dtype: Native` compiles to ([`kvc_compiler::compile_with`]).
 pub fn gguf_weight_types(file: &GgufFile) -> Result<WeightTypes> {
-    let arch = GgufArch::of(file)?;
+    let arch = family_of(file)?;
     let mut out = WeightTypes::new();
     for info in file.tensors() {
         if let Some(hf) = hf_name_for_gguf(arch, &info.name) {
@@ -375,7 +318,7 @@ pub fn gguf_weight_types(file: &GgufFile) -> Result<WeightTypes> {
 /// The heads of a tensor whose rows llama.cpp's converter permuted for adjacent-pair RoPE
 /// (a `llama` file's Q or K projection), else `None`.
 fn rope_permuted_heads(hp: &HyperParams, name: &str) -> Option<usize> {
-    if hp.arch != GgufArch::Llama {
+    if !hp.arch.gguf().permuted_qk {
         None
     } else if name.ends_with(".attn_q.weight") {
         Some(hp.num_heads)

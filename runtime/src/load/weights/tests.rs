@@ -1,6 +1,8 @@
 //! The weights loader's unit tests: name maps, RoPE un-permutation, GGUF files built in memory.
 
 use super::*;
+use kvc_compiler::family::Family;
+
 use crate::load::gguf::GgmlType;
 use crate::load::gguf::test_writer::{GgufWriter, str_array};
 
@@ -94,7 +96,7 @@ fn block_formats_map_to_ir_types_and_back() {
 
 #[test]
 fn family_specific_gguf_names_map_to_their_hf_names() {
-    use GgufArch::{Gemma3, Llama, Qwen2};
+    use Family::{Gemma3, Llama, Qwen2};
     let cases = [
         (
             Qwen2,
@@ -181,7 +183,7 @@ fn gguf_names_map_to_hf() {
     ];
     for (g, h) in cases {
         assert_eq!(
-            hf_name_for_gguf(GgufArch::Llama, g).as_deref(),
+            hf_name_for_gguf(Family::Llama, g).as_deref(),
             Some(h),
             "{g}"
         );
@@ -192,7 +194,7 @@ fn gguf_names_map_to_hf() {
         "blk..attn_q.weight",
         "blk.1.attn_qkv.weight",
     ] {
-        assert_eq!(hf_name_for_gguf(GgufArch::Llama, bad), None, "{bad}");
+        assert_eq!(hf_name_for_gguf(Family::Llama, bad), None, "{bad}");
     }
 }
 
@@ -265,7 +267,7 @@ fn gguf_loader_renames_and_unpermutes() {
     assert_eq!(
         hp,
         HyperParams {
-            arch: GgufArch::Llama,
+            arch: Family::Llama,
             vocab_size: 3,
             hidden_size: 4,
             num_layers: 1,
@@ -361,7 +363,7 @@ fn smollm2_matches_python_gguf_reference() {
     assert_eq!(
         hp,
         HyperParams {
-            arch: GgufArch::Llama,
+            arch: Family::Llama,
             vocab_size: 49152,
             hidden_size: 576,
             num_layers: 30,

@@ -4,16 +4,56 @@
 //!
 //! Qwen2 (`qwen2.rs`) is this block with biases on the query, key and value projections.
 
-use super::decoder::{Ctx, Family, layer_bias, layer_param as layer, param};
 use crate::ir::{BinaryOp, BuildError, DType, GraphBuilder, Op, ParamDecl, ValueId};
-use crate::spec::LlamaConfig;
+use crate::lower::decoder::{Ctx, Family, layer_bias, layer_param as layer, param};
+use serde::{Deserialize, Serialize};
 
-pub(super) const EMBED: &str = "model.embed_tokens.weight";
-pub(super) const FINAL_NORM: &str = "model.norm.weight";
-pub(super) const LM_HEAD: &str = "lm_head.weight";
+use super::Gguf;
+
+/// Hyper-parameters of a Llama- or Qwen2-family decoder (names follow Hugging Face
+/// `config.json`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlamaConfig {
+    /// Vocabulary size (rows of the embedding table).
+    pub vocab_size: u32,
+    /// Model width.
+    pub hidden_size: u32,
+    /// Number of decoder blocks.
+    pub num_layers: u32,
+    /// Query heads per layer.
+    pub num_heads: u32,
+    /// Key/value heads per layer (grouped-query attention); divides `num_heads`.
+    pub num_kv_heads: u32,
+    /// Width of one attention head.
+    pub head_dim: u32,
+    /// Inner width of the SwiGLU MLP.
+    pub intermediate_size: u32,
+    /// RoPE base frequency.
+    pub rope_theta: f32,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f32,
+    /// Whether the LM head reuses the token embedding matrix.
+    pub tie_word_embeddings: bool,
+    /// Longest position the model was trained for.
+    pub max_position_embeddings: u32,
+}
+
+/// How GGUF files hold a Llama checkpoint: llama.cpp's converter permutes the Q and K
+/// rows for adjacent-pair RoPE (undone at load), and names `post_attention_layernorm`
+/// `ffn_norm`.
+pub const GGUF: Gguf = Gguf {
+    arch: "llama",
+    layer_tensors: &[("ffn_norm.weight", "post_attention_layernorm.weight")],
+    permuted_qk: true,
+};
+
+pub(crate) const EMBED: &str = "model.embed_tokens.weight";
+pub(crate) const FINAL_NORM: &str = "model.norm.weight";
+pub(crate) const LM_HEAD: &str = "lm_head.weight";
 
 /// A Llama-family decoder; `qkv_bias` adds Qwen2's projection biases.
-pub(super) struct Llama<'a> {
+pub(crate) struct Llama<'a> {
     /// Hyper-parameters.
     pub c: &'a LlamaConfig,
     /// Whether the query, key and value projections have biases.

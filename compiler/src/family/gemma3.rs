@@ -12,15 +12,78 @@
 //! The LM head is the token embedding. Norm gains multiply the normalised value
 //! directly: they are the checkpoint's `1 + weight` (as GGUF files store them).
 
-use super::decoder::{Ctx, Family, layer_param as layer, param};
 use crate::ir::{BinaryOp, BuildError, DType, GraphBuilder, Op, ParamDecl, Scalar, ValueId};
-use crate::spec::Gemma3Config;
+use crate::lower::decoder::{Ctx, Family, layer_param as layer, param};
+use serde::{Deserialize, Serialize};
+
+use super::Gguf;
 
 const EMBED: &str = "model.embed_tokens.weight";
 const FINAL_NORM: &str = "model.norm.weight";
 
 /// The Gemma 3 decoder.
-pub(super) struct Gemma3<'a> {
+/// Hyper-parameters of a Gemma 3 decoder (names follow Hugging Face `config.json`; the LM
+/// head is always the token embedding).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Gemma3Config {
+    /// Vocabulary size (rows of the embedding table).
+    pub vocab_size: u32,
+    /// Model width.
+    pub hidden_size: u32,
+    /// Number of decoder blocks.
+    pub num_layers: u32,
+    /// Query heads per layer.
+    pub num_heads: u32,
+    /// Key/value heads per layer; divides `num_heads`.
+    pub num_kv_heads: u32,
+    /// Width of one attention head (may differ from `hidden_size / num_heads`).
+    pub head_dim: u32,
+    /// Inner width of the GELU-gated MLP.
+    pub intermediate_size: u32,
+    /// RoPE base frequency of the global layers.
+    pub rope_theta: f32,
+    /// RoPE base frequency of the sliding-window layers.
+    pub rope_local_base_freq: f32,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f32,
+    /// Tokens a sliding-window layer sees: the query's own and the `sliding_window - 1`
+    /// before it.
+    pub sliding_window: u32,
+    /// Every `sliding_window_pattern`-th layer is global (layer `l` with
+    /// `(l + 1) % pattern == 0`); the others use the sliding window.
+    pub sliding_window_pattern: u32,
+    /// Queries are scaled by `query_pre_attn_scalar^-1/2`.
+    pub query_pre_attn_scalar: f32,
+    /// Longest position the model was trained for.
+    pub max_position_embeddings: u32,
+}
+
+impl Gemma3Config {
+    /// Whether layer `l` attends to every earlier token (not a sliding-window layer).
+    pub fn is_global(&self, l: u32) -> bool {
+        (l + 1).is_multiple_of(self.sliding_window_pattern)
+    }
+}
+
+/// How GGUF files hold a Gemma 3 checkpoint: GGUF's `ffn_norm` is the pre-MLP norm here
+/// (Llama's post-attention one), and the sandwich and Q/K norms have their own names.
+pub const GGUF: Gguf = Gguf {
+    arch: "gemma3",
+    layer_tensors: &[
+        ("attn_q_norm.weight", "self_attn.q_norm.weight"),
+        ("attn_k_norm.weight", "self_attn.k_norm.weight"),
+        (
+            "post_attention_norm.weight",
+            "post_attention_layernorm.weight",
+        ),
+        ("ffn_norm.weight", "pre_feedforward_layernorm.weight"),
+        ("post_ffw_norm.weight", "post_feedforward_layernorm.weight"),
+    ],
+    permuted_qk: false,
+};
+
+pub(crate) struct Gemma3<'a> {
     /// Hyper-parameters.
     pub c: &'a Gemma3Config,
 }
