@@ -1,5 +1,6 @@
 //! The attention kernels' unit tests: every form against a float64 reference, on every instruction set this CPU has.
 
+use super::rows::f16_to_f32;
 use super::*;
 use crate::exec::kernels::cpu::test_values as values;
 
