@@ -4,7 +4,6 @@
 
 use kvc_compiler::ir::Program;
 
-use super::kernels::cpu::quant;
 use super::session::SessionOptions;
 use crate::blocks::QuantLayout;
 use crate::{Backend, RuntimeError};
@@ -12,16 +11,20 @@ use crate::{Backend, RuntimeError};
 /// The memory plan of `program` as a session with `options` holds it: the compiled plan
 /// ([`kvc_compiler::MemoryPlan::of`]) with block matrices at their interleaved size where
 /// [`SessionOptions::weight_layout`] interleaves them (at most a third above the file's
-/// size; see [`quant::interleave`]).
+/// size; see [`crate::exec::kernels::cpu::quant::interleave`]).
 pub fn resident_plan(program: &Program, options: &SessionOptions) -> kvc_compiler::MemoryPlan {
     let mut plan = kvc_compiler::MemoryPlan::of(program);
-    if options.weight_layout(program) == QuantLayout::Interleaved {
+    let layout = options.weight_layout(program);
+    if layout != QuantLayout::File {
         for p in &program.params {
             let Some(ty) = crate::load::weights::ggml_block_type(p.ty.dtype) else {
                 continue;
             };
             let [n, k] = p.ty.shape[..] else { continue };
-            if let Some(len) = quant::interleaved_len(ty, k as usize, n as usize) {
+            if let Some(len) = options
+                .kernels
+                .prepared_bytes(ty, k as usize, n as usize, layout)
+            {
                 plan.weights = plan.weights - p.ty.size_bytes() + len as u64;
             }
         }

@@ -11,6 +11,7 @@
 //! - [`memory`]: the memory a session will hold, checked before anything is allocated;
 //! - [`value`]: the rank-4 tensors values are held as.
 
+pub mod arena;
 pub mod executor;
 pub mod kernels;
 pub mod memory;

@@ -22,7 +22,6 @@ use kvc_compiler::ir::{DType, Interface, Program, StateId};
 
 use super::executor::{Executor, State, Which};
 use super::kernels::KernelSet;
-use super::kernels::cpu::buffer_address;
 use super::value::{Value, pad4};
 use crate::blocks::QuantLayout;
 use crate::load::weights::HostTensor;
@@ -35,7 +34,7 @@ pub use super::request::{
 
 /// Binds weights to the program's parameter table by name, checking every shape.
 /// On Flex all dense parameters share one huge-page-backed allocation
-/// ([`super::kernels::cpu::arena`]). Quantized matrices stay GGUF blocks in host memory
+/// ([`super::arena`]). Quantized matrices stay GGUF blocks in host memory
 /// ([`Value::Q`]): the CPU kernels read them as they are, and an executor of any other
 /// kernel set (every backend but Flex) dequantizes them once when it is made.
 pub fn bind_params(
@@ -43,7 +42,7 @@ pub fn bind_params(
     weights: &mut BTreeMap<String, HostTensor>,
     backend: Backend,
 ) -> Result<Vec<Value>, RuntimeError> {
-    use super::kernels::cpu::arena::{self, Storage};
+    use super::arena::{self, Storage};
     let device = &device(backend)?;
     // Dense parameters with their index in the table; quantized ones already bound.
     let mut items = Vec::with_capacity(program.params.len());
@@ -93,10 +92,10 @@ pub fn bind_params(
 
 /// Dense parameters as ordinary device tensors.
 fn upload(
-    items: Vec<(Vec<f32>, [usize; 4], super::kernels::cpu::arena::Storage)>,
+    items: Vec<(Vec<f32>, [usize; 4], super::arena::Storage)>,
     device: &burn::tensor::Device,
 ) -> Vec<Value> {
-    use super::kernels::cpu::arena::Storage;
+    use super::arena::Storage;
     items
         .into_iter()
         .map(|(data, shape, storage)| {
@@ -680,12 +679,9 @@ impl Session {
     /// lists before and after runs show that the state was updated in place (what a
     /// captured step needs). `None` off Flex.
     pub fn state_buffers(&self) -> Option<Vec<usize>> {
-        if self.backend != Backend::Flex {
-            return None;
-        }
         let state = self.state();
         let ids = (0..self.program().state.len()).map(|i| StateId(i as u32));
-        Some(ids.map(|id| buffer_address(state.get(id))).collect())
+        ids.map(|id| state.get(id).flex_buffer_address()).collect()
     }
 
     /// Teacher-forces `ids` through row 0: prefill of the first token, then one decode

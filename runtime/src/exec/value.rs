@@ -37,6 +37,25 @@ pub fn pad4(shape: &[u32]) -> [usize; 4] {
 }
 
 impl Value {
+    /// The address of the value's buffer on the Flex device (`None` on another backend):
+    /// equal addresses before and after a run show an in-place update.
+    pub fn flex_buffer_address(&self) -> Option<usize> {
+        fn address<const D: usize, K>(t: &Tensor<D, K>) -> Option<usize>
+        where
+            K: burn::tensor::kind::Basic
+                + burn::tensor::BackendPrimitive<burn_flex::Flex, Primitive = burn_flex::FlexTensor>,
+        {
+            let t = t.clone().try_into_primitive::<burn_flex::Flex>().ok()?;
+            Some(t.bytes().as_ptr() as usize)
+        }
+        match self {
+            Value::F(t) => address(t),
+            Value::I(t) => address(t),
+            Value::B(t) => address(t),
+            Value::Q(q) => Some(q.bytes.as_ptr() as usize),
+        }
+    }
+
     /// The float tensor of a verified graph's float value.
     pub(crate) fn f(self) -> Tensor<4> {
         match self {

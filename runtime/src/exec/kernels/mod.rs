@@ -20,7 +20,7 @@ use burn::tensor::{Bool, Int, Tensor};
 use super::value::Value;
 use crate::Backend;
 use crate::blocks::{QuantLayout, QuantTensor};
-use crate::load::gguf::dequantize;
+use crate::load::gguf::{GgmlType, dequantize};
 
 /// √(2/π), the scale inside the tanh approximation of GELU.
 pub(crate) const GELU_SCALE: f32 = 0.797_884_6;
@@ -84,6 +84,21 @@ impl KernelSet {
                 QuantLayout::Interleaved
             }
             KernelSet::Cpu | KernelSet::Portable => QuantLayout::File,
+        }
+    }
+
+    /// Bytes of an `[n, k]` block matrix of type `ty` once [prepared](Self::prepare_weight)
+    /// in `layout` (`None` where the set keeps the file's bytes).
+    pub fn prepared_bytes(
+        self,
+        ty: GgmlType,
+        k: usize,
+        n: usize,
+        layout: QuantLayout,
+    ) -> Option<usize> {
+        match layout {
+            QuantLayout::File => None,
+            QuantLayout::Interleaved => cpu::quant::interleaved_len(ty, k, n),
         }
     }
 

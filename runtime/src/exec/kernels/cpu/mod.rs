@@ -50,7 +50,7 @@ macro_rules! multiversion {
 /// A raw pointer that parallel tasks may share, each writing elements no other task
 /// touches (every use states which).
 #[derive(Clone, Copy)]
-struct SendPtr<T>(*mut T);
+pub(crate) struct SendPtr<T>(pub(crate) *mut T);
 
 // SAFETY: users write disjoint elements from parallel tasks (see each call site).
 unsafe impl<T> Send for SendPtr<T> {}
@@ -58,7 +58,7 @@ unsafe impl<T> Sync for SendPtr<T> {}
 
 impl<T> SendPtr<T> {
     /// The address `offset` elements in (a method, so closures capture the `Send` wrapper).
-    fn at(self, offset: usize) -> *mut T {
+    pub(crate) fn at(self, offset: usize) -> *mut T {
         self.0.wrapping_add(offset)
     }
 }
@@ -391,18 +391,6 @@ where
     }
 }
 
-/// The address of the buffer of a value on the Flex device: equal addresses before and
-/// after a run show an in-place update.
-pub fn buffer_address(v: &Value) -> usize {
-    let t = match v {
-        Value::F(t) => flex(t),
-        Value::I(t) => flex(t),
-        Value::B(t) => flex(t),
-        Value::Q(q) => return q.bytes.as_ptr() as usize,
-    };
-    t.bytes().as_ptr() as usize
-}
-
 /// The f32 elements of a contiguous Flex tensor of a verified graph's f32 value.
 fn f32s(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>()
@@ -444,7 +432,6 @@ fn widen(w: Tensor<2>) -> Tensor<2> {
     Tensor::from_data(TensorData::new(out, w.dims()), &w.device())
 }
 
-pub mod arena;
 pub mod attention;
 pub mod cache;
 pub mod elementwise;

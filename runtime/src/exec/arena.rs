@@ -17,7 +17,7 @@ use burn_flex::{Flex, FlexTensor};
 use half::f16;
 use rayon::prelude::*;
 
-use super::SendPtr;
+use super::kernels::cpu::SendPtr;
 
 /// Alignment of the arena: one huge page.
 const HUGE_PAGE: usize = 2 << 20;
