@@ -1,6 +1,7 @@
 //! Weight matrices kept as GGUF blocks: the data the loader produces ([`crate::load`]) and
 //! the kernels read ([`crate::exec::kernels`]). Decoding a layout is the kernels' business
-//! (`QuantTensor::row_f32` lives beside them): this module depends on neither side.
+//! (`QuantTensor::row_f32` lives beside them): this module depends on no code of either
+//! side, only on the GGUF type tag.
 
 use crate::load::gguf::GgmlType;
 

@@ -1,7 +1,7 @@
 //! Lowering: a model spec becomes a [`Program`] with exactly two graphs.
 //!
-//! The family file (one per architecture: `llama.rs`, `qwen2.rs`, `gemma3.rs`) builds the
-//! transformer's blocks; `decoder.rs` is the prefill/decode skeleton they share; this
+//! The family file (one per architecture, [`crate::family`]: `llama.rs`, `qwen2.rs`,
+//! `gemma3.rs`) builds the transformer's blocks; `decoder.rs` is the prefill/decode skeleton they share; this
 //! file owns the control state that lives on the device and the per-row rules for
 //! positions, stop limits and done flags.
 //!

@@ -35,39 +35,14 @@
 /// entry points are instantiated for.
 macro_rules! with_block {
     ($q:expr, $B:ident => $e:expr) => {
+        with_block!(@arms $q, $B, $e, [Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4K, Q5K, Q6K])
+    };
+    (@arms $q:expr, $B:ident, $e:expr, [$($format:ident),*]) => {
         match $q {
-            Block::Q4_0 => {
-                const $B: u8 = Block::Q4_0 as u8;
+            $(Block::$format => {
+                const $B: u8 = Block::$format as u8;
                 $e
-            }
-            Block::Q4_1 => {
-                const $B: u8 = Block::Q4_1 as u8;
-                $e
-            }
-            Block::Q5_0 => {
-                const $B: u8 = Block::Q5_0 as u8;
-                $e
-            }
-            Block::Q5_1 => {
-                const $B: u8 = Block::Q5_1 as u8;
-                $e
-            }
-            Block::Q8_0 => {
-                const $B: u8 = Block::Q8_0 as u8;
-                $e
-            }
-            Block::Q4K => {
-                const $B: u8 = Block::Q4K as u8;
-                $e
-            }
-            Block::Q5K => {
-                const $B: u8 = Block::Q5K as u8;
-                $e
-            }
-            Block::Q6K => {
-                const $B: u8 = Block::Q6K as u8;
-                $e
-            }
+            })*
         }
     };
 }
