@@ -318,7 +318,7 @@ impl Plan {
             };
             let label = match (&node.op, &kernel) {
                 (Op::Linear { w, .. }, Kernel::Linear(_, f) | Kernel::QLinear(_, f)) => {
-                    format!("{} linear {} {}", g.name, g.ty(*w).dtype, f.name())
+                    format!("{} linear {} {}", g.name, g.ty(*w), f.name())
                 }
                 (op, Kernel::Attention(_, f) | Kernel::AttentionValues(f)) => {
                     format!("{} {} {}", g.name, op.name(), f.name())
