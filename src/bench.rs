@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use kvc_compiler::spec::{DTypeSpec, KvPolicy, KvStorage};
 use kvc_compiler::{MemoryPlan, Overrides};
 use kvc_runtime::Backend;
-use kvc_runtime::exec::session::{Request, Sampling, SessionOptions};
+use kvc_runtime::exec::session::{Refill, Request, Sampling, SessionOptions};
 use kvc_runtime::model::LoadedModel;
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +38,12 @@ pub struct BenchResult {
     pub prefill_tok_s: f64,
     /// Decode tokens per second of one row.
     pub decode_tok_s_row: f64,
+    /// Tokens of the timed refill of row 0 (`--refill`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refill_tokens: Option<u32>,
+    /// Milliseconds of that refill, best of 3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refill_ms: Option<f64>,
     /// Decode tokens per second over all rows.
     pub decode_tok_s_aggregate: f64,
     /// Decode step times in milliseconds.
@@ -133,6 +139,8 @@ pub struct Config {
     pub steps: usize,
     /// Prefill width; default min(context, 512).
     pub prefill_len: Option<u32>,
+    /// Tokens of a refill of row 0 to time after the decode steps.
+    pub refill: Option<u32>,
     /// Weight storage override.
     pub weight_dtype: Option<DTypeSpec>,
     /// KV storage override.
@@ -151,6 +159,7 @@ pub fn bench_one(model: &Path, cfg: &Config) -> Result<BenchResult> {
         kv,
         steps,
         prefill_len,
+        refill,
         weight_dtype,
         kv_storage,
         backend,
@@ -209,6 +218,29 @@ pub fn bench_one(model: &Path, cfg: &Config) -> Result<BenchResult> {
             rss_early = rss().0;
         }
     }
+    // A serving slot's refill: row 0 gets a new prompt while the other rows keep theirs
+    // (every row has finished here; a refill computes the whole `[B, T]` prefill anyway).
+    let refill_ms = match refill {
+        None => None,
+        Some(l) => {
+            let request = Request {
+                prompt: (0..l).map(|i| (i * 7919 + 31) % vocab).collect(),
+                max_new_tokens: 1,
+                sampling: Sampling::default(),
+            };
+            let mut best = f64::INFINITY;
+            for seed in 0..3 {
+                let t = Instant::now();
+                m.session.refill(&[Refill {
+                    row: 0,
+                    request: &request,
+                    seed,
+                }])?;
+                best = best.min(t.elapsed().as_secs_f64() * 1e3);
+            }
+            Some(best)
+        }
+    };
     let total_s: f64 = times.iter().sum::<f64>() / 1e3;
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
@@ -230,6 +262,8 @@ pub fn bench_one(model: &Path, cfg: &Config) -> Result<BenchResult> {
         steps,
         prefill_tok_s: (batch * context) as f64 / prefill_s,
         decode_tok_s_row: steps as f64 / total_s,
+        refill_tokens: refill,
+        refill_ms,
         decode_tok_s_aggregate: (steps * batch as usize) as f64 / total_s,
         p99_over_p50: step_ms.p99 / step_ms.p50,
         step_ms,
@@ -285,6 +319,9 @@ pub fn bench_all(model: &Path, configs: &[Config], json: Option<&Path>) -> Resul
             if let Some(t) = cfg.prefill_len {
                 cmd.args(["--prefill-len", &t.to_string()]);
             }
+            if let Some(l) = cfg.refill {
+                cmd.args(["--refill", &l.to_string()]);
+            }
             if let Some(d) = cfg.weight_dtype {
                 cmd.args(["--weight-dtype", &d.to_string()]);
             }
@@ -329,6 +366,9 @@ pub fn bench_all(model: &Path, configs: &[Config], json: Option<&Path>) -> Resul
                 r.peak_rss as f64 / 1048576.0,
                 r.plan.total() as f64 / 1048576.0
             );
+            if let (Some(l), Some(ms)) = (r.refill_tokens, r.refill_ms) {
+                println!("{:>13} refill of row 0 with {l} tokens: {ms:.1} ms", "");
+            }
             results.push(r);
         }
     }

@@ -101,6 +101,11 @@ enum Command {
         /// Prefill width (`T`); default min(context, 512).
         #[arg(long)]
         prefill_len: Option<u32>,
+        /// Also time a refill of row 0 with a prompt of this many tokens (at most the
+        /// context) after the decode steps, best of 3: what a serving slot's refill costs
+        /// at this batch size and prefill width.
+        #[arg(long)]
+        refill: Option<u32>,
         /// Storage of the weight matrices: `native` (the file's blocks; the spec's
         /// default), `f32` or `f16`.
         #[arg(long, value_parser = DTypeSpec::parse)]
@@ -276,6 +281,7 @@ fn real_main() -> Result<()> {
             kv,
             steps,
             prefill_len,
+            refill,
             weight_dtype,
             kv_storage,
             json,
@@ -284,6 +290,14 @@ fn real_main() -> Result<()> {
         } => {
             if steps == 0 {
                 bail!("--steps must be at least 1");
+            }
+            if let Some(l) = refill {
+                let shortest = context.iter().copied().min().unwrap_or(0);
+                if l == 0 || l > shortest {
+                    bail!(
+                        "--refill {l}: a refill prompt needs 1 to {shortest} tokens (the shortest --context)"
+                    );
+                }
             }
             // Each configuration's cache holds the prompt, the decoded tokens and one more.
             for &c in &context {
@@ -305,6 +319,7 @@ fn real_main() -> Result<()> {
                     kv: *kv.first().context("--kv")?,
                     steps,
                     prefill_len,
+                    refill,
                     weight_dtype,
                     kv_storage,
                     backend: exec.backend,
@@ -324,6 +339,7 @@ fn real_main() -> Result<()> {
                                 kv: k,
                                 steps,
                                 prefill_len,
+                                refill,
                                 weight_dtype,
                                 kv_storage,
                                 backend: exec.backend,

@@ -244,6 +244,19 @@ fn every_class_of_bad_input_is_one_error_line() {
             ]),
         ),
         (
+            "bench_refill_past_context",
+            args(&[
+                "bench",
+                "models/tiny-llama.ron",
+                "--context",
+                "8",
+                "--batch",
+                "1",
+                "--refill",
+                "9",
+            ]),
+        ),
+        (
             "bench_child_error_said_once",
             args(&[
                 "bench",
