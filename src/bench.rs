@@ -54,9 +54,9 @@ pub struct BenchResult {
     /// part of `peak_rss` that is program code, which no model plan covers.
     #[serde(default)]
     pub rss_code: u64,
-    /// Resident set size after the first 10% and after all decode steps (bytes).
+    /// Resident set size after the first 10% of the decode steps (bytes).
     pub rss_early: u64,
-    /// Resident set size at the end.
+    /// Resident set size at the end (after the decode steps and any `--refill`).
     pub rss_end: u64,
     /// Peak resident set size of the process (bytes).
     pub peak_rss: u64,

@@ -167,7 +167,7 @@ fn cache_ops(c: &mut Criterion) {
     group.finish();
 }
 
-/// Products with GGUF-quantized weights (`cpu/quant.rs`) at the real models' decode shapes
+/// Products with GGUF-quantized weights (`cpu/quant/`) at the real models' decode shapes
 /// (m = 1 and 16) on each method and instruction set, beside the f32 GEMV on the same
 /// shapes, and one prefill shape (m = 512) beside Flex's f32 GEMM. Throughput is weight
 /// bytes read per call.

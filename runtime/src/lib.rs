@@ -7,7 +7,9 @@
 //! - [`exec`]: the execution plan built once per program and backend, the kernel sets
 //!   (portable Burn ops; kvc's CPU kernels on Flex), the executor and the session.
 //!
-//! [`model`] joins them for a command: resolve weights, bind them, build the tokenizer.
+//! Between them, [`blocks`] holds the data both pass along: weight matrices kept as GGUF
+//! blocks. [`model`] joins them for a command: resolve weights, bind them, build the
+//! tokenizer.
 //! [`engine`] is the embedding API on top: load a spec, submit requests, stream tokens,
 //! with a scheduler that keeps the batch full by slot refill. [`api`] turns
 //! OpenAI-compatible request bodies into the engine's requests (`kvc serve`).

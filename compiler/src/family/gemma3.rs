@@ -21,7 +21,6 @@ use super::Gguf;
 const EMBED: &str = "model.embed_tokens.weight";
 const FINAL_NORM: &str = "model.norm.weight";
 
-/// The Gemma 3 decoder.
 /// Hyper-parameters of a Gemma 3 decoder (names follow Hugging Face `config.json`; the LM
 /// head is always the token embedding).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -83,6 +82,7 @@ pub const GGUF: Gguf = Gguf {
     permuted_qk: false,
 };
 
+/// The Gemma 3 decoder.
 pub(crate) struct Gemma3<'a> {
     /// Hyper-parameters.
     pub c: &'a Gemma3Config,

@@ -26,7 +26,8 @@ pub struct Gguf {
     /// `general.architecture`, also the prefix of its hyper-parameter keys
     /// (`{arch}.block_count`, ...).
     pub arch: &'static str,
-    /// Per-layer tensors named otherwise than [`LAYER_TENSORS`]: `(GGUF name after
+    /// Per-layer tensors the family names its own way (looked up before
+    /// [`LAYER_TENSORS`]): `(GGUF name after
     /// `blk.{i}.`, checkpoint name after `model.layers.{i}.`)`.
     pub layer_tensors: &'static [(&'static str, &'static str)],
     /// Whether the converter permuted each Q and K head's rows for adjacent-pair RoPE.
@@ -92,9 +93,12 @@ impl Family {
             return None;
         }
         let layer: usize = layer.parse().ok()?;
-        let (_, hf) = LAYER_TENSORS
+        // The family's own names first: they may rename a shared one.
+        let (_, hf) = self
+            .gguf()
+            .layer_tensors
             .iter()
-            .chain(self.gguf().layer_tensors)
+            .chain(&LAYER_TENSORS)
             .find(|(g, _)| *g == suffix)?;
         Some(format!("model.layers.{layer}.{hf}"))
     }

@@ -1,6 +1,7 @@
 //! The execution plan of one graph, built once when the executor is made: a flat list of
 //! steps, each a kernel with its static parameters resolved (shapes, rope tables,
-//! constants), the slots it reads (moved at their last use, else shared), and how every
+//! constants, and for products and attention the [`Form`] the kernel set chose from the
+//! static shapes), the slots it reads (moved at their last use, else shared), and how every
 //! state update returns to the state's own buffer. Running a graph is a loop over the
 //! steps; nothing is decided per step.
 //!

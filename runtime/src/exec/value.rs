@@ -37,7 +37,8 @@ pub fn pad4(shape: &[u32]) -> [usize; 4] {
 }
 
 impl Value {
-    /// The address of the value's buffer on the Flex device (`None` on another backend):
+    /// The address of the value's buffer on the Flex device (`None` for a tensor of
+    /// another backend; GGUF blocks are host bytes, whose address it gives on any):
     /// equal addresses before and after a run show an in-place update.
     pub fn flex_buffer_address(&self) -> Option<usize> {
         fn address<const D: usize, K>(t: &Tensor<D, K>) -> Option<usize>

@@ -1,3 +1,6 @@
+//! The portable forms: one weight row unpacked from the file's blocks ([`Row`]), widened
+//! to f32, or multiplied with int8 activations in the SIMD kernels' block arithmetic.
+
 use kvc_compiler::blocks::{Block, f16_at, k_scale_mins};
 
 use super::{Row, xq::Xq};
@@ -128,10 +131,16 @@ pub(super) fn dot_portable(q: Block, row: &Row, xq: &Xq, r: usize, k: usize) -> 
             xq.s32[k32 + j]
         };
         let isum = idot - f.offset as i32 * xsum;
-        acc += isum as f32 * (row.ds[j] * xq.d[k32 + b]);
-        if f.mins {
-            let m = row.dm[j] * xq.s[k32 + b];
-            acc += if f.is_k() { -m } else { m };
+        let scaled = isum as f32 * (row.ds[j] * xq.d[k32 + b]);
+        // The minimum's term (units of 32 values only: `dm` has one per 32).
+        let min = || row.dm[j] * xq.s[k32 + b];
+        match (f.mins, f.is_k()) {
+            (false, _) => acc += scaled,
+            (true, false) => acc += scaled + min(),
+            (true, true) => {
+                acc += scaled;
+                acc -= min();
+            }
         }
     }
     acc

@@ -201,6 +201,8 @@ macro_rules! fused_dots {
                         };
                         // Lane i: the minimum or offset correction of sub-block i.
                         let corr = _mm256_madd_epi16(bsv, corr16);
+                        // Q6_K's offset 32 as an immediate shift (checked against the table).
+                        const { assert!(Block::Q6K.format().offset == 1 << 5) };
                         let (c, m) = if q6 {
                             (_mm256_slli_epi32(corr, 5), d)
                         } else {

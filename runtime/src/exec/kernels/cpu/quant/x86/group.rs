@@ -335,7 +335,8 @@ macro_rules! group_dots {
                         let xb = xq0.add(32 * R * b + within);
                         let mut ai: [__m256i; R] = std::array::from_fn(|r| {
                             if q6 {
-                                shl(_mm256_set1_epi32(*xc0.add(R * unit + r)), 5)
+                                let shift = const { Block::from_index(B).format().offset_shift() };
+                                shl(_mm256_set1_epi32(*xc0.add(R * unit + r)), shift as i32)
                             } else {
                                 _mm256_setzero_si256()
                             }

@@ -144,7 +144,7 @@ fn block_scales(q: Block, blk: &[u8], ds: &mut [f32], dm: &mut [f32]) {
             }
             _ => {
                 ds[0] = f16_at(p);
-                dm[0] = if matches!(q, Block::Q4_1 | Block::Q5_1) {
+                dm[0] = if q.format().mins {
                     f16_at(p.add(2))
                 } else {
                     0.0
