@@ -32,7 +32,7 @@ pub fn resident_plan(program: &Program, options: &SessionOptions) -> kvc_compile
     plan
 }
 
-/// Refuses a program whose memory plan ([`MemoryPlan::total`]) exceeds `options.max_memory`
+/// Refuses a program whose memory plan ([`MemoryPlan::total`](kvc_compiler::MemoryPlan::total)) exceeds `options.max_memory`
 /// or, without one, on the CPU backend, the memory the system has available: sizes that
 /// pass the spec's checks end in this error instead of an aborted allocation. With
 /// `weights_loaded` the weights are already resident (and no longer counted as

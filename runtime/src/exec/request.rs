@@ -15,7 +15,7 @@ pub struct Request {
     pub sampling: Sampling,
 }
 
-/// A new prompt for one row of a running batch ([`Session::refill`]).
+/// A new prompt for one row of a running batch ([`Session::refill`](super::session::Session::refill)).
 #[derive(Clone, Copy, Debug)]
 pub struct Refill<'a> {
     /// The row (`< B`).

@@ -356,7 +356,7 @@ fn write_verified(
 }
 
 /// Extracts `member` from the zip archive `wheel` to `dest`, verifying its SHA-256
-/// ([`write_verified`]).
+/// (`write_verified`).
 pub fn extract_member(
     wheel: &Path,
     member: &str,

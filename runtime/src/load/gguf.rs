@@ -530,7 +530,7 @@ impl GgufFile {
         }
     }
 
-    /// [`GgufFile::release`] of one tensor's bytes, once they have been converted into an
+    /// `GgufFile::release` of one tensor's bytes, once they have been converted into an
     /// owned copy (dequantized, or with rows reordered). Unknown names are ignored.
     pub fn release_tensor(&self, name: &str) {
         if let Some(info) = self.tensor_info(name) {

@@ -171,7 +171,7 @@ impl GgmlType {
         values / self.block_size() as usize * self.block_bytes() as usize
     }
 
-    /// Whether [`dequantize`] (and so [`GgufFile::tensor_f32`]) can decode
+    /// Whether [`dequantize`] (and so [`GgufFile::tensor_f32`](super::GgufFile::tensor_f32)) can decode
     /// this type.
     pub fn can_dequantize(self) -> bool {
         matches!(

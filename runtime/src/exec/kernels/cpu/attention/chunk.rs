@@ -21,7 +21,7 @@ const SCORE_COLS: usize = 32;
 const VALUE_ROWS: usize = 4;
 const VALUE_COLS: usize = 32;
 
-/// [`attention`] for a long chunk of query positions (prefill), flash-style: one task per
+/// [`attention`](super::attention) for a long chunk of query positions (prefill), flash-style: one task per
 /// (row, KV head, 16 positions) holds the `g · 16` query rows of that KV head and walks
 /// the slots any of them sees in tiles of 64. The tiles of each head's seen span (first to
 /// last seen slot of any position) are widened once per call, keys transposed. Each

@@ -170,8 +170,8 @@ pub fn interleaving() -> bool {
 }
 
 /// The weights `w` (`[n, k]`, GGUF blocks of type `ty`) interleaved eight rows at a
-/// time (see [`Inter`]), unpacked once here instead of in every decode product; `None`
-/// where [`interleaving`] is false or the matrix is not one [`qmatmul_t`] multiplies.
+/// time (see `Inter`), unpacked once here instead of in every decode product; `None`
+/// where [`interleaving`] is false or the matrix is not one [`qmatmul_t`](super::qmatmul_t) multiplies.
 /// The result is [`interleaved_len`] bytes: values take the bits they have (nibbles plus
 /// bit planes), scales and minimums are f32, so per 32 values and row Q4_0 takes 20
 /// bytes (18 in the file), Q4_1 24 (20), Q5_0 24 (22), Q5_1 28 (24), Q8_0 36 (34), Q4_K 24
@@ -236,7 +236,7 @@ pub fn interleaved_row(ty: GgmlType, k: usize, n: usize, w: &[u8], r: usize) -> 
     out
 }
 
-/// [`qmatmul_t`] on weights interleaved by [`interleave`] (on this process's kernels).
+/// [`qmatmul_t`](super::qmatmul_t) on weights interleaved by [`interleave`] (on this process's kernels).
 ///
 /// # Panics
 /// If `w` is not [`interleaved_len`] bytes, a slice length disagrees with `m`, `k` and
