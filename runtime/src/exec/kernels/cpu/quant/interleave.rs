@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use super::xq::quantize;
 use super::{
-    GROUP, Group, Isa, MIN_TASK_ROWS, Row, SendPtr, Task, check_quant_matrix, expand, row_bytes_q,
+    GROUP, Group, Isa, Row, SendPtr, Task, check_quant_matrix, expand, for_each_task, row_bytes_q,
 };
 use crate::load::gguf::GgmlType;
 
@@ -286,18 +286,10 @@ pub fn qmatmul_t_interleaved_with(
     if m == 0 || n == 0 {
         return;
     }
-    let threads = rayon::current_num_threads().max(1);
-    let rows = n
-        .div_ceil(4 * threads)
-        .max(MIN_TASK_ROWS)
-        .next_multiple_of(GROUP);
-    let tasks = n.div_ceil(rows);
     let mut xq = quantize(isa, x, m, k);
     xq.fill_passes(isa, m, k);
     let out = SendPtr(out.as_mut_ptr());
-    let run = |t: usize| {
-        let j0 = t * rows;
-        let j1 = (j0 + rows).min(n);
+    for_each_task(n, GROUP, |j0, j1| {
         let ws = &w[j0 / GROUP * lay.bytes()..j1.div_ceil(GROUP) * lay.bytes()];
         let task = Task {
             q,
@@ -322,10 +314,5 @@ pub fn qmatmul_t_interleaved_with(
             let _ = (task, lay, &xq, ws, j1);
             unreachable!("{isa:?} does not read interleaved weights")
         }
-    };
-    if tasks == 1 {
-        run(0);
-    } else {
-        (0..tasks).into_par_iter().for_each(run);
-    }
+    });
 }

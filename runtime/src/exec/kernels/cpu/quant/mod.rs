@@ -238,18 +238,11 @@ pub fn qmatmul_t_with(
     }
     let isa = path.isa;
     let rb = ty.row_bytes(k);
-    let threads = rayon::current_num_threads().max(1);
-    // Four tasks per thread balance a core slowed by other work.
     let unit = match path.method {
         Method::Panel => panel_cols(isa),
         Method::Int8 => GROUP,
         Method::Dequant => TILE_ROWS,
     };
-    let rows = n
-        .div_ceil(4 * threads)
-        .max(MIN_TASK_ROWS)
-        .next_multiple_of(unit);
-    let tasks = n.div_ceil(rows);
     let xq = (path.method == Method::Int8).then(|| {
         let mut xq = quantize(isa, x, m, k);
         if group_kernels(isa, m) {
@@ -258,9 +251,7 @@ pub fn qmatmul_t_with(
         xq
     });
     let out = SendPtr(out.as_mut_ptr());
-    let run = |t: usize| {
-        let j0 = t * rows;
-        let j1 = (j0 + rows).min(n);
+    for_each_task(n, unit, |j0, j1| {
         let ws = &w[j0 * rb..j1 * rb];
         let task = Task {
             q,
@@ -279,11 +270,24 @@ pub fn qmatmul_t_with(
                 _ => dequant_task(isa, &task, x, ws),
             }
         }
-    };
+    });
+}
+
+/// Runs `run(j0, j1)` over the weight rows `0..n` split into tasks of whole `unit`s of
+/// rows, at least [`MIN_TASK_ROWS`] each, four per thread (they balance a core slowed by
+/// other work); a single task runs on the calling thread.
+fn for_each_task(n: usize, unit: usize, run: impl Fn(usize, usize) + Sync) {
+    let threads = rayon::current_num_threads().max(1);
+    let rows = n
+        .div_ceil(4 * threads)
+        .max(MIN_TASK_ROWS)
+        .next_multiple_of(unit);
+    let tasks = n.div_ceil(rows);
+    let task = |t: usize| run(t * rows, ((t + 1) * rows).min(n));
     if tasks == 1 {
-        run(0);
+        task(0);
     } else {
-        (0..tasks).into_par_iter().for_each(run);
+        (0..tasks).into_par_iter().for_each(task);
     }
 }
 
