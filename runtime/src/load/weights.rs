@@ -219,12 +219,6 @@ pub fn hyper_params(file: &GgufFile) -> Result<HyperParams> {
     })
 }
 
-/// Maps a llama.cpp GGUF tensor name to the Hugging Face name of the same parameter in
-/// the family `arch` ([`Family::checkpoint_name`]).
-pub fn hf_name_for_gguf(arch: Family, name: &str) -> Option<String> {
-    arch.checkpoint_name(name)
-}
-
 /// Undoes llama.cpp's rotary row permutation of a Q or K projection.
 ///
 /// `data` is a row-major `[out, in]` matrix with `out = n_head * head_dim`.
@@ -270,7 +264,9 @@ pub fn load_gguf_weights(file: &GgufFile) -> Result<BTreeMap<String, HostTensor>
     let hp = hyper_params(file)?;
     let mut out = BTreeMap::new();
     for info in file.tensors() {
-        let hf = hf_name_for_gguf(hp.arch, &info.name)
+        let hf = hp
+            .arch
+            .checkpoint_name(&info.name)
             .ok_or_else(|| WeightsError::UnmappedTensor(info.name.clone()))?;
         let (shape, data) = file.tensor_f32(&info.name)?;
         let mut tensor = HostTensor {
@@ -308,7 +304,7 @@ pub fn gguf_weight_types(file: &GgufFile) -> Result<WeightTypes> {
     let arch = family_of(file)?;
     let mut out = WeightTypes::new();
     for info in file.tensors() {
-        if let Some(hf) = hf_name_for_gguf(arch, &info.name) {
+        if let Some(hf) = arch.checkpoint_name(&info.name) {
             out.insert(hf, ir_dtype(info.ty));
         }
     }
@@ -401,7 +397,11 @@ pub fn load_gguf_params_with(
     let by_hf: BTreeMap<String, &str> = file
         .tensors()
         .iter()
-        .filter_map(|t| hf_name_for_gguf(hp.arch, &t.name).map(|hf| (hf, t.name.as_str())))
+        .filter_map(|t| {
+            hp.arch
+                .checkpoint_name(&t.name)
+                .map(|hf| (hf, t.name.as_str()))
+        })
         .collect();
     let mut out = BTreeMap::new();
     for decl in params {

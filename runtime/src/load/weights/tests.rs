@@ -137,7 +137,7 @@ fn family_specific_gguf_names_map_to_their_hf_names() {
         (Llama, "blk.7.attn_k_norm.weight", None),
     ];
     for (arch, g, h) in cases {
-        assert_eq!(hf_name_for_gguf(arch, g).as_deref(), h, "{arch:?} {g}");
+        assert_eq!(arch.checkpoint_name(g).as_deref(), h, "{arch:?} {g}");
     }
 }
 
@@ -182,11 +182,7 @@ fn gguf_names_map_to_hf() {
         ),
     ];
     for (g, h) in cases {
-        assert_eq!(
-            hf_name_for_gguf(Family::Llama, g).as_deref(),
-            Some(h),
-            "{g}"
-        );
+        assert_eq!(Family::Llama.checkpoint_name(g).as_deref(), Some(h), "{g}");
     }
     for bad in [
         "rope_freqs.weight",
@@ -194,7 +190,7 @@ fn gguf_names_map_to_hf() {
         "blk..attn_q.weight",
         "blk.1.attn_qkv.weight",
     ] {
-        assert_eq!(hf_name_for_gguf(Family::Llama, bad), None, "{bad}");
+        assert_eq!(Family::Llama.checkpoint_name(bad), None, "{bad}");
     }
 }
 
