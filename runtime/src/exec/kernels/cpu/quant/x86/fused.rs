@@ -226,14 +226,7 @@ fused_dots!(
     fusedk_avx2,
     "avx2,fma,f16c",
     false,
-    |acc: __m256i, w: __m256i, wa: __m256i, x: __m256i, signed: bool| {
-        let p = if signed {
-            _mm256_maddubs_epi16(wa, _mm256_sign_epi8(x, w))
-        } else {
-            _mm256_maddubs_epi16(w, x)
-        };
-        _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)))
-    },
+    chunk_avx2!(),
     |acc: __m256i, p: __m256i, s: __m256i| _mm256_add_epi32(acc, _mm256_madd_epi16(p, s))
 );
 fused_dots!(
@@ -241,8 +234,6 @@ fused_dots!(
     fusedk_vnni,
     "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
     true,
-    |acc: __m256i, w: __m256i, _wa: __m256i, x: __m256i, _signed: bool| {
-        _mm256_dpbusd_epi32(acc, w, x)
-    },
+    chunk_vnni!(),
     |acc: __m256i, p: __m256i, s: __m256i| _mm256_dpwssd_epi32(acc, p, s)
 );

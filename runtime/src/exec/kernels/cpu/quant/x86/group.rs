@@ -376,29 +376,11 @@ macro_rules! group_dots {
     };
 }
 
-// Without VNNI, pairs of products are summed in i16 by `maddubs`: weights below 64
-// keep a pair sum within 2 · 63 · 127 < 2^15, and signed ones (Q8_0) are multiplied
-// as |w| · (x · sign w), at most 2 · 128 · 127 < 2^15.
-group_dots!(
-    dot32_avx2,
-    dotk_avx2,
-    "avx2,fma,f16c",
-    false,
-    |acc: __m256i, w: __m256i, wa: __m256i, x: __m256i, signed: bool| {
-        let p = if signed {
-            _mm256_maddubs_epi16(wa, _mm256_sign_epi8(x, w))
-        } else {
-            _mm256_maddubs_epi16(w, x)
-        };
-        _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)))
-    }
-);
+group_dots!(dot32_avx2, dotk_avx2, "avx2,fma,f16c", false, chunk_avx2!());
 group_dots!(
     dot32_vnni,
     dotk_vnni,
     "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
     true,
-    |acc: __m256i, w: __m256i, _wa: __m256i, x: __m256i, _signed: bool| {
-        _mm256_dpbusd_epi32(acc, w, x)
-    }
+    chunk_vnni!()
 );

@@ -1,6 +1,33 @@
 //! The AVX2 and AVX-512 kernels. Functions named `*_avx512` need the AVX-512 set of
 //! [`Isa::Avx512`](super::Isa::Avx512); all others need AVX2, FMA and F16C.
 
+/// The chunk product of the AVX2 group and fused kernels, `(acc, w, |w|, x, signed)` →
+/// `acc` plus the products of four weight bytes per i32 lane with four activation bytes.
+/// Without VNNI, pairs of products are summed in i16 by `maddubs`: weights below 64 keep a
+/// pair sum within 2 · 63 · 127 < 2^15, and signed ones (Q8_0) are multiplied as
+/// |w| · (x · sign w), at most 2 · 128 · 127 < 2^15.
+macro_rules! chunk_avx2 {
+    () => {
+        |acc: __m256i, w: __m256i, wa: __m256i, x: __m256i, signed: bool| {
+            let p = if signed {
+                _mm256_maddubs_epi16(wa, _mm256_sign_epi8(x, w))
+            } else {
+                _mm256_maddubs_epi16(w, x)
+            };
+            _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)))
+        }
+    };
+}
+
+/// [`chunk_avx2!`] with VNNI: `vpdpbusd` (weights unsigned; Q8_0's carry +128).
+macro_rules! chunk_vnni {
+    () => {
+        |acc: __m256i, w: __m256i, _wa: __m256i, x: __m256i, _signed: bool| {
+            _mm256_dpbusd_epi32(acc, w, x)
+        }
+    };
+}
+
 mod fused;
 mod group;
 mod panel;
