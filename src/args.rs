@@ -22,6 +22,10 @@ pub(crate) struct ExecArgs {
     /// what the system reports available, on the CPU backend).
     #[arg(long, value_parser = parse_size)]
     pub(crate) max_memory: Option<u64>,
+    /// Compute every padding position of a prefill (by default the CPU kernels skip
+    /// padding: a prefill costs its real tokens). Results are the same; for measuring.
+    #[arg(long)]
+    pub(crate) compute_padding: bool,
 }
 
 /// A size in bytes: a number with an optional `KiB`, `MiB`, `GiB` or `TiB` (or `K`, `M`,
@@ -95,6 +99,7 @@ impl ExecArgs {
             o.kernels = k;
         }
         o.max_memory = self.max_memory;
+        o.skip_padding = !self.compute_padding;
         o
     }
 }

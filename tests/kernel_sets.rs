@@ -101,6 +101,7 @@ fn cpu(p: &Program, w: &Weights) -> Session {
         kernels: KernelSet::Cpu,
         capture: false,
         max_memory: None,
+        skip_padding: true,
     };
     session_on(p, w, Backend::Flex, options)
 }
@@ -120,6 +121,7 @@ fn session(p: &Program, w: &Weights, set: KernelSet, capture: bool) -> Session {
             kernels: set,
             capture,
             max_memory: None,
+            skip_padding: true,
         },
     )
 }
@@ -301,6 +303,7 @@ fn state_keeps_its_buffers_across_runs() {
                 kernels: set,
                 capture: false,
                 max_memory: None,
+                skip_padding: true,
             };
             let mut s = session_on(&p, &w, Backend::Flex, options);
             let reqs = requests(Sampling {

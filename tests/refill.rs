@@ -5,13 +5,13 @@
 
 mod common;
 
-use common::{FAMILIES, session, small, tiny_model};
+use common::{FAMILIES, backend, session, session_on, small, tiny_model};
 use std::collections::BTreeMap;
 
 use kvc_compiler::Overrides;
 use kvc_compiler::ir::{Program, StateId};
 use kvc_compiler::spec::{KvPolicy, KvStorage, Sampler};
-use kvc_runtime::exec::session::{Refill, Request, Sampling, Session};
+use kvc_runtime::exec::session::{Refill, Request, Sampling, Session, SessionOptions};
 use kvc_runtime::load::random::HostTensor;
 
 const B: usize = 3;
@@ -36,6 +36,15 @@ fn overrides(kv: KvPolicy, storage: KvStorage, sampler: Sampler) -> Overrides {
         sampler: Some(sampler),
         ..Overrides::default()
     }
+}
+
+/// A session whose prefills compute every padding position.
+fn computing_padding(p: &Program, weights: &BTreeMap<String, HostTensor>) -> Session {
+    let options = SessionOptions {
+        skip_padding: false,
+        ..SessionOptions::for_backend(backend())
+    };
+    session_on(p, weights, backend(), options)
 }
 
 fn request(prompt: &[u32], n: usize, sampling: Sampling) -> Request {
@@ -115,6 +124,32 @@ fn check(family: &str, kv: KvPolicy, storage: KvStorage, sampler: Sampler) {
     }
     assert!(!out.done[1], "{what}: the refilled row is not running");
     let a_steps = decode(&mut a, after);
+
+    // The same with every padding position computed: the kernels that skip padding give
+    // every state and logit of real tokens bit for bit (the CPU set skips by default).
+    let mut d = computing_padding(&p, &weights);
+    d.set_seed(5);
+    d.prefill(&first, false).unwrap();
+    decode(&mut d, warm);
+    let d_out = d
+        .refill(&[Refill {
+            row: 1,
+            request: &new,
+            seed: 77,
+        }])
+        .unwrap();
+    assert_eq!(
+        out.tokens, d_out.tokens,
+        "{what}: skipping padding changed a token"
+    );
+    assert!(
+        rows_of(&d) == refilled,
+        "{what}: skipping padding changed the state after the refill"
+    );
+    assert!(
+        decode(&mut d, after) == a_steps,
+        "{what}: skipping padding changed the steps after the refill"
+    );
 
     // The same batch, never refilled.
     let mut b = session(&p, &weights);

@@ -48,7 +48,7 @@ fn linear(c: &mut Criterion) {
             group.bench_with_input(
                 BenchmarkId::new(set.name(), format!("{n}x{kk}")),
                 &(),
-                |b, _| b.iter(|| black_box(k.linear(x.clone(), w.clone(), k.linear_form(1)))),
+                |b, _| b.iter(|| black_box(k.linear(x.clone(), w.clone(), k.linear_form(1), None))),
             );
         }
     }
@@ -79,6 +79,7 @@ fn attention(c: &mut Criterion) {
                             mask.clone(),
                             0.125,
                             k.attention_form(3),
+                            None,
                         ))
                     })
                 },
@@ -99,6 +100,7 @@ fn attention(c: &mut Criterion) {
                             mask.clone(),
                             0.125,
                             k.attention_form(3),
+                            None,
                         ))
                     })
                 },
@@ -108,8 +110,8 @@ fn attention(c: &mut Criterion) {
                 &(),
                 |b, _| {
                     b.iter(|| {
-                        let p = k.attention_probs(q.clone(), kc.clone(), mask.clone(), 0.125);
-                        black_box(k.attention_values(p, v.clone(), k.attention_form(3)))
+                        let p = k.attention_probs(q.clone(), kc.clone(), mask.clone(), 0.125, None);
+                        black_box(k.attention_values(p, v.clone(), k.attention_form(3), None))
                     })
                 },
             );
@@ -239,7 +241,7 @@ fn quant(c: &mut Criterion) {
     let cpu = KernelSet::Cpu.kernels();
     group.throughput(Throughput::Bytes((n * k * 4) as u64));
     group.bench_function(id("f32-flex-gemm"), |b| {
-        b.iter(|| black_box(cpu.linear(xt.clone(), wt.clone(), cpu.linear_form(m))))
+        b.iter(|| black_box(cpu.linear(xt.clone(), wt.clone(), cpu.linear_form(m), None)))
     });
     group.finish();
 }

@@ -64,7 +64,7 @@ fn main() {
         rayon::scope(|_| {
             for i in 0..layers {
                 let (k, v) = &kv[i % kv.len()];
-                attention(&q, k, v, &mask, dims, &mut out);
+                attention(&q, k, v, &mask, dims, None, &mut out);
             }
         });
         steps.push(t.elapsed().as_secs_f64() * 1e3);

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use burn::tensor::{Device, IntDType};
 use kvc_compiler::ir::{BinaryOp, Program, StateId};
 
-use super::kernels::{KernelSet, Kernels};
+use super::kernels::portable::binary;
+use super::kernels::{KernelSet, Kernels, Live};
 use super::plan::{Arg, Kernel, Plan, WriteBack};
 use super::value::{Value, cast, to_f32};
 use crate::RuntimeError;
@@ -178,6 +179,8 @@ pub struct Executor {
     /// Every row's temperature is <= 0, as the session last uploaded them: `sample` is
     /// then exactly the argmax of each row, and the sort is skipped.
     all_greedy: AtomicBool,
+    /// Whether prefill runs let the kernels skip padding (when the set can).
+    skip_padding: AtomicBool,
     /// Per-step wall time, when `KVC_PROFILE` is set (Flex runs ops eagerly, so the time
     /// of a step is the time of its call).
     profile: Option<std::sync::Mutex<std::collections::BTreeMap<String, (u64, f64)>>>,
@@ -219,6 +222,7 @@ impl Executor {
             decode,
             host_reads: AtomicU64::new(0),
             all_greedy: AtomicBool::new(false),
+            skip_padding: AtomicBool::new(true),
             profile,
         })
     }
@@ -228,6 +232,19 @@ impl Executor {
     /// Returns the previous value.
     pub fn set_all_greedy(&self, all: bool) -> bool {
         self.all_greedy.swap(all, Ordering::Relaxed)
+    }
+
+    /// Whether prefill runs let the kernels skip padding (on by default; the set must
+    /// [skip it](Kernels::skips_padding) too): off, every padding position is computed, as
+    /// the portable set does. What a run computes for real tokens is the same either way.
+    /// Returns the previous value.
+    pub fn set_skip_padding(&self, on: bool) -> bool {
+        self.skip_padding.swap(on, Ordering::Relaxed)
+    }
+
+    /// Whether prefill runs skip padding ([`Executor::set_skip_padding`] and the set).
+    pub fn skips_padding(&self) -> bool {
+        self.skip_padding.load(Ordering::Relaxed) && self.kernels.skips_padding()
     }
 
     /// The parameters in parameter-table order, as the plans read them.
@@ -300,6 +317,19 @@ impl Executor {
 
     fn run_here(&self, which: Which, inputs: Vec<Value>, state: &mut State) -> Vec<Value> {
         let plan = self.plan(which);
+        // Each row's real-token count, read once per run, for the kernels that skip
+        // padding (a host slice on the sets that do: no device synchronisation).
+        let lens: Option<Vec<usize>> = match plan.lengths {
+            Some(l) if self.skips_padding() => Some(
+                inputs[l]
+                    .read_i32()
+                    .expect("a verified graph's len input is i32")
+                    .into_iter()
+                    .map(|n| n.max(0) as usize)
+                    .collect(),
+            ),
+            _ => None,
+        };
         let mut inputs: Vec<Option<Value>> = inputs.into_iter().map(Some).collect();
         let mut env: Vec<Option<Value>> = vec![None; plan.steps.len()];
         for (i, step) in plan.steps.iter().enumerate() {
@@ -322,7 +352,11 @@ impl Executor {
                 Kernel::Const(v) => v.clone(),
                 kernel => {
                     let args: Vec<Value> = args.by_ref().collect();
-                    self.compute(kernel, args)
+                    let live = lens
+                        .as_deref()
+                        .zip(step.rows)
+                        .map(|(lens, rows)| Live { lens, rows });
+                    self.compute(kernel, args, live)
                 }
             };
             drop(args);
@@ -352,8 +386,9 @@ impl Executor {
             .collect()
     }
 
-    /// One compute step (every kernel but inputs, parameters, state and constants).
-    fn compute(&self, kernel: &Kernel, args: Vec<Value>) -> Value {
+    /// One compute step (every kernel but inputs, parameters, state and constants);
+    /// `live`: the real tokens of the step's value, when padding may be skipped.
+    fn compute(&self, kernel: &Kernel, args: Vec<Value>, live: Option<Live<'_>>) -> Value {
         let k = self.kernels;
         let mut a = args.into_iter();
         let mut next = move || a.next().expect("verified arity");
@@ -370,36 +405,36 @@ impl Executor {
             }
             Kernel::QEmbed(dims) => {
                 let (t, ids) = (next().q(), next().i());
-                Value::F(k.qembed(&t, ids).reshape(*dims))
+                Value::F(k.qembed(&t, ids, live).reshape(*dims))
             }
             Kernel::QLinear(dims, form) => {
                 let (x, w) = (next().f(), next().q());
                 let m = x.shape().num_elements() / w.cols;
-                let y = k.qlinear(x.reshape([m, w.cols]), &w, *form);
+                let y = k.qlinear(x.reshape([m, w.cols]), &w, *form, live);
                 Value::F(y.reshape(*dims))
             }
             Kernel::Linear(dims, form) => {
                 let (x, w) = (next().f(), next().f());
                 let [_, _, n, kk] = w.dims();
                 let m = x.shape().num_elements() / kk;
-                let y = k.linear(x.reshape([m, kk]), w.reshape([n, kk]), *form);
+                let y = k.linear(x.reshape([m, kk]), w.reshape([n, kk]), *form, live);
                 Value::F(y.reshape(*dims))
             }
-            Kernel::RmsNorm(eps) => Value::F(k.rms_norm(next().f(), next().f(), *eps)),
+            Kernel::RmsNorm(eps) => Value::F(k.rms_norm(next().f(), next().f(), *eps, live)),
             Kernel::Rope(cos, sin) => {
                 let (x, pos) = (next().f(), next().i());
-                Value::F(k.rope(x, pos, cos.clone(), sin.clone()))
+                Value::F(k.rope(x, pos, (cos.clone(), sin.clone()), live))
             }
             Kernel::Attention(scale, form) => {
                 let (q, kk, v, mask) = (next().f(), next().f(), next().f(), next().b());
-                Value::F(k.attention(q, kk, v, mask, *scale, *form))
+                Value::F(k.attention(q, kk, v, mask, *scale, *form, live))
             }
             Kernel::AttentionProbs(scale) => {
                 let (q, kk, mask) = (next().f(), next().f(), next().b());
-                Value::F(k.attention_probs(q, kk, mask, *scale))
+                Value::F(k.attention_probs(q, kk, mask, *scale, live))
             }
             Kernel::AttentionValues(form) => {
-                Value::F(k.attention_values(next().f(), next().f(), *form))
+                Value::F(k.attention_values(next().f(), next().f(), *form, live))
             }
             Kernel::AttentionMass(kv_heads) => {
                 Value::F(attention_mass(next().f(), next().f(), *kv_heads))
@@ -408,9 +443,16 @@ impl Executor {
                 let (cache, new) = (next(), next());
                 k.kv_write(cache, new, next().i(), next().i())
             }
-            Kernel::Silu => Value::F(k.silu(next().f())),
-            Kernel::Gelu => Value::F(k.gelu(next().f())),
-            Kernel::Binary(op, dims) => binary(*op, next(), next(), *dims),
+            Kernel::Silu => Value::F(k.silu(next().f(), live)),
+            Kernel::Gelu => Value::F(k.gelu(next().f(), live)),
+            Kernel::Binary(op, dims) => match (next(), next(), live) {
+                (Value::F(a), Value::F(b), Some(live))
+                    if exact_ieee(*op) && a.dims() == *dims && b.dims() == *dims =>
+                {
+                    Value::F(k.binary(*op, a, b, live))
+                }
+                (a, b, _) => binary(*op, a, b, *dims),
+            },
             Kernel::Not => Value::B(next().b().bool_not()),
             Kernel::IsIn(values) => {
                 let x = next().i();
@@ -445,7 +487,10 @@ impl Executor {
                 Value::Q(_) => unreachable!("verified graph: blocks are not reshaped"),
             },
             Kernel::Permute(axes) => match next() {
-                Value::F(t) => Value::F(t.permute(*axes)),
+                Value::F(t) => match live {
+                    Some(live) => Value::F(k.permute(t, *axes, live)),
+                    None => Value::F(t.permute(*axes)),
+                },
                 Value::I(t) => Value::I(t.permute(*axes)),
                 Value::B(t) => Value::B(t.permute(*axes)),
                 Value::Q(_) => unreachable!("verified graph: blocks are not permuted"),
@@ -519,54 +564,17 @@ impl Drop for Executor {
     }
 }
 
-fn binary(op: BinaryOp, a: Value, b: Value, dims: [usize; 4]) -> Value {
-    match (a, b) {
-        (Value::F(a), Value::F(b)) => {
-            let (a, b) = (a.expand(dims), b.expand(dims));
-            match op {
-                BinaryOp::Add => Value::F(a.add(b)),
-                BinaryOp::Sub => Value::F(a.sub(b)),
-                BinaryOp::Mul => Value::F(a.mul(b)),
-                BinaryOp::Min => Value::F(a.min_pair(b)),
-                BinaryOp::Max => Value::F(a.max_pair(b)),
-                BinaryOp::Div => Value::F(a.div(b)),
-                BinaryOp::Eq => Value::B(a.equal(b)),
-                BinaryOp::Lt => Value::B(a.lower(b)),
-                BinaryOp::Le => Value::B(a.lower_equal(b)),
-                BinaryOp::And | BinaryOp::Or => unreachable!("verified: logic on f32"),
-            }
-        }
-        (Value::I(a), Value::I(b)) => {
-            let (a, b) = (a.expand(dims), b.expand(dims));
-            match op {
-                BinaryOp::Add => Value::I(a.add(b)),
-                BinaryOp::Sub => Value::I(a.sub(b)),
-                BinaryOp::Mul => Value::I(a.mul(b)),
-                BinaryOp::Min => Value::I(a.min_pair(b)),
-                BinaryOp::Max => Value::I(a.max_pair(b)),
-                BinaryOp::Eq => Value::B(a.equal(b)),
-                BinaryOp::Lt => Value::B(a.lower(b)),
-                BinaryOp::Le => Value::B(a.lower_equal(b)),
-                BinaryOp::And | BinaryOp::Or => unreachable!("verified: logic on i32"),
-                BinaryOp::Div => unreachable!("verified: division on f32 only"),
-            }
-        }
-        (Value::B(a), Value::B(b)) => {
-            let (a, b) = (a.expand(dims), b.expand(dims));
-            match op {
-                BinaryOp::And => Value::B(a.bool_and(b)),
-                BinaryOp::Or => Value::B(a.bool_or(b)),
-                BinaryOp::Eq => Value::B(a.equal(b)),
-                BinaryOp::Add
-                | BinaryOp::Sub
-                | BinaryOp::Mul
-                | BinaryOp::Min
-                | BinaryOp::Max
-                | BinaryOp::Div
-                | BinaryOp::Lt
-                | BinaryOp::Le => unreachable!("verified: arithmetic on bool"),
-            }
-        }
-        (a, b) => unreachable!("verified binary: {a:?} vs {b:?}"),
+/// The binary ops whose result is one IEEE operation, so that any kernel computes it bit
+/// for bit as Burn's does.
+fn exact_ieee(op: BinaryOp) -> bool {
+    match op {
+        BinaryOp::Add | BinaryOp::Sub | BinaryOp::Mul | BinaryOp::Div => true,
+        BinaryOp::Min
+        | BinaryOp::Max
+        | BinaryOp::Eq
+        | BinaryOp::Lt
+        | BinaryOp::Le
+        | BinaryOp::And
+        | BinaryOp::Or => false,
     }
 }

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use kvc_compiler::ir::{BinaryOp, DType, Graph, Op, Program, StateId, ValueId};
 
-use super::kernels::{Form, KernelSet};
+use super::kernels::{Form, KernelSet, Rows};
 use super::value::{Value, pad4};
 use crate::RuntimeError;
 
@@ -127,6 +127,10 @@ pub struct Step {
     pub args: Vec<Arg>,
     /// Profile key (`graph op` or `graph linear <type>`).
     pub label: String,
+    /// Where the value's batch and token axes are, when it is laid out by the prefill's
+    /// tokens (see [`Plan::lengths`]): a kernel that skips padding may compute only the
+    /// real tokens' elements.
+    pub rows: Option<Rows>,
 }
 
 /// How an updated state variable gets its new value after a run.
@@ -156,6 +160,9 @@ pub struct Plan {
     pub outputs: Vec<usize>,
     /// State write-backs.
     pub writebacks: Vec<WriteBack>,
+    /// The input holding each batch row's real-token count (the prefill's `len`), when
+    /// the graph reads one: with it, the steps with [`Step::rows`] may skip padding.
+    pub lengths: Option<usize>,
 }
 
 /// Largest position a rope table covers: every position a graph can form
@@ -225,6 +232,11 @@ impl Plan {
                 }
             }
         }
+        let inputs = token_inputs(g);
+        let layouts = match inputs {
+            Some((_, tokens)) => row_layouts(g, tokens),
+            None => vec![None; n],
+        };
         let mut tables: BTreeMap<(usize, u32), (Tensor<2>, Tensor<2>)> = BTreeMap::new();
         let mut steps = Vec::with_capacity(n);
         for (i, node) in g.nodes.iter().enumerate() {
@@ -330,12 +342,14 @@ impl Plan {
                 kernel,
                 args,
                 label,
+                rows: layouts[i],
             });
         }
         Ok(Plan {
             steps,
             outputs: g.outputs.iter().map(|o| o.value.0 as usize).collect(),
             writebacks,
+            lengths: inputs.map(|(len, _)| len),
         })
     }
 }
@@ -403,6 +417,18 @@ impl Plan {
             self.steps.len(),
             self.writebacks.len()
         );
+        if let Some(len) = self.lengths {
+            let skip = match set.kernels().skips_padding() {
+                true => "skip",
+                false => "compute",
+            };
+            writeln!(
+                out,
+                "  real tokens per row: input {}; steps marked [rows b t] {skip} padding",
+                g.inputs[len].name
+            )
+            .expect("writing to a String");
+        }
         for (i, step) in self.steps.iter().enumerate() {
             let kernel = match &step.kernel {
                 Kernel::Input(k) => format!("input {}", g.inputs[*k].name),
@@ -422,9 +448,20 @@ impl Plan {
                     Arg::Share(s) => format!("%{s}"),
                 })
                 .collect();
+            let rows = match step.rows {
+                Some(Rows {
+                    batch,
+                    token: Some(t),
+                    ..
+                }) => format!("  [rows b{batch} t{t}]"),
+                Some(Rows {
+                    batch, token: None, ..
+                }) => format!("  [rows b{batch}]"),
+                None => String::new(),
+            };
             match args.is_empty() {
-                true => writeln!(out, "  %{i} = {kernel}"),
-                false => writeln!(out, "  %{i} = {kernel} {}", args.join(", ")),
+                true => writeln!(out, "  %{i} = {kernel}{rows}"),
+                false => writeln!(out, "  %{i} = {kernel} {}{rows}", args.join(", ")),
             }
             .expect("writing to a String");
         }
@@ -445,6 +482,154 @@ impl Plan {
         }
         out
     }
+}
+
+/// The prefill's padding contract (docs/ir.md): inputs `tokens` `[B, T]` and `len` `[B]`,
+/// where positions `t >= len[b]` of row `b` are padding that never reaches a real result.
+/// Returns the indices of `len` and `tokens` when the graph has both.
+fn token_inputs(g: &Graph) -> Option<(usize, usize)> {
+    let find = |name: &str| g.inputs.iter().position(|i| i.name == name);
+    let (len, tokens) = (find("len")?, find("tokens")?);
+    let (ls, ts) = (&g.inputs[len].ty.shape, &g.inputs[tokens].ty.shape);
+    (ls.len() == 1 && ts.len() == 2 && ls[0] == ts[0]).then_some((len, tokens))
+}
+
+/// Batch and token axes in an IR shape (unpadded).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Axes {
+    batch: usize,
+    token: Option<usize>,
+}
+
+impl Axes {
+    /// The last axis the layout names.
+    fn last(self) -> usize {
+        self.token.unwrap_or(self.batch)
+    }
+}
+
+/// The row layout of every node of `g`: from the `tokens` input through the ops that
+/// compute each (batch row, position) from the same (batch row, position) of their laid
+/// out arguments and from arguments broadcast over both axes, and the attention ops
+/// (query rows). Any other op ends the layout: it may mix positions (a reduction over
+/// the token axis, a gather) and so must see what the graph defines for padding.
+fn row_layouts(g: &Graph, tokens: usize) -> Vec<Option<Rows>> {
+    let n = g.nodes.len();
+    let mut ax: Vec<Option<Axes>> = vec![None; n];
+    let shape = |v: ValueId| &g.ty(v).shape;
+    for (i, node) in g.nodes.iter().enumerate() {
+        let out = &node.ty.shape;
+        let at = |v: ValueId| ax[v.0 as usize];
+        // Reductions and products over the last axis keep the layout when it does not
+        // name the last axis.
+        let rowwise = |x: ValueId| at(x).filter(|a| a.last() + 1 < shape(x).len());
+        // Each (batch row, position) from the same of every laid out argument, the
+        // others broadcast over both axes.
+        let pointwise = |args: &[ValueId]| {
+            let mut found: Option<Axes> = None;
+            for &v in args {
+                if let Some(a) = at(v) {
+                    if found.is_some_and(|f| f != a) || shape(v).len() != out.len() {
+                        return None;
+                    }
+                    found = Some(a);
+                }
+            }
+            let a = found?;
+            let axes = [Some(a.batch), a.token];
+            let ok = args.iter().all(|&v| {
+                let s = shape(v);
+                axes.iter().flatten().all(|&x| match at(v) {
+                    Some(_) => s[x] == out[x],
+                    // Right-aligned broadcast: the axis is absent or 1.
+                    None => {
+                        let off = out.len() - s.len();
+                        x < off || s[x - off] == 1
+                    }
+                })
+            });
+            ok.then_some(a)
+        };
+        // The attention ops' query rows: q or probs `[B, H, T, _]`.
+        let queries = |q: ValueId| {
+            at(q).filter(|a| {
+                *a == Axes {
+                    batch: 0,
+                    token: Some(2),
+                }
+            })
+        };
+        ax[i] =
+            match &node.op {
+                Op::Input(k) => (k.0 as usize == tokens).then_some(Axes {
+                    batch: 0,
+                    token: Some(1),
+                }),
+                Op::Param(_)
+                | Op::State(_)
+                | Op::Const { .. }
+                | Op::Iota { .. }
+                | Op::KvWrite { .. }
+                | Op::AttentionMass { .. }
+                | Op::Gather { .. }
+                | Op::TopK { .. }
+                | Op::Hash { .. }
+                | Op::Sample { .. } => None,
+                Op::Embed { ids, .. } => at(*ids),
+                Op::Linear { x, .. }
+                | Op::RmsNorm { x, .. }
+                | Op::Rope { x, .. }
+                | Op::Sum { x }
+                | Op::AbsMax { x }
+                | Op::Argmax { x } => rowwise(*x),
+                Op::Silu { x }
+                | Op::Gelu { x }
+                | Op::Not { x }
+                | Op::IsIn { x, .. }
+                | Op::Cast { x, .. } => at(*x),
+                Op::Quantize { x, scale } => pointwise(&[*x, *scale]),
+                Op::Binary { a, b, .. } => pointwise(&[*a, *b]),
+                Op::Select { cond, a, b } => pointwise(&[*cond, *a, *b]),
+                Op::Reshape { x, .. } => at(*x).filter(|a| {
+                    let s = shape(*x);
+                    out.len() > a.last() && out[..=a.last()] == s[..=a.last()]
+                }),
+                Op::Permute { x, perm } => at(*x).and_then(|a| {
+                    let to = |axis: usize| perm.iter().position(|&p| p as usize == axis);
+                    let batch = to(a.batch)?;
+                    match a.token {
+                        None => Some(Axes { batch, token: None }),
+                        Some(t) => {
+                            let token = to(t)?;
+                            (batch < token).then_some(Axes {
+                                batch,
+                                token: Some(token),
+                            })
+                        }
+                    }
+                }),
+                Op::TakeRow { x, .. } => at(*x)
+                    .filter(|a| a.token == Some(shape(*x).len() - 2))
+                    .map(|a| Axes {
+                        batch: a.batch,
+                        token: None,
+                    }),
+                Op::Attention { q, .. } | Op::AttentionProbs { q, .. } => queries(*q),
+                Op::AttentionValues { probs, .. } => queries(*probs),
+            };
+    }
+    g.nodes
+        .iter()
+        .zip(ax)
+        .map(|(node, a)| {
+            let off = 4 - node.ty.shape.len();
+            a.map(|a| Rows {
+                dims: pad4(&node.ty.shape),
+                batch: off + a.batch,
+                token: a.token.map(|t| off + t),
+            })
+        })
+        .collect()
 }
 
 /// The state a value is an in-place update of: the value is `State(s)` itself, or a

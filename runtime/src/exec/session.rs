@@ -119,6 +119,11 @@ pub struct SessionOptions {
     /// memory the system reports available ([`available_memory`]), elsewhere no limit.
     /// Checked before anything is allocated.
     pub max_memory: Option<u64>,
+    /// Let a prefill skip padding where the kernel set can (the CPU set): the kernels
+    /// compute only each row's real tokens, so a refill of one row costs that row's
+    /// tokens. Off, every padding position is computed; real tokens' results are the same
+    /// bit for bit either way.
+    pub skip_padding: bool,
 }
 
 impl SessionOptions {
@@ -129,6 +134,7 @@ impl SessionOptions {
             kernels: KernelSet::for_backend(backend),
             capture: backend.replays_graphs(),
             max_memory: None,
+            skip_padding: true,
         }
     }
 
@@ -226,9 +232,11 @@ impl Session {
         let device = device(backend)?;
         let state = State::new(&program, &device);
         let rows = program.config.batch as usize;
+        let exec = Executor::new(program, params, device, options.kernels)?;
+        exec.set_skip_padding(options.skip_padding);
         Ok(Session {
             backend,
-            exec: Arc::new(Executor::new(program, params, device, options.kernels)?),
+            exec: Arc::new(exec),
             state: Arc::new(Mutex::new(state)),
             iface,
             seed: 0,

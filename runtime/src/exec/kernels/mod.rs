@@ -16,6 +16,7 @@ pub mod cpu;
 pub mod portable;
 
 use burn::tensor::{Bool, Int, Tensor};
+use kvc_compiler::ir::BinaryOp;
 
 use super::value::Value;
 use crate::Backend;
@@ -145,6 +146,98 @@ impl QuantTensor {
     }
 }
 
+/// The real-token part of a value in a prefill run, for kernels that skip padding: the
+/// plan knows which axes of the value are its batch and token axes ([`Rows`]), the run
+/// knows each batch row's length (the prefill's `len` input). Elements at token positions
+/// `t >= lens[b]` of batch row `b` (every element of a row whose length is 0, for a value
+/// with no token axis) are padding: the graph never lets them reach a real result (they
+/// are hidden from attention, not written to the cache, not taken as a row's last token),
+/// so a kernel may leave them out and write 0 there instead.
+#[derive(Clone, Copy, Debug)]
+pub struct Live<'a> {
+    /// Real tokens per batch row, each at most the token axis' length.
+    pub lens: &'a [usize],
+    /// Where the batch and token axes are.
+    pub rows: Rows,
+}
+
+/// The batch and token axes of a value (rank-4 axes, IR shapes padded with leading 1s),
+/// as the plan's dataflow from the prefill's tokens finds them, and its dims.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rows {
+    /// The value's dims (rank 4).
+    pub dims: [usize; 4],
+    /// The batch axis.
+    pub batch: usize,
+    /// The token axis (after the batch axis), or `None`: one entry per batch row (a row
+    /// is real when its length is above 0).
+    pub token: Option<usize>,
+}
+
+impl Live<'_> {
+    /// The element ranges of the value (contiguous) that hold real tokens, in increasing
+    /// order, adjacent ranges merged. Every range is a whole number of rows of the axes
+    /// after the token axis (after the batch axis when there is none).
+    pub fn runs(&self) -> Vec<std::ops::Range<usize>> {
+        let Rows { dims, batch, token } = self.rows;
+        let axis = token.unwrap_or(batch);
+        let inner: usize = dims[axis + 1..].iter().product();
+        let outer: usize = dims[..axis].iter().product();
+        // Index steps of the batch axis within the outer index (axes batch+1..axis).
+        let below: usize = dims[(batch + 1).min(axis)..axis].iter().product();
+        let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+        let mut push = |r: std::ops::Range<usize>| {
+            if r.is_empty() {
+                return;
+            }
+            match runs.last_mut() {
+                Some(last) if last.end == r.start => last.end = r.end,
+                _ => runs.push(r),
+            }
+        };
+        match token {
+            Some(_) => {
+                let t = dims[axis];
+                for o in 0..outer {
+                    let b = (o / below.max(1)) % dims[batch];
+                    let n = self.lens[b].min(t);
+                    push(o * t * inner..(o * t + n) * inner);
+                }
+            }
+            None => {
+                let nb = dims[batch];
+                for o in 0..outer {
+                    for b in 0..nb {
+                        if self.lens[b] > 0 {
+                            push((o * nb + b) * inner..(o * nb + b + 1) * inner);
+                        }
+                    }
+                }
+            }
+        }
+        runs
+    }
+
+    /// [`Live::runs`] in units of `unit` elements (each run a whole number of them).
+    pub fn unit_runs(&self, unit: usize) -> Vec<std::ops::Range<usize>> {
+        let unit = unit.max(1);
+        self.runs()
+            .into_iter()
+            .map(|r| {
+                debug_assert!(r.start % unit == 0 && r.end % unit == 0, "{r:?} by {unit}");
+                r.start / unit..r.end / unit
+            })
+            .collect()
+    }
+
+    /// Whether every element is real (nothing to skip).
+    pub fn all(&self) -> bool {
+        let runs = self.runs();
+        let n: usize = self.rows.dims.iter().product();
+        n == 0 || (runs.len() == 1 && runs[0] == (0..n))
+    }
+}
+
 /// The form a kernel with several takes, chosen by the kernel set when the plan is built
 /// from the step's static shapes (and, for products with GGUF blocks, the instruction set
 /// and the weights' layout): nothing is chosen per call. `kvc inspect --plan` prints it and
@@ -208,28 +301,55 @@ pub trait Kernels: Send + Sync {
     /// query rows per KV head (`g · T`).
     fn attention_form(&self, rows: usize) -> Form;
 
+    /// Whether the set's kernels skip padding when given a [`Live`] (the portable set
+    /// computes every element and ignores it).
+    fn skips_padding(&self) -> bool;
+
     /// `x · wᵀ` for x `[m, k]` F32, w `[n, k]` F32 or F16 → `[m, n]` F32, in the form
-    /// [`Kernels::linear_form`] chose.
-    fn linear(&self, x: Tensor<2>, w: Tensor<2>, form: Form) -> Tensor<2>;
+    /// [`Kernels::linear_form`] chose. `live` (the product's, whose rows are x's) may
+    /// leave padding rows out.
+    fn linear(&self, x: Tensor<2>, w: Tensor<2>, form: Form, live: Option<Live<'_>>) -> Tensor<2>;
 
     /// RMSNorm over the last axis (w `[1, 1, 1, H]`).
-    fn rms_norm(&self, x: Tensor<4>, w: Tensor<4>, eps: f32) -> Tensor<4>;
+    fn rms_norm(&self, x: Tensor<4>, w: Tensor<4>, eps: f32, live: Option<Live<'_>>) -> Tensor<4>;
 
     /// Half-split rotary embedding: x `[B, T, N, D]`, pos `[1, 1, B, T]`, tables `[P, D/2]`.
-    fn rope(&self, x: Tensor<4>, pos: Tensor<4, Int>, cos: Tensor<2>, sin: Tensor<2>) -> Tensor<4>;
+    fn rope(
+        &self,
+        x: Tensor<4>,
+        pos: Tensor<4, Int>,
+        tables: (Tensor<2>, Tensor<2>),
+        live: Option<Live<'_>>,
+    ) -> Tensor<4>;
 
     /// `x · σ(x)`.
-    fn silu(&self, x: Tensor<4>) -> Tensor<4>;
+    fn silu(&self, x: Tensor<4>, live: Option<Live<'_>>) -> Tensor<4>;
     /// `x · wᵀ` with `w` `[n, k]` as GGUF blocks: x `[m, k]` → `[m, n]`, in the form
-    /// [`Kernels::qlinear_form`] chose.
-    fn qlinear(&self, x: Tensor<2>, w: &QuantTensor, form: Form) -> Tensor<2>;
-    /// Rows `ids` (any shape, `n` ids) of a table of GGUF blocks, dequantized → `[n, h]`.
-    fn qembed(&self, table: &QuantTensor, ids: Tensor<4, Int>) -> Tensor<2>;
+    /// [`Kernels::qlinear_form`] chose; `live` as for [`Kernels::linear`].
+    fn qlinear(
+        &self,
+        x: Tensor<2>,
+        w: &QuantTensor,
+        form: Form,
+        live: Option<Live<'_>>,
+    ) -> Tensor<2>;
+    /// Rows `ids` (any shape, `n` ids) of a table of GGUF blocks, dequantized → `[n, h]`;
+    /// `live` is the lookup's (rows of `h` per id).
+    fn qembed(&self, table: &QuantTensor, ids: Tensor<4, Int>, live: Option<Live<'_>>)
+    -> Tensor<2>;
     /// GELU, tanh approximation.
-    fn gelu(&self, x: Tensor<4>) -> Tensor<4>;
+    fn gelu(&self, x: Tensor<4>, live: Option<Live<'_>>) -> Tensor<4>;
+
+    /// `a op b` for `op` add, sub, mul or div on F32 values of the same dims, `live`
+    /// giving the real elements of all three.
+    fn binary(&self, op: BinaryOp, a: Tensor<4>, b: Tensor<4>, live: Live<'_>) -> Tensor<4>;
+
+    /// x with its axes permuted (`axes[i]` is the input axis of output axis `i`), `live`
+    /// giving the output's real elements.
+    fn permute(&self, x: Tensor<4>, axes: [usize; 4], live: Live<'_>) -> Tensor<4>;
 
     /// Masked grouped-query attention → `[B, Hq, T, D]`, in the form
-    /// [`Kernels::attention_form`] chose.
+    /// [`Kernels::attention_form`] chose (`live`: q's).
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
@@ -239,20 +359,28 @@ pub trait Kernels: Send + Sync {
         mask: Tensor<4, Bool>,
         scale: f32,
         form: Form,
+        live: Option<Live<'_>>,
     ) -> Tensor<4>;
 
-    /// Attention probabilities `[B, Hq, T, S]`.
+    /// Attention probabilities `[B, Hq, T, S]` (`live`: q's).
     fn attention_probs(
         &self,
         q: Tensor<4>,
         k: Tensor<4>,
         mask: Tensor<4, Bool>,
         scale: f32,
+        live: Option<Live<'_>>,
     ) -> Tensor<4>;
 
     /// `probs · v` per KV group → `[B, Hq, T, D]`, in the form
-    /// [`Kernels::attention_form`] chose.
-    fn attention_values(&self, probs: Tensor<4>, v: Tensor<4>, form: Form) -> Tensor<4>;
+    /// [`Kernels::attention_form`] chose (`live`: probs').
+    fn attention_values(
+        &self,
+        probs: Tensor<4>,
+        v: Tensor<4>,
+        form: Form,
+        live: Option<Live<'_>>,
+    ) -> Tensor<4>;
 
     /// Writes `new` into `cache` (F32 or I8, as [`Value`]s of one kind) at `start` for
     /// `len` entries per row. With a single owner of `cache` the write is in place.
@@ -333,6 +461,27 @@ pub fn top_k_host(x: &[f32], tiebreak: &[i32], n: usize, k: usize) -> Vec<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn live_runs_follow_the_batch_and_token_axes() {
+        let live = |lens: &'static [usize], dims, batch, token| Live {
+            lens,
+            rows: Rows { dims, batch, token },
+        };
+        // [B, T, H]: each row's first len[b] tokens.
+        let l = live(&[1, 3], [1, 2, 3, 2], 1, Some(2));
+        assert_eq!(l.runs(), vec![0..2, 6..12]);
+        assert_eq!(l.unit_runs(2), vec![0..1, 3..6]);
+        assert!(!l.all());
+        // [B, H, T, D]: per head; a full row's heads merge into one run.
+        let l = live(&[1, 3], [2, 2, 3, 1], 0, Some(2));
+        assert_eq!(l.runs(), vec![0..1, 3..4, 6..12]);
+        // One entry per batch row: the rows with tokens.
+        let l = live(&[0, 3], [1, 1, 2, 4], 2, None);
+        assert_eq!(l.runs(), vec![4..8]);
+        assert!(live(&[2, 3], [1, 1, 2, 4], 2, None).all());
+        assert!(live(&[3, 3], [1, 2, 3, 2], 1, Some(2)).all());
+    }
 
     #[test]
     fn top_k_orders_by_value_then_tiebreak_then_index() {

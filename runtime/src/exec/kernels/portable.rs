@@ -10,7 +10,9 @@ use burn::tensor::module;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, IndexingUpdateOp, Int, IntDType, Tensor, kind::Basic};
 
-use super::{Form, GELU_CUBIC, GELU_SCALE, Kernels};
+use kvc_compiler::ir::BinaryOp;
+
+use super::{Form, GELU_CUBIC, GELU_SCALE, Kernels, Live};
 use crate::blocks::QuantTensor;
 use crate::exec::value::{Value, to_f32};
 
@@ -34,17 +36,33 @@ impl Kernels for Portable {
         Form::Burn
     }
 
-    fn linear(&self, x: Tensor<2>, w: Tensor<2>, _form: Form) -> Tensor<2> {
+    fn skips_padding(&self) -> bool {
+        false
+    }
+
+    fn linear(
+        &self,
+        x: Tensor<2>,
+        w: Tensor<2>,
+        _form: Form,
+        _live: Option<Live<'_>>,
+    ) -> Tensor<2> {
         to_f32(x.matmul(to_f32(w).transpose()))
     }
 
-    fn rms_norm(&self, x: Tensor<4>, w: Tensor<4>, eps: f32) -> Tensor<4> {
+    fn rms_norm(&self, x: Tensor<4>, w: Tensor<4>, eps: f32, _live: Option<Live<'_>>) -> Tensor<4> {
         let ms = x.clone().powi_scalar(2).mean_dim(3);
         let inv = ms.add_scalar(eps).sqrt().recip();
         x.mul(inv).mul(w)
     }
 
-    fn rope(&self, x: Tensor<4>, pos: Tensor<4, Int>, cos: Tensor<2>, sin: Tensor<2>) -> Tensor<4> {
+    fn rope(
+        &self,
+        x: Tensor<4>,
+        pos: Tensor<4, Int>,
+        (cos, sin): (Tensor<2>, Tensor<2>),
+        _live: Option<Live<'_>>,
+    ) -> Tensor<4> {
         let [b, t, _, d] = x.dims();
         let half = d / 2;
         let max = cos.dims()[0] as i32 - 1;
@@ -58,13 +76,19 @@ impl Kernels for Portable {
         Tensor::cat(vec![r1, r2], 3)
     }
 
-    fn silu(&self, x: Tensor<4>) -> Tensor<4> {
+    fn silu(&self, x: Tensor<4>, _live: Option<Live<'_>>) -> Tensor<4> {
         burn::tensor::activation::silu(x)
     }
 
     /// The blocks dequantized for the call (the executor dequantizes a portable set's
     /// weights once at load, so a plan of this set never reaches here with blocks).
-    fn qlinear(&self, x: Tensor<2>, w: &QuantTensor, _form: Form) -> Tensor<2> {
+    fn qlinear(
+        &self,
+        x: Tensor<2>,
+        w: &QuantTensor,
+        _form: Form,
+        _live: Option<Live<'_>>,
+    ) -> Tensor<2> {
         let wt = Tensor::<2>::from_data(
             burn::tensor::TensorData::new(w.to_f32(), [w.rows, w.cols]),
             &x.device(),
@@ -72,7 +96,12 @@ impl Kernels for Portable {
         x.matmul(wt.transpose())
     }
 
-    fn qembed(&self, table: &QuantTensor, ids: Tensor<4, Int>) -> Tensor<2> {
+    fn qembed(
+        &self,
+        table: &QuantTensor,
+        ids: Tensor<4, Int>,
+        _live: Option<Live<'_>>,
+    ) -> Tensor<2> {
         let t = Tensor::<2>::from_data(
             burn::tensor::TensorData::new(table.to_f32(), [table.rows, table.cols]),
             &ids.device(),
@@ -81,7 +110,16 @@ impl Kernels for Portable {
         t.select(0, ids.reshape([n]))
     }
 
-    fn gelu(&self, x: Tensor<4>) -> Tensor<4> {
+    fn binary(&self, op: BinaryOp, a: Tensor<4>, b: Tensor<4>, _live: Live<'_>) -> Tensor<4> {
+        let dims = a.dims();
+        binary(op, Value::F(a), Value::F(b), dims).f()
+    }
+
+    fn permute(&self, x: Tensor<4>, axes: [usize; 4], _live: Live<'_>) -> Tensor<4> {
+        x.permute(axes)
+    }
+
+    fn gelu(&self, x: Tensor<4>, _live: Option<Live<'_>>) -> Tensor<4> {
         let inner = x
             .clone()
             .powi_scalar(3)
@@ -99,6 +137,7 @@ impl Kernels for Portable {
         mask: Tensor<4, Bool>,
         scale: f32,
         _form: Form,
+        _live: Option<Live<'_>>,
     ) -> Tensor<4> {
         fused_attention(q, k, v, mask, scale)
     }
@@ -109,11 +148,18 @@ impl Kernels for Portable {
         k: Tensor<4>,
         mask: Tensor<4, Bool>,
         scale: f32,
+        _live: Option<Live<'_>>,
     ) -> Tensor<4> {
         attention_probs(q, k, mask, scale)
     }
 
-    fn attention_values(&self, probs: Tensor<4>, v: Tensor<4>, _form: Form) -> Tensor<4> {
+    fn attention_values(
+        &self,
+        probs: Tensor<4>,
+        v: Tensor<4>,
+        _form: Form,
+        _live: Option<Live<'_>>,
+    ) -> Tensor<4> {
         attention_values(probs, v)
     }
 
@@ -411,4 +457,57 @@ pub fn sample(
     let idx = cdf.lower_equal(target).int().sum_dim(1).min_pair(last_kept);
     let drawn = order.gather(1, idx);
     drawn.mask_where(temperature.lower_equal_elem(0.0f32), greedy)
+}
+
+/// Elementwise binary op broadcast to `dims` (Burn's ops, for both kernel sets).
+pub fn binary(op: BinaryOp, a: Value, b: Value, dims: [usize; 4]) -> Value {
+    match (a, b) {
+        (Value::F(a), Value::F(b)) => {
+            let (a, b) = (a.expand(dims), b.expand(dims));
+            match op {
+                BinaryOp::Add => Value::F(a.add(b)),
+                BinaryOp::Sub => Value::F(a.sub(b)),
+                BinaryOp::Mul => Value::F(a.mul(b)),
+                BinaryOp::Min => Value::F(a.min_pair(b)),
+                BinaryOp::Max => Value::F(a.max_pair(b)),
+                BinaryOp::Div => Value::F(a.div(b)),
+                BinaryOp::Eq => Value::B(a.equal(b)),
+                BinaryOp::Lt => Value::B(a.lower(b)),
+                BinaryOp::Le => Value::B(a.lower_equal(b)),
+                BinaryOp::And | BinaryOp::Or => unreachable!("verified: logic on f32"),
+            }
+        }
+        (Value::I(a), Value::I(b)) => {
+            let (a, b) = (a.expand(dims), b.expand(dims));
+            match op {
+                BinaryOp::Add => Value::I(a.add(b)),
+                BinaryOp::Sub => Value::I(a.sub(b)),
+                BinaryOp::Mul => Value::I(a.mul(b)),
+                BinaryOp::Min => Value::I(a.min_pair(b)),
+                BinaryOp::Max => Value::I(a.max_pair(b)),
+                BinaryOp::Eq => Value::B(a.equal(b)),
+                BinaryOp::Lt => Value::B(a.lower(b)),
+                BinaryOp::Le => Value::B(a.lower_equal(b)),
+                BinaryOp::And | BinaryOp::Or => unreachable!("verified: logic on i32"),
+                BinaryOp::Div => unreachable!("verified: division on f32 only"),
+            }
+        }
+        (Value::B(a), Value::B(b)) => {
+            let (a, b) = (a.expand(dims), b.expand(dims));
+            match op {
+                BinaryOp::And => Value::B(a.bool_and(b)),
+                BinaryOp::Or => Value::B(a.bool_or(b)),
+                BinaryOp::Eq => Value::B(a.equal(b)),
+                BinaryOp::Add
+                | BinaryOp::Sub
+                | BinaryOp::Mul
+                | BinaryOp::Min
+                | BinaryOp::Max
+                | BinaryOp::Div
+                | BinaryOp::Lt
+                | BinaryOp::Le => unreachable!("verified: arithmetic on bool"),
+            }
+        }
+        (a, b) => unreachable!("verified binary: {a:?} vs {b:?}"),
+    }
 }

@@ -1,6 +1,8 @@
 //! Elementwise activations on host slices, written so that their loops vectorise (libm's
 //! `expf`, which Flex's activations call per element, does not).
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use crate::exec::kernels::{GELU_CUBIC, GELU_SCALE};
@@ -21,6 +23,26 @@ fn by_parts(x: &[f32], out: &mut [f32], unit: usize, f: impl Fn(&[f32], &mut [f3
             .zip(x.par_chunks(part))
             .for_each(|(o, x)| f(x, o));
     }
+}
+
+/// `f(x_part, out_part)` over the element ranges `runs` of `x` (each a whole number of
+/// `unit`-value rows), in parallel parts as [`by_parts`]; every other output value is 0.
+fn over_runs(
+    x: &[f32],
+    runs: &[Range<usize>],
+    unit: usize,
+    f: impl Fn(&[f32], &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let mut out = vec![0.0f32; x.len()];
+    for r in runs {
+        by_parts(&x[r.clone()], &mut out[r.clone()], unit, &f);
+    }
+    out
+}
+
+/// The one run covering all of a value of `n` elements.
+pub fn whole(n: usize) -> [Range<usize>; 1] {
+    [0..n]
 }
 
 /// `eˣ` in f32 for any `x` (underflows to 0 below −87.3, overflows to ∞ above 88.7),
@@ -48,12 +70,10 @@ pub fn exp(x: f32) -> f32 {
     }
 }
 
-/// `x · σ(x) = x / (1 + e⁻ˣ)` elementwise.
-pub fn silu(x: &[f32]) -> Vec<f32> {
-    let mut out = vec![0.0f32; x.len()];
+/// `x · σ(x) = x / (1 + e⁻ˣ)` elementwise over the element ranges `runs` (0 elsewhere).
+pub fn silu(x: &[f32], runs: &[Range<usize>]) -> Vec<f32> {
     // SAFETY: no contract beyond the slices' own.
-    by_parts(x, &mut out, 1, |x, o| unsafe { silu_into(x, o) });
-    out
+    over_runs(x, runs, 1, |x, o| unsafe { silu_into(x, o) })
 }
 
 multiversion! {
@@ -67,12 +87,11 @@ multiversion! {
 }
 
 /// GELU, tanh approximation, elementwise: `x/2 · (1 + tanh(u))` with
-/// `u = √(2/π) · (x + 0.044715·x³)` and `tanh(u) = 1 − 2 / (1 + e²ᵘ)`.
-pub fn gelu(x: &[f32]) -> Vec<f32> {
-    let mut out = vec![0.0f32; x.len()];
+/// `u = √(2/π) · (x + 0.044715·x³)` and `tanh(u) = 1 − 2 / (1 + e²ᵘ)`, over the element
+/// ranges `runs` (0 elsewhere).
+pub fn gelu(x: &[f32], runs: &[Range<usize>]) -> Vec<f32> {
     // SAFETY: no contract beyond the slices' own.
-    by_parts(x, &mut out, 1, |x, o| unsafe { gelu_into(x, o) });
-    out
+    over_runs(x, runs, 1, |x, o| unsafe { gelu_into(x, o) })
 }
 
 multiversion! {
@@ -87,11 +106,11 @@ multiversion! {
     }
 }
 
-/// `x / √(mean(x²) + eps) · w` over rows of `w.len()` values.
-pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+/// `x / √(mean(x²) + eps) · w` over rows of `w.len()` values, in the element ranges
+/// `runs` (whole rows; 0 elsewhere).
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, runs: &[Range<usize>]) -> Vec<f32> {
     let h = w.len();
-    let mut out = vec![0.0f32; x.len()];
-    by_parts(x, &mut out, h, |x, out| {
+    over_runs(x, runs, h, |x, out| {
         for (o, x) in out.chunks_exact_mut(h).zip(x.chunks_exact(h)) {
             let ms = x.iter().map(|v| (v * v) as f64).sum::<f64>() / h as f64;
             let inv = (1.0 / (ms + eps as f64).sqrt()) as f32;
@@ -99,21 +118,50 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
                 *o = x * inv * w;
             }
         }
-    });
+    })
+}
+
+/// `a op b` elementwise over the element ranges `runs` (0 elsewhere), `op` one IEEE
+/// operation.
+pub fn binary(a: &[f32], b: &[f32], op: fn(f32, f32) -> f32, runs: &[Range<usize>]) -> Vec<f32> {
+    let mut out = vec![0.0f32; a.len()];
+    let part = |o: &mut [f32], a: &[f32], b: &[f32]| {
+        for ((o, &x), &y) in o.iter_mut().zip(a).zip(b) {
+            *o = op(x, y);
+        }
+    };
+    for r in runs {
+        let (o, a, b) = (&mut out[r.clone()], &a[r.clone()], &b[r.clone()]);
+        if a.len() < 2 * PAR_VALUES {
+            part(o, a, b);
+        } else {
+            o.par_chunks_mut(PAR_VALUES)
+                .zip(a.par_chunks(PAR_VALUES).zip(b.par_chunks(PAR_VALUES)))
+                .for_each(|(o, (a, b))| part(o, a, b));
+        }
+    }
     out
 }
 
 /// Half-split rotary embedding of x `[B·T, N, D]` at positions `pos` `[B·T]` (clamped to
-/// the tables), with `cos`, `sin` `[P, D/2]`.
-pub fn rope(x: &[f32], pos: &[i32], n: usize, d: usize, cos: &[f32], sin: &[f32]) -> Vec<f32> {
+/// the tables), with `cos`, `sin` `[P, D/2]`, over the `[N, D]` rows `rows` (0 elsewhere).
+pub fn rope(
+    x: &[f32],
+    pos: &[i32],
+    (n, d): (usize, usize),
+    (cos, sin): (&[f32], &[f32]),
+    rows: &[Range<usize>],
+) -> Vec<f32> {
     let half = d / 2;
     let last = (cos.len() / half.max(1)).saturating_sub(1);
     let mut out = vec![0.0f32; x.len()];
-    for ((o, x), &p) in out
-        .chunks_exact_mut(n * d)
-        .zip(x.chunks_exact(n * d))
-        .zip(pos)
-    {
+    let nd = n * d;
+    let runs = rows
+        .iter()
+        .flat_map(|r| (r.clone()).map(|i| (i, pos[i])))
+        .map(|(i, p)| (i * nd, p));
+    for (at, p) in runs {
+        let (o, x) = (&mut out[at..at + nd], &x[at..at + nd]);
         let p = (p.max(0) as usize).min(last);
         let (c, s) = (&cos[p * half..][..half], &sin[p * half..][..half]);
         for (o, x) in o.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
@@ -122,6 +170,29 @@ pub fn rope(x: &[f32], pos: &[i32], n: usize, d: usize, cos: &[f32], sin: &[f32]
             for i in 0..half {
                 o1[i] = x1[i] * c[i] - x2[i] * s[i];
                 o2[i] = x2[i] * c[i] + x1[i] * s[i];
+            }
+        }
+    }
+    out
+}
+
+/// x `dims` (contiguous) with its axes permuted (`axes[i]` is the input axis of output
+/// axis `i`), written only for the output's last-axis rows `rows` (0 elsewhere).
+pub fn permute(x: &[f32], dims: [usize; 4], axes: [usize; 4], rows: &[Range<usize>]) -> Vec<f32> {
+    let stride = [dims[1] * dims[2] * dims[3], dims[2] * dims[3], dims[3], 1];
+    let od = axes.map(|a| dims[a]);
+    let st = axes.map(|a| stride[a]);
+    let mut out = vec![0.0f32; x.len()];
+    let n = od[3];
+    for r in rows.iter().flat_map(|r| r.clone()) {
+        let (i2, i1, i0) = (r % od[2], r / od[2] % od[1], r / (od[2] * od[1]));
+        let at = i0 * st[0] + i1 * st[1] + i2 * st[2];
+        let o = &mut out[r * n..(r + 1) * n];
+        if st[3] == 1 {
+            o.copy_from_slice(&x[at..at + n]);
+        } else {
+            for (j, o) in o.iter_mut().enumerate() {
+                *o = x[at + j * st[3]];
             }
         }
     }
@@ -139,14 +210,14 @@ mod tests {
             let xd = x as f64;
             let u = (2.0 / std::f64::consts::PI).sqrt() * (xd + 0.044715 * xd.powi(3));
             let want = 0.5 * xd * (1.0 + u.tanh());
-            let got = gelu(&[x])[0] as f64;
+            let got = gelu(&[x], &whole(1))[0] as f64;
             assert!(
                 (got - want).abs() <= 1e-6 * (1.0 + want.abs()),
                 "gelu({x}) = {got}, want {want}"
             );
         }
-        assert_eq!(gelu(&[1.0e30])[0], 1.0e30);
-        assert_eq!(gelu(&[-1.0e30])[0], 0.0);
+        assert_eq!(gelu(&[1.0e30], &whole(1))[0], 1.0e30);
+        assert_eq!(gelu(&[-1.0e30], &whole(1))[0], 0.0);
     }
 
     #[test]
@@ -168,7 +239,7 @@ mod tests {
     fn silu_matches_its_definition() {
         for &x in &[-100.0f32, -20.0, -1.5, -1e-3, 0.0, 0.7, 3.0, 50.0, 100.0] {
             let want = x as f64 / (1.0 + (-(x as f64)).exp());
-            let got = silu(&[x])[0] as f64;
+            let got = silu(&[x], &whole(1))[0] as f64;
             assert!(
                 (got - want).abs() <= 1e-6 * want.abs().max(1e-30),
                 "silu({x}) = {got}, want {want}"

@@ -7,7 +7,9 @@ use burn::tensor::{Bool, DType as BurnDType, Int, Tensor, TensorData, kind::Basi
 use burn_flex::{Flex, FlexTensor};
 
 use super::portable::{self, Portable};
-use super::{Form, Kernels, top_k_host};
+use kvc_compiler::ir::BinaryOp;
+
+use super::{Form, Kernels, Live, top_k_host};
 use crate::blocks::{QuantLayout, QuantTensor};
 use crate::exec::value::{Value, to_f32};
 use isa::Isa;
@@ -109,9 +111,30 @@ impl Kernels for Cpu {
         }
     }
 
-    fn linear(&self, x: Tensor<2>, w: Tensor<2>, form: Form) -> Tensor<2> {
+    fn skips_padding(&self) -> bool {
+        true
+    }
+
+    fn linear(&self, x: Tensor<2>, w: Tensor<2>, form: Form, live: Option<Live<'_>>) -> Tensor<2> {
         let [m, k] = x.dims();
         let [n, _] = w.dims();
+        if let Some(live) = live.filter(|l| !l.all()) {
+            let xt = host(&x);
+            let rows = live.unit_runs(n);
+            let device = x.device();
+            let out = live_product(
+                f32s(&xt),
+                [m, k, n],
+                &rows,
+                compact_floor(form, m),
+                |xc, mc, out| {
+                    let xc = Tensor::<2>::from_data(TensorData::new(xc.to_vec(), [mc, k]), &device);
+                    let y = self.linear(xc, w, form, None);
+                    out.copy_from_slice(f32s(&host(&y)));
+                },
+            );
+            return Tensor::from_data(TensorData::new(out, [m, n]), &device);
+        }
         match form {
             // Flex has no fast f16 GEMM on CPUs without AVX512-FP16: widen the weights for
             // the product (a copy of one matrix, small next to an M > 16 product).
@@ -132,61 +155,121 @@ impl Kernels for Cpu {
         Tensor::from_data(TensorData::new(out, [m, n]), &x.device())
     }
 
-    fn rms_norm(&self, x: Tensor<4>, w: Tensor<4>, eps: f32) -> Tensor<4> {
-        let out = elementwise::rms_norm(f32s(&host(&x)), f32s(&host(&w)), eps);
+    fn rms_norm(&self, x: Tensor<4>, w: Tensor<4>, eps: f32, live: Option<Live<'_>>) -> Tensor<4> {
+        let xt = host(&x);
+        let xs = f32s(&xt);
+        let out = elementwise::rms_norm(xs, f32s(&host(&w)), eps, &runs(live, xs.len()));
         Tensor::from_data(TensorData::new(out, x.dims()), &x.device())
     }
 
-    fn rope(&self, x: Tensor<4>, pos: Tensor<4, Int>, cos: Tensor<2>, sin: Tensor<2>) -> Tensor<4> {
-        let [_, _, n, d] = x.dims();
+    fn rope(
+        &self,
+        x: Tensor<4>,
+        pos: Tensor<4, Int>,
+        (cos, sin): (Tensor<2>, Tensor<2>),
+        live: Option<Live<'_>>,
+    ) -> Tensor<4> {
+        let [b, t, n, d] = x.dims();
         let (xt, pt, ct, st) = (host(&x), host(&pos), host(&cos), host(&sin));
-        let out = elementwise::rope(f32s(&xt), i32s(&pt), n, d, f32s(&ct), f32s(&st));
+        let rows = match live {
+            Some(live) => live.unit_runs(n * d),
+            None => vec![0..b * t],
+        };
+        let out = elementwise::rope(f32s(&xt), i32s(&pt), (n, d), (f32s(&ct), f32s(&st)), &rows);
         Tensor::from_data(TensorData::new(out, x.dims()), &x.device())
     }
 
-    fn silu(&self, x: Tensor<4>) -> Tensor<4> {
-        let out = elementwise::silu(f32s(&host(&x)));
+    fn silu(&self, x: Tensor<4>, live: Option<Live<'_>>) -> Tensor<4> {
+        let xt = host(&x);
+        let xs = f32s(&xt);
+        let out = elementwise::silu(xs, &runs(live, xs.len()));
         Tensor::from_data(TensorData::new(out, x.dims()), &x.device())
     }
 
-    fn qlinear(&self, x: Tensor<2>, w: &QuantTensor, form: Form) -> Tensor<2> {
+    fn qlinear(
+        &self,
+        x: Tensor<2>,
+        w: &QuantTensor,
+        form: Form,
+        live: Option<Live<'_>>,
+    ) -> Tensor<2> {
         let [m, k] = x.dims();
         let xt = host(&x);
-        let mut out = vec![0.0f32; m * w.rows];
-        let Form::Blocks { path, interleaved } = form else {
-            unreachable!("q_linear has no form {form:?}")
-        };
-        assert_eq!(
-            interleaved,
-            w.layout == QuantLayout::Interleaved,
-            "planned for another layout"
-        );
-        let (xs, (bytes, ty, n)) = (f32s(&xt), (&w.bytes, w.ty, w.rows));
-        if interleaved {
-            quant::qmatmul_t_interleaved_with(path.isa, xs, m, k, bytes, ty, n, &mut out)
-        } else {
-            quant::qmatmul_t_with(path, xs, m, k, bytes, ty, n, &mut out)
+        if let Some(live) = live.filter(|l| !l.all()) {
+            let rows = live.unit_runs(w.rows);
+            let floor = compact_floor(form, m);
+            let out = live_product(f32s(&xt), [m, k, w.rows], &rows, floor, |xc, mc, out| {
+                qlinear_host(xc, mc, k, w, form, out)
+            });
+            return Tensor::from_data(TensorData::new(out, [m, w.rows]), &x.device());
         }
+        let mut out = vec![0.0f32; m * w.rows];
+        qlinear_host(f32s(&xt), m, k, w, form, &mut out);
         Tensor::from_data(TensorData::new(out, [m, w.rows]), &x.device())
     }
 
-    fn qembed(&self, table: &QuantTensor, ids: Tensor<4, Int>) -> Tensor<2> {
+    fn qembed(
+        &self,
+        table: &QuantTensor,
+        ids: Tensor<4, Int>,
+        live: Option<Live<'_>>,
+    ) -> Tensor<2> {
         let device = ids.device();
         let it = host(&ids);
         let ids = i32s(&it);
-        let mut out = Vec::with_capacity(ids.len() * table.cols);
-        for &id in ids {
+        let h = table.cols;
+        let mut out = vec![0.0f32; ids.len() * h];
+        let runs = match live {
+            Some(live) => live.unit_runs(h),
+            None => vec![0..ids.len()],
+        };
+        for i in runs.into_iter().flatten() {
             // Ids come from the tokenizer or the sampler; clamp like the f32 lookup's
             // bounds so a bad id cannot read outside the table.
-            let r = (id.max(0) as usize).min(table.rows - 1);
-            out.extend(table.row_f32(r));
+            let r = (ids[i].max(0) as usize).min(table.rows - 1);
+            out[i * h..][..h].copy_from_slice(&table.row_f32(r));
         }
-        Tensor::from_data(TensorData::new(out, [ids.len(), table.cols]), &device)
+        Tensor::from_data(TensorData::new(out, [ids.len(), h]), &device)
     }
 
-    fn gelu(&self, x: Tensor<4>) -> Tensor<4> {
-        let out = elementwise::gelu(f32s(&host(&x)));
+    fn gelu(&self, x: Tensor<4>, live: Option<Live<'_>>) -> Tensor<4> {
+        let xt = host(&x);
+        let xs = f32s(&xt);
+        let out = elementwise::gelu(xs, &runs(live, xs.len()));
         Tensor::from_data(TensorData::new(out, x.dims()), &x.device())
+    }
+
+    fn binary(&self, op: BinaryOp, a: Tensor<4>, b: Tensor<4>, live: Live<'_>) -> Tensor<4> {
+        let f: fn(f32, f32) -> f32 = match op {
+            BinaryOp::Add => |x, y| x + y,
+            BinaryOp::Sub => |x, y| x - y,
+            BinaryOp::Mul => |x, y| x * y,
+            BinaryOp::Div => |x, y| x / y,
+            BinaryOp::Min
+            | BinaryOp::Max
+            | BinaryOp::Eq
+            | BinaryOp::Lt
+            | BinaryOp::Le
+            | BinaryOp::And
+            | BinaryOp::Or => return Portable.binary(op, a, b, live),
+        };
+        if a.dtype() != BurnDType::F32 || b.dtype() != BurnDType::F32 {
+            return Portable.binary(op, a, b, live);
+        }
+        let (at, bt) = (host(&a), host(&b));
+        let out = elementwise::binary(f32s(&at), f32s(&bt), f, &live.runs());
+        Tensor::from_data(TensorData::new(out, a.dims()), &a.device())
+    }
+
+    fn permute(&self, x: Tensor<4>, axes: [usize; 4], live: Live<'_>) -> Tensor<4> {
+        if x.dtype() != BurnDType::F32 || live.all() {
+            return x.permute(axes);
+        }
+        let dims = x.dims();
+        let xt = host(&x);
+        let out = elementwise::permute(f32s(&xt), dims, axes, &live.unit_runs(dims[axes[3]]));
+        let out_dims = axes.map(|a| dims[a]);
+        Tensor::from_data(TensorData::new(out, out_dims), &x.device())
     }
 
     fn attention(
@@ -197,8 +280,10 @@ impl Kernels for Cpu {
         mask: Tensor<4, Bool>,
         scale: f32,
         form: Form,
+        live: Option<Live<'_>>,
     ) -> Tensor<4> {
         let (q_dims, device) = (q.dims(), q.device());
+        let real = live.map(|l| l.lens);
         let dims = dims(&q, &k, &mask, scale);
         let (qt, kt, vt, mt) = (host(&q), host(&k), host(&v), host(&mask));
         let mut out = vec![0.0f32; q.dims().iter().product()];
@@ -209,8 +294,10 @@ impl Kernels for Cpu {
             other => unreachable!("attention has no form {other:?}"),
         };
         match kt.dtype() {
-            BurnDType::F16 => host_attention(few, q, f16s(&kt), f16s(&vt), mask, dims, &mut out),
-            _ => host_attention(few, q, f32s(&kt), f32s(&vt), mask, dims, &mut out),
+            BurnDType::F16 => {
+                host_attention(few, q, f16s(&kt), f16s(&vt), mask, (dims, real), &mut out)
+            }
+            _ => host_attention(few, q, f32s(&kt), f32s(&vt), mask, (dims, real), &mut out),
         }
         Tensor::from_data(TensorData::new(out, q_dims), &device)
     }
@@ -221,6 +308,7 @@ impl Kernels for Cpu {
         k: Tensor<4>,
         mask: Tensor<4, Bool>,
         scale: f32,
+        live: Option<Live<'_>>,
     ) -> Tensor<4> {
         // kvc's row kernel at every size: Burn's softmax over the masked `[B, Hkv, g·T, S]`
         // scores of a long chunk spends most of its time in libm's underflow path for the
@@ -232,19 +320,28 @@ impl Kernels for Cpu {
         let (qt, kt, mt) = (host(&q), host(&k), host(&mask));
         let mut p = vec![0.0f32; b * hq * t * s];
         let (qs, mask) = (f32s(&qt), bool_bytes(&mt));
+        let real = live.map(|l| l.lens);
         match kt.dtype() {
-            BurnDType::F16 => attention::probs(qs, f16s(&kt), mask, dims, &mut p),
-            _ => attention::probs(qs, f32s(&kt), mask, dims, &mut p),
+            BurnDType::F16 => attention::probs(qs, f16s(&kt), mask, dims, real, &mut p),
+            _ => attention::probs(qs, f32s(&kt), mask, dims, real, &mut p),
         }
         Tensor::from_data(TensorData::new(p, [b, hq, t, s]), &q.device())
     }
 
-    fn attention_values(&self, probs: Tensor<4>, v: Tensor<4>, form: Form) -> Tensor<4> {
+    fn attention_values(
+        &self,
+        probs: Tensor<4>,
+        v: Tensor<4>,
+        form: Form,
+        live: Option<Live<'_>>,
+    ) -> Tensor<4> {
         let [b, hq, t, s] = probs.dims();
         let [_, hkv, _, d] = v.dims();
+        let real = live.map(|l| l.lens);
         match form {
-            // Burn's batched matmul is as fast over long chunks.
-            Form::Chunk => return Portable.attention_values(probs, v, Form::Burn),
+            // Burn's batched matmul is as fast over long chunks; over the batch rows with
+            // real positions only.
+            Form::Chunk => return batch_rows_values(probs, v, real),
             Form::FewRows => {}
             other => unreachable!("attention_values has no form {other:?}"),
         }
@@ -252,8 +349,8 @@ impl Kernels for Cpu {
         let mut out = vec![0.0f32; b * hq * t * d];
         let (ps, shape) = (f32s(&pt), [b, hq, t, s]);
         match vt.dtype() {
-            BurnDType::F16 => attention::values(ps, f16s(&vt), shape, hkv, &mut out),
-            _ => attention::values(ps, f32s(&vt), shape, hkv, &mut out),
+            BurnDType::F16 => attention::values(ps, f16s(&vt), shape, (hkv, real), &mut out),
+            _ => attention::values(ps, f32s(&vt), shape, (hkv, real), &mut out),
         }
         Tensor::from_data(TensorData::new(out, [b, hq, t, d]), &probs.device())
     }
@@ -291,6 +388,87 @@ impl Kernels for Cpu {
     }
 }
 
+/// `live`'s element runs, or the one run over all `n` elements.
+fn runs(live: Option<Live<'_>>, n: usize) -> Vec<std::ops::Range<usize>> {
+    match live {
+        Some(live) => live.runs(),
+        None => vec![0..n],
+    }
+}
+
+/// The fewest rows a product in `form` planned for `m` rows may run over and still compute
+/// each row as the planned product does, bit for bit: the forms switch paths at some row
+/// counts (Flex's GEMM runs a GEMV at one row; the int8 kernels run fused tiles up to
+/// [`quant::FUSED_ROWS`] rows and grouped passes above).
+fn compact_floor(form: Form, m: usize) -> usize {
+    match form {
+        Form::Gemm => GEMV_ROWS + 1,
+        Form::Blocks { path, .. } => quant::min_rows(path, m),
+        Form::Gemv | Form::Burn | Form::FewRows | Form::Chunk => 1,
+    }
+}
+
+/// `product(x', m', out')` over the real rows `rows` of x `[m, k]` only, gathered into
+/// x' (with zero rows up to `floor`), and its rows scattered back into zeros `[m, n]`: a
+/// product's cost follows its real rows. Where `floor` leaves no fewer rows to run, the
+/// product runs over x as planned and its padding rows are zeroed.
+fn live_product(
+    x: &[f32],
+    [m, k, n]: [usize; 3],
+    rows: &[std::ops::Range<usize>],
+    floor: usize,
+    product: impl FnOnce(&[f32], usize, &mut [f32]),
+) -> Vec<f32> {
+    let mut out = vec![0.0f32; m * n];
+    let live: usize = rows.iter().map(|r| r.len()).sum();
+    if live == 0 {
+        return out;
+    }
+    let mc = live.max(floor);
+    if mc >= m {
+        // No fewer rows to run: the product over x as planned, padding rows zeroed.
+        product(x, m, &mut out);
+        let mut next = 0;
+        for r in rows.iter().chain([&(m..m)]) {
+            out[next * n..r.start * n].fill(0.0);
+            next = r.end;
+        }
+        return out;
+    }
+    let mut xc = vec![0.0f32; mc * k];
+    let mut at = 0;
+    for r in rows {
+        xc[at * k..(at + r.len()) * k].copy_from_slice(&x[r.start * k..r.end * k]);
+        at += r.len();
+    }
+    let mut oc = vec![0.0f32; mc * n];
+    product(&xc, mc, &mut oc);
+    at = 0;
+    for r in rows {
+        out[r.start * n..r.end * n].copy_from_slice(&oc[at * n..(at + r.len()) * n]);
+        at += r.len();
+    }
+    out
+}
+
+/// [`Kernels::qlinear`] on host slices: x `[m, k]` into out `[m, w.rows]`.
+fn qlinear_host(x: &[f32], m: usize, k: usize, w: &QuantTensor, form: Form, out: &mut [f32]) {
+    let Form::Blocks { path, interleaved } = form else {
+        unreachable!("q_linear has no form {form:?}")
+    };
+    assert_eq!(
+        interleaved,
+        w.layout == QuantLayout::Interleaved,
+        "planned for another layout"
+    );
+    let (bytes, ty, n) = (&w.bytes, w.ty, w.rows);
+    if interleaved {
+        quant::qmatmul_t_interleaved_with(path.isa, x, m, k, bytes, ty, n, out)
+    } else {
+        quant::qmatmul_t_with(path, x, m, k, bytes, ty, n, out)
+    }
+}
+
 /// The attention shapes of q `[B, Hq, T, D]`, k `[B, Hkv, S, D]`, mask `[B, M, T, S]`.
 fn dims(q: &Tensor<4>, k: &Tensor<4>, mask: &Tensor<4, Bool>, scale: f32) -> attention::Dims {
     let [b, hq, t, d] = q.dims();
@@ -308,14 +486,14 @@ fn dims(q: &Tensor<4>, k: &Tensor<4>, mask: &Tensor<4, Bool>, scale: f32) -> att
 }
 
 /// Attention on host slices: the few-row (decode) kernel when `few`, else the chunk
-/// (prefill) kernel.
+/// (prefill) kernel; `real` as the kernels take it.
 fn host_attention<E: attention::KvElem>(
     few: bool,
     q: &[f32],
     k: &[E],
     v: &[E],
     mask: &[u8],
-    dims: attention::Dims,
+    (dims, real): (attention::Dims, Option<&[usize]>),
     out: &mut [f32],
 ) {
     let run = if few {
@@ -323,7 +501,35 @@ fn host_attention<E: attention::KvElem>(
     } else {
         attention::chunk::<E>
     };
-    run(q, k, v, mask, dims, out)
+    run(q, k, v, mask, dims, real, out)
+}
+
+/// Burn's `probs · v` ([`Portable`]) over the batch rows that have real positions
+/// (`real`), gathered together; the other rows of the result are 0.
+fn batch_rows_values(probs: Tensor<4>, v: Tensor<4>, real: Option<&[usize]>) -> Tensor<4> {
+    let [b, hq, t, _] = probs.dims();
+    let d = v.dims()[3];
+    let rows: Vec<usize> = match real {
+        Some(r) => (0..b).filter(|&i| r[i] > 0).collect(),
+        None => (0..b).collect(),
+    };
+    if rows.len() == b {
+        return Portable.attention_values(probs, v, Form::Burn, None);
+    }
+    let device = probs.device();
+    let mut out = vec![0.0f32; b * hq * t * d];
+    if !rows.is_empty() {
+        let ids: Vec<i32> = rows.iter().map(|&i| i as i32).collect();
+        let idx = Tensor::<1, Int>::from_data(TensorData::new(ids, [rows.len()]), &device);
+        let (p, v) = (probs.select(0, idx.clone()), v.select(0, idx));
+        let y = Portable.attention_values(p, v, Form::Burn, None);
+        let yt = host(&y);
+        let per = hq * t * d;
+        for (j, &i) in rows.iter().enumerate() {
+            out[i * per..(i + 1) * per].copy_from_slice(&f32s(&yt)[j * per..(j + 1) * per]);
+        }
+    }
+    Tensor::from_data(TensorData::new(out, [b, hq, t, d]), &device)
 }
 
 /// [`cache::kv_write`] of an F32 cache in place on its buffer when the cache has a single
@@ -452,3 +658,6 @@ pub(crate) fn test_values(n: usize, seed: u64) -> Vec<f32> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests;

@@ -33,16 +33,28 @@ const VALUE_COLS: usize = 32;
 /// a hidden slot holding a non-finite value still reaches the product (weight 0 times
 /// it); the decode kernel skips such slots.
 ///
+/// With `real` (each batch row's real positions, see [`super::real_positions`]), only
+/// those query positions are computed; the other rows of `out` are left as they are.
+///
 /// # Panics
 /// If a slice length disagrees with `dims`.
-pub fn chunk<E: KvElem>(q: &[f32], k: &[E], v: &[E], mask: &[u8], dims: Dims, out: &mut [f32]) {
+pub fn chunk<E: KvElem>(
+    q: &[f32],
+    k: &[E],
+    v: &[E],
+    mask: &[u8],
+    dims: Dims,
+    real: Option<&[usize]>,
+    out: &mut [f32],
+) {
     check_fused(dims, q.len(), k.len(), v.len(), mask.len(), out.len());
     let Dims {
         b, hkv, t, s, d, m, ..
     } = dims;
     if !E::supported() {
-        return chunk(q, &widened(k), &widened(v), mask, dims, out);
+        return chunk(q, &widened(k), &widened(v), mask, dims, real, out);
     }
+    let real = |bi: usize| super::real_positions(real, bi, t);
     if s == 0 {
         out.fill(0.0);
         return;
@@ -55,7 +67,7 @@ pub fn chunk<E: KvElem>(q: &[f32], k: &[E], v: &[E], mask: &[u8], dims: Dims, ou
         .map(|h| {
             let (bi, kvh) = (h / hkv, h % hkv);
             let mh = if m == 1 { 0 } else { kvh };
-            let (lo, hi) = seen_slots(&mask[(bi * m + mh) * t * s..][..t * s], s);
+            let (lo, hi) = seen_slots(&mask[(bi * m + mh) * t * s..][..real(bi) * s], s);
             if lo < hi {
                 (lo / TILE_SLOTS, hi.div_ceil(TILE_SLOTS))
             } else {
@@ -91,13 +103,17 @@ pub fn chunk<E: KvElem>(q: &[f32], k: &[E], v: &[E], mask: &[u8], dims: Dims, ou
     // positions.
     (0..b * hkv * blocks).into_par_iter().for_each(|i| unsafe {
         let h = i / blocks;
+        let positions = real(h / hkv);
+        if (i % blocks) * CHUNK_POSITIONS >= positions {
+            return;
+        }
         let span = first[h] * tile..first[h + 1] * tile;
         let head = WidenedHead {
             kt: &kt[span.clone()],
             vw: &vw[span],
             first_tile: spans[h].0,
         };
-        chunk_task(q, head, mask, dims, i, o)
+        chunk_task(q, head, mask, dims, (i, positions), o)
     });
 }
 
@@ -159,7 +175,8 @@ multiversion! {
     ///
     /// # Safety
     /// `o` points to the `[B, Hq, T, D]` output; no other task writes this task's rows.
-    unsafe fn chunk_task(q: &[f32], head: WidenedHead<'_>, mask: &[u8], x: Dims, i: usize, o: SendPtr<f32>) {
+    unsafe fn chunk_task(q: &[f32], head: WidenedHead<'_>, mask: &[u8], x: Dims, task: (usize, usize), o: SendPtr<f32>) {
+        let (i, positions) = task;
         let WidenedHead { kt, vw, first_tile } = head;
         let Dims { scale, hq, hkv, t, s, d, m, .. } = x;
         let g = hq / hkv;
@@ -167,7 +184,7 @@ multiversion! {
         let (h, c) = (i / blocks, i % blocks);
         let (bi, kvh) = (h / hkv, h % hkv);
         let mh = if m == 1 { 0 } else { kvh };
-        let (p0, p1) = (c * CHUNK_POSITIONS, ((c + 1) * CHUNK_POSITIONS).min(t));
+        let (p0, p1) = (c * CHUNK_POSITIONS, ((c + 1) * CHUNK_POSITIONS).min(positions));
         let np = p1 - p0;
         let rows = g * np;
         let mk = &mask[(bi * m + mh) * t * s..][..t * s];

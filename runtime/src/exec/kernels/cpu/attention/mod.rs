@@ -55,11 +55,30 @@ const MIN_BLOCK: usize = 64;
 ///
 /// # Panics
 /// If a slice length disagrees with `dims`.
-pub fn attention<E: KvElem>(q: &[f32], k: &[E], v: &[E], mask: &[u8], dims: Dims, out: &mut [f32]) {
-    attention_on(fused::Isa::best(), q, k, v, mask, dims, out);
+pub fn attention<E: KvElem>(
+    q: &[f32],
+    k: &[E],
+    v: &[E],
+    mask: &[u8],
+    dims: Dims,
+    real: Option<&[usize]>,
+    out: &mut [f32],
+) {
+    attention_on(fused::Isa::best(), q, k, v, mask, dims, real, out);
+}
+
+/// Query positions of batch row `bi` that a kernel computes: all `t`, or with `real`
+/// (each batch row's count of real positions, the prefill's lengths) the first
+/// `real[bi]` of them. The rest are padding: the kernels leave their rows of the output
+/// as they are (the callers' zeros).
+pub fn real_positions(real: Option<&[usize]>, bi: usize, t: usize) -> usize {
+    real.map_or(t, |r| r[bi].min(t))
 }
 
 /// [`attention`] with the fused decode path on `isa` (an available one), or without it.
+/// With `real`, batch rows without real positions are skipped (a few-row call computes
+/// every position of the others: they share each pass over the keys).
+#[allow(clippy::too_many_arguments)]
 fn attention_on<E: KvElem>(
     isa: Option<fused::Isa>,
     q: &[f32],
@@ -67,6 +86,7 @@ fn attention_on<E: KvElem>(
     v: &[E],
     mask: &[u8],
     dims: Dims,
+    real: Option<&[usize]>,
     out: &mut [f32],
 ) {
     let Dims {
@@ -82,7 +102,7 @@ fn attention_on<E: KvElem>(
     let rows = g * t;
     check_fused(dims, q.len(), k.len(), v.len(), mask.len(), out.len());
     if !E::supported() {
-        return attention_on(isa, q, &widened(k), &widened(v), mask, dims, out);
+        return attention_on(isa, q, &widened(k), &widened(v), mask, dims, real, out);
     }
     let heads = b * hkv;
     let threads = rayon::current_num_threads().max(1);
@@ -117,12 +137,20 @@ fn attention_on<E: KvElem>(
         .zip(block_sum.par_chunks_mut(rows))
         .zip(block_out.par_chunks_mut(rows * d))
         .enumerate()
-        // SAFETY: task i reads and writes only its own block's columns of the scores.
-        .for_each(|(i, ((bm, bs), bo))| unsafe { block_task(&ctx, i, sc, bm, bs, bo) });
+        .for_each(|(i, ((bm, bs), bo))| {
+            if real_positions(real, i / blocks / hkv, t) > 0 {
+                // SAFETY: task i reads and writes only its own block's columns of the
+                // scores.
+                unsafe { block_task(&ctx, i, sc, bm, bs, bo) }
+            }
+        });
 
     // Combine the blocks and normalise.
     for h in 0..heads {
         let (bi, kvh) = (h / hkv, h % hkv);
+        if real_positions(real, bi, t) == 0 {
+            continue;
+        }
         let o = &mut out[(bi * hq + kvh * g) * t * d..][..rows * d];
         for r in 0..rows {
             let at = |c: usize| (h * blocks + c) * rows + r;
@@ -265,18 +293,26 @@ mod fused;
 ///
 /// # Panics
 /// If a slice length disagrees with `dims`.
-pub fn probs<E: KvElem>(q: &[f32], k: &[E], mask: &[u8], dims: Dims, probs: &mut [f32]) {
+pub fn probs<E: KvElem>(
+    q: &[f32],
+    k: &[E],
+    mask: &[u8],
+    dims: Dims,
+    real: Option<&[usize]>,
+    probs: &mut [f32],
+) {
     let Dims { b, hq, t, s, .. } = dims;
     check_inputs(dims, q.len(), k.len(), mask.len());
     assert_eq!(probs.len(), b * hq * t * s, "probs is not [B, Hq, T, S]");
     if !E::supported() {
-        return self::probs(q, &widened(k), mask, dims, probs);
+        return self::probs(q, &widened(k), mask, dims, real, probs);
     }
-    probs
-        .par_chunks_mut(s)
-        .enumerate()
-        // SAFETY: no contract beyond the slices' own.
-        .for_each(|(i, p)| unsafe { probs_row(q, k, mask, dims, i, p) });
+    probs.par_chunks_mut(s).enumerate().for_each(|(i, p)| {
+        if i % t < real_positions(real, i / (t * hq), t) {
+            // SAFETY: no contract beyond the slices' own.
+            unsafe { probs_row(q, k, mask, dims, i, p) }
+        }
+    });
 }
 
 multiversion! {
@@ -314,7 +350,7 @@ pub fn values<E: KvElem>(
     probs: &[f32],
     v: &[E],
     [b, hq, t, s]: [usize; 4],
-    hkv: usize,
+    (hkv, real): (usize, Option<&[usize]>),
     out: &mut [f32],
 ) {
     let d = out.len() / (b * hq * t).max(1);
@@ -322,11 +358,14 @@ pub fn values<E: KvElem>(
     assert_eq!(v.len(), b * hkv * s * d, "v is not [B, Hkv, S, D]");
     assert_eq!(out.len(), b * hq * t * d, "out is not [B, Hq, T, D]");
     if !E::supported() {
-        return values(probs, &widened(v), [b, hq, t, s], hkv, out);
+        return values(probs, &widened(v), [b, hq, t, s], (hkv, real), out);
     }
     let g = hq / hkv;
     out.par_chunks_mut(d).enumerate().for_each(|(i, o)| {
         let (qh, bi) = (i / t % hq, i / (t * hq));
+        if i % t >= real_positions(real, bi, t) {
+            return;
+        }
         let vh = &v[(bi * hkv + qh / g) * s * d..][..s * d];
         // SAFETY: no contract beyond the slices' own.
         unsafe { values_row(&probs[i * s..(i + 1) * s], vh, o) };

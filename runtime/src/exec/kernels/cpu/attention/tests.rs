@@ -83,7 +83,7 @@ fn fused_forms_match<E: KvElem>(
     let mut out = vec![f32::NAN; q.len()];
     let mut generic: Vec<u32> = vec![];
     for isa in isas() {
-        attention_on(isa, q, k, v, mask, x, &mut out);
+        attention_on(isa, q, k, v, mask, x, None, &mut out);
         for (i, (&a, &e)) in out.iter().zip(want).enumerate() {
             assert!(
                 (a as f64 - e).abs() < 1e-5,
@@ -206,12 +206,12 @@ fn matches_a_float64_reference() {
         fused_forms_match(&q, &k, &v, &mask, x, &want, "f32");
         // The split form: probabilities alone, then probs · v.
         let mut alone = vec![f32::NAN; x.b * x.hkv * g * x.t * x.s];
-        super::probs(&q, &k, &mask, x, &mut alone);
+        super::probs(&q, &k, &mask, x, None, &mut alone);
         for (i, (&a, &e)) in alone.iter().zip(&want_p).enumerate() {
             assert!((a as f64 - e).abs() < 1e-6, "{x:?} alone[{i}]: {a} vs {e}");
         }
         let mut split = vec![f32::NAN; q.len()];
-        super::values(&alone, &v, [x.b, x.hq, x.t, x.s], x.hkv, &mut split);
+        super::values(&alone, &v, [x.b, x.hq, x.t, x.s], (x.hkv, None), &mut split);
         for (i, (&a, &e)) in split.iter().zip(&want).enumerate() {
             assert!((a as f64 - e).abs() < 1e-5, "{x:?} split[{i}]: {a} vs {e}");
         }
@@ -222,8 +222,14 @@ fn matches_a_float64_reference() {
         let (kh, vh) = (half(&k), half(&v));
         let wide = |x: &[half::f16]| -> Vec<f32> { x.iter().map(|a| a.to_f32()).collect() };
         let (want, want_p) = reference(&q, &wide(&kh), &wide(&vh), &mask, x);
-        super::probs(&q, &kh, &mask, x, &mut alone);
-        super::values(&alone, &vh, [x.b, x.hq, x.t, x.s], x.hkv, &mut split);
+        super::probs(&q, &kh, &mask, x, None, &mut alone);
+        super::values(
+            &alone,
+            &vh,
+            [x.b, x.hq, x.t, x.s],
+            (x.hkv, None),
+            &mut split,
+        );
         for (i, (&sp, &e)) in split.iter().zip(&want).enumerate() {
             assert!(
                 (sp as f64 - e).abs() < 1e-5,
@@ -265,6 +271,7 @@ fn chunk_matches_a_float64_reference() {
         &[0.0f32; 0],
         &[],
         empty,
+        None,
         &mut out,
     );
     assert!(out.iter().all(|&o| o == 0.0), "no slots: {out:?}");
@@ -309,7 +316,7 @@ fn chunk_matches_a_float64_reference() {
         }
         let (want, _) = reference(&q, &k, &v, &mask, x);
         let mut out = vec![f32::NAN; q.len()];
-        super::chunk(&q, &k, &v, &mask, x, &mut out);
+        super::chunk(&q, &k, &v, &mask, x, None, &mut out);
         for (i, (&a, &e)) in out.iter().zip(&want).enumerate() {
             assert!(
                 (a as f64 - e).abs() < 1e-5,
@@ -321,7 +328,7 @@ fn chunk_matches_a_float64_reference() {
         let (kh, vh) = (half(&k), half(&v));
         let wide = |x: &[half::f16]| -> Vec<f32> { x.iter().map(|a| a.to_f32()).collect() };
         let (want, _) = reference(&q, &wide(&kh), &wide(&vh), &mask, x);
-        super::chunk(&q, &kh, &vh, &mask, x, &mut out);
+        super::chunk(&q, &kh, &vh, &mask, x, None, &mut out);
         for (i, (&a, &e)) in out.iter().zip(&want).enumerate() {
             assert!(
                 (a as f64 - e).abs() < 1e-5,

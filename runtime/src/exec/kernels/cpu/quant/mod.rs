@@ -171,6 +171,20 @@ pub fn method(isa: Isa, m: usize) -> Method {
     }
 }
 
+/// The fewest rows a product on `path` planned for `m` rows may run over and give each
+/// row the result the planned product gives it: the int8 method runs fused tiles up to
+/// four rows and grouped passes above, which may round differently (within either a
+/// row's result does not depend on the row count); the dequant method (only planned on
+/// the portable path at decode widths) adds a partial tile of rows in another order, so
+/// it keeps all `m`. `quant::tests` checks each.
+pub fn min_rows(path: Path, m: usize) -> usize {
+    match path.method {
+        Method::Int8 if xq::group_kernels(path.isa, m) => xq::FUSED_ROWS + 1,
+        Method::Int8 | Method::Panel => 1,
+        Method::Dequant => m,
+    }
+}
+
 /// Columns (weight rows) of a prefill panel on `isa`.
 fn panel_cols(isa: Isa) -> usize {
     match isa {

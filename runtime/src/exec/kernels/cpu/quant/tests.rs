@@ -355,3 +355,87 @@ fn a_short_matrix_panics() {
         .unwrap_or_default();
     assert!(message.contains("take 36 bytes"), "{message}");
 }
+
+/// A row's result does not depend on the rows that share its product, down to
+/// [`min_rows`] rows: what lets a prefill multiply only its real tokens' rows (padding
+/// skipped, the rows gathered and zero rows added up to `min_rows`) and still give each
+/// the planned product's result, bit for bit, on every path and both layouts.
+#[test]
+fn rows_multiply_alike_in_any_company_down_to_min_rows() {
+    let n = 40;
+    for ty in types() {
+        let k = if ty.block_format().unwrap().is_k() {
+            256
+        } else {
+            64
+        };
+        for (s, m) in [3usize, 8, 24, 64].into_iter().enumerate() {
+            let seed = (k * 7 + s) as u64;
+            let x = values(m * k, seed);
+            let w = random_matrix(ty, k, n, seed + 1);
+            let wi = interleave(ty, k, n, &w);
+            #[allow(clippy::type_complexity)]
+            let mut products: Vec<(
+                String,
+                Path,
+                Box<dyn Fn(&[f32], usize) -> Vec<f32>>,
+            )> = Vec::new();
+            for path in paths() {
+                let w = w.clone();
+                products.push((
+                    format!("{path:?}"),
+                    path,
+                    Box::new(move |x: &[f32], rows: usize| {
+                        let floor = min_rows(path, m);
+                        let mc = rows.max(floor).min(m);
+                        let mut xc = x.to_vec();
+                        xc.resize(mc * k, 0.0);
+                        run(path, &xc, mc, k, &w, ty, n)
+                    }),
+                ));
+            }
+            for isa in [Isa::Avx2, Isa::Avx512] {
+                if let (Some(wi), true) = (wi.clone(), interleaving() && isa.available()) {
+                    let path = Path {
+                        isa,
+                        method: Method::Int8,
+                    };
+                    products.push((
+                        format!("{isa:?} interleaved"),
+                        path,
+                        Box::new(move |x: &[f32], rows: usize| {
+                            let mc = rows.max(min_rows(path, m)).min(m);
+                            let mut xc = x.to_vec();
+                            xc.resize(mc * k, 0.0);
+                            let mut out = vec![f32::NAN; mc * n];
+                            qmatmul_t_interleaved_with(isa, &xc, mc, k, &wi, ty, n, &mut out);
+                            out
+                        }),
+                    ));
+                }
+            }
+            for (name, path, product) in &products {
+                let full = product(&x, m);
+                for live in [1, 2, 5, m / 2, m - 1] {
+                    if live == 0 || live >= m {
+                        continue;
+                    }
+                    if live.max(min_rows(*path, m)) >= m {
+                        // The kernels run the planned product over every row.
+                        continue;
+                    }
+                    let first = m - live;
+                    let got = product(&x[first * k..], live);
+                    let same = got[..live * n]
+                        .iter()
+                        .zip(&full[first * n..])
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(
+                        same,
+                        "{ty} {name}: the last {live} of {m} rows alone differ"
+                    );
+                }
+            }
+        }
+    }
+}
