@@ -164,6 +164,51 @@ fn check(family: &str, kv: KvPolicy, storage: KvStorage, sampler: Sampler) {
         );
     }
 
+    // The refill one chunk at a time, with decode steps of the other rows in between: the
+    // refilled row ends where the whole refill put it, and the others step on undisturbed.
+    let mut e = session(&p, &weights);
+    e.set_seed(5);
+    e.prefill(&first, false).unwrap();
+    decode(&mut e, warm);
+    let piece = Refill {
+        row: 1,
+        request: &new,
+        seed: 77,
+    };
+    let chunks = e.chunks(new.prompt.len());
+    assert!(chunks > 1, "{what}: the new prompt spans chunks");
+    let mut between = vec![Vec::new(); B];
+    let mut e_out = None;
+    for chunk in 0..chunks {
+        let o = e.refill_chunk(&[(piece, chunk)]).unwrap();
+        if chunk + 1 < chunks {
+            assert!(o.done[1], "{what}: row 1 is parked between its chunks");
+            for (r, steps) in decode(&mut e, 1).into_iter().enumerate() {
+                between[r].extend(steps);
+            }
+        }
+        e_out = Some(o);
+    }
+    let e_out = e_out.unwrap();
+    assert_eq!(
+        e_out.tokens[1], out.tokens[1],
+        "{what}: chunked refill's first token"
+    );
+    assert!(!e_out.done[1], "{what}: the row runs after its last chunk");
+    let e_steps = decode(&mut e, after);
+    assert!(
+        e_steps[1] == a_steps[1],
+        "{what}: the row refilled chunk by chunk decodes differently"
+    );
+    for r in [0, 2] {
+        let mut all = between[r].clone();
+        all.extend(e_steps[r].iter().cloned());
+        assert!(
+            all[..after] == b_steps[r][..],
+            "{what}: row {r} stepped differently while row 1 was refilled in chunks"
+        );
+    }
+
     // The new prompt in row 1 of a fresh batch, with the refill's seed.
     let mut c = session(&p, &weights);
     c.set_seed(77);

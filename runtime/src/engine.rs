@@ -16,11 +16,12 @@
 //! Scheduling: requests wait in a bounded FIFO queue ([`EngineOptions::queue_capacity`];
 //! a full queue refuses with [`EngineError::QueueFull`]). Before every decode step the
 //! scheduler drops requests whose receiver went away (a cancelled request or a client
-//! that disconnected frees its row at once) and refills every free row from the queue in
-//! one prefill when it is time: at once when no row is decoding, else once the decode
-//! capacity the free rows have left idle reaches the measured cost of a refill (which runs
-//! the whole `[B, T]` prefill). A row that finishes is free at the next step. Each row samples with its
-//! own settings and seed, so a request generates the same text whatever else shares the
+//! that disconnected frees its row at once), gives every free row to a waiting request,
+//! and runs one prefill of at most `T` real tokens: the next chunk of the admitted
+//! prompts, oldest first (a refill costs its own tokens: the kernels skip padding). A
+//! running row therefore waits at most one decode step plus one such prefill between two
+//! tokens. A row that finishes is free at the next step. Each row samples with its own
+//! settings and seed, so a request generates the same text whatever else shares the
 //! batch, and the same text as `kvc run` with that seed.
 
 use std::path::Path;

@@ -1,5 +1,13 @@
 //! The scheduler thread: keeps the compiled batch full by slot refill, steps the decode
 //! graph, and turns each row's tokens into text events (stop strings, token limits).
+//!
+//! A refill costs its own tokens (the prefill kernels skip padding and the rows not
+//! refilled), so a free row is refilled as soon as a request waits. Prompts are prefilled
+//! one chunk of `T` tokens at a time ([`Session::refill_chunk`]), and each iteration runs
+//! at most one prefill of at most `T` real tokens (one chunk, or several rows' chunks that
+//! together fit in `T`) before the decode step of the running rows: a running row's gap
+//! between two tokens is bounded by one decode step plus one prefill of `T` tokens,
+//! however many or long the prompts that arrive.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -9,6 +17,14 @@ use std::time::{Duration, Instant};
 use super::{Event, EventSink, FinishReason, Job, Metrics, Schedule, Usage};
 use crate::RuntimeError;
 use crate::exec::session::{Refill, Session};
+
+/// A request whose prompt is being prefilled, chunk by chunk, into a row.
+struct Admitted {
+    row: usize,
+    job: Job,
+    /// The next chunk to prefill.
+    chunk: usize,
+}
 use crate::load::tokenizer::Tokenizer;
 
 /// A request in a row.
@@ -30,18 +46,10 @@ pub(super) struct Scheduler<'t> {
     metrics: &'t Metrics,
     /// One entry per row: the request it runs, if any.
     rows: Vec<Option<Running<'t>>>,
+    /// Requests being prefilled, in the order they were admitted (each holds its row).
+    admitted: VecDeque<Admitted>,
     queue: VecDeque<Job>,
     schedule: Schedule,
-    /// Moving averages of a refill's and a decode step's wall time, seconds.
-    refill_secs: Option<f64>,
-    step_secs: Option<f64>,
-    /// Decode capacity left idle since the last refill while requests waited, seconds.
-    idle_debt: f64,
-}
-
-/// Exponential moving average (weight 1/4 for the new sample).
-fn ema(old: Option<f64>, new: f64) -> f64 {
-    old.map_or(new, |o| 0.75 * o + 0.25 * new)
 }
 
 /// How long an idle scheduler waits for work before checking its channel again.
@@ -60,11 +68,9 @@ impl<'t> Scheduler<'t> {
             tokenizer,
             metrics,
             rows: Vec::new(),
+            admitted: VecDeque::new(),
             queue: VecDeque::new(),
             schedule,
-            refill_secs: None,
-            step_secs: None,
-            idle_debt: 0.0,
         }
     }
 
@@ -77,7 +83,9 @@ impl<'t> Scheduler<'t> {
         loop {
             // 1. Take what arrived; block only when there is nothing to run.
             loop {
-                let idle = self.queue.is_empty() && self.rows.iter().all(Option::is_none);
+                let idle = self.queue.is_empty()
+                    && self.admitted.is_empty()
+                    && self.rows.iter().all(Option::is_none);
                 let next = if idle && open {
                     match jobs.recv_timeout(IDLE_WAIT) {
                         Ok(j) => Ok(j),
@@ -99,7 +107,11 @@ impl<'t> Scheduler<'t> {
                     }
                 }
             }
-            if !open && self.queue.is_empty() && self.rows.iter().all(Option::is_none) {
+            if !open
+                && self.queue.is_empty()
+                && self.admitted.is_empty()
+                && self.rows.iter().all(Option::is_none)
+            {
                 return Ok(());
             }
             // 2. Cancelled requests leave the queue and free their rows.
@@ -116,64 +128,29 @@ impl<'t> Scheduler<'t> {
                     Metrics::add(&self.metrics.cancelled, 1);
                 }
             }
-            // 3. Refill every free row from the queue in one prefill, when it is time.
-            let mut free: Vec<usize> = (0..b).filter(|&i| self.rows[i].is_none()).collect();
-            if !self.time_to_refill(free.len(), b) {
-                free.clear();
+            // A request cancelled mid-prompt frees its row (parked: done).
+            let before = self.admitted.len() as u64;
+            self.admitted.retain(|a| !a.job.sink.is_closed());
+            let dropped = before - self.admitted.len() as u64;
+            self.metrics.in_flight.fetch_sub(dropped, Ordering::Relaxed);
+            Metrics::add(&self.metrics.cancelled, dropped);
+            // 3. Admit waiting requests into free rows, then prefill one run's worth of
+            //    their prompts.
+            let held: Vec<usize> = self.admitted.iter().map(|a| a.row).collect();
+            let free: Vec<usize> = (0..b)
+                .filter(|&i| self.rows[i].is_none() && !held.contains(&i))
+                .collect();
+            if self.time_to_admit(free.len(), b) {
+                for row in free {
+                    let Some(job) = self.queue.pop_front() else {
+                        break;
+                    };
+                    self.metrics.queued.fetch_sub(1, Ordering::Relaxed);
+                    self.admitted.push_back(Admitted { row, job, chunk: 0 });
+                }
             }
-            let take = free.len().min(self.queue.len());
-            if take > 0 {
-                if free.len() < b {
-                    Metrics::add(&self.metrics.rows_filled_running, take as u64);
-                }
-                let jobs: Vec<(usize, Job)> = free
-                    .into_iter()
-                    .take(take)
-                    .map(|i| (i, self.queue.pop_front().expect("counted")))
-                    .collect();
-                self.metrics
-                    .queued
-                    .fetch_sub(take as u64, Ordering::Relaxed);
-                let refills: Vec<Refill<'_>> = jobs
-                    .iter()
-                    .map(|(row, j)| Refill {
-                        row: *row,
-                        request: &j.request,
-                        seed: j.seed,
-                    })
-                    .collect();
-                let t0 = Instant::now();
-                let out = self.session.refill(&refills)?;
-                let secs = t0.elapsed().as_secs_f64();
-                // The first refill touches every weight page for the first time: not a
-                // measure of the next ones.
-                if self.metrics.refills.load(Ordering::Relaxed) > 0 {
-                    self.refill_secs = Some(ema(self.refill_secs, secs));
-                }
-                self.idle_debt = 0.0;
-                Metrics::add(&self.metrics.refill_micros, (secs * 1e6) as u64);
-                Metrics::add(&self.metrics.refills, 1);
-                Metrics::add(&self.metrics.rows_filled, take as u64);
-                let mut filled = Vec::with_capacity(take);
-                for (row, job) in jobs {
-                    Metrics::add(&self.metrics.prompt_tokens, job.ids.len() as u64);
-                    self.rows[row] = Some(Running {
-                        sink: job.sink,
-                        max_new: job.request.max_new_tokens,
-                        stop: job.stop,
-                        stream: self.tokenizer.stream(true),
-                        held: String::new(),
-                        generated: 0,
-                        usage: Usage {
-                            prompt_tokens: job.ids.len(),
-                            completion_tokens: 0,
-                        },
-                    });
-                    filled.push(row);
-                }
-                for row in filled {
-                    self.deliver(row, out.tokens[row], out.done[row], &stops);
-                }
+            if !self.admitted.is_empty() {
+                self.prefill_chunks(&stops)?;
             }
             // 4. One decode step for the running rows.
             let busy = self.rows.iter().filter(|r| r.is_some()).count() as u64;
@@ -182,12 +159,6 @@ impl<'t> Scheduler<'t> {
                 let t0 = Instant::now();
                 let out = self.session.step()?;
                 let secs = t0.elapsed().as_secs_f64();
-                if self.metrics.steps.load(Ordering::Relaxed) > 0 {
-                    self.step_secs = Some(ema(self.step_secs, secs));
-                }
-                // Rows that stood idle this step although a request was waiting for them.
-                let idle = (b as u64 - busy).min(self.queue.len() as u64);
-                self.idle_debt += idle as f64 * secs / b as f64;
                 Metrics::add(&self.metrics.step_micros, (secs * 1e6) as u64);
                 Metrics::add(&self.metrics.steps, 1);
                 Metrics::add(&self.metrics.busy_row_steps, busy);
@@ -202,27 +173,84 @@ impl<'t> Scheduler<'t> {
         }
     }
 
-    /// Whether free rows are refilled now. A refill runs the whole `[B, T]` prefill however
-    /// few rows it fills, so with rows still decoding it waits until the decode capacity
-    /// that free rows have left idle (row-steps × step time / `B`, while requests wait)
-    /// reaches the measured cost of a refill; then it fills every free row at once. This
-    /// is the rent-or-buy rule: never more than twice the cost of the best choice made
-    /// in hindsight. With no row decoding, or before both costs are measured, it refills
-    /// at once.
-    fn time_to_refill(&self, free: usize, b: usize) -> bool {
+    /// Whether waiting requests take free rows now: at once (a refill costs its own
+    /// tokens), except in the batch-at-a-time schedule, which waits for every row.
+    fn time_to_admit(&self, free: usize, b: usize) -> bool {
         if free == 0 || self.queue.is_empty() {
             return false;
         }
-        if free == b {
-            return true;
-        }
         match self.schedule {
-            Schedule::WholeBatch => false,
-            Schedule::Refill => match self.refill_secs {
-                Some(r) if self.step_secs.is_some() => self.idle_debt >= r,
-                _ => true,
-            },
+            Schedule::Refill => true,
+            Schedule::WholeBatch => free == b,
         }
+    }
+
+    /// One prefill run: the next chunk of the admitted prompts, oldest first, as many as
+    /// fit in `T` real tokens together (at least one). A prompt whose last chunk ran
+    /// starts its row: its first token is delivered.
+    fn prefill_chunks(&mut self, stops: &[u32]) -> Result<(), RuntimeError> {
+        let t = self.session.program().config.prefill_len as usize;
+        let mut tokens = 0;
+        let mut picked = Vec::new();
+        for (k, a) in self.admitted.iter().enumerate() {
+            let n = a.job.ids.len();
+            let piece = (n - (a.chunk * t).min(n)).min(t);
+            if !picked.is_empty() && tokens + piece > t {
+                break;
+            }
+            tokens += piece;
+            picked.push(k);
+        }
+        let pieces: Vec<(Refill<'_>, usize)> = picked
+            .iter()
+            .map(|&k| {
+                let a = &self.admitted[k];
+                let refill = Refill {
+                    row: a.row,
+                    request: &a.job.request,
+                    seed: a.job.seed,
+                };
+                (refill, a.chunk)
+            })
+            .collect();
+        let running = self.rows.iter().filter(|r| r.is_some()).count();
+        let t0 = Instant::now();
+        let out = self.session.refill_chunk(&pieces)?;
+        let secs = t0.elapsed().as_secs_f64();
+        drop(pieces);
+        Metrics::add(&self.metrics.refill_micros, (secs * 1e6) as u64);
+        Metrics::add(&self.metrics.refills, 1);
+        Metrics::add(&self.metrics.prompt_tokens, tokens as u64);
+        // Finished prompts leave the admitted list (highest index first).
+        let mut started = Vec::new();
+        for &k in picked.iter().rev() {
+            let a = &mut self.admitted[k];
+            a.chunk += 1;
+            if a.chunk >= self.session.chunks(a.job.ids.len()) {
+                started.push(self.admitted.remove(k).expect("picked"));
+            }
+        }
+        for a in started.into_iter().rev() {
+            let Admitted { row, job, .. } = a;
+            Metrics::add(&self.metrics.rows_filled, 1);
+            if running > 0 {
+                Metrics::add(&self.metrics.rows_filled_running, 1);
+            }
+            self.rows[row] = Some(Running {
+                sink: job.sink,
+                max_new: job.request.max_new_tokens,
+                stop: job.stop,
+                stream: self.tokenizer.stream(true),
+                held: String::new(),
+                generated: 0,
+                usage: Usage {
+                    prompt_tokens: job.ids.len(),
+                    completion_tokens: 0,
+                },
+            });
+            self.deliver(row, out.tokens[row], out.done[row], stops);
+        }
+        Ok(())
     }
 
     /// Handles the token a run produced for `row`: stop token, text, stop strings and the
@@ -298,6 +326,10 @@ impl<'t> Scheduler<'t> {
         for mut j in waiting {
             j.sink.send(Event::Failed(why.to_string()));
             m.queued.fetch_sub(1, Ordering::Relaxed);
+            m.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+        for mut a in self.admitted.drain(..) {
+            a.job.sink.send(Event::Failed(why.to_string()));
             m.in_flight.fetch_sub(1, Ordering::Relaxed);
         }
         for mut r in self.rows.iter_mut().filter_map(Option::take) {

@@ -145,6 +145,14 @@ impl SessionOptions {
     }
 }
 
+/// One row's chunk of a prefill run.
+struct Piece<'a> {
+    row: usize,
+    request: &'a Request,
+    /// Which chunk of `T` prompt tokens.
+    chunk: usize,
+}
+
 /// The recorded decode step.
 type DecodeStep = burn::tensor::Graph<Vec<Value>, Box<dyn FnMut() -> Vec<Value>>>;
 
@@ -457,9 +465,53 @@ impl Session {
     /// a request is refilling its row). Returns the control state after the prefill:
     /// a refilled row's token is its first generated token.
     pub fn refill(&mut self, rows: &[Refill<'_>]) -> Result<StepOutput, RuntimeError> {
+        self.check_refills(rows.iter().map(|r| (r, 0)))?;
+        self.upload_refills(rows.iter())?;
+        let rows: Vec<(usize, &Request)> = rows.iter().map(|r| (r.row, r.request)).collect();
+        Ok(self.run_prefill(&rows, false)?.0)
+    }
+
+    /// [`Session::refill`] one chunk at a time, so that decode steps of the other rows can
+    /// run between a long prompt's chunks: prefills chunk `c` (prompt tokens `c·T ..
+    /// (c+1)·T`) of each given row's prompt in one run of the prefill graph. Chunk 0
+    /// restarts the row and uploads its sampling settings; until its last chunk the row is
+    /// parked (done: decode steps leave it as it is) and its token means nothing. After
+    /// its last chunk a row is where [`Session::refill`] leaves it, bit for bit, and its
+    /// token is its first generated one. Rows not given are untouched, as in a refill.
+    pub fn refill_chunk(
+        &mut self,
+        rows: &[(Refill<'_>, usize)],
+    ) -> Result<StepOutput, RuntimeError> {
+        self.check_refills(rows.iter().map(|(r, c)| (r, *c)))?;
+        self.upload_refills(rows.iter().filter(|(_, c)| *c == 0).map(|(r, _)| r))?;
+        let pieces: Vec<Piece<'_>> = rows
+            .iter()
+            .map(|(r, c)| Piece {
+                row: r.row,
+                request: r.request,
+                chunk: *c,
+            })
+            .collect();
+        self.run_chunk(&pieces);
+        self.read_control()
+    }
+
+    /// Chunks of `T` tokens a prompt of `tokens` takes (at least one).
+    pub fn chunks(&self, tokens: usize) -> usize {
+        tokens
+            .div_ceil(self.program().config.prefill_len as usize)
+            .max(1)
+    }
+
+    /// Checks refills (with the chunk each prefills): rows in the batch, each once, the
+    /// request fitting the shapes, the chunk within its prompt.
+    fn check_refills<'r, 'a: 'r>(
+        &self,
+        rows: impl Iterator<Item = (&'r Refill<'a>, usize)>,
+    ) -> Result<(), RuntimeError> {
         let b = self.batch();
         let mut seen = vec![false; b];
-        for r in rows {
+        for (r, chunk) in rows {
             if r.row >= b {
                 return Err(RuntimeError::Request(format!(
                     "row {} is outside the compiled batch of {b} rows",
@@ -474,14 +526,25 @@ impl Session {
             }
             self.check_request(r.request)
                 .map_err(|e| RuntimeError::Request(format!("row {}: {e}", r.row)))?;
+            let chunks = self.chunks(r.request.prompt.len());
+            if chunk >= chunks {
+                return Err(RuntimeError::Request(format!(
+                    "row {}: chunk {chunk} of a prompt of {chunks} chunks",
+                    r.row
+                )));
+            }
         }
-        let settings: Vec<(usize, Sampling, u64)> = rows
-            .iter()
-            .map(|r| (r.row, r.request.sampling, r.seed))
-            .collect();
-        self.upload_rows(&settings)?;
-        let rows: Vec<(usize, &Request)> = rows.iter().map(|r| (r.row, r.request)).collect();
-        Ok(self.run_prefill(&rows, false)?.0)
+        Ok(())
+    }
+
+    /// Uploads the sampling settings and seeds of rows being refilled.
+    fn upload_refills<'r, 'a: 'r>(
+        &mut self,
+        rows: impl Iterator<Item = &'r Refill<'a>>,
+    ) -> Result<(), RuntimeError> {
+        let settings: Vec<(usize, Sampling, u64)> =
+            rows.map(|r| (r.row, r.request.sampling, r.seed)).collect();
+        self.upload_rows(&settings)
     }
 
     /// Prefills `rows` (row index, request) in chunks of `T`, restarting each at position
@@ -492,50 +555,28 @@ impl Session {
         rows: &[(usize, &Request)],
         want_logits: bool,
     ) -> Result<(StepOutput, Vec<Vec<f32>>), RuntimeError> {
-        let c = self.program().config.clone();
-        let (b, t) = (c.batch as usize, c.prefill_len as usize);
         let longest = rows.iter().map(|r| r.1.prompt.len()).max().unwrap_or(0);
-        let chunks = longest.div_ceil(t).max(1);
-        // Rows not prefilled keep their limit (the graph selects per row).
-        let mut limit = vec![0i32; b];
-        let mut restart = vec![0i32; b];
-        for &(i, r) in rows {
-            // `check_request` bounded prompt + max_new - 1 by the cache length, an i32.
-            limit[i] = (r.prompt.len() + r.max_new_tokens - 1) as i32;
-            restart[i] = 1;
-        }
+        let chunks = self.chunks(longest);
+        let v = self.program().config.vocab_size as usize;
         let mut last_logits = vec![Vec::new(); rows.len()];
-        let device = self.exec.device().clone();
         for chunk in 0..chunks {
-            let mut tokens = vec![0i32; b * t];
-            let mut len = vec![0i32; b];
-            for &(i, r) in rows {
-                let from = (chunk * t).min(r.prompt.len());
-                let to = ((chunk + 1) * t).min(r.prompt.len());
-                for (j, &id) in r.prompt[from..to].iter().enumerate() {
-                    tokens[i * t + j] = id as i32;
-                }
-                len[i] = (to - from) as i32;
-            }
-            let inputs = vec![
-                Value::from_i32(tokens, &[c.batch, c.prefill_len], &device),
-                Value::from_i32(len.clone(), &[c.batch], &device),
-                Value::from_i32(limit.clone(), &[c.batch], &device),
-                Value::from_bool(restart.clone(), &[c.batch], &device),
-            ];
-            // Only the first chunk restarts a row.
-            restart.iter_mut().for_each(|r| *r = 0);
-            let out = self.exec.run(Which::Prefill, inputs, &mut self.state());
+            // Every given row is in the first run (it restarts there, even when empty).
+            let pieces: Vec<Piece<'_>> = rows
+                .iter()
+                .filter(|(_, r)| chunk < self.chunks(r.prompt.len()))
+                .map(|&(row, request)| Piece {
+                    row,
+                    request,
+                    chunk,
+                })
+                .collect();
+            let out = self.run_chunk(&pieces);
             if want_logits {
                 let finishing: Vec<usize> = (0..rows.len())
-                    .filter(|&k| {
-                        let (i, r) = rows[k];
-                        len[i] > 0 && (chunk + 1) * t >= r.prompt.len()
-                    })
+                    .filter(|&k| self.chunks(rows[k].1.prompt.len()) == chunk + 1)
                     .collect();
                 if !finishing.is_empty() {
                     let all = self.exec.read_f32(&out[0])?;
-                    let v = c.vocab_size as usize;
                     for k in finishing {
                         let i = rows[k].0;
                         last_logits[k] = all[i * v..(i + 1) * v].to_vec();
@@ -544,6 +585,43 @@ impl Session {
             }
         }
         Ok((self.read_control()?, last_logits))
+    }
+
+    /// One run of the prefill graph over one chunk of each piece's prompt; rows without a
+    /// piece pass `len = 0`. A piece's first chunk restarts its row; a row whose prompt
+    /// goes on after this chunk gets the chunk's end as its limit, so the graph marks it
+    /// done until its next chunk. Returns the graph's outputs.
+    fn run_chunk(&mut self, pieces: &[Piece<'_>]) -> Vec<Value> {
+        let c = self.program().config.clone();
+        let (b, t) = (c.batch as usize, c.prefill_len as usize);
+        let mut tokens = vec![0i32; b * t];
+        let mut len = vec![0i32; b];
+        // Rows not prefilled keep their limit (the graph selects per row).
+        let mut limit = vec![0i32; b];
+        let mut restart = vec![0i32; b];
+        for p in pieces {
+            let (i, prompt) = (p.row, &p.request.prompt);
+            let from = (p.chunk * t).min(prompt.len());
+            let to = ((p.chunk + 1) * t).min(prompt.len());
+            for (j, &id) in prompt[from..to].iter().enumerate() {
+                tokens[i * t + j] = id as i32;
+            }
+            len[i] = (to - from) as i32;
+            restart[i] = (p.chunk == 0) as i32;
+            // `check_request` bounded prompt + max_new - 1 by the cache length, an i32.
+            limit[i] = match to < prompt.len() {
+                true => to as i32,
+                false => (prompt.len() + p.request.max_new_tokens - 1) as i32,
+            };
+        }
+        let device = self.exec.device().clone();
+        let inputs = vec![
+            Value::from_i32(tokens, &[c.batch, c.prefill_len], &device),
+            Value::from_i32(len, &[c.batch], &device),
+            Value::from_i32(limit, &[c.batch], &device),
+            Value::from_bool(restart, &[c.batch], &device),
+        ];
+        self.exec.run(Which::Prefill, inputs, &mut self.state())
     }
 
     /// Runs one decode step for every row that is not done.
