@@ -219,7 +219,8 @@ pub fn bench_one(model: &Path, cfg: &Config) -> Result<BenchResult> {
         }
     }
     // A serving slot's refill: row 0 gets a new prompt while the other rows keep theirs
-    // (every row has finished here; a refill computes the whole `[B, T]` prefill anyway).
+    // (every row has finished here; the kernels skip the rows not refilled, unless
+    // --compute-padding).
     let refill_ms = match refill {
         None => None,
         Some(l) => {
@@ -331,6 +332,9 @@ pub fn bench_all(model: &Path, configs: &[Config], json: Option<&Path>) -> Resul
             if let Some(m) = cfg.options.max_memory {
                 cmd.args(["--max-memory", &m.to_string()]);
             }
+            if !cfg.options.skip_padding {
+                cmd.arg("--compute-padding");
+            }
             cmd.args([
                 "--backend",
                 cfg.backend.name(),
@@ -367,7 +371,14 @@ pub fn bench_all(model: &Path, configs: &[Config], json: Option<&Path>) -> Resul
                 r.plan.total() as f64 / 1048576.0
             );
             if let (Some(l), Some(ms)) = (r.refill_tokens, r.refill_ms) {
-                println!("{:>13} refill of row 0 with {l} tokens: {ms:.1} ms", "");
+                let how = match cfg.options.skip_padding {
+                    true => "padding skipped",
+                    false => "padding computed",
+                };
+                println!(
+                    "{:>13} refill of row 0 with {l} tokens: {ms:.1} ms ({how})",
+                    ""
+                );
             }
             results.push(r);
         }

@@ -392,6 +392,12 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
             get(&m.prompt_tokens).to_string(),
         ),
         (
+            "kvc_prompt_tokens_reused_total",
+            "counter",
+            "Prompt tokens not prefilled: their row's cache held them from an earlier prompt.",
+            get(&m.prompt_tokens_reused).to_string(),
+        ),
+        (
             "kvc_generated_tokens_total",
             "counter",
             "Tokens generated.",

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use kvc_compiler::Overrides;
 use kvc_compiler::ir::{Program, StateId};
 use kvc_compiler::spec::{KvPolicy, KvStorage, Sampler};
-use kvc_runtime::exec::session::{Refill, Request, Sampling, Session, SessionOptions};
+use kvc_runtime::exec::session::{Refill, RefillChunk, Request, Sampling, Session, SessionOptions};
 use kvc_runtime::load::random::HostTensor;
 
 const B: usize = 3;
@@ -180,7 +180,13 @@ fn check(family: &str, kv: KvPolicy, storage: KvStorage, sampler: Sampler) {
     let mut between = vec![Vec::new(); B];
     let mut e_out = None;
     for chunk in 0..chunks {
-        let o = e.refill_chunk(&[(piece, chunk)]).unwrap();
+        let o = e
+            .refill_chunk(&[RefillChunk {
+                refill: piece,
+                kept: 0,
+                chunk,
+            }])
+            .unwrap();
         if chunk + 1 < chunks {
             assert!(o.done[1], "{what}: row 1 is parked between its chunks");
             for (r, steps) in decode(&mut e, 1).into_iter().enumerate() {
@@ -388,4 +394,121 @@ fn several_rows_refilled_at_once() {
             );
         }
     }
+}
+
+/// A prompt that begins with the row's previous prompt keeps that prefix in the dense
+/// cache and prefills only the rest (prompt reuse): the row then generates what the whole
+/// prompt generates in a fresh batch, logits bit for bit, while the other rows step on. A
+/// budgeted cache or a sliding window (Gemma's local layers) refuses a kept prefix.
+#[test]
+fn a_kept_prefix_refills_like_the_whole_prompt() {
+    // Width 8 runs the few-row attention kernel on the tiny models, 16 the chunk kernel.
+    let cases = FAMILIES.iter().map(|&f| (f, KvStorage::F32, 8)).chain([
+        ("tiny-llama", KvStorage::I8, 8),
+        ("tiny-llama", KvStorage::F16, 8),
+        ("tiny-llama", KvStorage::F32, 16),
+        ("tiny-qwen2", KvStorage::F16, 16),
+    ]);
+    for (family, storage, width) in cases {
+        let what = format!("{family} {storage:?} T={width}");
+        let o = Overrides {
+            prefill_len: Some(width),
+            ..overrides(KvPolicy::Dense, storage, Sampler::Greedy)
+        };
+        let (p, weights) = tiny_model(family, o, &[]);
+        if width == 16 {
+            assert!(
+                session(&p, &weights)
+                    .plan_text()
+                    .contains("attention chunk"),
+                "{what}: the chunk kernel runs"
+            );
+        }
+        let sp = Sampling::default();
+        let first = [
+            request(&[5, 9, 14], 30, sp),
+            request(&[11, 2, 8, 30, 1, 4, 6, 22, 19, 3, 7], 4, sp),
+            request(&[40, 12, 3, 7], 30, sp),
+        ];
+        let mut a = session(&p, &weights);
+        a.prefill(&first, false).unwrap();
+        let generated: Vec<u32> = decode(&mut a, 3).remove(1).iter().map(|s| s.0).collect();
+        // The conversation goes on: the old prompt, what it generated, a new turn.
+        let mut cont = first[1].prompt.clone();
+        cont.extend(&generated);
+        cont.extend([13, 2, 44, 6, 28, 9, 9, 1, 17]);
+        let cont = request(&cont, 8, sp);
+        let kept = first[1].prompt.len();
+        let refill = Refill {
+            row: 1,
+            request: &cont,
+            seed: 0,
+        };
+        if !a.keeps_every_position() {
+            // Sliding-window layers keep only their last slots: no prefix survives.
+            assert_eq!(
+                family, "tiny-gemma3",
+                "{what}: which programs keep every position"
+            );
+            let err = a
+                .refill_chunk(&[RefillChunk {
+                    refill,
+                    kept,
+                    chunk: 0,
+                }])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("needs a dense cache"), "{what}: {err}");
+            continue;
+        }
+        let mut out = None;
+        for chunk in 0..a.chunks(cont.prompt.len() - kept) {
+            out = Some(
+                a.refill_chunk(&[RefillChunk {
+                    refill,
+                    kept,
+                    chunk,
+                }])
+                .unwrap(),
+            );
+        }
+        let out = out.unwrap();
+        let steps = decode(&mut a, 6);
+        let mut fresh = session(&p, &weights);
+        let (want, _) = fresh
+            .prefill(&[first[0].clone(), cont.clone()], false)
+            .unwrap();
+        assert_eq!(out.tokens[1], want.tokens[1], "{what}: first token");
+        let want_steps = decode(&mut fresh, 6);
+        assert!(
+            steps[1] == want_steps[1],
+            "{what}: the row that kept its prefix generates differently"
+        );
+    }
+    let (p, weights) = model(
+        "tiny-llama",
+        KvPolicy::H2o {
+            budget: 6,
+            recent: 2,
+        },
+        KvStorage::F32,
+        Sampler::Greedy,
+    );
+    let mut a = session(&p, &weights);
+    let r = request(&[1, 2, 3, 4], 4, Sampling::default());
+    a.prefill(std::slice::from_ref(&r), false).unwrap();
+    let refill = Refill {
+        row: 0,
+        request: &r,
+        seed: 0,
+    };
+    let err = a
+        .refill_chunk(&[RefillChunk {
+            refill,
+            kept: 2,
+            chunk: 0,
+        }])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("needs a dense cache"), "{err}");
 }

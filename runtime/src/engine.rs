@@ -281,6 +281,9 @@ pub struct Metrics {
     pub cancelled: AtomicU64,
     /// Prompt tokens prefilled.
     pub prompt_tokens: AtomicU64,
+    /// Prompt tokens not prefilled because the row's cache held them already (a prompt
+    /// that begins with the previous prompt of its row, dense cache only).
+    pub prompt_tokens_reused: AtomicU64,
     /// Tokens generated.
     pub generated_tokens: AtomicU64,
     /// Decode steps run.

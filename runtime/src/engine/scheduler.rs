@@ -16,13 +16,15 @@ use std::time::{Duration, Instant};
 
 use super::{Event, EventSink, FinishReason, Job, Metrics, Schedule, Usage};
 use crate::RuntimeError;
-use crate::exec::session::{Refill, Session};
+use crate::exec::session::{Refill, RefillChunk, Session};
 
 /// A request whose prompt is being prefilled, chunk by chunk, into a row.
 struct Admitted {
     row: usize,
     job: Job,
-    /// The next chunk to prefill.
+    /// Prompt tokens the row's cache held already (not prefilled).
+    kept: usize,
+    /// The next chunk to prefill (of the prompt after the kept tokens).
     chunk: usize,
 }
 use crate::load::tokenizer::Tokenizer;
@@ -48,6 +50,11 @@ pub(super) struct Scheduler<'t> {
     rows: Vec<Option<Running<'t>>>,
     /// Requests being prefilled, in the order they were admitted (each holds its row).
     admitted: VecDeque<Admitted>,
+    /// Per row, the prompt tokens whose keys and values its cache holds at positions
+    /// `0..` as a prefill wrote them (the last prompt it ran): a new prompt that begins
+    /// with them keeps them. Empty unless every layer's cache keeps every position (a
+    /// budgeted policy or a sliding window keeps other slots).
+    cached: Vec<Vec<u32>>,
     queue: VecDeque<Job>,
     schedule: Schedule,
 }
@@ -69,6 +76,7 @@ impl<'t> Scheduler<'t> {
             metrics,
             rows: Vec::new(),
             admitted: VecDeque::new(),
+            cached: Vec::new(),
             queue: VecDeque::new(),
             schedule,
         }
@@ -78,6 +86,7 @@ impl<'t> Scheduler<'t> {
     pub(super) fn run(&mut self, jobs: &Receiver<Job>) -> Result<(), RuntimeError> {
         let b = self.session.batch();
         self.rows = (0..b).map(|_| None).collect();
+        self.cached = vec![Vec::new(); b];
         let stops = self.session.program().config.stop_tokens.clone();
         let mut open = true;
         loop {
@@ -128,25 +137,48 @@ impl<'t> Scheduler<'t> {
                     Metrics::add(&self.metrics.cancelled, 1);
                 }
             }
-            // A request cancelled mid-prompt frees its row (parked: done).
+            // A request cancelled mid-prompt frees its row (parked: done); the row's cache
+            // still holds the prefix it kept.
             let before = self.admitted.len() as u64;
-            self.admitted.retain(|a| !a.job.sink.is_closed());
+            let cached = &mut self.cached;
+            self.admitted.retain(|a| {
+                let closed = a.job.sink.is_closed();
+                if closed {
+                    cached[a.row] = a.job.ids[..a.kept].to_vec();
+                }
+                !closed
+            });
             let dropped = before - self.admitted.len() as u64;
             self.metrics.in_flight.fetch_sub(dropped, Ordering::Relaxed);
             Metrics::add(&self.metrics.cancelled, dropped);
             // 3. Admit waiting requests into free rows, then prefill one run's worth of
             //    their prompts.
             let held: Vec<usize> = self.admitted.iter().map(|a| a.row).collect();
-            let free: Vec<usize> = (0..b)
+            let mut free: Vec<usize> = (0..b)
                 .filter(|&i| self.rows[i].is_none() && !held.contains(&i))
                 .collect();
             if self.time_to_admit(free.len(), b) {
-                for row in free {
+                while !free.is_empty() {
                     let Some(job) = self.queue.pop_front() else {
                         break;
                     };
                     self.metrics.queued.fetch_sub(1, Ordering::Relaxed);
-                    self.admitted.push_back(Admitted { row, job, chunk: 0 });
+                    // The free row whose cache holds the longest prefix of the prompt
+                    // (the first free row when none holds any).
+                    let (at, kept) = free
+                        .iter()
+                        .enumerate()
+                        .map(|(at, &row)| (at, reusable(&self.cached[row], &job.ids)))
+                        .fold((0, 0), |best, c| if c.1 > best.1 { c } else { best });
+                    let row = free.remove(at);
+                    self.cached[row].clear();
+                    Metrics::add(&self.metrics.prompt_tokens_reused, kept as u64);
+                    self.admitted.push_back(Admitted {
+                        row,
+                        job,
+                        kept,
+                        chunk: 0,
+                    });
                 }
             }
             if !self.admitted.is_empty() {
@@ -194,23 +226,26 @@ impl<'t> Scheduler<'t> {
         let mut picked = Vec::new();
         for (k, a) in self.admitted.iter().enumerate() {
             let n = a.job.ids.len();
-            let piece = (n - (a.chunk * t).min(n)).min(t);
+            let piece = (n - (a.kept + a.chunk * t).min(n)).min(t);
             if !picked.is_empty() && tokens + piece > t {
                 break;
             }
             tokens += piece;
             picked.push(k);
         }
-        let pieces: Vec<(Refill<'_>, usize)> = picked
+        let pieces: Vec<RefillChunk<'_>> = picked
             .iter()
             .map(|&k| {
                 let a = &self.admitted[k];
-                let refill = Refill {
-                    row: a.row,
-                    request: &a.job.request,
-                    seed: a.job.seed,
-                };
-                (refill, a.chunk)
+                RefillChunk {
+                    refill: Refill {
+                        row: a.row,
+                        request: &a.job.request,
+                        seed: a.job.seed,
+                    },
+                    kept: a.kept,
+                    chunk: a.chunk,
+                }
             })
             .collect();
         let running = self.rows.iter().filter(|r| r.is_some()).count();
@@ -226,12 +261,16 @@ impl<'t> Scheduler<'t> {
         for &k in picked.iter().rev() {
             let a = &mut self.admitted[k];
             a.chunk += 1;
-            if a.chunk >= self.session.chunks(a.job.ids.len()) {
+            if a.chunk >= self.session.chunks(a.job.ids.len() - a.kept) {
                 started.push(self.admitted.remove(k).expect("picked"));
             }
         }
+        let dense = self.session.keeps_every_position();
         for a in started.into_iter().rev() {
             let Admitted { row, job, .. } = a;
+            if dense {
+                self.cached[row] = job.ids.clone();
+            }
             Metrics::add(&self.metrics.rows_filled, 1);
             if running > 0 {
                 Metrics::add(&self.metrics.rows_filled_running, 1);
@@ -340,6 +379,18 @@ impl<'t> Scheduler<'t> {
     }
 }
 
+/// Prompt tokens a row whose cache holds `cached` (a prompt it prefilled) keeps for
+/// `prompt`: their common prefix, leaving at least one token to prefill (its logits give
+/// the first generated token).
+fn reusable(cached: &[u32], prompt: &[u32]) -> usize {
+    let common = cached
+        .iter()
+        .zip(prompt)
+        .take_while(|(a, b)| a == b)
+        .count();
+    common.min(prompt.len().saturating_sub(1))
+}
+
 /// Bytes at the end of `text` to hold back: the longest suffix that is a proper prefix
 /// of a stop string (on a character boundary).
 fn held_back(text: &str, stops: &[String]) -> usize {
@@ -356,7 +407,17 @@ fn held_back(text: &str, stops: &[String]) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::held_back;
+    use super::{held_back, reusable};
+
+    #[test]
+    fn a_prompt_reuses_its_common_prefix_but_its_last_token() {
+        assert_eq!(reusable(&[1, 2, 3], &[1, 2, 3, 4, 5]), 3);
+        assert_eq!(reusable(&[1, 2, 3], &[1, 2, 9]), 2);
+        assert_eq!(reusable(&[1, 2, 3], &[1, 2, 3]), 2);
+        assert_eq!(reusable(&[], &[1, 2]), 0);
+        assert_eq!(reusable(&[4], &[1, 2]), 0);
+        assert_eq!(reusable(&[1], &[]), 0);
+    }
 
     #[test]
     fn held_back_keeps_the_longest_stop_prefix() {

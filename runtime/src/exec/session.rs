@@ -149,8 +149,25 @@ impl SessionOptions {
 struct Piece<'a> {
     row: usize,
     request: &'a Request,
-    /// Which chunk of `T` prompt tokens.
+    /// Prompt tokens the row's cache holds already.
+    kept: usize,
+    /// Which chunk of `T` tokens after them.
     chunk: usize,
+}
+
+/// One row's part of a chunked refill ([`Session::refill_chunk`]).
+#[derive(Clone, Copy, Debug)]
+pub struct RefillChunk<'a> {
+    /// The row, its request and seed.
+    pub refill: Refill<'a>,
+    /// Prompt tokens the row's cache holds already: positions `0..kept` were written by
+    /// the prefill of an earlier prompt that began with the same tokens (the caller's
+    /// bookkeeping), so the refill starts after them. 0 restarts the row; more needs a
+    /// dense cache in every layer ([`Session::keeps_every_position`]) and leaves at least
+    /// one token to prefill.
+    pub kept: usize,
+    /// Which chunk of `T` tokens of the prompt after the kept ones.
+    pub chunk: usize,
 }
 
 /// The recorded decode step.
@@ -465,35 +482,59 @@ impl Session {
     /// a request is refilling its row). Returns the control state after the prefill:
     /// a refilled row's token is its first generated token.
     pub fn refill(&mut self, rows: &[Refill<'_>]) -> Result<StepOutput, RuntimeError> {
-        self.check_refills(rows.iter().map(|r| (r, 0)))?;
+        self.check_refills(rows.iter().map(|r| (r, 0, 0)))?;
         self.upload_refills(rows.iter())?;
         let rows: Vec<(usize, &Request)> = rows.iter().map(|r| (r.row, r.request)).collect();
         Ok(self.run_prefill(&rows, false)?.0)
     }
 
     /// [`Session::refill`] one chunk at a time, so that decode steps of the other rows can
-    /// run between a long prompt's chunks: prefills chunk `c` (prompt tokens `c·T ..
-    /// (c+1)·T`) of each given row's prompt in one run of the prefill graph. Chunk 0
-    /// restarts the row and uploads its sampling settings; until its last chunk the row is
-    /// parked (done: decode steps leave it as it is) and its token means nothing. After
-    /// its last chunk a row is where [`Session::refill`] leaves it, bit for bit, and its
-    /// token is its first generated one. Rows not given are untouched, as in a refill.
-    pub fn refill_chunk(
-        &mut self,
-        rows: &[(Refill<'_>, usize)],
-    ) -> Result<StepOutput, RuntimeError> {
-        self.check_refills(rows.iter().map(|(r, c)| (r, *c)))?;
-        self.upload_refills(rows.iter().filter(|(_, c)| *c == 0).map(|(r, _)| r))?;
+    /// run between a long prompt's chunks, and optionally after a prefix the row's cache
+    /// already holds: prefills one chunk of `T` tokens of each given row's prompt (after
+    /// its [`RefillChunk::kept`] tokens) in one run of the prefill graph. Chunk 0 restarts
+    /// the row at position `kept` and uploads its sampling settings; until its last chunk
+    /// the row is parked (done: decode steps leave it as it is) and its token means
+    /// nothing. After its last chunk a row is where [`Session::refill`] leaves it, bit for
+    /// bit (with `kept > 0`: as a refill of the whole prompt, whose prefix the row's cache
+    /// held), and its token is its first generated one. Rows not given are untouched.
+    pub fn refill_chunk(&mut self, rows: &[RefillChunk<'_>]) -> Result<StepOutput, RuntimeError> {
+        self.check_refills(rows.iter().map(|r| (&r.refill, r.kept, r.chunk)))?;
+        self.upload_refills(rows.iter().filter(|r| r.chunk == 0).map(|r| &r.refill))?;
+        let resumed: Vec<(usize, usize)> = rows
+            .iter()
+            .filter(|r| r.chunk == 0 && r.kept > 0)
+            .map(|r| (r.refill.row, r.kept))
+            .collect();
+        if !resumed.is_empty() {
+            // The row continues after its kept prefix: its position is the prefix's end
+            // (no restart), and the prefill writes from there.
+            let mut pos = self.positions()?;
+            for &(row, kept) in &resumed {
+                pos[row] = kept as i32;
+            }
+            let device = self.exec.device().clone();
+            let b = self.program().config.batch;
+            self.state()
+                .write(self.iface.pos, Value::from_i32(pos, &[b], &device));
+        }
         let pieces: Vec<Piece<'_>> = rows
             .iter()
-            .map(|(r, c)| Piece {
-                row: r.row,
-                request: r.request,
-                chunk: *c,
+            .map(|r| Piece {
+                row: r.refill.row,
+                request: r.refill.request,
+                kept: r.kept,
+                chunk: r.chunk,
             })
             .collect();
         self.run_chunk(&pieces);
         self.read_control()
+    }
+
+    /// Whether every layer's cache keeps every position (dense, no budget or sliding
+    /// window: no slot table), so that a row's cache still holds its whole prompt after
+    /// generating, as a kept prefix ([`RefillChunk::kept`]) needs.
+    pub fn keeps_every_position(&self) -> bool {
+        self.iface.layers.iter().all(|l| l.slot_positions.is_none())
     }
 
     /// Chunks of `T` tokens a prompt of `tokens` takes (at least one).
@@ -503,15 +544,18 @@ impl Session {
             .max(1)
     }
 
-    /// Checks refills (with the chunk each prefills): rows in the batch, each once, the
-    /// request fitting the shapes, the chunk within its prompt.
+    /// Checks refills (with the prompt tokens each keeps and the chunk it prefills): rows
+    /// in the batch, each once, the request fitting the shapes, a kept prefix only with
+    /// the dense cache, within the row's cache and short of the whole prompt, the chunk
+    /// within the rest of the prompt.
     fn check_refills<'r, 'a: 'r>(
         &self,
-        rows: impl Iterator<Item = (&'r Refill<'a>, usize)>,
+        rows: impl Iterator<Item = (&'r Refill<'a>, usize, usize)>,
     ) -> Result<(), RuntimeError> {
         let b = self.batch();
         let mut seen = vec![false; b];
-        for (r, chunk) in rows {
+        let mut pos = None;
+        for (r, kept, chunk) in rows {
             if r.row >= b {
                 return Err(RuntimeError::Request(format!(
                     "row {} is outside the compiled batch of {b} rows",
@@ -526,7 +570,30 @@ impl Session {
             }
             self.check_request(r.request)
                 .map_err(|e| RuntimeError::Request(format!("row {}: {e}", r.row)))?;
-            let chunks = self.chunks(r.request.prompt.len());
+            if kept > 0 {
+                if !self.keeps_every_position() {
+                    return Err(RuntimeError::Request(format!(
+                        "row {}: a kept prefix needs a dense cache in every layer; this \
+                         program keeps a budget or a sliding window of slots (--kv {})",
+                        r.row,
+                        self.program().config.kv
+                    )));
+                }
+                if pos.is_none() {
+                    pos = Some(self.positions()?);
+                }
+                let held = pos.as_ref().map_or(0, |p| p[r.row].max(0) as usize);
+                if kept >= r.request.prompt.len() || kept > held {
+                    return Err(RuntimeError::Request(format!(
+                        "row {}: a kept prefix of {kept} tokens, for a prompt of {} tokens in \
+                         a row whose cache holds {held} (at least one prompt token must be \
+                         prefilled)",
+                        r.row,
+                        r.request.prompt.len()
+                    )));
+                }
+            }
+            let chunks = self.chunks(r.request.prompt.len() - kept);
             if chunk >= chunks {
                 return Err(RuntimeError::Request(format!(
                     "row {}: chunk {chunk} of a prompt of {chunks} chunks",
@@ -567,6 +634,7 @@ impl Session {
                 .map(|&(row, request)| Piece {
                     row,
                     request,
+                    kept: 0,
                     chunk,
                 })
                 .collect();
@@ -601,13 +669,13 @@ impl Session {
         let mut restart = vec![0i32; b];
         for p in pieces {
             let (i, prompt) = (p.row, &p.request.prompt);
-            let from = (p.chunk * t).min(prompt.len());
-            let to = ((p.chunk + 1) * t).min(prompt.len());
+            let from = (p.kept + p.chunk * t).min(prompt.len());
+            let to = (p.kept + (p.chunk + 1) * t).min(prompt.len());
             for (j, &id) in prompt[from..to].iter().enumerate() {
                 tokens[i * t + j] = id as i32;
             }
             len[i] = (to - from) as i32;
-            restart[i] = (p.chunk == 0) as i32;
+            restart[i] = (p.chunk == 0 && p.kept == 0) as i32;
             // `check_request` bounded prompt + max_new - 1 by the cache length, an i32.
             limit[i] = match to < prompt.len() {
                 true => to as i32,

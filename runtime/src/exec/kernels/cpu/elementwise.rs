@@ -41,8 +41,8 @@ fn over_runs(
 }
 
 /// The one run covering all of a value of `n` elements.
-pub fn whole(n: usize) -> [Range<usize>; 1] {
-    [0..n]
+pub fn whole(n: usize) -> Vec<Range<usize>> {
+    std::iter::once(0..n).collect()
 }
 
 /// `eˣ` in f32 for any `x` (underflows to 0 below −87.3, overflows to ∞ above 88.7),

@@ -173,7 +173,7 @@ impl Kernels for Cpu {
         let (xt, pt, ct, st) = (host(&x), host(&pos), host(&cos), host(&sin));
         let rows = match live {
             Some(live) => live.unit_runs(n * d),
-            None => vec![0..b * t],
+            None => std::iter::once(0..b * t).collect(),
         };
         let out = elementwise::rope(f32s(&xt), i32s(&pt), (n, d), (f32s(&ct), f32s(&st)), &rows);
         Tensor::from_data(TensorData::new(out, x.dims()), &x.device())
@@ -221,7 +221,7 @@ impl Kernels for Cpu {
         let mut out = vec![0.0f32; ids.len() * h];
         let runs = match live {
             Some(live) => live.unit_runs(h),
-            None => vec![0..ids.len()],
+            None => std::iter::once(0..ids.len()).collect(),
         };
         for i in runs.into_iter().flatten() {
             // Ids come from the tokenizer or the sampler; clamp like the f32 lookup's
@@ -392,7 +392,7 @@ impl Kernels for Cpu {
 fn runs(live: Option<Live<'_>>, n: usize) -> Vec<std::ops::Range<usize>> {
     match live {
         Some(live) => live.runs(),
-        None => vec![0..n],
+        None => std::iter::once(0..n).collect(),
     }
 }
 

@@ -7,6 +7,7 @@ use super::{Cpu, test_values};
 use crate::Backend;
 use crate::blocks::{QuantLayout, QuantTensor};
 use crate::exec::kernels::{Form, Kernels, Live, Rows};
+use crate::exec::value::Value;
 use crate::load::gguf::GgmlType;
 use kvc_compiler::ir::BinaryOp;
 
@@ -20,7 +21,7 @@ fn tensor<const D: usize>(dims: [usize; D], seed: u64) -> Tensor<D> {
 }
 
 fn host(t: Tensor<4>) -> Vec<f32> {
-    t.into_data().try_to_vec::<f32>().unwrap()
+    Value::F(t).read_f32().unwrap()
 }
 
 /// Row lengths with a row of none, a short one, a full one and one in between.
