@@ -171,6 +171,10 @@ pub(crate) fn load(
 /// Rows of a served batch when neither the spec nor `--batch` asks for more than one.
 const SERVE_BATCH: u32 = 8;
 
+/// Prefill width of a served program when neither the spec nor `--prefill-len` asks for
+/// more (at most the cache length): measured in docs/performance.md#serving.
+const SERVE_PREFILL_LEN: u32 = 256;
+
 /// The engine of `kvc serve`: the spec with the user's shapes (a batch of
 /// [`SERVE_BATCH`] rows unless one is given or the spec has more) and a sampling program.
 pub(crate) fn load_engine(
@@ -194,6 +198,12 @@ pub(crate) fn load_engine(
     let mut o = shapes.overrides();
     if o.batch.is_none() && spec.compile.batch < SERVE_BATCH {
         o.batch = Some(SERVE_BATCH);
+    }
+    // A wide prefill costs short prompts nothing (the kernels skip padding), and most
+    // prompts then fit one chunk; the width bounds a running row's inter-token gap.
+    if o.prefill_len.is_none() && spec.compile.prefill_len < SERVE_PREFILL_LEN {
+        let cache = o.cache_len.unwrap_or(spec.compile.cache_len);
+        o.prefill_len = Some(SERVE_PREFILL_LEN.min(cache));
     }
     // The engine compiles the spec itself; the storage it will choose, told here.
     store_kv_where_it_runs(&spec, &mut o.clone(), exec.backend);

@@ -91,6 +91,25 @@ fn touch(v: Value) -> Value {
     }
 }
 
+/// Makes allocations of 1 MiB and more come from fresh pages of the OS (glibc's
+/// `M_MMAP_THRESHOLD`, fixed instead of the adaptive default, which after the first free
+/// of a large buffer serves the next ones from the heap). A prefill that skips padding
+/// writes only its real rows into buffers of the full padded shape: a zeroed buffer of
+/// fresh pages costs nothing where nobody writes, where a recycled heap buffer must be
+/// cleared whole. Measured (SmolLM2, batch 16, T = 64, Intel Xeon, 2 threads): a refill
+/// of one 64-token row 406 → 212 ms. Process-wide and once; elsewhere than glibc, nothing.
+fn large_buffers_from_fresh_pages() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        // SAFETY: mallopt only sets an allocator parameter; called before the executor
+        // allocates its plans, and only once.
+        ONCE.call_once(|| unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        });
+    }
+}
+
 /// Whether some graph run holds [`Polling`] (one at a time).
 static POLLING: AtomicBool = AtomicBool::new(false);
 
@@ -209,6 +228,9 @@ impl Executor {
                 })
                 .collect(),
         };
+        if set.kernels().skips_padding() {
+            large_buffers_from_fresh_pages();
+        }
         let prefill = Plan::new(&program, &program.prefill, set, &device, &params)?;
         let decode = Plan::new(&program, &program.decode, set, &device, &params)?;
         let profile = std::env::var_os("KVC_PROFILE").map(|_| Default::default());

@@ -86,6 +86,72 @@ multiversion! {
     }
 }
 
+/// [`silu`] in place over the element ranges `runs` of `x` (the rest left as it is).
+pub fn silu_in_place(x: &mut [f32], runs: &[Range<usize>]) {
+    for r in runs {
+        // SAFETY: no contract beyond the slice's own.
+        in_parts(&mut x[r.clone()], |x| unsafe { silu_self(x) });
+    }
+}
+
+multiversion! {
+    /// # Safety
+    /// None beyond the slice's own (required by the macro's form).
+    unsafe fn silu_self(x: &mut [f32]) {
+        for v in x.iter_mut() {
+            *v = *v / (1.0 + exp(-*v));
+        }
+    }
+}
+
+/// [`gelu`] in place over the element ranges `runs` of `x` (the rest left as it is).
+pub fn gelu_in_place(x: &mut [f32], runs: &[Range<usize>]) {
+    for r in runs {
+        // SAFETY: no contract beyond the slice's own.
+        in_parts(&mut x[r.clone()], |x| unsafe { gelu_self(x) });
+    }
+}
+
+multiversion! {
+    /// # Safety
+    /// None beyond the slice's own (required by the macro's form).
+    unsafe fn gelu_self(x: &mut [f32]) {
+        for v in x.iter_mut() {
+            let u = GELU_SCALE * (*v + GELU_CUBIC * *v * *v * *v);
+            let tanh = 1.0 - 2.0 / (1.0 + exp(2.0 * u));
+            *v = 0.5 * *v * (1.0 + tanh);
+        }
+    }
+}
+
+/// `a = a op b` elementwise over the element ranges `runs` (the rest left as it is).
+pub fn binary_in_place(a: &mut [f32], b: &[f32], op: fn(f32, f32) -> f32, runs: &[Range<usize>]) {
+    let part = |a: &mut [f32], b: &[f32]| {
+        for (x, &y) in a.iter_mut().zip(b) {
+            *x = op(*x, y);
+        }
+    };
+    for r in runs {
+        let (a, b) = (&mut a[r.clone()], &b[r.clone()]);
+        if a.len() < 2 * PAR_VALUES {
+            part(a, b);
+        } else {
+            a.par_chunks_mut(PAR_VALUES)
+                .zip(b.par_chunks(PAR_VALUES))
+                .for_each(|(a, b)| part(a, b));
+        }
+    }
+}
+
+/// `f` over parts of `x`, in parallel when `x` is long.
+fn in_parts(x: &mut [f32], f: impl Fn(&mut [f32]) + Sync) {
+    if x.len() < 2 * PAR_VALUES {
+        f(x);
+    } else {
+        x.par_chunks_mut(PAR_VALUES).for_each(&f);
+    }
+}
+
 /// GELU, tanh approximation, elementwise: `x/2 · (1 + tanh(u))` with
 /// `u = √(2/π) · (x + 0.044715·x³)` and `tanh(u) = 1 − 2 / (1 + e²ᵘ)`, over the element
 /// ranges `runs` (0 elsewhere).

@@ -180,6 +180,14 @@ impl Kernels for Cpu {
     }
 
     fn silu(&self, x: Tensor<4>, live: Option<Live<'_>>) -> Tensor<4> {
+        let x = match (live, in_place(x)) {
+            (Some(live), Ok(mut t)) => {
+                elementwise::silu_in_place(owned_f32s(&mut t), &live.runs());
+                return Tensor::from_primitive::<Flex>(t);
+            }
+            (_, Ok(t)) => Tensor::from_primitive::<Flex>(t),
+            (_, Err(x)) => x,
+        };
         let xt = host(&x);
         let xs = f32s(&xt);
         let out = elementwise::silu(xs, &runs(live, xs.len()));
@@ -233,6 +241,14 @@ impl Kernels for Cpu {
     }
 
     fn gelu(&self, x: Tensor<4>, live: Option<Live<'_>>) -> Tensor<4> {
+        let x = match (live, in_place(x)) {
+            (Some(live), Ok(mut t)) => {
+                elementwise::gelu_in_place(owned_f32s(&mut t), &live.runs());
+                return Tensor::from_primitive::<Flex>(t);
+            }
+            (_, Ok(t)) => Tensor::from_primitive::<Flex>(t),
+            (_, Err(x)) => x,
+        };
         let xt = host(&x);
         let xs = f32s(&xt);
         let out = elementwise::gelu(xs, &runs(live, xs.len()));
@@ -256,6 +272,15 @@ impl Kernels for Cpu {
         if a.dtype() != BurnDType::F32 || b.dtype() != BurnDType::F32 {
             return Portable.binary(op, a, b, live);
         }
+        // The result in a's own buffer when nothing else holds it.
+        let a = match in_place(a) {
+            Ok(mut t) => {
+                let bt = host(&b);
+                elementwise::binary_in_place(owned_f32s(&mut t), f32s(&bt), f, &live.runs());
+                return Tensor::from_primitive::<Flex>(t);
+            }
+            Err(a) => a,
+        };
         let (at, bt) = (host(&a), host(&b));
         let out = elementwise::binary(f32s(&at), f32s(&bt), f, &live.runs());
         Tensor::from_data(TensorData::new(out, a.dims()), &a.device())
@@ -386,6 +411,33 @@ impl Kernels for Cpu {
             .collect();
         Tensor::from_data(TensorData::new(u, dims), &a.device())
     }
+}
+
+/// x's own buffer, when x is a whole contiguous f32 tensor that nothing else holds (a
+/// value moved into its last reader): a kernel may write its result there instead of
+/// allocating (and zeroing) a buffer of the full padded shape. Else x back.
+// The tensor is handed back unchanged in Err, once per call: its size does not matter.
+#[allow(clippy::result_large_err)]
+fn in_place(x: Tensor<4>) -> Result<FlexTensor, Tensor<4>> {
+    let n: usize = x.dims().iter().product();
+    if x.dtype() != BurnDType::F32 {
+        return Err(x);
+    }
+    let mut t = x
+        .try_into_primitive::<Flex>()
+        .unwrap_or_else(|_| unreachable!("the CPU kernel set runs on Flex tensors only"));
+    let whole = t.layout().contiguous_offsets() == Some((0, n));
+    if whole && t.try_storage_mut::<f32>().is_some() {
+        Ok(t)
+    } else {
+        Err(Tensor::from_primitive::<Flex>(t))
+    }
+}
+
+/// The elements of a tensor [`in_place`] returned.
+fn owned_f32s(t: &mut FlexTensor) -> &mut [f32] {
+    t.try_storage_mut::<f32>()
+        .unwrap_or_else(|| unreachable!("in_place checked the single owner"))
 }
 
 /// `live`'s element runs, or the one run over all `n` elements.
