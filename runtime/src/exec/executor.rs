@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use burn::tensor::{Device, IntDType};
-use kvc_compiler::ir::{BinaryOp, Program, StateId};
+use kvc_compiler::ir::{BinaryOp, DType, Program, StateId};
 
 use super::kernels::portable::binary;
 use super::kernels::{KernelSet, Kernels, Live};
@@ -501,7 +501,12 @@ impl Executor {
                     (a, b) => unreachable!("verified select: {a:?} vs {b:?}"),
                 }
             }
-            Kernel::Cast(dtype) => cast(next(), *dtype),
+            Kernel::Cast(dtype) => match (next(), dtype, live) {
+                (Value::F(t), DType::F16, Some(live)) if t.dtype() == burn::tensor::DType::F32 => {
+                    Value::F(k.to_f16(t, live))
+                }
+                (v, _, _) => cast(v, *dtype),
+            },
             Kernel::Reshape(dims) => match next() {
                 Value::F(t) => Value::F(t.reshape(*dims)),
                 Value::I(t) => Value::I(t.reshape(*dims)),

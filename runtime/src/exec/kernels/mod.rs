@@ -345,6 +345,9 @@ pub trait Kernels: Send + Sync {
     /// giving the real elements of all three.
     fn binary(&self, op: BinaryOp, a: Tensor<4>, b: Tensor<4>, live: Live<'_>) -> Tensor<4>;
 
+    /// F32 x as F16 (the f16 cache's storage), `live` giving the real elements.
+    fn to_f16(&self, x: Tensor<4>, live: Live<'_>) -> Tensor<4>;
+
     /// x with its axes permuted (`axes[i]` is the input axis of output axis `i`), `live`
     /// giving the output's real elements.
     fn permute(&self, x: Tensor<4>, axes: [usize; 4], live: Live<'_>) -> Tensor<4>;

@@ -115,6 +115,10 @@ impl Kernels for Portable {
         binary(op, Value::F(a), Value::F(b), dims).f()
     }
 
+    fn to_f16(&self, x: Tensor<4>, _live: Live<'_>) -> Tensor<4> {
+        x.cast(burn::tensor::FloatDType::F16)
+    }
+
     fn permute(&self, x: Tensor<4>, axes: [usize; 4], _live: Live<'_>) -> Tensor<4> {
         x.permute(axes)
     }

@@ -265,6 +265,30 @@ pub fn permute(x: &[f32], dims: [usize; 4], axes: [usize; 4], rows: &[Range<usiz
     out
 }
 
+/// [`rope`] in place over the `[N, D]` rows `rows` of x (the rest left as it is).
+pub fn rope_in_place(
+    x: &mut [f32],
+    pos: &[i32],
+    (n, d): (usize, usize),
+    (cos, sin): (&[f32], &[f32]),
+    rows: &[Range<usize>],
+) {
+    let half = d / 2;
+    let last = (cos.len() / half.max(1)).saturating_sub(1);
+    for i in rows.iter().flat_map(|r| r.clone()) {
+        let p = (pos[i].max(0) as usize).min(last);
+        let (c, s) = (&cos[p * half..][..half], &sin[p * half..][..half]);
+        for head in x[i * n * d..(i + 1) * n * d].chunks_exact_mut(d) {
+            let (x1, x2) = head.split_at_mut(half);
+            for j in 0..half {
+                let (a, b) = (x1[j], x2[j]);
+                x1[j] = a * c[j] - b * s[j];
+                x2[j] = b * c[j] + a * s[j];
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -170,12 +170,22 @@ impl Kernels for Cpu {
         live: Option<Live<'_>>,
     ) -> Tensor<4> {
         let [b, t, n, d] = x.dims();
-        let (xt, pt, ct, st) = (host(&x), host(&pos), host(&cos), host(&sin));
         let rows = match live {
             Some(live) => live.unit_runs(n * d),
             None => std::iter::once(0..b * t).collect(),
         };
-        let out = elementwise::rope(f32s(&xt), i32s(&pt), (n, d), (f32s(&ct), f32s(&st)), &rows);
+        let (pt, ct, st) = (host(&pos), host(&cos), host(&sin));
+        let tables = (f32s(&ct), f32s(&st));
+        let x = match (live, in_place(x)) {
+            (Some(_), Ok(mut xt)) => {
+                elementwise::rope_in_place(owned_f32s(&mut xt), i32s(&pt), (n, d), tables, &rows);
+                return Tensor::from_primitive::<Flex>(xt);
+            }
+            (_, Ok(xt)) => Tensor::from_primitive::<Flex>(xt),
+            (_, Err(x)) => x,
+        };
+        let xt = host(&x);
+        let out = elementwise::rope(f32s(&xt), i32s(&pt), (n, d), tables, &rows);
         Tensor::from_data(TensorData::new(out, x.dims()), &x.device())
     }
 
@@ -284,6 +294,18 @@ impl Kernels for Cpu {
         let (at, bt) = (host(&a), host(&b));
         let out = elementwise::binary(f32s(&at), f32s(&bt), f, &live.runs());
         Tensor::from_data(TensorData::new(out, a.dims()), &a.device())
+    }
+
+    fn to_f16(&self, x: Tensor<4>, live: Live<'_>) -> Tensor<4> {
+        use half::slice::HalfFloatSliceExt;
+        let xt = host(&x);
+        let xs = f32s(&xt);
+        let mut out = vec![half::f16::ZERO; xs.len()];
+        for r in live.runs() {
+            out[r.clone()].convert_from_f32_slice(&xs[r]);
+        }
+        // Built on Flex directly: `Tensor::from_data` would store the device's float type.
+        Tensor::from_primitive::<Flex>(FlexTensor::from_data(TensorData::new(out, x.dims())))
     }
 
     fn permute(&self, x: Tensor<4>, axes: [usize; 4], live: Live<'_>) -> Tensor<4> {

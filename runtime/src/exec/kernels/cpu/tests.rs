@@ -51,6 +51,19 @@ fn check(what: &str, full: &[f32], got: &[f32], live: Live<'_>) {
     }
 }
 
+/// `got` equals `full` on the real elements of `live` (padding: whatever the kernel left).
+fn check_real(what: &str, full: &[f32], got: &[f32], live: Live<'_>) {
+    for r in live.runs() {
+        for i in r {
+            assert_eq!(
+                full[i].to_bits(),
+                got[i].to_bits(),
+                "{what}: real element {i}"
+            );
+        }
+    }
+}
+
 fn live(dims: [usize; 4], batch: usize, token: Option<usize>) -> Live<'static> {
     Live {
         lens: &LENS,
@@ -98,6 +111,32 @@ fn elementwise_kernels_compute_real_tokens_only() {
     let full = Cpu.rope(xr.clone(), pos.clone(), (cos.clone(), sin.clone()), None);
     let got = Cpu.rope(xr.clone(), pos, (cos, sin), Some(lr));
     check("rope", &host(full), &host(got), lr);
+    // In place: the kernels given the only handle of their input write into it.
+    let (pos, cos, sin) = (
+        Tensor::<1, Int>::arange(0..(b * t) as i64, &device()).reshape([1, 1, b, t]),
+        tensor([b * t, d / 2], 5),
+        tensor([b * t, d / 2], 6),
+    );
+    let full = host(Cpu.rope(xr.clone(), pos.clone(), (cos.clone(), sin.clone()), None));
+    let got = Cpu.rope(tensor([b, t, n, d], 4), pos, (cos, sin), Some(lr));
+    check_real("rope in place", &full, &host(got), lr);
+    let full = host(k.silu(x.clone(), None));
+    check_real(
+        "silu in place",
+        &full,
+        &host(k.silu(tensor(dims, 1), Some(l))),
+        l,
+    );
+    let full = host(x.clone().mul(y.clone()));
+    let got = k.binary(BinaryOp::Mul, tensor(dims, 1), y.clone(), l);
+    check_real("mul in place", &full, &host(got), l);
+    // The f16 cast of k and v before the cache write.
+    let full = x
+        .clone()
+        .cast(burn::tensor::FloatDType::F16)
+        .cast(burn::tensor::FloatDType::F32);
+    let got = Cpu.to_f16(x.clone(), l).cast(burn::tensor::FloatDType::F32);
+    check("to_f16", &host(full), &host(got), l);
     let lp = live([b, n, t, d], 0, Some(2));
     let got = Cpu.permute(xr.clone(), [0, 2, 1, 3], lp);
     check("permute", &host(xr.permute([0, 2, 1, 3])), &host(got), lp);
