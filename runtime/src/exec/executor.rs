@@ -11,10 +11,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use burn::tensor::{Device, IntDType};
-use kvc_compiler::ir::{BinaryOp, DType, Program, StateId};
+use kvc_compiler::ir::{DType, Program, StateId};
 
 use super::kernels::portable::binary;
-use super::kernels::{KernelSet, Kernels, Live};
+use super::kernels::{KernelSet, Kernels, Live, ieee_op};
 use super::plan::{Arg, Kernel, Plan, WriteBack};
 use super::value::{Value, cast, to_f32};
 use crate::RuntimeError;
@@ -469,7 +469,7 @@ impl Executor {
             Kernel::Gelu => Value::F(k.gelu(next().f(), live)),
             Kernel::Binary(op, dims) => match (next(), next(), live) {
                 (Value::F(a), Value::F(b), Some(live))
-                    if exact_ieee(*op) && a.dims() == *dims && b.dims() == *dims =>
+                    if ieee_op(*op).is_some() && a.dims() == *dims && b.dims() == *dims =>
                 {
                     Value::F(k.binary(*op, a, b, live))
                 }
@@ -588,20 +588,5 @@ impl Drop for Executor {
                 );
             }
         }
-    }
-}
-
-/// The binary ops whose result is one IEEE operation, so that any kernel computes it bit
-/// for bit as Burn's does.
-fn exact_ieee(op: BinaryOp) -> bool {
-    match op {
-        BinaryOp::Add | BinaryOp::Sub | BinaryOp::Mul | BinaryOp::Div => true,
-        BinaryOp::Min
-        | BinaryOp::Max
-        | BinaryOp::Eq
-        | BinaryOp::Lt
-        | BinaryOp::Le
-        | BinaryOp::And
-        | BinaryOp::Or => false,
     }
 }

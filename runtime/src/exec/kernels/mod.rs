@@ -239,6 +239,24 @@ impl Live<'_> {
     }
 }
 
+/// The f32 operation of a binary op whose result is one IEEE operation (add, sub, mul,
+/// div), which any kernel computes bit for bit as Burn does; `None` for the others.
+pub fn ieee_op(op: BinaryOp) -> Option<fn(f32, f32) -> f32> {
+    match op {
+        BinaryOp::Add => Some(|x, y| x + y),
+        BinaryOp::Sub => Some(|x, y| x - y),
+        BinaryOp::Mul => Some(|x, y| x * y),
+        BinaryOp::Div => Some(|x, y| x / y),
+        BinaryOp::Min
+        | BinaryOp::Max
+        | BinaryOp::Eq
+        | BinaryOp::Lt
+        | BinaryOp::Le
+        | BinaryOp::And
+        | BinaryOp::Or => None,
+    }
+}
+
 /// The form a kernel with several takes, chosen by the kernel set when the plan is built
 /// from the step's static shapes (and, for products with GGUF blocks, the instruction set
 /// and the weights' layout): nothing is chosen per call. `kvc inspect --plan` prints it and

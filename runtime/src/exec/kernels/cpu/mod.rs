@@ -9,7 +9,7 @@ use burn_flex::{Flex, FlexTensor};
 use super::portable::{self, Portable};
 use kvc_compiler::ir::BinaryOp;
 
-use super::{Form, Kernels, Live, top_k_host};
+use super::{Form, Kernels, Live, ieee_op, top_k_host};
 use crate::blocks::{QuantLayout, QuantTensor};
 use crate::exec::value::{Value, to_f32};
 use isa::Isa;
@@ -190,18 +190,7 @@ impl Kernels for Cpu {
     }
 
     fn silu(&self, x: Tensor<4>, live: Option<Live<'_>>) -> Tensor<4> {
-        let x = match (live, in_place(x)) {
-            (Some(live), Ok(mut t)) => {
-                elementwise::silu_in_place(owned_f32s(&mut t), &live.runs());
-                return Tensor::from_primitive::<Flex>(t);
-            }
-            (_, Ok(t)) => Tensor::from_primitive::<Flex>(t),
-            (_, Err(x)) => x,
-        };
-        let xt = host(&x);
-        let xs = f32s(&xt);
-        let out = elementwise::silu(xs, &runs(live, xs.len()));
-        Tensor::from_data(TensorData::new(out, x.dims()), &x.device())
+        activation(x, live, elementwise::silu_in_place, elementwise::silu)
     }
 
     fn qlinear(
@@ -251,33 +240,12 @@ impl Kernels for Cpu {
     }
 
     fn gelu(&self, x: Tensor<4>, live: Option<Live<'_>>) -> Tensor<4> {
-        let x = match (live, in_place(x)) {
-            (Some(live), Ok(mut t)) => {
-                elementwise::gelu_in_place(owned_f32s(&mut t), &live.runs());
-                return Tensor::from_primitive::<Flex>(t);
-            }
-            (_, Ok(t)) => Tensor::from_primitive::<Flex>(t),
-            (_, Err(x)) => x,
-        };
-        let xt = host(&x);
-        let xs = f32s(&xt);
-        let out = elementwise::gelu(xs, &runs(live, xs.len()));
-        Tensor::from_data(TensorData::new(out, x.dims()), &x.device())
+        activation(x, live, elementwise::gelu_in_place, elementwise::gelu)
     }
 
     fn binary(&self, op: BinaryOp, a: Tensor<4>, b: Tensor<4>, live: Live<'_>) -> Tensor<4> {
-        let f: fn(f32, f32) -> f32 = match op {
-            BinaryOp::Add => |x, y| x + y,
-            BinaryOp::Sub => |x, y| x - y,
-            BinaryOp::Mul => |x, y| x * y,
-            BinaryOp::Div => |x, y| x / y,
-            BinaryOp::Min
-            | BinaryOp::Max
-            | BinaryOp::Eq
-            | BinaryOp::Lt
-            | BinaryOp::Le
-            | BinaryOp::And
-            | BinaryOp::Or => return Portable.binary(op, a, b, live),
+        let Some(f) = ieee_op(op) else {
+            return Portable.binary(op, a, b, live);
         };
         if a.dtype() != BurnDType::F32 || b.dtype() != BurnDType::F32 {
             return Portable.binary(op, a, b, live);
@@ -460,6 +428,28 @@ fn in_place(x: Tensor<4>) -> Result<FlexTensor, Tensor<4>> {
 fn owned_f32s(t: &mut FlexTensor) -> &mut [f32] {
     t.try_storage_mut::<f32>()
         .unwrap_or_else(|| unreachable!("in_place checked the single owner"))
+}
+
+/// An elementwise activation: over `live`'s runs in x's own buffer when x is moved into
+/// it (`in_place`), else into a new buffer (`fresh`, over `live`'s runs or all of x).
+fn activation(
+    x: Tensor<4>,
+    live: Option<Live<'_>>,
+    in_place_f: fn(&mut [f32], &[std::ops::Range<usize>]),
+    fresh: fn(&[f32], &[std::ops::Range<usize>]) -> Vec<f32>,
+) -> Tensor<4> {
+    let x = match (live, in_place(x)) {
+        (Some(live), Ok(mut t)) => {
+            in_place_f(owned_f32s(&mut t), &live.runs());
+            return Tensor::from_primitive::<Flex>(t);
+        }
+        (_, Ok(t)) => Tensor::from_primitive::<Flex>(t),
+        (_, Err(x)) => x,
+    };
+    let xt = host(&x);
+    let xs = f32s(&xt);
+    let out = fresh(xs, &runs(live, xs.len()));
+    Tensor::from_data(TensorData::new(out, x.dims()), &x.device())
 }
 
 /// `live`'s element runs, or the one run over all `n` elements.
