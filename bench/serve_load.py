@@ -14,7 +14,9 @@ the row says so. Python standard library only.
 
 Workloads: `mixed` (default) sends prompts of 60-600 tokens of deterministic word-salad text
 (no two alike) with max_tokens cycling 16-192, greedy; `short` the 5-9-token prompts of the
-earlier measurements with max_tokens 8-128.
+earlier measurements with max_tokens 8-128; `chat` runs conversations of --turns turns, each
+turn's prompt the previous prompt, its completion and a new user line (what prompt reuse
+saves: compare kvc serve with --kvc-args=--no-prompt-reuse).
 
 Usage:
   cargo build --release && bench/build_llamacpp.sh
@@ -66,6 +68,21 @@ def mixed_prompt(i):
     return " ".join(out) + "."
 
 
+CHAT_BODY = {"max_tokens": 48, "temperature": 0, "stream": True,
+             "stream_options": {"include_usage": True}}
+
+
+def chats(requests, turns):
+    """Conversations of `turns` turns (requests / turns of them): a 100-400-token opening,
+    then each turn adds the answer and a short user line."""
+    out = []
+    for c in range(max(1, requests // turns)):
+        opening = mixed_prompt(3 * c + 1)
+        lines = [f"\nUser: and then {mixed_prompt(7 * c + t)[:60]}?\nAssistant:" for t in range(turns)]
+        out.append((opening + lines[0], lines[1:] + [""]))
+    return out
+
+
 def workload(n, kind="short"):
     if kind == "mixed":
         prompts = [mixed_prompt(i) for i in range(n)]
@@ -94,6 +111,7 @@ def start_server(args, batch, schedule):
     ]
     if args.prefill_len:
         cmd += ["--prefill-len", str(args.prefill_len)]
+    cmd += args.kvc_args.split()
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
     for line in proc.stderr:
@@ -148,20 +166,22 @@ def start_llama(args, batch):
 
 
 def one_request(host, port, body):
-    """Streams one completion; returns (latency s, time to first token s, tokens, gaps s)."""
+    """Streams one completion; returns (latency s, time to first token s, tokens, gaps s,
+    text)."""
     t0 = time.perf_counter()
     conn = http.client.HTTPConnection(host, port, timeout=600)
     conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
     resp = conn.getresponse()
     if resp.status != 200:
         raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:200]!r}")
-    first, tokens, chunks, last, gaps = None, 0, 0, None, []
+    first, tokens, chunks, last, gaps, text = None, 0, 0, None, [], []
     for raw in resp:
         line = raw.decode().strip()
         if not line.startswith("data: ") or line == "data: [DONE]":
             continue
         event = json.loads(line[6:])
         if event.get("choices") and event["choices"][0].get("text"):
+            text.append(event["choices"][0]["text"])
             now = time.perf_counter()
             chunks += 1
             if first is None:
@@ -173,7 +193,7 @@ def one_request(host, port, body):
             tokens = event["usage"]["completion_tokens"]
     conn.close()
     latency = time.perf_counter() - t0
-    return latency, first if first is not None else latency, tokens or chunks, gaps
+    return latency, first if first is not None else latency, tokens or chunks, gaps, "".join(text)
 
 
 def metrics(args, host, port):
@@ -199,7 +219,8 @@ def run_config(args, batch, schedule):
     try:
         one_request(host, port, workload(1)[0])  # warm-up: first-touch of the weights
         before = metrics(args, host, port)
-        jobs = workload(args.requests, args.workload)
+        chat = args.workload == "chat"
+        jobs = chats(args.requests, args.turns) if chat else workload(args.requests, args.workload)
         lock = threading.Lock()
         results, errors = [], []
         deadline = time.time() + args.time_limit
@@ -210,11 +231,22 @@ def run_config(args, batch, schedule):
                 with lock:
                     if not jobs or time.time() > deadline:
                         return
-                    body = jobs.pop(0)
+                    job = jobs.pop(0)
                 try:
-                    r = one_request(host, port, body)
-                    with lock:
-                        results.append(r)
+                    if not chat:
+                        r = one_request(host, port, job)
+                        with lock:
+                            results.append(r)
+                        continue
+                    # A conversation: each turn's prompt is the last one, its answer and
+                    # a new user line.
+                    prompt, turns = job
+                    for turn in turns:
+                        body = dict(CHAT_BODY, prompt=prompt)
+                        r = one_request(host, port, body)
+                        with lock:
+                            results.append(r)
+                        prompt = prompt + r[4] + turn
                 except Exception as e:  # noqa: BLE001 - reported in the row
                     with lock:
                         errors.append(str(e))
@@ -265,7 +297,9 @@ def main():
     ap.add_argument("--threads", type=int, default=int(os.environ.get("RAYON_NUM_THREADS", os.cpu_count())))
     ap.add_argument("--batches", default="1,4,8")
     ap.add_argument("--schedules", default="refill,batch")
-    ap.add_argument("--workload", choices=["mixed", "short"], default="mixed")
+    ap.add_argument("--workload", choices=["mixed", "short", "chat"], default="mixed")
+    ap.add_argument("--turns", type=int, default=4, help="turns per conversation (--workload chat)")
+    ap.add_argument("--kvc-args", default="", help="more `kvc serve` arguments, e.g. --no-prompt-reuse")
     ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--cache-len", type=int, default=1024)
@@ -287,8 +321,8 @@ def main():
           f"clients, greedy; model {args.model}; {args.threads} threads; slots of "
           f"{args.cache_len} tokens; flags {' '.join(flags)}")
     print("| server | batch | schedule | requests | wall s | tokens | tok/s | TTFT p50/p99 s | "
-          "inter-token p50/p99 s | latency p50/p99 s | occupancy | prefill s |")
-    print("|---|---:|---|---:|---:|---:|---:|---|---|---|---:|---:|")
+          "inter-token p50/p99 s | latency p50/p99 s | occupancy | prefill s | prompt tokens reused |")
+    print("|---|---:|---|---:|---:|---:|---:|---|---|---|---:|---:|---:|")
     for server in servers:
         args.server_kind = server
         for b in [int(x) for x in args.batches.split(",")]:
@@ -304,7 +338,7 @@ def main():
                 pre = f"{r['prefill_s']:.1f}" if server == "kvc" else "-"
                 print(f"| {server} | {b} | {r['schedule']} | {r['requests']}{note} | {r['wall_s']:.1f} | "
                       f"{r['tokens']} | {r['tokens_per_s']:.1f} | {two(r['ttft_s'])} | {two(r['itl_s'])} | "
-                      f"{two(r['latency_s'])} | {occ} | {pre} |", flush=True)
+                      f"{two(r['latency_s'])} | {occ} | {pre} | {r['prompt_tokens_reused']:.0f} |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

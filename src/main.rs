@@ -145,6 +145,11 @@ enum Command {
         /// comparison).
         #[arg(long, value_parser = parse_schedule, default_value = "refill")]
         schedule: kvc_runtime::engine::Schedule,
+        /// Prefill every prompt whole, even when a free row's cache holds its beginning
+        /// (by default such a prompt goes to that row and prefills only the rest; dense
+        /// caches only). For measuring what reuse gains.
+        #[arg(long)]
+        no_prompt_reuse: bool,
         #[command(flatten)]
         limits: serve::Limits,
         #[command(flatten)]
@@ -258,11 +263,13 @@ fn real_main() -> Result<()> {
             port,
             queue,
             schedule,
+            no_prompt_reuse,
             limits,
             shapes,
             exec,
         } => {
-            let engine = pipeline::load_engine(&model, shapes, queue, schedule, exec)?;
+            let admission = (schedule, !no_prompt_reuse);
+            let engine = pipeline::load_engine(&model, shapes, queue, admission, exec)?;
             serve::serve(engine, &host, port, limits)
         }
         Command::Score {

@@ -181,7 +181,7 @@ pub(crate) fn load_engine(
     model: &Path,
     shapes: ShapeArgs,
     queue: usize,
-    schedule: kvc_runtime::engine::Schedule,
+    (schedule, prompt_reuse): (kvc_runtime::engine::Schedule, bool),
     exec: ExecArgs,
 ) -> Result<kvc_runtime::engine::Engine> {
     use kvc_runtime::engine::{Engine, EngineOptions};
@@ -214,6 +214,7 @@ pub(crate) fn load_engine(
         overrides: o,
         queue_capacity: queue,
         schedule,
+        prompt_reuse,
     };
     let engine = Engine::load_with(model, options, &mut progress())?;
     eprintln!(

@@ -96,6 +96,9 @@ pub struct EngineOptions {
     pub queue_capacity: usize,
     /// When waiting requests get rows.
     pub schedule: Schedule,
+    /// Whether a prompt that begins with a free row's last prompt goes to that row and
+    /// prefills only the rest (dense caches only; on by default).
+    pub prompt_reuse: bool,
 }
 
 impl Default for EngineOptions {
@@ -106,6 +109,7 @@ impl Default for EngineOptions {
             overrides: Overrides::default(),
             queue_capacity: 64,
             schedule: Schedule::Refill,
+            prompt_reuse: true,
         }
     }
 }
@@ -382,19 +386,20 @@ impl Engine {
         Engine::start(
             Box::new(make),
             options.queue_capacity,
-            options.schedule,
+            (options.schedule, options.prompt_reuse),
             progress,
         )
     }
 
     /// Starts the scheduler thread, which makes its session with `make` (a session
     /// stays on the thread that runs it: a recorded decode step is not `Send`) and then
-    /// serves requests. `progress` hears `make`'s downloads; returns once the model is
-    /// loaded, or with `make`'s error.
+    /// serves requests with the schedule and prompt reuse given (see [`EngineOptions`]).
+    /// `progress` hears `make`'s downloads; returns once the model is loaded, or with
+    /// `make`'s error.
     pub fn start(
         make: MakeSession,
         queue_capacity: usize,
-        schedule: Schedule,
+        (schedule, prompt_reuse): (Schedule, bool),
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Engine, EngineError> {
         let metrics = Arc::new(Metrics::default());
@@ -424,6 +429,7 @@ impl Engine {
                         return;
                     }
                     let mut s = Scheduler::new(session, &tok, &metrics, schedule);
+                    s.set_prompt_reuse(prompt_reuse);
                     let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.run(&rx)));
                     let why = match ran {
                         Ok(Ok(())) => return,

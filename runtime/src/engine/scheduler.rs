@@ -55,6 +55,8 @@ pub(super) struct Scheduler<'t> {
     /// with them keeps them. Empty unless every layer's cache keeps every position (a
     /// budgeted policy or a sliding window keeps other slots).
     cached: Vec<Vec<u32>>,
+    /// Whether admission looks for a row whose cache holds a prefix of the prompt.
+    prompt_reuse: bool,
     queue: VecDeque<Job>,
     schedule: Schedule,
 }
@@ -77,9 +79,15 @@ impl<'t> Scheduler<'t> {
             rows: Vec::new(),
             admitted: VecDeque::new(),
             cached: Vec::new(),
+            prompt_reuse: true,
             queue: VecDeque::new(),
             schedule,
         }
+    }
+
+    /// Turns prompt reuse on or off (on by default).
+    pub(super) fn set_prompt_reuse(&mut self, on: bool) {
+        self.prompt_reuse = on;
     }
 
     /// Serves jobs until the channel closes.
@@ -265,7 +273,7 @@ impl<'t> Scheduler<'t> {
                 started.push(self.admitted.remove(k).expect("picked"));
             }
         }
-        let dense = self.session.keeps_every_position();
+        let dense = self.prompt_reuse && self.session.keeps_every_position();
         for a in started.into_iter().rev() {
             let Admitted { row, job, .. } = a;
             if dense {
