@@ -233,8 +233,10 @@ impl<'t> Scheduler<'t> {
         let mut tokens = 0;
         let mut picked = Vec::new();
         for (k, a) in self.admitted.iter().enumerate() {
-            let n = a.job.ids.len();
-            let piece = (n - (a.kept + a.chunk * t).min(n)).min(t);
+            let piece = self
+                .session
+                .chunk_tokens(a.job.ids.len(), a.kept, a.chunk)
+                .len();
             if !picked.is_empty() && tokens + piece > t {
                 break;
             }
@@ -273,10 +275,10 @@ impl<'t> Scheduler<'t> {
                 started.push(self.admitted.remove(k).expect("picked"));
             }
         }
-        let dense = self.prompt_reuse && self.session.keeps_every_position();
+        let reuse = self.prompt_reuse && self.session.keeps_every_position();
         for a in started.into_iter().rev() {
             let Admitted { row, job, .. } = a;
-            if dense {
+            if reuse {
                 self.cached[row] = job.ids.clone();
             }
             Metrics::add(&self.metrics.rows_filled, 1);

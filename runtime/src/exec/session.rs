@@ -15,6 +15,7 @@
 //! do not advance any row.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use burn::tensor::{Tensor, TensorData};
@@ -482,7 +483,7 @@ impl Session {
     /// a request is refilling its row). Returns the control state after the prefill:
     /// a refilled row's token is its first generated token.
     pub fn refill(&mut self, rows: &[Refill<'_>]) -> Result<StepOutput, RuntimeError> {
-        self.check_refills(rows.iter().map(|r| (r, 0, 0)))?;
+        self.check_refills(rows.iter().map(|r| (r, 0, 0)), None)?;
         self.upload_refills(rows.iter())?;
         let rows: Vec<(usize, &Request)> = rows.iter().map(|r| (r.row, r.request)).collect();
         Ok(self.run_prefill(&rows, false)?.0)
@@ -498,17 +499,22 @@ impl Session {
     /// bit (with `kept > 0`: as a refill of the whole prompt, whose prefix the row's cache
     /// held), and its token is its first generated one. Rows not given are untouched.
     pub fn refill_chunk(&mut self, rows: &[RefillChunk<'_>]) -> Result<StepOutput, RuntimeError> {
-        self.check_refills(rows.iter().map(|r| (&r.refill, r.kept, r.chunk)))?;
+        // Each row's position, read once when a prefix is kept: checked, then moved.
+        let mut pos = match rows.iter().any(|r| r.kept > 0) {
+            true => Some(self.positions()?),
+            false => None,
+        };
+        let checked = rows.iter().map(|r| (&r.refill, r.kept, r.chunk));
+        self.check_refills(checked, pos.as_deref())?;
         self.upload_refills(rows.iter().filter(|r| r.chunk == 0).map(|r| &r.refill))?;
         let resumed: Vec<(usize, usize)> = rows
             .iter()
             .filter(|r| r.chunk == 0 && r.kept > 0)
             .map(|r| (r.refill.row, r.kept))
             .collect();
-        if !resumed.is_empty() {
+        if let (false, Some(mut pos)) = (resumed.is_empty(), pos.take()) {
             // The row continues after its kept prefix: its position is the prefix's end
             // (no restart), and the prefill writes from there.
-            let mut pos = self.positions()?;
             for &(row, kept) in &resumed {
                 pos[row] = kept as i32;
             }
@@ -544,17 +550,25 @@ impl Session {
             .max(1)
     }
 
+    /// The prompt tokens that chunk `chunk` of a refill prefills, for a prompt of
+    /// `tokens` whose first `kept` the row's cache holds ([`RefillChunk`]).
+    pub fn chunk_tokens(&self, tokens: usize, kept: usize, chunk: usize) -> Range<usize> {
+        let t = self.program().config.prefill_len as usize;
+        (kept + chunk * t).min(tokens)..(kept + (chunk + 1) * t).min(tokens)
+    }
+
     /// Checks refills (with the prompt tokens each keeps and the chunk it prefills): rows
     /// in the batch, each once, the request fitting the shapes, a kept prefix only with
-    /// the dense cache, within the row's cache and short of the whole prompt, the chunk
-    /// within the rest of the prompt.
+    /// the dense cache, within the row's cache (`pos`, each row's position, given when a
+    /// prefix is kept) and short of the whole prompt, the chunk within the rest of the
+    /// prompt.
     fn check_refills<'r, 'a: 'r>(
         &self,
         rows: impl Iterator<Item = (&'r Refill<'a>, usize, usize)>,
+        pos: Option<&[i32]>,
     ) -> Result<(), RuntimeError> {
         let b = self.batch();
         let mut seen = vec![false; b];
-        let mut pos = None;
         for (r, kept, chunk) in rows {
             if r.row >= b {
                 return Err(RuntimeError::Request(format!(
@@ -579,10 +593,7 @@ impl Session {
                         self.program().config.kv
                     )));
                 }
-                if pos.is_none() {
-                    pos = Some(self.positions()?);
-                }
-                let held = pos.as_ref().map_or(0, |p| p[r.row].max(0) as usize);
+                let held = pos.map_or(0, |p| p[r.row].max(0) as usize);
                 if kept >= r.request.prompt.len() || kept > held {
                     return Err(RuntimeError::Request(format!(
                         "row {}: a kept prefix of {kept} tokens, for a prompt of {} tokens in \
@@ -669,8 +680,10 @@ impl Session {
         let mut restart = vec![0i32; b];
         for p in pieces {
             let (i, prompt) = (p.row, &p.request.prompt);
-            let from = (p.kept + p.chunk * t).min(prompt.len());
-            let to = (p.kept + (p.chunk + 1) * t).min(prompt.len());
+            let Range {
+                start: from,
+                end: to,
+            } = self.chunk_tokens(prompt.len(), p.kept, p.chunk);
             for (j, &id) in prompt[from..to].iter().enumerate() {
                 tokens[i * t + j] = id as i32;
             }

@@ -81,9 +81,15 @@ multiversion! {
     /// None beyond the slices' own (required by the macro's form).
     unsafe fn silu_into(x: &[f32], out: &mut [f32]) {
         for (o, &v) in out.iter_mut().zip(x) {
-            *o = v / (1.0 + exp(-v));
+            *o = silu1(v);
         }
     }
+}
+
+/// `v · σ(v)` of one value (the loops above and below inline it).
+#[inline(always)]
+fn silu1(v: f32) -> f32 {
+    v / (1.0 + exp(-v))
 }
 
 /// [`silu`] in place over the element ranges `runs` of `x` (the rest left as it is).
@@ -99,7 +105,7 @@ multiversion! {
     /// None beyond the slice's own (required by the macro's form).
     unsafe fn silu_self(x: &mut [f32]) {
         for v in x.iter_mut() {
-            *v = *v / (1.0 + exp(-*v));
+            *v = silu1(*v);
         }
     }
 }
@@ -117,9 +123,7 @@ multiversion! {
     /// None beyond the slice's own (required by the macro's form).
     unsafe fn gelu_self(x: &mut [f32]) {
         for v in x.iter_mut() {
-            let u = GELU_SCALE * (*v + GELU_CUBIC * *v * *v * *v);
-            let tanh = 1.0 - 2.0 / (1.0 + exp(2.0 * u));
-            *v = 0.5 * *v * (1.0 + tanh);
+            *v = gelu1(*v);
         }
     }
 }
@@ -165,11 +169,17 @@ multiversion! {
     /// None beyond the slices' own (required by the macro's form).
     unsafe fn gelu_into(x: &[f32], out: &mut [f32]) {
         for (o, &v) in out.iter_mut().zip(x) {
-            let u = GELU_SCALE * (v + GELU_CUBIC * v * v * v);
-            let tanh = 1.0 - 2.0 / (1.0 + exp(2.0 * u));
-            *o = 0.5 * v * (1.0 + tanh);
+            *o = gelu1(v);
         }
     }
+}
+
+/// GELU (tanh approximation) of one value (the loops above inline it).
+#[inline(always)]
+fn gelu1(v: f32) -> f32 {
+    let u = GELU_SCALE * (v + GELU_CUBIC * v * v * v);
+    let tanh = 1.0 - 2.0 / (1.0 + exp(2.0 * u));
+    0.5 * v * (1.0 + tanh)
 }
 
 /// `x / √(mean(x²) + eps) · w` over rows of `w.len()` values, in the element ranges
@@ -190,21 +200,17 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, runs: &[Range<usize>]) -> Vec<f3
 /// `a op b` elementwise over the element ranges `runs` (0 elsewhere), `op` one IEEE
 /// operation.
 pub fn binary(a: &[f32], b: &[f32], op: fn(f32, f32) -> f32, runs: &[Range<usize>]) -> Vec<f32> {
-    let mut out = vec![0.0f32; a.len()];
-    let part = |o: &mut [f32], a: &[f32], b: &[f32]| {
-        for ((o, &x), &y) in o.iter_mut().zip(a).zip(b) {
-            *o = op(x, y);
-        }
-    };
+    let mut out = copy_runs(a, runs);
+    binary_in_place(&mut out, b, op, runs);
+    out
+}
+
+/// `x` on the element ranges `runs`, 0 elsewhere: the buffer a kernel then works on in
+/// place.
+fn copy_runs(x: &[f32], runs: &[Range<usize>]) -> Vec<f32> {
+    let mut out = vec![0.0f32; x.len()];
     for r in runs {
-        let (o, a, b) = (&mut out[r.clone()], &a[r.clone()], &b[r.clone()]);
-        if a.len() < 2 * PAR_VALUES {
-            part(o, a, b);
-        } else {
-            o.par_chunks_mut(PAR_VALUES)
-                .zip(a.par_chunks(PAR_VALUES).zip(b.par_chunks(PAR_VALUES)))
-                .for_each(|(o, (a, b))| part(o, a, b));
-        }
+        out[r.clone()].copy_from_slice(&x[r.clone()]);
     }
     out
 }
@@ -215,30 +221,13 @@ pub fn rope(
     x: &[f32],
     pos: &[i32],
     (n, d): (usize, usize),
-    (cos, sin): (&[f32], &[f32]),
+    tables: (&[f32], &[f32]),
     rows: &[Range<usize>],
 ) -> Vec<f32> {
-    let half = d / 2;
-    let last = (cos.len() / half.max(1)).saturating_sub(1);
-    let mut out = vec![0.0f32; x.len()];
     let nd = n * d;
-    let runs = rows
-        .iter()
-        .flat_map(|r| (r.clone()).map(|i| (i, pos[i])))
-        .map(|(i, p)| (i * nd, p));
-    for (at, p) in runs {
-        let (o, x) = (&mut out[at..at + nd], &x[at..at + nd]);
-        let p = (p.max(0) as usize).min(last);
-        let (c, s) = (&cos[p * half..][..half], &sin[p * half..][..half]);
-        for (o, x) in o.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-            let (x1, x2) = x.split_at(half);
-            let (o1, o2) = o.split_at_mut(half);
-            for i in 0..half {
-                o1[i] = x1[i] * c[i] - x2[i] * s[i];
-                o2[i] = x2[i] * c[i] + x1[i] * s[i];
-            }
-        }
-    }
+    let runs: Vec<Range<usize>> = rows.iter().map(|r| r.start * nd..r.end * nd).collect();
+    let mut out = copy_runs(x, &runs);
+    rope_in_place(&mut out, pos, (n, d), tables, rows);
     out
 }
 

@@ -176,13 +176,12 @@ impl Kernels for Cpu {
         };
         let (pt, ct, st) = (host(&pos), host(&cos), host(&sin));
         let tables = (f32s(&ct), f32s(&st));
-        let x = match (live, in_place(x)) {
-            (Some(_), Ok(mut xt)) => {
-                elementwise::rope_in_place(owned_f32s(&mut xt), i32s(&pt), (n, d), tables, &rows);
-                return Tensor::from_primitive::<Flex>(xt);
-            }
-            (_, Ok(xt)) => Tensor::from_primitive::<Flex>(xt),
-            (_, Err(x)) => x,
+        let in_place = |xs: &mut [f32], _: Live<'_>| {
+            elementwise::rope_in_place(xs, i32s(&pt), (n, d), tables, &rows)
+        };
+        let x = match in_place_live(x, live, in_place) {
+            Ok(done) => return done,
+            Err(x) => x,
         };
         let xt = host(&x);
         let out = elementwise::rope(f32s(&xt), i32s(&pt), (n, d), tables, &rows);
@@ -250,16 +249,14 @@ impl Kernels for Cpu {
         if a.dtype() != BurnDType::F32 || b.dtype() != BurnDType::F32 {
             return Portable.binary(op, a, b, live);
         }
-        // The result in a's own buffer when nothing else holds it.
-        let a = match in_place(a) {
-            Ok(mut t) => {
-                let bt = host(&b);
-                elementwise::binary_in_place(owned_f32s(&mut t), f32s(&bt), f, &live.runs());
-                return Tensor::from_primitive::<Flex>(t);
-            }
+        let bt = host(&b);
+        let in_place =
+            |xs: &mut [f32], l: Live<'_>| elementwise::binary_in_place(xs, f32s(&bt), f, &l.runs());
+        let a = match in_place_live(a, Some(live), in_place) {
+            Ok(done) => return done,
             Err(a) => a,
         };
-        let (at, bt) = (host(&a), host(&b));
+        let at = host(&a);
         let out = elementwise::binary(f32s(&at), f32s(&bt), f, &live.runs());
         Tensor::from_data(TensorData::new(out, a.dims()), &a.device())
     }
@@ -403,12 +400,20 @@ impl Kernels for Cpu {
     }
 }
 
-/// x's own buffer, when x is a whole contiguous f32 tensor that nothing else holds (a
-/// value moved into its last reader): a kernel may write its result there instead of
-/// allocating (and zeroing) a buffer of the full padded shape. Else x back.
+/// `f` applied to x's own elements, when padding may be skipped (`live`) and x is a whole
+/// contiguous f32 tensor that nothing else holds (a value moved into its last reader): a
+/// kernel then writes its real elements there instead of allocating (and zeroing) a
+/// buffer of the full padded shape. Else x back, untouched.
 // The tensor is handed back unchanged in Err, once per call: its size does not matter.
 #[allow(clippy::result_large_err)]
-fn in_place(x: Tensor<4>) -> Result<FlexTensor, Tensor<4>> {
+fn in_place_live(
+    x: Tensor<4>,
+    live: Option<Live<'_>>,
+    f: impl FnOnce(&mut [f32], Live<'_>),
+) -> Result<Tensor<4>, Tensor<4>> {
+    let Some(live) = live else {
+        return Err(x);
+    };
     let n: usize = x.dims().iter().product();
     if x.dtype() != BurnDType::F32 {
         return Err(x);
@@ -417,17 +422,13 @@ fn in_place(x: Tensor<4>) -> Result<FlexTensor, Tensor<4>> {
         .try_into_primitive::<Flex>()
         .unwrap_or_else(|_| unreachable!("the CPU kernel set runs on Flex tensors only"));
     let whole = t.layout().contiguous_offsets() == Some((0, n));
-    if whole && t.try_storage_mut::<f32>().is_some() {
-        Ok(t)
-    } else {
-        Err(Tensor::from_primitive::<Flex>(t))
+    match t.try_storage_mut::<f32>() {
+        Some(xs) if whole => {
+            f(xs, live);
+            Ok(Tensor::from_primitive::<Flex>(t))
+        }
+        _ => Err(Tensor::from_primitive::<Flex>(t)),
     }
-}
-
-/// The elements of a tensor [`in_place`] returned.
-fn owned_f32s(t: &mut FlexTensor) -> &mut [f32] {
-    t.try_storage_mut::<f32>()
-        .unwrap_or_else(|| unreachable!("in_place checked the single owner"))
 }
 
 /// An elementwise activation: over `live`'s runs in x's own buffer when x is moved into
@@ -438,13 +439,9 @@ fn activation(
     in_place_f: fn(&mut [f32], &[std::ops::Range<usize>]),
     fresh: fn(&[f32], &[std::ops::Range<usize>]) -> Vec<f32>,
 ) -> Tensor<4> {
-    let x = match (live, in_place(x)) {
-        (Some(live), Ok(mut t)) => {
-            in_place_f(owned_f32s(&mut t), &live.runs());
-            return Tensor::from_primitive::<Flex>(t);
-        }
-        (_, Ok(t)) => Tensor::from_primitive::<Flex>(t),
-        (_, Err(x)) => x,
+    let x = match in_place_live(x, live, |xs, l| in_place_f(xs, &l.runs())) {
+        Ok(done) => return done,
+        Err(x) => x,
     };
     let xt = host(&x);
     let xs = f32s(&xt);
@@ -462,8 +459,8 @@ fn runs(live: Option<Live<'_>>, n: usize) -> Vec<std::ops::Range<usize>> {
 
 /// The fewest rows a product in `form` planned for `m` rows may run over and still compute
 /// each row as the planned product does, bit for bit: the forms switch paths at some row
-/// counts (Flex's GEMM runs a GEMV at one row; the int8 kernels run fused tiles up to
-/// [`quant::FUSED_ROWS`] rows and grouped passes above).
+/// counts (Flex's GEMM runs a GEMV at one row; the int8 kernels, [`quant::min_rows`], run
+/// fused tiles up to four rows and grouped passes above).
 fn compact_floor(form: Form, m: usize) -> usize {
     match form {
         Form::Gemm => GEMV_ROWS + 1,
