@@ -202,9 +202,11 @@ pub fn bench_one(model: &Path, cfg: &Config) -> Result<BenchResult> {
     // bench/compare_llamacpp.sh measures with its best of two).
     m.session.prefill(&reqs, false)?;
     m.session.reset();
+    m.session.report_profile("untimed first prefill");
     let t2 = Instant::now();
     m.session.prefill(&reqs, false)?;
     let prefill_s = t2.elapsed().as_secs_f64();
+    m.session.report_profile("timed prefill");
     let mut times = Vec::with_capacity(steps);
     let mut rss_early = 0;
     for i in 0..steps {
@@ -218,6 +220,7 @@ pub fn bench_one(model: &Path, cfg: &Config) -> Result<BenchResult> {
             rss_early = rss().0;
         }
     }
+    m.session.report_profile("decode steps");
     // A serving slot's refill: row 0 gets a new prompt while the other rows keep theirs
     // (every row has finished here; the kernels skip the rows not refilled, unless
     // --compute-padding).
@@ -239,6 +242,7 @@ pub fn bench_one(model: &Path, cfg: &Config) -> Result<BenchResult> {
                 }])?;
                 best = best.min(t.elapsed().as_secs_f64() * 1e3);
             }
+            m.session.report_profile("3 refills");
             Some(best)
         }
     };

@@ -4,7 +4,7 @@
 //! alike (criterion's runs of one path after another do not). The `stream` shapes cycle
 //! through 32 matrices (≈ 100 MB), too large for the caches, as a decode step does.
 //! Row counts above `quant::DECODE_ROWS` (prefill) compare int8 with the f32 panels;
-//! decode batches above `quant::INTERLEAVE_ABOVE` rows also time the interleaved weights.
+//! products above `quant::INTERLEAVE_ABOVE` rows also time the interleaved weights.
 //!
 //! `cargo run --release -p kvc-runtime --example quant_paths [-- M,M.. [REPS]]`
 #[path = "../benches/support/quant_matrix.rs"]
@@ -92,8 +92,9 @@ fn main() {
                     runs.push((label, bytes, run));
                 }
             }
-            // Decode batches above `quant::INTERLEAVE_ABOVE` rows read interleaved weights.
-            if m > quant::INTERLEAVE_ABOVE && !prefill && quant::interleaving() {
+            // Batches above `quant::INTERLEAVE_ABOVE` rows read interleaved weights (a
+            // prefill too, where the plan stores them so for its decode step).
+            if m > quant::INTERLEAVE_ABOVE && quant::interleaving() {
                 let wi: Vec<Vec<u8>> = ws
                     .iter()
                     .map(|w| quant::interleave(ty, k, n, w).expect("interleaved"))

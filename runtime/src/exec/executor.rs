@@ -569,24 +569,35 @@ impl Executor {
     }
 }
 
+impl Executor {
+    /// Prints the per-step times gathered since the last report (when `KVC_PROFILE` is
+    /// set) under `phase`, and starts gathering anew: a caller separates phases (prefill,
+    /// decode steps, refills) this way. Dropping the executor reports what is left.
+    pub fn report_profile(&self, phase: &str) {
+        let Some(p) = &self.profile else { return };
+        let p = std::mem::take(&mut *p.lock().expect("profile lock"));
+        if p.is_empty() {
+            return;
+        }
+        let total: f64 = p.values().map(|v| v.1).sum();
+        eprintln!(
+            "kvc profile (KVC_PROFILE, {} kernels, {phase}): {total:.3} s in ops",
+            self.set.name()
+        );
+        let mut rows: Vec<_> = p.iter().collect();
+        rows.sort_by(|a, b| b.1.1.total_cmp(&a.1.1));
+        for (name, (calls, secs)) in rows {
+            eprintln!(
+                "  {name:<32} {calls:>8} calls {:>9.3} s {:>5.1}%",
+                secs,
+                100.0 * secs / total.max(1e-12)
+            );
+        }
+    }
+}
+
 impl Drop for Executor {
     fn drop(&mut self) {
-        if let Some(p) = &self.profile {
-            let p = p.lock().expect("profile lock");
-            let total: f64 = p.values().map(|v| v.1).sum();
-            eprintln!(
-                "kvc profile (KVC_PROFILE, {} kernels): {total:.3} s in ops",
-                self.set.name()
-            );
-            let mut rows: Vec<_> = p.iter().collect();
-            rows.sort_by(|a, b| b.1.1.total_cmp(&a.1.1));
-            for (name, (calls, secs)) in rows {
-                eprintln!(
-                    "  {name:<32} {calls:>8} calls {:>9.3} s {:>5.1}%",
-                    secs,
-                    100.0 * secs / total.max(1e-12)
-                );
-            }
-        }
+        self.report_profile("until dropped");
     }
 }

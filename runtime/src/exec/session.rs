@@ -327,6 +327,12 @@ impl Session {
         self.exec.host_reads()
     }
 
+    /// Prints the per-op times since the last report under `phase` when `KVC_PROFILE` is
+    /// set ([`Executor::report_profile`]).
+    pub fn report_profile(&self, phase: &str) {
+        self.exec.report_profile(phase)
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().expect("state lock")
     }

@@ -176,9 +176,11 @@ pub fn method(isa: Isa, m: usize) -> Method {
 /// four rows and grouped passes above, which may round differently (within either a
 /// row's result does not depend on the row count); the dequant method (only planned on
 /// the portable path at decode widths) adds a partial tile of rows in another order, so
-/// it keeps all `m`. `quant::tests` checks each.
-pub fn min_rows(path: Path, m: usize) -> usize {
+/// it keeps all `m`. Products of [`interleave`]d weights run the grouped passes at every
+/// row count, so one row suffices there. `quant::tests` checks each.
+pub fn min_rows(path: Path, interleaved: bool, m: usize) -> usize {
     match path.method {
+        Method::Int8 if interleaved => 1,
         Method::Int8 if xq::group_kernels(path.isa, m) => xq::FUSED_ROWS + 1,
         Method::Int8 | Method::Panel => 1,
         Method::Dequant => m,

@@ -377,16 +377,16 @@ fn rows_multiply_alike_in_any_company_down_to_min_rows() {
             #[allow(clippy::type_complexity)]
             let mut products: Vec<(
                 String,
-                Path,
+                usize,
                 Box<dyn Fn(&[f32], usize) -> Vec<f32>>,
             )> = Vec::new();
             for path in paths() {
                 let w = w.clone();
+                let floor = min_rows(path, false, m);
                 products.push((
                     format!("{path:?}"),
-                    path,
+                    floor,
                     Box::new(move |x: &[f32], rows: usize| {
-                        let floor = min_rows(path, m);
                         let mc = rows.max(floor).min(m);
                         let mut xc = x.to_vec();
                         xc.resize(mc * k, 0.0);
@@ -400,11 +400,12 @@ fn rows_multiply_alike_in_any_company_down_to_min_rows() {
                         isa,
                         method: Method::Int8,
                     };
+                    let floor = min_rows(path, true, m);
                     products.push((
                         format!("{isa:?} interleaved"),
-                        path,
+                        floor,
                         Box::new(move |x: &[f32], rows: usize| {
-                            let mc = rows.max(min_rows(path, m)).min(m);
+                            let mc = rows.max(floor).min(m);
                             let mut xc = x.to_vec();
                             xc.resize(mc * k, 0.0);
                             let mut out = vec![f32::NAN; mc * n];
@@ -414,13 +415,13 @@ fn rows_multiply_alike_in_any_company_down_to_min_rows() {
                     ));
                 }
             }
-            for (name, path, product) in &products {
+            for (name, floor, product) in &products {
                 let full = product(&x, m);
                 for live in [1, 2, 5, m / 2, m - 1] {
                     if live == 0 || live >= m {
                         continue;
                     }
-                    if live.max(min_rows(*path, m)) >= m {
+                    if live.max(*floor) >= m {
                         // The kernels run the planned product over every row.
                         continue;
                     }

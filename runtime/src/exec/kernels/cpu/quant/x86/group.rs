@@ -200,6 +200,44 @@ unsafe fn chunks4<const B: u8, const PACKED: bool>(gu: *const u8) -> [__m256i; 8
     }
 }
 
+/// Unpacks the values of the interleaved group `g` (`k` values per row, stored as
+/// [`Pack`] says) into `u` (`GROUP · k` bytes, as a [`Group`] holds them: unit `j` at
+/// `GROUP · unit · j`), and streams the next group into the cache meanwhile. The view returned reads `u` and `g`'s own scales: a product
+/// of many activation rows unpacks each unit once instead of once per pass.
+///
+/// # Safety
+/// `g` is a view of a whole interleaved group of format `B` ([`Inter::view`]).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn unpacked<const B: u8>(g: GroupRef, k: usize, u: &mut [u8]) -> GroupRef {
+    let q = const { Block::from_index(B) };
+    let (unit, chunks) = (q.unit(), q.unit() / 4);
+    assert_eq!(u.len(), GROUP * k, "a group of {k}-value rows");
+    for j in 0..k / unit {
+        g.in_pass(0, 1).prefetch(j);
+        // SAFETY: unit j of the group lies in it (the caller's contract); the
+        // stores write chunk c < unit / 4 of unit j, inside `u` (asserted above).
+        unsafe {
+            let gu = g.u.add(g.ustride * j);
+            let wvs = if unit == 16 {
+                chunks4::<B, true>(gu)
+            } else {
+                unit_chunks::<B, true, false>(gu)
+            };
+            let o = u.as_mut_ptr().add(GROUP * unit * j);
+            for (c, wv) in wvs.into_iter().enumerate().take(chunks) {
+                _mm256_storeu_si256(o.add(32 * c).cast(), wv);
+            }
+        }
+    }
+    GroupRef {
+        u: u.as_ptr(),
+        ustride: GROUP * unit,
+        next: 0,
+        ..g
+    }
+}
+
 /// Defines the integer dot products of `R` activation rows with a [`Group`] on top of
 /// `$chunk(acc, w, |w|, x, signed)`, which adds to the i32 lanes `acc` the products of
 /// four weight bytes per lane (signed or not) with the four activation bytes broadcast

@@ -136,13 +136,25 @@ macro_rules! int8_task {
                 out,
             } = *task;
             let gb = lay.bytes();
+            let once = lay.pack.merges_bits() && super::super::xq::passes($isa, m) > 1;
+            let mut u = vec![0u8; if once { GROUP * k } else { 0 }];
             for (gi, g) in w.chunks_exact(gb).enumerate() {
                 let j = j0 + GROUP * gi;
                 let lanes = (j1 - j).min(GROUP);
                 let view = lay.view(g.as_ptr());
-                group_rows!(
-                    $isa, $dot32, $dotk, true, $vnni, q, view, xq, m, k, out.0, n, j, lanes
-                );
+                if once {
+                    // SAFETY: `view` is a whole group of format `q`.
+                    let view = unsafe {
+                        with_block!(q, B => unpacked::<B>(view, k, &mut u))
+                    };
+                    group_rows!(
+                        $isa, $dot32, $dotk, false, false, q, view, xq, m, k, out.0, n, j, lanes
+                    );
+                } else {
+                    group_rows!(
+                        $isa, $dot32, $dotk, true, $vnni, q, view, xq, m, k, out.0, n, j, lanes
+                    );
+                }
             }
         }
     };
