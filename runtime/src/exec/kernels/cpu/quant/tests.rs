@@ -440,3 +440,54 @@ fn rows_multiply_alike_in_any_company_down_to_min_rows() {
         }
     }
 }
+
+/// The integer sums at their extremes: every weight at its largest magnitude (all value
+/// bits set; Q8_0's −128) times activations that all quantize to ±127, where the AVX2
+/// kernels' i16 partial sums reach their bound (`i16_chunks`): every path, both layouts,
+/// against the float64 product.
+#[test]
+fn largest_weights_and_activations_sum_exactly() {
+    let (m, n) = (8, 16);
+    for ty in types() {
+        let q = ty.block_format().unwrap();
+        let k = if q.is_k() { 256 } else { 64 };
+        let mut w = random_matrix(ty, k, n, 5);
+        let header: &[std::ops::Range<usize>] = match q {
+            Block::Q4_0 | Block::Q5_0 | Block::Q8_0 => &[0..2],
+            Block::Q4_1 | Block::Q5_1 => &[0..4],
+            Block::Q4K | Block::Q5K => &[0..4],
+            Block::Q6K => &[208..210],
+        };
+        let fill = if q == Block::Q8_0 { 0x80 } else { 0xff };
+        for blk in w.chunks_exact_mut(q.bytes()) {
+            for (i, b) in blk.iter_mut().enumerate() {
+                if !header.iter().any(|h| h.contains(&i)) {
+                    *b = fill;
+                }
+            }
+        }
+        let wf = dequantize(ty, &w).unwrap();
+        for sign in [1.0f32, -1.0] {
+            let x = vec![sign; m * k];
+            let want = reference(&x, m, k, &wf, n);
+            let mut got: Vec<(String, Vec<f32>)> = paths()
+                .into_iter()
+                .map(|p| (format!("{p:?}"), run(p, &x, m, k, &w, ty, n)))
+                .collect();
+            if let Some(wi) = interleave(ty, k, n, &w) {
+                let mut out = vec![f32::NAN; m * n];
+                qmatmul_t_interleaved(&x, m, k, &wi, ty, n, &mut out);
+                got.push(("interleaved".into(), out));
+            }
+            for (name, got) in got {
+                for (i, (&g, &(e, a, b))) in got.iter().zip(&want).enumerate() {
+                    let tol = b * 1.001 + 1e-5 * a + 1e-30;
+                    assert!(
+                        (f64::from(g) - e).abs() <= tol,
+                        "{ty} {name} x = {sign} at {i}: {g} vs {e}"
+                    );
+                }
+            }
+        }
+    }
+}

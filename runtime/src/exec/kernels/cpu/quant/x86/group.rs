@@ -3,7 +3,7 @@
 
 use std::arch::x86_64::*;
 
-use kvc_compiler::blocks::Block;
+use kvc_compiler::blocks::{Block, Format};
 
 use super::super::interleave::{BYTE, Inter, NIB, NIB1, NIB2, Pack};
 use super::super::xq::Xq;
@@ -200,10 +200,96 @@ unsafe fn chunks4<const B: u8, const PACKED: bool>(gu: *const u8) -> [__m256i; 8
     }
 }
 
+/// Chunks of format `f` whose `maddubs` pair sums add up in i16 before they are widened
+/// to i32 (AVX2 without VNNI): a pair sum is at most `2 · 127 · max w` (unsigned values
+/// below `2^bits`, Q8_0 as `|w| ≤ 128`), so 8 for 4-bit values, 4 for 5-bit, 2 for 6-bit
+/// and 1 for Q8_0 keep every partial sum within `i16::MAX` (exact: no saturation).
+const fn i16_chunks(f: Format) -> usize {
+    let wmax = if f.signed { 128 } else { (1 << f.bits) - 1 };
+    let n = i16::MAX as usize / (2 * 127 * wmax);
+    if n > 8 { 8 } else { n }
+}
+
+/// The i16 pair sums of four weight bytes per i32 lane (signed or not) with the four
+/// activation bytes broadcast in `x`, as `chunk_avx2!` forms them (signed weights as
+/// `|w| · (x · sign w)`).
+#[inline(always)]
+unsafe fn pairs16(w: __m256i, wa: __m256i, x: __m256i, signed: bool) -> __m256i {
+    // SAFETY: AVX2 is enabled wherever this is inlined.
+    unsafe {
+        if signed {
+            _mm256_maddubs_epi16(wa, _mm256_sign_epi8(x, w))
+        } else {
+            _mm256_maddubs_epi16(w, x)
+        }
+    }
+}
+
+/// Adds the chunks `wvs` (the first `chunks`) times each row's activation bytes (row `r`'s
+/// chunk `c` at `xb + 32 r + 4 c`) to the i32 lanes `ai`: through `chunk` one by one with
+/// VNNI, else summed in i16 over [`i16_chunks`] chunks at a time and widened once (one
+/// `pmaddwd` per group instead of per chunk). The same integers either way.
+///
+/// # Safety
+/// Each row's `4 · chunks` activation bytes are readable.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn add_chunks<const R: usize, const VNNI: bool>(
+    ai: &mut [__m256i; R],
+    wvs: &[__m256i; 8],
+    chunks: usize,
+    group: usize,
+    xb: *const u8,
+    signed: bool,
+    chunk: impl Fn(__m256i, __m256i, __m256i, __m256i, bool) -> __m256i,
+) {
+    // SAFETY: the caller's contract; AVX2 is enabled wherever this is inlined.
+    unsafe {
+        let abs = |wv: __m256i| {
+            if signed && !VNNI {
+                _mm256_abs_epi8(wv)
+            } else {
+                wv
+            }
+        };
+        let x = |r: usize, c: usize| {
+            _mm256_set1_epi32(xb.add(32 * r + 4 * c).cast::<i32>().read_unaligned())
+        };
+        if VNNI || group == 1 {
+            for (c, &wv) in wvs.iter().enumerate().take(chunks) {
+                let wa = abs(wv);
+                for (r, ai) in ai.iter_mut().enumerate() {
+                    *ai = chunk(*ai, wv, wa, x(r, c), signed);
+                }
+            }
+            return;
+        }
+        let ones = _mm256_set1_epi16(1);
+        let mut p16 = [_mm256_setzero_si256(); R];
+        for (c, &wv) in wvs.iter().enumerate().take(chunks) {
+            let wa = abs(wv);
+            for (r, p) in p16.iter_mut().enumerate() {
+                let prod = pairs16(wv, wa, x(r, c), signed);
+                *p = if c % group == 0 {
+                    prod
+                } else {
+                    _mm256_add_epi16(*p, prod)
+                };
+            }
+            if c % group == group - 1 || c + 1 == chunks {
+                for (ai, &p) in ai.iter_mut().zip(&p16) {
+                    *ai = _mm256_add_epi32(*ai, _mm256_madd_epi16(p, ones));
+                }
+            }
+        }
+    }
+}
+
 /// Unpacks the values of the interleaved group `g` (`k` values per row, stored as
 /// [`Pack`] says) into `u` (`GROUP · k` bytes, as a [`Group`] holds them: unit `j` at
-/// `GROUP · unit · j`), and streams the next group into the cache meanwhile. The view returned reads `u` and `g`'s own scales: a product
-/// of many activation rows unpacks each unit once instead of once per pass.
+/// `GROUP · unit · j`), and streams the next group into the cache meanwhile. The view
+/// returned reads `u` and `g`'s own scales: a product of many activation rows unpacks
+/// each unit once instead of once per pass.
 ///
 /// # Safety
 /// `g` is a view of a whole interleaved group of format `B` ([`Inter::view`]).
@@ -299,17 +385,8 @@ macro_rules! group_dots {
                     });
                     g.prefetch(b);
                     let wvs = unit_chunks::<B, PACKED, FLIP>(gu.add(g.ustride * b));
-                    for (c, wv) in wvs.into_iter().enumerate() {
-                        let wa = if f.signed && !$vnni {
-                            _mm256_abs_epi8(wv)
-                        } else {
-                            wv
-                        };
-                        for (r, ai) in ai.iter_mut().enumerate() {
-                            let xv = xb.add(32 * r + 4 * c).cast::<i32>().read_unaligned();
-                            *ai = chunk(*ai, wv, wa, _mm256_set1_epi32(xv), f.signed);
-                        }
-                    }
+                    let group = const { i16_chunks(Block::from_index(B).format()) };
+                    add_chunks::<R, $vnni>(&mut ai, &wvs, 8, group, xb.cast(), f.signed, chunk);
                     let dw = _mm256_loadu_ps(gd.add(g.dstride * b));
                     for (r, (a, ai)) in acc.iter_mut().zip(ai).enumerate() {
                         let s = _mm256_mul_ps(dw, _mm256_set1_ps(*xd0.add(at + r)));
@@ -386,12 +463,16 @@ macro_rules! group_dots {
                         } else {
                             unit_chunks::<B, PACKED, false>(gu)
                         };
-                        for (cc, &wv) in wvs.iter().enumerate().take(chunks) {
-                            for (r, ai) in ai.iter_mut().enumerate() {
-                                let xv = xb.add(32 * r + 4 * cc).cast::<i32>().read_unaligned();
-                                *ai = chunk(*ai, wv, wv, _mm256_set1_epi32(xv), false);
-                            }
-                        }
+                        let group = const { i16_chunks(Block::from_index(B).format()) };
+                        add_chunks::<R, $vnni>(
+                            &mut ai,
+                            &wvs,
+                            chunks,
+                            group,
+                            xb.cast(),
+                            false,
+                            chunk,
+                        );
                         let dsc = _mm256_loadu_ps(gd.add(g.dstride * unit));
                         for (r, (a, ai)) in acc.iter_mut().zip(ai).enumerate() {
                             let s = _mm256_mul_ps(dsc, _mm256_set1_ps(*xd0.add(R * b + r)));
