@@ -452,16 +452,16 @@ fn largest_weights_and_activations_sum_exactly() {
         let q = ty.block_format().unwrap();
         let k = if q.is_k() { 256 } else { 64 };
         let mut w = random_matrix(ty, k, n, 5);
-        let header: &[std::ops::Range<usize>] = match q {
-            Block::Q4_0 | Block::Q5_0 | Block::Q8_0 => &[0..2],
-            Block::Q4_1 | Block::Q5_1 => &[0..4],
-            Block::Q4K | Block::Q5K => &[0..4],
-            Block::Q6K => &[208..210],
+        // The f16 scale (and minimum) bytes, kept from `random_matrix`.
+        let header = match q {
+            Block::Q4_0 | Block::Q5_0 | Block::Q8_0 => 0..2,
+            Block::Q4_1 | Block::Q5_1 | Block::Q4K | Block::Q5K => 0..4,
+            Block::Q6K => 208..210,
         };
         let fill = if q == Block::Q8_0 { 0x80 } else { 0xff };
         for blk in w.chunks_exact_mut(q.bytes()) {
             for (i, b) in blk.iter_mut().enumerate() {
-                if !header.iter().any(|h| h.contains(&i)) {
+                if !header.contains(&i) {
                     *b = fill;
                 }
             }
