@@ -506,9 +506,10 @@ impl Session {
     /// held), and its token is its first generated one. Rows not given are untouched.
     pub fn refill_chunk(&mut self, rows: &[RefillChunk<'_>]) -> Result<StepOutput, RuntimeError> {
         // Each row's position, read once when a prefix is kept: checked, then moved.
-        let mut pos = match rows.iter().any(|r| r.kept > 0) {
-            true => Some(self.positions()?),
-            false => None,
+        let pos = if rows.iter().any(|r| r.kept > 0) {
+            Some(self.positions()?)
+        } else {
+            None
         };
         let checked = rows.iter().map(|r| (&r.refill, r.kept, r.chunk));
         self.check_refills(checked, pos.as_deref())?;
@@ -518,7 +519,7 @@ impl Session {
             .filter(|r| r.chunk == 0 && r.kept > 0)
             .map(|r| (r.refill.row, r.kept))
             .collect();
-        if let (false, Some(mut pos)) = (resumed.is_empty(), pos.take()) {
+        if let Some(mut pos) = pos.filter(|_| !resumed.is_empty()) {
             // The row continues after its kept prefix: its position is the prefix's end
             // (no restart), and the prefill writes from there.
             for &(row, kept) in &resumed {

@@ -94,10 +94,7 @@ fn silu1(v: f32) -> f32 {
 
 /// [`silu`] in place over the element ranges `runs` of `x` (the rest left as it is).
 pub fn silu_in_place(x: &mut [f32], runs: &[Range<usize>]) {
-    for r in runs {
-        // SAFETY: no contract beyond the slice's own.
-        in_parts(&mut x[r.clone()], |x| unsafe { silu_self(x) });
-    }
+    in_place_over_runs(x, runs, silu_self)
 }
 
 multiversion! {
@@ -112,10 +109,7 @@ multiversion! {
 
 /// [`gelu`] in place over the element ranges `runs` of `x` (the rest left as it is).
 pub fn gelu_in_place(x: &mut [f32], runs: &[Range<usize>]) {
-    for r in runs {
-        // SAFETY: no contract beyond the slice's own.
-        in_parts(&mut x[r.clone()], |x| unsafe { gelu_self(x) });
-    }
+    in_place_over_runs(x, runs, gelu_self)
 }
 
 multiversion! {
@@ -144,6 +138,15 @@ pub fn binary_in_place(a: &mut [f32], b: &[f32], op: fn(f32, f32) -> f32, runs: 
                 .zip(b.par_chunks(PAR_VALUES))
                 .for_each(|(a, b)| part(a, b));
         }
+    }
+}
+
+/// [`over_runs`] for an in-place kernel `f` (one with no contract beyond its slice's):
+/// the values outside `runs` are left as they are.
+fn in_place_over_runs(x: &mut [f32], runs: &[Range<usize>], f: unsafe fn(&mut [f32])) {
+    for r in runs {
+        // SAFETY: `f` has no contract beyond the slice's own.
+        in_parts(&mut x[r.clone()], |x| unsafe { f(x) });
     }
 }
 
