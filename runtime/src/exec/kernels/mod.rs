@@ -152,8 +152,9 @@ impl QuantTensor {
 /// `t >= lens[b]` of batch row `b` (every element of a row whose length is 0, for a value
 /// with no token axis) are padding: the graph never lets them reach a real result (they
 /// are hidden from attention, not written to the cache, not taken as a row's last token),
-/// so a kernel may leave them out: it writes 0 there, or leaves what its input buffer
-/// held when it computes in place.
+/// so a kernel may leave them out: they keep what its output buffer held (zeros when the
+/// buffer is new, an earlier output's values when `cpu::pool` reuses it, its input's when
+/// it computes in place).
 #[derive(Clone, Copy, Debug)]
 pub struct Live<'a> {
     /// Real tokens per batch row, each at most the token axis' length.

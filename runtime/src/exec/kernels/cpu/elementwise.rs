@@ -5,6 +5,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
+use super::pool;
 use crate::exec::kernels::{GELU_CUBIC, GELU_SCALE};
 
 /// Values per parallel task at least: below this a call runs on the calling thread (a
@@ -26,14 +27,15 @@ fn by_parts(x: &[f32], out: &mut [f32], unit: usize, f: impl Fn(&[f32], &mut [f3
 }
 
 /// `f(x_part, out_part)` over the element ranges `runs` of `x` (each a whole number of
-/// `unit`-value rows), in parallel parts as [`by_parts`]; every other output value is 0.
+/// `unit`-value rows), in parallel parts as [`by_parts`], into an output buffer
+/// ([`pool::floats`]) whose other values stay as it held them.
 fn over_runs(
     x: &[f32],
     runs: &[Range<usize>],
     unit: usize,
     f: impl Fn(&[f32], &mut [f32]) + Sync,
 ) -> Vec<f32> {
-    let mut out = vec![0.0f32; x.len()];
+    let mut out = pool::floats(x.len());
     for r in runs {
         by_parts(&x[r.clone()], &mut out[r.clone()], unit, &f);
     }
@@ -70,7 +72,8 @@ pub fn exp(x: f32) -> f32 {
     }
 }
 
-/// `x · σ(x) = x / (1 + e⁻ˣ)` elementwise over the element ranges `runs` (0 elsewhere).
+/// `x · σ(x) = x / (1 + e⁻ˣ)` elementwise over the element ranges `runs` (elsewhere: what
+/// the buffer held).
 pub fn silu(x: &[f32], runs: &[Range<usize>]) -> Vec<f32> {
     // SAFETY: no contract beyond the slices' own.
     over_runs(x, runs, 1, |x, o| unsafe { silu_into(x, o) })
@@ -161,7 +164,7 @@ fn in_parts(x: &mut [f32], f: impl Fn(&mut [f32]) + Sync) {
 
 /// GELU, tanh approximation, elementwise: `x/2 · (1 + tanh(u))` with
 /// `u = √(2/π) · (x + 0.044715·x³)` and `tanh(u) = 1 − 2 / (1 + e²ᵘ)`, over the element
-/// ranges `runs` (0 elsewhere).
+/// ranges `runs` (elsewhere: what the buffer held).
 pub fn gelu(x: &[f32], runs: &[Range<usize>]) -> Vec<f32> {
     // SAFETY: no contract beyond the slices' own.
     over_runs(x, runs, 1, |x, o| unsafe { gelu_into(x, o) })
@@ -186,7 +189,7 @@ fn gelu1(v: f32) -> f32 {
 }
 
 /// `x / √(mean(x²) + eps) · w` over rows of `w.len()` values, in the element ranges
-/// `runs` (whole rows; 0 elsewhere).
+/// `runs` (whole rows; elsewhere: what the buffer held).
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, runs: &[Range<usize>]) -> Vec<f32> {
     let h = w.len();
     over_runs(x, runs, h, |x, out| {
@@ -200,18 +203,18 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, runs: &[Range<usize>]) -> Vec<f3
     })
 }
 
-/// `a op b` elementwise over the element ranges `runs` (0 elsewhere), `op` one IEEE
-/// operation.
+/// `a op b` elementwise over the element ranges `runs` (elsewhere: what the buffer held),
+/// `op` one IEEE operation.
 pub fn binary(a: &[f32], b: &[f32], op: fn(f32, f32) -> f32, runs: &[Range<usize>]) -> Vec<f32> {
     let mut out = copy_runs(a, runs);
     binary_in_place(&mut out, b, op, runs);
     out
 }
 
-/// `x` on the element ranges `runs`, 0 elsewhere: the buffer a kernel then works on in
-/// place.
+/// `x` on the element ranges `runs` of an output buffer ([`pool::floats`]; elsewhere as it
+/// held them): the buffer a kernel then works on in place.
 fn copy_runs(x: &[f32], runs: &[Range<usize>]) -> Vec<f32> {
-    let mut out = vec![0.0f32; x.len()];
+    let mut out = pool::floats(x.len());
     for r in runs {
         out[r.clone()].copy_from_slice(&x[r.clone()]);
     }
@@ -219,7 +222,8 @@ fn copy_runs(x: &[f32], runs: &[Range<usize>]) -> Vec<f32> {
 }
 
 /// Half-split rotary embedding of x `[B·T, N, D]` at positions `pos` `[B·T]` (clamped to
-/// the tables), with `cos`, `sin` `[P, D/2]`, over the `[N, D]` rows `rows` (0 elsewhere).
+/// the tables), with `cos`, `sin` `[P, D/2]`, over the `[N, D]` rows `rows` (elsewhere:
+/// what the buffer held).
 pub fn rope(
     x: &[f32],
     pos: &[i32],
@@ -235,12 +239,13 @@ pub fn rope(
 }
 
 /// x `dims` (contiguous) with its axes permuted (`axes[i]` is the input axis of output
-/// axis `i`), written only for the output's last-axis rows `rows` (0 elsewhere).
+/// axis `i`), written only for the output's last-axis rows `rows` (elsewhere: what the
+/// buffer held).
 pub fn permute(x: &[f32], dims: [usize; 4], axes: [usize; 4], rows: &[Range<usize>]) -> Vec<f32> {
     let stride = [dims[1] * dims[2] * dims[3], dims[2] * dims[3], dims[3], 1];
     let od = axes.map(|a| dims[a]);
     let st = axes.map(|a| stride[a]);
-    let mut out = vec![0.0f32; x.len()];
+    let mut out = pool::floats(x.len());
     let n = od[3];
     for r in rows.iter().flat_map(|r| r.clone()) {
         let (i2, i1, i0) = (r % od[2], r / od[2] % od[1], r / (od[2] * od[1]));

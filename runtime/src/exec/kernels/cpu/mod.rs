@@ -133,7 +133,7 @@ impl Kernels for Cpu {
                     out.copy_from_slice(f32s(&host(&y)));
                 },
             );
-            return Tensor::from_data(TensorData::new(out, [m, n]), &device);
+            return pool::tensor(out, [m, n]);
         }
         match form {
             // Flex has no fast f16 GEMM on CPUs without AVX512-FP16: widen the weights for
@@ -144,7 +144,7 @@ impl Kernels for Cpu {
         }
         let (xt, wt) = (host(&x), flex(&w));
         let xs = f32s(&xt);
-        let mut out = vec![0.0f32; m * n];
+        let mut out = pool::floats(m * n);
         match wt.as_slice::<f32>() {
             Some(ws) => gemv::matmul_t(xs, m, k, ws, n, &mut out),
             None => {
@@ -152,14 +152,14 @@ impl Kernels for Cpu {
                 gemv::matmul_t(xs, m, k, ws, n, &mut out)
             }
         }
-        Tensor::from_data(TensorData::new(out, [m, n]), &x.device())
+        pool::tensor(out, [m, n])
     }
 
     fn rms_norm(&self, x: Tensor<4>, w: Tensor<4>, eps: f32, live: Option<Live<'_>>) -> Tensor<4> {
         let xt = host(&x);
         let xs = f32s(&xt);
         let out = elementwise::rms_norm(xs, f32s(&host(&w)), eps, &runs(live, xs.len()));
-        Tensor::from_data(TensorData::new(out, x.dims()), &x.device())
+        pool::tensor(out, x.dims())
     }
 
     fn rope(
@@ -185,7 +185,7 @@ impl Kernels for Cpu {
         };
         let xt = host(&x);
         let out = elementwise::rope(f32s(&xt), i32s(&pt), (n, d), tables, &rows);
-        Tensor::from_data(TensorData::new(out, x.dims()), &x.device())
+        pool::tensor(out, x.dims())
     }
 
     fn silu(&self, x: Tensor<4>, live: Option<Live<'_>>) -> Tensor<4> {
@@ -207,11 +207,11 @@ impl Kernels for Cpu {
             let out = live_product(f32s(&xt), [m, k, w.rows], &rows, floor, |xc, mc, out| {
                 qlinear_host(xc, mc, k, w, form, out)
             });
-            return Tensor::from_data(TensorData::new(out, [m, w.rows]), &x.device());
+            return pool::tensor(out, [m, w.rows]);
         }
-        let mut out = vec![0.0f32; m * w.rows];
+        let mut out = pool::floats(m * w.rows);
         qlinear_host(f32s(&xt), m, k, w, form, &mut out);
-        Tensor::from_data(TensorData::new(out, [m, w.rows]), &x.device())
+        pool::tensor(out, [m, w.rows])
     }
 
     fn qembed(
@@ -220,11 +220,10 @@ impl Kernels for Cpu {
         ids: Tensor<4, Int>,
         live: Option<Live<'_>>,
     ) -> Tensor<2> {
-        let device = ids.device();
         let it = host(&ids);
         let ids = i32s(&it);
         let h = table.cols;
-        let mut out = vec![0.0f32; ids.len() * h];
+        let mut out = pool::floats(ids.len() * h);
         let runs = match live {
             Some(live) => live.unit_runs(h),
             None => std::iter::once(0..ids.len()).collect(),
@@ -235,7 +234,7 @@ impl Kernels for Cpu {
             let r = (ids[i].max(0) as usize).min(table.rows - 1);
             out[i * h..][..h].copy_from_slice(&table.row_f32(r));
         }
-        Tensor::from_data(TensorData::new(out, [ids.len(), h]), &device)
+        pool::tensor(out, [ids.len(), h])
     }
 
     fn gelu(&self, x: Tensor<4>, live: Option<Live<'_>>) -> Tensor<4> {
@@ -258,7 +257,7 @@ impl Kernels for Cpu {
         };
         let at = host(&a);
         let out = elementwise::binary(f32s(&at), f32s(&bt), f, &live.runs());
-        Tensor::from_data(TensorData::new(out, a.dims()), &a.device())
+        pool::tensor(out, a.dims())
     }
 
     fn to_f16(&self, x: Tensor<4>, live: Live<'_>) -> Tensor<4> {
@@ -284,8 +283,7 @@ impl Kernels for Cpu {
         let dims = x.dims();
         let xt = host(&x);
         let out = elementwise::permute(f32s(&xt), dims, axes, &live.unit_runs(dims[axes[3]]));
-        let out_dims = axes.map(|a| dims[a]);
-        Tensor::from_data(TensorData::new(out, out_dims), &x.device())
+        pool::tensor(out, axes.map(|a| dims[a]))
     }
 
     fn attention(
@@ -298,11 +296,11 @@ impl Kernels for Cpu {
         form: Form,
         live: Option<Live<'_>>,
     ) -> Tensor<4> {
-        let (q_dims, device) = (q.dims(), q.device());
+        let q_dims = q.dims();
         let real = live.map(|l| l.lens);
         let dims = dims(&q, &k, &mask, scale);
         let (qt, kt, vt, mt) = (host(&q), host(&k), host(&v), host(&mask));
-        let mut out = vec![0.0f32; q.dims().iter().product()];
+        let mut out = pool::floats(q.dims().iter().product());
         let (q, mask) = (f32s(&qt), bool_bytes(&mt));
         let few = match form {
             Form::FewRows => true,
@@ -315,7 +313,7 @@ impl Kernels for Cpu {
             }
             _ => host_attention(few, q, f32s(&kt), f32s(&vt), mask, (dims, real), &mut out),
         }
-        Tensor::from_data(TensorData::new(out, q_dims), &device)
+        pool::tensor(out, q_dims)
     }
 
     fn attention_probs(
@@ -362,13 +360,13 @@ impl Kernels for Cpu {
             other => unreachable!("attention_values has no form {other:?}"),
         }
         let (pt, vt) = (host(&probs), host(&v));
-        let mut out = vec![0.0f32; b * hq * t * d];
+        let mut out = pool::floats(b * hq * t * d);
         let (ps, shape) = (f32s(&pt), [b, hq, t, s]);
         match vt.dtype() {
             BurnDType::F16 => attention::values(ps, f16s(&vt), shape, (hkv, real), &mut out),
             _ => attention::values(ps, f32s(&vt), shape, (hkv, real), &mut out),
         }
-        Tensor::from_data(TensorData::new(out, [b, hq, t, d]), &probs.device())
+        pool::tensor(out, [b, hq, t, d])
     }
 
     fn kv_write(
@@ -450,7 +448,7 @@ fn activation(
     let xt = host(&x);
     let xs = f32s(&xt);
     let out = fresh(xs, &runs(live, xs.len()));
-    Tensor::from_data(TensorData::new(out, x.dims()), &x.device())
+    pool::tensor(out, x.dims())
 }
 
 /// `live`'s element runs, or the one run over all `n` elements.
@@ -474,9 +472,10 @@ fn compact_floor(form: Form, m: usize) -> usize {
 }
 
 /// `product(x', m', out')` over the real rows `rows` of x `[m, k]` only, gathered into
-/// x' (with zero rows up to `floor`), and its rows scattered back into zeros `[m, n]`: a
-/// product's cost follows its real rows. Where `floor` leaves no fewer rows to run, the
-/// product runs over x as planned and its padding rows are zeroed.
+/// x' (with zero rows up to `floor`), and its rows scattered back into an output buffer
+/// `[m, n]` ([`pool::floats`]; padding rows keep what it held): a product's cost follows
+/// its real rows. Where `floor` leaves no fewer rows to run, the product runs over x as
+/// planned (its padding rows computed from x's).
 fn live_product(
     x: &[f32],
     [m, k, n]: [usize; 3],
@@ -484,20 +483,15 @@ fn live_product(
     floor: usize,
     product: impl FnOnce(&[f32], usize, &mut [f32]),
 ) -> Vec<f32> {
-    let mut out = vec![0.0f32; m * n];
+    let mut out = pool::floats(m * n);
     let live: usize = rows.iter().map(|r| r.len()).sum();
     if live == 0 {
         return out;
     }
     let mc = live.max(floor);
     if mc >= m {
-        // No fewer rows to run: the product over x as planned, padding rows zeroed.
+        // No fewer rows to run: the product over x as planned.
         product(x, m, &mut out);
-        let mut next = 0;
-        for r in rows.iter().chain([&(m..m)]) {
-            out[next * n..r.start * n].fill(0.0);
-            next = r.end;
-        }
         return out;
     }
     let mut xc = vec![0.0f32; mc * k];
@@ -570,7 +564,8 @@ fn host_attention<E: attention::KvElem>(
 }
 
 /// Burn's `probs · v` ([`Portable`]) over the batch rows that have real positions
-/// (`real`), gathered together; the other rows of the result are 0.
+/// (`real`), gathered together; the other rows hold what the output buffer held
+/// ([`pool::floats`]).
 fn batch_rows_values(probs: Tensor<4>, v: Tensor<4>, real: Option<&[usize]>) -> Tensor<4> {
     let [b, hq, t, _] = probs.dims();
     let d = v.dims()[3];
@@ -582,7 +577,7 @@ fn batch_rows_values(probs: Tensor<4>, v: Tensor<4>, real: Option<&[usize]>) -> 
         return Portable.attention_values(probs, v, Form::Burn, None);
     }
     let device = probs.device();
-    let mut out = vec![0.0f32; b * hq * t * d];
+    let mut out = pool::floats(b * hq * t * d);
     if !rows.is_empty() {
         let ids: Vec<i32> = rows.iter().map(|&i| i as i32).collect();
         let idx = Tensor::<1, Int>::from_data(TensorData::new(ids, [rows.len()]), &device);
@@ -594,7 +589,7 @@ fn batch_rows_values(probs: Tensor<4>, v: Tensor<4>, real: Option<&[usize]>) -> 
             out[i * per..(i + 1) * per].copy_from_slice(&f32s(&yt)[j * per..(j + 1) * per]);
         }
     }
-    Tensor::from_data(TensorData::new(out, [b, hq, t, d]), &device)
+    pool::tensor(out, [b, hq, t, d])
 }
 
 /// [`cache::kv_write`] of an F32 cache in place on its buffer when the cache has a single
@@ -698,9 +693,9 @@ fn widen(w: Tensor<2>) -> Tensor<2> {
     let t = host(&w);
     let h = t.as_slice::<half::f16>().expect("f16 weights");
     use half::slice::HalfFloatSliceExt;
-    let mut out = vec![0.0f32; h.len()];
+    let mut out = pool::floats(h.len());
     h.convert_to_f32_slice(&mut out);
-    Tensor::from_data(TensorData::new(out, w.dims()), &w.device())
+    pool::tensor(out, w.dims())
 }
 
 pub mod attention;
@@ -708,6 +703,7 @@ pub mod cache;
 pub mod elementwise;
 pub mod gemv;
 pub mod isa;
+pub(crate) mod pool;
 pub mod quant;
 
 /// Deterministic test inputs in [−1, 1) (xorshift).
