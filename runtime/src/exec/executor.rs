@@ -15,7 +15,7 @@ use kvc_compiler::ir::{DType, Program, StateId};
 
 use super::kernels::portable::binary;
 use super::kernels::{KernelSet, Kernels, Live, ieee_op};
-use super::plan::{Arg, Kernel, Plan, WriteBack};
+use super::plan::{Arg, Kernel, Lengths, Plan, WriteBack};
 use super::value::{Value, cast, to_f32};
 use crate::RuntimeError;
 use crate::exec::kernels::portable::{attention_mass, gather_rows, sample};
@@ -342,12 +342,22 @@ impl Executor {
         // Each row's real-token count, read once per run, for the kernels that skip
         // padding (a host slice on the sets that do: no device synchronisation).
         let lens: Option<Vec<usize>> = match plan.lengths {
-            Some(l) if self.skips_padding() => Some(
+            Some(Lengths::Input(l)) if self.skips_padding() => Some(
                 inputs[l]
                     .read_i32()
                     .expect("a verified graph's len input is i32")
                     .into_iter()
                     .map(|n| n.max(0) as usize)
+                    .collect(),
+            ),
+            Some(Lengths::NotDone(s)) if self.skips_padding() => Some(
+                state.values[s.0 as usize]
+                    .as_ref()
+                    .expect("state present")
+                    .read_bool()
+                    .expect("a verified program's done state is bool")
+                    .into_iter()
+                    .map(|done| usize::from(!done))
                     .collect(),
             ),
             _ => None,

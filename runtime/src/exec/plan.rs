@@ -160,9 +160,21 @@ pub struct Plan {
     pub outputs: Vec<usize>,
     /// State write-backs.
     pub writebacks: Vec<WriteBack>,
-    /// The input holding each batch row's real-token count (the prefill's `len`), when
-    /// the graph reads one: with it, the steps with [`Step::rows`] may skip padding.
-    pub lengths: Option<usize>,
+    /// Where a run finds each batch row's real-token count: with it, the steps with
+    /// [`Step::rows`] may skip padding.
+    pub lengths: Option<Lengths>,
+}
+
+/// Where a run finds each batch row's count of real tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lengths {
+    /// The prefill's `len` input.
+    Input(usize),
+    /// A decode step: one token for a row whose `done` state is false, none for a parked
+    /// row. A decode step leaves a parked row as it is (its cache write has length 0, its
+    /// token, position and flags are selected back), so every value laid out by rows is
+    /// padding there, and so is the parked row's logits output.
+    NotDone(StateId),
 }
 
 /// Largest position a rope table covers: every position a graph can form
@@ -232,9 +244,9 @@ impl Plan {
                 }
             }
         }
-        let inputs = token_inputs(g);
-        let layouts = match inputs {
-            Some((_, tokens)) => row_layouts(g, tokens),
+        let real = real_tokens(p, g);
+        let layouts = match real {
+            Some((_, seed)) => row_layouts(g, seed),
             None => vec![None; n],
         };
         let mut tables: BTreeMap<(usize, u32), (Tensor<2>, Tensor<2>)> = BTreeMap::new();
@@ -349,7 +361,7 @@ impl Plan {
             steps,
             outputs: g.outputs.iter().map(|o| o.value.0 as usize).collect(),
             writebacks,
-            lengths: inputs.map(|(len, _)| len),
+            lengths: real.map(|(lengths, _)| lengths),
         })
     }
 }
@@ -417,15 +429,18 @@ impl Plan {
             self.steps.len(),
             self.writebacks.len()
         );
-        if let Some(len) = self.lengths {
+        if let Some(lengths) = self.lengths {
             let skip = match set.kernels().skips_padding() {
                 true => "skip",
                 false => "compute",
             };
+            let source = match lengths {
+                Lengths::Input(len) => format!("input {}", g.inputs[len].name),
+                Lengths::NotDone(s) => format!("1 unless state {}", p.state[s.0 as usize].name),
+            };
             writeln!(
                 out,
-                "  real tokens per row: input {}; steps marked [rows b t] {skip} padding",
-                g.inputs[len].name
+                "  real tokens per row: {source}; steps marked [rows b t] {skip} padding"
             )
             .expect("writing to a String");
         }
@@ -487,11 +502,26 @@ impl Plan {
 /// The prefill's padding contract (docs/ir.md): inputs `tokens` `[B, T]` and `len` `[B]`,
 /// where positions `t >= len[b]` of row `b` are padding that never reaches a real result.
 /// Returns the indices of `len` and `tokens` when the graph has both.
-fn token_inputs(g: &Graph) -> Option<(usize, usize)> {
+fn real_tokens(p: &Program, g: &Graph) -> Option<(Lengths, usize)> {
     let find = |name: &str| g.inputs.iter().position(|i| i.name == name);
-    let (len, tokens) = (find("len")?, find("tokens")?);
-    let (ls, ts) = (&g.inputs[len].ty.shape, &g.inputs[tokens].ty.shape);
-    (ls.len() == 1 && ts.len() == 2 && ls[0] == ts[0]).then_some((len, tokens))
+    if let (Some(len), Some(tokens)) = (find("len"), find("tokens")) {
+        let (ls, ts) = (&g.inputs[len].ty.shape, &g.inputs[tokens].ty.shape);
+        if !(ls.len() == 1 && ts.len() == 2 && ls[0] == ts[0]) {
+            return None;
+        }
+        let seed = g
+            .nodes
+            .iter()
+            .position(|n| matches!(n.op, Op::Input(k) if k.0 as usize == tokens))?;
+        return Some((Lengths::Input(len), seed));
+    }
+    // A decode step: its token ids `[B, 1]` (the embedding's), real unless the row is done.
+    let done = p.interface()?.done;
+    let ids = g.nodes.iter().find_map(|n| match n.op {
+        Op::Embed { ids, .. } => Some(ids),
+        _ => None,
+    })?;
+    (g.ty(ids).shape == [p.config.batch, 1]).then_some((Lengths::NotDone(done), ids.0 as usize))
 }
 
 /// Batch and token axes in an IR shape (unpadded).
@@ -508,12 +538,13 @@ impl Axes {
     }
 }
 
-/// The row layout of every node of `g`: from the `tokens` input through the ops that
+/// The row layout of every node of `g`: from the token ids `seed` (`[B, T]`: the prefill's
+/// `tokens` input, a decode step's ids) through the ops that
 /// compute each (batch row, position) from the same (batch row, position) of their laid
 /// out arguments and from arguments broadcast over both axes, and the attention ops
 /// (query rows). Any other op ends the layout: it may mix positions (a reduction over
 /// the token axis, a gather) and so must see what the graph defines for padding.
-fn row_layouts(g: &Graph, tokens: usize) -> Vec<Option<Rows>> {
+fn row_layouts(g: &Graph, seed: usize) -> Vec<Option<Rows>> {
     let n = g.nodes.len();
     let mut ax: Vec<Option<Axes>> = vec![None; n];
     let shape = |v: ValueId| &g.ty(v).shape;
@@ -559,13 +590,17 @@ fn row_layouts(g: &Graph, tokens: usize) -> Vec<Option<Rows>> {
                 }
             })
         };
+        if i == seed {
+            ax[i] = Some(Axes {
+                batch: 0,
+                token: Some(1),
+            });
+            continue;
+        }
         ax[i] =
             match &node.op {
-                Op::Input(k) => (k.0 as usize == tokens).then_some(Axes {
-                    batch: 0,
-                    token: Some(1),
-                }),
-                Op::Param(_)
+                Op::Input(_)
+                | Op::Param(_)
                 | Op::State(_)
                 | Op::Const { .. }
                 | Op::Iota { .. }
@@ -590,9 +625,18 @@ fn row_layouts(g: &Graph, tokens: usize) -> Vec<Option<Rows>> {
                 Op::Quantize { x, scale } => pointwise(&[*x, *scale]),
                 Op::Binary { a, b, .. } => pointwise(&[*a, *b]),
                 Op::Select { cond, a, b } => pointwise(&[*cond, *a, *b]),
-                Op::Reshape { x, .. } => at(*x).filter(|a| {
+                Op::Reshape { x, .. } => at(*x).and_then(|a| {
                     let s = shape(*x);
-                    out.len() > a.last() && out[..=a.last()] == s[..=a.last()]
+                    if out.len() > a.last() && out[..=a.last()] == s[..=a.last()] {
+                        return Some(a);
+                    }
+                    // A token axis of one position dropped (a decode step's `[B, 1, H]`
+                    // to `[B, H]`): one entry per batch row.
+                    let t = a.token?;
+                    (s[t] == 1 && out[..t] == s[..t] && out[t..] == s[t + 1..]).then_some(Axes {
+                        batch: a.batch,
+                        token: None,
+                    })
                 }),
                 Op::Permute { x, perm } => at(*x).and_then(|a| {
                     let to = |axis: usize| perm.iter().position(|&p| p as usize == axis);

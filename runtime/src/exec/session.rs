@@ -718,15 +718,20 @@ impl Session {
         self.read_control()
     }
 
-    /// Runs one decode step and returns the logits of every row (`[B][V]`).
+    /// Runs one decode step and returns the logits of every row (`[B][V]`); empty for a
+    /// row that was done before the step (the step leaves it as it is and computes
+    /// nothing for it: its logits are padding).
     pub fn step_logits(&mut self) -> Result<(StepOutput, Vec<Vec<f32>>), RuntimeError> {
+        let parked = self.exec.read_bool(self.state().get(self.iface.done))?;
         let out = self.run_decode();
         let v = self.program().config.vocab_size as usize;
         let all = self.exec.read_f32(&out[0])?;
-        Ok((
-            self.read_control()?,
-            all.chunks(v).map(<[f32]>::to_vec).collect(),
-        ))
+        let logits = all
+            .chunks(v)
+            .zip(parked)
+            .map(|(l, parked)| if parked { vec![] } else { l.to_vec() })
+            .collect();
+        Ok((self.read_control()?, logits))
     }
 
     /// Teacher forcing: overwrites the token each row feeds to the next decode step and
