@@ -127,8 +127,8 @@ pub struct Step {
     pub args: Vec<Arg>,
     /// Profile key (`graph op` or `graph linear <type>`).
     pub label: String,
-    /// Where the value's batch and token axes are, when it is laid out by the prefill's
-    /// tokens (see [`Plan::lengths`]): a kernel that skips padding may compute only the
+    /// Where the value's batch and token axes are, when it is laid out by the graph's
+    /// token ids (see [`Plan::lengths`]): a kernel that skips padding may compute only the
     /// real tokens' elements.
     pub rows: Option<Rows>,
 }
@@ -499,9 +499,11 @@ impl Plan {
     }
 }
 
-/// The prefill's padding contract (docs/ir.md): inputs `tokens` `[B, T]` and `len` `[B]`,
-/// where positions `t >= len[b]` of row `b` are padding that never reaches a real result.
-/// Returns the indices of `len` and `tokens` when the graph has both.
+/// Where a graph's real tokens are: the prefill's padding contract (docs/ir.md), inputs
+/// `tokens` `[B, T]` and `len` `[B]` where positions `t >= len[b]` of row `b` are padding
+/// that never reaches a real result; or a decode step's token ids `[B, 1]` (the
+/// embedding's), real unless the row is done. Returns where the lengths come from and the
+/// node of the ids the row layout starts at.
 fn real_tokens(p: &Program, g: &Graph) -> Option<(Lengths, usize)> {
     let find = |name: &str| g.inputs.iter().position(|i| i.name == name);
     if let (Some(len), Some(tokens)) = (find("len"), find("tokens")) {

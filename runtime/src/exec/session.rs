@@ -120,10 +120,10 @@ pub struct SessionOptions {
     /// memory the system reports available ([`available_memory`]), elsewhere no limit.
     /// Checked before anything is allocated.
     pub max_memory: Option<u64>,
-    /// Let a prefill skip padding where the kernel set can (the CPU set): the kernels
-    /// compute only each row's real tokens, so a refill of one row costs that row's
-    /// tokens. Off, every padding position is computed; real tokens' results are the same
-    /// bit for bit either way.
+    /// Skip padding where the kernel set can (the CPU set): the kernels compute only each
+    /// row's real tokens, so a refill of one row costs that row's tokens and a decode step
+    /// its rows that are not done. Off, every padding position is computed; real tokens'
+    /// results are the same bit for bit either way.
     pub skip_padding: bool,
 }
 

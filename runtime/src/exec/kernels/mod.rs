@@ -146,9 +146,10 @@ impl QuantTensor {
     }
 }
 
-/// The real-token part of a value in a prefill run, for kernels that skip padding: the
-/// plan knows which axes of the value are its batch and token axes ([`Rows`]), the run
-/// knows each batch row's length (the prefill's `len` input). Elements at token positions
+/// The real-token part of a value in a run, for kernels that skip padding: the plan knows
+/// which axes of the value are its batch and token axes ([`Rows`]), the run knows each
+/// batch row's length (a prefill's `len` input; in a decode step 1, or 0 for a done row,
+/// which the step leaves as it is). Elements at token positions
 /// `t >= lens[b]` of batch row `b` (every element of a row whose length is 0, for a value
 /// with no token axis) are padding: the graph never lets them reach a real result (they
 /// are hidden from attention, not written to the cache, not taken as a row's last token),
@@ -164,7 +165,7 @@ pub struct Live<'a> {
 }
 
 /// The batch and token axes of a value (rank-4 axes, IR shapes padded with leading 1s),
-/// as the plan's dataflow from the prefill's tokens finds them, and its dims.
+/// as the plan's dataflow from the graph's token ids finds them, and its dims.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Rows {
     /// The value's dims (rank 4).

@@ -332,6 +332,8 @@ impl Kernels for Cpu {
         let s = k.dims()[2];
         let dims = dims(&q, &k, &mask, scale);
         let (qt, kt, mt) = (host(&q), host(&k), host(&mask));
+        // Always new, not from `pool`: its padding rows must be 0, since `attention_mass`
+        // weighs every query row (0 · stale Inf would be NaN in a real row's score).
         let mut p = vec![0.0f32; b * hq * t * s];
         let (qs, mask) = (f32s(&qt), bool_bytes(&mt));
         let real = live.map(|l| l.lens);
@@ -404,8 +406,8 @@ impl Kernels for Cpu {
 
 /// `f` applied to x's own elements, when padding may be skipped (`live`) and x is a whole
 /// contiguous f32 tensor that nothing else holds (a value moved into its last reader): a
-/// kernel then writes its real elements there instead of allocating (and zeroing) a
-/// buffer of the full padded shape. Else x back, untouched.
+/// kernel then writes its real elements there instead of taking an output buffer of the
+/// full padded shape. Else x back, untouched.
 // The tensor is handed back unchanged in Err, once per call: its size does not matter.
 #[allow(clippy::result_large_err)]
 fn in_place_live(

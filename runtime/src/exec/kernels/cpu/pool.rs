@@ -23,10 +23,11 @@ use burn::tensor::{DType, Shape, Tensor};
 use burn_flex::{Flex, FlexTensor, Layout};
 use burn_std::{AccessError, AccessPolicy, AllocationController, AllocationProperty, Bytes};
 
-/// Most bytes the free lists hold; a buffer freed beyond it is unmapped. The lists hold
-/// what one run had live at once of each length (a run takes back what the previous one
-/// freed), a fraction of the compiled shapes' activation memory; the bound only matters
-/// when shapes change (several programs in one process).
+/// Most bytes the free lists hold; a buffer freed beyond it goes back to the allocator.
+/// The lists hold, for each length, what one run had live at once (a run takes back what
+/// the previous one freed): the activations of the prefill and of the decode step
+/// together (the memory plan counts the larger of the two) and any f16 weights widened for
+/// a product. The bound matters when shapes change (several programs in one process).
 const MAX_KEPT: usize = 2 << 30;
 
 /// Freed buffers by length in elements, and their bytes in all.

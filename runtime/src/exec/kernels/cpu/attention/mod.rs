@@ -68,9 +68,9 @@ pub fn attention<E: KvElem>(
 }
 
 /// Query positions of batch row `bi` that a kernel computes: all `t`, or with `real`
-/// (each batch row's count of real positions, the prefill's lengths) the first
-/// `real[bi]` of them. The rest are padding: the kernels leave their rows of the output
-/// as they are (the callers' zeros).
+/// (each batch row's count of real positions: a prefill's lengths, 0 or 1 in a decode
+/// step) the first `real[bi]` of them. The rest are padding: the kernels leave their rows
+/// of the output as the caller's buffer held them.
 pub fn real_positions(real: Option<&[usize]>, bi: usize, t: usize) -> usize {
     real.map_or(t, |r| r[bi].min(t))
 }
