@@ -22,10 +22,23 @@ pub(crate) struct ExecArgs {
     /// what the system reports available, on the CPU backend).
     #[arg(long, value_parser = parse_size)]
     pub(crate) max_memory: Option<u64>,
-    /// Compute every padding position of a prefill (by default the CPU kernels skip
-    /// padding: a prefill costs its real tokens). Results are the same; for measuring.
+    /// Compute every padding position of a prefill and the rows a decode step leaves
+    /// alone (by default the CPU kernels skip them: a prefill costs its real tokens, a
+    /// decode step its rows that are not done). Results are the same; for measuring.
     #[arg(long)]
     pub(crate) compute_padding: bool,
+    /// Record the decode step once per batch and replay it: `on` or `off` (default: on
+    /// where the backend replays hardware graphs, CUDA; elsewhere `on` re-runs the step).
+    #[arg(long, value_parser = parse_on_off)]
+    pub(crate) capture: Option<bool>,
+}
+
+pub(crate) fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => Err(format!("expected on or off, found {other:?}")),
+    }
 }
 
 /// A size in bytes: a number with an optional `KiB`, `MiB`, `GiB` or `TiB` (or `K`, `M`,
@@ -100,6 +113,9 @@ impl ExecArgs {
         }
         o.max_memory = self.max_memory;
         o.skip_padding = !self.compute_padding;
+        if let Some(capture) = self.capture {
+            o.capture = capture;
+        }
         o
     }
 }

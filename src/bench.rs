@@ -29,7 +29,8 @@ pub struct BenchResult {
     /// Storage of cached keys and values.
     #[serde(default)]
     pub kv_storage: String,
-    /// Backend and kernel set (e.g. `flex/cpu`).
+    /// Backend and kernel set (e.g. `flex/cpu`; `+capture` where the decode step is
+    /// recorded once and replayed).
     #[serde(default)]
     pub kernels: String,
     /// Decode steps timed.
@@ -263,7 +264,12 @@ pub fn bench_one(model: &Path, cfg: &Config) -> Result<BenchResult> {
         kv: m.session.program().config.kv.to_string(),
         weights: m.session.program().config.weight_dtype.to_string(),
         kv_storage: m.session.program().config.kv_storage.name().to_string(),
-        kernels: format!("{}/{}", backend.name(), options.kernels.name()),
+        kernels: format!(
+            "{}/{}{}",
+            backend.name(),
+            options.kernels.name(),
+            if options.capture { "+capture" } else { "" }
+        ),
         steps,
         prefill_tok_s: (batch * context) as f64 / prefill_s,
         decode_tok_s_row: steps as f64 / total_s,
@@ -344,6 +350,8 @@ pub fn bench_all(model: &Path, configs: &[Config], json: Option<&Path>) -> Resul
                 cfg.backend.name(),
                 "--kernels",
                 cfg.options.kernels.name(),
+                "--capture",
+                if cfg.options.capture { "on" } else { "off" },
             ]);
             let out = cmd.output().context("starting a benchmark child process")?;
             if !out.status.success() {

@@ -361,3 +361,29 @@ fn every_class_of_bad_input_is_one_error_line() {
     }
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+/// Without an NVIDIA driver, `--backend cuda` is one error line that names what is missing,
+/// before any weights are read (builds with the `cuda` feature: `scripts/cuda-build.sh`).
+/// Where a driver and GPU are present the run succeeds instead, and the GPU check
+/// (`scripts/gpu-check.sh`) covers it.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_without_a_driver_is_one_error_line() {
+    let args = [
+        "run",
+        "models/tiny-llama.ron",
+        "--prompt",
+        "hello",
+        "--max-new-tokens",
+        "1",
+        "--backend",
+        "cuda",
+    ];
+    let (code, stderr) = kvc(&args.map(String::from));
+    if code == Some(0) {
+        return;
+    }
+    let tmp = std::env::temp_dir();
+    let line = error_line("cuda", code, &stderr, &tmp);
+    assert!(line.contains("CUDA"), "{line}");
+}

