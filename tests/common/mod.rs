@@ -127,6 +127,16 @@ pub fn backend() -> Backend {
     }
 }
 
+/// Whether the test backend stores KV caches as `storage` (wgpu has no i8 and no f16).
+pub fn backend_stores(storage: kvc_compiler::spec::KvStorage) -> bool {
+    use kvc_compiler::spec::KvStorage;
+    match storage {
+        KvStorage::F32 => true,
+        KvStorage::F16 => backend().has_f16(),
+        KvStorage::I8 => backend().has_i8(),
+    }
+}
+
 /// A session on the test backend with its default options.
 pub fn session(program: &Program, weights: &BTreeMap<String, HostTensor>) -> Session {
     session_on(
