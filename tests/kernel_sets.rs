@@ -12,7 +12,7 @@
 
 mod common;
 
-use common::{FAMILIES, backend, max_diff, session_on, small, tiny_model};
+use common::{FAMILIES, backend, backend_stores, max_diff, session_on, small, tiny_model};
 use kvc_compiler::Overrides;
 use kvc_compiler::ir::Program;
 use kvc_compiler::spec::{KvPolicy, KvStorage, Sampler};
@@ -29,12 +29,7 @@ type Weights = BTreeMap<String, HostTensor>;
 /// backends with int8 and f16 tensors).
 fn programs() -> Vec<(KvPolicy, KvStorage)> {
     let mut all = every_program();
-    if !backend().has_i8() {
-        all.retain(|&(_, storage)| storage != KvStorage::I8);
-    }
-    if !backend().has_f16() {
-        all.retain(|&(_, storage)| storage != KvStorage::F16);
-    }
+    all.retain(|&(_, storage)| backend_stores(storage));
     all
 }
 
@@ -371,7 +366,7 @@ fn a_replayed_step_writes_the_sessions_state_over_120_steps() {
             KvStorage::F32,
         ),
     ];
-    if backend().has_f16() {
+    if backend_stores(KvStorage::F16) {
         kinds.push((KvPolicy::Dense, KvStorage::F16));
     }
     for (kv, storage) in kinds {
@@ -411,7 +406,8 @@ fn a_replayed_step_writes_the_sessions_state_over_120_steps() {
 #[test]
 fn storage_is_refused_where_the_backend_lacks_its_dtype() {
     let on = backend();
-    for (storage, held) in [(KvStorage::I8, on.has_i8()), (KvStorage::F16, on.has_f16())] {
+    for storage in [KvStorage::I8, KvStorage::F16] {
+        let held = backend_stores(storage);
         let (p, mut w) = compiled(KvPolicy::Dense, storage, Sampler::Greedy);
         let params = bind_params(&p, &mut w, on).unwrap();
         let made = Session::with_options(p, params, on, SessionOptions::for_backend(on));

@@ -292,7 +292,7 @@ fn kept_sets_and_logits_match_the_eager_reference() {
 
 #[test]
 fn int8_storage_matches_the_reference_with_int8_round_trips() {
-    if !common::backend().has_i8() {
+    if !common::backend_stores(KvStorage::I8) {
         // tests/kernel_sets.rs checks that such a backend refuses int8 storage.
         eprintln!("skipped: the test backend has no int8 tensors");
         return;
